@@ -13,6 +13,8 @@ from mtlens.tasks import (
     delta_m,
     delta_p_metric,
     delta_p_task,
+    mean_rank,
+    metric_value,
     relative_improvements,
 )
 
@@ -120,3 +122,43 @@ def test_nash_table_delta_m():
     # the sign convention matters: Nash-MTL's own row is an improvement, i.e. a negative Δm
     nash = next(r for r in rows if r["method"] == "Nash-MTL")
     assert delta_m(nash, base, NYU_SPEC) < 0 < delta_p_metric(nash, base, NYU_SPEC)
+
+
+def test_mean_rank_by_hand_with_directions_and_ties():
+    spec = {"seg": {"miou": True}, "depth": {"abs_err": False, "rel_err": False}}
+    res = {
+        "a": {"miou": 50.0, "abs_err": 0.5, "rel_err": 0.2},  # ranks 2, 3, 1.5
+        "b": {"miou": 55.0, "abs_err": 0.4, "rel_err": 0.3},  # ranks 1, 2, 3
+        "c": {"miou": 40.0, "abs_err": 0.3, "rel_err": 0.2},  # ranks 3, 1, 1.5
+    }
+    mr = mean_rank(res, spec)
+    assert mr == pytest.approx({"a": 6.5 / 3, "b": 2.0, "c": 5.5 / 3})
+    # the mean of all MRs is always (N + 1) / 2
+    assert sum(mr.values()) / 3 == pytest.approx(2.0)
+
+
+def test_mean_rank_on_a_published_table():
+    """Nash-MTL Table 2 rows: MRs average to (N + 1) / 2; a row made better than all on every metric gets MR 1."""
+    base, rows = _rows("nyuv2_segnet_mtan_nash.csv")
+    table = {r["method"]: {k: float(v) for k, v in r.items() if k != "method"} for r in rows}
+    mr = mean_rank(table, NYU_SPEC)
+    assert set(mr) == set(table)
+    assert sum(mr.values()) / len(mr) == pytest.approx((len(mr) + 1) / 2)
+    best = {}
+    for task, metrics in NYU_SPEC.items():
+        for m, higher in metrics.items():
+            vals = [metric_value(r, task, m, NYU_SPEC, "r") for r in table.values()]
+            best[f"{task}/{m}"] = max(vals) + 1 if higher else min(vals) / 2
+    mr2 = mean_rank({**table, "oracle": best}, NYU_SPEC)
+    assert mr2["oracle"] == 1.0
+    assert all(mr2[k] == pytest.approx(mr[k] + 1) for k in table)
+
+
+def test_mean_rank_errors():
+    spec = {"a": {"acc": True}}
+    with pytest.raises(ConfigurationError, match="non-empty"):
+        mean_rank({}, spec)
+    with pytest.raises(ConfigurationError, match="no value"):
+        mean_rank({"x": {"a/acc": 1.0}, "y": {"b/acc": 2.0}}, spec)
+    with pytest.raises(NonFiniteError):
+        mean_rank({"x": {"a/acc": float("nan")}}, spec)

@@ -13,6 +13,7 @@ from .delta import (
     delta_m,
     delta_p_metric,
     delta_p_task,
+    mean_rank,
     metric_value,
     relative_improvements,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "delta_m",
     "delta_p_metric",
     "delta_p_task",
+    "mean_rank",
     "depth_loss",
     "depth_task",
     "depth_valid_mask",

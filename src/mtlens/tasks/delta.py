@@ -171,6 +171,49 @@ DELTA_CONVENTIONS: dict[str, DeltaConvention] = {
 """``name → (function, higher_is_better, used_by)``; print the name with every value."""
 
 
+def mean_rank(results: Mapping[str, MetricValues], spec: DirectionSpec) -> dict[str, float]:
+    """Mean rank (MR) of each method over all metrics; lower is better.
+
+    For every metric of ``spec`` the methods are ranked by their value in the metric's direction
+    (1 = best); tied values share the average of the ranks they span [our choice, as
+    ``scipy.stats.rankdata(method="average")``]; a method's MR is the mean of its ranks over all
+    metrics, each metric counting once (so a task with more metrics weighs more, as in the
+    papers). MR is printed beside Δm by Nash-MTL (Navon et al., ICML 2022, arXiv:2202.01017) and
+    FAMO (Liu et al., NeurIPS 2023, arXiv:2306.03792), and by later papers (e.g. NTKMTL). MR depends
+    on which methods are compared: it is only comparable within one table.
+
+    Args:
+        results: ``{method: metric values}`` (each nested, flat "task/metric" or unique metric key,
+            as everywhere in this module); at least one method.
+        spec: ``{task: {metric: higher_is_better}}``.
+
+    Returns:
+        ``{method: MR}`` with MR in ``[1, number of methods]`` (float).
+
+    Raises:
+        ConfigurationError: empty ``results``, a bad spec, or a method missing a metric.
+        NonFiniteError: a non-finite metric value.
+
+    >>> spec = {"a": {"acc": True}, "b": {"err": False}}
+    >>> mean_rank({"x": {"a/acc": 90, "b/err": 0.2}, "y": {"a/acc": 80, "b/err": 0.1}}, spec)
+    {'x': 1.5, 'y': 1.5}
+    """
+    from scipy.stats import rankdata
+
+    _check_spec(spec)
+    if not isinstance(results, Mapping) or not results:
+        raise ConfigurationError("mean_rank needs a non-empty dict {method: metric values}")
+    names = list(results)
+    ranks = {n: [] for n in names}
+    for task, metrics in spec.items():
+        for m, higher in metrics.items():
+            vals = [metric_value(results[n], task, m, spec, f"results['{n}']") for n in names]
+            goodness = [-v if higher else v for v in vals]  # rank 1 = best
+            for n, r in zip(names, rankdata(goodness, method="average")):
+                ranks[n].append(float(r))
+    return {n: sum(r) / len(r) for n, r in ranks.items()}
+
+
 def compute_deltas(results: MetricValues, baseline: MetricValues, spec: DirectionSpec,
                    conventions: list[str] | tuple[str, ...] | None = None) -> dict[str, float]:
     """``{convention name: value}`` for the named conventions (default: all three)."""
