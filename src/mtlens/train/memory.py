@@ -80,8 +80,12 @@ class PeakMemory:
     def stop(self) -> dict[str, Any]:
         """``{"peak_bytes", "start_bytes", "source"}``, or ``peak_bytes=None`` and ``reason``."""
         if self._start is None:
-            return {"peak_bytes": None, "start_bytes": None, "source": None,
-                    "reason": self._reason or "PeakMemory.start() was not called"}
+            return {
+                "peak_bytes": None,
+                "start_bytes": None,
+                "source": None,
+                "reason": self._reason or "PeakMemory.start() was not called",
+            }
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = int(torch.cuda.max_memory_allocated(self.device))
