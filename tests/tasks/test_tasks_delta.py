@@ -13,8 +13,6 @@ from mtlens.tasks import (
     delta_m,
     delta_p_metric,
     delta_p_task,
-    mean_rank,
-    metric_value,
     relative_improvements,
 )
 
@@ -124,41 +122,73 @@ def test_nash_table_delta_m():
     assert delta_m(nash, base, NYU_SPEC) < 0 < delta_p_metric(nash, base, NYU_SPEC)
 
 
-def test_mean_rank_by_hand_with_directions_and_ties():
-    spec = {"seg": {"miou": True}, "depth": {"abs_err": False, "rel_err": False}}
-    res = {
-        "a": {"miou": 50.0, "abs_err": 0.5, "rel_err": 0.2},  # ranks 2, 3, 1.5
-        "b": {"miou": 55.0, "abs_err": 0.4, "rel_err": 0.3},  # ranks 1, 2, 3
-        "c": {"miou": 40.0, "abs_err": 0.3, "rel_err": 0.2},  # ranks 3, 1, 1.5
-    }
+# -- Mean Rank ------------------------------------------------------------------------------------
+
+from mtlens.tasks import mean_rank, metric_ranks  # noqa: E402
+
+
+def test_mean_rank_by_hand_directions_and_weightings():
+    res = {"A": {"miou": 50.0, "pixacc": 70.0, "abs_err": 0.4},
+           "B": {"miou": 52.0, "pixacc": 69.0, "abs_err": 0.5},
+           "C": {"miou": 40.0, "pixacc": 60.0, "abs_err": 0.3}}
+    r = metric_ranks(res, SPEC)
+    assert r["A"] == {"seg": {"miou": 2.0, "pixacc": 1.0}, "depth": {"abs_err": 2.0}}
+    assert r["C"]["depth"]["abs_err"] == 1.0  # lower error is better
+    mr = mean_rank(res, SPEC)
+    assert mr == pytest.approx({"A": 5 / 3, "B": 2.0, "C": 7 / 3})
+    assert list(mr) == ["A", "B", "C"]
+    # task weighting: seg counts once although it has two metrics
+    assert mean_rank(res, SPEC, weighting="task") == pytest.approx({"A": 1.75, "B": 2.25, "C": 2.0})
+
+
+def test_mean_rank_ties():
+    spec = {"t": {"acc": True}}
+    res = {"A": {"acc": 1.0}, "B": {"acc": 1.0}, "C": {"acc": 0.5}}
+    assert mean_rank(res, spec) == {"A": 1.5, "B": 1.5, "C": 3.0}
+    assert mean_rank(res, spec, ties="min") == {"A": 1.0, "B": 1.0, "C": 3.0}
+
+
+def test_mean_rank_properties():
+    """Ranks sum to n(n+1)/2 per metric; a permutation of the methods permutes MR; a method best
+    on every metric has MR 1 and the worst on every metric has MR n."""
+    rng = __import__("random").Random(0)
+    spec = {"seg": {"miou": True, "pixacc": True}, "depth": {"abs_err": False}}
+    res = {f"m{i}": {"miou": rng.choice([1.0, 2.0, 3.0]), "pixacc": rng.random(), "abs_err": rng.random()}
+           for i in range(7)}
+    ranks = metric_ranks(res, spec)
+    for task, metrics in spec.items():
+        for m in metrics:
+            assert sum(ranks[k][task][m] for k in res) == pytest.approx(7 * 8 / 2)
     mr = mean_rank(res, spec)
-    assert mr == pytest.approx({"a": 6.5 / 3, "b": 2.0, "c": 5.5 / 3})
-    # the mean of all MRs is always (N + 1) / 2
-    assert sum(mr.values()) / 3 == pytest.approx(2.0)
-
-
-def test_mean_rank_on_a_published_table():
-    """Nash-MTL Table 2 rows: MRs average to (N + 1) / 2; a row made better than all on every metric gets MR 1."""
-    base, rows = _rows("nyuv2_segnet_mtan_nash.csv")
-    table = {r["method"]: {k: float(v) for k, v in r.items() if k != "method"} for r in rows}
-    mr = mean_rank(table, NYU_SPEC)
-    assert set(mr) == set(table)
-    assert sum(mr.values()) / len(mr) == pytest.approx((len(mr) + 1) / 2)
-    best = {}
-    for task, metrics in NYU_SPEC.items():
-        for m, higher in metrics.items():
-            vals = [metric_value(r, task, m, NYU_SPEC, "r") for r in table.values()]
-            best[f"{task}/{m}"] = max(vals) + 1 if higher else min(vals) / 2
-    mr2 = mean_rank({**table, "oracle": best}, NYU_SPEC)
-    assert mr2["oracle"] == 1.0
-    assert all(mr2[k] == pytest.approx(mr[k] + 1) for k in table)
+    rev = mean_rank(dict(reversed(list(res.items()))), spec)
+    assert rev == pytest.approx(mr)
+    res["best"] = {"miou": 9.0, "pixacc": 9.0, "abs_err": -1.0}
+    res["worst"] = {"miou": -9.0, "pixacc": -9.0, "abs_err": 9.0}
+    mr = mean_rank(res, spec)
+    assert mr["best"] == 1.0 and mr["worst"] == 9.0
+    assert all(1.0 <= v <= 9.0 for v in mr.values())
 
 
 def test_mean_rank_errors():
-    spec = {"a": {"acc": True}}
     with pytest.raises(ConfigurationError, match="non-empty"):
-        mean_rank({}, spec)
-    with pytest.raises(ConfigurationError, match="no value"):
-        mean_rank({"x": {"a/acc": 1.0}, "y": {"b/acc": 2.0}}, spec)
-    with pytest.raises(NonFiniteError):
-        mean_rank({"x": {"a/acc": float("nan")}}, spec)
+        mean_rank({}, SPEC)
+    with pytest.raises(ConfigurationError, match="ties"):
+        mean_rank({"A": RES}, SPEC, ties="dense")
+    with pytest.raises(ConfigurationError, match="weighting"):
+        mean_rank({"A": RES}, SPEC, weighting="seed")
+    with pytest.raises(ConfigurationError, match=r"results\['B'\] has no value .*abs_err"):
+        mean_rank({"A": RES, "B": {"miou": 1.0, "pixacc": 2.0}}, SPEC)
+    with pytest.raises(NonFiniteError, match="B"):
+        mean_rank({"A": RES, "B": {**RES, "miou": math.nan}}, SPEC)
+
+
+def test_nash_table_mean_rank():
+    """MR over the 11 methods of Nash-MTL Table 2 (NYUv2): Nash-MTL ranks best, then IMTL-G and
+    CAGrad, as the paper's MR column orders them; RLW ranks last."""
+    _, rows = _rows("nyuv2_segnet_mtan_nash.csv")
+    table = {r["method"]: r for r in rows if r["method"] != "STL"}
+    mr = mean_rank(table, NYU_SPEC)
+    order = sorted(mr, key=mr.get)
+    assert order[:3] == ["Nash-MTL", "IMTL-G", "CAGrad"]
+    assert order[-1] == "RLW"
+    assert mr["Nash-MTL"] == pytest.approx(14 / 9)
