@@ -22,13 +22,13 @@ def test_cpu_peak_sees_a_freed_allocation_and_is_reset_between_measurements():
         assert "clear_refs" in got["reason"] or "VmRSS" in got["reason"]
         pytest.skip(got["reason"])
     assert got["source"] == "linux VmHWM after clear_refs"
-    assert got["peak_bytes"] - got["start_bytes"] >= 60 * 2**20
+    assert got["peak_bytes"] - got["start_bytes"] >= 60 * 2**20, got
     # a second measurement starts from a reset peak: a small step does not inherit the 64 MiB peak
     m.start()
     y = torch.ones(1024)
     del y
     again = m.stop()
-    assert again["peak_bytes"] - again["start_bytes"] < 32 * 2**20
+    assert 0 <= again["peak_bytes"] - again["start_bytes"] < 32 * 2**20, again
 
 
 def test_unmeasured_devices_say_why():

@@ -7,7 +7,9 @@ What is measured (``results.json`` → ``timings.peak_memory``):
   reserved-but-unused blocks are not counted).
 * **CPU (Linux)**: the process's peak resident set size ``VmHWM`` from ``/proc/self/status``,
   after resetting it by writing ``5`` to ``/proc/self/clear_refs`` at the start of training
-  (Linux ≥ 4.0, ``Documentation/filesystems/proc.rst``). ``resource.getrusage``'s ``ru_maxrss``
+  (Linux ≥ 4.0, ``Documentation/filesystems/proc.rst``). The kernel updates the high-water mark
+  when memory is unmapped, so memory an allocator hands back with ``madvise`` and no unmap may
+  escape it: on CPU the figure is a lower bound of the true peak. ``resource.getrusage``'s ``ru_maxrss``
   cannot be reset, so a process that trained something bigger before (a baseline, an earlier
   run of the same worker) would hide this run's peak; the reset avoids that.
 * elsewhere (macOS, Windows, a kernel that refuses the reset) nothing is measured:
@@ -71,11 +73,11 @@ class PeakMemory:
         except OSError as exc:
             self._reason = f"could not reset the peak RSS through /proc/self/clear_refs ({exc})"
             return
-        rss = _status_kib("VmRSS")
-        if rss is None:
-            self._reason = "no VmRSS in /proc/self/status"
+        hwm = _status_kib("VmHWM")  # just reset: the resident set now
+        if hwm is None:
+            self._reason = "no VmHWM in /proc/self/status"
             return
-        self._start = rss * 1024
+        self._start = hwm * 1024
 
     def stop(self) -> dict[str, Any]:
         """``{"peak_bytes", "start_bytes", "source"}``, or ``peak_bytes=None`` and ``reason``."""
@@ -90,10 +92,13 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             peak = int(torch.cuda.max_memory_allocated(self.device))
             return {"peak_bytes": peak, "start_bytes": self._start, "source": "cuda max_memory_allocated"}
-        hwm = _status_kib("VmHWM")
+        hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
         if hwm is None:
             return {"peak_bytes": None, "start_bytes": None, "source": None, "reason": "no VmHWM in /proc/self/status"}
-        return {"peak_bytes": hwm * 1024, "start_bytes": self._start, "source": "linux VmHWM after clear_refs"}
+        # the kernel's RSS counters are per-CPU batched, so two readings can disagree by a few pages:
+        # the peak is at least the start and the current resident set
+        peak = max(hwm * 1024, (rss or 0) * 1024, self._start)
+        return {"peak_bytes": peak, "start_bytes": self._start, "source": "linux VmHWM after clear_refs"}
 
 
 __all__ = ["PeakMemory"]
