@@ -284,6 +284,7 @@ def _new_method_cases():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,level", _new_method_cases())
 def test_new_methods_train_on_multimnist(name, level, tmp_path):
+    from mtlens.methods import get as get_method
     from mtlens.train import load_config, run
 
     overrides = [
@@ -292,8 +293,10 @@ def test_new_methods_train_on_multimnist(name, level, tmp_path):
     ]
     if level is not None:
         overrides.append(f"method.level={level}")
+    if get_method(name).needs_task_scores:  # PIVRG: task scores against single-task baselines
+        overrides += ["baseline=auto", f"baseline_cache={tmp_path / 'cache'}", "train.epochs=2"]
     cfg = load_config(preset="quick-multimnist", overrides=overrides, out_dir=tmp_path / "run")
     res = run(cfg, quiet=True)
-    assert res["steps"] == 3
+    assert res["steps"] == 3 * cfg.train.epochs
     assert set(res["metrics"]["test"]) == {"left", "right"}
     assert all(math.isfinite(v) for ms in res["metrics"]["test"].values() for v in ms.values())

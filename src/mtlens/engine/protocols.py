@@ -27,7 +27,9 @@ class Method:
     (a transform the method itself prescribes, e.g. DB-MTL's log), ``needs_extra_forward``
     (FAMO: the caller passes the updated model's losses to :meth:`after_step`),
     ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
-    of two further independent mini-batches to :meth:`observe_cross_gramian`).
+    of two further independent mini-batches to :meth:`observe_cross_gramian`),
+    ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
+    performance drop against its single-task baseline to :meth:`on_task_scores`).
     """
 
     name: ClassVar[str] = ""
@@ -38,6 +40,7 @@ class Method:
     loss_transform: ClassVar[str | None] = None
     needs_extra_forward: ClassVar[bool] = False
     needs_second_batch: ClassVar[bool] = False
+    needs_task_scores: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
 
     # -- state -----------------------------------------------------------------------------
@@ -69,6 +72,11 @@ class Method:
         Only for methods with ``needs_second_batch = True`` (SDMGrad, MoDo); extra cost per step:
         two forward passes and 2T backward passes (see :func:`mtlens.engine.cross_gramian`)."""
         raise NotImplementedError(f"method '{self.name}' does not use a cross-Gramian (needs_second_batch=False)")
+
+    def on_task_scores(self, scores: Tensor) -> None:
+        """Called after each epoch with each task's relative performance drop (T,), in percent
+        against its single-task baseline (higher = worse). Only for ``needs_task_scores`` (PIVRG)."""
+        raise NotImplementedError(f"method '{self.name}' does not use task scores (needs_task_scores=False)")
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters this instance was built with."""

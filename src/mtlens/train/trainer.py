@@ -228,6 +228,11 @@ class Trainer:
         self._eval_loaders: dict[str, Any] = {}
 
         self._baseline = baseline
+        if self.method.needs_task_scores and baseline is None and cfg.baseline is None:
+            raise ConfigurationError(
+                f"'{self.method.name}' weights the tasks by their performance against single-task baselines "
+                "(needs_task_scores): set baseline=auto (or a baseline file with validation metrics)"
+            )
         # -- progress state (all of it goes into checkpoints) --------------------------------
         self.epoch = 0  # index of the epoch in progress (0-based)
         self.step_in_epoch = 0
@@ -464,6 +469,21 @@ class Trainer:
         from ..tasks.delta import delta_p_task
 
         return float(delta_p_task(val["metrics"], self.baseline["metrics"]["val"], self._directions()))
+
+    def _report_task_scores(self, val: dict[str, Any]) -> None:
+        """Each task's relative drop (%, higher = worse) against the baseline's validation metrics,
+        ``-mean_m r_m``, reported to methods with ``needs_task_scores`` (PIVRG)."""
+        from ..tasks.delta import relative_improvements
+
+        b = self.baseline
+        if b is None or not b["metrics"].get("val"):
+            raise ConfigurationError(
+                f"'{self.method.name}' weights the tasks by their performance against single-task baselines "
+                "(needs_task_scores); it needs the baseline's validation metrics: set baseline=auto"
+            )
+        r = relative_improvements(val["metrics"], b["metrics"]["val"], self._directions())
+        scores = [-sum(r[t].values()) / len(r[t]) for t in self.tasks]
+        self.method.on_task_scores(torch.tensor(scores, dtype=torch.float64))
 
     def _directions(self) -> dict[str, dict[str, bool]]:
         return {t: dict(self.spec.tasks[t].metrics) for t in self.tasks}
@@ -740,6 +760,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         val = self.evaluate("val")
+        if self.method.needs_task_scores:
+            self._report_task_scores(val)
         score = self._score(val, epoch + 1)
         improved = self.best is None or (math.isfinite(score) and not (score <= self.best["score"]))
         if self.best is not None and not math.isfinite(self.best["score"]) and math.isfinite(score):

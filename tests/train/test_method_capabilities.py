@@ -1,4 +1,4 @@
-"""The trainer's support for ``needs_second_batch`` methods (SDMGrad, MoDo): two extra batches per step."""
+"""Trainer support for declared method capabilities: needs_second_batch (SDMGrad, MoDo), needs_task_scores (PIVRG)."""
 
 import numpy as np
 import torch
@@ -48,3 +48,25 @@ def test_trainer_feeds_the_cross_gramian(tmp_path, monkeypatch):
     assert not torch.allclose(seen[0], seen[0].T)  # two different batches: not a Gramian
     lam = tr.method.state_dict()["lam"].numpy()
     assert abs(lam.sum() - 1) < 1e-12 and not np.allclose(lam, 0.5)
+
+
+# -- needs_task_scores (PIVRG) ------------------------------------------------------------------
+def test_trainer_reports_task_scores_against_the_baseline(tmp_path):
+    import pytest
+
+    from mtlens.errors import ConfigurationError
+
+    cfg = load_config(preset="quick-multimnist", overrides=[
+        "method.name=pivrg", "regularizers=[]", "loss_transform=null", "train.epochs=1",
+        "train.max_steps_per_epoch=2", "train.batch_size=8", "baseline=null", "train.device=cpu",
+    ], out_dir=tmp_path / "run")
+    with pytest.raises(ConfigurationError, match="baseline=auto"):
+        Trainer(cfg, quiet=True, tensorboard=False)
+    base = {"left": {"acc": 0.9}, "right": {"acc": 0.5}}
+    tr = Trainer(cfg, quiet=True, tensorboard=False,
+                 baseline={"source": "test", "metrics": {"val": base, "test": base}})
+    tr.fit()
+    val = tr.history[-1]["val"]["metrics"]
+    want = [-(val[t]["acc"] - base[t]["acc"]) / base[t]["acc"] * 100 for t in ("left", "right")]
+    got = tr.method.state_dict()["scores"].tolist()
+    assert got == pytest.approx(want)
