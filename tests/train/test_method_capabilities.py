@@ -70,3 +70,23 @@ def test_trainer_reports_task_scores_against_the_baseline(tmp_path):
     want = [-(val[t]["acc"] - base[t]["acc"]) / base[t]["acc"] * 100 for t in ("left", "right")]
     got = tr.method.state_dict()["scores"].tolist()
     assert got == pytest.approx(want)
+
+
+# -- needs_lookahead (Auto-Lambda, MOML) ----------------------------------------------------------
+def test_trainer_runs_the_lookahead_and_leaves_the_model_alone(tmp_path):
+    from mtlens.engine import LookAhead
+
+    tr = _trainer(tmp_path, name="auto_lambda")
+    batch = next(tr.train_stream.epoch(0, 0))[1]
+    before = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    seen = []
+    orig = tr.method.meta_step
+    tr.method.meta_step = lambda la: (seen.append(la), orig(la))
+    tr._meta_step(batch)
+    assert isinstance(seen[0], LookAhead) and seen[0].lr == tr.optimizer.param_groups[0]["lr"]
+    after = tr.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # parameters and buffers restored
+    lam = tr.method.state_dict()["lambda"]
+    assert lam is not None and not torch.allclose(lam, torch.full_like(lam, 0.1))
+    tr.fit()
+    assert len(seen) == 1 + 3  # one per training step

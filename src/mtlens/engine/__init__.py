@@ -4,12 +4,14 @@ from .backward import counters, mtl_backward, transform_losses
 from .cross import cross_gramian
 from .gramian import combine_blocks, gramian_from_blocks
 from .graph import find_leaves
+from .lookahead import LookAhead
 from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
 from .record import StepRecord
 
 __all__ = [
     "GramianWeighting",
     "JacobianAggregator",
+    "LookAhead",
     "LossWeighting",
     "Method",
     "Regularizer",

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..engine import StepRecord, cross_gramian, mtl_backward
+from ..engine import LookAhead, StepRecord, cross_gramian, mtl_backward
 from ..errors import CheckpointError, ConfigurationError, DataError, OutputPathError
 from ..storage import DirectoryLock, is_under, output_path_error, read_json, write_json
 from .checkpoint import (
@@ -314,6 +314,8 @@ class Trainer:
         batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
         if self.method.needs_second_batch:
             self._observe_cross_gramian()
+        if self.method.needs_lookahead:
+            self._meta_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses, feats = self._forward_losses(batch)
         kwargs: dict[str, Any] = {"level": cfg.method.level}
@@ -371,6 +373,33 @@ class Trainer:
         lb, _ = self._forward_losses(b)
         A = cross_gramian([la[t] for t in self.tasks], [lb[t] for t in self.tasks], self.model.shared_parameters())
         self.method.observe_cross_gramian(A)
+
+    def _meta_step(self, batch: Any) -> None:
+        """Bilevel methods (``needs_lookahead``): a :class:`LookAhead` over the step's batch and one
+        independent batch (the first extra stream of :meth:`_aux_batches`) → ``method.meta_step``.
+        The look-ahead's forwards run in train mode; BatchNorm running statistics are restored
+        afterwards so that they do not change the model [choice]."""
+        val = to_device(self._aux_batches()[0], self.device, non_blocking=self.device.type == "cuda")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        group = self.optimizer.param_groups[0]
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None for p in params]
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+
+        def losses_of(b):
+            def closure():
+                losses, _ = self._forward_losses(b)
+                return [losses[t] for t in self.tasks]
+            return closure
+
+        la = LookAhead(params, losses_of(batch), losses_of(val), lr=float(group["lr"]), momentum=momentum,
+                       momentum_buffers=bufs, weight_decay=float(group.get("weight_decay", 0.0) or 0.0))
+        try:
+            self.method.meta_step(la)
+        finally:
+            with torch.no_grad():
+                for k, v in self.model.named_buffers():
+                    v.copy_(buffers[k])
 
     def _extra_forward(self, batch: Any) -> None:
         """Losses of the updated model on the same batch, for methods that need them (FAMO).
