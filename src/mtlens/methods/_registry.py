@@ -96,5 +96,6 @@ def describe() -> list[dict[str, Any]]:
             "stateful": c.stateful,
             "loss_transform": c.loss_transform,
             "needs_extra_forward": c.needs_extra_forward,
+            "head_rule": c.head_rule,
         })
     return rows
