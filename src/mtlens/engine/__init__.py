@@ -9,6 +9,7 @@ from .apply import apply_decision, check_decision
 from .backward import DecisionCache, counters, mtl_backward, resolve_level, transform_losses
 from .decision import Decision
 from .gradients import TaskGradients, compute_task_gradients
+from .cross import cross_gramian
 from .gramian import combine_blocks, gramian_from_blocks
 from .graph import find_leaves
 from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
@@ -29,6 +30,7 @@ __all__ = [
     "combine_blocks",
     "compute_task_gradients",
     "counters",
+    "cross_gramian",
     "find_leaves",
     "gramian_from_blocks",
     "mtl_backward",

@@ -37,6 +37,8 @@ class Method:
     :meth:`after_step`), ``needs_grad_norms`` (GradNorm: per-task gradient norms on a shared
     layer), ``needs_features`` (GradDrop's batch form: the activations ``Z``). ``head_rule``
     states, with its source, what the task-specific parameters receive (docs/methods.md).
+    ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
+    of two further independent mini-batches to :meth:`observe_cross_gramian`).
     """
 
     name: ClassVar[str] = ""
@@ -48,6 +50,7 @@ class Method:
     needs_extra_forward: ClassVar[bool] = False
     needs_grad_norms: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    needs_second_batch: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     head_rule: ClassVar[str] = ""
 
@@ -97,6 +100,14 @@ class Method:
         """Called after ``optimizer.step()`` with the updated model's losses on the same batch.
 
         Only for methods with ``needs_extra_forward = True`` (FAMO)."""
+
+    def observe_cross_gramian(self, cross_gramian: Tensor) -> None:
+        """Called before each step with ``A = J_ξ J_ξ'ᵀ`` (T×T, float64, not symmetric): the
+        per-task gradients of the shared parameters on two independent mini-batches ξ, ξ'.
+
+        Only for methods with ``needs_second_batch = True`` (SDMGrad, MoDo); extra cost per step:
+        two forward passes and 2T backward passes (see :func:`mtlens.engine.cross_gramian`)."""
+        raise NotImplementedError(f"method '{self.name}' does not use a cross-Gramian (needs_second_batch=False)")
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters this instance was built with."""

@@ -97,5 +97,6 @@ def describe() -> list[dict[str, Any]]:
             "loss_transform": c.loss_transform,
             "needs_extra_forward": c.needs_extra_forward,
             "head_rule": c.head_rule,
+            "needs_second_batch": c.needs_second_batch,
         })
     return rows
