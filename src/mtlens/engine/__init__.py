@@ -7,9 +7,9 @@ composes them for the common loop.
 
 from .apply import apply_decision, check_decision
 from .backward import DecisionCache, counters, mtl_backward, resolve_level, transform_losses
+from .cross import cross_gramian
 from .decision import Decision
 from .gradients import TaskGradients, compute_task_gradients
-from .cross import cross_gramian
 from .gramian import combine_blocks, gramian_from_blocks
 from .graph import find_leaves
 from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
