@@ -203,6 +203,7 @@ def write_fake_store(root: Path, runs: list[dict], suite: str = "fake") -> Path:
             "wall_s": None,
             "results": None,
         }
+        entry.update(r.get("entry", {}))
         d = root / "runs" / key
         d.mkdir(parents=True, exist_ok=True)
         if s.status == "done":
@@ -233,6 +234,10 @@ def write_fake_store(root: Path, runs: list[dict], suite: str = "fake") -> Path:
             }
             if r.get("corrupt"):
                 (d / "results.json").write_text("{ torn")
+            elif r.get("sealed"):
+                from mtlens.storage import write_json
+
+                write_json(d / "results.json", res)
             else:
                 _write_json(d / "results.json", res)
             entry["results"] = f"runs/{key}/results.json"

@@ -232,10 +232,32 @@ def test_unreadable_and_unlisted_runs_are_reported_not_dropped(tmp_path):
         ("rlw", "pending"),
         ("uw", "unreadable"),
     ]
-    assert any("cannot be read as JSON" in r["error"] for r in bad)
+    assert any("is not valid JSON" in r["error"] for r in bad)
     assert any(r["error"] == "SolverError: boom" for r in bad)
     md = (out / "report.md").read_text()
     assert "is not listed in index.json" in md and "uw" in md
+
+
+def test_sealed_results_are_verified(tmp_path):
+    root = write_fake_store(tmp_path / "s", [{"method": "ew", "sealed": True}, {"method": "uw", "sealed": True}])
+    assert all(r.done for r in load_store(root).runs)
+    f = root / "runs" / "k001" / "results.json"
+    f.write_text(f.read_text().replace('"acc": 90.0', '"acc": 99.0'))  # an edit after sealing
+    (bad,) = [r for r in load_store(root).runs if not r.done]
+    assert bad.status == "unreadable" and "is corrupt" in bad.problem
+
+
+def test_memory_ratio_falls_back_to_the_worker_peak_and_never_mixes_sources(tmp_path):
+    runs = [
+        {"method": "ew", "seed": 0, "peak": None, "entry": {"peak_memory_bytes": 400 * 2**20}},
+        {"method": "uw", "seed": 0, "peak": 50 * 2**20, "entry": {"peak_memory_bytes": 600 * 2**20}},
+        {"method": "rlw", "seed": 0, "peak": 50 * 2**20},
+    ]
+    table, _ = leaderboard(load_store(write_fake_store(tmp_path / "s", runs)), "multimnist")
+    rows = {r[4]: dict(zip(table.csv_columns, r)) for r in table.csv_rows}
+    assert rows["uw"]["peak_mem_source"] == "worker" and rows["uw"]["peak_mem_rel_ew"] == pytest.approx(1.5)
+    assert rows["rlw"]["peak_mem_rel_ew"] is None  # only a training-level peak: not comparable with EW's
+    assert any("worker process's peak" in n for n in table.notes)
 
 
 def test_not_a_store_is_a_clear_error(tmp_path):
@@ -349,6 +371,11 @@ def test_terminal_leaderboard_and_module_entry_point(real_store, real_report, ca
         "MR",
     ):
         assert label in text
+    from mtlens.bench.report import print_leaderboard
+
+    console2 = Console(record=True, width=200)
+    print_leaderboard(real_store, console2)
+    assert console2.export_text() == text
     assert main([str(real_store), str(real_store / "report2")]) == 0
     assert "report2/report.html" in capsys.readouterr().out
     assert main([]) == 2

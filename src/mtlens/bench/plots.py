@@ -32,6 +32,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, **kw: Any) -> Path:
+    """Write the figure as PNG atomically (mtlens.storage.atomic_write) and close it."""
+    from ..storage import atomic_write
+
+    atomic_write(path, "wb", lambda f: fig.savefig(f, format="png", dpi=100, **kw))
+    _plt().close(fig)
+    return path
+
+
 def _colors(n: int):
     plt = _plt()
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
@@ -92,9 +101,7 @@ def dynamics_plot(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(series) > 12 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 def time_delta_scatter(groups: Sequence[Group], title: str, path: Path) -> Path | None:
@@ -127,9 +134,7 @@ def time_delta_scatter(groups: Sequence[Group], title: str, path: Path) -> Path 
     ax.set_title(title + "  (marker: o loss, □ param, △ feature level)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def level_bars(groups: Sequence[Group], title: str, path: Path) -> Path | None:
@@ -155,9 +160,7 @@ def level_bars(groups: Sequence[Group], title: str, path: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def alpha_bars(variant_alphas: dict[str, dict[str, list[float]]], title: str, path: Path) -> Path | None:
@@ -185,9 +188,7 @@ def alpha_bars(variant_alphas: dict[str, dict[str, list[float]]], title: str, pa
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 __all__ = ["alpha_bars", "dynamics_plot", "dynamics_series", "level_bars", "read_log", "time_delta_scatter"]

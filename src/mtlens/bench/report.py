@@ -60,13 +60,10 @@ _DYNAMICS = (
 )
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
+def _atomic_write(path: Path, data: str) -> None:
+    from ..storage import atomic_write_text
+
+    atomic_write_text(path, data)
 
 
 def _csv(table: Table) -> str:
@@ -354,6 +351,16 @@ def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
     return out
 
 
+def print_leaderboard(store_dir: str | Path, console=None) -> None:
+    """Print :func:`leaderboard_renderables` on ``console`` (default: a new ``rich.console.Console``)."""
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    for r in leaderboard_renderables(store_dir):
+        console.print(r)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mtlens.bench.report STORE_DIR [OUT_DIR]``: write the report, print the leaderboard."""
     import sys
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     except MTLensError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 1
-    console.print(*leaderboard_renderables(args[0]))
+    print_leaderboard(args[0], console)
     console.print(f"report: {path / 'report.html'} (and report.md, CSV tables, PNG figures in {path})")
     return 0
 
@@ -379,4 +386,12 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["ALPHA_METHODS", "leaderboard_renderables", "main", "run_alpha", "table_rich", "write_report"]
+__all__ = [
+    "ALPHA_METHODS",
+    "leaderboard_renderables",
+    "main",
+    "print_leaderboard",
+    "run_alpha",
+    "table_rich",
+    "write_report",
+]

@@ -23,7 +23,6 @@ Statistics (the rules the report states, docs/benchmark.md "Reading the report")
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError, MTLensError
+from ..errors import ConfigurationError, IntegrityError, MTLensError
 from ..tasks.delta import DELTA_CONVENTIONS, mean_rank
 
 ALPHA_TEST = 0.05
@@ -106,12 +105,17 @@ class Store:
 
 
 def _read_json(path: Path) -> tuple[Any, str | None]:
+    """The file's JSON, its content hash verified when it carries one (:func:`mtlens.storage.read_json`)."""
+    from ..storage import read_json
+
     try:
-        return json.loads(path.read_text()), None
+        return read_json(path, required=False), None
     except FileNotFoundError:
         return None, f"{path} does not exist"
-    except (OSError, json.JSONDecodeError) as exc:
-        return None, f"{path} cannot be read as JSON ({type(exc).__name__}: {exc})"
+    except IntegrityError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"{path} cannot be read ({type(exc).__name__}: {exc})"
 
 
 def load_store(store_dir: str | Path) -> Store:
@@ -158,6 +162,8 @@ def load_store(store_dir: str | Path) -> Store:
     runs: list[RunRecord] = []
     for key, e in entries.items():
         d = dirs.get(key)
+        if d is None and e.get("dir") and (root / str(e["dir"])).is_dir():
+            d = root / str(e["dir"])
         if d is None:
             for sub in ("runs", "baselines"):
                 if (root / sub / key).is_dir():
@@ -175,8 +181,10 @@ def load_store(store_dir: str | Path) -> Store:
                 rec.problem = "marked done but its entry names no results file and its directory is missing"
             else:
                 res, err = _read_json(path)
-                if res is None or not isinstance(res, dict) or "metrics" not in res:
-                    rec.problem = f"marked done but {err or f'{path} is not a results.json'}"
+                if err is None and (not isinstance(res, dict) or "metrics" not in res):
+                    err = f"{path} is not a results.json"
+                if err is not None:
+                    rec.problem = f"marked done but {err}"
                 else:
                     rec.results = res
         runs.append(rec)
@@ -325,11 +333,22 @@ def _step_ms(res: dict[str, Any]) -> float:
     return 1000.0 * res["timings"]["mean_step_s"]
 
 
-def _peak_extra(res: dict[str, Any]) -> float | None:
-    pm_ = (res.get("timings") or {}).get("peak_memory") or {}
-    if pm_.get("peak_bytes") is None or pm_.get("start_bytes") is None:
-        return None
-    return float(pm_["peak_bytes"] - pm_["start_bytes"])
+MEMORY_SOURCES = {
+    "training": "the trainer's peak above what was resident when training started (results.json timings.peak_memory)",
+    "worker": "the worker process's peak for the whole run, interpreter and libraries included (run.json "
+    "peak_memory_bytes)",
+}
+
+
+def _peak(r: RunRecord, source: str) -> float | None:
+    """Peak memory of a finished run in bytes from ``source`` ("training" or "worker"), or None."""
+    if source == "training":
+        pm_ = ((r.results or {}).get("timings") or {}).get("peak_memory") or {}
+        if pm_.get("peak_bytes") is None or pm_.get("start_bytes") is None:
+            return None
+        return float(max(pm_["peak_bytes"] - pm_["start_bytes"], 0))
+    v = r.entry.get("peak_memory_bytes")
+    return float(v) if isinstance(v, (int, float)) and v > 0 else None
 
 
 def _ratio(values: Sequence[float], ref: Sequence[float]) -> float | None:
@@ -353,6 +372,12 @@ class Table:
     csv_columns: list[str]
     csv_rows: list[list[Any]]
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        bad = [i for i, r in enumerate(self.rows) if len(r) != len(self.columns)]
+        bad += [i for i, r in enumerate(self.csv_rows) if len(r) != len(self.csv_columns)]
+        if bad:
+            raise ValueError(f"table {self.key}: rows {bad} do not match the header (a bug in mtlens.bench.tables)")
 
 
 def _arrow(hib: bool) -> str:
@@ -379,9 +404,16 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
     if ref is None:
         notes.append("no finished EW run (loss level, no regulariser) in this suite: time and memory are not relative")
     ref_time = ref.per_seed(_step_ms) if ref else []
-    ref_mem = [x for x in (_peak_extra(r.results) for r in ref.done) if x is not None] if ref else []
-    if ref and not ref_mem:
-        notes.append("EW's results hold no peak memory (trained before mtlens measured it, or not measurable here)")
+    mem_source, ref_mem = None, []
+    for src in MEMORY_SOURCES:  # the first source EW has; every ratio uses that same source
+        ref_mem = [x for x in (_peak(r, src) for r in ref.done) if x is not None] if ref else []
+        if ref_mem:
+            mem_source = src
+            break
+    if ref and mem_source is None:
+        notes.append("EW's runs hold no peak memory (not measurable on this platform, or written by an older mtlens)")
+    elif mem_source is not None:
+        notes.append(f"peak memory: {MEMORY_SOURCES[mem_source]}")
     if not any(g.per_seed(lambda res: res["delta"]["test"]["delta_p_task"]) for g in done) and done:
         notes.append("no run has Δ: the runs were trained without STL baselines (baseline: auto)")
 
@@ -400,7 +432,8 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         "step_ms_mean",
         "step_ms_std",
         "step_time_rel_ew",
-        "peak_mem_extra_mib_mean",
+        "peak_mem_mib_mean",
+        "peak_mem_source",
         "peak_mem_rel_ew",
     ]
     rows, csv_rows = [], []
@@ -431,11 +464,11 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         m_t, s_t = mean_std(times)
         row.append("—" if rt is None else f"{rt:.2f}× ({num(m_t)} ms)")
         crow += [m_t, s_t, rt]
-        mem = [x for x in (_peak_extra(r.results) for r in g.done) if x is not None]
+        mem = [x for x in (_peak(r, mem_source) for r in g.done) if x is not None] if mem_source else []
         rm = _ratio(mem, ref_mem)
         m_m, _ = mean_std(mem)
         row.append("—" if rm is None else f"{rm:.2f}× ({num(m_m / 2**20)} MiB)")
-        crow += [None if m_m is None else m_m / 2**20, rm]
+        crow += [None if m_m is None else m_m / 2**20, mem_source, rm]
         rows.append(row)
         csv_rows.append(crow)
 
@@ -448,7 +481,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
             row.append(pm(vals))
             crow += list(mean_std(vals))
         row += ["0 (reference)"] * len(conv) + ["—", "—", "—"]
-        crow += [0.0, None] * len(conv) + [None, None, None, None, None, None]
+        crow += [0.0, None] * len(conv) + [None] * 7
         rows.append(row)
         csv_rows.append(crow)
 
@@ -462,7 +495,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         )
         + "). MR = mean over test metrics of the configuration's rank (1 = best) among the configurations "
         "above that finished. Step time = mean training step (forward, backward, method, optimiser step); "
-        "peak mem = training's peak memory above what was resident when training started; both relative "
+        "peak mem = peak memory (its source in the notes below); both relative "
         "to EW in this suite (same machine, same run layout)."
     )
     title = f"{benchmark}: leaderboard"
