@@ -24,8 +24,8 @@ from mtlens.train import load_config, run
 VARIANT_REGULARIZERS = {
     "none": [],
     "rep_mtl": [{"name": "rep_mtl", "hparams": {"lambda_tsr": 0.1, "lambda_csa": 0.1}}],
-    "rep_mtl_tsr": [{"name": "rep_mtl", "hparams": {"lambda_tsr": 0.1, "lambda_csa": 0.0}}],
-    "rep_mtl_csa": [{"name": "rep_mtl", "hparams": {"lambda_tsr": 0.0, "lambda_csa": 0.1}}],
+    "rep_mtl_tsr": [{"name": "rep_mtl", "hparams": {"lambda_tsr": 0.1, "lambda_csa": 0.1, "csa": False}}],
+    "rep_mtl_csa": [{"name": "rep_mtl", "hparams": {"lambda_tsr": 0.1, "lambda_csa": 0.1, "tsr": False}}],
 }
 
 
