@@ -131,6 +131,7 @@ def test_level_comparison_uses_welch_and_names_the_verdict(tmp_path):
     assert row["welch_p"] == pytest.approx(p)
     assert row["verdict"] == ("gains" if p < 0.05 else "within noise")
     assert row["time_ratio"] == pytest.approx(15.5 / 31.5)
+    assert t.notes == [f"the fast surrogate (feature level) — {row['verdict']}: mgda"]
 
 
 @pytest.mark.parametrize(

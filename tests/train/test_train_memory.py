@@ -37,3 +37,20 @@ def test_unmeasured_devices_say_why():
     got = m.stop()
     assert got["peak_bytes"] is None and "meta" in got["reason"]
     assert PeakMemory(torch.device("cpu")).stop()["reason"] == "PeakMemory.start() was not called"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is measured on Linux only")
+def test_memory_freed_before_the_start_does_not_hide_the_runs_own_allocations():
+    """Heap memory an earlier run freed is returned first (malloc_trim), so reusing it still counts."""
+    before = [torch.ones(1000, 100) for _ in range(300)]  # ~120 MB of 400 kB blocks, then freed
+    del before
+    m = PeakMemory(torch.device("cpu"))
+    m.start()
+    now = [torch.ones(1000, 100) for _ in range(100)]  # ~40 MB
+    del now
+    got = m.stop()
+    if got["peak_bytes"] is None:
+        pytest.skip(got["reason"])
+    if not got["heap_trimmed"]:
+        pytest.skip("no glibc malloc_trim on this system")
+    assert got["peak_bytes"] - got["start_bytes"] >= 30 * 2**20, got

@@ -82,25 +82,38 @@ def dynamics_series(group: Group, key: str, logs: dict[str, list[dict[str, Any]]
     )
 
 
+LEVEL_TITLES = {"loss": "loss weightings and regularisers", "param": "parameter level", "feature": "feature level"}
+
+
 def dynamics_plot(
     groups: Sequence[Group], key: str, title: str, ylabel: str, path: Path, logs: dict[str, list[dict[str, Any]]]
 ) -> Path | None:
+    """One panel per gradient level present (loss / param / feature), shared y axis, a line per configuration."""
     series = [(g, dynamics_series(g, key, logs)) for g in groups]
     series = [(g, s) for g, s in series if s is not None]
     if not series:
         return None
+    levels = [lv for lv in ("loss", "param", "feature") if any(g.level == lv for g, _ in series)]
+    levels += sorted({g.level for g, _ in series} - set(levels))
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    styles = ["-", "--", ":", "-."]
-    for i, ((g, (x, m, lo, hi)), c) in enumerate(zip(series, _colors(len(series)))):
-        ax.plot(x, m, color=c, linestyle=styles[(i // 10) % len(styles)], linewidth=1.4, label=g.label)
-        if len(g.done) > 1:
-            ax.fill_between(x, lo, hi, color=c, alpha=0.12, linewidth=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(series) > 12 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig, axes = plt.subplots(1, len(levels), figsize=(5.2 * len(levels) + 1, 4.6), sharey=True, squeeze=False)
+    # one colour per method + variant, the same in every panel (mgda at param and feature level alike)
+    names = sorted({(g.method, g.variant) for g, _ in series})
+    color = dict(zip(names, _colors(len(names))))
+    style = {n: ["-", "--", ":", "-."][(i // 20) % 4] for i, n in enumerate(names)}
+    for ax, lv in zip(axes[0], levels):
+        mine = sorted(((g, s) for g, s in series if g.level == lv), key=lambda t: t[0].label)
+        for g, (x, m, lo, hi) in mine:
+            c = color[(g.method, g.variant)]
+            ax.plot(x, m, color=c, linestyle=style[(g.method, g.variant)], linewidth=1.4, label=g.label)
+            if len(g.done) > 1:
+                ax.fill_between(x, lo, hi, color=c, alpha=0.12, linewidth=0)
+        ax.set_title(LEVEL_TITLES.get(lv, lv), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(mine) > 8 else 1, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
     return _save(fig, path, bbox_inches="tight")
 
 

@@ -243,8 +243,49 @@ def _definitions() -> Section:
     )
 
 
+FINGERPRINT = ".fingerprint"
+
+
+def _fingerprint(root: Path, out: Path, alpha_method: str, n_bootstrap: int) -> str:
+    """Digest of everything the report reads (names, sizes and times of the store's files) and of
+    the code and options that write it: equal digests mean the report on disk is current."""
+    import hashlib
+
+    h = hashlib.sha256(f"{alpha_method}|{n_bootstrap}|{out.resolve()}".encode())
+    for mod in ("report.py", "tables.py", "plots.py", "html.py"):
+        h.update((Path(__file__).parent / mod).read_bytes())
+    files = [root / "index.json"]
+    for sub in ("runs", "baselines"):
+        for name in ("run.json", "results.json", "log.jsonl", "best.pt", "checkpoint.pt"):
+            files += sorted(root.glob(f"{sub}/*/{name}"))
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _status_line(store: Store) -> str:
+    counts: dict[str, int] = {}
+    for r in store.runs:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    done = counts.pop("done", 0)
+    text = f"{len(store.runs)} runs in the store: {done} finished"
+    if counts:
+        text += ", " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        text += ' (listed in "Runs without results" at the end; their configurations show how many seeds finished)'
+    return text + "."
+
+
 def write_report(
-    store_dir: str | Path, out_dir: str | Path | None = None, *, alpha_method: str = "mle", n_bootstrap: int = 1000
+    store_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    alpha_method: str = "mle",
+    n_bootstrap: int = 1000,
+    force: bool = False,
 ) -> Path:
     """Write the report of the results store ``store_dir``; return the report directory.
 
@@ -255,6 +296,10 @@ def write_report(
         alpha_method: power-law α estimator for the Rep-MTL section: ``"mle"`` (default, built in),
             ``"weightwatcher"`` (the paper's tool; ``pip install 'mtlens[spectra]'``) or ``"none"``.
         n_bootstrap: bootstrap resamples of the Ranking Similarity intervals.
+        force: rewrite even when the report is current. By default a report whose fingerprint
+            (``report/.fingerprint``: the store's files by name, size and modification time, these
+            options and the report code) is unchanged is left as it is, so rerunning a finished
+            suite returns at once.
 
     Returns:
         the report directory, holding ``report.md``, ``report.html``, ``*.csv`` and ``*.png``.
@@ -267,23 +312,23 @@ def write_report(
     store = load_store(store_dir)
     out = Path(out_dir) if out_dir is not None else store.root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(store.root, out, alpha_method, n_bootstrap)
+    fp_file = out / FINGERPRINT
+    if (
+        not force
+        and (out / "report.html").is_file()
+        and (out / "report.md").is_file()
+        and fp_file.is_file()
+        and fp_file.read_text().strip() == fingerprint
+    ):
+        return out
     if (out / "report.md").exists() or (out / "report.html").exists():
         for old in [*out.glob("*.png"), *out.glob("*.csv")]:
             old.unlink()
     written: list[Path] = []
     sections: list[Section] = []
     bad = unfinished_table(store)
-    n_done = sum(r.done for r in store.runs)
-    status = Section(
-        "Runs",
-        level=2,
-        text=[
-            f"{len(store.runs)} runs in the store: {n_done} finished"
-            + ("." if bad is None else f", {len(store.runs) - n_done} without results (listed below).")
-        ],
-        items=[bad] if bad is not None else [],
-    )
-    sections.append(status)
+    sections.append(Section("Runs", level=2, text=[_status_line(store)]))
     benches = [
         b
         for b in store.benchmarks()
@@ -291,6 +336,8 @@ def write_report(
     ]
     for bench in benches:
         sections += _benchmark_sections(store, bench, out, alpha_method, n_bootstrap, written)
+    if bad is not None:
+        sections.append(Section("Runs without results", level=2, items=[bad]))
     sections.append(_definitions())
 
     tables = [it for s in sections for it in s.items if isinstance(it, Table)]
@@ -304,6 +351,7 @@ def write_report(
     ]
     _atomic_write(out / "report.md", render_markdown(title, meta, sections))
     _atomic_write(out / "report.html", render_html(title, meta, sections))
+    _atomic_write(fp_file, fingerprint + "\n")
     return out
 
 
@@ -347,7 +395,23 @@ def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
             out.append(Text(f"note: {n}", style="yellow"))
     bad = unfinished_table(store)
     if bad is not None:
-        out.append(table_rich(bad))
+        # failed and unreadable runs in full; pending/running ones (an interrupted suite) as a count
+        loud = [i for i, r in enumerate(bad.rows) if r[3] not in ("pending", "running")]
+        if loud:
+            shown = Table(
+                bad.key,
+                bad.title,
+                bad.caption,
+                bad.columns,
+                [bad.rows[i] for i in loud],
+                bad.csv_columns,
+                [bad.csv_rows[i] for i in loud],
+                bad.notes,
+            )
+            out.append(table_rich(shown))
+        for n in bad.notes:
+            out.append(Text(f"note: {n}", style="yellow"))
+    out.append(Text(_status_line(store)))
     return out
 
 

@@ -588,7 +588,14 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
         f'feature level is better/worse by Welch\'s two-sided t-test at p < {ALPHA_TEST}; "within noise" '
         "otherwise; with fewer than 2 seeds per side nothing is called."
     )
-    return Table(f"{benchmark}-levels", f"{benchmark}: parameter vs feature level", caption, cols, rows, ccols, crows)
+    by_verdict: dict[str, list[str]] = {}
+    for r in rows:
+        by_verdict.setdefault(r[7], []).append(r[0] if r[1] == "—" else f"{r[0]} {r[1]}")
+    summary = "; ".join(f"{v}: {', '.join(ms)}" for v, ms in sorted(by_verdict.items()))
+    notes = [f"the fast surrogate (feature level) — {summary}"]
+    return Table(
+        f"{benchmark}-levels", f"{benchmark}: parameter vs feature level", caption, cols, rows, ccols, crows, notes
+    )
 
 
 def ranking_table(

@@ -11,7 +11,10 @@ What is measured (``results.json`` → ``timings.peak_memory``):
   when memory is unmapped, so memory an allocator hands back with ``madvise`` and no unmap may
   escape it: on CPU the figure is a lower bound of the true peak. ``resource.getrusage``'s ``ru_maxrss``
   cannot be reset, so a process that trained something bigger before (a baseline, an earlier
-  run of the same worker) would hide this run's peak; the reset avoids that.
+  run of the same worker) would hide this run's peak; the reset avoids that. Before the reset
+  the C heap's free memory is returned to the system (glibc ``malloc_trim``; ``heap_trimmed``
+  says whether it could be), otherwise memory freed by earlier work would be reused unseen and
+  training would appear to add nothing.
 * elsewhere (macOS, Windows, a kernel that refuses the reset) nothing is measured:
   ``peak_bytes`` is ``None`` and ``reason`` says why — never a made-up number.
 
@@ -43,6 +46,24 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _trim_heap() -> bool:
+    """Return the C heap's free memory to the system (glibc ``malloc_trim(0)``); False where unavailable.
+
+    Without it, memory freed by whatever ran before (an earlier run of the same worker, a baseline)
+    stays resident and is reused, and this run's training would appear to add nothing."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)  # returns whether memory was released; either way the heap is trimmed
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class PeakMemory:
     """Measure the peak memory between :meth:`start` and :meth:`stop` on ``device``.
 
@@ -54,6 +75,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self._start: int | None = None
         self._reason: str | None = None
+        self._trimmed = False
 
     def start(self) -> None:
         self._start, self._reason = None, None
@@ -68,6 +90,7 @@ class PeakMemory:
         if not sys.platform.startswith("linux"):
             self._reason = f"peak CPU memory needs Linux's /proc/self/clear_refs (platform: {sys.platform})"
             return
+        self._trimmed = _trim_heap()
         try:
             _CLEAR_REFS.write_text("5")
         except OSError as exc:
@@ -98,7 +121,12 @@ class PeakMemory:
         # the kernel's RSS counters are per-CPU batched, so two readings can disagree by a few pages:
         # the peak is at least the start and the current resident set
         peak = max(hwm * 1024, (rss or 0) * 1024, self._start)
-        return {"peak_bytes": peak, "start_bytes": self._start, "source": "linux VmHWM after clear_refs"}
+        return {
+            "peak_bytes": peak,
+            "start_bytes": self._start,
+            "source": "linux VmHWM after clear_refs",
+            "heap_trimmed": self._trimmed,
+        }
 
 
 __all__ = ["PeakMemory"]
