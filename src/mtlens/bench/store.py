@@ -1,0 +1,243 @@
+"""The results store of a suite: one directory per run, named by its configuration hash, plus an index.
+
+Layout (a contract with :mod:`mtlens.bench.report`; keys never change meaning)::
+
+    DIR/suite.yaml            the resolved suite (after --set/--seeds/--root)
+    DIR/index.json            {"format": "mtlens-bench-index", "version": 1, "suite": name, "runs": [entry, ...]}
+    DIR/runs/<key>/           a multi-task run: the trainer's directory (config.yaml, results.json,
+                              log.jsonl, checkpoint.pt, best.pt, baseline.json) + run.json
+    DIR/baselines/<benchmark>-<task>-<key>/
+                              a single-task baseline run (same files), listed in the index with kind "stl"
+    DIR/report/               written by mtlens.bench.report.write_report(DIR)
+
+Each index entry (also stored as ``run.json`` in the run's directory)::
+
+    key        configuration hash (16 hex digits)
+    label      "mgda (feature)", "ew + rep_mtl", "STL left"
+    benchmark  the suite's benchmark entry
+    method     method label ("stl" for baselines)
+    level      "loss" | "param" | "feature"
+    variant    "none" | "rep_mtl" | "rep_mtl_tsr" | "rep_mtl_csa" | another variant label
+    seed       int
+    kind       "mtl" | "stl"
+    task       the task of an STL run, else null
+    status     "pending" | "running" | "done" | "failed"
+    attempts   how many times the run was started
+    error      one line ("ExceptionType: message") of the last failure, else null
+    traceback  the last failure's traceback, else null
+    started, finished   ISO 8601 UTC times of the last attempt (null until then)
+    wall_s     wall-clock seconds of the last attempt (null until it ended)
+    results    path of results.json relative to DIR once done, else null
+    dir        the run directory relative to DIR
+    peak_memory_bytes, memory_kind
+               peak memory of the last attempt: "cuda_max_allocated" (torch.cuda.max_memory_allocated)
+               or "cpu_peak_rss" (the worker process's peak resident set, Linux VmHWM reset at the
+               start of the run: includes the interpreter and libraries, so compare runs of one suite only)
+    threads    torch intra-op threads the run used; executor: "local" | "ray"
+
+Every file is written atomically (temporary file, fsync, ``os.replace``), so a process killed at
+any instant leaves the previous or the new version. A run counts as done only when its
+``results.json`` exists and reads back; a run found ``running`` when the store is opened was
+interrupted and is resumed from its checkpoint. One driver at a time: the store holds an
+exclusive ``fcntl`` lock on ``DIR/.lock`` while a suite runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..train.checkpoint import atomic_write_text
+
+FORMAT = "mtlens-bench-index"
+VERSION = 1
+STATUSES = ("pending", "running", "done", "failed")
+_NOT_IN_KEY = ("out_dir", "name", "baseline_cache")
+
+
+def run_key(cfg, device_type: str) -> str:
+    """Hash of everything that determines a run's result: the whole configuration except its
+    name, output and baseline-cache paths, plus the mtlens version and the device type (cpu/cuda)."""
+    from .. import __version__
+
+    d = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_KEY}
+    if d["data"].get("root"):
+        d["data"]["root"] = str(Path(d["data"]["root"]).expanduser().resolve())
+    d["_mtlens"] = __version__
+    d["_device"] = device_type
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n"
+
+
+def read_results(path: Path) -> dict[str, Any] | None:
+    """A run's results.json, or None when absent or unreadable (a run killed mid-write never
+    leaves a partial file; an unreadable one is treated as not done and the run is redone)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) and obj.get("format") == "mtlens-results" else None
+
+
+class Store:
+    """The directory of one suite's results (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self._lock_fh = None
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+        self.suite_name: str | None = None
+
+    # -- locking -------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the store's exclusive lock (ConfigurationError when another driver holds it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ConfigurationError(
+                f"'{self.root}' is in use by another `mtlens bench` ({holder}); wait for it to finish or "
+                "choose another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh = fh
+
+    def unlock(self) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def __enter__(self) -> Store:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    # -- index -----------------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.json"
+
+    def read_index(self) -> dict[str, Any] | None:
+        p = self.index_path
+        if not p.exists():
+            return None
+        try:
+            obj = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigurationError(f"'{p}' cannot be read ({exc}); it is not an mtlens bench store") from None
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ConfigurationError(f"'{p}' is not an mtlens bench index (format {obj.get('format')!r})")
+        if obj.get("version") != VERSION:
+            raise ConfigurationError(f"'{p}' has index version {obj.get('version')}; this mtlens reads {VERSION}")
+        return obj
+
+    def prepare(self, suite_name: str, suite_yaml: str, specs) -> None:
+        """Write the resolved suite and the index of ``specs`` (a list of RunSpec), merging what an
+        earlier invocation left: done runs stay done (when their results.json reads back), runs
+        found ``running`` were interrupted and become ``pending``, failed ones keep their error
+        until they are retried."""
+        old = self.read_index()
+        if old is not None and old.get("suite") != suite_name:
+            raise ConfigurationError(
+                f"'{self.root}' holds the results of suite '{old.get('suite')}', not '{suite_name}'; "
+                "choose another --out"
+            )
+        previous = {e["key"]: e for e in (old or {}).get("runs", [])}
+        self.suite_name = suite_name
+        self.entries, self.order = {}, []
+        for s in specs:
+            e = {**s.entry(), "status": "pending", "attempts": 0, "error": None, "traceback": None,
+                 "started": None, "finished": None, "wall_s": None, "results": None, "dir": s.relpath}
+            prev = previous.get(s.key)
+            on_disk = self._read_run_json(s.relpath)
+            for src in (prev, on_disk):
+                if src:
+                    for k in ("attempts", "error", "traceback", "started", "finished", "wall_s", "status",
+                              "peak_memory_bytes", "memory_kind", "threads", "executor"):
+                        if k in src:
+                            e[k] = src[k]
+            res_path = self.root / s.relpath / "results.json"
+            if read_results(res_path) is not None:
+                e["status"] = "done"
+                e["results"] = f"{s.relpath}/results.json"
+                e["error"] = e["traceback"] = None
+            elif e["status"] in ("done", "running"):
+                e["status"] = "pending"  # interrupted (or its results vanished): run again, resuming
+            self.entries[s.key] = e
+            self.order.append(s.key)
+        atomic_write_text(self.root / "suite.yaml", suite_yaml)
+        for key in self.order:
+            self._write_run_json(key)
+        self.write_index()
+
+    def _read_run_json(self, relpath: str) -> dict[str, Any] | None:
+        try:
+            obj = json.loads((self.root / relpath / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _write_run_json(self, key: str) -> None:
+        e = self.entries[key]
+        d = self.root / e["dir"]
+        if d.exists() or e["status"] != "pending" or e["attempts"]:
+            atomic_write_text(d / "run.json", _dumps(e))
+
+    def write_index(self) -> None:
+        atomic_write_text(
+            self.index_path,
+            _dumps({"format": FORMAT, "version": VERSION, "suite": self.suite_name,
+                    "runs": [self.entries[k] for k in self.order]}),
+        )
+
+    def update(self, key: str, **fields: Any) -> dict[str, Any]:
+        """Change a run's entry, then write its run.json and the index (both atomically)."""
+        e = self.entries[key]
+        unknown = set(fields) - set(e) - {"peak_memory_bytes", "memory_kind", "threads", "executor"}
+        if unknown:
+            raise KeyError(f"unknown run fields {sorted(unknown)}")
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {fields['status']!r}")
+        e.update(fields)
+        self._write_run_json(key)
+        self.write_index()
+        return e
+
+    def run_dir(self, key: str) -> Path:
+        return self.root / self.entries[key]["dir"]
+
+    def results(self, key: str) -> dict[str, Any] | None:
+        e = self.entries[key]
+        return read_results(self.root / e["dir"] / "results.json")
+
+
+def load_index(root: str | os.PathLike) -> dict[str, Any]:
+    """The index of a finished (or partial) store, for readers such as the report."""
+    idx = Store(root).read_index()
+    if idx is None:
+        raise ConfigurationError(f"'{root}' holds no index.json; run `mtlens bench SUITE --out {root}` first")
+    return idx
