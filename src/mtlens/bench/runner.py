@@ -53,6 +53,27 @@ def device_type_for(suite: Suite, gpus: float) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def probe_data(suite: Suite, specs: list[RunSpec]) -> None:
+    """Load the data of every benchmark entry marked ``probe: true`` once, on the driver, so that a
+    missing or malformed data directory fails at once with the loader's own message."""
+    from ..errors import DataError, MissingDependencyError, MTLensError
+    from ..tasks.spec import get_benchmark
+
+    for bkey, entry in suite.benchmarks.items():
+        if not entry.probe:
+            continue
+        spec = next((s for s in specs if s.benchmark == bkey), None)
+        if spec is None:
+            continue
+        cfg = spec.config
+        try:
+            get_benchmark(cfg.data.benchmark).datasets(root=cfg.data.root, seed=cfg.train.seed, **cfg.data.options)
+        except (MTLensError, OSError) as exc:
+            cls = MissingDependencyError if isinstance(exc, MissingDependencyError) else DataError
+            raise cls(f"suite '{suite.name}', benchmark '{bkey}': its data cannot be loaded: "
+                      f"{' '.join(str(exc).split())}") from None
+
+
 def _baseline(store: Store, spec: RunSpec, by_key: dict[str, RunSpec]) -> dict[str, Any]:
     metrics: dict[str, dict[str, Any]] = {"val": {}, "test": {}}
     runs, tasks = {}, []
@@ -112,6 +133,7 @@ def run_suite(
     else:
         raise ConfigurationError(f"--executor: got '{executor}'; allowed values: local, ray")
     specs = expand(suite, device_type=device_type_for(suite, gpus))
+    probe_data(suite, specs)
     by_key = {s.key: s for s in specs}
     store = Store(out)
     with store:

@@ -106,7 +106,7 @@ class Store:
     def lock(self) -> None:
         """Take the store's exclusive lock (ConfigurationError when another driver holds it)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fh = open(self.root / ".lock", "a+")
+        fh = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open while the lock is held
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

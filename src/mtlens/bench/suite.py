@@ -43,7 +43,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, MissingDependencyError
 from ..train.config import (
     RegularizerConfig,
     RunConfig,
@@ -103,6 +103,14 @@ class BenchmarkEntry(_Section):
     methods: list[MethodEntry] | None = None
     levels: list[Literal["param", "feature"]] | None = None
     variants: list[str] | None = Field(None, description="names of the suite's variants to run here (default: all)")
+    method_hparams: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method hyper-parameters on this benchmark, merged over the method's (e.g. cagrad: {c: 0.4})",
+    )
+    probe: bool = Field(
+        False, description="load the data once on the driver before any run, so missing data fails at once"
+    )
+    exclude: list[str] = Field(default_factory=list, description="method labels left out on this benchmark")
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -122,6 +130,9 @@ class Suite(_Section):
     )
     seeds: list[int] = Field(default_factory=lambda: [0])
     methods: list[MethodEntry]
+    exclude: list[str] = Field(
+        default_factory=list, description="method labels to leave out everywhere (e.g. --set exclude=[nash_mtl])"
+    )
     levels: list[Literal["param", "feature"]] = Field(default_factory=lambda: ["param", "feature"])
     variants: dict[str, VariantSpec] = Field(default_factory=lambda: {VARIANT_NONE: VariantSpec()})
     base: dict[str, Any] = Field(default_factory=dict, description="run-config keys common to every benchmark")
@@ -376,6 +387,7 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
         if vname == VARIANT_NONE and v.regularizers:
             raise ConfigurationError("variants.none: the 'none' variant has no regularizers; name it otherwise")
     missing_roots = []
+    vcache: dict[str, RunConfig] = {}
     for bkey, entry in suite.benchmarks.items():
         bname = entry.benchmark or bkey
         try:
@@ -391,14 +403,34 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
             missing_roots.append((bkey, spec))
             continue
         methods = entry.methods if entry.methods is not None else suite.methods
+        all_labels = {m.display for m in suite.methods} | {m.display for m in methods}
+        bad_ex = [x for x in suite.exclude if x not in all_labels]
+        if bad_ex:
+            raise ConfigurationError(
+                f"exclude: {bad_ex} are not methods of the suite ({', '.join(sorted(all_labels))})"
+            )
+        bad_ex = [x for x in entry.exclude if x not in all_labels]
+        if bad_ex:
+            raise ConfigurationError(
+                f"benchmarks.{bkey}.exclude: {bad_ex} are not methods of the suite ({', '.join(sorted(all_labels))})"
+            )
+        excluded = set(suite.exclude) | set(entry.exclude)
+        methods = [m for m in methods if m.display not in excluded]
         levels = entry.levels if entry.levels is not None else suite.levels
         seeds = entry.seeds if entry.seeds is not None else suite.seeds
         vnames = entry.variants if entry.variants is not None else list(suite.variants)
         by_label = {m.display: m for m in methods}
+        unknown_hp = [k for k in entry.method_hparams if k not in by_label]
+        if unknown_hp:
+            raise ConfigurationError(
+                f"benchmarks.{bkey}.method_hparams: {unknown_hp} are not methods of this benchmark "
+                f"({', '.join(by_label)})"
+            )
         for seed in seeds:
             for vname in vnames:
                 v = suite.variants[vname]
                 targets = v.methods if v.methods is not None else (list(by_label) if vname == VARIANT_NONE else ["ew"])
+                targets = [t for t in targets if t not in excluded]
                 unknown = [t for t in targets if t not in by_label]
                 if unknown:
                     raise ConfigurationError(
@@ -410,7 +442,8 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
                     for level in _method_levels(m, levels, f"benchmarks.{bkey}: method '{mlabel}'"):
                         d = copy.deepcopy(base)
                         d.pop("name", None)
-                        d["method"] = {"name": m.name, "hparams": dict(m.hparams), "level": level}
+                        hp = {**m.hparams, **entry.method_hparams.get(mlabel, {})}
+                        d["method"] = {"name": m.name, "hparams": hp, "level": level}
                         d["regularizers"] = [r.model_dump() for r in v.regularizers]
                         d["loss_transform"] = v.loss_transform
                         d.setdefault("train", {})["seed"] = seed
@@ -421,7 +454,7 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
                             d = apply_override(d, o)
                         d["name"] = f"{suite.name}/{bkey}"
                         cfg = _validate(d, f"benchmarks.{bkey} method '{mlabel}' level {level or 'loss'} "
-                                           f"variant '{vname}' seed {seed}")
+                                           f"variant '{vname}' seed {seed}", vcache)
                         spec_ = RunSpec(
                             key=run_key(cfg, device_type),
                             label=_label(mlabel, level, vname),
@@ -437,7 +470,7 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
                         if suite.stl:
                             for t in spec.task_names:
                                 sd = stl_settings({**cfg.model_dump(mode="json"), "stl_task": t, "out_dir": None})
-                                scfg = _validate(sd, f"benchmarks.{bkey} STL baseline of '{t}' seed {seed}")
+                                scfg = _validate(sd, f"benchmarks.{bkey} STL baseline of '{t}' seed {seed}", vcache)
                                 skey = stl_cache_key(scfg, device_type)
                                 if skey not in stl:
                                     stl[skey] = RunSpec(
@@ -475,11 +508,33 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
     return runs
 
 
-def _validate(d: dict[str, Any], where: str) -> RunConfig:
+def _validate(d: dict[str, Any], where: str, cache: dict[str, RunConfig] | None = None) -> RunConfig:
+    """Validate a run config. Configurations that differ only in ``train.seed`` are validated once
+    (the engine dry run costs ~10 ms) and copied with the seed changed."""
+    import json
+
+    seed = (d.get("train") or {}).get("seed", 0)
+    ck = None
+    if cache is not None:
+        probe = copy.deepcopy(d)
+        probe.setdefault("train", {}).pop("seed", None)
+        ck = json.dumps(probe, sort_keys=True, default=str)
+        if ck in cache:
+            cfg = cache[ck].model_copy(deep=True)
+            cfg.train.seed = seed
+            return cfg
     try:
-        return RunConfig.model_validate(d)
+        cfg = RunConfig.model_validate(d)
     except ValidationError as exc:
         raise ConfigurationError(f"{where}: {format_validation_error(exc, RunConfig)}") from None
+    except MissingDependencyError as exc:
+        method = (d.get("method") or {}).get("name")
+        raise MissingDependencyError(
+            f"{where}: {exc}; or leave the method out with --set exclude=[{method}]"
+        ) from None
+    if ck is not None:
+        cache[ck] = cfg
+    return cfg
 
 
 def resolved_yaml(suite: Suite) -> str:

@@ -8,6 +8,7 @@ being retried), else starts it fresh.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -60,10 +61,8 @@ class _PeakMemory:
 
             torch.cuda.reset_peak_memory_stats()
         else:
-            try:
+            with contextlib.suppress(OSError):
                 Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
         return self
 
     def __exit__(self, *exc):

@@ -509,7 +509,9 @@ def bench(
             table.add_column("name", no_wrap=True)
             table.add_column("what", overflow="fold")
             for r in describe_suites():
-                table.add_row(r["name"], r["description"])
+                from rich.markup import escape
+
+                table.add_row(r["name"], escape(r["description"]))
             out.print(table)
             return
         if suite is None:
