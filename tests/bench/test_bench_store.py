@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from bench_helpers import tiny_suite
+from bench_helpers import subprocess_env, tiny_suite
 
 from mtlens.bench import Store, load_index, load_suite, run_suite
 from mtlens.bench.store import FORMAT
-from mtlens.errors import ConfigurationError
+from mtlens.errors import ConfigurationError, LockHeldError
 
 ENTRY_KEYS = {"key", "label", "benchmark", "method", "level", "variant", "seed", "kind", "task", "status",
               "attempts", "error", "traceback", "started", "finished", "wall_s", "results"}
@@ -47,7 +49,8 @@ def test_store_layout_and_index_contract(tmp_path):
             res = json.loads((run_dir / "results.json").read_text())
             assert res["delta"]["test"]["delta_p_task"] is not None  # Δ against the suite's own baselines
             assert res["diagnostics"]["mean"]  # FD/GDS/GMS averages (monitor.every=2)
-        assert json.loads((run_dir / "run.json").read_text()) == e
+        on_disk = json.loads((run_dir / "run.json").read_text())
+        assert on_disk.pop("content_sha256") and on_disk == e
         assert e["peak_memory_bytes"] > 0 and e["memory_kind"] in ("cpu_peak_rss", "cuda_max_allocated")
     levels = {e["label"]: e["level"] for e in idx["runs"]}
     assert levels["ew"] == "loss" and levels["mgda (feature)"] == "feature"
@@ -112,12 +115,14 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     part.callbacks.append(StopAfter2())
     with pytest.raises(Stop):
         part.fit()
-    store = Store(out)
-    idx = store.read_index()
+    from mtlens.storage import write_json
+
+    idx = Store(out).read_index()
     for e in idx["runs"]:
         if e["key"] == ew["key"]:
             e["status"] = "running"
-    (out / "index.json").write_text(json.dumps(idx))
+            write_json(run_dir / "run.json", e)
+    write_json(out / "index.json", idx)
 
     again = run_suite(suite, out)
     assert again.ran == [ew["key"]]
@@ -127,11 +132,37 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2, 3]
 
 
+def test_corrupt_index_is_loud_and_a_deleted_one_is_rebuilt(tmp_path):
+    from mtlens.errors import IntegrityError
+
+    out = tmp_path / "store"
+    run_suite(_suite(), out)
+    before = load_index(out)
+    text = (out / "index.json").read_text()
+    (out / "index.json").write_text(text.replace('"attempts": 1', '"attempts": 7', 1))
+    with pytest.raises(IntegrityError, match=r"index.json.*delete it: the next run rebuilds it"):
+        run_suite(_suite(), out)
+    (out / "index.json").unlink()
+    again = run_suite(_suite(), out)
+    assert again.ran == [] and load_index(out)["runs"] == before["runs"]
+
+
 def test_store_is_locked_and_belongs_to_one_suite(tmp_path):
     out = tmp_path / "store"
     run_suite(_suite(), out)
-    with Store(out), pytest.raises(ConfigurationError, match=r"is in use by another `mtlens bench` \(pid \d+\)"):
-        run_suite(_suite(), out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mtlens.storage import DirectoryLock; "
+         "DirectoryLock(sys.argv[1], purpose='mtlens bench tiny').acquire(); print('held', flush=True); "
+         "time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeldError, match=rf"is in use by .*pid {holder.pid}.*mtlens bench tiny"):
+            run_suite(_suite(), out)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_suite(_suite(), out)  # the lock of a dead process is free
     other = load_suite(tiny_suite(name="other", seeds=[0]))
     with pytest.raises(ConfigurationError, match=r"holds the results of suite 'tiny', not 'other'"):
         run_suite(other, out)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, MissingDependencyError
-from ..train.checkpoint import _atomic_write
+from ..storage import DirectoryLock, atomic_write
 from .worker import execute, init_worker, set_threads
 
 
@@ -108,7 +108,7 @@ def _read_tree(root: Path) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     if root.is_dir():
         for p in sorted(root.rglob("*")):
-            if p.is_file() and not p.name.startswith("."):
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
                 files[str(p.relative_to(root))] = p.read_bytes()
     return files
 
@@ -118,9 +118,11 @@ def _write_tree(root: Path, files: dict[str, bytes]) -> None:
     checkpoint, then results.json — so a driver killed mid-copy leaves a run that resumes."""
     last = ("checkpoint.pt", "results.json")
     order = sorted(files, key=lambda n: (n in last, last.index(n) if n in last else 0, n))
-    for name in order:
-        data = files[name]
-        _atomic_write(root / name, "wb", lambda fh, data=data: fh.write(data))
+    root.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(root, purpose="mtlens bench (copying a run back from Ray)"):
+        for name in order:
+            data = files[name]
+            atomic_write(root / name, "wb", lambda fh, data=data: fh.write(data))
 
 
 def ray_run(job: dict[str, Any], files: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:

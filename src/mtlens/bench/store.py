@@ -35,25 +35,26 @@ Each index entry (also stored as ``run.json`` in the run's directory)::
                start of the run: includes the interpreter and libraries, so compare runs of one suite only)
     threads    torch intra-op threads the run used; executor: "local" | "ray"
 
-Every file is written atomically (temporary file, fsync, ``os.replace``), so a process killed at
-any instant leaves the previous or the new version. A run counts as done only when its
-``results.json`` exists and reads back; a run found ``running`` when the store is opened was
-interrupted and is resumed from its checkpoint. One driver at a time: the store holds an
-exclusive ``fcntl`` lock on ``DIR/.lock`` while a suite runs.
+Every file is written atomically (temporary file, fsync, ``os.replace``; :mod:`mtlens.storage`),
+so a process killed at any instant leaves the previous or the new version; ``index.json`` and
+``run.json`` carry a ``content_sha256`` key like every JSON file mtlens writes. A run counts as
+done only when its ``results.json`` exists and its content hash verifies; a run found ``running``
+when the store is opened was interrupted and is resumed from its checkpoint. One driver at a
+time: the store holds :class:`mtlens.storage.DirectoryLock` on ``DIR`` while a suite runs (and
+each trainer holds its run directory's).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError
-from ..train.checkpoint import atomic_write_text
+from ..errors import ConfigurationError, IntegrityError
+from ..storage import atomic_write_text, read_json, write_json
 
 FORMAT = "mtlens-bench-index"
 VERSION = 1
@@ -78,16 +79,12 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n"
-
-
 def read_results(path: Path) -> dict[str, Any] | None:
-    """A run's results.json, or None when absent or unreadable (a run killed mid-write never
-    leaves a partial file; an unreadable one is treated as not done and the run is redone)."""
+    """A run's verified results.json, or None when absent, unreadable or corrupt (its content hash
+    does not match): the run then counts as not done, and rerunning it reports the problem."""
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        obj = read_json(path, required=False)
+    except (OSError, IntegrityError):
         return None
     return obj if isinstance(obj, dict) and obj.get("format") == "mtlens-results" else None
 
@@ -97,37 +94,28 @@ class Store:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
-        self._lock_fh = None
+        self._lock = None
         self.entries: dict[str, dict[str, Any]] = {}
         self.order: list[str] = []
         self.suite_name: str | None = None
 
     # -- locking -------------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take the store's exclusive lock (ConfigurationError when another driver holds it)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fh = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open while the lock is held
+        """Take the store's exclusive lock (:class:`~mtlens.storage.DirectoryLock` on ``DIR``);
+        :class:`~mtlens.errors.LockHeldError` naming the holder when another driver has it."""
+        from ..storage import DirectoryLock, output_path_error
+
+        lock = DirectoryLock(self.root, purpose=f"mtlens bench {self.suite_name or ''}".strip())
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise ConfigurationError(
-                f"'{self.root}' is in use by another `mtlens bench` ({holder}); wait for it to finish or "
-                "choose another --out"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._lock_fh = fh
+            lock.acquire()
+        except OSError as exc:
+            raise output_path_error(exc) from None
+        self._lock = lock
 
     def unlock(self) -> None:
-        if self._lock_fh is not None:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
-            self._lock_fh = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Store:
         self.lock()
@@ -146,8 +134,13 @@ class Store:
         if not p.exists():
             return None
         try:
-            obj = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            obj = read_json(p, required=False)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"{exc}. The index only mirrors the run directories: delete it: the next run rebuilds it from "
+                f"their run.json and results.json files ({p})"
+            ) from None
+        except OSError as exc:
             raise ConfigurationError(f"'{p}' cannot be read ({exc}); it is not an mtlens bench store") from None
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ConfigurationError(f"'{p}' is not an mtlens bench index (format {obj.get('format')!r})")
@@ -161,6 +154,15 @@ class Store:
         found ``running`` were interrupted and become ``pending``, failed ones keep their error
         until they are retried."""
         old = self.read_index()
+        if old is None and (self.root / "suite.yaml").is_file():  # index deleted: the suite file still says whose
+            import yaml
+
+            try:
+                prev_name = (yaml.safe_load((self.root / "suite.yaml").read_text()) or {}).get("name")
+            except yaml.YAMLError:
+                prev_name = None
+            if prev_name and prev_name != suite_name:
+                old = {"suite": prev_name}
         if old is not None and old.get("suite") != suite_name:
             raise ConfigurationError(
                 f"'{self.root}' holds the results of suite '{old.get('suite')}', not '{suite_name}'; "
@@ -196,8 +198,8 @@ class Store:
 
     def _read_run_json(self, relpath: str) -> dict[str, Any] | None:
         try:
-            obj = json.loads((self.root / relpath / "run.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            obj = read_json(self.root / relpath / "run.json", required=False)
+        except (OSError, IntegrityError):
             return None
         return obj if isinstance(obj, dict) else None
 
@@ -205,14 +207,11 @@ class Store:
         e = self.entries[key]
         d = self.root / e["dir"]
         if d.exists() or e["status"] != "pending" or e["attempts"]:
-            atomic_write_text(d / "run.json", _dumps(e))
+            write_json(d / "run.json", e)
 
     def write_index(self) -> None:
-        atomic_write_text(
-            self.index_path,
-            _dumps({"format": FORMAT, "version": VERSION, "suite": self.suite_name,
-                    "runs": [self.entries[k] for k in self.order]}),
-        )
+        write_json(self.index_path, {"format": FORMAT, "version": VERSION, "suite": self.suite_name,
+                                     "runs": [self.entries[k] for k in self.order]})
 
     def update(self, key: str, **fields: Any) -> dict[str, Any]:
         """Change a run's entry, then write its run.json and the index (both atomically)."""
