@@ -556,11 +556,11 @@ def bench(
         if not no_report:
             report_path = _bench_report(summary.out, quiet)
         if quiet:
-            out.print(str(report_path or summary.out))
+            out.print(str(report_path or summary.out), soft_wrap=True)
         else:
-            out.print(f"results store: {summary.out}")
+            out.print(f"results store: {summary.out}", soft_wrap=True)
             if report_path is not None:
-                out.print(f"report: {report_path}")
+                out.print(f"report: {report_path} (report.md, CSV tables and PNG figures beside it)", soft_wrap=True)
         if summary.failed or summary.counts.get("failed"):
             failed = [e for e in _index_runs(summary.out) if e["status"] == "failed"]
             for e in failed[:10]:
@@ -579,23 +579,14 @@ def _index_runs(store: Path) -> list[dict]:
     return load_index(store)["runs"]
 
 
-def _bench_report(store: Path, quiet: bool) -> Path | None:
-    """The full report when mtlens.bench.report is available; else a short terminal table."""
-    try:
-        from ..bench import report as report_mod
-    except ImportError:
-        report_mod = None
-    if report_mod is not None and hasattr(report_mod, "write_report"):
-        path = report_mod.write_report(store)
-        if not quiet and hasattr(report_mod, "print_leaderboard"):
-            report_mod.print_leaderboard(store, out)
-        return Path(path)
-    if not quiet:
-        from ..bench.summary import summary_tables
+def _bench_report(store: Path, quiet: bool) -> Path:
+    """Write the report (mtlens.bench.report) and print each benchmark's leaderboard; return report.html."""
+    from ..bench.report import leaderboard_renderables, write_report
 
-        for t in summary_tables(store):
-            out.print(t)
-    return None
+    path = write_report(store) / "report.html"
+    if not quiet:
+        out.print(*leaderboard_renderables(store))
+    return path
 
 
 def main() -> None:  # pragma: no cover - console entry point
