@@ -551,13 +551,20 @@ def compute_task_gradients(
     tg.task_params = heads
     tg._parts = [{"features": feats, "loss_list": loss_list}]
 
-    if level == "loss":
-        _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
-                    transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
-        return tg
-    _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
-                    transform, jacobian, scale, dist, retain_graph)
+    try:
+        if level == "loss":
+            _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
+                        transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
+        else:
+            _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
+                            transform, jacobian, scale, dist, retain_graph)
+    except _NonFinitePenalty as exc:  # a regulariser's penalty: the step's policy decides (skip or raise)
+        tg.problem, tg.overflow = str(exc), scale != 1.0
     return tg
+
+
+class _NonFinitePenalty(NonFiniteError):
+    pass
 
 
 def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | None]) -> None:
@@ -655,7 +662,7 @@ def regularizer_terms(regs, blocks, obj_detached) -> tuple[Tensor | None, dict[s
     for r in regs:
         term, logged = r.loss(blocks, obj_detached)
         if not torch.isfinite(term.detach()):
-            raise NonFiniteError(
+            raise _NonFinitePenalty(
                 f"regulariser '{r.name}' returned a non-finite penalty ({float(term)}); nothing was "
                 "written into .grad"
             )
