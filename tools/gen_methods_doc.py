@@ -58,6 +58,12 @@ def render() -> str:
         if r["needs_second_batch"]:
             extra.append("**second batch**: 2 extra forward and 2T extra backward passes per step "
                          "(`observe_cross_gramian`)")
+        if r["needs_lookahead"]:
+            extra.append("**bilevel**: a look-ahead step on the step's batch and an independent validation batch "
+                         "before every step (`meta_step`)")
+        if r["needs_task_scores"]:
+            extra.append("**task scores**: needs single-task baselines (`baseline: auto`); the trainer reports "
+                         "each task's relative drop after every epoch (`on_task_scores`)")
         ref = r["reference"] + (f" ({'; '.join(extra)})" if extra else "")
         out.append(
             f"| `{r['name']}` | {FAMILY_TEXT[r['family']]} | {levels} | {'yes' if r['stateful'] else 'no'} "

@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 
 def _weights(path: Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    return payload["model"] if "model" in payload else payload
+    return payload.get("model", payload)
 
 
 @pytest.mark.slow

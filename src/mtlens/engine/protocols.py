@@ -38,7 +38,12 @@ class Method:
     layer), ``needs_features`` (GradDrop's batch form: the activations ``Z``). ``head_rule``
     states, with its source, what the task-specific parameters receive (docs/methods.md).
     ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
-    of two further independent mini-batches to :meth:`observe_cross_gramian`).
+    of two further independent mini-batches to :meth:`observe_cross_gramian`),
+    ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
+    performance drop against its single-task baseline to :meth:`on_task_scores`),
+    ``needs_lookahead`` (bilevel methods, Auto-Lambda and MOML: before every step the caller
+    passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
+    validation batch to :meth:`meta_step`).
     """
 
     name: ClassVar[str] = ""
@@ -51,6 +56,8 @@ class Method:
     needs_grad_norms: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
     needs_second_batch: ClassVar[bool] = False
+    needs_task_scores: ClassVar[bool] = False
+    needs_lookahead: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     head_rule: ClassVar[str] = ""
 
@@ -108,6 +115,18 @@ class Method:
         Only for methods with ``needs_second_batch = True`` (SDMGrad, MoDo); extra cost per step:
         two forward passes and 2T backward passes (see :func:`mtlens.engine.cross_gramian`)."""
         raise NotImplementedError(f"method '{self.name}' does not use a cross-Gramian (needs_second_batch=False)")
+
+    def on_task_scores(self, scores: Tensor) -> None:
+        """Called after each epoch with each task's relative performance drop (T,), in percent
+        against its single-task baseline (higher = worse). Only for ``needs_task_scores`` (PIVRG)."""
+        raise NotImplementedError(f"method '{self.name}' does not use task scores (needs_task_scores=False)")
+
+    def meta_step(self, lookahead: Any) -> None:
+        """Bilevel methods (``needs_lookahead``): update the method's own variables (task weights)
+        from a look-ahead step, before the step's backward. ``lookahead`` is a
+        :class:`mtlens.engine.LookAhead`; the method must leave the model's parameters as it found
+        them (``LookAhead.at`` restores them)."""
+        raise NotImplementedError(f"method '{self.name}' is not bilevel (needs_lookahead=False)")
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters this instance was built with."""
