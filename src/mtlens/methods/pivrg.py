@@ -64,6 +64,8 @@ class PIVRG(GramianWeighting):
     defaults_source = "bound = 2.0, mintemp = 10, max_norm = 1.0, ×T (authors' code, MTLlib/NTKMTL repositories)"
     stateful = True
     needs_task_scores = True
+    head_rule = ("own gradient, unit weights (authors' code: each task's loss is backpropagated, only the shared "
+                 "gradient is overwritten and clipped)")
 
     def __init__(self, bound: float = 2.0, mintemp: float = 10.0, max_norm: float = 1.0,
                  infeasible: str = "raise") -> None:
