@@ -258,3 +258,30 @@ def test_documented_fp16_loop_continues_after_several_overflows(name, level):
         assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
     assert skipped >= 3
     assert math.isfinite(scaler.get_scale())
+
+
+class _BadStateful(GramianWeighting):
+    name = "_bad_stateful_test"
+    stateful = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def weights(self, gramian, losses):
+        self.calls += 1  # state changed before the method fails
+        return torch.ones(gramian.shape[0] + 1, dtype=torch.float64)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_a_bad_decision_is_refused_and_the_state_restored():
+    net = Net()
+    m = _BadStateful()
+    z, losses = net(torch.randn(4, 5))
+    with pytest.raises(NonFiniteError, match="_bad_stateful_test"):
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m)
+    assert m.calls == 0 and all(p.grad is None for p in net.parameters())
