@@ -1,8 +1,6 @@
-"""Bench tests run tiny suites on the ``tiny-mtl`` test benchmark (tests/train/tiny_bench.py), made
-importable here, in spawned worker processes and in CLI subprocesses (PYTHONPATH).
-
-The report tests read a real store of short MultiMNIST runs (``real_store``, built once per session by
-tests/bench/store_builder.py) and its report (``real_report``)."""
+"""Bench tests: tiny suites on the ``tiny-mtl`` test benchmark (tests/train/tiny_bench.py), made
+importable here, in spawned worker processes and in CLI subprocesses (PYTHONPATH); and a store of
+real short MultiMNIST runs for the report tests (tests/bench/store_builder.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +16,7 @@ for p in (str(HERE), str(TRAIN)):
         sys.path.insert(0, p)
 
 import tiny_bench  # noqa: E402,F401  (registers tiny-mtl / tiny-multi)
+from store_builder import REPORT_SPECS, build_store  # noqa: E402
 
 import mtlens  # noqa: E402,F401
 
@@ -31,10 +30,8 @@ def env():
 
 @pytest.fixture(scope="session")
 def real_store(tmp_path_factory):
-    """A store of 22 real short MultiMNIST runs (about 20 s on 2 idle cores): 5 methods, 3 levels, the
-    Rep-MTL ablation, 2 seeds, one failed and one pending run (tests/bench/store_builder.py)."""
-    from store_builder import REPORT_SPECS, build_store
-
+    """A store of 22 real short MultiMNIST runs (about 20 s on 2 cores): 5 methods, 3 levels, the Rep-MTL
+    ablation, 2 seeds, one failed and one pending run (tests/bench/store_builder.py)."""
     return build_store(tmp_path_factory.mktemp("store"), REPORT_SPECS)
 
 
