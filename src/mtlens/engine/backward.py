@@ -38,6 +38,7 @@ from .gramian import combine_blocks, combine_rows, gramian_from_blocks, gramian_
 from .graph import find_leaves
 from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
 from .record import StepRecord
+from .stacked import prune_stacked_losses
 
 LOG_EPS = 1e-8
 JACOBIAN_MODES = ("loop", "batched")
@@ -158,8 +159,9 @@ def mtl_backward(
 
     Args:
         losses: per-task scalar losses, a ``{task: loss}`` mapping (preferred) or a sequence.
-            A single stacked vector also works but is slower at the gradient levels: each entry's
-            backward then runs through every task's head.
+            A vector from ``torch.stack``/``torch.cat`` is as fast (its backward node skips
+            the branches of the other tasks, exactly); any other loss vector warns once, since
+            each task's backward then runs through every task's head.
         method: a method object from :func:`mtlens.methods.create`.
         features: the shared representation ``Z`` the heads consumed (attached to the
             encoder's graph), or one tensor per task for multi-input benchmarks. Required at
@@ -232,6 +234,11 @@ def mtl_backward(
     else:
         raise ConfigurationError(f"'{method.name}' ({type(method).__name__}) is not a usable method family")
 
+    if isinstance(losses, Tensor) and T > 1 and (
+        not is_loss_method or keep_saliencies or compute_gramian or regularizers
+        or getattr(method, "needs_grad_norms", False)
+    ):
+        prune_stacked_losses(losses)  # per-task backwards of a stacked vector: one head each, not T
     multi_input = features is not None and not isinstance(features, Tensor)
     feats: list[Tensor] = [] if features is None else ([features] if not multi_input else list(features))
     if multi_input and len(feats) != T:
