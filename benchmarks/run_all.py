@@ -417,7 +417,6 @@ def dense_workload(heavy: bool, size: int, batch: int):
     """ResNet-18 (timm, random init, dilated to output stride 8) + 3 dense heads (13-class
     segmentation, depth, normals) as in step_time.py; ``heavy`` swaps the light heads for ASPP."""
     import timm
-
     from step_time import LightHead
 
     g = torch.Generator().manual_seed(0)
@@ -547,46 +546,51 @@ def render_repmtl(res) -> list[str]:
 # =============================================================================================
 
 
-def run_monitor(cfg) -> dict:
+def monitor_rows(w, with_tsr: bool) -> dict[str, Callable[[], None]]:
     from mtlens.diagnose import SaliencyMonitor
 
+    ew, mgda = create("ew"), create("mgda")
+    fd = SaliencyMonitor(metrics=("fd",))
+    fd_tsr = SaliencyMonitor(metrics=("fd", "tsr_entropy"))
+    gram = SaliencyMonitor(metrics=("gds", "gms"), level="param")
+
+    def fwd_only():
+        w.zero()
+        w.forward()
+
+    def eng(m, lvl=None, mon=None):
+        def step():
+            w.zero()
+            z, losses = w.forward()
+            kw = mon.engine_kwargs(0, m) if mon is not None else {}
+            if lvl is not None:
+                kw.setdefault("level", lvl)
+            rec = mtl_backward(losses, features=z, shared_params=w.shared, method=m, **kw)
+            if mon is not None:
+                mon(rec, 0)
+
+        return step
+
+    def floor():
+        w.zero()
+        _, losses = w.forward()
+        for t, L in enumerate(losses.values()):
+            torch.autograd.grad(L, w.shared + list(w.heads[t].parameters()), retain_graph=True)
+
+    rows = {"forward only": fwd_only, "EW": eng(ew), "EW + FD": eng(ew, None, fd),
+            "EW + GDS/GMS (param)": eng(ew, None, gram), "per-task Jacobian (floor)": floor,
+            "MGDA feature": eng(mgda, "feature"), "MGDA feature + FD": eng(mgda, "feature", fd)}
+    if with_tsr:
+        rows["MGDA feature + FD + TSR entropy"] = eng(mgda, "feature", fd_tsr)
+    return rows
+
+
+def run_monitor(cfg) -> dict:
     out = {}
     for kind, T in cfg.monitor_loads:
         w = Workload(kind, T, cfg.batch[kind])
-        ew, mgda = create("ew"), create("mgda")
-        fd = SaliencyMonitor(metrics=("fd",))
-        fd_tsr = SaliencyMonitor(metrics=("fd", "tsr_entropy")) if kind == "conv" else None
-        gram = SaliencyMonitor(metrics=("gds", "gms"), level="param")
-
-        def fwd_only():
-            w.zero()
-            w.forward()
-
-        def eng(m, lvl=None, mon=None):
-            def step():
-                w.zero()
-                z, losses = w.forward()
-                kw = mon.engine_kwargs(0, m) if mon is not None else {}
-                if lvl is not None:
-                    kw.setdefault("level", lvl)
-                rec = mtl_backward(losses, features=z, shared_params=w.shared, method=m, **kw)
-                if mon is not None:
-                    mon(rec, 0)
-            return step
-
-        def floor():
-            w.zero()
-            _, losses = w.forward()
-            for t, L in enumerate(losses.values()):
-                torch.autograd.grad(L, w.shared + list(w.heads[t].parameters()), retain_graph=True)
-
-        rows = {"forward only": fwd_only, "EW": eng(ew), "EW + FD": eng(ew, None, fd),
-                "EW + GDS/GMS (param)": eng(ew, None, gram), "per-task Jacobian (floor)": floor,
-                "MGDA feature": eng(mgda, "feature"), "MGDA feature + FD": eng(mgda, "feature", fd)}
-        if fd_tsr is not None:
-            rows["MGDA feature + FD + TSR entropy"] = eng(mgda, "feature", fd_tsr)
         t0 = time.perf_counter()
-        out[f"{kind}/{T}"] = measure(rows, cfg.rounds, cfg.min_run_time)
+        out[f"{kind}/{T}"] = measure(monitor_rows(w, kind == "conv"), cfg.rounds, cfg.min_run_time)
         log(f"monitor {kind} T={T}: {time.perf_counter() - t0:.0f}s")
     return out
 
@@ -848,7 +852,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
     ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds per table (default 3; quick 1)")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 0.2)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared, loaded machine)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     ap.add_argument("--tasks", default=None, help="comma list of T for the scaling study (default 2,3,5,11,20,40)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs", help="folder for benchmarks.md and plots")

@@ -567,7 +567,12 @@ def _gradient_level_step(
         dblocks = [b.detach() / scale if scale != 1.0 else b.detach() for b in blocks]
     if scale != 1.0:
         head_rows = [[None if g is None else g / scale for g in row] for row in head_rows]
-    if sal is not None and len({tuple(s.shape) for s in sal}) == 1:
+    if (level == "feature" and not multi_input and transform == "none" and scale == 1.0
+            and isinstance(method, GramianWeighting)):
+        # the stacked saliencies are already those of the raw losses, and a Gramian weighting only
+        # reads them (combine_blocks does not write): share them, no second T×|Z| copy
+        record.saliencies = dblocks[0]
+    elif sal is not None and len({tuple(s.shape) for s in sal}) == 1:
         # the record holds ∂L_t/∂Z of the RAW losses (the loss transform and scaler undone exactly)
         record.saliencies = torch.stack(
             _raw_saliencies([s.detach() for s in sal], [r.detach() for r in raw], transform, scale))
