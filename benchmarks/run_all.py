@@ -23,10 +23,11 @@ Sections (``--sections``, comma list; default all):
 Timing: every number is a median of ``torch.utils.benchmark`` blocked runs; the rows of one
 table are measured round-robin (row 1, row 2, ..., row 1, ...) for ``--rounds`` rounds and a
 ratio is the median over rounds of the two rows' times *in the same round*, so load that
-drifts over minutes cancels. Memory: the peak, over one step, of CPU tensor memory allocated
-during the step above what was live before it, from ``torch.profiler``'s memory timeline
-(``profile_memory=True``: every CPU-allocator allocation and free, kernels' scratch included);
-gradients written into ``.grad`` count, parameters and inputs do not.
+drifts over minutes cancels. Memory: the peak, over one step, of the bytes of tensor storage
+created during the step and alive at once — a tracemalloc of tensor storage: a
+``TorchDispatchMode`` sees every op's outputs (forward and backward) and follows each storage
+by a weak reference; gradients written into ``.grad`` count, parameters and inputs do not,
+kernels' internal scratch buffers are not seen.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet torch.profiler start/stop lines
 
 import mtlens  # noqa: E402,F401  (torchvision shim before timm)
 from mtlens.engine import mtl_backward  # noqa: E402
@@ -107,28 +109,43 @@ def med(times, a: str) -> float:
     return statistics.median(t) if isinstance(t, list) and t else float("nan")
 
 
+class _LiveStorages(TorchDispatchMode):
+    """Bytes of the CPU tensor storages created since entering, alive at each op; their peak.
+
+    Every op (forward and backward: the autograd engine runs under the same dispatch mode) reports
+    its outputs; a storage is tracked by a weak reference to its C++ storage, so it counts exactly
+    while anything (a Python tensor, the autograd graph, ``.grad``) holds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        new = False
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu":
+                st = o.untyped_storage()
+                key = st.data_ptr()
+                if key not in self.live or self.live[key][0].expired():
+                    self.live[key] = (StorageWeakRef(st), st.nbytes())
+                    new = True
+        if new:
+            for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+                del self.live[key]
+            self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
 def peak_memory(fn: Callable[[], None]) -> int:
-    """Peak bytes of CPU memory allocated during one call of ``fn`` above what was live before.
+    """Peak bytes of tensor storage allocated during one call of ``fn`` and alive at once.
 
-    From ``torch.profiler``'s memory timeline (``profile_memory=True``): the running sum of the
-    CPU allocator's allocations minus frees, maximised over the call."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
-            fn()
-        timeline = prof._memory_profile().timeline
-    live = peak = 0
-    for _t, action, _key, size in sorted(((t, a, k, s) for t, a, k, s in timeline if t >= 0), key=lambda e: e[0]):
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
+    Tensors that existed before the call (parameters, inputs) do not count; gradients written
+    into ``.grad`` during the call do. Kernels' internal scratch buffers are not seen."""
+    with _LiveStorages() as mode:
+        fn()
+    return mode.peak
 
 
 # =============================================================================================
@@ -148,10 +165,10 @@ class ConvEncoder(nn.Sequential):
 
 
 class MLPEncoder(nn.Sequential):
-    """64 → 256 → 256 → 128 with ReLU (the size of a QM9-style molecule embedding MLP)."""
+    """64 → 512 → 512 → 256 with ReLU."""
 
     def __init__(self):
-        super().__init__(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+        super().__init__(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU())
 
 
 class Workload:
@@ -168,7 +185,7 @@ class Workload:
             self.y = torch.randn(T, batch, 1, 8, 8, generator=g)
         elif kind == "mlp":
             self.encoder = MLPEncoder()
-            self.heads = nn.ModuleList(nn.Linear(128, 1) for _ in range(T))  # one scalar target per task
+            self.heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(T))  # one scalar target per task
             self.x = torch.randn(batch, 64, generator=g)
             self.y = torch.randn(T, batch, 1, generator=g)
         else:
@@ -192,7 +209,20 @@ class Workload:
         return torch.stack(cols, dim=1)
 
 
-def step_fns(w, methods: dict, level: dict) -> dict[str, Callable[[], None]]:
+class ModelWorkload(Workload):
+    """A :class:`Workload` from an encoder, a ModuleList of heads and ``forward(encoder, heads)``."""
+
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleList, forward: Callable):
+        self.encoder, self.heads, self._forward = encoder, heads, forward
+        self.T = len(heads)
+        self.shared = list(encoder.parameters())
+        self.params = self.shared + list(heads.parameters())
+
+    def forward(self):
+        return self._forward(self.encoder, self.heads)
+
+
+def step_fns(w, methods: dict, batched_autogram: bool = True) -> dict[str, Callable[[], None]]:
     """The rows of the scaling table for one workload."""
 
     def plain():
@@ -229,11 +259,11 @@ def step_fns(w, methods: dict, level: dict) -> dict[str, Callable[[], None]]:
             "UPGrad param": engine("upgrad", "param"), "PCGrad param": engine("pcgrad", "param"),
             "EW + Rep-MTL": engine("ew", None, [methods["rep_mtl"]])}
     # autogram hooks every forward of the module it is given: it gets its own copy (same weights)
-    rows.update(torchjd_fns(w, copy.deepcopy(w)))
+    rows.update(torchjd_fns(w, copy.deepcopy(w), batched_autogram))
     return rows
 
 
-def torchjd_fns(w, w_autogram) -> dict[str, Callable[[], None]]:
+def torchjd_fns(w, w_autogram, batched: bool = True) -> dict[str, Callable[[], None]]:
     """TorchJD 0.18 with UPGrad: autojac, autogram on the T mean losses (``batch_dim=None``, the
     direct MTL use) and autogram batched (``batch_dim=0`` on the B×T per-sample losses; the T×T
     Gramian of the mean losses is the B×B block sum of that (B·T)×(B·T) Gramian, divided by B²)."""
@@ -245,9 +275,10 @@ def torchjd_fns(w, w_autogram) -> dict[str, Callable[[], None]]:
     except ImportError:
         return {}
     agg, weighting = UPGrad(), UPGradWeighting()
-    w_batched = copy.deepcopy(w_autogram)
     engine = Engine(w_autogram.encoder, batch_dim=None)
-    engine_b = Engine(w_batched.encoder, batch_dim=0)
+    if batched:
+        w_batched = copy.deepcopy(w_autogram)
+        engine_b = Engine(w_batched.encoder, batch_dim=0)
 
     def autojac():
         w.zero()
@@ -270,8 +301,10 @@ def torchjd_fns(w, w_autogram) -> dict[str, Callable[[], None]]:
         weights = weighting(G)
         (per_sample.mean(dim=0) @ weights).backward()
 
-    return {"TorchJD autojac UPGrad": autojac, "TorchJD autogram UPGrad": autogram,
-            "TorchJD autogram batched UPGrad": autogram_batched}
+    rows = {"TorchJD autojac UPGrad": autojac, "TorchJD autogram UPGrad": autogram}
+    if batched:
+        rows["TorchJD autogram batched UPGrad"] = autogram_batched
+    return rows
 
 
 SCALING_RATIOS = [  # (row, against, label)
@@ -294,7 +327,7 @@ def run_scaling(cfg) -> dict:
             w = Workload(kind, T, cfg.batch[kind])
             methods = {n: create(n) for n in ("ew", "mgda", "upgrad", "pcgrad", "rep_mtl")}
             methods["uw"] = create("uw", num_tasks=T)
-            rows = step_fns(w, methods, {})
+            rows = step_fns(w, methods)
             if T * cfg.batch[kind] > cfg.autogram_batched_max:  # its per-module Jacobians have B·T rows
                 rows["TorchJD autogram batched UPGrad"] = _skipped(
                     f"B·T = {T * cfg.batch[kind]} > {cfg.autogram_batched_max}: per-module Jacobians of B·T rows")
@@ -320,7 +353,7 @@ def render_scaling(res, cfg, plot_path: Path | None) -> list[str]:
              "",
              "- **conv**: 3×32×32 → three 3×3 convs (32, 64, 64 channels, stride 2, 2, 1) with GroupNorm "
              "→ Z of 64×8×8; head t = 1×1 conv to one map, MSE.",
-             "- **MLP**: 64 → 256 → 256 → 128 (ReLU) → Z of 128; head t = Linear(128, 1), MSE.",
+             "- **MLP**: 64 → 512 → 512 → 256 (ReLU) → Z of 256; head t = Linear(256, 1), MSE.",
              "",
              "Rows: `plain loop` = `sum(losses).backward()`; `EW`/`UW` = `mtl_backward` with a loss weighting; "
              "`MGDA feature` = MGDA on the saliencies; `per-task Jacobian (floor)` = T calls of "
@@ -363,7 +396,7 @@ def render_scaling(res, cfg, plot_path: Path | None) -> list[str]:
             lines.append(f"\n`{r}` failed: {e}")
         if cfg.memory:
             mkeys = [k for k in keys if res[k]["memory"]]
-            lines += ["", f"### {kind}: peak memory during one step (MiB, torch.profiler)", "",
+            lines += ["", f"### {kind}: peak tensor memory during one step (MiB)", "",
                       "| row | " + " | ".join(f"T={k.split('/')[1]}" for k in mkeys) + " |",
                       "|---|" + "---:|" * len(mkeys)]
             for r in rows:
@@ -778,14 +811,30 @@ def render_cached(res, cfg) -> list[str]:
 
 
 def qm9_builder():
-    """The QM9 model/batch builder of ``mtlens`` (helper ``qm9``), or None when not available."""
-    for mod, attr in (("mtlens.bench.perf", "qm9_perf_workload"), ("mtlens.models.qm9", "perf_workload")):
-        try:
-            module = __import__(mod, fromlist=[attr])
-            return getattr(module, attr)
-        except (ImportError, AttributeError):
-            continue
-    return None
+    """(encoder, heads, forward(encoder, heads) → (Z, losses)) for QM9's MPNN on one training batch, or None when this
+    build of mtlens has no QM9 loader / MPNN (``mtlens.data.qm9``, ``mtlens.models.graph``) or the
+    ``graph`` extra is missing."""
+    try:
+        from mtlens.data.qm9 import make_qm9_datasets
+        from mtlens.models.graph import MPNNEncoder
+    except ImportError:
+        return None
+
+    def build(batch: int = 120):  # the papers' batch size
+        ds = make_qm9_datasets(n_train=batch, n_val=2, n_test=2)["train"]
+        data = ds.collate_fn([ds[i] for i in range(batch)])
+        x, y = data["input"], data["targets"]
+        torch.manual_seed(0)
+        enc = MPNNEncoder()
+        heads = nn.ModuleList(nn.Linear(enc.out_channels, 1) for _ in y)
+
+        def forward(enc, heads):
+            z = enc(x)
+            return z, {t: F.mse_loss(h(z).squeeze(1), y[t]) for t, h in zip(y, heads)}
+
+        return enc, heads, forward
+
+    return build
 
 
 def run_qm9(cfg) -> dict:
@@ -793,16 +842,10 @@ def run_qm9(cfg) -> dict:
     if build is None:
         log("qm9: no builder in this build; skipped")
         return {}
-    enc, heads, params, forward = build()
-    w = type("W", (), {})()
-    w.encoder, w.shared, w.params = enc, list(enc.parameters()), params
-    w.zero = lambda: [setattr(p, "grad", None) for p in params]
-    w.forward = forward
-    w.heads = list(heads.values()) if isinstance(heads, nn.ModuleDict) else list(heads)
+    w = ModelWorkload(*build())
     methods = {n: create(n) for n in ("ew", "mgda", "upgrad", "pcgrad", "rep_mtl")}
     methods["uw"] = create("uw", num_tasks=len(w.heads))
-    rows = step_fns(w, methods, {})
-    rows.pop("TorchJD autogram batched UPGrad", None)  # batch_dim=0 does not hold for graph batches
+    rows = step_fns(w, methods, batched_autogram=False)  # batch_dim=0: no GRU, and graphs are not a batch dim
     times = measure(rows, cfg.rounds, cfg.min_run_time)
     return {"times": times}
 
@@ -859,12 +902,12 @@ def config(args):
     c.tasks = [2, 3] if args.quick else [2, 3, 5, 11, 20, 40]
     if args.tasks:
         c.tasks = [int(t) for t in args.tasks.split(",")]
-    c.batch = {"conv": 8, "mlp": 32 if args.quick else 64}
-    c.autogram_batched_max = 1024
+    c.batch = {"conv": 8, "mlp": 32 if args.quick else 256}
+    c.autogram_batched_max = 256
     c.rounds = args.rounds or (1 if args.quick else 3)
     c.min_run_time = args.min_run_time or (0.01 if args.quick else 0.1)
     c.memory = not args.no_memory
-    c.memory_tasks = c.tasks if args.quick else [t for t in (2, 11, 40) if t in c.tasks] or c.tasks
+    c.memory_tasks = c.tasks
     c.profile = not args.quick
     c.dense_size = 128
     c.monitor_loads = [("mlp", 3)] if args.quick else [("conv", 3), ("conv", 11), ("mlp", 11)]
@@ -935,8 +978,9 @@ def main(argv=None) -> dict:
             f"- **Machine**: {header_machine}; load average {os.getloadavg()[0]:.1f} at the end.",
             "- **Method**: medians of `torch.utils.benchmark` blocked runs; rows of a table measured round-robin "
             f"for {cfg.rounds} rounds of ≥ {cfg.min_run_time} s each; every ratio is the median over rounds of "
-            "the two rows' times in the same round. Peak memory: `torch.profiler` memory timeline (see "
-            "`benchmarks/run_all.py`).",
+            "the two rows' times in the same round. Peak memory: tensor storage created during one step and "
+            "alive at once, tracked per op by a `TorchDispatchMode` with weak references to the storages "
+            "(a tracemalloc of tensor storage; see `benchmarks/run_all.py`).",
             "- **Noise**: the machine is shared (other jobs ran during the measurement; see the load averages). "
             "Absolute times move by tens of percent between runs; same-run ratios move by a few percent. Read "
             "ratios near a target (±0.03) as meeting it within noise, not as a verdict.",
