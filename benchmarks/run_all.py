@@ -275,10 +275,10 @@ def torchjd_fns(w, w_autogram, batched: bool = True) -> dict[str, Callable[[], N
     except ImportError:
         return {}
     agg, weighting = UPGrad(), UPGradWeighting()
-    engine = Engine(w_autogram.encoder, batch_dim=None)
-    if batched:
+    if batched:  # copy before any Engine hooks the modules (deepcopy would copy the hooks)
         w_batched = copy.deepcopy(w_autogram)
         engine_b = Engine(w_batched.encoder, batch_dim=0)
+    engine = Engine(w_autogram.encoder, batch_dim=None)
 
     def autojac():
         w.zero()
