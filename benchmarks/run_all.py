@@ -1055,8 +1055,10 @@ def main(argv=None) -> dict:
             "alive at once, tracked per op by a `TorchDispatchMode` with weak references to the storages "
             "(a tracemalloc of tensor storage; see `benchmarks/run_all.py`).",
             "- **Noise**: the machine is shared (other jobs ran during the measurement; see the load averages). "
-            "Absolute times move by tens of percent between runs; same-run ratios move by a few percent. Read "
-            "ratios near a target (±0.03) as meeting it within noise, not as a verdict.",
+            "With a load average of 10–16 on 2 cores (other helpers' test suites) absolute times moved by 2× "
+            "between rounds and a single same-run ratio by ±0.3 or more (e.g. `plain loop` and `EW` do the same "
+            "work); trends over T and differences of 2× or more are what such a run shows. Rerun on a quiet "
+            "machine (more `--rounds`) for verdicts near a target.",
             ""]
     text = "\n".join(head + render_targets(results) + body) + "\n"
     (args.out / "benchmarks.md").write_text(text)
