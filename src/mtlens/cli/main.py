@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import mtlens  # noqa: F401  (torchvision shim before anything imports torchvision)
@@ -33,8 +34,13 @@ err = Console(stderr=True)
 
 
 def _fail(exc: BaseException) -> None:
-    msg = " ".join(str(exc).split())
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+    # One line, except where the message itself lays out a multi-line block (an expected directory
+    # tree): then the first line stays the one-line summary and the block follows verbatim.
+    # Escaped: a message's square brackets (`pip install 'mtlens[nash]'`) are text, not rich markup.
+    text = str(exc)
+    head, sep, block = text.partition("\n\n")
+    msg = " ".join(head.split()) + (("\n" + block.rstrip()) if sep and block.strip() else "")
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1)
 
 
@@ -47,8 +53,24 @@ def _guard(fn):
     except MTLensError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        err.print("interrupted; continue with --resume")
+        err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def _interrupted(out_dir: Path, stl_all: bool) -> None:
+    """The Ctrl-C message of ``mtlens train``: offer ``--resume`` only when there is something to resume."""
+    found = list(out_dir.glob("stl-*/checkpoint.pt")) if stl_all else []
+    if (out_dir / "checkpoint.pt").is_file() or found:
+        err.print(f"interrupted; continue with: mtlens train --out {escape(str(out_dir))} --resume",
+                  highlight=False, soft_wrap=True)
+    else:
+        err.print(
+            f"interrupted before the first checkpoint of {escape(str(out_dir))} was written (one is written at the "
+            "end of every epoch, and every checkpoint.every_steps steps when set): there is nothing to resume; "
+            "start the run again without --resume",
+            highlight=False, soft_wrap=True,
+        )
+    raise typer.Exit(130)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +116,7 @@ def train(
 ) -> None:
     """Train a multi-task model (or single-task baselines), test the best epoch, write results.json."""
     from ..train import load_config, run
+    from ..train.trainer import default_out_dir
 
     def go():
         overrides = list(set_ or [])
@@ -110,12 +133,17 @@ def train(
             cfg = load_config(base=yaml.safe_load(saved.read_text()), overrides=overrides, out_dir=out_dir)
         else:
             cfg = load_config(preset=preset, config_file=config, overrides=overrides, out_dir=out_dir)
+        if cfg.out_dir is None:  # fixed now, so that an interruption can name it
+            cfg = cfg.model_copy(update={"out_dir": str(default_out_dir(cfg))})
         if cfg.stl_task is not None and not quiet:
             err.print(
                 "[dim]single-task mode: plain task loss (method ew, no regularizers, no loss transform, "
                 "no diagnostics)[/]"
             )
-        results = run(cfg, resume=resume, quiet=quiet, console=err)
+        try:
+            results = run(cfg, resume=resume, quiet=quiet, console=err)
+        except KeyboardInterrupt:
+            _interrupted(Path(cfg.out_dir), cfg.stl_task == "all")
         if results.get("kind") == "stl-baseline":
             path = Path(results["source"])
             if quiet:
@@ -334,7 +362,9 @@ def presets(
     def go():
         if show is not None:
             load_preset(show)  # validates the name
-            out.print(preset_path(show).read_text(), markup=False, highlight=False)
+            # the file itself, byte for byte: valid YAML to redirect into my.yaml (rich would wrap lines)
+            sys.stdout.write(preset_path(show).read_text())
+            sys.stdout.flush()
             return
         table = Table(title="presets (details: mtlens presets --show NAME)", title_justify="left")
         table.add_column("name", no_wrap=True)
