@@ -40,11 +40,23 @@ def render() -> str:
         "  at feature level).",
         "- **regulariser**: added to any method with `regularizers=[...]`.",
         "",
+        "Two columns matter in your own training loop (README, \"The engine in your own training loop\"):",
+        "",
+        "- **your loop also**: what the loop must do besides `mtl_backward` — add `method.parameters()`",
+        "  to the optimiser, call `method.after_step(new_losses)` after `optimizer.step()`, or call",
+        "  `method.on_epoch_end(mean_losses)` after every epoch. A loop that misses it raises an error",
+        "  naming the call (`create(name, num_tasks=T, steps_per_epoch=len(loader))` lets every method",
+        "  check from the first epoch).",
+        "- **log losses**: whether the method is defined for `loss_transform=\"log\"` (the Rep-MTL presets",
+        "  use it); the engine and the configuration refuse the combinations marked *no*, with the reason.",
+        "",
         f"{len(rows)} methods.",
         "",
-        "| name | family | levels | stateful | reference | defaults |",
-        "|---|---|---|---|---|---|",
+        "| name | family | levels | stateful | your loop also | log losses | reference | defaults |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    call_text = {"parameters": "optimiser gets `parameters()`", "after_step": "`after_step`",
+                 "on_epoch_end": "`on_epoch_end`"}
     for r in rows:
         levels = ", ".join(r["levels"]) if r["levels"] else "—"
         extra = []
@@ -53,9 +65,13 @@ def render() -> str:
         if r["needs_extra_forward"]:
             extra.append("extra forward (`after_step`)")
         ref = r["reference"] + (f" ({'; '.join(extra)})" if extra else "")
+        calls = ", ".join(call_text.get(c, f"`{c}`") for c in r["user_calls"]) or "—"
+        log = "yes" if "log" in r["loss_transforms"] else "**no**"
+        if r["loss_transforms"] == ["log"]:
+            log = "only"
         out.append(
             f"| `{r['name']}` | {FAMILY_TEXT[r['family']]} | {levels} | {'yes' if r['stateful'] else 'no'} "
-            f"| {ref} | {_fmt_defaults(r['defaults'])} |"
+            f"| {calls} | {log} | {ref} | {_fmt_defaults(r['defaults'])} |"
         )
     out += ["", "## One line each", ""]
     for r in rows:

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from .gramian import combine_blocks, combine_rows, gramian_from_blocks, gramian_from_rows, stack_rows
 from .graph import find_leaves
-from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
+from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer, check_loss_transform
 from .record import StepRecord
 
 LOG_EPS = 1e-8
@@ -272,6 +272,8 @@ def mtl_backward(
         transform = method.loss_transform
     if transform not in LOSS_TRANSFORMS:
         raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
+    for m in (method, *regularizers):  # each method declares the transforms it is defined for
+        check_loss_transform(m, transform)
 
     raw = torch.stack(loss_list)
     raw_detached = raw.detach()

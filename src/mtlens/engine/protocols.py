@@ -15,7 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import ConfigurationError
+
 LEVELS = ("param", "feature")
+LOSS_TRANSFORM_NAMES = ("none", "log")
+USER_CALLS = ("parameters", "after_step", "on_epoch_end")
 
 
 class Method:
@@ -26,6 +30,18 @@ class Method:
     (the gradient levels it supports), ``reference`` (paper and arXiv id), ``loss_transform``
     (a transform the method itself prescribes, e.g. DB-MTL's log), ``needs_extra_forward``
     (FAMO: the caller passes the updated model's losses to :meth:`after_step`).
+
+    Two declared properties make a method safe in the user's own loop:
+
+    * ``loss_transforms``: the loss transforms the method is defined for (``"none"``,
+      ``"log"``); ``loss_transform_conflict`` says why one is missing. The engine and the
+      configuration refuse any other combination (:func:`check_loss_transform`) — e.g. UW with
+      log losses has no minimum (its weights grow without bound).
+    * ``user_calls``: what the user's loop must do besides ``mtl_backward`` for the method to be
+      itself: ``"parameters"`` (add :meth:`parameters` to the optimiser), ``"after_step"`` (call
+      :meth:`after_step` after ``optimizer.step()``), ``"on_epoch_end"`` (call
+      :meth:`on_epoch_end` once per epoch). A stateful method detects a missed call and raises
+      :class:`~mtlens.errors.ConfigurationError` naming it (docs: README, own-loop section).
     """
 
     name: ClassVar[str] = ""
@@ -36,6 +52,18 @@ class Method:
     loss_transform: ClassVar[str | None] = None
     needs_extra_forward: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
+    loss_transform_conflict: ClassVar[str] = ""
+    user_calls: ClassVar[tuple[str, ...]] = ()
+
+    def loss_transform_problem(self, transform: str) -> str | None:
+        """Why this method is not defined for ``transform`` ("none" | "log"), or ``None`` if it is.
+
+        Default: from the declared ``loss_transforms`` / ``loss_transform_conflict``; methods whose
+        answer depends on a hyper-parameter (MoCo's ``normalize``) override it."""
+        if transform in self.loss_transforms:
+            return None
+        return self.loss_transform_conflict or f"it is defined for loss_transform in {self.loss_transforms}"
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -150,6 +178,24 @@ class Regularizer(Method):
         block (T, B, ...) with the tasks' saliencies stacked; at parameter level one block per
         shared parameter."""
         raise NotImplementedError
+
+
+def check_loss_transform(method: Method, transform: str | None) -> None:
+    """Raise :class:`~mtlens.errors.ConfigurationError` when ``method`` is not defined for ``transform``.
+
+    The message names the method, the transform, the reason (the method's declared
+    ``loss_transform_conflict``) and the fix."""
+    t = "none" if transform is None else transform
+    problem = method.loss_transform_problem(t)
+    if problem is None:
+        return
+    if t == "log":
+        fix = ("Train it on the raw losses: loss_transform='none' (command line: --set loss_transform=none; the "
+               "Rep-MTL and quick-* presets set loss_transform: log), or choose a method defined for log "
+               "losses (`mtlens methods` marks the others)")
+    else:
+        fix = f"use loss_transform='{method.loss_transforms[0]}'"
+    raise ConfigurationError(f"'{method.name}' is not defined for loss_transform='{t}': {problem}. {fix}.")
 
 
 def as_loss_vector(losses: Sequence[Tensor]) -> Tensor:
