@@ -110,3 +110,34 @@ def test_ctrl_c_after_a_checkpoint_offers_a_resume_that_works(tmp_path):
     res = mtlens(tmp_path, *command.split()[1:], "--quiet")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(out / "results.json")
+
+
+# -- item 6: the data is checked before anything slow; no network unless asked ----------------------
+def _offline_env_args(tmp_path):
+    return {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+            "TORCH_HOME": str(tmp_path / "torch")}
+
+
+def test_wrong_data_root_is_reported_before_the_weights(tmp_path, monkeypatch):
+    for k, v in _offline_env_args(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    res = mtlens(tmp_path, "train", "--preset", "efficiency-nyuv2", "--set", "data.root=/wrong",
+                 "--out", tmp_path / "run", timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "/wrong" in res.stderr and "Expected layout" in res.stderr
+    assert "ImageNet" not in res.stderr and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) > 3 and any(ln.strip().startswith("train/") for ln in lines)  # the tree, one entry a line
+
+
+def test_pretrained_weights_not_cached_name_the_fix_without_downloading(tmp_path, monkeypatch):
+    from mtlens.data.fixtures import write_nyuv2_fixture
+
+    for k, v in _offline_env_args(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    root = write_nyuv2_fixture(tmp_path / "nyuv2")
+    res = mtlens(tmp_path, "train", "--preset", "efficiency-nyuv2", "--set", f"data.root={root}",
+                 "--set", "data.options.check_size=false", "--set", "train.batch_size=2", "--set", "baseline=null",
+                 "--out", tmp_path / "run", timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "resnet18.tv_in1k" in res.stderr and "--set model.kwargs.download=true" in " ".join(res.stderr.split())

@@ -34,12 +34,13 @@ err = Console(stderr=True)
 
 
 def _fail(exc: BaseException) -> None:
-    # One line, except where the message itself lays out a multi-line block (an expected directory
-    # tree): then the first line stays the one-line summary and the block follows verbatim.
+    # One line, except a data error that lays out the expected directory tree: its lines are kept.
     # Escaped: a message's square brackets (`pip install 'mtlens[nash]'`) are text, not rich markup.
-    text = str(exc)
-    head, sep, block = text.partition("\n\n")
-    msg = " ".join(head.split()) + (("\n" + block.rstrip()) if sep and block.strip() else "")
+    text = str(exc).strip()
+    if "\nExpected layout" in text:
+        msg = "\n".join(ln.rstrip() for ln in text.splitlines())
+    else:
+        msg = " ".join(text.split())
     err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1)
 
