@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from ..engine import StepRecord, mtl_backward
-from ..errors import CheckpointError, ConfigurationError, DataError
+from ..errors import CheckpointError, ConfigurationError, DataError, OutputPathError
+from ..storage import DirectoryLock, is_under, output_path_error, read_json, write_json
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -51,7 +52,7 @@ from .checkpoint import (
 )
 from .config import RunConfig, method_kwargs, validate_config
 from .data import TrainStream, eval_loaders, to_device
-from .records import JsonlWriter, Scalars, dumps, environment
+from .records import JsonlWriter, Scalars, environment
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -551,13 +552,40 @@ class Trainer:
 
     # =========================================================================================
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train (or continue a killed run with ``resume=True``), test the best epoch, write results.json."""
+        """Train (or continue a killed run with ``resume=True``), test the best epoch, write results.json.
+
+        The run directory is locked for the whole call (:class:`mtlens.storage.DirectoryLock`): a
+        second writer gets :class:`~mtlens.errors.LockHeldError` naming this process. Resuming a
+        finished run returns its verified ``results.json`` unchanged. Output path problems (a file
+        in the way, read-only, disk full) raise :class:`~mtlens.errors.OutputPathError`."""
+        out = self.out_dir
+        try:
+            lock = DirectoryLock(out, purpose=f"mtlens train {self.label()}").acquire()
+        except OSError as exc:
+            raise output_path_error(exc) from None
+        try:
+            return self._fit_locked(resume)
+        except OSError as exc:
+            if isinstance(exc, OutputPathError) or not is_under(exc.filename, out):
+                raise
+            raise output_path_error(exc) from None
+        finally:
+            lock.release()
+
+    def _fit_locked(self, resume: bool) -> dict[str, Any]:
         out = self.out_dir
         ckpt_path = self._checkpoint_path()
         if resume:
             ckpt = load_checkpoint(ckpt_path)
             self.load_state(ckpt, ckpt_path)
             jsonl_offset = int(ckpt.get("jsonl_offset", 0))
+            if self._finished and (out / RESULTS_NAME).exists():
+                results = read_json(out / RESULTS_NAME)  # IntegrityError when corrupt: never rewritten here
+                if not self.quiet:
+                    self._console().print(
+                        f"[bold]{self.label()}[/]: {out} is a finished run; its results.json is intact and kept"
+                    )
+                return results
             if not self.quiet:
                 where = (
                     "finished run: re-testing the best epoch"
@@ -566,6 +594,13 @@ class Trainer:
                     f"(global step {self.global_step})"
                 )
                 self._console().print(f"[bold]{self.label()}[/]: resuming {out} from {where}")
+            if not (out / LOG_NAME).exists() and jsonl_offset > 0:
+                # the checkpoint holds the state; only the log lines before it are gone
+                self._console().print(
+                    f"[yellow]warning:[/] '{out / LOG_NAME}' is missing; continuing with a new log "
+                    f"(the records before global step {self.global_step} are lost)"
+                )
+                jsonl_offset = -1
         else:
             if ckpt_path.exists() or (out / RESULTS_NAME).exists():
                 raise ConfigurationError(
@@ -575,9 +610,18 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", self.cfg.to_yaml())
         if self.baseline is not None:
-            atomic_write_text(out / "baseline.json", dumps(self.baseline, indent=2))
+            write_json(out / "baseline.json", self.baseline)
         self._jsonl = JsonlWriter(out / LOG_NAME)
-        self._jsonl.truncate(jsonl_offset)
+        if jsonl_offset >= 0:
+            self._jsonl.truncate(jsonl_offset)
+        else:
+            self._jsonl.write(
+                {
+                    "type": "note",
+                    "global_step": self.global_step,
+                    "note": "log.jsonl was missing at resume; the records before this step are lost",
+                }
+            )
         self._tb = Scalars(
             out / "tb" if self.tensorboard else None, purge_step=self.global_step + 1 if resume else None
         )
@@ -736,7 +780,7 @@ class Trainer:
             self.save_checkpoint()
             self._cleanup_best_files()
         results = self._results(best_entry, test, session_s)
-        atomic_write_text(out / RESULTS_NAME, dumps(results, indent=2))
+        write_json(out / RESULTS_NAME, results)
         return results
 
     def _results(self, best_entry: dict[str, Any], test: dict[str, Any], session_s: float) -> dict[str, Any]:
