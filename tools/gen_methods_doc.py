@@ -39,14 +39,18 @@ def render() -> str:
         "  representation Z, the fast surrogate; MGDA-UB and Aligned-MTL-UB are `mgda` and `aligned_mtl`",
         "  at feature level).",
         "- **regulariser**: added to any method with `regularizers=[...]`.",
+        "- **second batch** (`needs_second_batch`, SDMGrad, MoDo): before each step the trainer draws two",
+        "  more independent batches and passes the cross-Gramian `J_ξ J_ξ'ᵀ` of their per-task shared-parameter",
+        "  gradients to the method (`mtlens.engine.cross_gramian` in your own loop).",
         "",
         "Two columns matter in your own training loop (README, \"The engine in your own training loop\"):",
         "",
         "- **your loop also**: what the loop must do besides `mtl_backward` — add `method.parameters()`",
         "  to the optimiser, call `method.after_step(new_losses)` after `optimizer.step()`, or call",
-        "  `method.on_epoch_end(mean_losses)` after every epoch. A loop that misses it raises an error",
-        "  naming the call (`create(name, num_tasks=T, steps_per_epoch=len(loader))` lets every method",
-        "  check from the first epoch).",
+        "  `method.on_epoch_end(mean_losses)` after every epoch, or pass the cross-Gramian of two further",
+        "  batches to `method.observe_cross_gramian(...)` before every step. A loop that misses it raises",
+        "  an error naming the call (`create(name, num_tasks=T, steps_per_epoch=len(loader))` lets every",
+        "  method check from the first epoch).",
         "- **log losses**: whether the method is defined for `loss_transform=\"log\"` (the Rep-MTL presets",
         "  use it); the engine and the configuration refuse the combinations marked *no*, with the reason.",
         "",
@@ -56,7 +60,7 @@ def render() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     call_text = {"parameters": "optimiser gets `parameters()`", "after_step": "`after_step`",
-                 "on_epoch_end": "`on_epoch_end`"}
+                 "on_epoch_end": "`on_epoch_end`", "observe_cross_gramian": "`observe_cross_gramian`"}
     for r in rows:
         levels = ", ".join(r["levels"]) if r["levels"] else "—"
         extra = []
@@ -64,6 +68,9 @@ def render() -> str:
             extra.append(f"loss transform `{r['loss_transform']}`")
         if r["needs_extra_forward"]:
             extra.append("extra forward (`after_step`)")
+        if r["needs_second_batch"]:
+            extra.append("**second batch**: 2 extra forward and 2T extra backward passes per step "
+                         "(`observe_cross_gramian`)")
         ref = r["reference"] + (f" ({'; '.join(extra)})" if extra else "")
         calls = ", ".join(call_text.get(c, f"`{c}`") for c in r["user_calls"]) or "—"
         log = "yes" if "log" in r["loss_transforms"] else "**no**"

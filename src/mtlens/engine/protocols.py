@@ -19,7 +19,7 @@ from ..errors import ConfigurationError
 
 LEVELS = ("param", "feature")
 LOSS_TRANSFORM_NAMES = ("none", "log")
-USER_CALLS = ("parameters", "after_step", "on_epoch_end")
+USER_CALLS = ("parameters", "after_step", "on_epoch_end", "observe_cross_gramian")
 
 
 class Method:
@@ -29,7 +29,9 @@ class Method:
     ``name`` (registry name), ``family`` ("loss" | "gradient" | "regularizer"), ``levels``
     (the gradient levels it supports), ``reference`` (paper and arXiv id), ``loss_transform``
     (a transform the method itself prescribes, e.g. DB-MTL's log), ``needs_extra_forward``
-    (FAMO: the caller passes the updated model's losses to :meth:`after_step`).
+    (FAMO: the caller passes the updated model's losses to :meth:`after_step`),
+    ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
+    of two further independent mini-batches to :meth:`observe_cross_gramian`).
 
     Two declared properties make a method safe in the user's own loop:
 
@@ -40,7 +42,8 @@ class Method:
     * ``user_calls``: what the user's loop must do besides ``mtl_backward`` for the method to be
       itself: ``"parameters"`` (add :meth:`parameters` to the optimiser), ``"after_step"`` (call
       :meth:`after_step` after ``optimizer.step()``), ``"on_epoch_end"`` (call
-      :meth:`on_epoch_end` once per epoch). A stateful method detects a missed call and raises
+      :meth:`on_epoch_end` once per epoch), ``"observe_cross_gramian"`` (pass the cross-Gramian of
+      two further batches before every step). A stateful method detects a missed call and raises
       :class:`~mtlens.errors.ConfigurationError` naming it (docs: README, own-loop section).
     """
 
@@ -51,6 +54,7 @@ class Method:
     defaults_source: ClassVar[str] = ""
     loss_transform: ClassVar[str | None] = None
     needs_extra_forward: ClassVar[bool] = False
+    needs_second_batch: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
     loss_transform_conflict: ClassVar[str] = ""
@@ -86,6 +90,14 @@ class Method:
         """Called after ``optimizer.step()`` with the updated model's losses on the same batch.
 
         Only for methods with ``needs_extra_forward = True`` (FAMO)."""
+
+    def observe_cross_gramian(self, cross_gramian: Tensor) -> None:
+        """Called before each step with ``A = J_ξ J_ξ'ᵀ`` (T×T, float64, not symmetric): the
+        per-task gradients of the shared parameters on two independent mini-batches ξ, ξ'.
+
+        Only for methods with ``needs_second_batch = True`` (SDMGrad, MoDo); extra cost per step:
+        two forward passes and 2T backward passes (see :func:`mtlens.engine.cross_gramian`)."""
+        raise NotImplementedError(f"method '{self.name}' does not use a cross-Gramian (needs_second_batch=False)")
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters this instance was built with."""

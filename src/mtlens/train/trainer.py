@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..engine import StepRecord, mtl_backward
+from ..engine import StepRecord, cross_gramian, mtl_backward
 from ..errors import CheckpointError, ConfigurationError, DataError, OutputPathError
 from ..storage import DirectoryLock, is_under, output_path_error, read_json, write_json
 from .checkpoint import (
@@ -51,7 +51,7 @@ from .checkpoint import (
     seed_everything,
 )
 from .config import RunConfig, method_kwargs, validate_config
-from .data import TrainStream, eval_loaders, to_device
+from .data import TrainStream, eval_loaders, stream_seed, to_device
 from .records import JsonlWriter, Scalars, environment
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -312,6 +312,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+        if self.method.needs_second_batch:
+            self._observe_cross_gramian()
         self.optimizer.zero_grad(set_to_none=True)
         losses, feats = self._forward_losses(batch)
         kwargs: dict[str, Any] = {"level": cfg.method.level}
@@ -340,6 +342,35 @@ class Trainer:
         if self.method.needs_extra_forward:
             self._extra_forward(batch)
         return record
+
+    def _aux_batches(self) -> list[Any]:
+        """Two extra training batches for ``needs_second_batch`` methods (SDMGrad, MoDo).
+
+        They come from two more seeded streams over the training set (seeds derived from
+        ``train.seed``), independent of the step's batch; the extra batches of step k of epoch e
+        are a pure function of (seed, e, k), so a resumed run draws the same ones."""
+        cfg = self.cfg
+        if getattr(self, "_aux_streams", None) is None:
+            self._aux_streams = [
+                TrainStream(self.datasets["train"], self.tasks, self.multi_input, cfg.train.batch_size,
+                            stream_seed(cfg.train.seed, f"second-batch/{k}", 0), 0, False)
+                for k in range(2)
+            ]
+            self._aux = None
+        if self._aux is None or self._aux[0] != (self.epoch, self.step_in_epoch):
+            self._aux = [(self.epoch, self.step_in_epoch),
+                         [st.epoch(self.epoch, self.step_in_epoch) for st in self._aux_streams]]
+        out = [next(it)[1] for it in self._aux[1]]
+        self._aux[0] = (self.epoch, self.step_in_epoch + 1)
+        return out
+
+    def _observe_cross_gramian(self) -> None:
+        """``A = J_ξ J_ξ'ᵀ`` on two extra batches → ``method.observe_cross_gramian(A)``."""
+        a, b = (to_device(x, self.device, non_blocking=self.device.type == "cuda") for x in self._aux_batches())
+        la, _ = self._forward_losses(a)
+        lb, _ = self._forward_losses(b)
+        A = cross_gramian([la[t] for t in self.tasks], [lb[t] for t in self.tasks], self.model.shared_parameters())
+        self.method.observe_cross_gramian(A)
 
     def _extra_forward(self, batch: Any) -> None:
         """Losses of the updated model on the same batch, for methods that need them (FAMO).
