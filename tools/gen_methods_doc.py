@@ -74,8 +74,8 @@ def render() -> str:
         ref = r["reference"] + (f" ({'; '.join(extra)})" if extra else "")
         calls = ", ".join(call_text.get(c, f"`{c}`") for c in r["user_calls"]) or "—"
         log = "yes" if "log" in r["loss_transforms"] else "**no**"
-        if r["loss_transforms"] == ["log"]:
-            log = "only"
+        if r["loss_transforms"] == ["log"] or r["loss_transform"] == "log":
+            log = "only (prescribed)"
         out.append(
             f"| `{r['name']}` | {FAMILY_TEXT[r['family']]} | {levels} | {'yes' if r['stateful'] else 'no'} "
             f"| {calls} | {log} | {ref} | {_fmt_defaults(r['defaults'])} |"

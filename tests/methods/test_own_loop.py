@@ -41,6 +41,14 @@ def _losses(model, x, targets):
     return z, {t: ((model.heads[t](z) - targets[t]) ** 2).mean() + 0.05 for t in TASKS}
 
 
+def _observe(method, model, loader, k):
+    """SDMGrad, MoDo: the cross-Gramian of two further batches, before the step."""
+    if method.needs_second_batch:
+        (xa, ta), (xb, tb) = loader[(k + 1) % len(loader)], loader[(k + 2) % len(loader)]
+        method.observe_cross_gramian(mtlens.engine.cross_gramian(
+            _losses(model, xa, ta)[1], _losses(model, xb, tb)[1], model.encoder.parameters()))
+
+
 def _level(method):
     if isinstance(method, LossWeighting):
         return None
@@ -48,7 +56,7 @@ def _level(method):
 
 
 def run_loop(method, *, epochs=3, after_step=True, on_epoch_end=True, optimizer_params=True, accumulate=1,
-             model=None):
+             model=None, observe=True):
     """The README's own loop (every call made), with switches that leave one call out."""
     torch.manual_seed(0)
     model = model or Model()
@@ -60,6 +68,8 @@ def run_loop(method, *, epochs=3, after_step=True, on_epoch_end=True, optimizer_
         for k, (x, targets) in enumerate(loader):
             if k % accumulate == 0:
                 optimizer.zero_grad()
+            if observe:
+                _observe(method, model, loader, k)
             z, losses = _losses(model, x, targets)
             record = mtlens.mtl_backward(losses, features=z, shared_params=model.encoder.parameters(),
                                          method=method, level=_level(method))
@@ -95,10 +105,15 @@ def _changed(a, b) -> bool:
 
 
 STATEFUL = [n for n in available() if get(n).stateful and get(n).family != "regularizer"]
+# Known gap (reported to the lead): PIVRG's state is only its per-task scores, set by set_scores()
+# (the tasks' performance drop against single-task baselines), which no loop reports yet.
+_KNOWN_GAPS = {"pivrg": "set_scores() is never called: PIVRG stays at equal priorities"}
+STATEFUL_CASES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_KNOWN_GAPS[n]))
+                  if n in _KNOWN_GAPS else n for n in STATEFUL]
 
 
 # -- item 1: every stateful method is itself in the README's loop --------------------------------
-@pytest.mark.parametrize("name", STATEFUL)
+@pytest.mark.parametrize("name", STATEFUL_CASES)
 def test_every_stateful_method_evolves_in_the_own_loop(name):
     method = create(name, **_setup(name), **_hparams(name))
     before = method.state_dict()
@@ -197,18 +212,35 @@ def test_create_takes_the_setup_keys_for_every_method():
 
 
 def test_user_calls_are_declared_for_the_stateful_loss_methods():
+    from mtlens.engine.protocols import USER_CALLS
+
     assert get("famo").user_calls == ("after_step",)
     assert get("dwa").user_calls == get("stch").user_calls == ("on_epoch_end",)
     assert get("uw").user_calls == get("imtl_l").user_calls == ("parameters",)
     for name in available():
-        assert set(get(name).user_calls) <= {"parameters", "after_step", "on_epoch_end"}, name
+        cls = get(name)
+        assert set(cls.user_calls) <= set(USER_CALLS), name
+        assert cls.needs_extra_forward == ("after_step" in cls.user_calls), name
+        assert cls.needs_second_batch == ("observe_cross_gramian" in cls.user_calls), name
+
+
+@pytest.mark.parametrize("name", [n for n in available() if get(n).needs_second_batch])
+def test_missed_cross_gramian_raises_naming_it(name):
+    with pytest.raises(ConfigurationError, match="observe_cross_gramian"):
+        run_loop(create(name, **_setup(name)), observe=False)  # first step: never observed
+    method = create(name, **_setup(name))
+    run_loop(method, epochs=1)
+    with pytest.raises(ConfigurationError, match="observe_cross_gramian was not called"):
+        run_loop(method, epochs=1, observe=False)  # observed before, then stale
 
 
 # -- item 4: loss-transform compatibility is a declared property ----------------------------------
 def _one_step(method, transform):
     torch.manual_seed(0)
     model = Model()
-    x, targets = _loader()[0]
+    loader = _loader()
+    x, targets = loader[0]
+    _observe(method, model, loader, 0)
     z, losses = _losses(model, x, targets)
     regs = [method] if isinstance(method, Regularizer) else []
     main = create("ew") if regs else method
@@ -265,8 +297,9 @@ def test_loss_weightings_declared_for_log_stay_bounded_on_log_losses(name):
     loader = _loader()
     for _ in range(25):
         epoch = []
-        for x, targets in loader:
+        for k, (x, targets) in enumerate(loader):
             optimizer.zero_grad()
+            _observe(method, model, loader, k)
             z, losses = _losses(model, x, targets)
             record = mtlens.mtl_backward(losses, features=z, shared_params=model.encoder.parameters(),
                                          method=method, loss_transform="log")

@@ -65,6 +65,8 @@ class Method:
 
         Default: from the declared ``loss_transforms`` / ``loss_transform_conflict``; methods whose
         answer depends on a hyper-parameter (MoCo's ``normalize``) override it."""
+        if self.loss_transform is not None and transform != self.loss_transform:
+            return f"it prescribes loss_transform='{self.loss_transform}'"
         if transform in self.loss_transforms:
             return None
         return self.loss_transform_conflict or f"it is defined for loss_transform in {self.loss_transforms}"
