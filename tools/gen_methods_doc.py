@@ -80,6 +80,20 @@ def render() -> str:
             f"| `{r['name']}` | {FAMILY_TEXT[r['family']]} | {levels} | {'yes' if r['stateful'] else 'no'} "
             f"| {calls} | {log} | {ref} | {_fmt_defaults(r['defaults'])} |"
         )
+    out += [
+        "",
+        "## What the task-specific parameters (heads) receive",
+        "",
+        "A gradient method's aggregation concerns the shared parameters; each head receives its own",
+        "task's gradient scaled by the method's *head weight* (`Decision.head_weights`, logged in",
+        "`StepRecord.head_weights`). Loss weightings train the heads through their objective.",
+        "",
+        "| name | heads receive (source) |",
+        "|---|---|",
+    ]
+    for r in rows:
+        if r["family"] == "gradient":
+            out.append(f"| `{r['name']}` | {r['head_rule']} |")
     out += ["", "## One line each", ""]
     for r in rows:
         doc = inspect.getdoc(get(r["name"])) or ""

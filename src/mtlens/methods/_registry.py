@@ -116,6 +116,7 @@ def describe() -> list[dict[str, Any]]:
             "loss_transforms": list(c.loss_transforms),
             "user_calls": list(c.user_calls),
             "needs_extra_forward": c.needs_extra_forward,
+            "head_rule": c.head_rule,
             "needs_second_batch": c.needs_second_batch,
         })
     return rows

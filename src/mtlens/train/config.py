@@ -367,7 +367,7 @@ def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, m
         if multi_input:
             feats = [enc(torch.randn(4, 3)) for _ in range(n_tasks)]
             losses = {f"task{t}": (heads[t](feats[t]) ** 2).mean() + 0.1 for t in range(n_tasks)}
-            features: Any = feats
+            features: Any = {f"task{t}": feats[t] for t in range(n_tasks)}
         else:
             z = enc(torch.randn(4, 3))
             losses = {f"task{t}": (heads[t](z) ** 2).mean() + 0.1 for t in range(n_tasks)}

@@ -291,14 +291,14 @@ class Trainer:
         """Per-task losses and the shared representation(s) the heads consumed."""
         losses: dict[str, torch.Tensor] = {}
         if self.multi_input:
-            feats = []
+            feats = {}  # {task: Z_task}: one input batch per task (explicit multi-input for the engine)
             for t in self.tasks:
                 x, y = batch[t]["input"], batch[t]["target"]
                 with self._autocast():
                     z = self.model.encode(x)
                     pred = self.model.decode(z, tasks=[t], out_size=self._out_size(x))[t]
                 losses[t] = self.spec.tasks[t].loss(pred.float(), y)
-                feats.append(z)
+                feats[t] = z
             return losses, feats
         x = batch["input"]
         with self._autocast():
@@ -333,6 +333,12 @@ class Trainer:
         )
         if record.skipped:
             self.skipped_steps += 1
+            if self.scaler is None or not record.reason.startswith("grad_scaler overflow"):
+                return record
+            # fp16 overflow: the engine wrote the scaler's inf signal; scaler.step skips the
+            # optimiser step and scaler.update backs the scale off (the documented loop)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             return record
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
