@@ -267,7 +267,8 @@ def test_rep_mtl_regulariser_on_synthetic_scenes_at_feature_level():
 
 # --------------------------------------------------------------------------------------------
 # the methods added in issue 14 train on MultiMNIST through the trainer, at every level they support
-NEW_METHODS = ["si", "ntkmtl", "ntkmtl_sr", "go4align", "pcd", "cr_mogm", "pivrg", "sdmgrad", "modo"]
+NEW_METHODS = ["si", "ntkmtl", "ntkmtl_sr", "go4align", "pcd", "cr_mogm", "pivrg", "sdmgrad", "modo", "auto_lambda",
+               "moml"]
 
 
 def _new_method_cases():
@@ -284,6 +285,7 @@ def _new_method_cases():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,level", _new_method_cases())
 def test_new_methods_train_on_multimnist(name, level, tmp_path):
+    from mtlens.methods import get as get_method
     from mtlens.train import load_config, run
 
     overrides = [
@@ -292,8 +294,10 @@ def test_new_methods_train_on_multimnist(name, level, tmp_path):
     ]
     if level is not None:
         overrides.append(f"method.level={level}")
+    if get_method(name).needs_task_scores:  # PIVRG: task scores against single-task baselines
+        overrides += ["baseline=auto", f"baseline_cache={tmp_path / 'cache'}", "train.epochs=2"]
     cfg = load_config(preset="quick-multimnist", overrides=overrides, out_dir=tmp_path / "run")
     res = run(cfg, quiet=True)
-    assert res["steps"] == 3
+    assert res["steps"] == 3 * cfg.train.epochs
     assert set(res["metrics"]["test"]) == {"left", "right"}
     assert all(math.isfinite(v) for ms in res["metrics"]["test"].values() for v in ms.values())

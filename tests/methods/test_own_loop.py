@@ -105,9 +105,9 @@ def _changed(a, b) -> bool:
 
 
 STATEFUL = [n for n in available() if get(n).stateful and get(n).family != "regularizer"]
-# Known gap (reported to the lead): PIVRG's state is only its per-task scores, set by set_scores()
-# (the tasks' performance drop against single-task baselines), which no loop reports yet.
-_KNOWN_GAPS = {"pivrg": "set_scores() is never called: PIVRG stays at equal priorities"}
+# Known gap (reported to the lead): PIVRG's state is only its per-task scores, set by on_task_scores()
+# (the tasks' performance drop against single-task baselines); this generic loop does not report them.
+_KNOWN_GAPS = {"pivrg": "on_task_scores() is not called here: PIVRG stays at equal priorities"}
 STATEFUL_CASES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_KNOWN_GAPS[n]))
                   if n in _KNOWN_GAPS else n for n in STATEFUL]
 
@@ -212,7 +212,7 @@ def test_create_takes_the_setup_keys_for_every_method():
 
 
 def test_user_calls_are_declared_for_the_stateful_loss_methods():
-    from mtlens.engine.protocols import USER_CALLS
+    from mtlens.engine.protocols import USER_CALLS, required_calls
 
     assert get("famo").user_calls == ("after_step",)
     assert get("dwa").user_calls == get("stch").user_calls == ("on_epoch_end",)
@@ -220,8 +220,11 @@ def test_user_calls_are_declared_for_the_stateful_loss_methods():
     for name in available():
         cls = get(name)
         assert set(cls.user_calls) <= set(USER_CALLS), name
-        assert cls.needs_extra_forward == ("after_step" in cls.user_calls), name
-        assert cls.needs_second_batch == ("observe_cross_gramian" in cls.user_calls), name
+        calls = required_calls(cls)
+        assert cls.needs_extra_forward == ("after_step" in calls), name
+        assert cls.needs_second_batch == ("observe_cross_gramian" in calls), name
+        assert cls.needs_task_scores == ("on_task_scores" in calls), name
+        assert cls.needs_lookahead == ("meta_step" in calls), name
 
 
 @pytest.mark.parametrize("name", [n for n in available() if get(n).needs_second_batch])

@@ -12,6 +12,7 @@ from .decision import Decision
 from .gradients import TaskGradients, compute_task_gradients
 from .gramian import combine_blocks, gramian_from_blocks
 from .graph import find_leaves
+from .lookahead import LookAhead
 from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
 from .record import StepRecord
 
@@ -20,6 +21,7 @@ __all__ = [
     "DecisionCache",
     "GramianWeighting",
     "JacobianAggregator",
+    "LookAhead",
     "LossWeighting",
     "Method",
     "Regularizer",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 LEVELS = ("param", "feature")
 UNIT_HEAD_RULE = "own gradient, unit weights (TorchJD mtl_backward, LibMTL)"
 LOSS_TRANSFORM_NAMES = ("none", "log")
-USER_CALLS = ("parameters", "after_step", "on_epoch_end", "observe_cross_gramian")
+USER_CALLS = ("parameters", "after_step", "on_epoch_end", "observe_cross_gramian", "on_task_scores", "meta_step")
 
 
 class Method:
@@ -41,7 +41,12 @@ class Method:
     layer), ``needs_features`` (GradDrop's batch form: the activations ``Z``). ``head_rule``
     states, with its source, what the task-specific parameters receive (docs/methods.md).
     ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
-    of two further independent mini-batches to :meth:`observe_cross_gramian`).
+    of two further independent mini-batches to :meth:`observe_cross_gramian`),
+    ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
+    performance drop against its single-task baseline to :meth:`on_task_scores`),
+    ``needs_lookahead`` (bilevel methods, Auto-Lambda and MOML: before every step the caller
+    passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
+    validation batch to :meth:`meta_step`).
 
     Two declared properties make a method safe in the user's own loop:
 
@@ -52,8 +57,8 @@ class Method:
     * ``user_calls``: what the user's loop must do besides ``mtl_backward`` for the method to be
       itself: ``"parameters"`` (add :meth:`parameters` to the optimiser), ``"after_step"`` (call
       :meth:`after_step` after ``optimizer.step()``), ``"on_epoch_end"`` (call
-      :meth:`on_epoch_end` once per epoch), ``"observe_cross_gramian"`` (pass the cross-Gramian of
-      two further batches before every step). A stateful method detects a missed call and raises
+      :meth:`on_epoch_end` once per epoch); the ``needs_*`` flags above imply theirs
+      (:func:`required_calls`). A stateful method detects a missed call and raises
       :class:`~mtlens.errors.ConfigurationError` naming it (docs: README, own-loop section).
     """
 
@@ -67,6 +72,8 @@ class Method:
     needs_grad_norms: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
     needs_second_batch: ClassVar[bool] = False
+    needs_task_scores: ClassVar[bool] = False
+    needs_lookahead: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
     loss_transform_conflict: ClassVar[str] = ""
@@ -139,6 +146,18 @@ class Method:
         Only for methods with ``needs_second_batch = True`` (SDMGrad, MoDo); extra cost per step:
         two forward passes and 2T backward passes (see :func:`mtlens.engine.cross_gramian`)."""
         raise NotImplementedError(f"method '{self.name}' does not use a cross-Gramian (needs_second_batch=False)")
+
+    def on_task_scores(self, scores: Tensor) -> None:
+        """Called after each epoch with each task's relative performance drop (T,), in percent
+        against its single-task baseline (higher = worse). Only for ``needs_task_scores`` (PIVRG)."""
+        raise NotImplementedError(f"method '{self.name}' does not use task scores (needs_task_scores=False)")
+
+    def meta_step(self, lookahead: Any) -> None:
+        """Bilevel methods (``needs_lookahead``): update the method's own variables (task weights)
+        from a look-ahead step, before the step's backward. ``lookahead`` is a
+        :class:`mtlens.engine.LookAhead`; the method must leave the model's parameters as it found
+        them (``LookAhead.at`` restores them)."""
+        raise NotImplementedError(f"method '{self.name}' is not bilevel (needs_lookahead=False)")
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters this instance was built with."""
@@ -258,6 +277,16 @@ class Regularizer(Method):
         block (T, B, ...) with the tasks' saliencies stacked; at parameter level one block per
         shared parameter."""
         raise NotImplementedError
+
+
+def required_calls(cls: type[Method] | Method) -> tuple[str, ...]:
+    """What the user's own loop must call for ``cls`` to be itself: its ``user_calls`` and the calls
+    its ``needs_*`` flags imply (``after_step``, ``observe_cross_gramian``, ``on_task_scores``,
+    ``meta_step``), in :data:`USER_CALLS` order."""
+    implied = {"after_step": cls.needs_extra_forward, "observe_cross_gramian": cls.needs_second_batch,
+               "on_task_scores": cls.needs_task_scores, "meta_step": cls.needs_lookahead}
+    wanted = set(cls.user_calls) | {c for c, flag in implied.items() if flag}
+    return tuple(c for c in USER_CALLS if c in wanted)
 
 
 def check_loss_transform(method: Method, transform: str | None) -> None:

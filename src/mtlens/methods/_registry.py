@@ -6,7 +6,7 @@ import difflib
 import inspect
 from typing import Any
 
-from ..engine.protocols import Method
+from ..engine.protocols import Method, required_calls
 from ..errors import ConfigurationError
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -114,9 +114,11 @@ def describe() -> list[dict[str, Any]]:
             "stateful": c.stateful,
             "loss_transform": c.loss_transform,
             "loss_transforms": list(c.loss_transforms),
-            "user_calls": list(c.user_calls),
+            "user_calls": list(required_calls(c)),
             "needs_extra_forward": c.needs_extra_forward,
             "head_rule": c.head_rule,
             "needs_second_batch": c.needs_second_batch,
+            "needs_task_scores": c.needs_task_scores,
+            "needs_lookahead": c.needs_lookahead,
         })
     return rows

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..engine import StepRecord, cross_gramian, mtl_backward
+from ..engine import LookAhead, StepRecord, cross_gramian, mtl_backward
 from ..errors import CheckpointError, ConfigurationError, DataError, OutputPathError
 from ..storage import DirectoryLock, is_under, output_path_error, read_json, write_json
 from .checkpoint import (
@@ -233,6 +233,11 @@ class Trainer:
         self._eval_loaders: dict[str, Any] = {}
 
         self._baseline = baseline
+        if self.method.needs_task_scores and baseline is None and cfg.baseline is None:
+            raise ConfigurationError(
+                f"'{self.method.name}' weights the tasks by their performance against single-task baselines "
+                "(needs_task_scores): set baseline=auto (or a baseline file with validation metrics)"
+            )
         # -- progress state (all of it goes into checkpoints) --------------------------------
         self.epoch = 0  # index of the epoch in progress (0-based)
         self.step_in_epoch = 0
@@ -314,6 +319,8 @@ class Trainer:
         batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
         if self.method.needs_second_batch:
             self._observe_cross_gramian()
+        if self.method.needs_lookahead:
+            self._meta_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses, feats = self._forward_losses(batch)
         kwargs: dict[str, Any] = {"level": cfg.method.level}
@@ -377,6 +384,33 @@ class Trainer:
         lb, _ = self._forward_losses(b)
         A = cross_gramian([la[t] for t in self.tasks], [lb[t] for t in self.tasks], self.model.shared_parameters())
         self.method.observe_cross_gramian(A)
+
+    def _meta_step(self, batch: Any) -> None:
+        """Bilevel methods (``needs_lookahead``): a :class:`LookAhead` over the step's batch and one
+        independent batch (the first extra stream of :meth:`_aux_batches`) → ``method.meta_step``.
+        The look-ahead's forwards run in train mode; BatchNorm running statistics are restored
+        afterwards so that they do not change the model [choice]."""
+        val = to_device(self._aux_batches()[0], self.device, non_blocking=self.device.type == "cuda")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        group = self.optimizer.param_groups[0]
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None for p in params]
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+
+        def losses_of(b):
+            def closure():
+                losses, _ = self._forward_losses(b)
+                return [losses[t] for t in self.tasks]
+            return closure
+
+        la = LookAhead(params, losses_of(batch), losses_of(val), lr=float(group["lr"]), momentum=momentum,
+                       momentum_buffers=bufs, weight_decay=float(group.get("weight_decay", 0.0) or 0.0))
+        try:
+            self.method.meta_step(la)
+        finally:
+            with torch.no_grad():
+                for k, v in self.model.named_buffers():
+                    v.copy_(buffers[k])
 
     def _extra_forward(self, batch: Any) -> None:
         """Losses of the updated model on the same batch, for methods that need them (FAMO).
@@ -475,6 +509,21 @@ class Trainer:
         from ..tasks.delta import delta_p_task
 
         return float(delta_p_task(val["metrics"], self.baseline["metrics"]["val"], self._directions()))
+
+    def _report_task_scores(self, val: dict[str, Any]) -> None:
+        """Each task's relative drop (%, higher = worse) against the baseline's validation metrics,
+        ``-mean_m r_m``, reported to methods with ``needs_task_scores`` (PIVRG)."""
+        from ..tasks.delta import relative_improvements
+
+        b = self.baseline
+        if b is None or not b["metrics"].get("val"):
+            raise ConfigurationError(
+                f"'{self.method.name}' weights the tasks by their performance against single-task baselines "
+                "(needs_task_scores); it needs the baseline's validation metrics: set baseline=auto"
+            )
+        r = relative_improvements(val["metrics"], b["metrics"]["val"], self._directions())
+        scores = [-sum(r[t].values()) / len(r[t]) for t in self.tasks]
+        self.method.on_task_scores(torch.tensor(scores, dtype=torch.float64))
 
     def _directions(self) -> dict[str, dict[str, bool]]:
         return {t: dict(self.spec.tasks[t].metrics) for t in self.tasks}
@@ -751,6 +800,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         val = self.evaluate("val")
+        if self.method.needs_task_scores:
+            self._report_task_scores(val)
         score = self._score(val, epoch + 1)
         improved = self.best is None or (math.isfinite(score) and not (score <= self.best["score"]))
         if self.best is not None and not math.isfinite(self.best["score"]) and math.isfinite(score):
