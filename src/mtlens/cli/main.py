@@ -17,6 +17,7 @@ from rich.table import Table
 
 import mtlens  # noqa: F401  (torchvision shim before anything imports torchvision)
 
+from ..diagnose.spectra import DEFAULT_SPECTRA_METHOD
 from ..errors import ConfigurationError, MTLensError
 
 app = typer.Typer(
@@ -413,8 +414,9 @@ def diagnose(
         Path | None, typer.Option("--out", "-o", help="where to write PNGs (default RUN_DIR/plots)")
     ] = None,
     alpha: Annotated[
-        str, typer.Option("--alpha", help="power-law α of the best weights: mle, weightwatcher or none")
-    ] = "mle",
+        str, typer.Option("--alpha", help="power-law α of the best weights: mle (the library's default, "
+                          "docs/diagnostics.md), weightwatcher or none")
+    ] = DEFAULT_SPECTRA_METHOD,
 ) -> None:
     """Plot FD, GDS, GMS, task weights, losses and val metrics over training; power-law α per component."""
 
