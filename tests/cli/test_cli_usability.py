@@ -141,3 +141,35 @@ def test_pretrained_weights_not_cached_name_the_fix_without_downloading(tmp_path
                  "--out", tmp_path / "run", timeout=60)
     assert res.returncode == 1, res.stderr
     assert "resnet18.tv_in1k" in res.stderr and "--set model.kwargs.download=true" in " ".join(res.stderr.split())
+
+
+# -- item 9: `mtlens datasets` tells the truth --------------------------------------------------------
+def test_datasets_does_not_promise_fashion_mnist_without_its_files(tmp_path):
+    from mtlens.data.mnist import find_fashion_mnist
+
+    res = mtlens(tmp_path, "datasets", "multifashion")
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    if find_fashion_mnist() is None:
+        assert "needs the Fashion-MNIST files" in text and "apt-get install dataset-fashion-mnist" in text
+        assert "no root needed" not in text
+    else:
+        assert "data: no root needed" in text
+
+
+def test_datasets_check_reads_every_file_and_finds_a_truncated_one(tmp_path):
+    from mtlens.data.fixtures import write_nyuv2_fixture
+
+    root = write_nyuv2_fixture(tmp_path / "nyuv2", n_train=4, n_test=2, size=(288, 384))  # the checked size
+    ok = mtlens(tmp_path, "datasets", "nyuv2", "--check", "--root", f"nyuv2={root}")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "available" in ok.stdout and "unavailable" not in ok.stdout
+
+    victim = root / "train" / "depth" / "3.npy"  # not the sample the loader checks eagerly
+    victim.write_bytes(victim.read_bytes()[:-40])
+    bad = mtlens(tmp_path, "datasets", "nyuv2", "--check", "--root", f"nyuv2={root}")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    text = " ".join(bad.stdout.split())
+    assert "unavailable" in text and "3.npy" in text
+    listing = mtlens(tmp_path, "datasets", "--check", "--root", f"nyuv2={root}")
+    assert listing.returncode == 1 and "unavailable" in listing.stdout

@@ -281,7 +281,10 @@ DATASETS_EPILOG = """
 @app.command(epilog=DATASETS_EPILOG)
 def datasets(
     name: Annotated[str | None, typer.Argument(help="show one benchmark in detail (metrics, options, source)")] = None,
-    check: Annotated[bool, typer.Option("--check", help="load each benchmark's splits to report availability")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="read every sample of each benchmark's splits (finds truncated files); "
+                           "exit code 1 when data was found broken")
+    ] = False,
     root: Annotated[
         list[str] | None, typer.Option("--root", help="BENCHMARK=PATH of a data directory to check")
     ] = None,
@@ -299,6 +302,7 @@ def datasets(
         unknown = [k for k in roots if k not in available_benchmarks()]
         if unknown:
             raise ConfigurationError(f"--root: unknown benchmark(s) {unknown}; available: {available_benchmarks()}")
+        bad: list[bool] = []  # --check: a benchmark whose data was read and found broken
         if name is not None:
             spec = get_benchmark(name)
             out.print(f"[bold]{spec.name}[/]: {spec.description}")
@@ -321,8 +325,13 @@ def datasets(
             out.print(table)
             opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "none"
             out.print(f"options (--set data.options.KEY=VALUE): {opts}")
-            status = "needs data.root" if spec.needs_root else "no root needed"
-            out.print("data: " + (_availability(spec, roots.get(name)) if check else status))
+            status = spec.data_status() or "no root needed"
+            if check:
+                status, ok = _availability(spec, roots.get(name))
+                bad.append(not ok)
+            out.print("data: " + status, highlight=False)
+            if any(bad):
+                raise typer.Exit(1)
             return
         table = Table(title="benchmarks (details: mtlens datasets NAME)", title_justify="left")
         table.add_column("name", no_wrap=True)
@@ -333,30 +342,53 @@ def datasets(
             tasks = ", ".join(spec.tasks)
             if spec.multi_input:
                 tasks += " [dim](multi-input)[/]"
-            status = "needs data.root" if spec.needs_root else "no root needed"
+            status = spec.data_status() or "no root needed"
             if check:
-                status = _availability(spec, roots.get(bname))
+                status, ok = _availability(spec, roots.get(bname))
+                bad.append(not ok)
             table.add_row(bname, tasks, spec.default_model, status)
         out.print(table)
+        if any(bad):
+            raise typer.Exit(1)
 
     _guard(go)
 
 
-def _availability(spec, root: str | None) -> str:
+def _availability(spec, root: str | None) -> tuple[str, bool]:
+    """``(status, ok)`` of one benchmark: every sample of every split is read (a truncated or
+    corrupt file anywhere is found), ``ok`` is False only when data was found and is broken."""
     from ..errors import DataError, MissingDependencyError
 
     if spec.needs_root and root is None:
-        return "needs data.root (pass --root NAME=PATH to check)"
+        return "needs data.root (pass --root NAME=PATH to check)", True
+    if root is None and spec.data_status() is not None:
+        return spec.data_status(), True
+
+    def first_line(exc: BaseException) -> str:
+        return escape(" ".join(str(exc).split("\nExpected layout")[0].split())[:300])
+
     try:
         splits = spec.datasets(root=root, seed=0)
     except (DataError, MissingDependencyError, ConfigurationError, OSError) as exc:
-        first = " ".join(str(exc).split()).split(". ")[0]
-        return "[red]unavailable[/]: " + first[:200]
+        return "[red]unavailable[/]: " + first_line(exc), False
+
+    def parts(ds):
+        return list(ds.items()) if isinstance(ds, dict) else [(None, ds)]
+
+    for split in ("train", "val", "test"):
+        for task, ds in parts(splits[split]):
+            for i in range(len(ds)):
+                try:
+                    ds[i]
+                except (MTLensError, OSError, ValueError, RuntimeError) as exc:
+                    where = f"{split}{'/' + task if task else ''} sample {i}"
+                    return f"[red]unavailable[/]: {where}: " + first_line(exc), False
 
     def n(ds):
         return sum(len(d) for d in ds.values()) if isinstance(ds, dict) else len(ds)
 
-    return "[green]available[/] " + "/".join(str(n(splits[s])) for s in ("train", "val", "test")) + " (train/val/test)"
+    counts = "/".join(str(n(splits[s])) for s in ("train", "val", "test"))
+    return f"[green]available[/] {counts} (train/val/test; every sample read)", True
 
 
 # ---------------------------------------------------------------------------------------------
