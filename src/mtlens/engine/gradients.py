@@ -22,9 +22,9 @@ from torch import Tensor
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from .distributed import Dist
 from .gramian import gramian_from_blocks, gramian_from_rows, stack_rows
-from .stacked import prune_stacked_losses
 from .graph import find_leaves
 from .protocols import Regularizer
+from .stacked import prune_stacked_losses
 
 LOG_EPS = 1e-8
 JACOBIAN_MODES = ("loop", "batched")
