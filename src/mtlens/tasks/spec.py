@@ -60,6 +60,9 @@ class BenchmarkSpec:
         needs_root: the user must supply a data directory (no bundled data).
         description: one line for ``mtlens datasets``.
         source: where to get the data and its licence.
+        bind: optional ``(spec, datasets) -> {task: TaskSpec}``: tasks whose loss or metrics
+            depend on the loaded data (QM9: MAE in physical units needs the training-set std);
+            see :meth:`bound`.
     """
 
     name: str
@@ -73,6 +76,19 @@ class BenchmarkSpec:
     description: str = ""
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    bind: Callable[[BenchmarkSpec, dict[str, Any]], dict[str, TaskSpec]] | None = None
+
+    def bound(self, datasets: dict[str, Any]) -> BenchmarkSpec:
+        """This spec with its tasks specialised to ``datasets`` (itself when ``bind`` is None).
+
+        Call it with what :meth:`datasets` returned before using the tasks' metrics (the Trainer
+        does); e.g. QM9's MAE scales by the std of the training targets.
+        """
+        if self.bind is None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, tasks=self.bind(self, datasets), bind=None)
 
     @property
     def task_names(self) -> list[str]:
