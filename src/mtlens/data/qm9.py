@@ -497,6 +497,9 @@ def load_qm9(
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qm9-", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from other users
     try:
         torch.save(
             {"tensors": store.tensors(), "meta": {**store.meta, "source": [str(p) for p in files], "key": key}}, tmp

@@ -254,18 +254,22 @@ def _qm9_bind(spec: BenchmarkSpec, datasets: dict) -> dict:
     if not isinstance(std, dict) or any(t not in std for t in spec.tasks):
         raise ConfigurationError("qm9: the train split carries no target_std for every task; build it with "
                                  "mtlens.data.qm9.make_qm9_datasets")
-    return {t: regression_task(t, 1, loss="mse", metrics=("mae",), scale=std[t]) for t in spec.tasks}
+    from ..data.qm9 import QM9_UNITS
+
+    return {t: regression_task(t, 1, loss="mse", metrics=("mae",), scale=std[t], unit=QM9_UNITS[t])
+            for t in spec.tasks}
 
 
 @register_benchmark("qm9")
 def qm9() -> BenchmarkSpec:
     """QM9 (Ramakrishnan et al. 2014): 11 molecular properties, MPNN setting of Nash-MTL (arXiv:2202.01017)."""
-    from ..data.qm9 import NUM_NODE_FEATURES, QM9_TASKS
+    from ..data.qm9 import NUM_NODE_FEATURES, QM9_TASKS, QM9_UNITS
 
     return BenchmarkSpec(
         name="qm9",
         # scale=None until bound to the loaded data (the MAE multiplies by the training std)
-        tasks={t: regression_task(t, 1, loss="mse", metrics=("mae",), scale=None) for t in QM9_TASKS},
+        tasks={t: regression_task(t, 1, loss="mse", metrics=("mae",), scale=None, unit=QM9_UNITS[t])
+               for t in QM9_TASKS},
         multi_input=False,
         dense=False,
         default_model="mpnn-qm9",
@@ -277,6 +281,6 @@ def qm9() -> BenchmarkSpec:
         source="CSV files of the PyPI wheel qm9pack (MIT License; QM9 by Ramakrishnan et al. 2014, Sci. Data 1, "
         "140022), found automatically; or root=<folder of qm9_part{1,2,3}.csv>. pip install 'mtlens[graph]'.",
         options={"split_seed": 0, "n_train": None, "n_val": None, "n_test": None, "complete": True,
-                 "cache_dir": None},
+                 "cache_dir": None, "test_size": 10_000, "val_size": 10_000},
         bind=_qm9_bind,
     )

@@ -34,6 +34,8 @@ class TaskSpec:
         make_metrics: factory of a metric object with ``update(pred, target)``,
             ``compute() -> {metric name: float}``, ``reset()``.
         metrics: ``{metric name: higher_is_better}`` in the order papers print them.
+        units: ``{metric name: unit}`` where a metric has a physical unit (QM9's MAEs: "meV", "D",
+            ...); printed beside the values. Empty for unit-free metrics (percentages, ...).
     """
 
     name: str
@@ -42,6 +44,7 @@ class TaskSpec:
     loss: Callable[[Tensor, Tensor], Tensor]
     make_metrics: Callable[[], Any]
     metrics: dict[str, bool]
+    units: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -768,6 +768,7 @@ class Trainer:
             "level": cfg.method.level,
             "regularizers": [r.name for r in cfg.regularizers],
             "metric_directions": self._directions(),
+            "metric_units": {t: dict(self.spec.tasks[t].units) for t in self.tasks if self.spec.tasks[t].units},
             "best_epoch": self.best["epoch"],
             "selection": {"criterion": self.selection_criterion(), "score": self.best["score"]},
             "metrics": {"val": val_metrics, "test": test["metrics"]},
