@@ -263,3 +263,37 @@ def test_rep_mtl_regulariser_on_synthetic_scenes_at_feature_level():
     assert any(not torch.allclose(a, b) for a, b in zip(g_reg, g_plain))
     torch.optim.SGD(model.parameters(), lr=1e-2).step()
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# the methods added in issue 14 train on MultiMNIST through the trainer, at every level they support
+NEW_METHODS = ["si", "ntkmtl", "ntkmtl_sr", "go4align", "pcd", "cr_mogm", "pivrg", "sdmgrad", "modo"]
+
+
+def _new_method_cases():
+    from mtlens.methods import get
+
+    out = []
+    for name in NEW_METHODS:
+        cls = get(name)
+        for level in (cls.levels if cls.family != "loss" else (None,)):
+            out.append(pytest.param(name, level, id=f"{name}-{level or 'loss'}"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,level", _new_method_cases())
+def test_new_methods_train_on_multimnist(name, level, tmp_path):
+    from mtlens.train import load_config, run
+
+    overrides = [
+        f"method.name={name}", "regularizers=[]", "loss_transform=null", "train.epochs=1",
+        "train.max_steps_per_epoch=3", "train.batch_size=8", "baseline=null", "train.device=cpu",
+    ]
+    if level is not None:
+        overrides.append(f"method.level={level}")
+    cfg = load_config(preset="quick-multimnist", overrides=overrides, out_dir=tmp_path / "run")
+    res = run(cfg, quiet=True)
+    assert res["steps"] == 3
+    assert set(res["metrics"]["test"]) == {"left", "right"}
+    assert all(math.isfinite(v) for ms in res["metrics"]["test"].values() for v in ms.values())

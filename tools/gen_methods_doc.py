@@ -39,6 +39,9 @@ def render() -> str:
         "  representation Z, the fast surrogate; MGDA-UB and Aligned-MTL-UB are `mgda` and `aligned_mtl`",
         "  at feature level).",
         "- **regulariser**: added to any method with `regularizers=[...]`.",
+        "- **second batch** (`needs_second_batch`, SDMGrad, MoDo): before each step the trainer draws two",
+        "  more independent batches and passes the cross-Gramian `J_ξ J_ξ'ᵀ` of their per-task shared-parameter",
+        "  gradients to the method (`mtlens.engine.cross_gramian` in your own loop).",
         "",
         f"{len(rows)} methods.",
         "",
@@ -52,6 +55,9 @@ def render() -> str:
             extra.append(f"loss transform `{r['loss_transform']}`")
         if r["needs_extra_forward"]:
             extra.append("extra forward (`after_step`)")
+        if r["needs_second_batch"]:
+            extra.append("**second batch**: 2 extra forward and 2T extra backward passes per step "
+                         "(`observe_cross_gramian`)")
         ref = r["reference"] + (f" ({'; '.join(extra)})" if extra else "")
         out.append(
             f"| `{r['name']}` | {FAMILY_TEXT[r['family']]} | {levels} | {'yes' if r['stateful'] else 'no'} "

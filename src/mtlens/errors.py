@@ -35,6 +35,21 @@ class CheckpointError(MTLensError, RuntimeError):
     """A checkpoint is missing, truncated or does not match the run."""
 
 
+class IntegrityError(CheckpointError):
+    """A stored file's content does not match the hash recorded when mtlens wrote it (or carries none)."""
+
+
+class LockHeldError(MTLensError, RuntimeError):
+    """Another process holds the directory (run, baseline cache entry, bench store); the message names it."""
+
+
+class OutputPathError(MTLensError, OSError):
+    """An output location cannot be written (a file in the way, read-only, disk full); names the path and fix."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 def require(module: str, extra: str, purpose: str):
     """Import an optional dependency or raise :class:`MissingDependencyError` with the install hint."""
     import importlib

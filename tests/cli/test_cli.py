@@ -122,3 +122,28 @@ def test_datasets_and_presets_listings():
     assert res.exit_code == 0 and "quick-multimnist" in res.output and "repmtl-nyuv2" in res.output
     res = _invoke("presets", "--show", "quick-multimnist")
     assert res.exit_code == 0 and "rep_mtl" in res.output
+
+
+def test_out_that_is_a_file_is_one_line_naming_it(tmp_path):
+    cfg = _write_config(tmp_path)
+    f = tmp_path / "taken.txt"
+    f.write_text("x")
+    for out in (f, f / "run"):
+        res = _invoke("train", "--config", cfg, "--out", out)
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert res.exit_code == 1 and len(lines) == 1 and "Traceback" not in res.output, res.output
+        assert str(f) in " ".join(lines) and "is a file" in lines[0] and "--out" in lines[0]
+
+
+def test_eval_json_is_strict_json_with_non_finite_values(tmp_path, monkeypatch):
+    import mtlens.train
+
+    fake = {"checkpoint": "x.pt", "epoch": 1, "split": "test", "tasks": ["a"], "metrics": {"a": {"acc": 16.9}}}
+    fake["losses"] = {"a": float("inf")}
+    fake["delta"] = {"delta_m": float("nan")}
+    monkeypatch.setattr(mtlens.train, "evaluate_checkpoint", lambda *a, **k: fake)
+    res = _invoke("eval", tmp_path / "x.pt", "--json")
+    assert res.exit_code == 0, res.output
+    assert "Infinity" not in res.output and "NaN" not in res.output
+    parsed = json.loads(res.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert parsed["losses"]["a"] == "inf" and parsed["metrics"]["a"]["acc"] == 16.9

@@ -178,3 +178,75 @@ def test_qm9_delta_against_the_code_baseline_and_ranking():
     for m, (_, printed) in QM9_ROWS.items():
         assert ours[m] == pytest.approx(printed, abs=0.6), m
     assert sorted(ours, key=ours.get) == sorted(QM9_ROWS, key=lambda m: QM9_ROWS[m][1])
+
+
+# -- Mean Rank ------------------------------------------------------------------------------------
+
+from mtlens.tasks import mean_rank, metric_ranks  # noqa: E402
+
+
+def test_mean_rank_by_hand_directions_and_weightings():
+    res = {"A": {"miou": 50.0, "pixacc": 70.0, "abs_err": 0.4},
+           "B": {"miou": 52.0, "pixacc": 69.0, "abs_err": 0.5},
+           "C": {"miou": 40.0, "pixacc": 60.0, "abs_err": 0.3}}
+    r = metric_ranks(res, SPEC)
+    assert r["A"] == {"seg": {"miou": 2.0, "pixacc": 1.0}, "depth": {"abs_err": 2.0}}
+    assert r["C"]["depth"]["abs_err"] == 1.0  # lower error is better
+    mr = mean_rank(res, SPEC)
+    assert mr == pytest.approx({"A": 5 / 3, "B": 2.0, "C": 7 / 3})
+    assert list(mr) == ["A", "B", "C"]
+    # task weighting: seg counts once although it has two metrics
+    assert mean_rank(res, SPEC, weighting="task") == pytest.approx({"A": 1.75, "B": 2.25, "C": 2.0})
+
+
+def test_mean_rank_ties():
+    spec = {"t": {"acc": True}}
+    res = {"A": {"acc": 1.0}, "B": {"acc": 1.0}, "C": {"acc": 0.5}}
+    assert mean_rank(res, spec) == {"A": 1.5, "B": 1.5, "C": 3.0}
+    assert mean_rank(res, spec, ties="min") == {"A": 1.0, "B": 1.0, "C": 3.0}
+
+
+def test_mean_rank_properties():
+    """Ranks sum to n(n+1)/2 per metric; a permutation of the methods permutes MR; a method best
+    on every metric has MR 1 and the worst on every metric has MR n."""
+    rng = __import__("random").Random(0)
+    spec = {"seg": {"miou": True, "pixacc": True}, "depth": {"abs_err": False}}
+    res = {f"m{i}": {"miou": rng.choice([1.0, 2.0, 3.0]), "pixacc": rng.random(), "abs_err": rng.random()}
+           for i in range(7)}
+    ranks = metric_ranks(res, spec)
+    for task, metrics in spec.items():
+        for m in metrics:
+            assert sum(ranks[k][task][m] for k in res) == pytest.approx(7 * 8 / 2)
+    mr = mean_rank(res, spec)
+    rev = mean_rank(dict(reversed(list(res.items()))), spec)
+    assert rev == pytest.approx(mr)
+    res["best"] = {"miou": 9.0, "pixacc": 9.0, "abs_err": -1.0}
+    res["worst"] = {"miou": -9.0, "pixacc": -9.0, "abs_err": 9.0}
+    mr = mean_rank(res, spec)
+    assert mr["best"] == 1.0 and mr["worst"] == 9.0
+    assert all(1.0 <= v <= 9.0 for v in mr.values())
+
+
+def test_mean_rank_errors():
+    with pytest.raises(ConfigurationError, match="non-empty"):
+        mean_rank({}, SPEC)
+    with pytest.raises(ConfigurationError, match="ties"):
+        mean_rank({"A": RES}, SPEC, ties="dense")
+    with pytest.raises(ConfigurationError, match="weighting"):
+        mean_rank({"A": RES}, SPEC, weighting="seed")
+    with pytest.raises(ConfigurationError, match=r"results\['B'\] has no value .*abs_err"):
+        mean_rank({"A": RES, "B": {"miou": 1.0, "pixacc": 2.0}}, SPEC)
+    with pytest.raises(NonFiniteError, match="B"):
+        mean_rank({"A": RES, "B": {**RES, "miou": math.nan}}, SPEC)
+
+
+def test_nash_table_mean_rank():
+    """MR over the 11 methods of Nash-MTL Table 2 (NYUv2): Nash-MTL ranks best, then IMTL-G and
+    CAGrad, as the paper's MR column orders them; RLW ranks last."""
+    _, rows = _rows("nyuv2_segnet_mtan_nash.csv")
+    table = {r["method"]: r for r in rows if r["method"] != "STL"}
+    mr = mean_rank(table, NYU_SPEC)
+    order = sorted(mr, key=mr.get)
+    assert order[:3] == ["Nash-MTL", "IMTL-G", "CAGrad"]
+    assert order[-1] == "RLW"
+    assert mr["Nash-MTL"] == pytest.approx(14 / 9)

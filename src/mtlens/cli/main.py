@@ -6,7 +6,6 @@ other mtlens errors (missing data, corrupt checkpoint, non-finite training) with
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +45,9 @@ def _guard(fn):
         raise
     except MTLensError as exc:
         _fail(exc)
+    except OSError as exc:  # a file the command reads or writes: one line naming it (never a traceback)
+        where = f" '{exc.filename}'" if exc.filename else ""
+        _fail(MTLensError(f"{exc.strerror or exc}{where}; check the path and its permissions"))
     except KeyboardInterrupt:
         err.print("interrupted; continue with --resume")
         raise typer.Exit(130) from None
@@ -169,7 +171,9 @@ def eval_(
     def go():
         res = evaluate_checkpoint(checkpoint, split, overrides=list(set_ or []))
         if as_json:
-            out.print_json(json.dumps(res))
+            from ..train.records import dumps
+
+            print(dumps(res, indent=2))  # strict JSON: non-finite values as "inf"/"nan" strings
             return
         from .report import delta_table, metrics_table
 
@@ -211,7 +215,9 @@ def methods(
             keep = set(available(family))
             rows = [r for r in rows if r["name"] in keep]
         if as_json:
-            out.print_json(json.dumps(rows, default=str))
+            from ..train.records import dumps
+
+            out.print_json(dumps(rows, default=str))
             return
         table = Table(title=f"{len(rows)} methods", title_justify="left")
         table.add_column("name", no_wrap=True)
@@ -398,8 +404,10 @@ def diagnose(
             alpha_summary, where = _alpha(run_dir, alpha)
             if alpha_summary is not None:
                 written.append(plot_alpha(alpha_summary, dest / "alpha.png", alpha))
+                from ..train.records import dumps
+
                 (dest / "alpha.json").write_text(
-                    json.dumps({"method": alpha, "weights": where, "alpha": alpha_summary}, indent=2)
+                    dumps({"method": alpha, "weights": where, "alpha": alpha_summary}, indent=2)
                 )
             else:
                 notes.append(where)

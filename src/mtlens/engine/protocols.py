@@ -25,7 +25,9 @@ class Method:
     ``name`` (registry name), ``family`` ("loss" | "gradient" | "regularizer"), ``levels``
     (the gradient levels it supports), ``reference`` (paper and arXiv id), ``loss_transform``
     (a transform the method itself prescribes, e.g. DB-MTL's log), ``needs_extra_forward``
-    (FAMO: the caller passes the updated model's losses to :meth:`after_step`).
+    (FAMO: the caller passes the updated model's losses to :meth:`after_step`),
+    ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
+    of two further independent mini-batches to :meth:`observe_cross_gramian`).
     """
 
     name: ClassVar[str] = ""
@@ -35,6 +37,7 @@ class Method:
     defaults_source: ClassVar[str] = ""
     loss_transform: ClassVar[str | None] = None
     needs_extra_forward: ClassVar[bool] = False
+    needs_second_batch: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
 
     # -- state -----------------------------------------------------------------------------
@@ -58,6 +61,14 @@ class Method:
         """Called after ``optimizer.step()`` with the updated model's losses on the same batch.
 
         Only for methods with ``needs_extra_forward = True`` (FAMO)."""
+
+    def observe_cross_gramian(self, cross_gramian: Tensor) -> None:
+        """Called before each step with ``A = J_ξ J_ξ'ᵀ`` (T×T, float64, not symmetric): the
+        per-task gradients of the shared parameters on two independent mini-batches ξ, ξ'.
+
+        Only for methods with ``needs_second_batch = True`` (SDMGrad, MoDo); extra cost per step:
+        two forward passes and 2T backward passes (see :func:`mtlens.engine.cross_gramian`)."""
+        raise NotImplementedError(f"method '{self.name}' does not use a cross-Gramian (needs_second_batch=False)")
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters this instance was built with."""

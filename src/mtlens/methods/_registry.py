@@ -96,5 +96,6 @@ def describe() -> list[dict[str, Any]]:
             "stateful": c.stateful,
             "loss_transform": c.loss_transform,
             "needs_extra_forward": c.needs_extra_forward,
+            "needs_second_batch": c.needs_second_batch,
         })
     return rows

@@ -13,6 +13,8 @@ from .delta import (
     delta_m,
     delta_p_metric,
     delta_p_task,
+    mean_rank,
+    metric_ranks,
     metric_value,
     relative_improvements,
 )
@@ -82,6 +84,8 @@ __all__ = [
     "depth_valid_mask",
     "get_benchmark",
     "l1_loss",
+    "mean_rank",
+    "metric_ranks",
     "metric_value",
     "mse_loss",
     "normal_loss",

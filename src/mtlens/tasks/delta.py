@@ -24,6 +24,9 @@ Arguments of every function:
 
 Published values are means over seeds of per-seed Δ computed from unrounded metrics, so a
 recomputation from a printed table of means agrees only to about ±0.15.
+
+Next to Δ, papers since Nash-MTL print the **mean rank** (MR) of each method among the methods
+of one table: :func:`metric_ranks` and :func:`mean_rank` (lower is better).
 """
 
 from __future__ import annotations
@@ -179,3 +182,96 @@ def compute_deltas(results: MetricValues, baseline: MetricValues, spec: Directio
     if unknown:
         raise ConfigurationError(f"unknown Δ convention(s) {unknown}; choose from {list(DELTA_CONVENTIONS)}")
     return {n: DELTA_CONVENTIONS[n].function(results, baseline, spec) for n in names}
+
+
+# -- Mean Rank ------------------------------------------------------------------------------------
+
+RANK_TIES = ("average", "min")
+"""Tie rules of :func:`metric_ranks`: ``"average"`` (tied methods share the mean of their ranks,
+so the ranks of every metric sum to n(n+1)/2) or ``"min"`` (competition ranking 1, 1, 3)."""
+RANK_WEIGHTINGS = ("metric", "task")
+"""``"metric"``: MR is the mean over all metrics (Nash-MTL, FAMO, NTKMTL); ``"task"``: the mean over
+tasks of each task's mean rank (every task counts once, whatever its number of metrics)."""
+
+
+def metric_ranks(results: Mapping[str, MetricValues], spec: DirectionSpec, *,
+                 ties: str = "average") -> dict[str, dict[str, dict[str, float]]]:
+    """Rank of every method on every metric among the methods in ``results`` (1 = best).
+
+    Args:
+        results: ``{method: metric values}`` for the methods of one table (one benchmark, one
+            setting), each in any form :func:`metric_value` accepts. The single-task baseline is
+            ranked like any other entry if it is included; papers leave it out.
+        spec: ``{task: {metric: higher_is_better}}``.
+        ties: ``"average"`` (default; tied methods share the mean of the ranks they span) or
+            ``"min"`` (they all get the best of them).
+
+    Returns:
+        ``{method: {task: {metric: rank}}}``; ranks are floats in ``[1, n_methods]``.
+
+    Raises:
+        ConfigurationError: fewer than one method, a missing metric, an unknown tie rule.
+        NonFiniteError: a non-finite metric value (a diverged run must be dropped explicitly).
+
+    >>> spec = {"a": {"acc": True}, "b": {"err": False}}
+    >>> r = metric_ranks({"X": {"a/acc": 90, "b/err": 0.2}, "Y": {"a/acc": 80, "b/err": 0.1}}, spec)
+    >>> r["X"], r["Y"]
+    ({'a': {'acc': 1.0}, 'b': {'err': 2.0}}, {'a': {'acc': 2.0}, 'b': {'err': 1.0}})
+    """
+    _check_spec(spec)
+    if ties not in RANK_TIES:
+        raise ConfigurationError(f"ties={ties!r}; choose one of {RANK_TIES}")
+    if not isinstance(results, Mapping) or not results:
+        raise ConfigurationError("results must be a non-empty dict {method: metric values}")
+    methods = list(results)
+    out: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}
+    for task, metrics in spec.items():
+        for m in out.values():
+            m[task] = {}
+        for metric, higher in metrics.items():
+            score = {name: (1.0 if higher else -1.0) * metric_value(results[name], task, metric, spec,
+                                                                     f"results['{name}']")
+                     for name in methods}
+            for name in methods:
+                better = sum(1 for o in methods if score[o] > score[name])
+                tied = sum(1 for o in methods if score[o] == score[name])  # includes itself
+                rank = better + 1.0 if ties == "min" else better + (tied + 1) / 2.0
+                out[name][task][metric] = rank
+    return out
+
+
+def mean_rank(results: Mapping[str, MetricValues], spec: DirectionSpec, *, ties: str = "average",
+              weighting: str = "metric") -> dict[str, float]:
+    """Mean Rank (MR) of each method among the methods of one table; lower is better.
+
+    For every metric the methods are ranked (1 = best, the metric's direction from ``spec``) and
+    MR is the mean of a method's ranks over all metrics (``weighting="metric"``, the definition
+    of Navon et al., Nash-MTL, ICML 2022, arXiv:2202.01017, Sec. 6, used again by FAMO,
+    arXiv:2306.03792, and NTKMTL, arXiv:2510.18258), or the mean over tasks of each task's mean
+    rank (``weighting="task"``). MR depends on which methods are compared: compute it over the
+    rows of one table (one benchmark, one backbone) and print it with that set.
+
+    Args and errors: as :func:`metric_ranks`; ``weighting`` is ``"metric"`` or ``"task"``.
+
+    Returns:
+        ``{method: MR}`` in the order of ``results``; values in ``[1, n_methods]``.
+
+    >>> spec = {"seg": {"miou": True, "pixacc": True}, "depth": {"abs_err": False}}
+    >>> res = {"A": {"miou": 50, "pixacc": 70, "abs_err": 0.4},
+    ...        "B": {"miou": 52, "pixacc": 69, "abs_err": 0.5}}
+    >>> mean_rank(res, spec)
+    {'A': 1.3333333333333333, 'B': 1.6666666666666667}
+    >>> mean_rank(res, spec, weighting="task")
+    {'A': 1.25, 'B': 1.75}
+    """
+    if weighting not in RANK_WEIGHTINGS:
+        raise ConfigurationError(f"weighting={weighting!r}; choose one of {RANK_WEIGHTINGS}")
+    ranks = metric_ranks(results, spec, ties=ties)
+    out: dict[str, float] = {}
+    for name, per_task in ranks.items():
+        if weighting == "metric":
+            vals = [r for task in per_task.values() for r in task.values()]
+            out[name] = sum(vals) / len(vals)
+        else:
+            out[name] = sum(sum(t.values()) / len(t) for t in per_task.values()) / len(per_task)
+    return out

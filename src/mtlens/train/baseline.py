@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError
-from .checkpoint import atomic_write_text
+from ..errors import ConfigurationError, IntegrityError, OutputPathError
+from ..storage import DirectoryLock, atomic_write_text, output_path_error, read_json, write_json
 from .config import RunConfig, default_cache_dir
-from .records import dumps
 
 _NOT_IN_KEY = ("out_dir", "name", "baseline_cache", "checkpoint", "monitor")
 
@@ -41,17 +41,29 @@ def stl_cache_key(stl_cfg: RunConfig, device_type: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_results(path: Path) -> dict[str, Any]:
+def _read_results(path: Path, *, required: bool = False) -> dict[str, Any]:
+    """A JSON file, its content hash checked when present (always required for mtlens's own cache)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigurationError(f"baseline file '{path}' cannot be read as JSON ({exc}); fix or delete it") from None
+        return read_json(path, required=required)
+    except OSError as exc:
+        raise ConfigurationError(f"baseline file '{path}' cannot be read ({exc}); fix or delete it") from None
 
 
 def train_stl(
-    cfg: RunConfig, tasks: list[str], dirs: dict[str, Path], *, quiet: bool, console, reuse: bool
+    cfg: RunConfig,
+    tasks: list[str],
+    dirs: dict[str, Path],
+    *,
+    quiet: bool,
+    console,
+    reuse: bool,
+    wait: float = 0.0,
 ) -> dict[str, Any]:
-    """Train (or reuse/resume) one STL run per task into ``dirs[task]``; return the combined baseline."""
+    """Train (or reuse/resume) one STL run per task into ``dirs[task]``; return the combined baseline.
+
+    Each ``dirs[task]`` is locked while it is read or trained; ``wait`` is how long to wait for a
+    lock another process holds (``math.inf``: until it is free) before
+    :class:`~mtlens.errors.LockHeldError`."""
     from .trainer import CHECKPOINT_NAME, RESULTS_NAME, Trainer, resolve_device
 
     metrics: dict[str, dict[str, Any]] = {"val": {}, "test": {}}
@@ -60,17 +72,35 @@ def train_stl(
     for t in tasks:
         d = dirs[t]
         res_path = d / RESULTS_NAME
-        if reuse and res_path.exists():
-            res = _read_results(res_path)
+
+        def waiting(holder, t=t, d=d):
             if console is not None and not quiet:
-                console.print(f"[dim]STL baseline '{t}': reusing {d}[/]")
-        else:
-            stl = cfg.for_stl(t).model_copy(update={"out_dir": str(d)})
-            stl = RunConfig.model_validate(stl.model_dump())
-            resume = (d / CHECKPOINT_NAME).exists()
-            if console is not None and not quiet:
-                console.print(f"[bold]STL baseline '{t}'[/]: {'resuming' if resume else 'training'} in {d}")
-            res = Trainer(stl, quiet=quiet, console=console).fit(resume=resume)
+                from ..storage import _describe
+
+                console.print(f"[dim]STL baseline '{t}': waiting for {d}, in use by {_describe(holder)}[/]")
+
+        # one writer per entry: a second run needing the same baseline waits for it, then reuses it
+        try:
+            lock = DirectoryLock(d, purpose=f"STL baseline {t}", timeout=wait, on_wait=waiting).acquire()
+        except OSError as exc:
+            raise output_path_error(exc, option="baseline_cache") from None
+        try:
+            if reuse and res_path.exists():
+                try:
+                    res = _read_results(res_path, required=True)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{exc}. To retrain this baseline, delete the directory '{d}'") from None
+                if console is not None and not quiet:
+                    console.print(f"[dim]STL baseline '{t}': reusing {d}[/]")
+            else:
+                stl = cfg.for_stl(t).model_copy(update={"out_dir": str(d)})
+                stl = RunConfig.model_validate(stl.model_dump())
+                resume = (d / CHECKPOINT_NAME).exists()
+                if console is not None and not quiet:
+                    console.print(f"[bold]STL baseline '{t}'[/]: {'resuming' if resume else 'training'} in {d}")
+                res = Trainer(stl, quiet=quiet, console=console).fit(resume=resume)
+        finally:
+            lock.release()
         for split in ("val", "test"):
             metrics[split][t] = res["metrics"][split][t]
         runs[t] = str(d)
@@ -93,7 +123,7 @@ def ensure_baselines(cfg: RunConfig, *, quiet: bool = False, console=None) -> di
     cache = Path(cfg.baseline_cache).expanduser() if cfg.baseline_cache else default_cache_dir()
     device_type = resolve_device(cfg.train.device).type
     dirs = {t: cache / f"{spec.name}-{t}-{stl_cache_key(cfg.for_stl(t), device_type)}" for t in spec.task_names}
-    base = train_stl(cfg, list(spec.task_names), dirs, quiet=quiet, console=console, reuse=True)
+    base = train_stl(cfg, list(spec.task_names), dirs, quiet=quiet, console=console, reuse=True, wait=math.inf)
     base["source"] = "auto"
     base["cache"] = str(cache)
     return base
@@ -156,14 +186,23 @@ def train_all_stl(cfg: RunConfig, *, quiet: bool = False, console=None, resume: 
 
     spec = get_benchmark(cfg.data.benchmark)
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
-    if not resume and (out / "baseline.json").exists():
-        raise ConfigurationError(f"'{out}' already holds STL baselines; use --resume or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())  # lets `mtlens train --out DIR --resume` continue
-    base_cfg = RunConfig.model_validate({**cfg.model_dump(), "stl_task": None})
-    dirs = {t: out / f"stl-{t}" for t in spec.task_names}
-    base = train_stl(base_cfg, list(spec.task_names), dirs, quiet=quiet, console=console, reuse=resume)
-    base["source"] = str(out / "baseline.json")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "baseline.json", dumps(base, indent=2))
+    try:
+        lock = DirectoryLock(out, purpose="mtlens train stl_task=all").acquire()
+    except OSError as exc:
+        raise output_path_error(exc) from None
+    try:
+        if not resume and (out / "baseline.json").exists():
+            raise ConfigurationError(f"'{out}' already holds STL baselines; use --resume or another --out")
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())  # lets `mtlens train --out DIR --resume` continue
+        base_cfg = RunConfig.model_validate({**cfg.model_dump(), "stl_task": None})
+        dirs = {t: out / f"stl-{t}" for t in spec.task_names}
+        base = train_stl(base_cfg, list(spec.task_names), dirs, quiet=quiet, console=console, reuse=resume)
+        base["source"] = str(out / "baseline.json")
+        write_json(out / "baseline.json", base)
+    except OSError as exc:
+        if isinstance(exc, OutputPathError):
+            raise
+        raise output_path_error(exc) from None
+    finally:
+        lock.release()
     return base

@@ -3,7 +3,10 @@
 A checkpoint is a ``torch.save`` dictionary with ``format = "mtlens-checkpoint"``. It is first
 written to a temporary file in the same directory, flushed to disk and then moved over the old
 one with :func:`os.replace`, so a run killed at any instant leaves either the previous or the
-new checkpoint, never a truncated one. Checkpoints are pickles (they carry method and RNG
+new checkpoint, never a truncated one. Every checkpoint and weights file carries
+``content_sha256``, the hash of its content computed at write time and checked by
+:func:`load_checkpoint` (:mod:`mtlens.storage`): a flipped bit raises
+:class:`~mtlens.errors.IntegrityError` naming the file. Checkpoints are pickles (they carry method and RNG
 state): load only files you trust.
 """
 
@@ -12,46 +15,37 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, IntegrityError
+from ..storage import atomic_write, atomic_write_text, save_torch, verify
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "WEIGHTS_FORMAT",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+    "seed_everything",
+]
 
 FORMAT = "mtlens-checkpoint"
 WEIGHTS_FORMAT = "mtlens-weights"
-VERSION = 1
-
-
-def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
-    """Call ``write`` on a temporary file (opened with ``mode``) next to ``path``, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+VERSION = 2  # 2: every file carries a content hash (content_sha256)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` into a temporary file next to ``path``, fsync, then ``os.replace``."""
-    _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(path, "w", lambda fh: fh.write(text))
+    """``torch.save`` ``obj`` (a dict) sealed with its content hash (:func:`mtlens.storage.save_torch`), atomically."""
+    save_torch(obj, path)
 
 
 def load_checkpoint(path: str | os.PathLike, *, expect: str = FORMAT, map_location: Any = "cpu") -> dict[str, Any]:
@@ -67,6 +61,8 @@ def load_checkpoint(path: str | os.PathLike, *, expect: str = FORMAT, map_locati
             f"{str(exc).splitlines()[0][:160]}); "
             "delete it and restart the run from scratch, or restore an intact copy"
         ) from None
+    if isinstance(obj, dict) and "content_sha256" in obj:
+        verify(obj, path)  # before anything in it is trusted, the format fields included
     formats = (expect,) if expect != WEIGHTS_FORMAT else (WEIGHTS_FORMAT, FORMAT)
     if not isinstance(obj, dict) or obj.get("format") not in formats:
         raise CheckpointError(
@@ -80,6 +76,10 @@ def load_checkpoint(path: str | os.PathLike, *, expect: str = FORMAT, map_locati
             f"{VERSION}; "
             "evaluate it with the mtlens version that wrote it"
         )
+    try:
+        verify(obj, path)
+    except IntegrityError as exc:
+        raise IntegrityError(f"checkpoint {exc}") from None
     return obj
 
 

@@ -345,6 +345,8 @@ def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, m
             z = enc(torch.randn(4, 3))
             losses = {f"task{t}": (heads[t](z) ** 2).mean() + 0.1 for t in range(n_tasks)}
             features = z
+        if method.needs_second_batch:  # the trainer feeds it before every step; here a stand-in
+            method.observe_cross_gramian(torch.eye(n_tasks, dtype=torch.float64))
         mtl_backward(
             losses,
             method=method,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..storage import read_json
 from .checkpoint import WEIGHTS_FORMAT, load_checkpoint
 from .config import RunConfig, format_validation_error
 
@@ -100,7 +100,7 @@ def evaluate_checkpoint(
     delta = None
     bfile = file.parent / "baseline.json"
     if bfile.is_file():
-        base = json.loads(bfile.read_text())
+        base = read_json(bfile)  # written by mtlens train: its content hash is checked
         if base.get("metrics", {}).get(split):
             trainer._baseline = base
             delta = trainer.deltas(res["metrics"], split)

@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from ..engine import StepRecord, mtl_backward
-from ..errors import CheckpointError, ConfigurationError, DataError
+from ..engine import StepRecord, cross_gramian, mtl_backward
+from ..errors import CheckpointError, ConfigurationError, DataError, OutputPathError
+from ..storage import DirectoryLock, is_under, output_path_error, read_json, write_json
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -50,8 +51,8 @@ from .checkpoint import (
     seed_everything,
 )
 from .config import RunConfig, method_kwargs, validate_config
-from .data import TrainStream, eval_loaders, to_device
-from .records import JsonlWriter, Scalars, dumps, environment
+from .data import TrainStream, eval_loaders, stream_seed, to_device
+from .records import JsonlWriter, Scalars, environment
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -313,6 +314,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+        if self.method.needs_second_batch:
+            self._observe_cross_gramian()
         self.optimizer.zero_grad(set_to_none=True)
         losses, feats = self._forward_losses(batch)
         kwargs: dict[str, Any] = {"level": cfg.method.level}
@@ -341,6 +344,35 @@ class Trainer:
         if self.method.needs_extra_forward:
             self._extra_forward(batch)
         return record
+
+    def _aux_batches(self) -> list[Any]:
+        """Two extra training batches for ``needs_second_batch`` methods (SDMGrad, MoDo).
+
+        They come from two more seeded streams over the training set (seeds derived from
+        ``train.seed``), independent of the step's batch; the extra batches of step k of epoch e
+        are a pure function of (seed, e, k), so a resumed run draws the same ones."""
+        cfg = self.cfg
+        if getattr(self, "_aux_streams", None) is None:
+            self._aux_streams = [
+                TrainStream(self.datasets["train"], self.tasks, self.multi_input, cfg.train.batch_size,
+                            stream_seed(cfg.train.seed, f"second-batch/{k}", 0), 0, False)
+                for k in range(2)
+            ]
+            self._aux = None
+        if self._aux is None or self._aux[0] != (self.epoch, self.step_in_epoch):
+            self._aux = [(self.epoch, self.step_in_epoch),
+                         [st.epoch(self.epoch, self.step_in_epoch) for st in self._aux_streams]]
+        out = [next(it)[1] for it in self._aux[1]]
+        self._aux[0] = (self.epoch, self.step_in_epoch + 1)
+        return out
+
+    def _observe_cross_gramian(self) -> None:
+        """``A = J_ξ J_ξ'ᵀ`` on two extra batches → ``method.observe_cross_gramian(A)``."""
+        a, b = (to_device(x, self.device, non_blocking=self.device.type == "cuda") for x in self._aux_batches())
+        la, _ = self._forward_losses(a)
+        lb, _ = self._forward_losses(b)
+        A = cross_gramian([la[t] for t in self.tasks], [lb[t] for t in self.tasks], self.model.shared_parameters())
+        self.method.observe_cross_gramian(A)
 
     def _extra_forward(self, batch: Any) -> None:
         """Losses of the updated model on the same batch, for methods that need them (FAMO).
@@ -553,13 +585,40 @@ class Trainer:
 
     # =========================================================================================
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train (or continue a killed run with ``resume=True``), test the best epoch, write results.json."""
+        """Train (or continue a killed run with ``resume=True``), test the best epoch, write results.json.
+
+        The run directory is locked for the whole call (:class:`mtlens.storage.DirectoryLock`): a
+        second writer gets :class:`~mtlens.errors.LockHeldError` naming this process. Resuming a
+        finished run returns its verified ``results.json`` unchanged. Output path problems (a file
+        in the way, read-only, disk full) raise :class:`~mtlens.errors.OutputPathError`."""
+        out = self.out_dir
+        try:
+            lock = DirectoryLock(out, purpose=f"mtlens train {self.label()}").acquire()
+        except OSError as exc:
+            raise output_path_error(exc) from None
+        try:
+            return self._fit_locked(resume)
+        except OSError as exc:
+            if isinstance(exc, OutputPathError) or not is_under(exc.filename, out):
+                raise
+            raise output_path_error(exc) from None
+        finally:
+            lock.release()
+
+    def _fit_locked(self, resume: bool) -> dict[str, Any]:
         out = self.out_dir
         ckpt_path = self._checkpoint_path()
         if resume:
             ckpt = load_checkpoint(ckpt_path)
             self.load_state(ckpt, ckpt_path)
             jsonl_offset = int(ckpt.get("jsonl_offset", 0))
+            if self._finished and (out / RESULTS_NAME).exists():
+                results = read_json(out / RESULTS_NAME)  # IntegrityError when corrupt: never rewritten here
+                if not self.quiet:
+                    self._console().print(
+                        f"[bold]{self.label()}[/]: {out} is a finished run; its results.json is intact and kept"
+                    )
+                return results
             if not self.quiet:
                 where = (
                     "finished run: re-testing the best epoch"
@@ -568,6 +627,13 @@ class Trainer:
                     f"(global step {self.global_step})"
                 )
                 self._console().print(f"[bold]{self.label()}[/]: resuming {out} from {where}")
+            if not (out / LOG_NAME).exists() and jsonl_offset > 0:
+                # the checkpoint holds the state; only the log lines before it are gone
+                self._console().print(
+                    f"[yellow]warning:[/] '{out / LOG_NAME}' is missing; continuing with a new log "
+                    f"(the records before global step {self.global_step} are lost)"
+                )
+                jsonl_offset = -1
         else:
             if ckpt_path.exists() or (out / RESULTS_NAME).exists():
                 raise ConfigurationError(
@@ -577,9 +643,18 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", self.cfg.to_yaml())
         if self.baseline is not None:
-            atomic_write_text(out / "baseline.json", dumps(self.baseline, indent=2))
+            write_json(out / "baseline.json", self.baseline)
         self._jsonl = JsonlWriter(out / LOG_NAME)
-        self._jsonl.truncate(jsonl_offset)
+        if jsonl_offset >= 0:
+            self._jsonl.truncate(jsonl_offset)
+        else:
+            self._jsonl.write(
+                {
+                    "type": "note",
+                    "global_step": self.global_step,
+                    "note": "log.jsonl was missing at resume; the records before this step are lost",
+                }
+            )
         self._tb = Scalars(
             out / "tb" if self.tensorboard else None, purge_step=self.global_step + 1 if resume else None
         )
@@ -741,7 +816,7 @@ class Trainer:
             self.save_checkpoint()
             self._cleanup_best_files()
         results = self._results(best_entry, test, session_s)
-        atomic_write_text(out / RESULTS_NAME, dumps(results, indent=2))
+        write_json(out / RESULTS_NAME, results)
         return results
 
     def _results(self, best_entry: dict[str, Any], test: dict[str, Any], session_s: float) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""Base of the weightings updated from a cross-Gramian of two independent batches (SDMGrad, MoDo)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..engine.protocols import LossWeighting
+from ..errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
+
+
+def project_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection of ``v`` onto the probability simplex (Duchi et al., ICML 2008, Fig. 1)."""
+    n = v.shape[0]
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1.0
+    ind = np.arange(1, n + 1)
+    rho = int(np.nonzero(u - css / ind > 0)[0][-1])
+    theta = css[rho] / (rho + 1)
+    return np.maximum(v - theta, 0.0)
+
+
+class CrossGramianWeighting(LossWeighting):
+    """Loss weighting whose weights move with the cross-Gramian ``A = J_ξ J_ξ'ᵀ`` of two batches.
+
+    Before every step the caller passes ``A`` to :meth:`observe_cross_gramian` (the mtlens
+    trainer does it when ``needs_second_batch`` is set; in your own loop use
+    :func:`mtlens.engine.cross_gramian`); :meth:`weights` then returns the current weights and the
+    engine differentiates ``Σ_t w_t L_t`` on the step's own batch (ζ, a third independent batch).
+    """
+
+    needs_second_batch = True
+    stateful = True
+
+    def __init__(self) -> None:
+        self._lam: np.ndarray | None = None
+        self._out: np.ndarray | None = None
+        self._log: dict[str, float] = {}
+
+    def _check(self, A: Tensor) -> np.ndarray:
+        M = torch.as_tensor(A).detach().to("cpu", torch.float64)
+        if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
+            raise ShapeError(f"{self.name}: the cross-Gramian must be a square T×T matrix, got {tuple(M.shape)}")
+        if not bool(torch.isfinite(M).all()):
+            raise NonFiniteError(f"{self.name}: the cross-Gramian has non-finite entries")
+        T = M.shape[0]
+        if self._lam is None:
+            self._lam = np.full(T, 1.0 / T)
+        elif self._lam.shape[0] != T:
+            raise ShapeError(f"{self.name}: its weights are for {self._lam.shape[0]} tasks, got a {T}×{T} "
+                             "cross-Gramian; create a new method object for a different task set")
+        return M.numpy()
+
+    def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
+        if self._out is None:
+            raise ConfigurationError(
+                f"'{self.name}' needs the cross-Gramian of two independent mini-batches before each step "
+                "(needs_second_batch): the mtlens trainer supplies it; in your own loop call "
+                "method.observe_cross_gramian(mtlens.engine.cross_gramian(losses_a, losses_b, shared_params))"
+            )
+        if self._out.shape[0] != losses.shape[0]:
+            raise ShapeError(f"{self.name}: weights for {self._out.shape[0]} tasks, got {losses.shape[0]} losses")
+        return torch.as_tensor(self._out, dtype=losses.dtype, device=losses.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        def t(x):
+            return None if x is None else torch.from_numpy(x.copy())
+        return {"lam": t(self._lam), "out": t(self._out)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"lam", "out"}:
+            raise CheckpointError(f"{self.name}: expected state keys ['lam', 'out'], got {sorted(state)}")
+
+        def n(x):
+            return None if x is None else torch.as_tensor(x).numpy().astype(np.float64).copy()
+        self._lam, self._out = n(state["lam"]), n(state["out"])
+
+    def log_values(self) -> dict[str, float]:
+        return dict(self._log)

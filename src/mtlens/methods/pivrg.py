@@ -1,0 +1,110 @@
+"""PIVRG: performance-informed weights in a FairGrad-type system G x = (w / x)^{1/2}."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..engine.protocols import GramianWeighting
+from ..errors import CheckpointError, NonFiniteError, ShapeError
+from ._fair import check_infeasible, check_max_norm, clip_update, solve_power_system
+from ._registry import register
+from ._solvers import check_gramian, to_weights
+from ._utils import check, positive
+
+
+def performance_weights(scores: np.ndarray, bound: float, mintemp: float) -> np.ndarray:
+    """``T · softmax(scores / τ)`` with ``τ = max((max s − min s) / ln(bound), mintemp)``.
+
+    The temperature makes the ratio of the largest to the smallest weight at most ``bound``."""
+    T = scores.shape[0]
+    temp = max((scores.max() - scores.min()) / np.log(bound), mintemp)
+    e = np.exp((scores - scores.max()) / temp)
+    return T * e / e.sum()
+
+
+@register
+class PIVRG(GramianWeighting):
+    """PIVRG: the update solving ``G x = (w / x)^{1/2}``, ``w`` from each task's current performance.
+
+    Reference: Qin et al., "Revisiting Fairness in Multitask Learning: A Performance-Driven
+    Approach for Variance Reduction", CVPR 2025 (openaccess.thecvf.com). We follow the authors'
+    code (``PIVRG`` in ``methods/weight_methods.py`` of github.com/jianke0604/MTLlib and
+    github.com/jianke0604/NTKMTL): ``w = T · softmax(scores / τ)`` with
+    ``τ = max((max s − min s)/ln(bound), mintemp)`` — tasks that are further behind their
+    single-task baseline get larger weights, at most ``bound`` times the smallest — and the
+    shared update ``d = T · Σ_t x_t g_t`` with ``x > 0`` solving ``G x = (w/x)^{1/2}`` (the
+    FairGrad system with α = 2 and performance priorities), solved with
+    ``scipy.optimize.least_squares`` from ``x = 1/T`` as in the authors' code; then
+    ``‖d‖`` is clipped at ``max_norm`` (authors' ``--max_norm 1.0``). Heads get weight 1
+    (their own loss gradients, as in the authors' code).
+
+    Scores: the caller reports them with :meth:`set_scores` — one number per task, the task's
+    relative performance drop against its single-task baseline in percent (higher = worse; the
+    authors average ``delta_fn_arr`` of the task's training metrics of the last epoch). Before
+    the first report every score is 0 (equal priorities), as in the authors' trainers, which
+    start from zeros.
+
+    Hyper-parameters (defaults, the authors' ``experiments/utils.py``): ``bound=2.0``,
+    ``mintemp=10``, ``max_norm=1.0``; ``infeasible="raise"`` as our FairGrad (no positive solution
+    exists when no direction improves every task; ``"least_squares"`` takes the authors' silent
+    least-squares point).
+    """
+
+    name = "pivrg"
+    reference = ("Qin et al., Revisiting Fairness in Multitask Learning: A Performance-Driven Approach for Variance "
+                 "Reduction (PIVRG), CVPR 2025")
+    defaults_source = "bound = 2.0, mintemp = 10, max_norm = 1.0, ×T (authors' code, MTLlib/NTKMTL repositories)"
+    stateful = True
+
+    def __init__(self, bound: float = 2.0, mintemp: float = 10.0, max_norm: float = 1.0,
+                 infeasible: str = "raise") -> None:
+        self.bound = positive("bound", bound, self.name)
+        check(self.bound > 1.0, f"pivrg: bound must be > 1 (the largest/smallest weight ratio), got {bound!r}")
+        self.mintemp = positive("mintemp", mintemp, self.name)
+        self.max_norm = check_max_norm(max_norm, self.name)
+        self.infeasible = check_infeasible(infeasible, self.name)
+        self._hparams = {"bound": self.bound, "mintemp": self.mintemp, "max_norm": self.max_norm,
+                         "infeasible": infeasible}
+        self._scores: np.ndarray | None = None
+        self._log: dict[str, float] = {}
+
+    def set_scores(self, scores: Sequence[float] | Tensor) -> None:
+        """Report each task's relative performance drop (%, higher = worse) for the next steps."""
+        s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().reshape(-1).numpy().copy()
+        if not np.isfinite(s).all():
+            raise NonFiniteError(f"pivrg: non-finite task scores {s.tolist()}")
+        self._scores = s
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        G, _ = check_gramian(gramian, losses, self.name)
+        T = G.shape[0]
+        scores = np.zeros(T) if self._scores is None else self._scores
+        if scores.shape[0] != T:
+            raise ShapeError(f"pivrg: got {scores.shape[0]} task scores for {T} tasks")
+        pw = performance_weights(scores, self.bound, self.mintemp)
+        x, info = solve_power_system(G, np.sqrt(pw), 2.0, method=self.name, infeasible=self.infeasible)
+        w, clip = clip_update(T * x, G, self.max_norm)
+        self._log = {**{f"pivrg/{k}": v for k, v in {**info, **clip}.items()},
+                     **{f"pivrg/priority/{t}": float(v) for t, v in enumerate(pw)}}
+        return to_weights(w, gramian)
+
+    def head_weights(self, weights: Tensor) -> Tensor:
+        """Every head gets its own loss gradient (weight 1), as in the authors' code."""
+        return torch.ones_like(weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": None if self._scores is None else torch.from_numpy(self._scores.copy())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"scores"}:
+            raise CheckpointError(f"pivrg: expected state keys ['scores'], got {sorted(state)}")
+        s = state["scores"]
+        self._scores = None if s is None else torch.as_tensor(s).numpy().astype(np.float64).copy()
+
+    def log_values(self) -> dict[str, float]:
+        return dict(self._log)
