@@ -161,7 +161,7 @@ def test_missing_wheel_gives_the_install_hint(monkeypatch):
 
 
 def test_missing_csv_in_root_shows_layout(tmp_path):
-    with pytest.raises(DataError, match="qm9_part1.csv.*Expected layout"):
+    with pytest.raises(DataError, match="(?s)qm9_part1.csv.*Expected layout"):
         qm9.source_files(tmp_path)
 
 

@@ -364,7 +364,9 @@ class _Featuriser:
 
 
 def _formula(elements) -> str:
-    return "".join(f"{e}{elements.count(e)}" for e in ELEMENTS if e in elements)
+    """Hill formula (C, H, then alphabetical), e.g. C3H6."""
+    elements = list(elements)
+    return "".join(f"{e}{elements.count(e)}" for e in ("C", "H", "F", "N", "O") if e in elements)
 
 
 # -- the processed store -------------------------------------------------------------------------
