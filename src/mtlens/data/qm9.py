@@ -401,12 +401,16 @@ class QM9Store:
         }
 
 
-def process_csv(files: Sequence[Path], limit: int | None = None) -> QM9Store:
+def process_csv(files: Sequence[Path], limit: int | None = None, rows: Sequence[int] | None = None) -> QM9Store:
     """Parse and featurise the CSV files (serially) into a :class:`QM9Store`.
 
-    ``limit``: stop after that many molecules (tests). Raises :class:`DataError` naming the file,
-    line and molecule of the first malformed row.
+    ``limit``: stop after that many molecules (tests). ``rows``: keep only these positions
+    (0-based over the concatenated files, the store's order; the others are skipped unparsed) —
+    e.g. a random batch for timing without processing all 130 831. Raises :class:`DataError`
+    naming the file, line and molecule of the first malformed row.
     """
+    keep = None if rows is None else {int(r) for r in rows}
+    position = -1
     feat = _Featuriser()
     csv.field_size_limit(1 << 28)
     z, arom, hyb, pos, bonds, ys, idx = [], [], [], [], [], [], []
@@ -429,6 +433,9 @@ def process_csv(files: Sequence[Path], limit: int | None = None) -> QM9Store:
                 name = row[col["XYZ_file"]] if len(row) > col["XYZ_file"] else "?"
                 where = f"QM9 {path.name} line {line} (molecule {name})"
                 line = reader.line_num + 1
+                position += 1
+                if keep is not None and position not in keep:
+                    continue
                 index, smiles, elements, xyz, props = _parse_row(row, col, where)
                 atoms, bnd, geo_flag = feat(smiles, elements, xyz, where)
                 z.append(np.array([ATOMIC_NUMBER[e] for e in elements], dtype=np.int8))
@@ -469,13 +476,18 @@ def process_csv(files: Sequence[Path], limit: int | None = None) -> QM9Store:
 
 
 def load_qm9(
-    root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, verbose: bool = True
-) -> QM9Store:
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    verbose: bool = True,
+    process: bool = True,
+) -> QM9Store | None:
     """The processed QM9 store: read from ``cache_dir/qm9-<hash>.pt`` or processed now and cached.
 
     ``root``: folder of the CSV files (default: the qm9pack wheel). The cache key hashes the
     files' contents and :data:`PROCESSING_VERSION`; writes are atomic (temporary file + rename).
     A corrupt cache file raises :class:`DataError` naming it (delete it to rebuild).
+    ``process=False``: return None instead of processing when there is no cache file.
     """
     files = source_files(root)
     key = source_hash(files)
@@ -491,6 +503,8 @@ def load_qm9(
                 f"QM9: processed cache {path} is unreadable ({type(exc).__name__}: {first}); delete it to rebuild"
             ) from None
         return store
+    if not process:
+        return None
     if verbose:
         import sys
 
