@@ -62,14 +62,17 @@ sizes are the same. ``n_train`` / ``n_val`` / ``n_test`` take the first molecule
 (random subsets) for quick runs.
 
 Standardisation: the targets a loader yields are ``(y − mean) / std`` with mean and (unbiased)
-std of the training molecules used (Nash-MTL: ``train_dataset.data.y`` statistics); the
-benchmark's MAE multiplies back by ``std``, so metrics are in the units above.
+std of the training molecules used; the benchmark's MAE multiplies back by ``std``, so metrics are
+in the units above. (Nash-MTL's code writes ``train_dataset.data.y``, but ``.data`` of a sliced
+PyG data set is the whole collated set, so its statistics — like LibMTL's, explicitly — cover all
+130 831 molecules; ours use no validation or test molecule. The MAE in physical units does not
+depend on the choice; only the scaling of the loss does, negligibly.)
 
-Processing (RDKit over 130 831 molecules, about a minute on one core) runs once; the result is
-a tensor file ``qm9-<hash>.pt`` in ``cache_dir`` (default ``$MTLENS_DATA_CACHE`` or
+Processing (RDKit over 130 831 molecules: 1–6 min on one core, measured on a loaded 2-core
+machine) runs once; the result is a tensor file ``qm9-<hash>.pt`` in ``cache_dir`` (default ``$MTLENS_DATA_CACHE`` or
 ``~/.cache/mtlens/data``), the hash covering the CSV files' contents and the processing version.
 Processing is serial: a process pool forked from a process that already runs torch's OpenMP
-threads is not safe, and the one-off minute does not justify it.
+threads is not safe, and a one-off cost of minutes does not justify it.
 """
 
 from __future__ import annotations
