@@ -42,6 +42,14 @@ def render() -> str:
         "- **second batch** (`needs_second_batch`, SDMGrad, MoDo): before each step the trainer draws two",
         "  more independent batches and passes the cross-Gramian `J_ξ J_ξ'ᵀ` of their per-task shared-parameter",
         "  gradients to the method (`mtlens.engine.cross_gramian` in your own loop).",
+        "- **bilevel** (`needs_lookahead`, Auto-Lambda, MOML): before each step the trainer passes a",
+        "  `mtlens.engine.LookAhead` over the step's batch and one independent batch (losses at the current",
+        "  or look-ahead parameters, the optimiser's step rule) to `meta_step`; the model is left unchanged.",
+        "- **task scores** (`needs_task_scores`, PIVRG): after each epoch the trainer reports each task's",
+        "  relative drop against its single-task baseline (validation metrics) to `on_task_scores`.",
+        "",
+        "These capabilities are declared on the method class and honoured by `mtlens.train.Trainer`;",
+        "in your own loop, call the named hooks yourself (each method's docstring says what it needs).",
         "",
         f"{len(rows)} methods.",
         "",
@@ -58,11 +66,31 @@ def render() -> str:
         if r["needs_second_batch"]:
             extra.append("**second batch**: 2 extra forward and 2T extra backward passes per step "
                          "(`observe_cross_gramian`)")
+        if r["needs_lookahead"]:
+            extra.append("**bilevel**: a look-ahead step on the step's batch and an independent validation batch "
+                         "before every step (`meta_step`)")
+        if r["needs_task_scores"]:
+            extra.append("**task scores**: needs single-task baselines (`baseline: auto`); the trainer reports "
+                         "each task's relative drop after every epoch (`on_task_scores`)")
         ref = r["reference"] + (f" ({'; '.join(extra)})" if extra else "")
         out.append(
             f"| `{r['name']}` | {FAMILY_TEXT[r['family']]} | {levels} | {'yes' if r['stateful'] else 'no'} "
             f"| {ref} | {_fmt_defaults(r['defaults'])} |"
         )
+    out += [
+        "",
+        "## What the task-specific parameters (heads) receive",
+        "",
+        "A gradient method's aggregation concerns the shared parameters; each head receives its own",
+        "task's gradient scaled by the method's *head weight* (`Decision.head_weights`, logged in",
+        "`StepRecord.head_weights`). Loss weightings train the heads through their objective.",
+        "",
+        "| name | heads receive (source) |",
+        "|---|---|",
+    ]
+    for r in rows:
+        if r["family"] == "gradient":
+            out.append(f"| `{r['name']}` | {r['head_rule']} |")
     out += ["", "## One line each", ""]
     for r in rows:
         doc = inspect.getdoc(get(r["name"])) or ""

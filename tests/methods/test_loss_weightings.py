@@ -276,12 +276,15 @@ def test_gradnorm_balances_gradient_norms(alpha, decrease, ratio):
 def test_excess_mtl_golden():
     m = create("excess_mtl")
     J1 = [torch.tensor([[1.0, 0.0], [0.0, 2.0]])]
-    out, w = m.aggregate(J1, torch.ones(2))
+    out, head_w = m.aggregate(J1, torch.ones(2))
+    torch.testing.assert_close(head_w, torch.ones(2, dtype=torch.float64))  # head rule: unit weights
+    w = m.last_weights
     torch.testing.assert_close(w, torch.ones(2, dtype=torch.float64))  # baseline step: weights 1
     torch.testing.assert_close(out[0], torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(m.log_values()["excess_risk/1"], 4 / math.sqrt(4 + 1e-7))
     J2 = [torch.tensor([[2.0, 0.0], [0.0, 2.0]])]
-    out, w = m.aggregate(J2, torch.ones(2))
+    out, _ = m.aggregate(J2, torch.ones(2))
+    w = m.last_weights
     er = torch.tensor([4 / math.sqrt(5 + 1e-7), 4 / math.sqrt(8 + 1e-7)], dtype=torch.float64)
     base = torch.tensor([1 / math.sqrt(1 + 1e-7), 4 / math.sqrt(4 + 1e-7)], dtype=torch.float64)
     expected = 2 * torch.softmax(0.01 * er / base, 0)
@@ -315,7 +318,8 @@ def _run(m, name, k0, k1, T=3):
         L = _losses_at(k, T)
         if name == "excess_mtl":
             g = torch.Generator().manual_seed(k)
-            _, w = m.aggregate([torch.randn(T, 3, 2, generator=g), torch.randn(T, 2, generator=g)], L)
+            m.aggregate([torch.randn(T, 3, 2, generator=g), torch.randn(T, 2, generator=g)], L)
+            w = m.last_weights
         else:
             Lg = L.clone().requires_grad_(True)
             obj, w = m.combine(Lg, grad_norms=torch.tensor([1.0, 2.0, 0.5]) * (1 + 0.1 * k))
@@ -387,7 +391,10 @@ def test_engine_integration(name):
         # every objective here has ∂objective/∂L_t = logged weight, so the update is Σ_t w_t ∇L_t
         _, ref_losses = net(x, ys)
         weighted = sum(float(wi) * L for wi, L in zip(w, ref_losses.values()))
-        ref = torch.autograd.grad(weighted, list(net.parameters()))
+        ref = list(torch.autograd.grad(weighted, list(net.parameters()), retain_graph=True))
+        if m.family == "gradient":  # the head rule: each head gets its own task's gradient (unit weights)
+            n_enc = len(list(net.enc.parameters()))
+            ref[n_enc:] = torch.autograd.grad(sum(ref_losses.values()), list(net.heads.parameters()))
         for g, r in zip(got, ref):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
         for p in m.parameters():  # learnable weightings: their scalars are trained too

@@ -296,15 +296,20 @@ class _Net(nn.Module):
         return z, {f"t{i}": (h(z) - y[:, i : i + 1]).pow(2).mean() for i, h in enumerate(self.heads)}
 
 
-def _reference(net, x, y, w, reg, transform=None):
-    net.zero_grad(set_to_none=True)
-    z, losses = net(x, y)
-    L = torch.stack(list(losses.values()))
-    obj = torch.log(L + 1e-8) if transform == "log" else L
-    S = torch.stack([torch.autograd.grad(Lt, z, create_graph=True)[0] for Lt in L.unbind(0)])
-    pen, _ = reg.loss([S], L.detach())
-    (sum(wi * o for wi, o in zip(w, obj.unbind(0))) + pen).backward()
-    return [p.grad.clone() for p in net.parameters()]
+def _reference(net, x, y, w, reg, transform=None, head_w=None):
+    """Encoder: ∇(Σ w_t obj_t + penalty); heads: ∇(Σ h_t obj_t + penalty) (the head rule)."""
+    out = []
+    for weights in (w, head_w or w):
+        net.zero_grad(set_to_none=True)
+        z, losses = net(x, y)
+        L = torch.stack(list(losses.values()))
+        obj = torch.log(L + 1e-8) if transform == "log" else L
+        S = torch.stack([torch.autograd.grad(Lt, z, create_graph=True)[0] for Lt in L.unbind(0)])
+        pen, _ = reg.loss([S], L.detach())
+        (sum(wi * o for wi, o in zip(weights, obj.unbind(0))) + pen).backward()
+        out.append({id(p): p.grad.clone() for p in net.parameters()})
+    enc = {id(p) for p in net.enc.parameters()}
+    return [out[0][id(p)] if id(p) in enc else out[1][id(p)] for p in net.parameters()]
 
 
 @pytest.mark.parametrize("case", ["ew", "fixed_param", "fixed_feature", "ew_log"])
@@ -318,7 +323,7 @@ def test_engine_gradients_equal_the_autograd_reference(case):
     else:
         w = [0.2, 0.5, 1.3]
         method, level = _Fixed(w), case.split("_")[1]
-    ref = _reference(net, x, y, w, reg, transform)
+    ref = _reference(net, x, y, w, reg, transform, head_w=None if case.startswith("ew") else [1.0, 1.0, 1.0])
     net.zero_grad(set_to_none=True)
     z, losses = net(x, y)
     rec = mtl_backward(
@@ -346,7 +351,7 @@ def test_engine_multi_input_vector_features():
     losses = {f"t{i}": F.cross_entropy(heads[i](zs[i]), ys[i]) for i in range(2)}
     rec = mtl_backward(
         losses,
-        features=zs,
+        features={"t0": zs[0], "t1": zs[1]},
         shared_params=enc.parameters(),
         method=create("ew"),
         regularizers=[create("rep_mtl")],
@@ -357,7 +362,7 @@ def test_engine_multi_input_vector_features():
     with pytest.raises(ShapeError, match="same shape"):
         mtl_backward(
             losses,
-            features=zs,
+            features={"t0": zs[0], "t1": zs[1]},
             shared_params=enc.parameters(),
             method=create("ew"),
             regularizers=[create("rep_mtl")],

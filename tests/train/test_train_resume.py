@@ -56,7 +56,7 @@ def _strip(records):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
 
 
-@pytest.mark.parametrize("method", ["dwa", "rlw"])
+@pytest.mark.parametrize("method", ["dwa", "rlw", "modo", "auto_lambda"])  # + extra-batch streams, look-ahead
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, method):
     d_full = _config(tmp_path, tmp_path / "full", method)
     d_kill = _config(tmp_path, tmp_path / "killed", method)

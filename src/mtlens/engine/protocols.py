@@ -10,12 +10,18 @@ optimiser state included.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .decision import Decision
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .gradients import TaskGradients
+
 LEVELS = ("param", "feature")
+UNIT_HEAD_RULE = "own gradient, unit weights (TorchJD mtl_backward, LibMTL)"
 
 
 class Method:
@@ -24,10 +30,20 @@ class Method:
     Class attributes describe the method to the engine, the registry and the docs:
     ``name`` (registry name), ``family`` ("loss" | "gradient" | "regularizer"), ``levels``
     (the gradient levels it supports), ``reference`` (paper and arXiv id), ``loss_transform``
-    (a transform the method itself prescribes, e.g. DB-MTL's log), ``needs_extra_forward``
-    (FAMO: the caller passes the updated model's losses to :meth:`after_step`),
+    (a transform the method itself prescribes, e.g. DB-MTL's log).
+
+    What a method needs from the engine is declared here, on the contract, never discovered:
+    ``needs_extra_forward`` (FAMO: the caller passes the updated model's losses to
+    :meth:`after_step`), ``needs_grad_norms`` (GradNorm: per-task gradient norms on a shared
+    layer), ``needs_features`` (GradDrop's batch form: the activations ``Z``). ``head_rule``
+    states, with its source, what the task-specific parameters receive (docs/methods.md).
     ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
-    of two further independent mini-batches to :meth:`observe_cross_gramian`).
+    of two further independent mini-batches to :meth:`observe_cross_gramian`),
+    ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
+    performance drop against its single-task baseline to :meth:`on_task_scores`),
+    ``needs_lookahead`` (bilevel methods, Auto-Lambda and MOML: before every step the caller
+    passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
+    validation batch to :meth:`meta_step`).
     """
 
     name: ClassVar[str] = ""
@@ -37,8 +53,38 @@ class Method:
     defaults_source: ClassVar[str] = ""
     loss_transform: ClassVar[str | None] = None
     needs_extra_forward: ClassVar[bool] = False
+    needs_grad_norms: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
     needs_second_batch: ClassVar[bool] = False
+    needs_task_scores: ClassVar[bool] = False
+    needs_lookahead: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    head_rule: ClassVar[str] = ""
+
+    # -- step 2 of the engine ------------------------------------------------------------------
+    def decide(self, grads: TaskGradients) -> Decision:
+        """Map what the method needs from ``grads`` (losses, Gramian or Jacobian) to a :class:`Decision`.
+
+        Each family implements it from its classic method (``weights``, ``aggregate``,
+        ``combine``), so a method written against those keeps working unchanged."""
+        raise NotImplementedError
+
+    # -- transactional steps -----------------------------------------------------------------------
+    def snapshot(self) -> Any:
+        """A copy of everything a step may change, restored by :meth:`restore` when the step fails.
+
+        Default: a deep copy of ``state_dict()`` (``None`` for stateless methods). The engine
+        commits a step's state change only when the whole step succeeded."""
+        if not self.stateful:
+            return None
+        import copy
+
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, snapshot: Any) -> None:
+        """Undo a failed step: put back the state :meth:`snapshot` returned."""
+        if snapshot is not None:
+            self.load_state_dict(snapshot)
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -70,6 +116,18 @@ class Method:
         two forward passes and 2T backward passes (see :func:`mtlens.engine.cross_gramian`)."""
         raise NotImplementedError(f"method '{self.name}' does not use a cross-Gramian (needs_second_batch=False)")
 
+    def on_task_scores(self, scores: Tensor) -> None:
+        """Called after each epoch with each task's relative performance drop (T,), in percent
+        against its single-task baseline (higher = worse). Only for ``needs_task_scores`` (PIVRG)."""
+        raise NotImplementedError(f"method '{self.name}' does not use task scores (needs_task_scores=False)")
+
+    def meta_step(self, lookahead: Any) -> None:
+        """Bilevel methods (``needs_lookahead``): update the method's own variables (task weights)
+        from a look-ahead step, before the step's backward. ``lookahead`` is a
+        :class:`mtlens.engine.LookAhead`; the method must leave the model's parameters as it found
+        them (``LookAhead.at`` restores them)."""
+        raise NotImplementedError(f"method '{self.name}' is not bilevel (needs_lookahead=False)")
+
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters this instance was built with."""
         return dict(getattr(self, "_hparams", {}))
@@ -92,7 +150,13 @@ class LossWeighting(Method):
 
     family: ClassVar[str] = "loss"
     levels: ClassVar[tuple[str, ...]] = ()
-    needs_grad_norms: ClassVar[bool] = False
+    head_rule: ClassVar[str] = "the objective's own gradient (one backward of the weighted sum)"
+
+    def decide(self, grads: TaskGradients) -> Decision:
+        """Loss level: the objective from :meth:`combine` on the attached objective losses."""
+        objective, w = self.combine(grads.attached_losses(), grad_norms=grads.grad_norms)
+        return Decision(weights=w.detach().to(torch.float64).reshape(-1), objective=objective,
+                        values=self.log_values())
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         """Task weights (T,) from the detached losses (T,)."""
@@ -114,6 +178,7 @@ class GramianWeighting(Method):
 
     family: ClassVar[str] = "gradient"
     levels: ClassVar[tuple[str, ...]] = LEVELS
+    head_rule: ClassVar[str] = UNIT_HEAD_RULE
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         raise NotImplementedError
@@ -121,9 +186,17 @@ class GramianWeighting(Method):
     def head_weights(self, weights: Tensor) -> Tensor:
         """Weights of the task losses for the task-specific parameters, given the shared ones.
 
-        Default: the same weights. Methods whose papers treat heads differently override it
-        (IMTL: the loss scales e^{s_t}; Nash-MTL: the unclipped α)."""
-        return weights
+        Default: unit weights — each head receives its own task's gradient, unscaled: the
+        aggregation concerns the shared parameters only (TorchJD's ``mtl_backward``, LibMTL's
+        gradient weightings; MGDA's Algorithm 2 states it). Methods whose source states another
+        rule override :meth:`decide` (IMTL: the loss scales e^{s_t}; Nash-MTL: α)."""
+        return torch.ones_like(torch.as_tensor(weights, dtype=torch.float64))
+
+    def decide(self, grads: TaskGradients) -> Decision:
+        """``w = weights(G, losses)``; heads by :meth:`head_weights`."""
+        w = self.weights(grads.gramian(), grads.objective_losses)
+        w = torch.as_tensor(w).detach().to(torch.float64).reshape(-1)
+        return Decision(weights=w, head_weights=self.head_weights(w), values=self.log_values())
 
 
 class JacobianAggregator(Method):
@@ -136,9 +209,21 @@ class JacobianAggregator(Method):
 
     family: ClassVar[str] = "gradient"
     levels: ClassVar[tuple[str, ...]] = LEVELS
+    head_rule: ClassVar[str] = "the weights returned by aggregate()"
 
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:
         raise NotImplementedError
+
+    def decide(self, grads: TaskGradients) -> Decision:
+        """``(combined, head weights) = aggregate(J, losses)`` (with ``features=`` when the method
+        declares ``needs_features``)."""
+        J = grads.jacobian_blocks()
+        if self.needs_features:
+            combined, head_w = self.aggregate(J, grads.objective_losses, features=grads.method_features())
+        else:
+            combined, head_w = self.aggregate(J, grads.objective_losses)
+        return Decision(combined=list(combined), head_weights=torch.as_tensor(head_w, dtype=torch.float64),
+                        values=self.log_values())
 
 
 class Regularizer(Method):

@@ -19,6 +19,8 @@ class StepRecord:
         objective_losses: the losses the method saw (after the loss transform), detached.
         weights: task weights (T,) the update used, or ``None`` for Jacobian aggregators that
             do not reduce to weights on the shared parameters.
+        head_weights: weights (T,) of each task's gradient on its task-specific parameters
+            (gradient methods; the method's head rule, docs/methods.md).
         level: "param", "feature" or "loss" (loss-level method, one backward).
         gramian: ``G = J Jᵀ`` (T×T, float64) at ``level`` when it was computed: the Jacobian of
             the losses the method saw (``objective_losses``, i.e. after the loss transform).
@@ -36,6 +38,7 @@ class StepRecord:
     objective_losses: Tensor
     level: str
     weights: Tensor | None = None
+    head_weights: Tensor | None = None
     gramian: Tensor | None = None
     saliencies: Tensor | None = None
     regularizer_values: dict[str, float] = field(default_factory=dict)
@@ -70,7 +73,7 @@ class StepRecord:
         return out
 
     def detach_(self) -> StepRecord:
-        for name in ("losses", "objective_losses", "weights", "gramian", "saliencies"):
+        for name in ("losses", "objective_losses", "weights", "head_weights", "gramian", "saliencies"):
             v = getattr(self, name)
             if isinstance(v, torch.Tensor):
                 setattr(self, name, v.detach())

@@ -96,6 +96,9 @@ def describe() -> list[dict[str, Any]]:
             "stateful": c.stateful,
             "loss_transform": c.loss_transform,
             "needs_extra_forward": c.needs_extra_forward,
+            "head_rule": c.head_rule,
             "needs_second_batch": c.needs_second_batch,
+            "needs_task_scores": c.needs_task_scores,
+            "needs_lookahead": c.needs_lookahead,
         })
     return rows

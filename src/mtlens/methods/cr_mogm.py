@@ -38,6 +38,7 @@ class CRMOGM(GramianWeighting):
                  "NeurIPS 2022")
     defaults_source = "alpha = 0.9 and λ_0 = first weights (TorchJD CRMOGMWeighting); base = mgda (paper's CR-MGDA)"
     stateful = True
+    head_rule = "own gradient, unit weights (TorchJD's mtl_backward; CR-MOGM smooths the shared weights)"
 
     def __init__(self, base: str = "mgda", alpha: float = 0.9, initial_weights: list[float] | None = None,
                  base_kwargs: Mapping[str, Any] | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks
 from ..engine.protocols import JacobianAggregator
 from ..errors import CheckpointError, ShapeError
@@ -51,7 +52,7 @@ class DBMTL(JacobianAggregator):
       (``ĝ`` starts at 0, as in LibMTL), and the shared update
       ``d = Σ_t (max_s ‖ĝ_s‖ / ‖ĝ_t‖) ĝ_t`` — every task's EMA gradient rescaled to the
       largest norm. Task-specific (head) parameters get ``∇ log L_t`` with weight 1 (as in
-      LibMTL); ``last_weights`` holds the ratios ``max_s ‖ĝ_s‖ / ‖ĝ_t‖``.
+      LibMTL); the decision's ``weights`` are the ratios ``max_s ‖ĝ_s‖ / ‖ĝ_t‖`` (logged).
 
     Hyper-parameters (defaults): ``beta=0.9``, ``beta_sigma=0.9`` (the project spec's values;
     note LibMTL's command-line default is ``DB_beta_sigma = 0``, a constant ``β_k = 0.9``).
@@ -73,6 +74,7 @@ class DBMTL(JacobianAggregator):
     defaults_source = "beta = beta_sigma = 0.9 (project spec); beta_k = beta / k^beta_sigma as in LibMTL"
     loss_transform = "log"
     stateful = True
+    head_rule = "own gradient of log L_t, unit weights (LibMTL)"
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.9) -> None:
         self.beta = in_range("beta", beta, 0.0, 1.0, self.name)
@@ -86,6 +88,14 @@ class DBMTL(JacobianAggregator):
         self._step = 0
         self._ema: list[Tensor] | None = None
         self.last_weights: Tensor | None = None
+
+    def decide(self, grads) -> Decision:
+        combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
+        return Decision(combined=combined, head_weights=head_w, weights=self.last_weights.to(torch.float64).cpu(),
+                        values=self.log_values())
+
+    def snapshot(self):
+        return self.state_dict()  # already copies
 
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:
         blocks = check_blocks(jacobian, self.name)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..engine.decision import Decision
 from ..engine.protocols import JacobianAggregator
 from ..errors import CheckpointError, NonFiniteError, ShapeError
 from ._loss_common import check_int, require_keys
@@ -43,6 +44,7 @@ class ExcessMTL(JacobianAggregator):
     reference = "He et al., Robust Multi-Task Learning with Excess Risks, ICML 2024, arXiv:2402.02009"
     defaults_source = "robust_step_size 1e-2, eps 1e-7, baseline = first step (official code)"
     stateful = True
+    head_rule = "own gradient, unit weights (default rule: the weighting concerns the shared parameters)"
 
     def __init__(self, robust_step_size: float = 1e-2, baseline_steps: int = 1, eps: float = 1e-7):
         self.robust_step_size = positive("robust_step_size", robust_step_size, "excess_mtl")
@@ -65,7 +67,9 @@ class ExcessMTL(JacobianAggregator):
             raise ShapeError("excess_mtl: got an empty Jacobian (no shared parameters)")
         T = blocks[0].shape[0]
         if self._grad_sq is None:
-            self._grad_sq = [torch.zeros_like(b) for b in blocks]
+            # float64 whatever the parameters' dtype: squared gradients summed over steps overflow
+            # float16 (and float32 for large gradients) and would store an inf/NaN baseline
+            self._grad_sq = [torch.zeros_like(b, dtype=torch.float64) for b in blocks]
         acc_shapes = [a.shape for a in self._grad_sq]
         if acc_shapes != [b.shape for b in blocks]:
             raise ShapeError(
@@ -75,9 +79,22 @@ class ExcessMTL(JacobianAggregator):
             )
         er = torch.zeros(T, dtype=torch.float64, device=blocks[0].device)
         for acc, b in zip(self._grad_sq, blocks):
-            acc.add_(b * b)
-            er += (b * b / torch.sqrt(acc + self.eps)).reshape(T, -1).sum(1).to(torch.float64)
+            b2 = b.to(torch.float64).pow(2)
+            acc.add_(b2)
+            er += (b2 / torch.sqrt(acc + self.eps)).reshape(T, -1).sum(1)
+        if not bool(torch.isfinite(er).all()):
+            raise NonFiniteError(
+                f"excess_mtl: non-finite excess-risk estimate {er.tolist()} (per-task gradients beyond float64 "
+                "range?); the step was not taken and the accumulators were left as before"
+            )
         return er
+
+    def decide(self, grads) -> Decision:
+        combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
+        return Decision(combined=combined, head_weights=head_w, weights=self._w.clone(), values=self.log_values())
+
+    def snapshot(self):
+        return self.state_dict()  # already copies
 
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:
         blocks = [b.detach() for b in jacobian]
@@ -105,7 +122,7 @@ class ExcessMTL(JacobianAggregator):
         w = self._w
         self.last_weights = w.clone()
         combined = [torch.tensordot(w.to(b.dtype), b, dims=1) for b in blocks]
-        return combined, w.clone()
+        return combined, torch.ones(T, dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         def c(t):
@@ -122,7 +139,7 @@ class ExcessMTL(JacobianAggregator):
         gs = state["grad_sq"]
         if gs is not None and not isinstance(gs, (list, tuple)):
             raise CheckpointError(f"excess_mtl: grad_sq must be a list of tensors, got {type(gs).__name__}")
-        self._grad_sq = None if gs is None else [torch.as_tensor(g).clone() for g in gs]
+        self._grad_sq = None if gs is None else [torch.as_tensor(g).to(torch.float64).clone() for g in gs]
 
         def t(x):
             return None if x is None else torch.as_tensor(x, dtype=torch.float64).clone()

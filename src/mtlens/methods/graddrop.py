@@ -30,9 +30,9 @@ class GradDrop(JacobianAggregator):
     with ``f`` = identity (the paper's default). ``G_i = S_i`` element-wise (``batch_reduce=False``,
     the default, as TorchJD), or the paper's batch-separated form ``G_i = Σ_batch sign(Z) ∘ S_i``
     (``batch_reduce=True``, as LibMTL): one mask per feature position shared by the batch. That
-    form needs the activations ``Z``, which the engine passes (``needs_features``). Entries where every ``G_i`` is 0
-    get ``P = ½`` (LibMTL adds 1e-7 to the denominator instead, which biases ``P`` towards ½ for
-    gradients of magnitude ≲ 1e-7).
+    form needs the activations ``Z``, which the engine passes (declared: ``needs_features``).
+    Entries where every ``G_i`` is 0 get ``P = ½`` (LibMTL adds 1e-7 to the denominator instead,
+    which biases ``P`` towards ½ for gradients of magnitude ≲ 1e-7).
 
     Defined on the representation only: ``levels = ("feature",)``; the engine raises at
     parameter level. Head parameters get every task's gradient with weight 1.
@@ -49,6 +49,7 @@ class GradDrop(JacobianAggregator):
     reference = "Chen et al., Just Pick a Sign: Gradient Sign Dropout, arXiv:2010.06808"
     defaults_source = "identity f and leak 0 as in the paper's multitask experiments"
     stateful = True
+    head_rule = "own gradient, unit weights (the masks act on the representation; LibMTL, TorchJD)"
 
     def __init__(self, leak: float | Sequence[float] = 0.0, seed: int | None = None,
                  batch_reduce: bool = False) -> None:
@@ -64,7 +65,6 @@ class GradDrop(JacobianAggregator):
         self._gen = make_generator(seed)
         self._hparams = {"leak": self.leak if isinstance(self.leak, float) else list(self.leak), "seed": seed,
                          "batch_reduce": batch_reduce}
-        self.last_weights = None
         self._kept = float("nan")
 
     def _leak_vector(self, T: int) -> Tensor:

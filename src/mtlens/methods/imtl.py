@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine.decision import Decision
 from ..engine.protocols import GramianWeighting
 from ..errors import CheckpointError, ConfigurationError, ShapeError
 from ._registry import register
@@ -43,10 +44,10 @@ class IMTL(GramianWeighting):
     (LibMTL, which puts s in the model's Adam at lr 1e-4). Set ``lr`` (and ``optimizer``) to
     match your model's optimiser to reproduce the paper's joint training.
 
-    Engine contract note: the task heads receive the same weights ``w_t = α_t e^{s_t}`` (one
-    weight vector per step); the paper updates head t with the gradient of ``e^{s_t}L_t − s_t``
-    (weight ``e^{s_t}``). Since IMTL-G is scale invariant, the shared update direction equals
-    IMTL-G's; s changes its magnitude and the heads' weights.
+    Heads: the paper updates head t with the gradient of ``e^{s_t}L_t − s_t``, i.e. weight
+    ``e^{s_t}`` (``head_rule``); :meth:`decide` returns these head weights with the shared ones.
+    Since IMTL-G is scale invariant, the shared update direction equals IMTL-G's; s changes its
+    magnitude and the heads' weights.
 
     Args:
         lr: learning rate of the internal optimiser of s (> 0). Default 1e-4 (see above).
@@ -62,6 +63,7 @@ class IMTL(GramianWeighting):
                  "(openreview.net/forum?id=IMPnRXEWpvr)")
     defaults_source = "s0 = 0; internal Adam(lr=1e-4) as the NYUv2 protocol's optimiser (LibMTL)"
     stateful = True
+    head_rule = "the IMTL-L loss scales e^{s_t} (paper, Sec. 3.3: heads train on e^{s_t} L_t)"
 
     def __init__(self, lr: float = 1e-4, optimizer: str = "adam") -> None:
         self.lr = positive("lr", lr, self.name)
@@ -95,6 +97,13 @@ class IMTL(GramianWeighting):
         self.log_scales = self.log_scales - self.lr * m_hat / (np.sqrt(v_hat) + eps)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return self._weights(gramian, losses)[0]
+
+    def decide(self, grads) -> Decision:
+        w, head_w = self._weights(grads.gramian(), grads.objective_losses)
+        return Decision(weights=w, head_weights=head_w, values=self.log_values())
+
+    def _weights(self, gramian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         G, L = check_gramian(gramian, losses, self.name)
         T = G.shape[0]
         if np.any(L < 0):
@@ -113,17 +122,13 @@ class IMTL(GramianWeighting):
         e = np.exp(s)
         alpha, info = imtl_g_weights(G * np.outer(e, e))
         w = alpha * e
-        self._head_w = to_weights(e, gramian)  # heads are trained on the scaled losses e^{s_t} L_t
+        head_w = to_weights(e, gramian)  # heads are trained on the scaled losses e^{s_t} L_t
         self._step(e * L - 1.0)  # d/ds (e^s L − s)
         if not np.all(np.isfinite(self.log_scales)):
             raise ConfigurationError(
                 f"imtl: the loss scales became non-finite ({self.log_scales.tolist()}); lower lr")
         self._log = {**info, **{f"scale_{t}": float(math.exp(v)) for t, v in enumerate(s)}}
-        return to_weights(w, gramian)
-
-    def head_weights(self, weights: Tensor) -> Tensor:
-        """Task heads get the IMTL-L scales e^{s_t} (the paper scales each task's loss for its head)."""
-        return getattr(self, "_head_w", weights)
+        return to_weights(w, gramian), head_w
 
     def state_dict(self) -> dict[str, Any]:
         if self.log_scales is None:

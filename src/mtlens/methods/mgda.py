@@ -49,6 +49,8 @@ class MGDA(GramianWeighting):
     """
 
     name = "mgda"
+    head_rule = ("own gradient, unit weights (paper, Algorithm 2: θ^t ← θ^t − η∇_{θ^t}L^t; the authors' code "
+                 "scales the heads by the MGDA weights — we follow the paper)")
     reference = ("Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018, "
                  "arXiv:1810.04650")
     defaults_source = "normalization='none' (LibMTL mgda_gn default; the paper does not normalise)"

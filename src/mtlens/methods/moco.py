@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks, gramian_from_blocks
 from ..engine.protocols import JacobianAggregator
 from ..errors import CheckpointError, ConfigurationError, ShapeError
@@ -44,8 +45,10 @@ class MoCo(JacobianAggregator):
         d   = Σ_t λ_t y_t
 
     ``Π_Δ`` is the Euclidean projection onto the simplex, as in the paper (LibMTL replaces it
-    by a softmax of the updated vector; we follow the paper). Task-specific (head)
-    parameters get weights ``λ`` (the paper treats all parameters alike); ``last_weights = λ``.
+    by a softmax of the updated vector; we follow the paper). Task-specific (head) parameters
+    get their own task's gradient with unit weight (``head_rule``; LibMTL, whose MoCo corrects the
+    shared parameters only — the paper's Algorithm 1 treats all parameters as one vector, which
+    would need tracked head gradients; we follow the code). The decision's ``weights`` are ``λ``.
 
     Hyper-parameters (defaults, from the authors' code as shared in LibMTL): ``beta=0.5``,
     ``beta_sigma=0.5``, ``gamma=0.1``, ``gamma_sigma=0.5``, ``rho=0.0``;
@@ -65,6 +68,7 @@ class MoCo(JacobianAggregator):
     reference = "Fernando et al., Mitigating Gradient Bias in Multi-objective Learning, arXiv:2210.04883"
     defaults_source = "beta, beta_sigma, gamma, gamma_sigma, rho, loss normalisation: authors' code (LibMTL)"
     stateful = True
+    head_rule = "own gradient, unit weights (LibMTL's MoCo corrects the shared parameters only)"
 
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
                  gamma_sigma: float = 0.5, rho: float = 0.0, normalize: str = "loss") -> None:
@@ -106,6 +110,14 @@ class MoCo(JacobianAggregator):
             scale = scale * L
         return [b * scale.to(b.dtype).reshape(T, *([1] * (b.ndim - 1))) for b in blocks]
 
+    def decide(self, grads) -> Decision:
+        combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
+        return Decision(combined=combined, head_weights=head_w, weights=self._lambda.clone(),
+                        values=self.log_values())
+
+    def snapshot(self):
+        return self.state_dict()  # already copies
+
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:
         blocks = check_blocks(jacobian, self.name)
         T = blocks[0].shape[0]
@@ -128,7 +140,7 @@ class MoCo(JacobianAggregator):
         self._lambda = project_simplex(lam - step)
         self.last_weights = self._lambda.clone()
         combined = combine_blocks(self._lambda.to(blocks[0].device), self._y)
-        return combined, self._lambda.clone()
+        return combined, torch.ones(T, dtype=torch.float64)
 
     def log_values(self) -> dict[str, float]:
         if self._lambda is None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine.decision import Decision
 from ..engine.protocols import GramianWeighting
 from ..errors import CheckpointError, MissingDependencyError, ShapeError, SolverError, require
 from ._registry import register
@@ -73,6 +74,7 @@ class NashMTL(GramianWeighting):
     defaults_source = ("max_norm=1.0, update_weights_every=1, optim_niter=20 "
                        "(official code AvivNavon/nash-mtl)")
     stateful = True
+    head_rule = "α before the max-norm clipping (official code: backward of Σ_t α_t L_t, clips the shared part only)"
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20) -> None:
         check(isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool)
@@ -196,6 +198,13 @@ class NashMTL(GramianWeighting):
         return alpha
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return self._weights(gramian, losses)[0]
+
+    def decide(self, grads) -> Decision:
+        w, head_w = self._weights(grads.gramian(), grads.objective_losses)
+        return Decision(weights=w, head_weights=head_w, values=self.log_values())
+
+    def _weights(self, gramian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         G, _ = check_gramian(gramian, losses, self.name)
         T = G.shape[0]
         if self.step % self.update_weights_every == 0:
@@ -211,15 +220,11 @@ class NashMTL(GramianWeighting):
         self.step += 1
         norm = math.sqrt(max(float(alpha @ G @ alpha), 0.0))
         clipped = self.max_norm > 0 and norm > self.max_norm
-        self._head_alpha = to_weights(alpha, gramian)  # heads: unclipped α (official code clips shared only)
+        head_alpha = to_weights(alpha, gramian)  # heads: unclipped α (official code clips shared only)
         if clipped:
             alpha = alpha * (self.max_norm / norm)
         self._log.update({"solved": solved, "update_norm": norm, "clipped": float(clipped)})
-        return to_weights(alpha, gramian)
-
-    def head_weights(self, weights: Tensor) -> Tensor:
-        """The task heads get the unclipped α: the official code clips only the shared gradient."""
-        return getattr(self, "_head_alpha", weights)
+        return to_weights(alpha, gramian), head_alpha
 
     def state_dict(self) -> dict[str, Any]:
         def t(x):

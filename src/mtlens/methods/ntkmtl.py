@@ -59,6 +59,8 @@ class NTKMTL(GramianWeighting):
     reference = ("Qin et al., NTKMTL: Mitigating Task Imbalance in MTL from Neural Tangent Kernel Perspective, "
                  "NeurIPS 2025, arXiv:2510.18258")
     defaults_source = "ntk_exp = 0.5 (paper, Eq. of the NTK ratio); max_norm = 1.0 and ×T (authors' code)"
+    head_rule = ("own gradient, unit weights (authors' code: each task's loss is backpropagated, only the shared "
+                 "gradient is overwritten and clipped)")
 
     def __init__(self, ntk_exp: float = 0.5, max_norm: float = 1.0) -> None:
         self.ntk_exp = positive("ntk_exp", ntk_exp, self.name)
@@ -110,6 +112,7 @@ class NTKMTLSR(JacobianAggregator):
     levels = ("feature",)
     reference = "Qin et al., NTKMTL (SR variant), NeurIPS 2025, arXiv:2510.18258"
     defaults_source = "n_sub = 4 (authors' README); ntk_exp = 0.5 (paper)"
+    head_rule = "the NTK weights w_t (authors' SR code is the loss weighting Σ_t w_t L_t)"
 
     def __init__(self, n_sub: int = 4, ntk_exp: float = 0.5) -> None:
         check(isinstance(n_sub, int) and not isinstance(n_sub, bool) and n_sub >= 1,

@@ -60,6 +60,7 @@ class PCD(GramianWeighting):
                  "arXiv:2606.29521")
     defaults_source = "tau = 0.02, beta = 0.999, eps = 1e-8 (TorchJD 0.18 PCD, after the reference code)"
     stateful = True
+    head_rule = "own gradient, unit weights (TorchJD's mtl_backward, the library PCD ships in)"
 
     def __init__(self, tau: float | Sequence[float] = 0.02, beta: float = 0.999, eps: float = 1e-8,
                  infeasible: str = "primary") -> None:

@@ -44,10 +44,13 @@ class PIVRG(GramianWeighting):
     (their own loss gradients, as in the authors' code).
 
     Scores: the caller reports them with :meth:`set_scores` — one number per task, the task's
-    relative performance drop against its single-task baseline in percent (higher = worse; the
-    authors average ``delta_fn_arr`` of the task's training metrics of the last epoch). Before
-    the first report every score is 0 (equal priorities), as in the authors' trainers, which
-    start from zeros.
+    relative performance drop against its single-task baseline in percent (higher = worse;
+    ``needs_task_scores``: the mtlens trainer reports, after every epoch, minus the mean over
+    the task's metrics of the relative improvement ``r_m`` of :mod:`mtlens.tasks.delta` on the
+    **validation** metrics, against the baseline's validation metrics; the authors average
+    ``delta_fn_arr`` of the task's **training** metrics of the epoch, which our trainer does not
+    compute — the same quantity on held-out data). Before the first report every score is 0
+    (equal priorities), as in the authors' trainers, which start from zeros.
 
     Hyper-parameters (defaults, the authors' ``experiments/utils.py``): ``bound=2.0``,
     ``mintemp=10``, ``max_norm=1.0``; ``infeasible="raise"`` as our FairGrad (no positive solution
@@ -60,6 +63,9 @@ class PIVRG(GramianWeighting):
                  "Reduction (PIVRG), CVPR 2025")
     defaults_source = "bound = 2.0, mintemp = 10, max_norm = 1.0, ×T (authors' code, MTLlib/NTKMTL repositories)"
     stateful = True
+    needs_task_scores = True
+    head_rule = ("own gradient, unit weights (authors' code: each task's loss is backpropagated, only the shared "
+                 "gradient is overwritten and clipped)")
 
     def __init__(self, bound: float = 2.0, mintemp: float = 10.0, max_norm: float = 1.0,
                  infeasible: str = "raise") -> None:
@@ -79,6 +85,10 @@ class PIVRG(GramianWeighting):
         if not np.isfinite(s).all():
             raise NonFiniteError(f"pivrg: non-finite task scores {s.tolist()}")
         self._scores = s
+
+    def on_task_scores(self, scores: Tensor) -> None:
+        """The trainer's report after each epoch (``needs_task_scores``): same as :meth:`set_scores`."""
+        self.set_scores(scores)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G, _ = check_gramian(gramian, losses, self.name)

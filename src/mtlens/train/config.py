@@ -337,10 +337,19 @@ def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, m
         torch.manual_seed(1234)
         enc = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
         heads = [nn.Linear(5, 2) for _ in range(n_tasks)]
+        if method.needs_lookahead:  # a look-ahead over the toy problem, as the trainer does
+            from ..engine import LookAhead
+
+            params = list(enc.parameters()) + [p for h in heads for p in h.parameters()]
+            x2 = torch.randn(4, 3)
+
+            def toy(x):
+                return lambda: [(h(enc(x)) ** 2).mean() + 0.1 for h in heads]
+            method.meta_step(LookAhead(params, toy(torch.randn(4, 3)), toy(x2), lr=0.01))
         if multi_input:
             feats = [enc(torch.randn(4, 3)) for _ in range(n_tasks)]
             losses = {f"task{t}": (heads[t](feats[t]) ** 2).mean() + 0.1 for t in range(n_tasks)}
-            features: Any = feats
+            features: Any = {f"task{t}": feats[t] for t in range(n_tasks)}
         else:
             z = enc(torch.randn(4, 3))
             losses = {f"task{t}": (heads[t](z) ** 2).mean() + 0.1 for t in range(n_tasks)}

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..engine import StepRecord, cross_gramian, mtl_backward
+from ..engine import LookAhead, StepRecord, cross_gramian, mtl_backward
 from ..errors import CheckpointError, ConfigurationError, DataError, OutputPathError
 from ..storage import DirectoryLock, is_under, output_path_error, read_json, write_json
 from .checkpoint import (
@@ -235,6 +235,11 @@ class Trainer:
         self._eval_loaders: dict[str, Any] = {}
 
         self._baseline = baseline
+        if self.method.needs_task_scores and baseline is None and cfg.baseline is None:
+            raise ConfigurationError(
+                f"'{self.method.name}' weights the tasks by their performance against single-task baselines "
+                "(needs_task_scores): set baseline=auto (or a baseline file with validation metrics)"
+            )
         # -- progress state (all of it goes into checkpoints) --------------------------------
         self.epoch = 0  # index of the epoch in progress (0-based)
         self.step_in_epoch = 0
@@ -245,6 +250,7 @@ class Trainer:
         self._timing = {"train_s": 0.0, "eval_s": 0.0, "steps_timed": 0}
         self.skipped_steps = 0
         self._diag_last: dict[str, float] | None = None
+        self._peak_memory: dict[str, Any] | None = None
         self._finished = False
 
     # =========================================================================================
@@ -293,14 +299,14 @@ class Trainer:
         """Per-task losses and the shared representation(s) the heads consumed."""
         losses: dict[str, torch.Tensor] = {}
         if self.multi_input:
-            feats = []
+            feats = {}  # {task: Z_task}: one input batch per task (explicit multi-input for the engine)
             for t in self.tasks:
                 x, y = batch[t]["input"], batch[t]["target"]
                 with self._autocast():
                     z = self.model.encode(x)
                     pred = self.model.decode(z, tasks=[t], out_size=self._out_size(x))[t]
                 losses[t] = self.spec.tasks[t].loss(pred.float(), y)
-                feats.append(z)
+                feats[t] = z
             return losses, feats
         x = batch["input"]
         with self._autocast():
@@ -316,6 +322,8 @@ class Trainer:
         batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
         if self.method.needs_second_batch:
             self._observe_cross_gramian()
+        if self.method.needs_lookahead:
+            self._meta_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses, feats = self._forward_losses(batch)
         kwargs: dict[str, Any] = {"level": cfg.method.level}
@@ -335,6 +343,12 @@ class Trainer:
         )
         if record.skipped:
             self.skipped_steps += 1
+            if self.scaler is None or not record.reason.startswith("grad_scaler overflow"):
+                return record
+            # fp16 overflow: the engine wrote the scaler's inf signal; scaler.step skips the
+            # optimiser step and scaler.update backs the scale off (the documented loop)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             return record
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -373,6 +387,33 @@ class Trainer:
         lb, _ = self._forward_losses(b)
         A = cross_gramian([la[t] for t in self.tasks], [lb[t] for t in self.tasks], self.model.shared_parameters())
         self.method.observe_cross_gramian(A)
+
+    def _meta_step(self, batch: Any) -> None:
+        """Bilevel methods (``needs_lookahead``): a :class:`LookAhead` over the step's batch and one
+        independent batch (the first extra stream of :meth:`_aux_batches`) → ``method.meta_step``.
+        The look-ahead's forwards run in train mode; BatchNorm running statistics are restored
+        afterwards so that they do not change the model [choice]."""
+        val = to_device(self._aux_batches()[0], self.device, non_blocking=self.device.type == "cuda")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        group = self.optimizer.param_groups[0]
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None for p in params]
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+
+        def losses_of(b):
+            def closure():
+                losses, _ = self._forward_losses(b)
+                return [losses[t] for t in self.tasks]
+            return closure
+
+        la = LookAhead(params, losses_of(batch), losses_of(val), lr=float(group["lr"]), momentum=momentum,
+                       momentum_buffers=bufs, weight_decay=float(group.get("weight_decay", 0.0) or 0.0))
+        try:
+            self.method.meta_step(la)
+        finally:
+            with torch.no_grad():
+                for k, v in self.model.named_buffers():
+                    v.copy_(buffers[k])
 
     def _extra_forward(self, batch: Any) -> None:
         """Losses of the updated model on the same batch, for methods that need them (FAMO).
@@ -471,6 +512,21 @@ class Trainer:
         from ..tasks.delta import delta_p_task
 
         return float(delta_p_task(val["metrics"], self.baseline["metrics"]["val"], self._directions()))
+
+    def _report_task_scores(self, val: dict[str, Any]) -> None:
+        """Each task's relative drop (%, higher = worse) against the baseline's validation metrics,
+        ``-mean_m r_m``, reported to methods with ``needs_task_scores`` (PIVRG)."""
+        from ..tasks.delta import relative_improvements
+
+        b = self.baseline
+        if b is None or not b["metrics"].get("val"):
+            raise ConfigurationError(
+                f"'{self.method.name}' weights the tasks by their performance against single-task baselines "
+                "(needs_task_scores); it needs the baseline's validation metrics: set baseline=auto"
+            )
+        r = relative_improvements(val["metrics"], b["metrics"]["val"], self._directions())
+        scores = [-sum(r[t].values()) / len(r[t]) for t in self.tasks]
+        self.method.on_task_scores(torch.tensor(scores, dtype=torch.float64))
 
     def _directions(self) -> dict[str, dict[str, bool]]:
         return {t: dict(self.spec.tasks[t].metrics) for t in self.tasks}
@@ -663,7 +719,12 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             if not self._finished:
+                from .memory import PeakMemory
+
+                memory = PeakMemory(self.device)
+                memory.start()
                 self._train_loop()
+                self._peak_memory = memory.stop()
             results = self._finalize(time.perf_counter() - t_start)
         finally:
             self._jsonl.close()
@@ -748,6 +809,8 @@ class Trainer:
         if self.scheduler is not None and not plateau:
             self.scheduler.step()
         val = self.evaluate("val")
+        if self.method.needs_task_scores:
+            self._report_task_scores(val)
         score = self._score(val, epoch + 1)
         if plateau:
             self.scheduler.step(score)
@@ -873,6 +936,8 @@ class Trainer:
                 "eval_s": self._timing["eval_s"],
                 "mean_step_s": self._timing["train_s"] / timed,
                 "this_session_s": session_s,
+                # this session's training only (None when a finished run was re-tested): train/memory.py
+                "peak_memory": self._peak_memory,
             },
             "device": str(self.device),
             "environment": environment(),

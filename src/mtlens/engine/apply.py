@@ -1,0 +1,205 @@
+"""Step 3 of the engine: write a :class:`Decision` into ``.grad`` — all of it, or nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigurationError, NonFiniteError
+from .decision import Decision
+from .gradients import TaskGradients, _grads, all_finite, zeros_if_none
+from .gramian import combine_blocks, combine_rows
+from .graph import find_leaves
+
+
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale: float = 1.0) -> None:
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        g = g.detach()
+        if scale != 1.0:
+            g = g * scale
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+
+
+def _check_range(w: Tensor, dtypes: set[torch.dtype], what: str, name: str) -> None:
+    """Finite weights beyond a low-precision dtype's range would overflow while combining."""
+    for dt in dtypes:
+        if dt in (torch.float16, torch.bfloat16):
+            big = float(torch.finfo(dt).max)
+            if bool((w.abs() > big).any()):
+                raise NonFiniteError(
+                    f"method '{name}' returned {what} {w.tolist()}, beyond the range of the {dt} gradients "
+                    f"(max {big:g}); nothing was written into .grad. Keep the model's parameters in float32 "
+                    "(autocast computes in float16 but keeps float32 parameters) or bound the method's weights."
+                )
+
+
+def check_decision(decision: Decision, grads: TaskGradients, name: str) -> Decision:
+    """Validate a method's decision (shapes, finiteness); raise :class:`NonFiniteError` naming the method."""
+    T = grads.T
+    if not isinstance(decision, Decision):
+        raise ConfigurationError(f"method '{name}'.decide() returned {type(decision).__name__}, not a Decision")
+    if decision.weights is not None:
+        w = torch.as_tensor(decision.weights, dtype=torch.float64).reshape(-1).cpu()
+        if w.shape[0] != T or not bool(torch.isfinite(w).all()):
+            diag = grads.gramian().diagonal().tolist() if grads.level != "loss" and grads._gramian is not None else None
+            raise NonFiniteError(
+                f"method '{name}' returned weights {w.tolist()} for {T} tasks"
+                + (f" (Gramian diagonal {diag})" if diag is not None else "") + "; nothing was written into .grad"
+            )
+        decision.weights = w
+    if decision.head_weights is not None:
+        hw = torch.as_tensor(decision.head_weights, dtype=torch.float64).reshape(-1).cpu()
+        if hw.shape[0] != T or not bool(torch.isfinite(hw).all()):
+            raise NonFiniteError(f"method '{name}' returned head weights {hw.tolist()}; nothing was written")
+        decision.head_weights = hw
+    if decision.combined is not None and not all_finite(decision.combined):
+        raise NonFiniteError(f"method '{name}' produced a non-finite update; nothing was written into .grad")
+    if grads.level != "loss" and decision.combined is None and decision.weights is None:
+        raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
+    dtypes = {p.dtype for p in grads.shared_params + grads.task_params}
+    if decision.weights is not None and decision.combined is None and decision.objective is None:
+        _check_range(decision.weights, dtypes, "weights", name)
+    if decision.head_weights is not None:
+        _check_range(decision.head_weights, dtypes, "head weights", name)
+    return decision
+
+
+def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bool = False,
+                   name: str = "method") -> str:
+    """Step 3: write the gradients of ``decision`` into ``.grad`` (accumulating like ``backward``).
+
+    Shared parameters: ``Σ_t w_t g_t`` (or the combined blocks; at feature level the combined
+    saliency pushed through the encoder once per micro-batch); heads: ``Σ_t h_t ∇_head L_t``
+    with the decision's head weights; regulariser gradients added; loss level: one backward of
+    the objective (+ penalties). Under data parallelism every locally computed part is averaged
+    over ranks with one flat all-reduce. Nothing is written unless every gradient is finite.
+
+    Returns:
+        ``""`` when written, else the reason nothing was written (a non-finite gradient).
+    """
+    dist = grads._dist
+    scale = grads._scale
+    shared, heads = grads.shared_params, grads.task_params
+    if grads.level == "loss":
+        if decision.objective is None:
+            raise ConfigurationError(f"loss level needs an objective from '{name}'")
+        total = decision.objective
+        if grads._reg_total is not None:
+            total = total + grads._reg_total
+        if scale != 1.0:
+            total = total * scale
+        params = find_leaves([total])
+        gs = list(_grads(total, params, retain_graph=retain_graph))
+        if dist is not None:
+            gs = dist.mean_list(gs)
+        if not all_finite(gs):
+            return (f"non-finite gradient in the backward of '{name}' (losses {grads.losses.tolist()}); nothing was "
+                    "written into .grad")
+        _accumulate(params, gs)
+        return ""
+
+    T = grads.T
+    reg_shared = reg_heads = None
+    reg_dz: list[list[Tensor]] | None = None
+    if grads._reg_total is not None:
+        reg = grads._reg_total * scale if scale != 1.0 else grads._reg_total
+        if grads._reg_kind == "param":
+            gs = _grads(reg, list(shared) + heads, retain_graph=True)
+            reg_shared = [g.detach() / scale if scale != 1.0 else g.detach()
+                          for g in zeros_if_none(gs[: len(shared)], shared)]
+            reg_heads = [None if g is None else g.detach() / scale for g in gs[len(shared):]]
+        else:
+            maps = [z for part in grads._parts for z in part["features"].maps]
+            gs = _grads(reg, maps + heads, retain_graph=True)
+            flat = [None if g is None else g.detach() / scale for g in gs[: len(maps)]]
+            reg_dz, i = [], 0
+            for part in grads._parts:
+                n = len(part["features"].maps)
+                reg_dz.append(flat[i:i + n])
+                i += n
+            reg_heads = [None if g is None else g.detach() / scale for g in gs[len(maps):]]
+
+    # ---- shared parameters -----------------------------------------------------------------
+    local_shared: list[Tensor] | None = None  # computed on this rank's samples: averaged below
+    global_shared: list[Tensor] | None = None  # already the global gradient
+    if grads.level == "feature":
+        w = decision.weights
+        local_shared = [torch.zeros_like(p) for p in shared]
+        for k, part in enumerate(grads._parts):
+            pf = part["features"]
+            S = part["saliencies"]
+            if decision.combined is not None:
+                if len(grads._parts) > 1 or pf.multi_input:
+                    raise ConfigurationError(
+                        f"'{name}' combines the Jacobian itself; at feature level it needs one shared representation "
+                        "and one batch (not multi-input, not accumulated micro-batches)"
+                    )
+                dz = [c for c in decision.combined]
+            elif pf.multi_input:
+                dz = [w[t].to(S[t][0].dtype) * S[t][0] for t in range(T)]
+            else:
+                dz = [sum(w[t].to(S[t][m].dtype) * S[t][m] for t in range(T)) for m in range(len(pf.maps))]
+            if reg_dz is not None:
+                dz = [a if b is None else a + b for a, b in zip(dz, reg_dz[k])]
+            if len(grads._parts) > 1:
+                dz = [d / len(grads._parts) for d in dz]
+            dz_s = [d * scale for d in dz] if scale != 1.0 else dz
+            pairs = [(z, g) for z, g in zip(pf.maps, dz_s)]
+            gs = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
+                        retain_graph=retain_graph or grads._reg_total is not None)
+            for acc, g in zip(local_shared, gs):
+                if g is not None:
+                    acc.add_(g.detach() / scale if scale != 1.0 else g.detach())
+    else:
+        if decision.combined is not None:
+            global_shared = list(decision.combined)
+        elif grads._rows is not None:
+            # the rows are fresh autograd outputs used nowhere else: combine them in place
+            global_shared = combine_rows(decision.weights, grads._rows, inplace=True)
+            grads._rows = None
+        else:
+            global_shared = combine_blocks(decision.weights, grads.jacobian_blocks())
+        if reg_dz is not None:
+            maps = grads._parts[0]["features"].maps
+            pairs = [(z, g) for z, g in zip(maps, reg_dz[0]) if g is not None]
+            if pairs:
+                gs = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
+                            retain_graph=retain_graph)
+                local_shared = zeros_if_none(gs, shared)
+        if reg_shared is not None:
+            local_shared = reg_shared if local_shared is None else [a + b for a, b in zip(local_shared, reg_shared)]
+
+    # ---- heads -----------------------------------------------------------------------------
+    hw = decision.head_weights.tolist() if decision.head_weights is not None else [1.0] * T
+    head_g: list[Tensor | None] = []
+    for j in range(len(heads)):
+        g = None
+        for t in range(T):
+            r = grads.head_rows[t][j] if grads.head_rows else None
+            if r is not None:
+                g = r * hw[t] if g is None else g.add_(r, alpha=hw[t])
+        if reg_heads is not None and reg_heads[j] is not None:
+            g = reg_heads[j] if g is None else g + reg_heads[j]
+        head_g.append(g)
+
+    if dist is not None:
+        n = len(shared)
+        reduced = dist.mean_list((local_shared or [None] * n) + head_g)
+        local_shared = reduced[:n] if local_shared is not None else None  # type: ignore[assignment]
+        head_g = reduced[n:]
+    if global_shared is not None and local_shared is not None:
+        shared_g = [a + b for a, b in zip(global_shared, local_shared)]
+    else:
+        shared_g = global_shared if global_shared is not None else local_shared
+    if not all_finite(list(shared_g) + [g for g in head_g if g is not None]):
+        return f"non-finite combined gradient from '{name}'; nothing was written into .grad"
+    _accumulate(shared, shared_g, scale)
+    _accumulate(heads, head_g, scale)
+    return ""

@@ -1,0 +1,829 @@
+"""Step 1 of the engine: per-task losses → :class:`TaskGradients` (no method involved).
+
+The value holds what any method may need — the losses, the saliencies ``S_t = ∂L_t/∂Z``, the
+per-task shared-parameter Jacobian (parameter level) or the stacked saliencies (feature level),
+the head gradient rows and the Gramian on demand — plus what step 3 (:func:`apply_decision`)
+needs to write gradients (the features whose graph it pushes through, the attached regulariser
+penalty). Under data parallelism the values that decide the step are already reduced, so every
+rank sees the same :class:`TaskGradients` numbers for the decision.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from .distributed import Dist
+from .gramian import gramian_from_blocks, gramian_from_rows, stack_rows
+from .graph import find_leaves
+from .protocols import Regularizer
+
+LOG_EPS = 1e-8
+JACOBIAN_MODES = ("loop", "batched")
+LOSS_TRANSFORMS = ("none", "log")
+LEVELS = ("loss", "param", "feature")
+
+_warned_zero: set[str] = set()
+
+
+def transform_losses(losses: Tensor, transform: str | None) -> Tensor:
+    """Apply a loss transform: ``"none"`` or ``"log"`` (``log(L_t + 1e-8)``, DB-MTL / Rep-MTL)."""
+    if transform in (None, "none"):
+        return losses
+    if transform == "log":
+        return torch.log(losses + LOG_EPS)
+    raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Features:
+    """The shared representation(s), normalised at the boundary.
+
+    ``maps``: the tensors; ``owner[m]``: the task index that owns map ``m`` (multi-input: one
+    input batch per task, ``features={task: Z_task}``) or ``None`` (a shared map every task may
+    read: ``features=Z`` or ``features=[Z_low, Z_high]`` for several maps of one input)."""
+
+    maps: list[Tensor]
+    owner: list[int | None]
+
+    @property
+    def multi_input(self) -> bool:
+        return bool(self.maps) and self.owner[0] is not None
+
+    def of_task(self, t: int) -> list[Tensor]:
+        """The maps task t's loss may reach."""
+        if self.multi_input:
+            return [self.maps[t]]
+        return self.maps
+
+
+def normalise_features(features, names: Sequence[str]) -> Features:
+    if features is None:
+        return Features([], [])
+    if isinstance(features, Tensor):
+        maps, owner = [features], [None]
+    elif isinstance(features, Mapping):
+        keys = list(features.keys())
+        if sorted(keys) != sorted(names):
+            raise ConfigurationError(
+                f"multi-input features must map every task to its own representation: got keys {keys} for "
+                f"tasks {list(names)}"
+            )
+        maps = [features[n] for n in names]
+        owner = list(range(len(names)))
+    elif isinstance(features, Sequence):
+        maps = list(features)
+        owner = [None] * len(maps)
+        if not maps:
+            raise ConfigurationError("features is an empty sequence; pass None, a tensor or several maps")
+    else:
+        raise ConfigurationError(
+            f"features must be a tensor, a sequence of shared maps or a {{task: Z}} mapping, got "
+            f"{type(features).__name__}"
+        )
+    for z in maps:
+        if not isinstance(z, Tensor) or not z.requires_grad:
+            raise ConfigurationError(
+                "features must be the encoder output the heads consumed, attached to the graph "
+                "(requires_grad=True); do not pass a detached copy"
+            )
+    return Features(maps, owner)
+
+
+def normalise_losses(losses, task_names) -> tuple[list[str], list[Tensor]]:
+    if isinstance(losses, Mapping):
+        names = list(losses.keys())
+        values = list(losses.values())
+        if task_names is not None and list(task_names) != names:
+            raise ConfigurationError(f"task_names {list(task_names)} do not match the losses' keys {names}")
+    elif isinstance(losses, Tensor):
+        values = list(losses.reshape(-1).unbind(0))
+        names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(values))]
+    else:
+        values = list(losses)
+        names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(values))]
+    if len(values) == 0:
+        raise ConfigurationError("mtl_backward got no losses")
+    if len(names) != len(values):
+        raise ConfigurationError(f"{len(names)} task names for {len(values)} losses")
+    for n, v in zip(names, values):
+        if not isinstance(v, Tensor) or v.numel() != 1:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ShapeError(f"loss of task '{n}' must be a scalar tensor, got {shape}; reduce it with .mean()")
+        if not v.requires_grad:
+            raise ConfigurationError(
+                f"loss of task '{n}' does not require grad: it was computed without a graph "
+                "(torch.no_grad?) or from detached tensors"
+            )
+    return [str(n) for n in names], [v.reshape(()) for v in values]
+
+
+def all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    ts = [t for t in tensors if t is not None]
+    if not ts:
+        return True
+    # A sum propagates NaN and ±inf and is the cheapest full read (an inf-norm is ~15x slower on
+    # CPU); it can only false-alarm when a finite tensor sums past the dtype's range.
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in ts])
+    return bool(torch.isfinite(sums).all())
+
+
+def _grads(outputs, inputs, grad_outputs=None, retain_graph=True, create_graph=False, batched=False):
+    return torch.autograd.grad(
+        outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph or create_graph,
+        create_graph=create_graph, allow_unused=True, is_grads_batched=batched,
+    )
+
+
+def zeros_if_none(gs, like):
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, like)]
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TaskGradients:
+    """Everything a method may decide from, for one step (or K accumulated micro-batches).
+
+    Attributes (T tasks, in ``task_names`` order):
+        task_names: the task names.
+        losses: raw task losses (T,), detached (the mean over ranks / micro-batches).
+        objective_losses: the losses the method sees (after the loss transform), detached.
+        level: ``"param"``, ``"feature"`` or ``"loss"``.
+        saliencies: ``S_t = ∂L_t/∂Z`` of the raw losses (T, *Z.shape), detached, when computed
+            (one shared map, or multi-input with equal batch shapes).
+        grad_norms: per-task gradient norms (T,) on the ``grad_norm_params`` (loss methods that
+            declare ``needs_grad_norms``), else ``None``.
+        head_rows: per task, per task-specific parameter, the gradient of the task's objective
+            loss (``None`` where the task does not reach the parameter); unscaled, local to
+            this rank (the engine averages what it writes).
+        shared_params, task_params: the parameters gradients are written to.
+        problem: why the step cannot proceed (a non-finite loss or gradient), else ``""``.
+    """
+
+    task_names: list[str]
+    losses: Tensor
+    objective_losses: Tensor
+    level: str
+    shared_params: list[Tensor] = field(default_factory=list)
+    task_params: list[Tensor] = field(default_factory=list)
+    saliencies: Tensor | None = None
+    grad_norms: Tensor | None = None
+    head_rows: list[list[Tensor | None]] = field(default_factory=list)
+    problem: str = ""
+    overflow: bool = False
+    gramian_level: str | None = None  # loss level: where compute_gramian measured
+    regularizer_values: dict[str, float] = field(default_factory=dict)
+    # -- internals (used by the decision helpers and by apply_decision) ---------------------
+    _rows: list[list[Tensor]] | None = None  # param level: per task, per shared parameter
+    _blocks: list[Tensor] | None = None  # param level (T, *shape) / feature level per map
+    _gramian: Tensor | None = None
+    _features: Features | None = None
+    _parts: list[dict[str, Any]] = field(default_factory=list)  # per micro-batch: graph handles
+    _reg_total: Tensor | None = None
+    _reg_kind: str = ""
+    _attached: list[Tensor] | None = None  # loss level: attached objective losses (value = global)
+    _dist: Dist | None = None
+    _scale: float = 1.0
+    _count: int = 1
+
+    @property
+    def T(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+    # -- what methods read ---------------------------------------------------------------------
+    def gramian(self) -> Tensor:
+        """``G = J Jᵀ`` (T×T, float64) of the objective losses at ``level`` (computed once)."""
+        if self._gramian is None:
+            if self._rows is not None:
+                self._gramian = gramian_from_rows(self._rows)
+            elif self._blocks is not None:
+                self._gramian = gramian_from_blocks(self._blocks)
+            else:
+                raise ConfigurationError(
+                    "no per-task gradients were computed for this step (loss level without compute_gramian)"
+                )
+        return self._gramian
+
+    def jacobian_blocks(self) -> list[Tensor]:
+        """The Jacobian as blocks with a leading task dimension: one per shared parameter at
+        parameter level, one per shared map (T, *Z.shape) at feature level."""
+        if self._blocks is None:
+            if self._rows is None:
+                raise ConfigurationError("no per-task gradients were computed for this step")
+            self._blocks = stack_rows(self._rows, self.shared_params)
+            self._rows = None
+        return self._blocks
+
+    def method_features(self) -> Tensor | None:
+        """The (single) shared representation ``Z``, detached, for methods declaring ``needs_features``."""
+        if self._features is None or not self._features.maps:
+            return None
+        if len(self._parts) > 1 or len(self._features.maps) != 1:
+            raise ConfigurationError(
+                "this method needs the activations Z of one shared map and one batch; it cannot be used with "
+                "several maps, gradient accumulation or data parallelism"
+            )
+        return self._features.maps[0].detach()
+
+    def attached_losses(self) -> Tensor:
+        """Loss level: the objective losses attached to the graph (T,), valued at the global mean."""
+        if self._attached is None:
+            raise ConfigurationError("attached losses exist only at loss level")
+        return torch.stack(self._attached)
+
+    # -- accumulation --------------------------------------------------------------------------
+    @staticmethod
+    def accumulate(steps: Sequence[TaskGradients]) -> TaskGradients:
+        """Combine K micro-batches of equal size into the gradients of their concatenated batch.
+
+        Parameter level: per-task gradients and head rows are averaged (the loss of the
+        concatenated batch is the mean of the micro-batch means); the micro-batch graphs were
+        already freed. Feature level: the Gramians are summed with weight 1/K² (saliencies of
+        different samples are orthogonal coordinates of the concatenated representation) and
+        each micro-batch's encoder graph is kept until :func:`apply_decision` pushes the
+        combined saliency through it (memory: K encoder graphs, as one K-times larger batch).
+        Loss level: losses are averaged and every micro-batch graph is kept until the single
+        backward of the objective.
+        """
+        steps = list(steps)
+        if not steps:
+            raise ConfigurationError("accumulate() needs at least one TaskGradients")
+        first = steps[0]
+        K = len(steps)
+        for s in steps:
+            if s.task_names != first.task_names or s.level != first.level:
+                raise ConfigurationError("accumulated micro-batches must have the same tasks and level")
+            if s._dist is not first._dist:
+                raise ConfigurationError("accumulated micro-batches must use the same process group")
+        bad = next((s for s in steps if not s.ok), None)
+        out = TaskGradients(
+            task_names=list(first.task_names),
+            losses=torch.stack([s.losses for s in steps]).mean(0),
+            objective_losses=torch.stack([s.objective_losses for s in steps]).mean(0),
+            level=first.level, shared_params=first.shared_params, task_params=first.task_params,
+            _features=first._features, _dist=first._dist, _scale=first._scale, _count=K,
+        )
+        if bad is not None:
+            out.problem, out.overflow = bad.problem, bad.overflow
+            return out
+        out._parts = [p for s in steps for p in s._parts]
+        out.head_rows = _mean_rows([s.head_rows for s in steps])
+        for s in steps:
+            for k, v in s.regularizer_values.items():
+                out.regularizer_values[k] = out.regularizer_values.get(k, 0.0) + v / K
+        regs = [s._reg_total for s in steps if s._reg_total is not None]
+        if regs:
+            out._reg_total = sum(regs) / K  # type: ignore[assignment]
+            out._reg_kind = first._reg_kind
+        if first.level == "param":
+            blocks = [s.jacobian_blocks() for s in steps]
+            out._blocks = [sum(bs) / K for bs in zip(*blocks)]  # type: ignore[misc]
+        elif first.level == "feature":
+            out._gramian = sum(s.gramian() for s in steps) / (K * K)  # type: ignore[assignment]
+        else:
+            if first._attached is not None:
+                # value = the mean over micro-batches, gradient = each micro-batch's own graph
+                out._attached = [sum(s._attached[t] for s in steps) / K for t in range(out.T)]  # type: ignore
+            if first.grad_norms is not None:
+                out.grad_norms = None
+                raise ConfigurationError(
+                    "gradient accumulation with a method that needs gradient norms (GradNorm) is not supported: "
+                    "the norm of the accumulated gradient is not the mean of the micro-batch norms"
+                )
+            if any(s._gramian is not None for s in steps):
+                out._gramian = None
+        if first.saliencies is not None and all(s.saliencies is not None for s in steps):
+            out.saliencies = torch.cat([s.saliencies for s in steps], dim=1) / K
+        return out
+
+
+def _mean_rows(all_rows: list[list[list[Tensor | None]]]) -> list[list[Tensor | None]]:
+    K = len(all_rows)
+    if K == 1:
+        return all_rows[0]
+    out = []
+    for t in range(len(all_rows[0])):
+        row = []
+        for j in range(len(all_rows[0][t])):
+            gs = [r[t][j] for r in all_rows if r[t][j] is not None]
+            row.append(None if not gs else sum(gs) / K)
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def _find_heads(loss_list, feats: Features, shared, task_params, method_params) -> list[Tensor]:
+    shared_ids = {id(p) for p in shared}
+    if task_params is not None:
+        heads = [p for p in task_params if p.requires_grad and id(p) not in shared_ids]
+    elif feats.maps:
+        heads = find_leaves(loss_list, stop_at=feats.maps)
+        leaked = [p for p in heads if id(p) in shared_ids]
+        if leaked:
+            raise ConfigurationError(
+                f"{len(leaked)} shared parameter(s) reach the losses without passing through "
+                "features: features must be the only route from the encoder to the losses"
+            )
+    else:
+        heads = [p for p in find_leaves(loss_list) if id(p) not in shared_ids]
+    mp_ids = {id(p) for p in method_params}
+    return [p for p in heads if id(p) not in mp_ids]
+
+
+def _node_sets(loss_list, stop_at) -> list[set]:
+    """The autograd nodes each loss reaches before ``stop_at`` (to free each part of the graph on
+    its last use)."""
+    stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
+    out = []
+    for L in loss_list:
+        seen: set = set()
+        stack = [L.grad_fn]
+        while stack:
+            n = stack.pop()
+            if n is None or n in seen or n in stop:
+                continue
+            seen.add(n)
+            for nxt, _ in n.next_functions:
+                if nxt is not None and nxt not in seen:
+                    stack.append(nxt)
+        out.append(seen)
+    return out
+
+
+def maps_dependent(maps: Sequence[Tensor]) -> bool:
+    """Whether one of several shared maps is computed from another (``z_high = f(z_low)``)."""
+    if len(maps) < 2:
+        return False
+    nodes = {z.grad_fn: i for i, z in enumerate(maps) if z.grad_fn is not None}
+    for i, z in enumerate(maps):
+        seen: set = set()
+        stack = [n for n, _ in z.grad_fn.next_functions] if z.grad_fn is not None else []
+        while stack:
+            n = stack.pop()
+            if n is None or n in seen:
+                continue
+            if n in nodes and nodes[n] != i:
+                return True
+            seen.add(n)
+            stack.extend(m for m, _ in n.next_functions if m is not None and m not in seen)
+    return False
+
+
+def _free_exclusive(L: Tensor, sets: list[set], t: int, heads: Sequence[Tensor]) -> None:
+    """Free the part of task t's graph no later task uses (its head), as ``loss.backward()`` would.
+
+    Without ``features`` one backward per task must keep the shared encoder's graph for the next
+    task, so the head part of every task but the last would stay alive as long as the caller
+    holds the losses. A second, head-only backward (to the parameters reached from ``L`` without
+    crossing a node a later task uses) frees it; its cost is one more head backward per task —
+    pass ``features=Z`` to avoid it."""
+    later: set = set().union(*sets[t + 1:]) if t + 1 < len(sets) else set()
+    head_ids = {id(p) for p in heads}
+    reached: list[Tensor] = []
+    seen: set = set()
+    stack = [L.grad_fn]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen or n in later:
+            continue
+        seen.add(n)
+        var = getattr(n, "variable", None)
+        if var is not None:
+            if id(var) in head_ids:
+                reached.append(var)
+            continue
+        stack.extend(m for m, _ in n.next_functions if m is not None)
+    if reached:
+        torch.autograd.grad(L, reached, retain_graph=False, allow_unused=True)
+
+
+def _retain_flags(node_sets: list[set]) -> list[bool]:
+    """retain[t]: whether a later task's backward still needs a node of task t's graph."""
+    later: set = set()
+    flags = [True] * len(node_sets)
+    for t in range(len(node_sets) - 1, -1, -1):
+        flags[t] = bool(node_sets[t] & later)
+        later |= node_sets[t]
+    return flags
+
+
+def compute_task_gradients(
+    losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
+    *,
+    level: str,
+    features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None = None,
+    shared_params: Iterable[Tensor] | None = None,
+    task_params: Iterable[Tensor] | None = None,
+    task_names: Sequence[str] | None = None,
+    loss_transform: str | None = None,
+    jacobian: str = "loop",
+    regularizers: Sequence[Regularizer] = (),
+    keep_saliencies: bool = False,
+    compute_gramian: str | None = None,
+    grad_norm_params: Sequence[Tensor] | None = None,
+    method_params: Sequence[Tensor] = (),
+    scale: float = 1.0,
+    dist: Dist | None = None,
+    retain_graph: bool = False,
+) -> TaskGradients:
+    """Step 1: per-task gradients of ``losses`` at ``level``, with no method involved.
+
+    Args:
+        losses: per-task scalar losses (``{task: loss}`` preferred, or a sequence / vector).
+        level: ``"param"`` (per-task shared-parameter gradients), ``"feature"`` (saliencies) or
+            ``"loss"`` (no per-task gradients unless asked for below).
+        features: ``Z`` (one shared map), a sequence of shared maps of one input (every task may
+            read every map), or ``{task: Z_task}`` for multi-input benchmarks (one input batch per
+            task; a task's loss reaching another task's map raises).
+        shared_params: the encoder's parameters.
+        task_params: the heads; found from the graph between the losses and ``features`` when omitted.
+        loss_transform: ``"none"`` or ``"log"``, applied to the losses the method sees.
+        jacobian: ``"loop"`` or ``"batched"`` (one vmapped VJP, single shared map only).
+        regularizers: penalties on per-task gradients; their attached total is kept for step 3.
+        keep_saliencies: loss level: also compute the saliencies (T head backwards).
+        compute_gramian: loss level: ``"param"`` or ``"feature"`` to also compute per-task
+            gradients and the Gramian there (diagnostics), else ``None``.
+        grad_norm_params: loss level: measure per-task gradient norms there (GradNorm).
+        method_params: a method's own learnable tensors (UW's s); never treated as heads.
+        scale: the GradScaler's scale the losses are multiplied by for the backward passes.
+        dist: the process group to reduce over (:func:`mtlens.engine.distributed.resolve`).
+        retain_graph: keep the graph after the last backward of the step (default: free it as
+            ``loss.backward()`` does; the feature- and loss-level graphs step 3 still needs are
+            freed by it).
+
+    Returns:
+        a :class:`TaskGradients`; ``problem`` is set (and nothing else computed) when a loss or a
+        per-task gradient is not finite.
+    """
+    if level not in LEVELS:
+        raise ConfigurationError(f"level={level!r}; choose one of {LEVELS}")
+    if jacobian not in ("loop", "batched"):
+        raise ConfigurationError(f"jacobian={jacobian!r}; choose one of {JACOBIAN_MODES}")
+    names, loss_list = normalise_losses(losses, task_names)
+    T = len(loss_list)
+    feats = normalise_features(features, names)
+    if feats.multi_input and len(feats.maps) != T:
+        raise ShapeError(f"multi-input features: got {len(feats.maps)} maps for {T} tasks")
+    shared = [p for p in shared_params if p.requires_grad] if shared_params is not None else []
+    sal_regs = [r for r in regularizers if r.uses == "saliency"]
+    param_regs = [r for r in regularizers if r.uses == "param"]
+    for r in regularizers:
+        if r.uses not in ("saliency", "param"):
+            raise ConfigurationError(f"regulariser '{r.name}' uses {r.uses!r}; expected 'saliency' or 'param'")
+    if (level == "feature" or sal_regs or keep_saliencies or compute_gramian == "feature") and not feats.maps:
+        what = ("level='feature'" if level == "feature" else
+                f"regulariser '{sal_regs[0].name}'" if sal_regs else
+                "keep_saliencies=True" if keep_saliencies else "compute_gramian='feature'")
+        raise ConfigurationError(f"{what} needs features=Z (the shared representation the heads consumed)")
+    if level in ("param", "feature") and not shared:
+        raise ConfigurationError("per-task gradients need shared_params (the encoder's parameters)")
+    if (param_regs or compute_gramian == "param") and not shared:
+        raise ConfigurationError("parameter-level per-task gradients need shared_params")
+
+    raw = torch.stack([v.detach() for v in loss_list])
+    if dist is not None:
+        raw = dist.mean_(raw.clone())
+    transform = loss_transform or "none"
+    if transform not in LOSS_TRANSFORMS:
+        raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
+    tg = TaskGradients(task_names=names, losses=raw, objective_losses=raw, level=level, shared_params=shared,
+                       _features=feats, _dist=dist, _scale=scale)
+    if not bool(torch.isfinite(raw).all()):
+        bad = ", ".join(f"'{n}'={float(v)}" for n, v in zip(names, raw) if not torch.isfinite(v))
+        tg.problem = (f"non-finite task loss: {bad}. Nothing was written into .grad. Check the inputs/targets of "
+                      "that task, lower the learning rate, or pass nonfinite='skip' to skip such steps with a "
+                      "warning.")
+        return tg
+    if transform == "log" and bool((raw < 0).any()):
+        raise ConfigurationError(
+            "loss_transform='log' needs non-negative losses; got "
+            + ", ".join(f"'{n}'={float(v)}" for n, v in zip(names, raw) if v < 0)
+        )
+    # Per-task objective losses stay separate tensors: differentiating one entry of a stacked
+    # vector would run every task's head backward (with zeros) for each task.
+    obj_items = [transform_losses(L, transform) for L in loss_list]
+    obj_local = torch.stack([o.detach() for o in obj_items])
+    obj = transform_losses(raw, transform) if dist is not None else obj_local
+    tg.objective_losses = obj
+    obj_scaled = [o * scale for o in obj_items] if scale != 1.0 else obj_items
+    heads = _find_heads(loss_list, feats, shared, task_params, method_params)
+    tg.task_params = heads
+    tg._parts = [{"features": feats, "loss_list": loss_list}]
+
+    if level == "loss":
+        _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
+                    transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
+        return tg
+    _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
+                    transform, jacobian, scale, dist, retain_graph)
+    return tg
+
+
+def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | None]) -> None:
+    reached = [names[m] for m, g in zip([m for m in range(len(feats.maps)) if m != t], others) if g is not None]
+    if reached:
+        raise ConfigurationError(
+            f"multi-input features: the loss of task '{names[t]}' reaches the representation of task(s) "
+            f"{reached}, not only its own. With features={{task: Z_task}} each task must read its own input's Z; "
+            "for several shared maps of one input pass features=[Z_1, Z_2, ...] instead."
+        )
+
+
+def _heads_pass(names, obj_scaled, feats: Features, heads, create_graph, retain_graph):
+    """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows."""
+    T = len(obj_scaled)
+    flags = [True] * T
+    if not retain_graph and not create_graph:
+        flags = _retain_flags(_node_sets(obj_scaled, feats.maps))
+    sal: list[list[Tensor]] = []
+    rows: list[list[Tensor | None]] = []
+    M = len(feats.maps)
+    for t, L in enumerate(obj_scaled):
+        if feats.multi_input:
+            inputs = [feats.maps[t]] + [feats.maps[m] for m in range(M) if m != t] + heads
+            gs = _grads(L, inputs, retain_graph=flags[t], create_graph=create_graph)
+            _check_own_maps(names, feats, t, gs[1:M])
+            s = [gs[0] if gs[0] is not None else torch.zeros_like(feats.maps[t])]
+            hr = list(gs[M:])
+        else:
+            gs = _grads(L, feats.maps + heads, retain_graph=flags[t], create_graph=create_graph)
+            s = [g if g is not None else torch.zeros_like(z) for g, z in zip(gs[:M], feats.maps)]
+            hr = list(gs[M:])
+        sal.append(s)
+        rows.append(hr)
+    return sal, rows
+
+
+def _encoder_rows(feats: Features, shared, sal, create_graph, retain_graph, jacobian) -> list:
+    """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t`` (rows), or blocks in batched mode."""
+    T = len(sal)
+    if jacobian == "batched" and len(feats.maps) == 1 and not feats.multi_input and not create_graph:
+        gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
+                    retain_graph=retain_graph)
+        return [g if g is not None else torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device)
+                for g, p in zip(gs, shared)]
+    rows = []
+    for t in range(T):
+        maps = feats.of_task(t)
+        # multi-input: each task's encoder graph is its own; one shared map: all tasks use it
+        last = (t == T - 1) or feats.multi_input
+        keep = retain_graph or create_graph or not last
+        rows.append(zeros_if_none(_grads(maps, shared, grad_outputs=sal[t], retain_graph=keep,
+                                         create_graph=create_graph), shared))
+    return rows
+
+
+def _raw_saliencies(sal_obj, raw, transform, scale):
+    """Saliencies of the raw losses from those of the objective losses, keeping the graph.
+
+    ``∂ log(L+ε)/∂Z = (∂L/∂Z)/(L+ε)``, so ``∂L/∂Z = ∂obj/∂Z · (L+ε)``: exact, no extra backward."""
+    out = []
+    for t, s in enumerate(sal_obj):
+        if scale != 1.0:
+            s = s / scale
+        if transform == "log":
+            s = s * (raw[t] + LOG_EPS)
+        out.append(s)
+    return out
+
+
+def _stack(sal: list[Tensor], names: Sequence[str]) -> Tensor:
+    shapes = {tuple(s.shape) for s in sal}
+    if len(shapes) != 1:
+        detail = ", ".join(f"'{n}': {tuple(s.shape)}" for n, s in zip(names, sal))
+        raise ShapeError(
+            "multi-input saliencies are paired positionally (sample b of every task's batch forms "
+            f"location b), so every task's batch must have the same shape; got {detail}. Use equal "
+            "per-task batch sizes (drop_last=True)."
+        )
+    return torch.stack(sal)
+
+
+def _reg_saliency_block(sal_raw: list[Tensor], names, dist: Dist | None) -> Tensor:
+    """The saliency block regularisers see: (T, B, ...) of the global batch under data parallelism
+    (the local saliencies scaled by 1/W — those of the global mean loss — gathered with gradient)."""
+    S = _stack(sal_raw, names)
+    if dist is not None:
+        S = dist.all_gather_with_grad(S / dist.world, dim=1)
+    return S
+
+
+def regularizer_terms(regs, blocks, obj_detached) -> tuple[Tensor | None, dict[str, float]]:
+    total = None
+    values: dict[str, float] = {}
+    for r in regs:
+        term, logged = r.loss(blocks, obj_detached)
+        if not torch.isfinite(term.detach()):
+            raise NonFiniteError(
+                f"regulariser '{r.name}' returned a non-finite penalty ({float(term)}); nothing was "
+                "written into .grad"
+            )
+        total = term if total is None else total + term
+        values.update({f"{r.name}/{k}": float(v) for k, v in logged.items()})
+        values[f"{r.name}/total"] = float(term.detach())
+    return total, values
+
+
+def _warn_zero(names, diag: Tensor, level: str) -> None:
+    for n, v in zip(names, diag.tolist()):
+        if v == 0.0 and n not in _warned_zero:
+            _warned_zero.add(n)
+            warnings.warn(
+                f"mtlens: the gradient of task '{n}' on the shared {'parameters' if level == 'param' else 'features'}"
+                " is exactly zero: its loss does not reach the shared encoder (a head reading the input, a detached "
+                "path?). Gradient methods then see a zero row (MGDA puts all weight on it); its head still trains "
+                "under the head rule. Warned once per task.",
+                RuntimeWarning, stacklevel=4,
+            )
+
+
+def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
+                    transform, jacobian, scale, dist, retain_graph):
+    T = len(names)
+    create = bool(sal_regs) or bool(param_regs)
+    level = tg.level
+    dependent = maps_dependent(feats.maps) if not feats.multi_input else False
+    if dependent and level == "feature":
+        raise ConfigurationError(
+            "features=[...]: one shared map is computed from another, so their saliencies overlap (the gradient at "
+            "the earlier map already contains the path through the later one) and the feature-level Jacobian is not "
+            "defined on them. Pass the maps that form a cut of the graph (none computed from another), or use "
+            "level='param'."
+        )
+    if feats.maps and not dependent:
+        sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create, retain_graph)
+    else:
+        sal_multi, head_rows = None, None
+    # ---- regularisers (attached penalty, gradient added in step 3) --------------------------
+    reg_total = None
+    if sal_regs:
+        if len(feats.maps) != 1 and not feats.multi_input:
+            raise ConfigurationError("saliency regularisers need one shared map (features=Z)")
+        own = [s[0] for s in sal_multi]
+        sal_raw = _raw_saliencies(own, raw, transform, scale)
+        reg_total, values = regularizer_terms(sal_regs, [_reg_saliency_block(sal_raw, names, dist)], obj)
+        tg.regularizer_values.update(values)
+
+    # ---- per-task gradients ----------------------------------------------------------------
+    if level == "param":
+        if sal_multi is not None:
+            rows_or_blocks = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian)
+        else:
+            free = not (retain_graph or create)
+            sets = _node_sets(obj_scaled, []) if free else None
+            flags = [True] * T if not free else _retain_flags(sets)
+            rows_or_blocks, head_rows = [], []
+            for t, L in enumerate(obj_scaled):
+                gs = _grads(L, shared + heads, retain_graph=flags[t], create_graph=create)
+                rows_or_blocks.append(zeros_if_none(gs[:len(shared)], shared))
+                head_rows.append(list(gs[len(shared):]))
+                if free and flags[t]:
+                    _free_exclusive(L, sets, t, heads)
+        if param_regs:
+            blocks = rows_or_blocks if isinstance(rows_or_blocks[0], Tensor) else stack_rows(rows_or_blocks, shared)
+            pblocks = [b / scale for b in blocks] if scale != 1.0 else blocks
+            p_total, values = regularizer_terms(param_regs, pblocks, obj)
+            tg.regularizer_values.update(values)
+            reg_total = p_total if reg_total is None else reg_total + p_total
+        if isinstance(rows_or_blocks[0], Tensor):
+            blocks = [b.detach() / scale if scale != 1.0 else b.detach() for b in rows_or_blocks]
+            if dist is not None:
+                blocks = [dist.mean_(torch.stack([b[t] for t in range(T)]).contiguous()) for b in blocks]
+            tg._blocks = blocks
+        else:
+            rows = [[g.detach() / scale if scale != 1.0 else g.detach() for g in row] for row in rows_or_blocks]
+            if dist is not None:
+                rows = [_reduce_row(dist, row) for row in rows]
+            tg._rows = rows
+    else:  # feature level
+        if param_regs:
+            enc = _encoder_rows(feats, shared, sal_multi, True, True, "loop")
+            pblocks = stack_rows(enc, shared)
+            pblocks = [b / scale for b in pblocks] if scale != 1.0 else pblocks
+            p_total, values = regularizer_terms(param_regs, pblocks, obj)
+            tg.regularizer_values.update(values)
+            reg_total = p_total if reg_total is None else reg_total + p_total
+        S = [[s.detach() / scale if scale != 1.0 else s.detach() for s in row] for row in sal_multi]
+        # The Gramian of the saliencies. One shared map or several: Σ_m S^m S^mᵀ. Multi-input:
+        # each task's representation is its own coordinate block of (Z_1, ..., Z_T), so the
+        # exact Jacobian is block-diagonal and G = diag(‖S_t‖²) — invariant to permuting any
+        # task's batch (positional pairing of unrelated samples would not be).
+        if feats.multi_input:
+            G = torch.diag(torch.stack([S[t][0].double().pow(2).sum() for t in range(T)]))
+        else:
+            G = gramian_from_blocks([torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))])
+        if dist is not None:
+            G = dist.sum_(G) / (dist.world ** 2)
+        tg._gramian = G
+        tg._parts[0]["saliencies"] = S  # local, unscaled: step 3 combines them
+        if not feats.multi_input:
+            tg._blocks = [torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))]
+    if sal_regs and sal_multi is None:
+        raise ConfigurationError("saliency regularisers need features that form a cut (no map computed from another)")
+    if sal_multi is not None and (len(feats.maps) == 1 or feats.multi_input):
+        own = [s[0].detach() for s in sal_multi]
+        if len({tuple(s.shape) for s in own}) == 1:
+            tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
+    tg.head_rows = [[None if g is None else (g.detach() / scale if scale != 1.0 else g.detach()) for g in row]
+                    for row in head_rows]
+    tg._reg_total = reg_total
+    tg._reg_kind = "param" if param_regs else "saliency"
+    # diag(G) = Σ g_t² in float64 is finite iff every per-task gradient is: a free check
+    G = tg.gramian()
+    diag = G.diagonal()
+    if not bool(torch.isfinite(diag).all()):
+        bad = [n for n, v in zip(names, diag.tolist()) if not math.isfinite(v)]
+        tg.problem = (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
+                      "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate "
+                      "or check the inputs.")
+        tg.overflow = scale != 1.0
+        return
+    _warn_zero(names, diag, level)
+
+
+def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
+    """Mean over ranks of one task's per-parameter gradients (one flat all-reduce per task)."""
+    return [g for g in dist.mean_list(row)]  # type: ignore[misc]
+
+
+def _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
+                transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist):
+    # attached losses valued at the global mean (their gradient is this rank's own)
+    if dist is not None:
+        tg._attached = [o - o.detach() + obj[t] for t, o in enumerate(obj_items)]
+    else:
+        tg._attached = list(obj_items)
+    if grad_norm_params is not None:
+        params = list(grad_norm_params)
+        norms_sq = []
+        rows = []
+        for L in obj_scaled:
+            gs = zeros_if_none(_grads(L, params), params)
+            rows.append([g.detach() / scale if scale != 1.0 else g.detach() for g in gs])
+        if dist is not None:
+            rows = [_reduce_row(dist, r) for r in rows]
+        for r in rows:
+            norms_sq.append(sum((g.double() ** 2).sum() for g in r))
+        tg.grad_norms = torch.stack(norms_sq).sqrt().to(raw.dtype)
+        if not bool(torch.isfinite(tg.grad_norms).all()):
+            tg.problem = f"non-finite per-task gradient norms {tg.grad_norms.tolist()}"
+            tg.overflow = scale != 1.0
+            return
+    sal = None
+    if sal_regs or keep_saliencies or compute_gramian == "feature":
+        if len(feats.maps) > 1 and not feats.multi_input:
+            raise ConfigurationError(
+                "saliencies (regularisers, keep_saliencies, compute_gramian='feature') need one shared map "
+                "(features=Z) or one per task (features={task: Z_task}), not several shared maps"
+            )
+        sal = []
+        for t, L in enumerate(loss_list):
+            maps = feats.of_task(t)
+            gs = _grads(L, maps, create_graph=bool(sal_regs))
+            sal.append(gs[0] if gs[0] is not None else torch.zeros_like(maps[0]))
+        own = [s.detach() for s in sal]
+        if len({tuple(s.shape) for s in own}) == 1:
+            tg.saliencies = torch.stack(own)
+    reg_total = None
+    if sal_regs:
+        reg_total, values = regularizer_terms(sal_regs, [_reg_saliency_block(sal, names, dist)], obj)
+        tg.regularizer_values.update(values)
+    pblocks = None
+    if param_regs or compute_gramian == "param":
+        create = bool(param_regs)
+        if feats.maps:
+            s_obj = [list(_grads(o, feats.of_task(t), create_graph=create)) for t, o in enumerate(obj_items)]
+            s_obj = [[g if g is not None else torch.zeros_like(z) for g, z in zip(s, feats.of_task(t))]
+                     for t, s in enumerate(s_obj)]
+            enc = _encoder_rows(feats, shared, s_obj, create, True, "loop" if create else jacobian)
+        else:
+            enc = [zeros_if_none(_grads(o, shared, create_graph=create), shared) for o in obj_items]
+        pblocks = enc if isinstance(enc[0], Tensor) else stack_rows(enc, shared)
+        if param_regs:
+            p_total, values = regularizer_terms(param_regs, pblocks, obj)
+            tg.regularizer_values.update(values)
+            reg_total = p_total if reg_total is None else reg_total + p_total
+    if compute_gramian == "param":
+        tg._blocks = [b.detach() for b in pblocks]
+        if dist is not None:
+            tg._blocks = [dist.mean_(b.clone()) for b in tg._blocks]
+        tg.gramian()
+        tg.gramian_level = "param"
+    elif compute_gramian == "feature":
+        G = gramian_from_blocks([tg.saliencies])
+        tg._gramian = dist.sum_(G) / dist.world ** 2 if dist is not None else G
+        tg.gramian_level = "feature"
+    tg._reg_total = reg_total
+    tg._reg_kind = "loss"
