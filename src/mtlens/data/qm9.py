@@ -317,7 +317,12 @@ class _Featuriser:
         return s
 
     def __call__(self, smiles: str, elements: list[str], xyz: np.ndarray, where: str):
-        """(atom features n×5 int8 [Z, aromatic, sp, sp2, sp3-index], bonds k×3 int16 [i, j, type], from_geometry)."""
+        """``(atoms, bonds, from_geometry)`` in the geometry's atom order.
+
+        ``atoms``: n×2 int8 (aromatic 0/1, hybridisation 0 sp, 1 sp2, 2 sp3, −1 other); ``bonds``:
+        k×3 int16 (atom i, atom j, type 0 single, 1 double, 2 triple, 3 aromatic);
+        ``from_geometry``: bond orders were perceived from the coordinates (SMILES mismatch).
+        """
         C = self.Chem
         n = len(elements)
         ref = C.MolFromSmiles(smiles)
@@ -348,7 +353,7 @@ class _Featuriser:
                     f"bonds from the coordinates ({type(exc).__name__}: {exc})"
                 ) from None
             ref, order = geo, tuple(range(n))
-        atoms = np.zeros((n, 3), dtype=np.int8)  # aromatic, hybridisation index (-1 = other), unused
+        atoms = np.zeros((n, 2), dtype=np.int8)
         for k, a in enumerate(ref.GetAtoms()):
             g = order[k]
             if a.GetSymbol() != elements[g]:
