@@ -56,6 +56,15 @@ _FASHION_SRC = (
 )
 
 
+def _fashion_files() -> str | None:
+    from ..data.mnist import DEBIAN_FASHION_MNIST_DIR, find_fashion_mnist
+
+    if find_fashion_mnist() is not None:
+        return None
+    return (f"needs the Fashion-MNIST files: not in {DEBIAN_FASHION_MNIST_DIR} (apt-get install "
+            "dataset-fashion-mnist), or pass data.root / data.options.fashion_root")
+
+
 def _multi(variant: str, description: str, source: str) -> BenchmarkSpec:
     return BenchmarkSpec(
         name=variant,
@@ -70,6 +79,7 @@ def _multi(variant: str, description: str, source: str) -> BenchmarkSpec:
         source=source,
         options={"data_seed": 0, "split_seed": 0, "val_fraction": 0.1, "pairs_per_image": 1,
                  "mnist_root": None, "fashion_root": None},
+        default_data=_fashion_files if "fashion" in variant else None,
     )
 
 
@@ -260,6 +270,24 @@ def _qm9_bind(spec: BenchmarkSpec, datasets: dict) -> dict:
             for t in spec.tasks}
 
 
+def _qm9_default_data() -> str | None:
+    """None when the graph extra and the qm9pack wheel are installed, else the install command."""
+    import importlib.util
+
+    from ..errors import DataError
+
+    missing = [m for m in ("torch_geometric", "rdkit") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed: pip install 'mtlens[graph]'"
+    from ..data.qm9 import find_qm9pack_data
+
+    try:
+        find_qm9pack_data()
+    except DataError:
+        return "the qm9pack wheel is not installed: pip install 'mtlens[graph]' (or pass data.root)"
+    return None
+
+
 @register_benchmark("qm9")
 def qm9() -> BenchmarkSpec:
     """QM9 (Ramakrishnan et al. 2014): 11 molecular properties, MPNN setting of Nash-MTL (arXiv:2202.01017)."""
@@ -283,4 +311,5 @@ def qm9() -> BenchmarkSpec:
         options={"split_seed": 0, "n_train": None, "n_val": None, "n_test": None, "complete": True,
                  "cache_dir": None, "test_size": 10_000, "val_size": 10_000},
         bind=_qm9_bind,
+        default_data=_qm9_default_data,
     )

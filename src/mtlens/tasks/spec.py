@@ -66,6 +66,9 @@ class BenchmarkSpec:
         bind: optional ``(spec, datasets) -> {task: TaskSpec}``: tasks whose loss or metrics
             depend on the loaded data (QM9: MAE in physical units needs the training-set std);
             see :meth:`bound`.
+        default_data: for a benchmark that needs no root, a zero-argument check of its default
+            data source: ``None`` when it is usable, else what is missing and how to get it
+            (``mtlens datasets`` prints it instead of "no root needed").
     """
 
     name: str
@@ -80,6 +83,7 @@ class BenchmarkSpec:
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     bind: Callable[[BenchmarkSpec, dict[str, Any]], dict[str, TaskSpec]] | None = None
+    default_data: Callable[[], str | None] | None = None
 
     def bound(self, datasets: dict[str, Any]) -> BenchmarkSpec:
         """This spec with its tasks specialised to ``datasets`` (itself when ``bind`` is None).
@@ -92,6 +96,12 @@ class BenchmarkSpec:
         from dataclasses import replace
 
         return replace(self, tasks=self.bind(self, datasets), bind=None)
+
+    def data_status(self) -> str | None:
+        """``None`` when the data is there without a root; else what the user must supply."""
+        if self.needs_root:
+            return "needs data.root"
+        return None if self.default_data is None else self.default_data()
 
     @property
     def task_names(self) -> list[str]:

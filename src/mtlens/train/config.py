@@ -24,10 +24,20 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigurationError
 
@@ -36,8 +46,22 @@ SELECTION_CHOICES = ("auto", "delta_p_task", "val_loss", "last")
 DIAGNOSTIC_CHOICES = ("fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond")
 
 
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {v!r}")
+    return v
+
+
+# Strict scalars: `--set train.batch_size=true` must not become 1, nor `--set optim.lr=.inf` a learning
+# rate. Integers accept only integers; floats accept numbers and numeric strings (YAML reads `1e-3`
+# as a string) but never booleans, and (model-wide allow_inf_nan=False) never NaN or ±inf.
+Int = StrictInt
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Bool = StrictBool
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -49,7 +73,7 @@ class DataConfig(_Section):
         default_factory=dict,
         description="benchmark options (data_seed, split_seed, sizes; see `mtlens datasets`)",
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: Int = Field(0, ge=0, description="DataLoader worker processes")
 
 
 class ModelConfig(_Section):
@@ -57,7 +81,7 @@ class ModelConfig(_Section):
 
     preset: str | None = Field(None, description="model preset; default: the benchmark's default_model")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the preset")
-    pretrained: bool = Field(False, description="ImageNet-pretrained backbone (needs network or a weights file)")
+    pretrained: Bool = Field(False, description="ImageNet-pretrained backbone (needs network or a weights file)")
     weights: str | None = Field(None, description="local backbone weights file (implies pretrained)")
 
 
@@ -82,11 +106,18 @@ class OptimConfig(_Section):
     """Optimiser. Method parameters (UW's log-variances, ...) get their own group without weight decay."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0, description="sgd only")
-    nesterov: bool = Field(False, description="sgd only")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw only")
+    lr: Float = Field(1e-4, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    momentum: Float = Field(0.0, ge=0, description="sgd only")
+    nesterov: Bool = Field(False, description="sgd only")
+    betas: tuple[Float, Float] = Field((0.9, 0.999), description="adam/adamw only, each in [0, 1)")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1) (Adam's moment decays), got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _sgd_only(self) -> OptimConfig:
@@ -101,30 +132,30 @@ class ScheduleConfig(_Section):
     """Learning-rate schedule, stepped once per epoch."""
 
     name: Literal["none", "step", "cosine", "plateau"] = "none"
-    step_size: int = Field(100, ge=1, description="step: epochs between decays")
-    gamma: float = Field(0.5, gt=0, description="step: decay factor; plateau: factor (Nash-MTL QM9: 0.7)")
-    eta_min: float = Field(0.0, ge=0, description="cosine: final learning rate (T_max = epochs)")
-    patience: int = Field(5, ge=0, description="plateau: epochs without a better selection score before a decay")
-    min_lr: float = Field(0.0, ge=0, description="plateau: lower bound of the learning rate (Nash-MTL QM9: 1e-5)")
+    step_size: Int = Field(100, ge=1, description="step: epochs between decays")
+    gamma: Float = Field(0.5, gt=0, description="step: decay factor; plateau: factor (Nash-MTL QM9: 0.7)")
+    eta_min: Float = Field(0.0, ge=0, description="cosine: final learning rate (T_max = epochs)")
+    patience: Int = Field(5, ge=0, description="plateau: epochs without a better selection score before a decay")
+    min_lr: Float = Field(0.0, ge=0, description="plateau: lower bound of the learning rate (Nash-MTL QM9: 1e-5)")
 
 
 class TrainConfig(_Section):
     """Loop settings."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
-    seed: int = 0
+    epochs: Int = Field(10, ge=1)
+    batch_size: Int = Field(32, ge=1)
+    eval_batch_size: Int | None = Field(None, ge=1, description="default: batch_size")
+    seed: Int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")
+    max_steps_per_epoch: Int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")
     jacobian: Literal["loop", "batched"] = "loop"
     nonfinite: Literal["raise", "skip"] = "raise"
-    log_every: int = Field(1, ge=1, description="write a JSONL/TensorBoard step record every k steps")
-    update_every: int = Field(
+    log_every: Int = Field(1, ge=1, description="write a JSONL/TensorBoard step record every k steps")
+    update_every: Int = Field(
         1, ge=1, description="reuse a gradient method's weights for k steps (one backward of the weighted sum "
         "between decisions; Nash-MTL's paper uses this to cut cost); Jacobian aggregators refuse k > 1")
-    distributed: bool = Field(
+    distributed: Bool = Field(
         False, description="data-parallel training over the processes torchrun starts (each takes an equal "
         "share of every batch; the update equals the single-process one on the whole batch)")
     selection: Literal["auto", "delta_p_task", "val_loss", "last"] = Field(
@@ -140,20 +171,20 @@ class MonitorConfig(_Section):
     On monitored steps a loss-level method's engine call also keeps the saliencies and computes
     the Gramian (at ``level``); gradient-level methods record both at their own level anyway."""
 
-    every: int = Field(0, ge=0)
+    every: Int = Field(0, ge=0)
     diagnostics: list[Literal["fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond"]] = Field(
         default_factory=lambda: list(DIAGNOSTIC_CHOICES)
     )
     level: Literal["param", "feature"] = Field(
         "param", description="level of the Gramian for loss-level methods (gradient methods: their own level)"
     )
-    fd_temperature: float = Field(0.0, ge=0, description="FD temperature (0 = plain L1 normalisation)")
+    fd_temperature: Float = Field(0.0, ge=0, description="FD temperature (0 = plain L1 normalisation)")
 
 
 class CheckpointConfig(_Section):
     """Checkpointing: always at each epoch end, and every ``every_steps`` steps when > 0."""
 
-    every_steps: int = Field(0, ge=0)
+    every_steps: Int = Field(0, ge=0)
 
 
 class RunConfig(_Section):
@@ -205,19 +236,22 @@ class RunConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------
-def method_kwargs(name: str, hparams: dict[str, Any], num_tasks: int, device: str, seed: int) -> dict[str, Any]:
+def method_kwargs(name: str, hparams: dict[str, Any], num_tasks: int, device: str, seed: int,
+                  steps_per_epoch: int | None = None) -> dict[str, Any]:
     """The constructor arguments the trainer gives method ``name``: the user's ``hparams`` plus, when
     the constructor accepts them and the user left them out, ``num_tasks`` and ``device`` (so that
-    learnable per-task scalars exist, on the right device, before the optimiser is built) and
+    learnable per-task scalars exist, on the right device, before the optimiser is built),
     ``seed`` = the run's ``train.seed`` (so that random methods — RLW, PCGrad, ... — draw the same
-    numbers in every run of the same configuration). Decided from the constructor's signature,
-    never from the method's name."""
+    numbers in every run of the same configuration) and ``steps_per_epoch`` (DWA, STCH check their
+    ``on_epoch_end`` calls with it). Decided from the constructor's signature, never from the
+    method's name."""
     from ..methods import defaults
 
     accepted = defaults(name)
     out = dict(hparams)
-    for key, value in (("num_tasks", num_tasks), ("device", device), ("seed", seed)):
-        if key in accepted and key not in out:
+    for key, value in (("num_tasks", num_tasks), ("device", device), ("seed", seed),
+                       ("steps_per_epoch", steps_per_epoch)):
+        if value is not None and key in accepted and key not in out:
             out[key] = value
     return out
 
@@ -328,6 +362,7 @@ def _check_semantics(cfg: RunConfig) -> None:
 
     method = build(cfg.method.name, cfg.method.hparams, "method.hparams")
     regs = [build(r.name, r.hparams, f"regularizers.{i}.hparams") for i, r in enumerate(cfg.regularizers)]
+    _check_loss_transform(cfg, [method, *regs])
     try:
         _engine_dry_run(method, regs, cfg.method.level, cfg.loss_transform, n_tasks, spec.multi_input)
     except ConfigurationError as exc:
@@ -339,17 +374,42 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ValueError(f"{combo}: {exc}") from None
 
 
+def _check_loss_transform(cfg: RunConfig, methods: list[Any]) -> None:
+    """Each method declares the loss transforms it is defined for; say which one clashes and where
+    it came from (the Rep-MTL and quick-* presets set ``loss_transform: log``)."""
+    if cfg.loss_transform is None:
+        return  # the method's own prescription, or none
+    origin = ""
+    if cfg.name in available_presets() and load_preset(cfg.name).get("loss_transform") == cfg.loss_transform:
+        origin = f" (set by the preset '{cfg.name}')"
+    for m in methods:
+        if m.loss_transform is not None:
+            continue  # a method that prescribes its own transform: the engine checks the clash
+        problem = m.loss_transform_problem(cfg.loss_transform)
+        if problem is not None:
+            other = "none" if cfg.loss_transform == "log" else "log"
+            raise ValueError(
+                f"loss_transform: '{m.name}' is not defined for loss_transform='{cfg.loss_transform}'{origin}: "
+                f"{problem}. Fix: --set loss_transform={other} (YAML: loss_transform: {other}), or choose a "
+                f"method defined for it (docs/methods.md, column 'log losses')"
+            )
+
+
 def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, multi_input: bool) -> None:
     """One :func:`mtl_backward` on a toy hard-parameter-sharing problem, so the engine itself
     rejects impossible combinations (loss-level method at feature level, a feature-only method at
     parameter level, a Jacobian aggregator on multi-input features, a clashing loss transform).
     Runs on throw-away method objects and leaves the global RNG untouched."""
+    import warnings
+
     import torch
     from torch import nn
 
     from ..engine import mtl_backward
 
-    with torch.random.fork_rng(devices=[]):
+    # throw-away objects: their advice (e.g. DWA's "call on_epoch_end") is for the real run
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         torch.manual_seed(1234)
         enc = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
         heads = [nn.Linear(5, 2) for _ in range(n_tasks)]
@@ -595,8 +655,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] = RunCo
             allowed = ", ".join(allowed_list) if allowed_list else err.get("ctx", {}).get("expected", "?")
             msgs.append(f"{key}: got {err.get('input')!r}; allowed values: {allowed}")
         elif typ == "value_error":
-            msg = str(err.get("msg", ""))
-            msgs.append(msg.removeprefix("Value error, "))
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            msgs.append(msg if msg.startswith(key.split(".")[0]) else f"{key}: {msg}")
         else:
             allowed_list = _allowed_values(model, loc) if loc else None
             extra = f"; allowed values: {', '.join(allowed_list)}" if allowed_list else ""
