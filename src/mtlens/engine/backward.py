@@ -148,8 +148,9 @@ def mtl_backward(
 
     Args:
         losses: per-task scalar losses, a ``{task: loss}`` mapping (preferred) or a sequence.
-            A single stacked vector also works but is slower at the gradient levels: each entry's
-            backward then runs through every task's head.
+            A vector from ``torch.stack``/``torch.cat`` is as fast (its backward node skips
+            the branches of the other tasks, exactly); any other loss vector warns once, since
+            each task's backward then runs through every task's head.
         method: a method object from :func:`mtlens.methods.create`.
         features: the shared representation the heads consumed, attached to the encoder's graph:
             ``Z`` (one map); ``[Z_1, Z_2, ...]`` (several shared maps of ONE input, every task may
