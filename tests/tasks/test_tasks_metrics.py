@@ -299,3 +299,20 @@ def test_sync_over_two_real_gloo_ranks(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
         assert out.startswith("ok")
+
+
+def test_regression_metric_scale_reports_physical_units():
+    from mtlens.tasks.metrics import RegressionMetric
+
+    pred, target = torch.tensor([[0.5], [-1.0]]), torch.tensor([[0.0], [0.0]])
+    m = RegressionMetric(("mae", "mse"), scale=2.0)
+    m.update(pred, target)
+    assert m.compute() == pytest.approx({"mae": 0.75 * 2.0, "mse": 0.625 * 4.0})
+    unbound = RegressionMetric(("mae",), scale=None)
+    unbound.update(pred, target)
+    with pytest.raises(ConfigurationError, match="spec.bound"):
+        unbound.compute()
+    with pytest.raises(ConfigurationError, match="scale"):
+        RegressionMetric(scale=0.0)
+    with pytest.raises(ConfigurationError, match="cannot merge"):
+        m.merge(RegressionMetric(("mae", "mse"), scale=3.0))

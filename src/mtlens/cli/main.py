@@ -305,8 +305,10 @@ def datasets(
         bad: list[bool] = []  # --check: a benchmark whose data was read and found broken
         if name is not None:
             spec = get_benchmark(name)
-            out.print(f"[bold]{spec.name}[/]: {spec.description}")
-            out.print(f"source: {spec.source}")
+            from rich.markup import escape
+
+            out.print(f"[bold]{spec.name}[/]: {escape(spec.description)}")  # "mtlens[graph]" is not markup
+            out.print(f"source: {escape(spec.source)}")
             out.print(
                 f"input channels {spec.in_channels}; {'dense' if spec.dense else 'vector'} tasks; "
                 f"{'multi-input (each task its own images)' if spec.multi_input else 'single input'}; "
@@ -320,7 +322,10 @@ def datasets(
                     t,
                     ts.kind,
                     str(ts.out_channels),
-                    ", ".join(f"{m} {'↑' if hib else '↓'}" for m, hib in ts.metrics.items()),
+                    ", ".join(
+                        f"{m} {'↑' if hib else '↓'}" + (f" ({ts.units[m]})" if m in ts.units else "")
+                        for m, hib in ts.metrics.items()
+                    ),
                 )
             out.print(table)
             opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "none"
@@ -377,6 +382,8 @@ def _availability(spec, root: str | None) -> tuple[str, bool]:
 
     for split in ("train", "val", "test"):
         for task, ds in parts(splits[split]):
+            if getattr(ds, "validated_on_load", False):  # QM9: every row was checked when processed
+                continue
             for i in range(len(ds)):
                 try:
                     ds[i]

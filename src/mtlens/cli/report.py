@@ -21,12 +21,16 @@ def metrics_table(
     metrics: dict[str, dict[str, float]],
     directions: dict[str, dict[str, bool]],
     baseline: dict[str, dict[str, float]] | None = None,
+    units: dict[str, dict[str, str]] | None = None,
 ) -> Table:
-    """One row per (task, metric): value, direction, and the STL baseline with r_m when given."""
+    """One row per (task, metric): value (with its unit when ``units`` names one), direction, and the
+    STL baseline with r_m when given."""
     table = Table(title=title, title_justify="left")
     table.add_column("task")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if units:
+        table.add_column("unit")
     if baseline is not None:
         table.add_column("STL baseline", justify="right")
         table.add_column("r_m (%)", justify="right")
@@ -39,6 +43,8 @@ def metrics_table(
         for m, v in ms.items():
             arrow = "↑" if directions.get(t, {}).get(m, True) else "↓"
             row = [t, f"{m} {arrow}", _fmt(v)]
+            if units:
+                row.append((units.get(t) or {}).get(m, ""))
             if baseline is not None:
                 row += [_fmt(baseline[t][m]), f"{rel[t][m]:+.2f}"]
             table.add_row(*row)
@@ -81,7 +87,12 @@ def print_results(results: dict[str, Any], console: Console) -> None:
     epochs = len(results.get("history") or [])
     console.print(f"[bold]{results['benchmark']}[/] · {what} · {epochs} epochs, {results['steps']} steps")
     console.print(f"best epoch {results['best_epoch']} (selected on val by {results['selection']['criterion']})")
-    console.print(metrics_table("test metrics (best epoch)", results["metrics"]["test"], directions, base.get("test")))
+    console.print(
+        metrics_table(
+            "test metrics (best epoch)", results["metrics"]["test"], directions, base.get("test"),
+            units=results.get("metric_units"),
+        )
+    )
     delta = results.get("delta") or {}
     table = delta_table(delta.get("test"), "test", (results.get("baseline") or {}).get("source"))
     if table is not None:

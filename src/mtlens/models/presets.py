@@ -9,6 +9,7 @@ preset               encoder → Z                                  heads       
 ``lenet-multimnist`` MultiLeNet → B×50                            MLP 50→50→10  Sener & Koltun
 ``tiny-dense``       3-block CNN, stride 8 → B×64×H/8×W/8         LightConvHead CPU tests, synthetic
 ``mlp``              MLP → B×64                                   Linear        tabular data
+``mpnn-qm9``         MPNN (NNConv+GRU+Set2Set) → B×64             Linear        Nash-MTL/LibMTL QM9
 ==================== ============================================ ============= ========================
 
 Multi-input benchmarks (Office) encode each task's images with the same encoder:
@@ -161,5 +162,27 @@ def mlp(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool 
         raise ConfigurationError("the 'mlp' preset needs in_channels = the number of input features")
     enc = MLPEncoder(in_channels, hidden=hidden)
     _own_encoder_weights("mlp", enc, pretrained, weights)
+    heads = {t: MLPHead(enc.out_channels, c) for t, c in tasks.items()}
+    return _finish(enc, heads, dense=False)
+
+
+@register_model("mpnn-qm9")
+def mpnn_qm9(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False, weights=None,
+             dim: int = 64, edge_dim: int = 5, steps: int = 3, edge_hidden: int = 128,
+             set2set_steps: int = 3) -> HPSModel:
+    """MPNN (NNConv + GRU + Set2Set) → Z (B×dim) + one linear head per target: the QM9 model of
+    Nash-MTL (arXiv:2202.01017), FAMO and LibMTL.
+
+    Needs the optional extra ``mtlens[graph]`` (torch_geometric). Inputs are PyG batches
+    (:mod:`mtlens.data.qm9`); ``in_channels`` = node features (default 11), ``edge_dim = 5``
+    (bond one-hot + distance). Defaults ``dim=64``, ``steps=3``, ``edge_hidden=128``,
+    ``set2set_steps=3`` are the papers' (:class:`~mtlens.models.graph.MPNNEncoder`); heads are
+    ``Linear(dim, 1)`` as theirs.
+    """
+    from .graph import MPNNEncoder
+
+    enc = MPNNEncoder(in_channels=in_channels or 11, edge_dim=edge_dim, dim=dim, steps=steps,
+                      edge_hidden=edge_hidden, set2set_steps=set2set_steps)
+    _own_encoder_weights("mpnn-qm9", enc, pretrained, weights)
     heads = {t: MLPHead(enc.out_channels, c) for t, c in tasks.items()}
     return _finish(enc, heads, dense=False)

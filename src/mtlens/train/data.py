@@ -87,6 +87,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        collate_fn=getattr(dataset, "collate_fn", None),  # graph datasets batch their own inputs (QM9)
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(stream_seed(seed, stream, -1)),
@@ -215,4 +216,6 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
         return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device, non_blocking) for v in obj)
+    if hasattr(obj, "to") and hasattr(obj, "num_graphs"):  # a torch_geometric Batch (QM9 inputs)
+        return obj.to(device, non_blocking=non_blocking)
     return obj

@@ -137,6 +137,12 @@ def build_scheduler(cfg: RunConfig, optimizer):
         return None
     if s.name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+    if s.name == "plateau":
+        # ReduceLROnPlateau on the epoch's validation selection score (higher is better), stepped
+        # after validation: Nash-MTL's QM9 schedule (factor 0.7, patience 5, min_lr 1e-5) on val Δm.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=s.gamma, patience=s.patience, min_lr=s.min_lr
+        )
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs, eta_min=s.eta_min)
 
 
@@ -225,6 +231,7 @@ class Trainer:
                     "and test (val carved from train with a fixed seed when the data has none)"
                 )
         self.datasets = datasets
+        self.spec = self.spec.bound(datasets)  # tasks whose metrics depend on the data (QM9's target std)
         pin = self.device.type == "cuda"
         self.train_stream = TrainStream(
             datasets["train"],
@@ -904,12 +911,15 @@ class Trainer:
         for r in self.regularizers:
             r.on_epoch_end(torch.tensor(mean_losses, dtype=torch.float32, device=self.device))
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if self.scheduler is not None:
+        plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.scheduler is not None and not plateau:
             self.scheduler.step()
         val = self.evaluate("val")
         if self.method.needs_task_scores:
             self._report_task_scores(val)
         score = self._score(val, epoch + 1)
+        if plateau:
+            self.scheduler.step(score)
         improved = self.best is None or (math.isfinite(score) and not (score <= self.best["score"]))
         if self.best is not None and not math.isfinite(self.best["score"]) and math.isfinite(score):
             improved = True
@@ -1002,6 +1012,7 @@ class Trainer:
             "level": cfg.method.level,
             "regularizers": [r.name for r in cfg.regularizers],
             "metric_directions": self._directions(),
+            "metric_units": {t: dict(self.spec.tasks[t].units) for t in self.tasks if self.spec.tasks[t].units},
             "best_epoch": self.best["epoch"],
             "selection": {"criterion": self.selection_criterion(), "score": self.best["score"]},
             "metrics": {"val": val_metrics, "test": test["metrics"]},
