@@ -130,8 +130,7 @@ def test_from_an_engine_record_equals_explicit_per_task_gradients():
         features=z,
         shared_params=enc.parameters(),
         method=create("ew"),
-        level="param",
-        compute_gramian=True,
+        compute_gramian="param",
     )
     assert rec.level == "param"
     res = gradient_direction_similarity(rec)
