@@ -88,7 +88,7 @@ def test_feature_level_and_gradient_methods():
 
 def test_missing_fields_strict_and_lenient():
     rec = _step(create("ew"), keep_saliencies=True)  # no Gramian
-    with pytest.raises(ConfigurationError, match="compute_gramian=True"):
+    with pytest.raises(ConfigurationError, match="compute_gramian='param'"):
         SaliencyMonitor()(rec, 0)
     out = SaliencyMonitor(strict=False)(rec, 0)
     assert set(out) == {"diag/fd", "diag/tsr_entropy"}

@@ -146,7 +146,7 @@ class SaliencyMonitor:
                         )
         if want & _GRAMIAN_METRICS:
             if record.gramian is None:
-                self._missing("a Gramian", "compute_gramian=True")
+                self._missing("a Gramian", "compute_gramian='param' (or 'feature')")
             else:
                 lvl = record.level if record.level in ("param", "feature") else self.level
                 q = f"{p}{lvl}/"

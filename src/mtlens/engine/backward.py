@@ -258,6 +258,12 @@ def mtl_backward(
         grad_scaler.scale(loss_list[0].detach())  # initialises the scaler's scale tensor
         scale = float(grad_scaler.get_scale())
     dist = resolve(distributed)
+    if dist is not None and isinstance(method, JacobianAggregator) and lvl == "feature":
+        raise ConfigurationError(
+            f"'{method.name}' combines the saliencies entry by entry; under data parallelism each rank holds only "
+            "its share of the representation, so its decision would not be the global batch's. Use level='param' "
+            "(exact: the per-task gradients are reduced first) or train in one process."
+        )
     method_params = [p for p in method.parameters() if p.requires_grad]
 
     # ---- cached decision ------------------------------------------------------------------------
