@@ -110,7 +110,7 @@ def test_bad_input_is_loud():
     with pytest.raises(ShapeError, match="non-finite"):
         gradient_magnitude_similarity(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
     rec = StepRecord(task_names=["a"], losses=torch.ones(1), objective_losses=torch.ones(1), level="loss")
-    with pytest.raises(ConfigurationError, match="compute_gramian=True"):
+    with pytest.raises(ConfigurationError, match="compute_gramian='param'"):
         gradient_direction_similarity(rec)
 
 
@@ -130,8 +130,7 @@ def test_from_an_engine_record_equals_explicit_per_task_gradients():
         features=z,
         shared_params=enc.parameters(),
         method=create("ew"),
-        level="param",
-        compute_gramian=True,
+        compute_gramian="param",
     )
     assert rec.level == "param"
     res = gradient_direction_similarity(rec)

@@ -55,7 +55,7 @@ def test_loss_level_method_keys_and_values():
     mon = SaliencyMonitor(every=2)
     ew = create("ew")
     kw = mon.engine_kwargs(0, ew)
-    assert kw == {"keep_saliencies": True, "compute_gramian": True, "level": "param"}
+    assert kw == {"keep_saliencies": True, "compute_gramian": "param"}
     rec = _step(ew, **kw)
     out = mon(rec, 0)
     assert set(out) == PARAM_KEYS and all(isinstance(v, float) for v in out.values())
@@ -74,7 +74,7 @@ def test_feature_level_and_gradient_methods():
     mon = SaliencyMonitor(level="feature")
     ew = create("ew")
     kw = mon.engine_kwargs(0, ew)
-    assert kw["level"] is None
+    assert kw["compute_gramian"] == "feature" and "level" not in kw
     out = mon(_step(ew, **kw), 0)
     assert "diag/feature/gds_mean" in out and not any(k.startswith("diag/param/") for k in out)
     # gradient methods record both on their own; nothing to add, and the keys carry their level
@@ -88,11 +88,11 @@ def test_feature_level_and_gradient_methods():
 
 def test_missing_fields_strict_and_lenient():
     rec = _step(create("ew"), keep_saliencies=True)  # no Gramian
-    with pytest.raises(ConfigurationError, match="compute_gramian=True"):
+    with pytest.raises(ConfigurationError, match="compute_gramian='param'"):
         SaliencyMonitor()(rec, 0)
     out = SaliencyMonitor(strict=False)(rec, 0)
     assert set(out) == {"diag/fd", "diag/tsr_entropy"}
-    out = SaliencyMonitor(metrics=("gds",))(_step(create("ew"), compute_gramian=True, level="param"), 0)
+    out = SaliencyMonitor(metrics=("gds",))(_step(create("ew"), compute_gramian="param"), 0)
     assert set(out) == {"diag/param/gds_mean", "diag/param/gds_min", "diag/param/gds_conflict_fraction"}
     skipped = StepRecord(
         task_names=["a"], losses=torch.ones(1), objective_losses=torch.ones(1), level="loss", skipped=True

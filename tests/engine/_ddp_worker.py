@@ -132,6 +132,20 @@ def _accumulation(rank: int, world: int) -> dict:
     return out
 
 
+def _refused(rank: int, world: int) -> str:
+    """A feature-level Jacobian aggregator cannot decide from one rank's share: a clear error."""
+    from mtlens.errors import ConfigurationError
+
+    net = Net().double()
+    z, losses = net(torch.randn(4, 5, dtype=F64), torch.randn(4, 3, dtype=F64))
+    try:
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("graddrop", seed=0),
+                     level="feature", distributed=True)
+    except ConfigurationError as exc:
+        return str(exc)
+    return ""
+
+
 def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -142,6 +156,9 @@ def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> N
         for case in cases:
             if case == "accumulation":
                 results[case] = _accumulation(rank, world)
+                continue
+            if case == "refused":
+                results[case] = _refused(rank, world)
                 continue
             try:
                 ref, ref_state = _train(case, False, rank, world)

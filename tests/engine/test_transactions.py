@@ -84,7 +84,8 @@ def test_regularisers_honour_skip(method, level):
 
 
 # ---- skipped steps do not advance any method state ---------------------------------------------
-STATEFUL = ["db_mtl", "moco", "excess_mtl", "pcgrad", "rgw", "nash_mtl", "gradvac", "imtl", "rlw", "dwa", "gradnorm"]
+STATEFUL = ["db_mtl", "moco", "excess_mtl", "pcgrad", "rgw", "nash_mtl", "gradvac", "imtl", "rlw", "dwa", "gradnorm",
+            "uw", "imtl_l", "famo", "stch"]
 
 
 @pytest.mark.parametrize("name", STATEFUL)
@@ -102,6 +103,17 @@ def test_skipped_step_leaves_the_method_state_untouched(name):
                            nonfinite="skip")
     assert rec.skipped
     _same(before, _state(m))
+
+
+@pytest.mark.parametrize("name", ["uw", "imtl_l"])
+def test_skip_on_the_very_first_step_of_a_lazily_built_method(name):
+    m = create(name)  # learnable scalars created on first use
+    net = Net()
+    z, losses = _nan_grad_losses(net, torch.randn(4, 5))
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        assert mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, nonfinite="skip").skipped
+    z, losses = net(torch.randn(4, 5))
+    assert not mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m).skipped
 
 
 def test_rlw_skipped_step_draws_no_weights():

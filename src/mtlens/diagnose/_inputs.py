@@ -35,8 +35,8 @@ def gramian_of(x: StepRecord | Tensor, what: str = "gramian") -> Tensor:
         if x.gramian is None:
             raise ConfigurationError(
                 f"{what}: this StepRecord holds no Gramian. With a loss-level method pass "
-                "compute_gramian=True to mtl_backward (level='param' for parameter level, the default "
-                "of the diagnostics; no level and features=Z for feature level) on the steps you measure."
+                "compute_gramian='param' (parameter level, the default of the diagnostics) or "
+                "compute_gramian='feature' (with features=Z) to mtl_backward on the steps you measure."
             )
         x = x.gramian
     if not isinstance(x, Tensor):

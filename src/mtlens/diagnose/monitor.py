@@ -3,7 +3,7 @@
 It reads only what the engine's :class:`~mtlens.engine.StepRecord` already holds — the
 saliencies and the Gramian — so monitoring costs no extra backward. With a loss-level method
 (EW, UW, ...) the engine computes neither unless asked, so on monitored steps the trainer must
-pass ``keep_saliencies=True`` and ``compute_gramian=True`` (and the Gramian's level) to
+pass ``keep_saliencies=True`` and ``compute_gramian="param"`` or ``"feature"`` to
 ``mtl_backward``; :meth:`SaliencyMonitor.engine_kwargs` returns exactly those arguments.
 Gradient-level methods always record the Gramian at their own level, and the saliencies
 whenever ``features=Z`` is given.
@@ -116,8 +116,7 @@ class SaliencyMonitor:
         if self.needs_saliencies:
             kw["keep_saliencies"] = True
         if self.needs_gramian:
-            kw["compute_gramian"] = True
-            kw["level"] = "param" if self.level == "param" else None
+            kw["compute_gramian"] = "param" if self.level == "param" else "feature"
         return kw
 
     # -- measuring ---------------------------------------------------------------------------
@@ -147,7 +146,7 @@ class SaliencyMonitor:
                         )
         if want & _GRAMIAN_METRICS:
             if record.gramian is None:
-                self._missing("a Gramian", "compute_gramian=True")
+                self._missing("a Gramian", "compute_gramian='param' (or 'feature')")
             else:
                 lvl = record.level if record.level in ("param", "feature") else self.level
                 q = f"{p}{lvl}/"

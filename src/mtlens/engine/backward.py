@@ -215,8 +215,16 @@ def mtl_backward(
             )
     is_loss = isinstance(method, LossWeighting)
     gramian_level: str | None = None
-    if is_loss and level == "param":  # the former meaning of level for loss methods: where to measure
+    if is_loss and level == "param":
+        # ``level`` used to mean, for loss weightings, where compute_gramian measures: one option,
+        # two meanings. It is now compute_gramian="param"; the old spelling still works, with a warning.
+        warnings.warn(
+            f"level='param' has no meaning for the loss weighting '{method.name}' (one backward of the weighted "
+            "sum); to measure the parameter-level Gramian for diagnostics pass compute_gramian='param'",
+            DeprecationWarning, stacklevel=2,
+        )
         gramian_level = "param" if compute_gramian else None
+        level = None
     lvl = resolve_level(method, level)
     if compute_gramian and is_loss and gramian_level is None:
         gramian_level = compute_gramian if isinstance(compute_gramian, str) else (
@@ -253,6 +261,12 @@ def mtl_backward(
         grad_scaler.scale(loss_list[0].detach())  # initialises the scaler's scale tensor
         scale = float(grad_scaler.get_scale())
     dist = resolve(distributed)
+    if dist is not None and isinstance(method, JacobianAggregator) and lvl == "feature":
+        raise ConfigurationError(
+            f"'{method.name}' combines the saliencies entry by entry; under data parallelism each rank holds only "
+            "its share of the representation, so its decision would not be the global batch's. Use level='param' "
+            "(exact: the per-task gradients are reduced first) or train in one process."
+        )
     method_params = [p for p in method.parameters() if p.requires_grad]
 
     # ---- cached decision ------------------------------------------------------------------------

@@ -113,9 +113,20 @@ class Method:
         return copy.deepcopy(self.state_dict())
 
     def restore(self, snapshot: Any) -> None:
-        """Undo a failed step: put back the state :meth:`snapshot` returned."""
-        if snapshot is not None:
+        """Undo a failed step: put back the state :meth:`snapshot` returned.
+
+        State that did not exist before the step (``None`` in the snapshot: learnable scalars
+        created lazily on first use, e.g. UW's) cannot be un-created by ``load_state_dict``; it
+        holds only its initial values (no optimiser step ran), so it is left as it is."""
+        if snapshot is None:
+            return
+        from ..errors import CheckpointError
+
+        try:
             self.load_state_dict(snapshot)
+        except CheckpointError:
+            if not (isinstance(snapshot, dict) and any(v is None for v in snapshot.values())):
+                raise
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

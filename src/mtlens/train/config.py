@@ -440,6 +440,7 @@ def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, m
             level=level,
             regularizers=regularizers,
             loss_transform=loss_transform,
+            distributed=False,  # a local toy problem, even inside a torchrun process
         )
 
 
