@@ -40,7 +40,7 @@ from .gradients import (
     normalise_losses,
     transform_losses,
 )
-from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
+from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer, check_loss_transform
 from .record import StepRecord
 
 __all__ = ["DecisionCache", "LOG_EPS", "counters", "mtl_backward", "resolve_level", "transform_losses"]
@@ -148,8 +148,9 @@ def mtl_backward(
 
     Args:
         losses: per-task scalar losses, a ``{task: loss}`` mapping (preferred) or a sequence.
-            A single stacked vector also works but is slower at the gradient levels: each entry's
-            backward then runs through every task's head.
+            A vector from ``torch.stack``/``torch.cat`` is as fast (its backward node skips
+            the branches of the other tasks, exactly); any other loss vector warns once, since
+            each task's backward then runs through every task's head.
         method: a method object from :func:`mtlens.methods.create`.
         features: the shared representation the heads consumed, attached to the encoder's graph:
             ``Z`` (one map); ``[Z_1, Z_2, ...]`` (several shared maps of ONE input, every task may
@@ -243,6 +244,8 @@ def mtl_backward(
         transform = method.loss_transform
     if transform not in LOSS_TRANSFORMS:
         raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
+    for m in (method, *regularizers):  # each method declares the transforms it is defined for
+        check_loss_transform(m, transform)
 
     scale = 1.0
     if grad_scaler is not None and grad_scaler.is_enabled():

@@ -24,6 +24,7 @@ from .distributed import Dist
 from .gramian import gramian_from_blocks, gramian_from_rows, stack_rows
 from .graph import find_leaves
 from .protocols import Regularizer
+from .stacked import prune_stacked_losses
 
 LOG_EPS = 1e-8
 JACOBIAN_MODES = ("loop", "batched")
@@ -498,6 +499,10 @@ def compute_task_gradients(
         raise ConfigurationError(f"jacobian={jacobian!r}; choose one of {JACOBIAN_MODES}")
     names, loss_list = normalise_losses(losses, task_names)
     T = len(loss_list)
+    if isinstance(losses, Tensor) and T > 1 and (
+        level != "loss" or keep_saliencies or compute_gramian or regularizers or grad_norm_params is not None
+    ):
+        prune_stacked_losses(losses)  # per-task backwards of a stacked vector: one head each, not T
     feats = normalise_features(features, names)
     if feats.multi_input and len(feats.maps) != T:
         raise ShapeError(f"multi-input features: got {len(feats.maps)} maps for {T} tasks")
@@ -758,19 +763,21 @@ def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, h
         # task's batch (positional pairing of unrelated samples would not be).
         if feats.multi_input:
             G = torch.diag(torch.stack([S[t][0].double().pow(2).sum() for t in range(T)]))
-        else:
-            G = gramian_from_blocks([torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))])
+        else:  # one T×|Z| stack per map, shared by the Gramian, the blocks and (below) the record
+            tg._blocks = [torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))]
+            G = gramian_from_blocks(tg._blocks)
         if dist is not None:
             G = dist.sum_(G) / (dist.world ** 2)
         tg._gramian = G
         tg._parts[0]["saliencies"] = S  # local, unscaled: step 3 combines them
-        if not feats.multi_input:
-            tg._blocks = [torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))]
     if sal_regs and sal_multi is None:
         raise ConfigurationError("saliency regularisers need features that form a cut (no map computed from another)")
     if sal_multi is not None and (len(feats.maps) == 1 or feats.multi_input):
         own = [s[0].detach() for s in sal_multi]
-        if len({tuple(s.shape) for s in own}) == 1:
+        if (level == "feature" and not feats.multi_input and len(feats.maps) == 1 and transform == "none"
+                and scale == 1.0 and dist is None):
+            tg.saliencies = tg._blocks[0]  # the same values (raw = objective, unscaled): no second copy
+        elif len({tuple(s.shape) for s in own}) == 1:
             tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
     tg.head_rows = [[None if g is None else (g.detach() / scale if scale != 1.0 else g.detach()) for g in row]
                     for row in head_rows]

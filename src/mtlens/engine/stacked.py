@@ -1,0 +1,78 @@
+"""Stacked loss vectors (``torch.stack(losses)``) made as fast as a dict or list of losses.
+
+Differentiating entry ``t`` of a stacked vector sends a one-hot gradient into the stack's
+backward, which hands an explicit *zero* to every other task's loss; autograd then runs every
+other task's head backward on those zeros. With ``T`` tasks each per-task backward costs ``T``
+heads instead of one (a feature-level method measured ≈ 1.4× EW instead of ≤ 1.15× on a
+3-task dense workload).
+
+:func:`prune_stacked_losses` is exact: it hooks the ``StackBackward0`` (or ``CatBackward0``)
+node and replaces every exactly-zero incoming gradient by "no gradient" (``None``), which
+autograd treats as zero without running the branch. A branch that receives a zero gradient
+contributes exactly zero to every input, so no value changes; only the work on zeros is skipped
+(and with it any ``0 · inf = NaN`` that a non-finite head would have produced on another task's
+backward — that task's own backward still sees it).
+
+A loss vector built any other way (a product, a single op over all tasks) has no exact split:
+:func:`prune_stacked_losses` then warns once per process, naming the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor
+
+_VIEW_NODES = frozenset({
+    "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "AliasBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
+})
+_SPLIT_NODES = frozenset({"StackBackward0", "CatBackward0"})
+_warned = False
+
+
+def _drop_zero_gradients(grad_inputs, grad_outputs):
+    """Node hook: pass ``None`` (no gradient) instead of an all-zero gradient to a branch."""
+    out = []
+    for g in grad_inputs:
+        out.append(None if g is None or not bool(g.detach().any()) else g)
+    return tuple(out)
+
+
+def prune_stacked_losses(losses: Tensor) -> bool:
+    """Make per-entry backwards of a stacked loss vector run only that entry's branch.
+
+    Args:
+        losses: a loss vector (``(T,)`` or any shape with ``T`` elements) attached to a graph.
+
+    Returns:
+        ``True`` when the vector comes from ``torch.stack``/``torch.cat`` (possibly through
+        reshapes), whose backward node now skips branches with zero gradient; ``False``
+        otherwise, after a one-time ``UserWarning`` naming the fix (pass a dict or list).
+    """
+    global _warned
+    node = losses.grad_fn
+    while node is not None and type(node).__name__ in _VIEW_NODES:
+        node = node.next_functions[0][0]
+    if node is not None and type(node).__name__ in _SPLIT_NODES:
+        node.register_hook(_drop_zero_gradients)
+        return True
+    if not _warned and losses.numel() > 1:
+        _warned = True
+        origin = type(losses.grad_fn).__name__ if losses.grad_fn is not None else "a leaf"
+        warnings.warn(
+            f"mtlens: the task losses were passed as one tensor (made by {origin}, not torch.stack or torch.cat), "
+            "so each task's backward runs through every task's head (T heads per task instead of one). Pass a "
+            "dict {task: loss} or a list of the per-task scalar losses instead (this warning is shown once).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _reset_warning() -> None:  # for tests
+    global _warned
+    _warned = False
+
+
+__all__ = ["prune_stacked_losses"]

@@ -1,0 +1,106 @@
+"""Stacked loss vectors: exactly the dict result, one head backward per task, a warning otherwise."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mtlens.engine import mtl_backward
+from mtlens.engine import stacked as stacked_mod
+from mtlens.methods import create
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts how often it runs (with a defined gradient)."""
+
+    counts: dict[int, int] = {}
+
+    @staticmethod
+    def forward(ctx, x, key):
+        ctx.key = key
+        ctx.set_materialize_grads(False)  # an undefined gradient stays None: the branch is skipped
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is not None:
+            _CountBackward.counts[ctx.key] = _CountBackward.counts.get(ctx.key, 0) + 1
+        return g, None
+
+
+def _model(T=4, seed=0):
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+    heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 1)) for _ in range(T))
+    x, y = torch.randn(10, 6), torch.randn(T, 10, 1)
+    return enc, heads, x, y
+
+
+def _losses(enc, heads, x, y, count=False):
+    z = enc(x)
+    out = []
+    for t, h in enumerate(heads):
+        zt = _CountBackward.apply(z, t) if count else z
+        out.append(((h(zt) - y[t]) ** 2).mean() + 0.1)
+    return z, out
+
+
+def _grads(form, method, level, regularizers=(), loss_transform=None, T=4):
+    enc, heads, x, y = _model(T)
+    z, losses = _losses(enc, heads, x, y)
+    if form == "dict":
+        losses = {f"t{i}": L for i, L in enumerate(losses)}
+    elif form == "stack":
+        losses = torch.stack(losses)
+    elif form == "cat":
+        losses = torch.cat([L.reshape(1) for L in losses])
+    rec = mtl_backward(losses, features=z, shared_params=enc.parameters(), method=create(method), level=level,
+                       regularizers=[create(r) for r in regularizers], loss_transform=loss_transform)
+    return [p.grad.clone() for p in list(enc.parameters()) + list(heads.parameters())], rec
+
+
+@pytest.mark.parametrize("form", ["stack", "cat"])
+@pytest.mark.parametrize(
+    "method,level,regs,transform",
+    [("mgda", "feature", (), None), ("upgrad", "param", (), None), ("pcgrad", "param", (), "log"),
+     ("ew", None, ("rep_mtl",), "log")],
+)
+def test_stacked_input_equals_dict_input(form, method, level, regs, transform):
+    ref, rec_ref = _grads("dict", method, level, regs, transform)
+    got, rec = _grads(form, method, level, regs, transform)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rec.weights, rec_ref.weights)
+
+
+@pytest.mark.parametrize("form", ["list", "stack"])
+def test_stacked_input_runs_each_head_once_per_task(form):
+    T = 4
+    enc, heads, x, y = _model(T)
+    z, losses = _losses(enc, heads, x, y, count=True)
+    _CountBackward.counts = {}
+    losses = torch.stack(losses) if form == "stack" else losses
+    mtl_backward(losses, features=z, shared_params=enc.parameters(), method=create("mgda"), level="feature")
+    # one backward per task for the saliencies + one for the weighted head gradients at most
+    assert _CountBackward.counts == {t: 1 for t in range(T)}
+
+
+def test_other_loss_vectors_warn_once_with_the_fix():
+    stacked_mod._reset_warning()
+    enc, heads, x, y = _model(3)
+    with pytest.warns(UserWarning, match="dict .task: loss. or a list"):
+        z, losses = _losses(enc, heads, x, y)
+        mtl_backward(torch.stack(losses) * 2.0, features=z, shared_params=enc.parameters(),
+                     method=create("mgda"), level="feature")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, losses = _losses(enc, heads, x, y)
+        mtl_backward(torch.stack(losses) * 2.0, features=z, shared_params=enc.parameters(),
+                     method=create("mgda"), level="feature")
+        # a loss-level method does one backward of the weighted sum: nothing to warn about
+        stacked_mod._reset_warning()
+        z, losses = _losses(enc, heads, x, y)
+        mtl_backward(torch.stack(losses) * 2.0, method=create("ew"))
