@@ -185,3 +185,18 @@ def test_sigkill_mid_suite_then_rerun_completes_only_what_is_missing(env, tmp_pa
         a = json.loads((out / after[k]["results"]).read_text())
         b = json.loads((ref / ref_idx[k]["results"]).read_text())
         assert a["metrics"] == b["metrics"], after[k]["label"]
+
+
+def test_rerun_of_a_finished_suite_writes_nothing(env, tmp_path):
+    suite = _write(tmp_path, tiny_suite(seeds=[0], methods=["ew", "dwa"], variants={"none": {}}))
+    out = tmp_path / "store"
+    r = _bench([str(suite), "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr
+    assert f"report: {out / 'report' / 'report.html'}" in r.stdout
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != ".mtlens.lock")
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    r = _bench([str(suite), "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr
+    assert "4 already done before this run" in r.stderr and "the report is up to date" in r.stderr
+    assert "ew" in r.stdout and "dwa" in r.stdout  # the leaderboard is printed again
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps

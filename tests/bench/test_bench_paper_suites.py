@@ -109,3 +109,29 @@ def test_rep_mtl_suite_on_fixtures(tmp_path):
     office = {e["label"] for e in idx["runs"] if e["benchmark"] == "office-31"}
     assert "graddrop (feature)" not in office and "db_mtl (param)" in office  # excluded on multi-input
     assert "graddrop (feature)" in {e["label"] for e in idx["runs"] if e["benchmark"] == "nyuv2"}
+
+
+def test_fashion_suite_needs_fashion_mnist_and_runs_on_idx_files(tmp_path, monkeypatch):
+    """Without Fashion-MNIST (no Debian package, no --root) the suite stops before any run with the
+    loader's fix; with IDX files given by --root it runs (here a tiny IDX fixture, tiny settings)."""
+    from mtlens.data import mnist
+    from mtlens.data.fixtures import write_mnist_idx_fixture
+    from mtlens.errors import DataError
+
+    monkeypatch.setattr(mnist, "find_fashion_mnist", lambda: None)  # as on a machine without the package
+    tiny = ["seeds=[0]", "exclude=[uw, dwa, rlw, gls, famo, pcgrad, cagrad, aligned_mtl, imtl_g, upgrad]",
+            "variants={none: {}, rep_mtl: {regularizers: [{name: rep_mtl}], methods: [ew]}}",
+            "train.epochs=2", "train.batch_size=16", "optim.lr=0.01", "monitor.every=4"]
+    with pytest.raises(DataError, match=r"suite 'fashion', benchmark 'multifashion': its data cannot be loaded.*"
+                                        r"apt-get install dataset-fashion-mnist"):
+        run_suite(load_suite("fashion", tiny), tmp_path / "none")
+    assert not (tmp_path / "none" / "index.json").exists()
+
+    root = tmp_path / "fashion"
+    write_mnist_idx_fixture(root, n_train=200, n_test=40, gz=True, seed=1)  # learnable class patterns
+    out = tmp_path / "store"
+    summary = run_suite(load_suite("fashion", tiny, roots={"multifashion": str(root)}), out)
+    idx = load_index(out)
+    assert summary.counts == {"done": len(idx["runs"])}
+    assert {e["label"] for e in idx["runs"]} == {"STL left", "STL right", "ew", "mgda (param)", "mgda (feature)",
+                                                 "graddrop (feature)", "ew + rep_mtl"}

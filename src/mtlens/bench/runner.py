@@ -95,7 +95,7 @@ def run_suite(
     out: str | Path,
     *,
     executor: str = "local",
-    workers: int = 1,
+    workers: int | None = None,
     threads: int | None = None,
     address: str | None = None,
     ray_init: dict[str, Any] | None = None,
@@ -107,8 +107,10 @@ def run_suite(
         suite: a validated :class:`Suite` (:func:`mtlens.bench.load_suite`).
         out: the store directory (created; see :mod:`mtlens.bench.store`).
         executor: ``"local"`` or ``"ray"``.
-        workers: local worker processes (1 = in this process), or the Ray runs in flight (0 = as
-            many as the cluster's CPUs allow).
+        workers: local worker processes (1 = in this process), or the Ray runs in flight. Default
+            (None): local: ``cores // resources.cpus`` when the suite's runs ask for no GPU (each
+            worker then has ``resources.cpus`` threads), else 1 (one run at a time on the GPU);
+            Ray: as many as the cluster's CPUs allow.
         threads: torch intra-op threads per local worker (default cores // workers).
         address: Ray cluster address (``ray start --head`` prints it); default a local Ray.
         progress: called as ``progress(event, entry)`` with event ``"start"``, ``"done"``, ``"failed"``.
@@ -120,14 +122,18 @@ def run_suite(
     """
     t0 = time.perf_counter()
     if executor == "local":
-        from .executors import LocalExecutor
+        from .executors import LocalExecutor, available_cores
+
+        if workers is None:
+            per_run = max(1, int(suite.resources.cpus))
+            workers = 1 if suite.resources.gpus > 0 else max(1, available_cores() // per_run)
 
         ex: Any = LocalExecutor(workers=workers, threads=threads, plugins=suite.plugins)
         gpus = 0.0
     elif executor == "ray":
         from .executors import RayExecutor
 
-        ex = RayExecutor(address=address, workers=workers if workers > 1 else None, cpus=suite.resources.cpus,
+        ex = RayExecutor(address=address, workers=workers, cpus=suite.resources.cpus,
                          gpus=suite.resources.gpus, plugins=suite.plugins, init_kwargs=ray_init)
         gpus = suite.resources.gpus
     else:

@@ -191,10 +191,17 @@ class Store:
                 e["status"] = "pending"  # interrupted (or its results vanished): run again, resuming
             self.entries[s.key] = e
             self.order.append(s.key)
-        atomic_write_text(self.root / "suite.yaml", suite_yaml)
+        if not (self.root / "suite.yaml").is_file() or (self.root / "suite.yaml").read_text() != suite_yaml:
+            atomic_write_text(self.root / "suite.yaml", suite_yaml)
+        on_disk_runs = {s.key: self._read_run_json(s.relpath) for s in specs}
         for key in self.order:
-            self._write_run_json(key)
-        self.write_index()
+            d = on_disk_runs.get(key)
+            if d is None or {k: v for k, v in d.items() if k != "content_sha256"} != self.entries[key]:
+                self._write_run_json(key)
+        current = {"format": FORMAT, "version": VERSION, "suite": suite_name,
+                   "runs": [self.entries[k] for k in self.order]}
+        if old is None or {k: v for k, v in old.items() if k != "content_sha256"} != current:
+            self.write_index()  # unchanged stores are not rewritten: a rerun of a finished suite writes nothing
 
     def _read_run_json(self, relpath: str) -> dict[str, Any] | None:
         try:

@@ -557,10 +557,11 @@ def bench(
     ] = None,
     executor: Annotated[str, typer.Option("--executor", "-e", help="local or ray")] = "local",
     workers: Annotated[
-        int,
-        typer.Option("--workers", "-w", help="local: worker processes (1 = in this process); ray: runs in flight "
-                     "(default: as many as the cluster's CPUs allow)"),
-    ] = 1,
+        int | None,
+        typer.Option("--workers", "-w", help="local: worker processes (1 = in this process; default cores ÷ the "
+                     "suite's CPUs per run, or 1 for GPU suites); ray: runs in flight (default: as many as the "
+                     "cluster's CPUs allow)"),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch threads per local worker (default cores // workers)")
     ] = None,
@@ -626,7 +627,7 @@ def bench(
                       f"{summary.wall_s:.0f} s", highlight=False)
         report_path = None
         if not no_report:
-            report_path = _bench_report(summary.out, quiet)
+            report_path = _bench_report(summary.out, quiet, reuse=not summary.ran)
         if quiet:
             out.print(str(report_path or summary.out), soft_wrap=True)
         else:
@@ -651,11 +652,20 @@ def _index_runs(store: Path) -> list[dict]:
     return load_index(store)["runs"]
 
 
-def _bench_report(store: Path, quiet: bool) -> Path:
-    """Write the report (mtlens.bench.report) and print each benchmark's leaderboard; return report.html."""
+def _bench_report(store: Path, quiet: bool, reuse: bool = False) -> Path:
+    """Write the report (mtlens.bench.report) and print each benchmark's leaderboard; return report.html.
+
+    With ``reuse`` (no run ran this time), a report newer than the store's index is kept as it is."""
     from ..bench.report import leaderboard_renderables, write_report
 
-    path = write_report(store) / "report.html"
+    html = store / "report" / "report.html"
+    index = store / "index.json"
+    if reuse and html.is_file() and index.is_file() and html.stat().st_mtime >= index.stat().st_mtime:
+        path = html
+        if not quiet:
+            err.print("[dim]nothing new in the store: the report is up to date[/]")
+    else:
+        path = write_report(store) / "report.html"
     if not quiet:
         out.print(*leaderboard_renderables(store))
     return path
