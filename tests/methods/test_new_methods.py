@@ -108,7 +108,7 @@ def test_ntkmtl_sr_sub_batch_ntk():
 
 # -- GO4Align ---------------------------------------------------------------------------------
 def _go4align_official(loss_seq, num_groups, eta):
-    """The authors' GO4ALIGN.get_weighted_loss (KMeans replaced by sklearn with many restarts)."""
+    """The authors' GO4ALIGN.get_weighted_loss (their local k-means replaced by sklearn with many restarts)."""
     from sklearn.cluster import KMeans
 
     T = len(loss_seq[0])
@@ -146,7 +146,7 @@ def test_go4align_golden_one_group_and_few_tasks():
     gamma = np.array([4.0, 4.0 / 3.0]) * p
     torch.testing.assert_close(m.weights(L), torch.tensor([gamma.mean()] * 2, dtype=torch.float64))
     # 2 tasks, 5 groups: each task is its own group (γ unchanged)
-    m5 = create("go4align", robust_step_size=1.0)
+    m5 = create("go4align", num_groups=5, robust_step_size=1.0)
     torch.testing.assert_close(m5.weights(L), torch.tensor(gamma, dtype=torch.float64))
     with pytest.raises(NonFiniteError, match="positive"):
         create("go4align").weights(torch.tensor([1.0, 0.0]))
