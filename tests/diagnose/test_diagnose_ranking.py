@@ -105,3 +105,22 @@ def test_summarize_steps():
         summarize_steps([float("nan")])
     with pytest.raises(ConfigurationError, match="reduction"):
         summarize_steps([1.0], reduction="max")
+
+
+def test_batched_bootstrap_statistics_equal_scipy():
+    """The bootstrap's vectorised τ-b / ρ equal scipy's, ties and constant rows included."""
+    from mtlens.diagnose.ranking import _tau_rho, _tau_rho_batch
+
+    rng = np.random.default_rng(0)
+    ident = rng.integers(0, 4, size=(300, 6)).astype(float)  # many ties
+    perf = rng.standard_normal((300, 6))
+    perf[::7] = np.round(perf[::7])
+    ident[5] = 1.0  # a constant row: NaN
+    tau, rho = _tau_rho_batch(ident, perf)
+    for i in range(300):
+        t, r = _tau_rho(ident[i], perf[i])
+        if math.isnan(t):
+            assert math.isnan(tau[i]) and math.isnan(rho[i])
+        else:
+            assert tau[i] == pytest.approx(t, abs=1e-12) and rho[i] == pytest.approx(r, abs=1e-12)
+    assert math.isnan(tau[5])

@@ -74,6 +74,8 @@ def test_short_run_writes_results_jsonl_and_tensorboard(tmp_path):
     assert res["steps"] == 2 * 6 and res["best_epoch"] in (1, 2)
     assert res["selection"]["criterion"] == "val_loss" and res["baseline"] is None and res["delta"] is None
     assert res["environment"]["torch"] == torch.__version__
+    mem = res["timings"]["peak_memory"]  # train/memory.py: measured on Linux CPU, else None with the reason
+    assert (mem["peak_bytes"] >= mem["start_bytes"] > 0) if mem["peak_bytes"] is not None else mem["reason"]
     records = read_jsonl(out / "log.jsonl")
     steps = [r for r in records if r["type"] == "step"]
     epochs = [r for r in records if r["type"] == "epoch"]
@@ -205,6 +207,7 @@ def test_resume_of_a_finished_run_rewrites_the_same_results(tmp_path):
     res = run(cfg, quiet=True)
     again = run(cfg, quiet=True, resume=True)
     assert again["metrics"] == res["metrics"] and again["steps"] == res["steps"]
+    assert again["timings"]["peak_memory"] == res["timings"]["peak_memory"]  # the kept results.json's
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):

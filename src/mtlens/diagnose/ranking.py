@@ -102,6 +102,26 @@ def _tau_rho(ident: np.ndarray, perf: np.ndarray) -> tuple[float, float]:
     return float(tau), float(rho)
 
 
+def _tau_rho_batch(ident: np.ndarray, perf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """τ-b and ρ of every row of ``(B, N)`` goodness matrices at once (NaN where a row is constant).
+
+    Same values as :func:`_tau_rho` (scipy's ``kendalltau(variant="b")`` and ``spearmanr``), from the
+    pairwise sign matrices ``s_ij = sign(x_i − x_j)``: τ-b = Σ s^x s^y / sqrt(Σ (s^x)² Σ (s^y)²) and
+    ρ = Pearson correlation of the average ranks ``(N + 1)/2 + ½ Σ_j s_ij``. The bootstrap calls
+    this once instead of scipy per resample (which took seconds per identifier)."""
+    sx = np.sign(ident[:, :, None] - ident[:, None, :])
+    sy = np.sign(perf[:, :, None] - perf[:, None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = (sx * sy).sum(axis=(1, 2)) / np.sqrt((sx * sx).sum(axis=(1, 2)) * (sy * sy).sum(axis=(1, 2)))
+        rx = 0.5 * sx.sum(axis=2)
+        ry = 0.5 * sy.sum(axis=2)  # ranks minus their mean (N + 1) / 2
+        rho = (rx * ry).sum(axis=1) / np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+    const = (np.ptp(ident, axis=1) == 0) | (np.ptp(perf, axis=1) == 0)
+    tau[const] = np.nan
+    rho[const] = np.nan
+    return np.clip(tau, -1.0, 1.0), np.clip(rho, -1.0, 1.0)
+
+
 def _ranking(names: list[str], goodness: np.ndarray) -> list[str]:
     order = sorted(range(len(names)), key=lambda i: (-goodness[i], names[i]))
     return [names[i] for i in order]
@@ -199,16 +219,13 @@ def ranking_similarity(
         if not isinstance(n_bootstrap, int) or n_bootstrap < 1:
             raise ConfigurationError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
         rng = np.random.default_rng(seed)
-        k_bs = np.empty(n_bootstrap)
-        s_bs = np.empty(n_bootstrap)
-        for r in range(n_bootstrap):
-            gi, gp = np.empty(len(names)), np.empty(len(names))
-            for j, m in enumerate(names):
-                n = max(ident[m].size, perf[m].size)
-                idx = rng.integers(0, n, size=n)
-                gi[j] = s_id * (ident[m][idx].mean() if ident[m].size > 1 else ident[m][0])
-                gp[j] = s_pf * (perf[m][idx].mean() if perf[m].size > 1 else perf[m][0])
-            k_bs[r], s_bs[r] = _tau_rho(gi, gp)
+        gi, gp = np.empty((n_bootstrap, len(names))), np.empty((n_bootstrap, len(names)))
+        for j, m in enumerate(names):  # all resamples of method j at once: (n_bootstrap, n) seed indices
+            n = max(ident[m].size, perf[m].size)
+            idx = rng.integers(0, n, size=(n_bootstrap, n))
+            gi[:, j] = s_id * (ident[m][idx].mean(axis=1) if ident[m].size > 1 else ident[m][0])
+            gp[:, j] = s_pf * (perf[m][idx].mean(axis=1) if perf[m].size > 1 else perf[m][0])
+        k_bs, s_bs = _tau_rho_batch(gi, gp)
         lo, hi = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
 
         def interval(v):

@@ -243,6 +243,7 @@ class Trainer:
         self._timing = {"train_s": 0.0, "eval_s": 0.0, "steps_timed": 0}
         self.skipped_steps = 0
         self._diag_last: dict[str, float] | None = None
+        self._peak_memory: dict[str, Any] | None = None
         self._finished = False
 
     # =========================================================================================
@@ -711,7 +712,12 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             if not self._finished:
+                from .memory import PeakMemory
+
+                memory = PeakMemory(self.device)
+                memory.start()
                 self._train_loop()
+                self._peak_memory = memory.stop()
             results = self._finalize(time.perf_counter() - t_start)
         finally:
             self._jsonl.close()
@@ -919,6 +925,8 @@ class Trainer:
                 "eval_s": self._timing["eval_s"],
                 "mean_step_s": self._timing["train_s"] / timed,
                 "this_session_s": session_s,
+                # this session's training only (None when a finished run was re-tested): train/memory.py
+                "peak_memory": self._peak_memory,
             },
             "device": str(self.device),
             "environment": environment(),

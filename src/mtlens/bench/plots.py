@@ -1,0 +1,193 @@
+"""The report's figures (matplotlib, Agg backend; PNG files).
+
+* ``dynamics_plot`` — an identifier (FD, GDS, GMS) over training steps, one line per
+  configuration (mean over seeds at each monitored step; shaded: min–max over seeds), as Mao et
+  al.'s Figures 3–5 (arXiv:2402.03557);
+* ``time_delta_scatter`` — mean step time against Δ, error bars = std over seeds;
+* ``level_bars`` — Δ at parameter vs feature level per gradient method;
+* ``alpha_bars`` — power-law α per component for each Rep-MTL variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tables import PERFORMANCE, VARIANT_NAMES, Group, mean_std
+
+LEVEL_MARKERS = {"loss": "o", "param": "s", "feature": "^"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int):
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def read_log(run_dir: Path | None) -> list[dict[str, Any]]:
+    """The step records of a run's ``log.jsonl`` ([] when absent; a torn last line is skipped)."""
+    if run_dir is None or not (run_dir / "log.jsonl").is_file():
+        return []
+    out = []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "step":
+            out.append(rec)
+    return out
+
+
+def dynamics_series(group: Group, key: str, logs: dict[str, list[dict[str, Any]]]):
+    """(steps, mean, low, high) of ``key`` over the group's finished seeds, or None."""
+    per_step: dict[int, list[float]] = {}
+    for r in group.done:
+        for rec in logs.get(r.key, []):
+            v = rec.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                per_step.setdefault(int(rec["global_step"]), []).append(float(v))
+    if not per_step:
+        return None
+    steps = sorted(per_step)
+    vals = [per_step[s] for s in steps]
+    return (
+        np.array(steps),
+        np.array([np.mean(v) for v in vals]),
+        np.array([min(v) for v in vals]),
+        np.array([max(v) for v in vals]),
+    )
+
+
+def dynamics_plot(
+    groups: Sequence[Group], key: str, title: str, ylabel: str, path: Path, logs: dict[str, list[dict[str, Any]]]
+) -> Path | None:
+    series = [(g, dynamics_series(g, key, logs)) for g in groups]
+    series = [(g, s) for g, s in series if s is not None]
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    styles = ["-", "--", ":", "-."]
+    for i, ((g, (x, m, lo, hi)), c) in enumerate(zip(series, _colors(len(series)))):
+        ax.plot(x, m, color=c, linestyle=styles[(i // 10) % len(styles)], linewidth=1.4, label=g.label)
+        if len(g.done) > 1:
+            ax.fill_between(x, lo, hi, color=c, alpha=0.12, linewidth=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(series) > 12 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def time_delta_scatter(groups: Sequence[Group], title: str, path: Path) -> Path | None:
+    pts = []
+    for g in groups:
+        t = g.per_seed(lambda res: 1000.0 * res["timings"]["mean_step_s"])
+        d = g.per_seed(lambda res: res["delta"]["test"][PERFORMANCE])
+        if t and d:
+            pts.append((g, mean_std(t), mean_std(d)))
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (g, (tm, ts), (dm, ds)), c in zip(pts, _colors(len(pts))):
+        ax.errorbar(
+            tm,
+            dm,
+            xerr=ts or 0.0,
+            yerr=ds or 0.0,
+            fmt=LEVEL_MARKERS.get(g.level, "D"),
+            color=c,
+            markersize=7,
+            capsize=3,
+            label=g.label,
+        )
+        ax.annotate(g.label, (tm, dm), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("mean training step time (ms)")
+    ax.set_ylabel(f"test {PERFORMANCE} (%) ↑")
+    ax.set_title(title + "  (marker: o loss, □ param, △ feature level)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def level_bars(groups: Sequence[Group], title: str, path: Path) -> Path | None:
+    by = {(g.method, g.level, g.variant): g for g in groups}
+    pairs = sorted((m, v) for (m, lv, v) in by if lv == "param" and (m, "feature", v) in by)
+    if not pairs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(pairs) + 2), 4))
+    x = np.arange(len(pairs))
+    for off, lv, c in ((-0.2, "param", "tab:blue"), (0.2, "feature", "tab:orange")):
+        ms, ss = [], []
+        for m, v in pairs:
+            mu, sd = mean_std(by[(m, lv, v)].per_seed(lambda res: res["delta"]["test"][PERFORMANCE]))
+            ms.append(np.nan if mu is None else mu)
+            ss.append(0.0 if sd is None else sd)
+        ax.bar(x + off, ms, width=0.4, yerr=ss, capsize=3, color=c, label=f"{lv} level")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([m if v == "none" else f"{m} + {v}" for m, v in pairs], rotation=20, ha="right")
+    ax.set_ylabel(f"test {PERFORMANCE} (%) ↑")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def alpha_bars(variant_alphas: dict[str, dict[str, list[float]]], title: str, path: Path) -> Path | None:
+    """``variant → component → per-seed α``; grouped bars (mean ± std) with the [2, 4] band."""
+    comps = sorted({c for d in variant_alphas.values() for c in d}, key=lambda c: (c != "encoder", c))
+    if not comps:
+        return None
+    plt = _plt()
+    variants = list(variant_alphas)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(comps) + 2), 4))
+    w = 0.8 / max(len(variants), 1)
+    x = np.arange(len(comps))
+    for i, (v, c) in enumerate(zip(variants, _colors(len(variants)))):
+        ms, ss = [], []
+        for comp in comps:
+            mu, sd = mean_std(variant_alphas[v].get(comp, []))
+            ms.append(np.nan if mu is None else mu)
+            ss.append(0.0 if sd is None else sd)
+        ax.bar(x - 0.4 + w * (i + 0.5), ms, width=w, yerr=ss, capsize=2, color=c, label=VARIANT_NAMES.get(v, v))
+    ax.axhspan(2, 4, color="tab:green", alpha=0.1, label="α in [2, 4]")
+    ax.set_xticks(x)
+    ax.set_xticklabels(comps)
+    ax.set_ylabel("power-law α (median over layers)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["alpha_bars", "dynamics_plot", "dynamics_series", "level_bars", "read_log", "time_delta_scatter"]

@@ -1,0 +1,848 @@
+"""The report's tables, computed from a benchmark results store (no rendering here).
+
+Reading the store (the layout ``mtlens bench`` writes; docs/benchmark.md):
+
+* ``DIR/index.json`` lists every run entry; each run's own ``run.json`` (in ``DIR/runs/<key>/``
+  or ``DIR/baselines/<key>/``) is newer when both exist and wins;
+* a ``done`` run's ``results.json`` is the trainer's (``mtlens.train.trainer``): test metrics of
+  the best epoch, Δ in the three conventions against the run's STL baselines, the diagnostics'
+  training means, step time and peak memory.
+
+Every run that is not ``done`` (pending, running, failed) or whose results cannot be read is
+listed in the "unfinished runs" table: nothing is dropped silently.
+
+Statistics (the rules the report states, docs/benchmark.md "Reading the report"):
+
+* mean ± sample standard deviation (``ddof=1``) over seeds; one seed shows no ±;
+* **mean rank (MR)**: :func:`mtlens.tasks.delta.mean_rank` over every test metric, among the
+  configurations of one benchmark that finished at least one seed;
+* **noise rule**: two configurations differ when Welch's two-sided t-test on their per-seed
+  values gives p < 0.05 (:data:`ALPHA_TEST`); otherwise the difference is "within noise". With
+  fewer than 2 seeds on either side nothing is tested ("not testable"), never called a win.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigurationError, MTLensError
+from ..tasks.delta import DELTA_CONVENTIONS, mean_rank
+
+ALPHA_TEST = 0.05
+"""Significance level of the noise rule (Welch's t-test, two-sided)."""
+
+PERFORMANCE = "delta_p_task"
+"""The Δ convention that ranks methods in the level comparison, Ranking Similarity and the Rep-MTL
+ablation (higher is better); the leaderboard shows all three."""
+
+VARIANT_NAMES = {
+    "none": "base",
+    "rep_mtl_tsr": "+TSR",
+    "rep_mtl_csa": "+CSA",
+    "rep_mtl": "+TSR +CSA (Rep-MTL)",
+}
+"""Display names of the regulariser variants (Rep-MTL's ablation, arXiv:2507.21049 Table 5)."""
+
+REP_MTL_VARIANTS = ("rep_mtl_tsr", "rep_mtl_csa", "rep_mtl")
+
+IDENTIFIERS: tuple[tuple[str, str, str], ...] = (
+    ("FD", "diag/fd", "fd"),
+    ("GDS (param level)", "diag/param/gds_mean", "gds"),
+    ("GMS (param level)", "diag/param/gms_mean", "gms"),
+    ("GDS (feature level)", "diag/feature/gds_mean", "gds"),
+    ("GMS (feature level)", "diag/feature/gms_mean", "gms"),
+    ("TSR entropy", "diag/tsr_entropy", "tsr_entropy"),
+)
+"""``(name, key in results.json diagnostics.mean, direction key of mtlens.diagnose.ranking)``.
+GDS/GMS measured at different gradient levels are never mixed in one ranking."""
+
+
+# =============================================================================================
+# the store
+@dataclass
+class RunRecord:
+    """One run entry of the store, with its results when it finished and they could be read."""
+
+    entry: dict[str, Any]
+    dir: Path | None
+    results: dict[str, Any] | None = None
+    problem: str | None = None  # why a "done" run has no usable results
+
+    @property
+    def status(self) -> str:
+        if self.entry.get("status") == "done" and self.results is None:
+            return "unreadable"
+        return str(self.entry.get("status", "unknown"))
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None
+
+    @property
+    def key(self) -> str:
+        return str(self.entry.get("key"))
+
+    @property
+    def seed(self) -> Any:
+        return self.entry.get("seed")
+
+
+@dataclass
+class Store:
+    root: Path
+    suite: str | None
+    runs: list[RunRecord]
+    problems: list[str] = field(default_factory=list)
+
+    def benchmarks(self) -> list[str]:
+        return sorted({str(r.entry.get("benchmark")) for r in self.runs})
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads(path.read_text()), None
+    except FileNotFoundError:
+        return None, f"{path} does not exist"
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"{path} cannot be read as JSON ({type(exc).__name__}: {exc})"
+
+
+def load_store(store_dir: str | Path) -> Store:
+    """Read ``index.json``, every ``run.json`` and the finished runs' ``results.json``.
+
+    Raises:
+        ConfigurationError: ``store_dir`` is not a results store (no ``index.json`` and no
+            ``runs/*/run.json``), or its index is not the store's format.
+    """
+    root = Path(store_dir)
+    index, problem = _read_json(root / "index.json")
+    found = sorted(root.glob("runs/*/run.json")) + sorted(root.glob("baselines/*/run.json"))
+    if index is None and not found:
+        raise ConfigurationError(
+            f"'{root}' is not a benchmark results store: it has neither index.json nor runs/*/run.json "
+            f"({problem}); pass the directory `mtlens bench` wrote (its --out)"
+        )
+    problems: list[str] = []
+    entries: dict[str, dict[str, Any]] = {}
+    suite = None
+    if index is not None:
+        if not isinstance(index, dict) or index.get("format") != "mtlens-bench-index":
+            raise ConfigurationError(
+                f"{root / 'index.json'} is not a mtlens benchmark index (format 'mtlens-bench-index'); "
+                "was it written by `mtlens bench`?"
+            )
+        suite = index.get("suite")
+        for e in index.get("runs") or []:
+            if isinstance(e, dict) and e.get("key"):
+                entries[str(e["key"])] = e
+    elif problem:
+        problems.append(f"index.json unreadable ({problem}); the run directories were read instead")
+    dirs: dict[str, Path] = {}
+    for rj in found:
+        e, err = _read_json(rj)
+        if e is None or not isinstance(e, dict) or not e.get("key"):
+            problems.append(f"{rj}: {err or 'not a run entry'}")
+            continue
+        key = str(e["key"])
+        if key not in entries and index is not None:
+            problems.append(f"run {key} ({rj.parent}) is not listed in index.json; it is reported anyway")
+        entries[key] = e  # the run's own file is written last: it wins
+        dirs[key] = rj.parent
+    runs: list[RunRecord] = []
+    for key, e in entries.items():
+        d = dirs.get(key)
+        if d is None:
+            for sub in ("runs", "baselines"):
+                if (root / sub / key).is_dir():
+                    d = root / sub / key
+        rec = RunRecord(entry=e, dir=d)
+        if e.get("status") == "done":
+            rel = e.get("results")
+            candidates = []
+            if rel:
+                candidates += [root / rel, *([d / rel] if d else [])]
+            if d is not None:
+                candidates.append(d / "results.json")
+            path = next((c for c in candidates if c.is_file()), candidates[0] if candidates else None)
+            if path is None:
+                rec.problem = "marked done but its entry names no results file and its directory is missing"
+            else:
+                res, err = _read_json(path)
+                if res is None or not isinstance(res, dict) or "metrics" not in res:
+                    rec.problem = f"marked done but {err or f'{path} is not a results.json'}"
+                else:
+                    rec.results = res
+        runs.append(rec)
+    runs.sort(key=lambda r: (str(r.entry.get("benchmark")), str(r.entry.get("label")), str(r.seed)))
+    return Store(root=root, suite=suite, runs=runs, problems=problems)
+
+
+# =============================================================================================
+# configurations (a method × level × variant over seeds)
+@dataclass
+class Group:
+    benchmark: str
+    method: str
+    level: str
+    variant: str
+    runs: list[RunRecord]
+
+    @property
+    def label(self) -> str:
+        s = self.method if self.level in ("loss", "", "None") else f"{self.method} ({self.level})"
+        return s if self.variant == "none" else f"{s} + {self.variant}"
+
+    @property
+    def done(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.done]
+
+    def per_seed(self, get: Callable[[dict[str, Any]], Any]) -> list[float]:
+        """Finite values of ``get(results)`` over the finished seeds (sorted by seed)."""
+        out = []
+        for r in sorted(self.done, key=lambda r: str(r.seed)):
+            try:
+                v = get(r.results)
+            except (KeyError, TypeError, IndexError):
+                continue
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                out.append(float(v))
+        return out
+
+    def status_text(self) -> str:
+        counts: dict[str, int] = {}
+        for r in self.runs:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        n = len(self.runs)
+        text = f"{counts.pop('done', 0)}/{n} done"
+        return text + "".join(f"; {k} {v}" for k, v in sorted(counts.items()))
+
+
+def _level(entry: dict[str, Any]) -> str:
+    lv = entry.get("level")
+    return "loss" if lv in (None, "", "loss") else str(lv)
+
+
+def mtl_groups(store: Store, benchmark: str) -> list[Group]:
+    groups: dict[tuple[str, str, str], Group] = {}
+    for r in store.runs:
+        e = r.entry
+        if e.get("kind", "mtl") != "mtl" or str(e.get("benchmark")) != benchmark:
+            continue
+        k = (str(e.get("method")), _level(e), str(e.get("variant") or "none"))
+        groups.setdefault(k, Group(benchmark, *k, runs=[])).runs.append(r)
+    return list(groups.values())
+
+
+def stl_runs(store: Store, benchmark: str) -> list[RunRecord]:
+    return [r for r in store.runs if r.entry.get("kind") == "stl" and str(r.entry.get("benchmark")) == benchmark]
+
+
+def reference_group(groups: Sequence[Group]) -> Group | None:
+    """EW at loss level without regulariser (the cost reference), when it finished a seed."""
+    for g in groups:
+        if g.method == "ew" and g.level == "loss" and g.variant == "none" and g.done:
+            return g
+    return None
+
+
+# =============================================================================================
+# numbers
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof=1; None below 2 values) of finite values; (None, None) if empty."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return None, None
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def num(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    ax = abs(x)
+    if ax >= 1000:
+        return f"{x:.0f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    if ax == 0:
+        return "0"
+    return f"{x:.3g}"
+
+
+def pm(values: Sequence[float], signed: bool = False) -> str:
+    m, s = mean_std(values)
+    if m is None:
+        return "—"
+    head = (f"{m:+.2f}" if abs(m) < 1000 else f"{m:+.0f}") if signed else num(m)
+    return head if s is None else f"{head} ± {num(s)}"
+
+
+def compare(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) -> dict[str, Any]:
+    """The noise rule: Welch's two-sided t-test of ``b`` against ``a`` (per-seed values).
+
+    Returns ``{"diff": mean(b) − mean(a), "p": p-value or None, "verdict": "better" | "worse" |
+    "within noise" | "not testable (< 2 seeds)" | "no seed spread"}`` ("better" = ``b`` better
+    than ``a`` in the given direction, at p < :data:`ALPHA_TEST`)."""
+    from scipy import stats
+
+    a = [float(x) for x in a]
+    b = [float(x) for x in b]
+    if not a or not b:
+        return {"diff": None, "p": None, "verdict": "missing"}
+    diff = float(np.mean(b) - np.mean(a))
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "p": None, "verdict": "not testable (< 2 seeds)"}
+    if np.std(a) == 0 and np.std(b) == 0:
+        return {"diff": diff, "p": None, "verdict": "no seed spread" if diff != 0 else "within noise"}
+    p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    if not math.isfinite(p) or p >= ALPHA_TEST:
+        return {"diff": diff, "p": p if math.isfinite(p) else None, "verdict": "within noise"}
+    good = diff > 0 if higher_is_better else diff < 0
+    return {"diff": diff, "p": p, "verdict": "better" if good else "worse"}
+
+
+def _metric_keys(groups: Iterable[Group]) -> tuple[list[tuple[str, str]], dict[str, dict[str, bool]]]:
+    spec: dict[str, dict[str, bool]] = {}
+    for g in groups:
+        for r in g.done:
+            for t, ms in (r.results.get("metric_directions") or {}).items():
+                for m, hib in ms.items():
+                    spec.setdefault(t, {})[m] = bool(hib)
+    return [(t, m) for t, ms in spec.items() for m in ms], spec
+
+
+def _delta(conv: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda res: res["delta"]["test"][conv]
+
+
+def _step_ms(res: dict[str, Any]) -> float:
+    return 1000.0 * res["timings"]["mean_step_s"]
+
+
+def _peak_extra(res: dict[str, Any]) -> float | None:
+    pm_ = (res.get("timings") or {}).get("peak_memory") or {}
+    if pm_.get("peak_bytes") is None or pm_.get("start_bytes") is None:
+        return None
+    return float(pm_["peak_bytes"] - pm_["start_bytes"])
+
+
+def _ratio(values: Sequence[float], ref: Sequence[float]) -> float | None:
+    m, _ = mean_std(values)
+    r, _ = mean_std(ref)
+    if m is None or r is None or r <= 0:
+        return None
+    return m / r
+
+
+# =============================================================================================
+@dataclass
+class Table:
+    """One table: display cells (``columns``/``rows``) and the unformatted CSV (``csv_*``)."""
+
+    key: str  # file stem of the CSV
+    title: str
+    caption: str
+    columns: list[str]
+    rows: list[list[str]]
+    csv_columns: list[str]
+    csv_rows: list[list[Any]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _arrow(hib: bool) -> str:
+    return "↑" if hib else "↓"
+
+
+def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
+    """Method × level × regulariser: test metrics, Δ (three conventions), MR, time and memory vs EW."""
+    groups = mtl_groups(store, benchmark)
+    keys, spec = _metric_keys(groups)
+    done = [g for g in groups if g.done]
+    notes: list[str] = []
+    mr: dict[str, float] = {}
+    if len(done) >= 1 and spec:
+        means = {}
+        for g in done:
+            means[g.label] = {
+                f"{t}/{m}": mean_std(g.per_seed(lambda res, t=t, m=m: res["metrics"]["test"][t][m]))[0] for t, m in keys
+            }
+        ranked = {k: v for k, v in means.items() if all(x is not None for x in v.values())}
+        if ranked:
+            mr = mean_rank(ranked, spec)
+    ref = reference_group(groups)
+    if ref is None:
+        notes.append("no finished EW run (loss level, no regulariser) in this suite: time and memory are not relative")
+    ref_time = ref.per_seed(_step_ms) if ref else []
+    ref_mem = [x for x in (_peak_extra(r.results) for r in ref.done) if x is not None] if ref else []
+    if ref and not ref_mem:
+        notes.append("EW's results hold no peak memory (trained before mtlens measured it, or not measurable here)")
+    if not any(g.per_seed(lambda res: res["delta"]["test"]["delta_p_task"]) for g in done) and done:
+        notes.append("no run has Δ: the runs were trained without STL baselines (baseline: auto)")
+
+    conv = list(DELTA_CONVENTIONS)
+    columns = ["method", "level", "regulariser", "runs"]
+    columns += [f"{t}/{m} {_arrow(spec[t][m])}" for t, m in keys]
+    columns += [f"{c} {_arrow(DELTA_CONVENTIONS[c].higher_is_better)}" for c in conv]
+    columns += ["MR ↓", "step time ×EW", "peak mem ×EW"]
+    csv_columns = ["benchmark", "method", "level", "variant", "label", "runs", "done", "status"]
+    for t, m in keys:
+        csv_columns += [f"{t}/{m}_mean", f"{t}/{m}_std"]
+    for c in conv:
+        csv_columns += [f"{c}_mean", f"{c}_std"]
+    csv_columns += [
+        "mean_rank",
+        "step_ms_mean",
+        "step_ms_std",
+        "step_time_rel_ew",
+        "peak_mem_extra_mib_mean",
+        "peak_mem_rel_ew",
+    ]
+    rows, csv_rows = [], []
+
+    def order(g: Group):
+        return (0 if g.label in mr else 1, mr.get(g.label, 0.0), g.label)
+
+    for g in sorted(groups, key=order):
+        row = [
+            g.method,
+            g.level,
+            VARIANT_NAMES.get(g.variant, g.variant) if g.variant != "none" else "—",
+            g.status_text(),
+        ]
+        crow: list[Any] = [benchmark, g.method, g.level, g.variant, g.label, len(g.runs), len(g.done), g.status_text()]
+        for t, m in keys:
+            vals = g.per_seed(lambda res, t=t, m=m: res["metrics"]["test"][t][m])
+            row.append(pm(vals))
+            crow += list(mean_std(vals))
+        for c in conv:
+            vals = g.per_seed(_delta(c))
+            row.append(pm(vals, signed=True))
+            crow += list(mean_std(vals))
+        row.append(num(mr.get(g.label)))
+        crow.append(mr.get(g.label))
+        times = g.per_seed(_step_ms)
+        rt = _ratio(times, ref_time)
+        m_t, s_t = mean_std(times)
+        row.append("—" if rt is None else f"{rt:.2f}× ({num(m_t)} ms)")
+        crow += [m_t, s_t, rt]
+        mem = [x for x in (_peak_extra(r.results) for r in g.done) if x is not None]
+        rm = _ratio(mem, ref_mem)
+        m_m, _ = mean_std(mem)
+        row.append("—" if rm is None else f"{rm:.2f}× ({num(m_m / 2**20)} MiB)")
+        crow += [None if m_m is None else m_m / 2**20, rm]
+        rows.append(row)
+        csv_rows.append(crow)
+
+    stl = [r for r in stl_runs(store, benchmark) if r.done]
+    if stl:
+        row = ["STL baselines", "—", "—", f"{len(stl)} runs"]
+        crow = [benchmark, "stl", "", "none", "STL baselines", len(stl), len(stl), "reference"]
+        for t, m in keys:
+            vals = [r.results["metrics"]["test"][t][m] for r in stl if t in r.results["metrics"]["test"]]
+            row.append(pm(vals))
+            crow += list(mean_std(vals))
+        row += ["0 (reference)"] * len(conv) + ["—", "—", "—"]
+        crow += [0.0, None] * len(conv) + [None, None, None, None, None, None]
+        rows.append(row)
+        csv_rows.append(crow)
+
+    caption = (
+        "Test metrics at the epoch selected on validation, mean ± std over seeds. Δ against the STL "
+        "baselines in three conventions ("
+        + "; ".join(
+            f"{c}: {'higher' if DELTA_CONVENTIONS[c].higher_is_better else 'lower'} is better, printed by "
+            f"{DELTA_CONVENTIONS[c].used_by}"
+            for c in conv
+        )
+        + "). MR = mean over test metrics of the configuration's rank (1 = best) among the configurations "
+        "above that finished. Step time = mean training step (forward, backward, method, optimiser step); "
+        "peak mem = training's peak memory above what was resident when training started; both relative "
+        "to EW in this suite (same machine, same run layout)."
+    )
+    title = f"{benchmark}: leaderboard"
+    return Table(f"{benchmark}-leaderboard", title, caption, columns, rows, csv_columns, csv_rows, notes), groups
+
+
+def _verdict_text(cmp: dict[str, Any], better: str, worse: str) -> str:
+    v = cmp["verdict"]
+    return {"better": better, "worse": worse}.get(v, v)
+
+
+def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
+    """Per gradient method: Δ and step time at parameter vs feature level, with the noise rule."""
+    by = {(g.method, g.level, g.variant): g for g in groups}
+    pairs = sorted((m, v) for (m, lv, v) in by if lv == "param" and (m, "feature", v) in by)
+    if not pairs:
+        return None
+    cols = [
+        "method",
+        "regulariser",
+        "seeds p/f",
+        f"{PERFORMANCE} param",
+        f"{PERFORMANCE} feature",
+        "feature − param",
+        "Welch p",
+        "fast surrogate",
+        "step ms param",
+        "step ms feature",
+        "time feature/param",
+    ]
+    ccols = [
+        "method",
+        "variant",
+        "seeds_param",
+        "seeds_feature",
+        "param_mean",
+        "param_std",
+        "feature_mean",
+        "feature_std",
+        "diff",
+        "welch_p",
+        "verdict",
+        "step_ms_param",
+        "step_ms_feature",
+        "time_ratio",
+    ]
+    rows, crows = [], []
+    for m, v in pairs:
+        gp, gf = by[(m, "param", v)], by[(m, "feature", v)]
+        dp, df = gp.per_seed(_delta(PERFORMANCE)), gf.per_seed(_delta(PERFORMANCE))
+        cmp = compare(dp, df, higher_is_better=True)
+        tp, tf = gp.per_seed(_step_ms), gf.per_seed(_step_ms)
+        r = _ratio(tf, tp)
+        verdict = _verdict_text(cmp, "gains", "loses")
+        rows.append(
+            [
+                m,
+                VARIANT_NAMES.get(v, v) if v != "none" else "—",
+                f"{len(dp)}/{len(df)}",
+                pm(dp, True),
+                pm(df, True),
+                "—" if cmp["diff"] is None else f"{cmp['diff']:+.2f}",
+                num(cmp["p"]),
+                verdict,
+                pm(tp),
+                pm(tf),
+                "—" if r is None else f"{r:.2f}×",
+            ]
+        )
+        crows.append(
+            [
+                m,
+                v,
+                len(dp),
+                len(df),
+                *mean_std(dp),
+                *mean_std(df),
+                cmp["diff"],
+                cmp["p"],
+                verdict,
+                mean_std(tp)[0],
+                mean_std(tf)[0],
+                r,
+            ]
+        )
+    caption = (
+        f"Mao et al. (arXiv:2402.03557) compare every gradient method with its gradients taken w.r.t. the "
+        f'shared parameters (param) and w.r.t. the shared representation Z (feature, the "fast gradient '
+        f'surrogate"). Δ = {PERFORMANCE} (higher is better), mean ± std over seeds. "gains"/"loses": the '
+        f'feature level is better/worse by Welch\'s two-sided t-test at p < {ALPHA_TEST}; "within noise" '
+        "otherwise; with fewer than 2 seeds per side nothing is called."
+    )
+    return Table(f"{benchmark}-levels", f"{benchmark}: parameter vs feature level", caption, cols, rows, ccols, crows)
+
+
+def ranking_table(
+    groups: Sequence[Group], benchmark: str, n_bootstrap: int = 1000, confidence: float = 0.95
+) -> Table | None:
+    """Ranking Similarity of each identifier (training mean) against the test-Δ ranking of the configurations."""
+    from ..diagnose.ranking import ranking_similarity
+
+    done = [g for g in groups if g.done]
+    if len(done) < 2:
+        return None
+    cols = [
+        "identifier",
+        "configurations",
+        "seeds",
+        "Kendall τ-b",
+        f"{confidence:.0%} interval",
+        "Spearman ρ",
+        f"{confidence:.0%} interval ",
+        "identifier ranking (best first)",
+        f"{PERFORMANCE} ranking (best first)",
+    ]
+    ccols = [
+        "identifier",
+        "key",
+        "n_configurations",
+        "n_seeds",
+        "kendall_tau",
+        "kendall_low",
+        "kendall_high",
+        "spearman_rho",
+        "spearman_low",
+        "spearman_high",
+        "identifier_ranking",
+        "performance_ranking",
+        "note",
+    ]
+    rows, crows = [], []
+    for name, key, direction in IDENTIFIERS:
+        ident: dict[str, list[float]] = {}
+        perf: dict[str, list[float]] = {}
+        for g in done:
+            iv, pv = [], []
+            for r in sorted(g.done, key=lambda r: str(r.seed)):
+                mean = ((r.results.get("diagnostics") or {}).get("mean")) or {}
+                d = ((r.results.get("delta") or {}).get("test") or {}).get(PERFORMANCE)
+                x = mean.get(key)
+                if isinstance(x, (int, float)) and math.isfinite(x) and isinstance(d, (int, float)):
+                    iv.append(float(x))
+                    pv.append(float(d))
+            if iv:
+                ident[g.label], perf[g.label] = iv, pv
+        if not ident:
+            continue
+        if len(ident) < 2:
+            rows.append([name, str(len(ident)), "—", "—", "—", "—", "—", "needs ≥ 2 configurations", ""])
+            crows.append([name, key, len(ident), None, None, None, None, None, None, None, "", "", "too few"])
+            continue
+        try:
+            rs = ranking_similarity(
+                ident, perf, identifier=direction, n_bootstrap=n_bootstrap, confidence=confidence, seed=0
+            )
+        except MTLensError as exc:
+            rows.append([name, str(len(ident)), "—", "—", "—", "—", "—", f"not computed: {exc}", ""])
+            crows.append([name, key, len(ident), None, None, None, None, None, None, None, "", "", str(exc)])
+            continue
+
+        def iv_text(t):
+            return "— (1 seed)" if t is None else f"[{num(t[0])}, {num(t[1])}]"
+
+        rows.append(
+            [
+                name,
+                str(rs.n_methods),
+                str(rs.n_seeds),
+                num(rs.kendall_tau),
+                iv_text(rs.kendall_interval),
+                num(rs.spearman_rho),
+                iv_text(rs.spearman_interval),
+                " > ".join(rs.identifier_ranking),
+                " > ".join(rs.performance_ranking),
+            ]
+        )
+        ki, si = rs.kendall_interval or (None, None), rs.spearman_interval or (None, None)
+        crows.append(
+            [
+                name,
+                key,
+                rs.n_methods,
+                rs.n_seeds,
+                rs.kendall_tau,
+                *ki,
+                rs.spearman_rho,
+                *si,
+                " > ".join(rs.identifier_ranking),
+                " > ".join(rs.performance_ranking),
+                "",
+            ]
+        )
+    if not rows:
+        return None
+    caption = (
+        "Ranking Similarity (Mao et al., arXiv:2402.03557): each identifier is averaged over the monitored "
+        "training steps of a run (the trainer's diagnostics mean), then over seeds; configurations are ranked "
+        f"by it in its good direction (FD, TSR entropy: lower is better; GDS, GMS: higher) and by test "
+        f"{PERFORMANCE}. Score = Kendall τ-b between the rankings (Spearman ρ beside it; 1 = same order, "
+        f"−1 = reversed). Intervals: {confidence:.0%} percentile bootstrap over seeds ({n_bootstrap} "
+        "resamples; each configuration's seeds drawn with replacement, identifier and Δ of a seed kept "
+        "together). GDS/GMS at parameter and feature level come from different configurations (a gradient "
+        "method's own level) and are never mixed."
+    )
+    return Table(
+        f"{benchmark}-ranking-similarity",
+        f"{benchmark}: Ranking Similarity of FD, GDS, GMS",
+        caption,
+        cols,
+        rows,
+        ccols,
+        crows,
+    )
+
+
+def rep_mtl_tables(
+    groups: Sequence[Group], benchmark: str, alphas: dict[str, dict[str, float]] | None = None
+) -> list[Table]:
+    """Rep-MTL's ablation per base method and level: base, +TSR, +CSA, both; with α per component.
+
+    ``alphas``: run key → {component: α} (missing runs show "—")."""
+    alphas = alphas or {}
+    by = {(g.method, g.level, g.variant): g for g in groups}
+    bases = sorted({(m, lv) for (m, lv, v) in by if v in REP_MTL_VARIANTS})
+    tables = []
+    for m, lv in bases:
+        base = by.get((m, lv, "none"))
+        order = ["none", *REP_MTL_VARIANTS] + sorted(
+            v for (mm, ll, v) in by if mm == m and ll == lv and v not in ("none", *REP_MTL_VARIANTS)
+        )
+        present = [v for v in order if (m, lv, v) in by]
+        comps = sorted(
+            {c for g in (by[(m, lv, v)] for v in present) for r in g.done for c in alphas.get(r.key, {})},
+            key=lambda c: (c != "encoder", c),
+        )
+        cols = [
+            "variant",
+            "runs",
+            f"{PERFORMANCE}",
+            "vs base",
+            "Welch p",
+            "effect",
+            "FD (train mean) ↓",
+            "TSR entropy (train mean) ↓",
+            "step time ×base",
+        ] + [f"α {c}" for c in comps]
+        ccols = [
+            "method",
+            "level",
+            "variant",
+            "runs",
+            "done",
+            "delta_mean",
+            "delta_std",
+            "diff_vs_base",
+            "welch_p",
+            "verdict",
+            "fd_mean",
+            "tsr_entropy_mean",
+            "time_rel_base",
+        ] + [f"alpha_{c}" for c in comps]
+        rows, crows = [], []
+        base_d = base.per_seed(_delta(PERFORMANCE)) if base else []
+        base_t = base.per_seed(_step_ms) if base else []
+        for v in present:
+            g = by[(m, lv, v)]
+            d = g.per_seed(_delta(PERFORMANCE))
+            fd = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/fd"])
+            te = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/tsr_entropy"])
+            if v == "none":
+                cmp = {"diff": None, "p": None, "verdict": "reference"}
+            elif base is None:
+                cmp = {"diff": None, "p": None, "verdict": "no base run"}
+            else:
+                cmp = compare(base_d, d, higher_is_better=True)
+            rt = _ratio(g.per_seed(_step_ms), base_t)
+            avals = {c: [alphas[r.key][c] for r in g.done if c in alphas.get(r.key, {})] for c in comps}
+            rows.append(
+                [
+                    VARIANT_NAMES.get(v, v) + (f" ({m})" if v == "none" else ""),
+                    g.status_text(),
+                    pm(d, True),
+                    "—" if cmp["diff"] is None else f"{cmp['diff']:+.2f}",
+                    num(cmp["p"]),
+                    _verdict_text(cmp, "helps", "hurts"),
+                    pm(fd),
+                    pm(te),
+                    "—" if rt is None else f"{rt:.2f}×",
+                ]
+                + [pm(avals[c]) for c in comps]
+            )
+            crows.append(
+                [
+                    m,
+                    lv,
+                    v,
+                    len(g.runs),
+                    len(g.done),
+                    *mean_std(d),
+                    cmp["diff"],
+                    cmp["p"],
+                    cmp["verdict"],
+                    mean_std(fd)[0],
+                    mean_std(te)[0],
+                    rt,
+                ]
+                + [mean_std(avals[c])[0] for c in comps]
+            )
+        where = m if lv == "loss" else f"{m} ({lv})"
+        caption = (
+            f"Rep-MTL (Wang et al., ICCV 2025, arXiv:2507.21049) ablation on {where}: the base method alone, "
+            "with the task-specific saliency regulation (TSR) only, the cross-task saliency alignment (CSA) only, "
+            f'and both. Δ = {PERFORMANCE}; "vs base" = difference of seed means, "helps"/"hurts" by '
+            f"Welch's t-test at p < {ALPHA_TEST}. FD and TSR entropy: training means of the monitored steps. "
+            "α: power-law exponent of the weight spectra of the best weights per component (median over "
+            "layers; mtlens.diagnose.spectra), mean ± std over seeds; α in [2, 4] reads as well trained."
+        )
+        suffix = "" if (m, lv) == ("ew", "loss") else f"-{m}-{lv}"
+        tables.append(
+            Table(
+                f"{benchmark}-rep-mtl{suffix}",
+                f"{benchmark}: Rep-MTL ablation ({where})",
+                caption,
+                cols,
+                rows,
+                ccols,
+                crows,
+            )
+        )
+    return tables
+
+
+def unfinished_table(store: Store) -> Table | None:
+    """Every run that did not finish (pending, running, failed, unreadable results)."""
+    bad = [r for r in store.runs if not r.done]
+    if not bad and not store.problems:
+        return None
+    cols = ["benchmark", "run", "seed", "status", "attempts", "error", "directory"]
+    rows, crows = [], []
+    for r in bad:
+        e = r.entry
+        err = r.problem or (str(e.get("error") or "").strip().splitlines() or [""])[-1]
+        where = (
+            "" if r.dir is None else str(r.dir.relative_to(store.root) if r.dir.is_relative_to(store.root) else r.dir)
+        )
+        row = [
+            str(e.get("benchmark")),
+            str(e.get("label") or e.get("key")),
+            str(r.seed),
+            r.status,
+            str(e.get("attempts", "")),
+            err[:300],
+            where,
+        ]
+        rows.append(row)
+        crows.append([*row[:5], r.problem or e.get("error") or "", where])
+    notes = list(store.problems)
+    caption = (
+        "Runs without results, as the store records them (failed runs keep their error and traceback "
+        "in run.json). They are left out of every other table's numbers; their configurations still "
+        "appear there with the count of finished runs."
+    )
+    return Table("unfinished-runs", "Runs without results", caption, cols, rows, cols, crows, notes)
+
+
+__all__ = [
+    "ALPHA_TEST",
+    "IDENTIFIERS",
+    "PERFORMANCE",
+    "Group",
+    "RunRecord",
+    "Store",
+    "Table",
+    "compare",
+    "leaderboard",
+    "level_comparison",
+    "load_store",
+    "mean_std",
+    "mtl_groups",
+    "ranking_table",
+    "rep_mtl_tables",
+    "unfinished_table",
+]
