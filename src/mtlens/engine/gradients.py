@@ -193,6 +193,7 @@ class TaskGradients:
     _dist: Dist | None = None
     _scale: float = 1.0
     _count: int = 1
+    _transform: str = "none"
 
     @property
     def T(self) -> int:
@@ -268,18 +269,31 @@ class TaskGradients:
             if s._dist is not first._dist:
                 raise ConfigurationError("accumulated micro-batches must use the same process group")
         bad = next((s for s in steps if not s.ok), None)
+        raw = torch.stack([s.losses for s in steps])  # (K, T)
+        mean = raw.mean(0)
+        transform = first._transform
         out = TaskGradients(
-            task_names=list(first.task_names),
-            losses=torch.stack([s.losses for s in steps]).mean(0),
-            objective_losses=torch.stack([s.objective_losses for s in steps]).mean(0),
+            task_names=list(first.task_names), losses=mean, objective_losses=transform_losses(mean, transform),
             level=first.level, shared_params=first.shared_params, task_params=first.task_params,
-            _features=first._features, _dist=first._dist, _scale=first._scale, _count=K,
+            _features=first._features, _dist=first._dist, _scale=first._scale, _count=K, _transform=transform,
         )
         if bad is not None:
             out.problem, out.overflow = bad.problem, bad.overflow
             return out
+        # A loss transform is not linear: micro-batch k's gradients are ∇ log L_k = ∇L_k / (L_k + ε);
+        # those of the concatenated batch are ∇ log L̄ = mean_k ∇L_k / (L̄ + ε). Rescale row t of
+        # micro-batch k by c[k, t] = (L_k,t + ε) / (L̄_t + ε) before averaging (exact).
+        if transform == "log":
+            c = ((raw + LOG_EPS) / (mean + LOG_EPS)).to(torch.float64)
+        else:
+            c = torch.ones_like(raw, dtype=torch.float64)
+        scaled = not bool((c == 1).all())
         out._parts = [p for s in steps for p in s._parts]
-        out.head_rows = _mean_rows([s.head_rows for s in steps])
+        rows_k = [s.head_rows for s in steps]
+        if scaled:
+            rows_k = [[[None if g is None else g * float(c[k, t]) for g in row] for t, row in enumerate(r)]
+                      for k, r in enumerate(rows_k)]
+        out.head_rows = _mean_rows(rows_k)
         for s in steps:
             for k, v in s.regularizer_values.items():
                 out.regularizer_values[k] = out.regularizer_values.get(k, 0.0) + v / K
@@ -289,13 +303,24 @@ class TaskGradients:
             out._reg_kind = first._reg_kind
         if first.level == "param":
             blocks = [s.jacobian_blocks() for s in steps]
+            if scaled:
+                blocks = [[b * c[k].to(b.dtype).reshape(-1, *([1] * (b.ndim - 1))) for b in bl]
+                          for k, bl in enumerate(blocks)]
             out._blocks = [sum(bs) / K for bs in zip(*blocks)]  # type: ignore[misc]
         elif first.level == "feature":
-            out._gramian = sum(s.gramian() for s in steps) / (K * K)  # type: ignore[assignment]
+            G = 0
+            for k, s in enumerate(steps):
+                G = G + s.gramian() * torch.outer(c[k], c[k]).to(s.gramian().device)
+                if scaled:
+                    for p in s._parts:
+                        p["saliencies"] = [[z * float(c[k, t]) for z in row] for t, row in enumerate(p["saliencies"])]
+            out._gramian = G / (K * K)  # type: ignore[assignment]
         else:
             if first._attached is not None:
-                # value = the mean over micro-batches, gradient = each micro-batch's own graph
-                out._attached = [sum(s._attached[t] for s in steps) / K for t in range(out.T)]  # type: ignore
+                # value = the mean over micro-batches, gradient = each micro-batch's own graph;
+                # the transform is applied to the mean raw loss (exact for log too)
+                out._attached = [transform_losses(sum(p["loss_list"][t] for p in out._parts) / K, transform)
+                                 for t in range(out.T)]
             if first.grad_norms is not None:
                 out.grad_norms = None
                 raise ConfigurationError(
@@ -499,7 +524,7 @@ def compute_task_gradients(
     if transform not in LOSS_TRANSFORMS:
         raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
     tg = TaskGradients(task_names=names, losses=raw, objective_losses=raw, level=level, shared_params=shared,
-                       _features=feats, _dist=dist, _scale=scale)
+                       _features=feats, _dist=dist, _scale=scale, _transform=transform)
     if not bool(torch.isfinite(raw).all()):
         bad = ", ".join(f"'{n}'={float(v)}" for n, v in zip(names, raw) if not torch.isfinite(v))
         tg.problem = (f"non-finite task loss: {bad}. Nothing was written into .grad. Check the inputs/targets of "
@@ -511,24 +536,35 @@ def compute_task_gradients(
             "loss_transform='log' needs non-negative losses; got "
             + ", ".join(f"'{n}'={float(v)}" for n, v in zip(names, raw) if v < 0)
         )
+    heads = _find_heads(loss_list, feats, shared, task_params, method_params)
+    if dist is not None:
+        # Valued at the global mean, differentiated through this rank's graph: the mean over ranks
+        # of any gradient computed from these is the global one, through a loss transform too
+        # (∇ log L̄ = ∇L̄ / (L̄ + ε), not the mean of the ranks' ∇ log L_r).
+        loss_list = [L - L.detach() + raw[t] for t, L in enumerate(loss_list)]
     # Per-task objective losses stay separate tensors: differentiating one entry of a stacked
     # vector would run every task's head backward (with zeros) for each task.
     obj_items = [transform_losses(L, transform) for L in loss_list]
-    obj_local = torch.stack([o.detach() for o in obj_items])
-    obj = transform_losses(raw, transform) if dist is not None else obj_local
+    obj = torch.stack([o.detach() for o in obj_items])
     tg.objective_losses = obj
     obj_scaled = [o * scale for o in obj_items] if scale != 1.0 else obj_items
-    heads = _find_heads(loss_list, feats, shared, task_params, method_params)
     tg.task_params = heads
     tg._parts = [{"features": feats, "loss_list": loss_list}]
 
-    if level == "loss":
-        _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
-                    transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
-        return tg
-    _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
-                    transform, jacobian, scale, dist, retain_graph)
+    try:
+        if level == "loss":
+            _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
+                        transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
+        else:
+            _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
+                            transform, jacobian, scale, dist, retain_graph)
+    except _NonFinitePenalty as exc:  # a regulariser's penalty: the step's policy decides (skip or raise)
+        tg.problem, tg.overflow = str(exc), scale != 1.0
     return tg
+
+
+class _NonFinitePenalty(NonFiniteError):
+    pass
 
 
 def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | None]) -> None:
@@ -626,7 +662,7 @@ def regularizer_terms(regs, blocks, obj_detached) -> tuple[Tensor | None, dict[s
     for r in regs:
         term, logged = r.loss(blocks, obj_detached)
         if not torch.isfinite(term.detach()):
-            raise NonFiniteError(
+            raise _NonFinitePenalty(
                 f"regulariser '{r.name}' returned a non-finite penalty ({float(term)}); nothing was "
                 "written into .grad"
             )
@@ -760,11 +796,7 @@ def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
 
 def _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
                 transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist):
-    # attached losses valued at the global mean (their gradient is this rank's own)
-    if dist is not None:
-        tg._attached = [o - o.detach() + obj[t] for t, o in enumerate(obj_items)]
-    else:
-        tg._attached = list(obj_items)
+    tg._attached = list(obj_items)  # under data parallelism: valued at the global mean (see above)
     if grad_norm_params is not None:
         params = list(grad_norm_params)
         norms_sq = []

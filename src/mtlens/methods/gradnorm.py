@@ -75,11 +75,17 @@ class GradNorm(LossWeighting):
             raise ShapeError(f"gradnorm: got {n.shape[0]} gradient norms for {T} losses")
         if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
             raise NonFiniteError(f"gradnorm: gradient norms must be finite and >= 0, got {n.tolist()}")
+        if self._initial is not None and bool((L <= 0).any()):
+            raise ConfigurationError(
+                f"gradnorm: the loss ratios L_t/L_t(0) need positive losses at every step, got {L.tolist()}; "
+                "with loss_transform='log' a loss below 1 has a negative log and the ratio r_t^alpha is NaN. "
+                "Use loss_transform='none' with gradnorm."
+            )
         if self._initial is None:
             if bool((L <= 0).any()):
                 raise ConfigurationError(
                     f"gradnorm: the first losses {L.tolist()} are its L_t(0) and are divided by; they must "
-                    "be > 0"
+                    "be > 0 (with loss_transform='log' a loss below 1 is negative: use loss_transform='none')"
                 )
             self._initial = L.clone()
         w_param = self._w.ensure(T, torch.device("cpu"), torch.float32)

@@ -119,6 +119,12 @@ class TrainConfig(_Section):
     jacobian: Literal["loop", "batched"] = "loop"
     nonfinite: Literal["raise", "skip"] = "raise"
     log_every: int = Field(1, ge=1, description="write a JSONL/TensorBoard step record every k steps")
+    update_every: int = Field(
+        1, ge=1, description="reuse a gradient method's weights for k steps (one backward of the weighted sum "
+        "between decisions; Nash-MTL's paper uses this to cut cost); Jacobian aggregators refuse k > 1")
+    distributed: bool = Field(
+        False, description="data-parallel training over the processes torchrun starts (each takes an equal "
+        "share of every batch; the update equals the single-process one on the whole batch)")
     selection: Literal["auto", "delta_p_task", "val_loss", "last"] = Field(
         "auto",
         description="best-epoch criterion on the val split: auto = delta_p_task against the baseline's "
@@ -228,6 +234,8 @@ def stl_settings(d: dict[str, Any]) -> dict[str, Any]:
     train = dict(out.get("train") or {})
     if train.get("selection") == "delta_p_task":
         train["selection"] = "auto"
+    train["update_every"] = 1
+    train["distributed"] = False  # baselines are trained in one process (rank 0)
     out["train"] = train
     return out
 
@@ -286,6 +294,14 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ValueError(
             f"method.name: '{cfg.method.name}' is a regulariser; put it under regularizers "
             f"(regularizers=[{{name: {cfg.method.name}}}]) and choose a method (e.g. ew)"
+        )
+    from ..engine.protocols import GramianWeighting
+
+    if cfg.train.update_every > 1 and (not issubclass(method_cls, GramianWeighting) or cfg.regularizers):
+        raise ValueError(
+            f"train.update_every: '{cfg.method.name}' cannot reuse its decisions; update_every > 1 needs a gradient "
+            "method that weights the task losses (a Gramian weighting such as nash_mtl, mgda, upgrad) and no "
+            "regularisers"
         )
     for i, r in enumerate(cfg.regularizers):
         try:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..engine import LookAhead, StepRecord, cross_gramian, mtl_backward
+from ..engine import DecisionCache, LookAhead, StepRecord, cross_gramian, mtl_backward
 from ..errors import CheckpointError, ConfigurationError, DataError, OutputPathError
 from ..storage import DirectoryLock, is_under, output_path_error, read_json, write_json
 from .checkpoint import (
@@ -68,6 +68,30 @@ class Callback:
 
     def on_epoch_end(self, trainer: Trainer, log: dict[str, Any]) -> None:
         """After validation and the epoch checkpoint."""
+
+
+def _shard(batch: Any, rank: int, world: int) -> Any:
+    """This rank's equal share (along dim 0) of every tensor in a batch."""
+    if isinstance(batch, torch.Tensor):
+        if batch.ndim == 0:
+            return batch
+        n = batch.shape[0] // world
+        return batch[rank * n:(rank + 1) * n]
+    if isinstance(batch, dict):
+        return {k: _shard(v, rank, world) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_shard(v, rank, world) for v in batch)
+    return batch
+
+
+def _first_dim(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        return _first_dim(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _first_dim(batch[0])
+    return 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,6 +209,10 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
 
+        self.rank, self.world = 0, 1
+        self._main_out: Path | None = None
+        if cfg.train.distributed:
+            self._init_distributed()
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg, self.spec, self.tasks).to(self.device)
         T, dev, seed = len(self.tasks), str(self.device), cfg.train.seed
@@ -193,6 +221,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model, self.method.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
+        self.decision_cache = DecisionCache(cfg.train.update_every) if cfg.train.update_every > 1 else None
         self.monitor = None
         if cfg.monitor.every > 0:
             from ..diagnose import SaliencyMonitor
@@ -246,10 +275,56 @@ class Trainer:
         self._peak_memory: dict[str, Any] | None = None
         self._finished = False
 
+    # -- data parallelism (torchrun) ----------------------------------------------------------
+    def _init_distributed(self) -> None:
+        """Join the torchrun process group; every rank trains on its share of each global batch.
+
+        Rank 0 writes the run directory; the other ranks write into a temporary directory that is
+        removed when they finish (their results are identical by construction)."""
+        import os
+        import tempfile
+
+        cfg = self.cfg
+        if not torch.distributed.is_initialized():
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                raise ConfigurationError(
+                    "train.distributed=true needs the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR): launch "
+                    "with `torchrun --standalone --nproc_per_node=N -m mtlens.cli.main train ... --set "
+                    "train.distributed=true`"
+                )
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(self.device)
+        if cfg.train.batch_size % self.world:
+            raise ConfigurationError(
+                f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
+                f"{self.world} processes; each takes an equal share"
+            )
+        if self.method_needs_second_batch():
+            raise ConfigurationError(
+                f"'{cfg.method.name}' draws extra batches (cross-Gramian) or takes look-ahead steps; that is not "
+                "data-parallel yet: train it in one process"
+            )
+        if self.rank != 0:
+            self._main_out = self.out_dir
+            self.out_dir = Path(tempfile.mkdtemp(prefix=f"mtlens-rank{self.rank}-"))
+            self.quiet, self.tensorboard = True, False
+
+    def method_needs_second_batch(self) -> bool:
+        from ..methods import get
+
+        cls = get(self.cfg.method.name)
+        return cls.needs_second_batch or cls.needs_lookahead
+
     # =========================================================================================
     @property
     def baseline(self) -> dict[str, Any] | None:
         """The resolved baseline (``auto`` resolved on first use)."""
+        if self.rank != 0:  # baselines only change what rank 0 reports (and are trained there)
+            return None
         if self._baseline is None and self.cfg.baseline is not None:
             from .baseline import resolve_baseline
 
@@ -313,6 +388,9 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+        if self.world > 1:
+            batch = _shard(batch, self.rank, self.world)
+            self._local_batch = _first_dim(batch)
         if self.method.needs_second_batch:
             self._observe_cross_gramian()
         if self.method.needs_lookahead:
@@ -332,6 +410,8 @@ class Trainer:
             jacobian=cfg.train.jacobian,
             nonfinite=cfg.train.nonfinite,
             grad_scaler=self.scaler,
+            distributed=self.world > 1,
+            cache=self.decision_cache,
             **kwargs,
         )
         if record.skipped:
@@ -419,7 +499,11 @@ class Trainer:
         with torch.no_grad():
             for k, v in self.model.named_buffers():
                 v.copy_(buffers[k])
-        self.method.after_step(torch.stack([new_losses[t].detach().float() for t in self.tasks]))
+        new = torch.stack([new_losses[t].detach().float() for t in self.tasks])
+        if self.world > 1:  # the global batch's losses, so that the method's state stays equal on every rank
+            torch.distributed.all_reduce(new)
+            new /= self.world
+        self.method.after_step(new)
 
     # -- evaluation ---------------------------------------------------------------------------
     def _loaders(self, split: str):
@@ -557,6 +641,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "method": self.method.state_dict(),
+            "decision_cache": self.decision_cache.state_dict() if self.decision_cache is not None else None,
             "regularizers": [r.state_dict() for r in self.regularizers],
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
             "rng": capture_rng_state(),
@@ -594,6 +679,8 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.method.load_state_dict(ckpt["method"])
+            if self.decision_cache is not None and ckpt.get("decision_cache") is not None:
+                self.decision_cache.load_state_dict(ckpt["decision_cache"])
             for r, s in zip(self.regularizers, ckpt["regularizers"], strict=True):
                 r.load_state_dict(s)
             if self.monitor is not None and ckpt.get("monitor") is not None:
@@ -641,6 +728,16 @@ class Trainer:
         finished run returns its verified ``results.json`` unchanged. Output path problems (a file
         in the way, read-only, disk full) raise :class:`~mtlens.errors.OutputPathError`."""
         out = self.out_dir
+        if self._main_out is not None:  # a non-main rank: its own scratch copy of the run directory
+            import shutil
+
+            try:
+                if resume:
+                    shutil.copytree(self._main_out, out, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("*.lock", ".lock*", "tb"))
+                return self._fit_locked(resume)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
         try:
             lock = DirectoryLock(out, purpose=f"mtlens train {self.label()}").acquire()
         except OSError as exc:
@@ -779,6 +876,9 @@ class Trainer:
         log["time/step_s"] = dt
         if self.scaler is not None:
             log["train/grad_scale"] = float(self.scaler.get_scale())
+        if self.world > 1:
+            log["train/world_size"] = float(self.world)
+            log["train/local_batch"] = float(self._local_batch)
         if record.skipped:
             log["reason"] = record.reason
         if diag:

@@ -1,0 +1,287 @@
+"""A step applies completely or changes nothing (method state included); cached decisions; fp16 loop."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtlens.engine import DecisionCache, GramianWeighting, mtl_backward
+from mtlens.errors import ConfigurationError, MTLensError, NonFiniteError
+from mtlens.methods import create
+
+
+class Net(nn.Module):
+    def __init__(self, T=3):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
+
+    def forward(self, x):
+        z = self.enc(x)
+        return z, {f"t{i}": (h(z) ** 2).mean() + 0.1 for i, h in enumerate(self.heads)}
+
+
+def _state(m):
+    out = []
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            out.append(v.detach().clone())
+        elif isinstance(v, dict):
+            for k in sorted(v):
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            for u in v:
+                walk(u)
+        else:
+            out.append(v)
+
+    walk(m.state_dict())
+    return out
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            assert x == y
+
+
+def _nan_grad_losses(net, x):
+    """Finite losses whose gradient is NaN (a NaN injected into the backward only)."""
+    z, losses = net(x)
+
+    class NaNGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    z2 = NaNGrad.apply(z)
+    losses = {f"t{i}": (h(z2) ** 2).mean() + 0.1 for i, h in enumerate(net.heads)}
+    return z2, losses
+
+
+# ---- regularisers honour nonfinite="skip" -------------------------------------------------------
+@pytest.mark.parametrize("method,level", [("ew", None), ("mgda", "param"), ("mgda", "feature")])
+def test_regularisers_honour_skip(method, level):
+    net = Net()
+    z, losses = _nan_grad_losses(net, torch.randn(4, 5))
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        rec = mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create(method),
+                           level=level, regularizers=[create("rep_mtl")], nonfinite="skip")
+    assert rec.skipped and all(p.grad is None for p in net.parameters())
+    z, losses = _nan_grad_losses(net, torch.randn(4, 5))
+    with pytest.raises(NonFiniteError):
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create(method), level=level,
+                     regularizers=[create("rep_mtl")])
+
+
+# ---- skipped steps do not advance any method state ---------------------------------------------
+STATEFUL = ["db_mtl", "moco", "excess_mtl", "pcgrad", "rgw", "nash_mtl", "gradvac", "imtl", "rlw", "dwa", "gradnorm"]
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_skipped_step_leaves_the_method_state_untouched(name):
+    kw = {"seed": 0} if name in ("pcgrad", "rgw", "gradvac", "rlw") else {}
+    m = create(name, **kw)
+    net = Net()
+    level = "param" if m.family == "gradient" else None
+    z, losses = net(torch.randn(4, 5))  # one good step so that every state exists
+    mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, level=level)
+    before = _state(m)
+    z, losses = _nan_grad_losses(net, torch.randn(4, 5))
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        rec = mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, level=level,
+                           nonfinite="skip")
+    assert rec.skipped
+    _same(before, _state(m))
+
+
+def test_rlw_skipped_step_draws_no_weights():
+    a, b = create("rlw", seed=3), create("rlw", seed=3)
+    net = Net()
+    x = torch.randn(4, 5)
+    z, losses = net(x)
+    mtl_backward(losses, method=a, shared_params=net.enc.parameters())
+    z, losses = _nan_grad_losses(net, x)  # skipped: the loss-level backward is non-finite
+    with pytest.warns(RuntimeWarning):
+        assert mtl_backward(losses, method=a, shared_params=net.enc.parameters(), nonfinite="skip").skipped
+    z, losses = net(x)
+    wa = mtl_backward(losses, method=a, shared_params=net.enc.parameters()).weights
+    z, losses = net(x)
+    mtl_backward(losses, method=b, shared_params=net.enc.parameters())
+    z, losses = net(x)
+    wb = mtl_backward(losses, method=b, shared_params=net.enc.parameters()).weights
+    torch.testing.assert_close(wa, wb)
+
+
+# ---- a method failing on the step's numbers: mtlens error, state untouched -----------------------
+def test_moco_failure_is_an_mtlens_error_and_changes_nothing():
+    m = create("moco")  # normalize="loss": the tracked gradients are scaled by the losses
+    net = Net().double()
+    z, losses = net(torch.randn(4, 5, dtype=torch.float64))
+    mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, level="param")
+    before = _state(m)
+    net.zero_grad(set_to_none=True)
+    z, losses = net(torch.randn(4, 5, dtype=torch.float64))
+    losses = {k: v + 1e200 for k, v in losses.items()}  # finite losses and gradients; y y^T overflows
+    with pytest.raises(MTLensError) as exc:
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, level="param")
+    assert "moco" in str(exc.value)
+    _same(before, _state(m))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_excess_mtl_accumulates_in_float64():
+    m = create("excess_mtl")
+    J = [torch.full((2, 3), 300.0, dtype=torch.float16)]  # 300² = 9e4 > float16 max 65504
+    for _ in range(3):
+        out, _ = m.aggregate(J, torch.ones(2))
+        assert all(bool(torch.isfinite(o).all()) for o in out)
+    assert m.state_dict()["grad_sq"][0].dtype == torch.float64
+    assert bool(torch.isfinite(m.state_dict()["baseline"]).all())
+
+
+class Big(GramianWeighting):
+    name = "_big_test"
+
+    def weights(self, gramian, losses):
+        return torch.full((gramian.shape[0],), 1e5, dtype=torch.float64)
+
+
+def test_float16_weights_beyond_range_give_an_mtlens_error():
+    net = Net().half()
+    z, losses = net(torch.randn(4, 5).half())
+    with pytest.raises(NonFiniteError, match="float16"):
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=Big(), level="param")
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_gradnorm_with_log_transform_and_small_losses_errors_clearly():
+    m = create("gradnorm")
+    net = Net()
+    z, losses = net(torch.randn(4, 5))
+    losses = {k: v + 5.0 for k, v in losses.items()}  # log > 0 at the first step
+    mtl_backward(losses, method=m, shared_params=net.enc.parameters(), loss_transform="log")
+    before = _state(m)
+    z, losses = net(torch.randn(4, 5))  # losses < 1: negative logs
+    with pytest.raises(ConfigurationError, match="loss_transform='log'"):
+        mtl_backward(losses, method=m, shared_params=net.enc.parameters(), loss_transform="log")
+    _same(before, _state(m))
+
+
+# ---- cached decisions (update_every) ------------------------------------------------------------
+def test_cached_decision_reuses_the_last_weights_with_one_backward():
+    torch.manual_seed(0)
+    net = Net()
+    cache = DecisionCache(update_every=3)
+    m = create("mgda")
+    x = torch.randn(4, 5)
+    z, losses = net(x)
+    first = mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, cache=cache)
+    for step in range(1, 4):
+        net.zero_grad(set_to_none=True)
+        x = torch.randn(4, 5)
+        z, losses = net(x)
+        rec = mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, cache=cache)
+        if step < 3:
+            assert rec.method_values.get("cached") == 1.0 and rec.gramian is None
+            torch.testing.assert_close(rec.weights, first.weights)
+            _, ref_losses = net(x)
+            w = first.weights.tolist()
+            ref = torch.autograd.grad(sum(wi * L for wi, L in zip(w, ref_losses.values())),
+                                      list(net.enc.parameters()), retain_graph=True)
+            for p, r in zip(net.enc.parameters(), ref):
+                torch.testing.assert_close(p.grad, r)
+            head_ref = torch.autograd.grad(sum(ref_losses.values()), list(net.heads.parameters()))
+            for p, r in zip(net.heads.parameters(), head_ref):  # the head rule still applies
+                torch.testing.assert_close(p.grad, r)
+        else:
+            assert "cached" not in rec.method_values and rec.gramian is not None  # a new decision
+
+
+def test_jacobian_aggregators_refuse_cached_decisions():
+    net = Net()
+    z, losses = net(torch.randn(4, 5))
+    with pytest.raises(ConfigurationError, match="cannot reuse"):
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("db_mtl"),
+                     cache=DecisionCache(2))
+    with pytest.raises(ConfigurationError, match="update_every"):
+        DecisionCache(0)
+
+
+# ---- fp16 + GradScaler: the documented loop survives several overflows ---------------------------
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("name,level", [("ew", None), ("mgda", "param"), ("upgrad", "feature"), ("db_mtl", "param")])
+def test_documented_fp16_loop_continues_after_several_overflows(name, level):
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=1)
+    m = create(name)
+    skipped = 0
+    for step in range(12):
+        x = torch.randn(4, 5)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = net.enc(x)
+        z = z.float()
+        if step in (0, 1, 5):  # an overflow in the backward (as fp16 gradients overflow)
+            z = _InfGrad.apply(z)
+        losses = {f"t{i}": (h(z) ** 2).mean() + 0.1 for i, h in enumerate(net.heads)}
+        before = [p.detach().clone() for p in net.parameters()]
+        state = _state(m)
+        rec = mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, level=level,
+                           grad_scaler=scaler)
+        scaler.step(opt)  # the documented loop, unchanged on overflow steps
+        scaler.update()
+        if rec.skipped:
+            skipped += 1
+            assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+            _same(state, _state(m))
+        assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    assert skipped >= 3
+    assert math.isfinite(scaler.get_scale())
+
+
+class _BadStateful(GramianWeighting):
+    name = "_bad_stateful_test"
+    stateful = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def weights(self, gramian, losses):
+        self.calls += 1  # state changed before the method fails
+        return torch.ones(gramian.shape[0] + 1, dtype=torch.float64)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_a_bad_decision_is_refused_and_the_state_restored():
+    net = Net()
+    m = _BadStateful()
+    z, losses = net(torch.randn(4, 5))
+    with pytest.raises(NonFiniteError, match="_bad_stateful_test"):
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m)
+    assert m.calls == 0 and all(p.grad is None for p in net.parameters())
