@@ -456,6 +456,139 @@ def _alpha(run_dir: Path, method: str):
     return report.summary, str(f)
 
 
+# ---------------------------------------------------------------------------------------------
+BENCH_EPILOG = """
+[bold]Examples[/]
+
+  mtlens bench quick
+      the built-in quick suite (MultiMNIST + synthetic scenes, 13 methods, Rep-MTL ablation)
+      into bench/quick; rerunning skips what is done and resumes what was interrupted
+
+  mtlens bench --list
+
+  mtlens bench quick --workers 2 --seeds 1 --set train.epochs=2 --out bench/smoke
+
+  mtlens bench efficiency-paper --root nyuv2=/data/nyuv2 --root cityscapes=/data/cityscapes \\
+      --root metagraspnet=/data/mgn --executor ray --address auto
+
+  mtlens bench my-suite.yaml --set benchmarks.multimnist.seeds=[0,1,2]
+
+Suite format, built-in suites, store layout: docs/benchmark.md.
+"""
+
+
+@app.command(epilog=BENCH_EPILOG)
+def bench(
+    suite: Annotated[str | None, typer.Argument(help="a built-in suite (see --list) or a suite YAML file")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="results store (default bench/<suite name>)")
+    ] = None,
+    executor: Annotated[str, typer.Option("--executor", "-e", help="local or ray")] = "local",
+    workers: Annotated[
+        int,
+        typer.Option("--workers", "-w", help="local: worker processes (1 = in this process); ray: runs in flight "
+                     "(default: as many as the cluster's CPUs allow)"),
+    ] = 1,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="torch threads per local worker (default cores // workers)")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="run seeds 0..K-1 on every benchmark")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="KEY=VALUE: a suite key (seeds=[0], benchmarks.X....) or a run-config "
+                     "key for every run (train.epochs=2); repeatable"),
+    ] = None,
+    root: Annotated[
+        list[str] | None, typer.Option("--root", help="BENCHMARK=PATH: data directory of a suite benchmark")
+    ] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (ray executor)")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the built-in suites")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="skip writing DIR/report")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-run lines; print the report path")] = False,
+) -> None:
+    """Run a benchmark suite (methods × levels × variants × seeds, plus STL baselines) into a results store,
+    then print the leaderboard and where the report is."""
+
+    def go():
+        from ..bench import describe_suites, load_suite, run_suite
+
+        if list_:
+            table = Table(title="built-in suites (run: mtlens bench NAME)", title_justify="left")
+            table.add_column("name", no_wrap=True)
+            table.add_column("what", overflow="fold")
+            for r in describe_suites():
+                from rich.markup import escape
+
+                table.add_row(r["name"], escape(r["description"]))
+            out.print(table)
+            return
+        if suite is None:
+            raise ConfigurationError("give a suite (mtlens bench quick) or --list")
+        roots = {}
+        for item in root or []:
+            if "=" not in item:
+                raise ConfigurationError(f"--root expects BENCHMARK=PATH, got '{item}'")
+            k, v = item.split("=", 1)
+            roots[k.strip()] = v
+        s = load_suite(suite, list(set_ or []), seeds=seeds, roots=roots)
+        dest = out_dir or Path("bench") / s.name
+        total = {"n": 0}
+
+        def progress(event: str, e: dict) -> None:
+            if quiet:
+                return
+            what = f"{e['benchmark']} seed {e['seed']}: {e['label']}"
+            if event == "start":
+                total["n"] += 1
+                err.print(f"[dim]start[/] {what}", highlight=False)
+            elif event == "done":
+                err.print(f"[green]done[/]  {what} ({e['wall_s']:.1f} s)", highlight=False)
+            else:
+                err.print(f"[red]failed[/] {what}: {e['error']}", highlight=False, soft_wrap=True)
+
+        summary = run_suite(s, dest, executor=executor, workers=workers, threads=threads, address=address,
+                            progress=progress)
+        counts = ", ".join(f"{n} {k}" for k, n in summary.counts.items())
+        if not quiet:
+            err.print(f"suite '{s.name}': {counts}; {summary.skipped} already done before this run; "
+                      f"{summary.wall_s:.0f} s", highlight=False)
+        report_path = None
+        if not no_report:
+            report_path = _bench_report(summary.out, quiet)
+        if quiet:
+            out.print(str(report_path or summary.out), soft_wrap=True)
+        else:
+            out.print(f"results store: {summary.out}", soft_wrap=True)
+            if report_path is not None:
+                out.print(f"report: {report_path} (report.md, CSV tables and PNG figures beside it)", soft_wrap=True)
+        if summary.failed or summary.counts.get("failed"):
+            failed = [e for e in _index_runs(summary.out) if e["status"] == "failed"]
+            for e in failed[:10]:
+                err.print(f"[red]failed[/] {e['benchmark']} seed {e['seed']}: {e['label']}: {e['error']}",
+                          highlight=False, soft_wrap=True)
+            err.print(f"{len(failed)} run(s) failed (tracebacks in {summary.out}/index.json and each run.json); "
+                      "rerun the same command to retry them")
+            raise typer.Exit(1)
+
+    _guard(go)
+
+
+def _index_runs(store: Path) -> list[dict]:
+    from ..bench import load_index
+
+    return load_index(store)["runs"]
+
+
+def _bench_report(store: Path, quiet: bool) -> Path:
+    """Write the report (mtlens.bench.report) and print each benchmark's leaderboard; return report.html."""
+    from ..bench.report import leaderboard_renderables, write_report
+
+    path = write_report(store) / "report.html"
+    if not quiet:
+        out.print(*leaderboard_renderables(store))
+    return path
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
