@@ -129,7 +129,7 @@ def test_keys_are_config_hashes():
                                    r"optim.lr"),
         ({"base": {"train": {"epochz": 1}}}, r"unknown key 'train.epochz'"),
         ({"benchmarks": {"tiny-mtl": {"method_hparams": {"cagrad": {"c": 1}}}}},
-         r"method_hparams: \['cagrad'\] are not methods of this benchmark"),
+         r"method_hparams: \['cagrad'\] are not methods of the suite"),
         ({"methods": ["ew", {"name": "cagrad", "hparams": {"c": -1}}]}, r"method.hparams"),
     ],
 )

@@ -147,3 +147,21 @@ def test_eval_json_is_strict_json_with_non_finite_values(tmp_path, monkeypatch):
     assert "Infinity" not in res.output and "NaN" not in res.output
     parsed = json.loads(res.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert parsed["losses"]["a"] == "inf" and parsed["metrics"]["a"]["acc"] == 16.9
+
+
+def test_eval_of_a_best_pt_with_a_flipped_bit_is_one_line_and_exit_1(tmp_path):
+    import torch
+
+    cfg = _write_config(tmp_path)
+    out = tmp_path / "run"
+    assert _invoke("train", "--config", cfg, "--set", "train.epochs=1", "--out", out, "--quiet").exit_code == 0
+    w = torch.load(out / "best.pt", weights_only=False)["model"]
+    t = next(v for v in w.values() if v.dtype == torch.float32 and v.numel() >= 64)
+    needle = t.numpy().tobytes()[64:96]
+    raw = bytearray((out / "best.pt").read_bytes())
+    raw[raw.find(needle) + 5] ^= 0x04
+    (out / "best.pt").write_bytes(bytes(raw))
+    res = _invoke("eval", out / "best.pt", "--json")
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert "best.pt" in lines[0] and "corrupt" in lines[0]

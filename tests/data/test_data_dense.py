@@ -121,3 +121,38 @@ def test_cityscapes_layout_and_label7_alias(tmp_path):
     assert set(s["targets"]) == {"segmentation", "depth"}
     assert s["input"].shape == (3, 128, 256) and s["targets"]["depth"].shape == (1, 128, 256)
     assert int(s["targets"]["segmentation"].max()) <= 6
+
+
+def _resize_sample(root, split, i, size):
+    H, W = size
+    np.save(root / split / "image" / f"{i}.npy", np.zeros((H, W, 3), np.float32))
+    np.save(root / split / "label" / f"{i}.npy", np.zeros((H, W), np.float32))
+    np.save(root / split / "depth" / f"{i}.npy", np.ones((H, W, 1), np.float32))
+    np.save(root / split / "normal" / f"{i}.npy", np.ones((H, W, 3), np.float32) / np.sqrt(3))
+
+
+def test_size_checking_off_still_rejects_one_sample_of_another_size_with_its_file(tmp_path):
+    write_nyuv2_fixture(tmp_path, n_train=2, n_test=4, size=(8, 8))
+    _resize_sample(tmp_path, "val", 2, (10, 8))
+    ds = make_nyuv2_datasets(tmp_path, check_size=False, augment=False)
+    loader = torch.utils.data.DataLoader(ds["test"], batch_size=4)
+    with pytest.raises(DataError, match=r"val/image/2\.npy: image of size 10×8, but .*/0\.npy is 8×8"):
+        for _ in loader:  # not a RuntimeError from inside default_collate
+            pass
+
+
+def test_fractional_class_ids_are_refused_not_truncated(tmp_path):
+    write_nyuv2_fixture(tmp_path, n_train=2, n_test=2, size=(8, 8))
+    lab = np.load(tmp_path / "val" / "label" / "1.npy")
+    lab[3, 4] = 2.7
+    np.save(tmp_path / "val" / "label" / "1.npy", lab)
+    ds = make_nyuv2_datasets(tmp_path, check_size=False, augment=False)
+    with pytest.raises(DataError, match=r"val/label/1\.npy: label value 2\.7 at \(3, 4\) is not an integer class id"):
+        ds["test"][1]
+    lab[3, 4] = np.nan
+    np.save(tmp_path / "val" / "label" / "1.npy", lab)
+    with pytest.raises(DataError, match="label value nan .*not an integer class id"):
+        ds["test"][1]
+    lab[3, 4] = 2.0  # whole numbers stored as floats (as the releases do) are fine
+    np.save(tmp_path / "val" / "label" / "1.npy", lab)
+    assert int(ds["test"][1]["targets"]["segmentation"][3, 4]) == 2

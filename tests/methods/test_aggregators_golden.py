@@ -499,7 +499,7 @@ def test_nash_solver_failure_is_raised_not_swallowed(monkeypatch):
     import cvxpy
 
     J = _rand_J(3, 4, 5) + 1.0
-    m = create("nash_mtl")
+    m = create("nash_mtl", exact=False)  # the official CCP alone: its failure is an error, never weights of 1
 
     def boom(self, *a, **k):
         raise cvxpy.error.SolverError("Solver 'ECOS' failed.")
@@ -507,6 +507,12 @@ def test_nash_solver_failure_is_raised_not_swallowed(monkeypatch):
     monkeypatch.setattr(cvxpy.Problem, "solve", boom)
     with pytest.raises(SolverError, match="ECOS failed"):
         _run(m, J)
+    # exact=True (default): the problem is solvable (0 is not in the hull), so Newton's method finishes it
+    m = create("nash_mtl", max_norm=0.0)
+    w, _ = _run(m, J)
+    G = J @ J.T
+    torch.testing.assert_close(G @ w, 1.0 / w, rtol=1e-8, atol=0.0)
+    assert m.log_values()["ccp_failed"] == 1.0 and m.log_values()["newton"] == 1.0
 
     def infeasible(self, *a, **k):
         self._status = "infeasible"
@@ -515,7 +521,7 @@ def test_nash_solver_failure_is_raised_not_swallowed(monkeypatch):
     monkeypatch.setattr(cvxpy.Problem, "solve", infeasible)
     monkeypatch.setattr(cvxpy.Problem, "status", property(lambda self: "infeasible"))
     with pytest.raises(SolverError, match="infeasible"):
-        _run(create("nash_mtl"), J)
+        _run(create("nash_mtl", exact=False), J)
 
 
 def test_nash_no_solution_for_opposite_gradients_and_zero_rows_excluded():

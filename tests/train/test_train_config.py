@@ -175,3 +175,31 @@ def test_set_shortcuts_for_common_keys():
     d = apply_override(d, "method=mgda")
     d = apply_override(d, "epochs=3")
     assert d["method"] == {"name": "mgda", "level": "feature"} and d["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.betas=[2,3]", r"optim\.betas must be two numbers in \[0, 1\).*\[2\.0, 3\.0\]"),
+        ("optim.betas=[0.9, 1.0]", r"optim\.betas must be two numbers in \[0, 1\)"),
+        ("batch_size=true", r"train\.batch_size: got True: Input should be a valid integer"),
+        ("train.epochs=yes", r"train\.epochs: got True"),
+        ("train.batch_size='8'", r"train\.batch_size: got '8'"),
+        ("lr=.inf", r"optim\.lr: got inf: Input should be a finite number"),
+        ("optim.lr=.nan", r"optim\.lr: got nan: Input should be a finite number"),
+        ("optim.lr=true", r"optim\.lr: expected a number, got the boolean True"),
+        ("optim.weight_decay=.inf", r"optim\.weight_decay: got inf"),
+        ("schedule.gamma=-.inf", r"schedule\.gamma: got -inf"),
+        ("monitor.fd_temperature=.inf", r"monitor\.fd_temperature: got inf"),
+        ("model.pretrained=1", r"model\.pretrained: got 1: Input should be a valid boolean"),
+        ("data.num_workers=false", r"data\.num_workers: got False"),
+    ],
+)
+def test_strict_types_and_finite_numbers(tmp_path, override, needle):
+    with pytest.raises(ConfigurationError, match=needle):
+        load_config(base=tiny_config(tmp_path), overrides=[override])
+
+
+def test_numbers_yaml_reads_as_strings_still_work(tmp_path):
+    cfg = load_config(base=tiny_config(tmp_path), overrides=["optim.lr=1e-3", "optim.betas=[0.5, 0.99]"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.5, 0.99)

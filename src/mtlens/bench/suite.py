@@ -420,11 +420,11 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
         seeds = entry.seeds if entry.seeds is not None else suite.seeds
         vnames = entry.variants if entry.variants is not None else list(suite.variants)
         by_label = {m.display: m for m in methods}
-        unknown_hp = [k for k in entry.method_hparams if k not in by_label]
+        unknown_hp = [k for k in entry.method_hparams if k not in all_labels]
         if unknown_hp:
             raise ConfigurationError(
-                f"benchmarks.{bkey}.method_hparams: {unknown_hp} are not methods of this benchmark "
-                f"({', '.join(by_label)})"
+                f"benchmarks.{bkey}.method_hparams: {unknown_hp} are not methods of the suite "
+                f"({', '.join(sorted(all_labels))})"
             )
         for seed in seeds:
             for vname in vnames:

@@ -67,7 +67,13 @@ class NpyDenseDataset(Dataset):
         indices: file numbers to expose, in order (default: all, sorted).
         augment: random scale crop (1.0/1.2/1.5, depth / scale) + horizontal flip (normal x negated),
             the protocol of MTAN (arXiv:1803.10704) and its successors; for training only.
-        size: expected ``(H, W)``; files of another size raise DataError (None: not checked).
+        size: expected ``(H, W)``; files of another size raise DataError. ``None``: any size, but
+            the same in every sample of the split (a batch stacks them): the first sample's size
+            is the reference and a sample of another size raises DataError naming both files
+            when it is read, instead of a crash inside the DataLoader's collate.
+
+    Segmentation labels stored as floating point must hold integer class ids (2.0, not 2.7):
+    a fractional or non-finite value raises DataError naming the file (never truncated).
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class NpyDenseDataset(Dataset):
         all_ids = sorted(ids)
         self.ids = [all_ids[i] for i in indices] if indices is not None else all_ids
         self._folders = folders
+        self._ref: tuple[tuple[int, int], Path] | None = None  # (size, file) of the first sample read
         # Check one sample eagerly so a wrong layout fails at construction, not mid-epoch.
         self._load(self.ids[0])
 
@@ -135,6 +142,16 @@ class NpyDenseDataset(Dataset):
         H, W = img.shape[:2]
         if self.size is not None and self.size != (H, W):
             raise self._bad(p, f"image of size {H}×{W}, expected {self.size[0]}×{self.size[1]}.")
+        if self.size is None:
+            if self._ref is None:
+                self._ref = ((H, W), p)
+            elif self._ref[0] != (H, W):
+                (h0, w0), p0 = self._ref
+                raise self._bad(
+                    p,
+                    f"image of size {H}×{W}, but {p0} is {h0}×{w0}; with size checking off the samples of a "
+                    "split may have any size, but all the same one (a batch stacks them). Resize the files.",
+                )
         image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
         out: dict[str, torch.Tensor] = {}
         for t, (sub, kind) in self.targets.items():
@@ -143,7 +160,20 @@ class NpyDenseDataset(Dataset):
             if kind == "segmentation":
                 if a.shape != (H, W):
                     raise self._bad(p, f"label of shape {a.shape}, expected {(H, W)} (H×W).")
-                lab = np.asarray(a).astype(np.int64)
+                a = np.asarray(a)
+                if not np.issubdtype(a.dtype, np.integer):
+                    if a.dtype.kind not in "fb":
+                        raise self._bad(p, f"label of dtype {a.dtype}, expected integer class ids.")
+                    bad = ~np.isfinite(a) | (a != np.round(a)) if a.dtype.kind == "f" else np.zeros(a.shape, bool)
+                    if bad.any():
+                        k = tuple(int(x) for x in np.argwhere(bad)[0])
+                        raise self._bad(
+                            p,
+                            f"label value {float(a[k]):g} at {k} is not an integer class id ({int(bad.sum())} such "
+                            "values); labels must be whole numbers (-1 = ignore). Re-export the labels "
+                            "without interpolation.",
+                        )
+                lab = a.astype(np.int64)
                 if lab.size and (lab.min() < -1 or lab.max() >= self.num_classes):
                     raise self._bad(
                         p,

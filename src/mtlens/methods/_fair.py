@@ -1,8 +1,8 @@
 """Helpers shared by the FairGrad-family weightings (PIVRG, ConsMTL) and by NTKMTL.
 
-* :func:`solve_power_system`: the positive solution ``x`` of ``G x = p ⊙ x^{-1/α}`` solved with
-  ``scipy.optimize.least_squares`` (bounds ``x ≥ 0``, started at ``1/T``) as in the authors' code,
-  on the trace-normalised Gramian so that 1e-10 and 1e10 gradients solve the same problem.
+* :func:`solve_power_system`: the positive solution ``x`` of ``G x = p ⊙ x^{-1/α}``, certified
+  (:func:`~mtlens.methods._solvers.solve_fair_system`; the authors' ``least_squares`` only for
+  infeasible problems on request).
 * :func:`clip_update`: the authors' ``x T`` scaling ("to match the sum loss") and the clipping of
   the shared update's norm ``√(wᵀGw)`` at ``max_norm``, written on the weights.
 """
@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ..errors import SolverError
+from ._solvers import FAIR_RTOL, nonzero_tasks, solve_fair_system
 from ._utils import check
 
 ZERO_REL = 1e-16  # ‖g_t‖² below ZERO_REL · max_s ‖g_s‖² counts as a zero gradient
@@ -32,24 +33,33 @@ def check_infeasible(infeasible: str, method: str) -> str:
 
 
 def solve_power_system(G: np.ndarray, p: np.ndarray, alpha: float, *, method: str, infeasible: str = "raise",
-                       max_nfev: int = 200, residual_tol: float = 1e-6) -> tuple[np.ndarray, dict[str, float]]:
+                       max_nfev: int = 200, residual_tol: float = FAIR_RTOL) -> tuple[np.ndarray, dict[str, float]]:
     """Positive ``x`` (T,) with ``G x = p ⊙ x^{-1/α}`` (``p > 0``); returns ``(x, info)``.
 
-    Zero-gradient tasks have no solution (``0 = p_t x_t^{-1/α}``): they are left out and get 0
-    (``info["inactive_tasks"]``); an all-zero G gives ``x = 1``. The system is solved for
-    ``G̃ = G / s`` (``s = trace / T``) and rescaled, ``x = x̃ · s^{-α/(1+α)}``. When no positive
-    solution exists (no direction improves every task) the relative residual stays large:
-    ``infeasible="raise"`` raises :class:`SolverError`, ``"least_squares"`` returns the bounded
-    least-squares point as the authors' code does silently (the residual is logged).
+    Solved and certified by :func:`~mtlens.methods._solvers.solve_fair_system` (damped Newton on
+    the convex potential of the system, on the problem scaled by the gradient norms; componentwise
+    backward error ≤ ``residual_tol``). The authors' code calls ``scipy.optimize.least_squares``
+    from ``1/T``, which stops short on solvable but badly scaled problems (FairGrad: two tasks at
+    150° with norms 1 and 1e4). Zero-gradient tasks have no solution (``0 = p_t x_t^{-1/α}``): they
+    are left out and get 0 (``info["inactive_tasks"]``); an all-zero G gives ``x = 1``. When no
+    positive solution exists (0 in the convex hull of the gradients: no direction improves every
+    task) ``infeasible="raise"`` raises :class:`SolverError` saying "infeasible"; ``"least_squares"``
+    returns the authors' bounded least-squares point (at most ``max_nfev`` evaluations, on the
+    trace-normalised Gramian) and logs its residual. A solvable problem that is not certified
+    raises :class:`SolverError` saying "not converged".
     """
+    T = G.shape[0]
+    try:
+        r = solve_fair_system(G, alpha, p, rtol=residual_tol, method=method)
+    except SolverError as exc:
+        if infeasible == "raise" or "infeasible" not in str(exc):
+            raise
+    else:
+        return r.weights, {"inactive_tasks": float(r.inactive), "residual": r.residual, "nfev": float(r.iterations)}
     from scipy.optimize import least_squares
 
-    T = G.shape[0]
-    sq = np.clip(np.diag(G), 0.0, None)
     x = np.zeros(T)
-    if not sq.max() > 0.0:
-        return np.ones(T), {"inactive_tasks": float(T), "residual": 0.0, "nfev": 0.0}
-    idx = np.flatnonzero(sq > ZERO_REL * sq.max())
+    idx = np.flatnonzero(nonzero_tasks(G))
     Gl = G[np.ix_(idx, idx)]
     pl = p[idx]
     n = len(idx)
@@ -66,18 +76,11 @@ def solve_power_system(G: np.ndarray, p: np.ndarray, alpha: float, *, method: st
         target = pl * np.power(v, -1.0 / alpha)
     rel = float(np.linalg.norm(Gt @ v - target) / np.linalg.norm(target)) if np.isfinite(target).all() \
         else float("inf")
-    info = {"inactive_tasks": float(T - n), "residual": rel, "nfev": float(res.nfev)}
-    if not (rel <= residual_tol) and (infeasible == "raise" or not np.isfinite(v).all()):
-        raise SolverError(
-            f"{method}: no positive solution of G x = p·x^(-1/{alpha:g}) (relative residual {rel:.3g} after "
-            f"{res.nfev} evaluations). It has none when no direction improves every task (e.g. exactly "
-            "opposite gradients). Use a method defined for that case (upgrad, mgda), or pass "
-            "infeasible='least_squares' to take the least-squares point as the authors' code does."
-        )
     x[idx] = v * s ** (-alpha / (1.0 + alpha))
     if not np.isfinite(x).all():
-        raise SolverError(f"{method}: non-finite weights after rescaling (scale {s:.3g})")
-    return x, info
+        raise SolverError(f"{method}: the least-squares point is not finite (residual {rel:.3g}); the problem is "
+                          "infeasible: use upgrad or mgda")
+    return x, {"inactive_tasks": float(T - n), "residual": rel, "nfev": float(res.nfev)}
 
 
 def clip_update(w: np.ndarray, G: np.ndarray, max_norm: float) -> tuple[np.ndarray, dict[str, float]]:

@@ -13,10 +13,20 @@ from ..engine.decision import Decision
 from ..engine.protocols import GramianWeighting
 from ..errors import CheckpointError, MissingDependencyError, ShapeError, SolverError, require
 from ._registry import register
-from ._solvers import check_gramian, cosine_matrix, min_norm_simplex, nonzero_tasks, to_weights
+from ._solvers import (
+    FAIR_RTOL,
+    INFEASIBLE_MIN_NORM,
+    _fair_residual,
+    check_gramian,
+    cosine_matrix,
+    min_norm_simplex,
+    nonzero_tasks,
+    solve_fair_system,
+    to_weights,
+)
 from ._utils import check
 
-_STATIONARY = 1e-12  # squared min-norm of the hull of the UNIT gradients below which no solution exists
+_STATIONARY = INFEASIBLE_MIN_NORM  # squared min-norm of the hull of the UNIT gradients: no solution below
 _RESIDUAL_TOL = 1e-3  # official stopping rule ‖Gα − 1/α‖ < 1e-3 (here on the cosine matrix)
 _STEP_TOL = 1e-6  # official stopping rule ‖α_new − α‖ < 1e-6
 
@@ -49,6 +59,16 @@ class NashMTL(GramianWeighting):
       raises :class:`~mtlens.errors.SolverError`. The official code catches every exception and
       keeps the previous α (initially all ones: silent equal weighting), and other ports with
       cvxpy ≥ 1.6 and no ECOS silently return weights of 1.
+    * the CCP stops after ``optim_niter`` iterations whatever its residual (the official code returns
+      that iterate silently; on ill-conditioned problems its relative residual reaches 0.4). Here
+      the result is certified: when the CCP's last iterate does not satisfy ``Cβ = 1/β`` to a
+      componentwise backward error of 1e-9, it is finished by Newton's method on the convex
+      function ``½βᵀCβ − Σ log β`` whose stationary point is the Nash solution
+      (:func:`~mtlens.methods._solvers.solve_fair_system`), logged as ``newton=1`` with the CCP's
+      residual as ``ccp_residual``. ``exact=False`` keeps the official behaviour (the last CCP
+      iterate) but warns (once per instance) when its residual exceeds 1e-3. With ``exact`` an ECOS
+      failure on a CCP sub-problem (the problem itself is solvable: checked first) also hands over
+      to Newton's method (logged as ``ccp_failed``) instead of raising;
     * zero gradients cannot bargain (their utility ``g_t·d`` is 0 for every d): they get α_t = 0
       and the others are solved among themselves (logged as ``zero_tasks``). If 0 lies in the
       convex hull of the remaining gradients (e.g. two opposite gradients) no α > 0 satisfies
@@ -64,6 +84,8 @@ class NashMTL(GramianWeighting):
         max_norm: maximum update norm (> 0), or 0 to disable. Default 1.0 (official code).
         update_weights_every: k ≥ 1. Default 1 (official code).
         optim_niter: maximum CCP iterations ≥ 1. Default 20 (official code).
+        exact: certify (and if needed finish) the solution, see above. Default True (ours: the
+            paper's α is the solution of ``Gα = 1/α``).
 
     Needs the optional extra ``mtlens[nash]`` (cvxpy, ecos): a missing package raises
     :class:`~mtlens.errors.MissingDependencyError` at construction.
@@ -76,7 +98,8 @@ class NashMTL(GramianWeighting):
     stateful = True
     head_rule = "α before the max-norm clipping (official code: backward of Σ_t α_t L_t, clips the shared part only)"
 
-    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20) -> None:
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20,
+                 exact: bool = True) -> None:
         check(isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool)
               and math.isfinite(max_norm) and max_norm >= 0,
               f"nash_mtl: max_norm must be a finite number ≥ 0 (0 disables), got {max_norm!r}")
@@ -86,8 +109,11 @@ class NashMTL(GramianWeighting):
         self.max_norm = float(max_norm)
         self.update_weights_every = int(update_weights_every)
         self.optim_niter = int(optim_niter)
+        check(isinstance(exact, bool), f"nash_mtl: exact must be true or false, got {exact!r}")
+        self.exact = exact
+        self._warned = False
         self._hparams = {"max_norm": max_norm, "update_weights_every": update_weights_every,
-                         "optim_niter": optim_niter}
+                         "optim_niter": optim_niter, "exact": exact}
         purpose = "Nash-MTL (its convex-concave procedure is solved with cvxpy + ECOS)"
         self._cp = require("cvxpy", "nash", purpose)
         require("ecos", "nash", purpose)
@@ -167,8 +193,8 @@ class NashMTL(GramianWeighting):
         else:
             if min_norm_simplex(C).value <= _STATIONARY:
                 raise SolverError(
-                    "nash_mtl: no bargaining solution exists: 0 is in the convex hull of the task gradients "
-                    "(e.g. opposite gradients), so no direction improves every task and Gα = 1/α has no "
+                    "nash_mtl: infeasible: no bargaining solution exists: 0 is in the convex hull of the task "
+                    "gradients (e.g. opposite gradients), so no direction improves every task and Gα = 1/α has no "
                     "positive solution. This is a Pareto-stationary point; use mgda or upgrad if you need an "
                     "update here."
                 )
@@ -185,13 +211,36 @@ class NashMTL(GramianWeighting):
                 if np.linalg.norm(C @ a - 1.0 / a) < _RESIDUAL_TOL:
                     it -= 1
                     break
-                a_new = self._solve_once(C, a)
+                try:
+                    a_new = self._solve_once(C, a)
+                except SolverError:
+                    if not self.exact:
+                        raise
+                    info["ccp_failed"] = 1.0  # the problem is solvable (checked above): Newton finishes it
+                    break
                 moved = float(np.linalg.norm(a_new - a))
                 a = a_new
                 if moved < _STEP_TOL:
                     break
             info["ccp_iterations"] = float(it)
-            res = float(np.linalg.norm(C @ a - 1.0 / a))
+            res = _fair_residual(C, a, np.ones(k), 1.0)
+            info["ccp_residual"] = res
+            info["newton"] = 0.0
+            if self.exact and not res <= FAIR_RTOL:
+                r = solve_fair_system(C, 1.0, method=self.name)
+                a, res = r.weights, r.residual
+                info["newton"] = 1.0
+            elif not self.exact and res > 1e-3 and not self._warned:
+                import warnings
+
+                warnings.warn(
+                    f"nash_mtl: the CCP stopped after {it} iterations with relative residual {res:.2e} of "
+                    "Gα = 1/α (exact=False keeps that iterate, as the official code); pass exact=True for the "
+                    "certified solution",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned = True
         self._warm, self._warm_mask = a.copy(), mask.copy()
         alpha[mask] = a / norms
         self._log = {**info, "residual": res}

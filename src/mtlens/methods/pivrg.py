@@ -38,8 +38,10 @@ class PIVRG(GramianWeighting):
     ``τ = max((max s − min s)/ln(bound), mintemp)`` — tasks that are further behind their
     single-task baseline get larger weights, at most ``bound`` times the smallest — and the
     shared update ``d = T · Σ_t x_t g_t`` with ``x > 0`` solving ``G x = (w/x)^{1/2}`` (the
-    FairGrad system with α = 2 and performance priorities), solved with
-    ``scipy.optimize.least_squares`` from ``x = 1/T`` as in the authors' code; then
+    FairGrad system with α = 2 and performance priorities) — the authors' code calls
+    ``scipy.optimize.least_squares`` from ``x = 1/T``; here the solution is certified by Newton's
+    method on the system's convex potential (:func:`~mtlens.methods._fair.solve_power_system`, ours:
+    least squares stops short on solvable, badly scaled problems); then
     ``‖d‖`` is clipped at ``max_norm`` (authors' ``--max_norm 1.0``). Heads get weight 1
     (their own loss gradients, as in the authors' code).
 

@@ -24,10 +24,20 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigurationError
 
@@ -36,8 +46,22 @@ SELECTION_CHOICES = ("auto", "delta_p_task", "val_loss", "last")
 DIAGNOSTIC_CHOICES = ("fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond")
 
 
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {v!r}")
+    return v
+
+
+# Strict scalars: `--set train.batch_size=true` must not become 1, nor `--set optim.lr=.inf` a learning
+# rate. Integers accept only integers; floats accept numbers and numeric strings (YAML reads `1e-3`
+# as a string) but never booleans, and (model-wide allow_inf_nan=False) never NaN or ±inf.
+Int = StrictInt
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Bool = StrictBool
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -49,7 +73,7 @@ class DataConfig(_Section):
         default_factory=dict,
         description="benchmark options (data_seed, split_seed, sizes; see `mtlens datasets`)",
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: Int = Field(0, ge=0, description="DataLoader worker processes")
 
 
 class ModelConfig(_Section):
@@ -57,7 +81,7 @@ class ModelConfig(_Section):
 
     preset: str | None = Field(None, description="model preset; default: the benchmark's default_model")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the preset")
-    pretrained: bool = Field(False, description="ImageNet-pretrained backbone (needs network or a weights file)")
+    pretrained: Bool = Field(False, description="ImageNet-pretrained backbone (needs network or a weights file)")
     weights: str | None = Field(None, description="local backbone weights file (implies pretrained)")
 
 
@@ -82,11 +106,18 @@ class OptimConfig(_Section):
     """Optimiser. Method parameters (UW's log-variances, ...) get their own group without weight decay."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0, description="sgd only")
-    nesterov: bool = Field(False, description="sgd only")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw only")
+    lr: Float = Field(1e-4, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    momentum: Float = Field(0.0, ge=0, description="sgd only")
+    nesterov: Bool = Field(False, description="sgd only")
+    betas: tuple[Float, Float] = Field((0.9, 0.999), description="adam/adamw only, each in [0, 1)")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1) (Adam's moment decays), got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _sgd_only(self) -> OptimConfig:
@@ -101,28 +132,28 @@ class ScheduleConfig(_Section):
     """Learning-rate schedule, stepped once per epoch."""
 
     name: Literal["none", "step", "cosine"] = "none"
-    step_size: int = Field(100, ge=1, description="step: epochs between decays")
-    gamma: float = Field(0.5, gt=0, description="step: decay factor")
-    eta_min: float = Field(0.0, ge=0, description="cosine: final learning rate (T_max = epochs)")
+    step_size: Int = Field(100, ge=1, description="step: epochs between decays")
+    gamma: Float = Field(0.5, gt=0, description="step: decay factor")
+    eta_min: Float = Field(0.0, ge=0, description="cosine: final learning rate (T_max = epochs)")
 
 
 class TrainConfig(_Section):
     """Loop settings."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
-    seed: int = 0
+    epochs: Int = Field(10, ge=1)
+    batch_size: Int = Field(32, ge=1)
+    eval_batch_size: Int | None = Field(None, ge=1, description="default: batch_size")
+    seed: Int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")
+    max_steps_per_epoch: Int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")
     jacobian: Literal["loop", "batched"] = "loop"
     nonfinite: Literal["raise", "skip"] = "raise"
-    log_every: int = Field(1, ge=1, description="write a JSONL/TensorBoard step record every k steps")
-    update_every: int = Field(
+    log_every: Int = Field(1, ge=1, description="write a JSONL/TensorBoard step record every k steps")
+    update_every: Int = Field(
         1, ge=1, description="reuse a gradient method's weights for k steps (one backward of the weighted sum "
         "between decisions; Nash-MTL's paper uses this to cut cost); Jacobian aggregators refuse k > 1")
-    distributed: bool = Field(
+    distributed: Bool = Field(
         False, description="data-parallel training over the processes torchrun starts (each takes an equal "
         "share of every batch; the update equals the single-process one on the whole batch)")
     selection: Literal["auto", "delta_p_task", "val_loss", "last"] = Field(
@@ -138,20 +169,20 @@ class MonitorConfig(_Section):
     On monitored steps a loss-level method's engine call also keeps the saliencies and computes
     the Gramian (at ``level``); gradient-level methods record both at their own level anyway."""
 
-    every: int = Field(0, ge=0)
+    every: Int = Field(0, ge=0)
     diagnostics: list[Literal["fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond"]] = Field(
         default_factory=lambda: list(DIAGNOSTIC_CHOICES)
     )
     level: Literal["param", "feature"] = Field(
         "param", description="level of the Gramian for loss-level methods (gradient methods: their own level)"
     )
-    fd_temperature: float = Field(0.0, ge=0, description="FD temperature (0 = plain L1 normalisation)")
+    fd_temperature: Float = Field(0.0, ge=0, description="FD temperature (0 = plain L1 normalisation)")
 
 
 class CheckpointConfig(_Section):
     """Checkpointing: always at each epoch end, and every ``every_steps`` steps when > 0."""
 
-    every_steps: int = Field(0, ge=0)
+    every_steps: Int = Field(0, ge=0)
 
 
 class RunConfig(_Section):
@@ -593,8 +624,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] = RunCo
             allowed = ", ".join(allowed_list) if allowed_list else err.get("ctx", {}).get("expected", "?")
             msgs.append(f"{key}: got {err.get('input')!r}; allowed values: {allowed}")
         elif typ == "value_error":
-            msg = str(err.get("msg", ""))
-            msgs.append(msg.removeprefix("Value error, "))
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            msgs.append(msg if msg.startswith(key.split(".")[0]) else f"{key}: {msg}")
         else:
             allowed_list = _allowed_values(model, loc) if loc else None
             extra = f"; allowed values: {', '.join(allowed_list)}" if allowed_list else ""
