@@ -25,3 +25,24 @@ def test_registry_has_the_26_required_methods():
     }
     assert required <= set(available())
     assert "rep_mtl" in available("regularizer")
+
+
+def test_delta_doc_worked_example_matches_the_code():
+    import re
+
+    from mtlens.tasks.delta import compute_deltas
+
+    text = (ROOT / "docs" / "delta.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    ns: dict = {}
+    exec(code, ns)
+    got = compute_deltas(ns["M"], ns["B"], ns["spec"])
+    assert round(got["delta_p_task"], 2) == -3.75
+    assert round(got["delta_p_metric"], 2) == -1.67 and round(got["delta_m"], 2) == 1.67
+    for value in ("**−3.75**", "**−1.67**", "**+1.67**"):
+        assert value in text
+
+
+def test_docs_do_not_point_users_to_files_outside_the_repository():
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert "spec/delta_m.md" not in path.read_text(), path

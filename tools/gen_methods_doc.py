@@ -51,11 +51,25 @@ def render() -> str:
         "These capabilities are declared on the method class and honoured by `mtlens.train.Trainer`;",
         "in your own loop, call the named hooks yourself (each method's docstring says what it needs).",
         "",
+        "Two columns matter in your own training loop (README, \"The engine in your own training loop\"):",
+        "",
+        "- **your loop also**: what the loop must do besides `mtl_backward` — add `method.parameters()`",
+        "  to the optimiser, call `method.after_step(new_losses)` after `optimizer.step()`, or call",
+        "  `method.on_epoch_end(mean_losses)` after every epoch, or pass the cross-Gramian of two further",
+        "  batches to `method.observe_cross_gramian(...)` before every step. A loop that misses it raises",
+        "  an error naming the call (`create(name, num_tasks=T, steps_per_epoch=len(loader))` lets every",
+        "  method check from the first epoch).",
+        "- **log losses**: whether the method is defined for `loss_transform=\"log\"` (the Rep-MTL presets",
+        "  use it); the engine and the configuration refuse the combinations marked *no*, with the reason.",
+        "",
         f"{len(rows)} methods.",
         "",
-        "| name | family | levels | stateful | reference | defaults |",
-        "|---|---|---|---|---|---|",
+        "| name | family | levels | stateful | your loop also | log losses | reference | defaults |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    call_text = {"parameters": "optimiser gets `parameters()`", "after_step": "`after_step`",
+                 "on_epoch_end": "`on_epoch_end`", "observe_cross_gramian": "`observe_cross_gramian`",
+                 "on_task_scores": "`on_task_scores`", "meta_step": "`meta_step`"}
     for r in rows:
         levels = ", ".join(r["levels"]) if r["levels"] else "—"
         extra = []
@@ -73,9 +87,13 @@ def render() -> str:
             extra.append("**task scores**: needs single-task baselines (`baseline: auto`); the trainer reports "
                          "each task's relative drop after every epoch (`on_task_scores`)")
         ref = r["reference"] + (f" ({'; '.join(extra)})" if extra else "")
+        calls = ", ".join(call_text.get(c, f"`{c}`") for c in r["user_calls"]) or "—"
+        log = "yes" if "log" in r["loss_transforms"] else "**no**"
+        if r["loss_transforms"] == ["log"] or r["loss_transform"] == "log":
+            log = "only (prescribed)"
         out.append(
             f"| `{r['name']}` | {FAMILY_TEXT[r['family']]} | {levels} | {'yes' if r['stateful'] else 'no'} "
-            f"| {ref} | {_fmt_defaults(r['defaults'])} |"
+            f"| {calls} | {log} | {ref} | {_fmt_defaults(r['defaults'])} |"
         )
     out += [
         "",

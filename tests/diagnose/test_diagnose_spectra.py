@@ -112,3 +112,65 @@ def test_components_and_options_are_validated(monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"pip install 'mtlens\[spectra\]'"):
         power_law_alpha(model, method="weightwatcher")
     assert math.isfinite(power_law_alpha(model, method="mle").summary["encoder"])
+
+
+# -- one default, and the two estimators agree on power laws (issue 12, item 10) ----------------------
+def test_one_default_estimator_in_python_and_the_cli():
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from mtlens.cli.main import app
+    from mtlens.diagnose.spectra import DEFAULT_SPECTRA_METHOD
+
+    assert inspect.signature(power_law_alpha).parameters["method"].default == DEFAULT_SPECTRA_METHOD == "mle"
+    help_text = CliRunner().invoke(app, ["diagnose", "--help"]).output
+    assert "[default: mle]" in " ".join(help_text.split())
+
+
+def _power_law_weight(shape, alpha, seed):
+    """A weight whose (pooled) eigenvalues of WᵀW are drawn from p(λ) ∝ λ^(−α), λ ≥ 1."""
+    rng = np.random.default_rng(seed)
+    out, inp = shape[0], shape[1]
+    positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    k = min(out, inp)
+    mats = []
+    for _ in range(positions):
+        lam = (1.0 - rng.random(k)) ** (-1.0 / (alpha - 1.0))
+        U, _ = np.linalg.qr(rng.standard_normal((out, k)))
+        V, _ = np.linalg.qr(rng.standard_normal((inp, k)))
+        mats.append(U @ np.diag(np.sqrt(lam)) @ V.T)
+    W = np.stack(mats, axis=-1).reshape(shape) if len(shape) > 2 else mats[0]
+    return torch.tensor(W, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.0, 4.0])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_weightwatcher_and_the_builtin_mle_agree_on_a_synthetic_power_law(alpha, kind):
+    pytest.importorskip("weightwatcher")
+    if kind == "linear":
+        layer = nn.Linear(256, 256, bias=False)
+        layer.weight.data = _power_law_weight((256, 256), alpha, seed=int(alpha * 10))
+    else:
+        layer = nn.Conv2d(96, 96, 2, bias=False)
+        layer.weight.data = _power_law_weight((96, 96, 2, 2), alpha, seed=int(alpha * 10) + 1)
+    mle = power_law_alpha({"layer": layer}, method="mle").summary["layer"]
+    ww = power_law_alpha({"layer": layer}, method="weightwatcher").summary["layer"]
+    assert mle == pytest.approx(alpha, rel=0.2) and ww == pytest.approx(alpha, rel=0.2)
+    assert mle == pytest.approx(ww, rel=0.05)
+
+
+def test_where_they_differ_it_is_the_minimum_tail():
+    """Not a power law (LeNet's 50×500 layer at initialisation, the docs' example): WeightWatcher fits a
+    7-eigenvalue tail (α ≈ 20); the built-in fit needs 8 and finds a longer one; with min_tail=7 it is WW's."""
+    pytest.importorskip("weightwatcher")
+    from mtlens.models import create
+
+    torch.manual_seed(0)
+    fc = create("lenet-multimnist", {"l": 10, "r": 10}).encoder.fc
+    ww = power_law_alpha({"fc": fc}, method="weightwatcher").layers[0]
+    ours = power_law_alpha({"fc": fc}, method="mle").layers[0]
+    evals = layer_eigenvalues(fc.weight)
+    alpha7, xmin7, _, tail7 = fit_power_law(evals, min_tail=7)
+    assert tail7 == 7 and alpha7 == pytest.approx(ww.alpha, rel=1e-6) and xmin7 == pytest.approx(ww.xmin, rel=1e-6)
+    assert ww.alpha > 15 and 3 < ours.alpha < 6  # 20.3 vs 4.6 in docs/diagnostics.md

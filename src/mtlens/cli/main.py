@@ -12,10 +12,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import mtlens  # noqa: F401  (torchvision shim before anything imports torchvision)
 
+from ..diagnose.spectra import DEFAULT_SPECTRA_METHOD
 from ..errors import ConfigurationError, MTLensError
 
 app = typer.Typer(
@@ -32,8 +34,14 @@ err = Console(stderr=True)
 
 
 def _fail(exc: BaseException) -> None:
-    msg = " ".join(str(exc).split())
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+    # One line, except a data error that lays out the expected directory tree: its lines are kept.
+    # Escaped: a message's square brackets (`pip install 'mtlens[nash]'`) are text, not rich markup.
+    text = str(exc).strip()
+    if "\nExpected layout" in text:
+        msg = "\n".join(ln.rstrip() for ln in text.splitlines())
+    else:
+        msg = " ".join(text.split())
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1)
 
 
@@ -49,8 +57,24 @@ def _guard(fn):
         where = f" '{exc.filename}'" if exc.filename else ""
         _fail(MTLensError(f"{exc.strerror or exc}{where}; check the path and its permissions"))
     except KeyboardInterrupt:
-        err.print("interrupted; continue with --resume")
+        err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def _interrupted(out_dir: Path, stl_all: bool) -> None:
+    """The Ctrl-C message of ``mtlens train``: offer ``--resume`` only when there is something to resume."""
+    found = list(out_dir.glob("stl-*/checkpoint.pt")) if stl_all else []
+    if (out_dir / "checkpoint.pt").is_file() or found:
+        err.print(f"interrupted; continue with: mtlens train --out {escape(str(out_dir))} --resume",
+                  highlight=False, soft_wrap=True)
+    else:
+        err.print(
+            f"interrupted before the first checkpoint of {escape(str(out_dir))} was written (one is written at the "
+            "end of every epoch, and every checkpoint.every_steps steps when set): there is nothing to resume; "
+            "start the run again without --resume",
+            highlight=False, soft_wrap=True,
+        )
+    raise typer.Exit(130)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +120,7 @@ def train(
 ) -> None:
     """Train a multi-task model (or single-task baselines), test the best epoch, write results.json."""
     from ..train import load_config, run
+    from ..train.trainer import default_out_dir
 
     def go():
         overrides = list(set_ or [])
@@ -112,12 +137,17 @@ def train(
             cfg = load_config(base=yaml.safe_load(saved.read_text()), overrides=overrides, out_dir=out_dir)
         else:
             cfg = load_config(preset=preset, config_file=config, overrides=overrides, out_dir=out_dir)
+        if cfg.out_dir is None:  # fixed now, so that an interruption can name it
+            cfg = cfg.model_copy(update={"out_dir": str(default_out_dir(cfg))})
         if cfg.stl_task is not None and not quiet:
             err.print(
                 "[dim]single-task mode: plain task loss (method ew, no regularizers, no loss transform, "
                 "no diagnostics)[/]"
             )
-        results = run(cfg, resume=resume, quiet=quiet, console=err)
+        try:
+            results = run(cfg, resume=resume, quiet=quiet, console=err)
+        except KeyboardInterrupt:
+            _interrupted(Path(cfg.out_dir), cfg.stl_task == "all")
         if results.get("kind") == "stl-baseline":
             path = Path(results["source"])
             if quiet:
@@ -251,7 +281,10 @@ DATASETS_EPILOG = """
 @app.command(epilog=DATASETS_EPILOG)
 def datasets(
     name: Annotated[str | None, typer.Argument(help="show one benchmark in detail (metrics, options, source)")] = None,
-    check: Annotated[bool, typer.Option("--check", help="load each benchmark's splits to report availability")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="read every sample of each benchmark's splits (finds truncated files); "
+                           "exit code 1 when data was found broken")
+    ] = False,
     root: Annotated[
         list[str] | None, typer.Option("--root", help="BENCHMARK=PATH of a data directory to check")
     ] = None,
@@ -269,6 +302,7 @@ def datasets(
         unknown = [k for k in roots if k not in available_benchmarks()]
         if unknown:
             raise ConfigurationError(f"--root: unknown benchmark(s) {unknown}; available: {available_benchmarks()}")
+        bad: list[bool] = []  # --check: a benchmark whose data was read and found broken
         if name is not None:
             spec = get_benchmark(name)
             out.print(f"[bold]{spec.name}[/]: {spec.description}")
@@ -291,8 +325,13 @@ def datasets(
             out.print(table)
             opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "none"
             out.print(f"options (--set data.options.KEY=VALUE): {opts}")
-            status = "needs data.root" if spec.needs_root else "no root needed"
-            out.print("data: " + (_availability(spec, roots.get(name)) if check else status))
+            status = spec.data_status() or "no root needed"
+            if check:
+                status, ok = _availability(spec, roots.get(name))
+                bad.append(not ok)
+            out.print("data: " + status, highlight=False)
+            if any(bad):
+                raise typer.Exit(1)
             return
         table = Table(title="benchmarks (details: mtlens datasets NAME)", title_justify="left")
         table.add_column("name", no_wrap=True)
@@ -303,30 +342,53 @@ def datasets(
             tasks = ", ".join(spec.tasks)
             if spec.multi_input:
                 tasks += " [dim](multi-input)[/]"
-            status = "needs data.root" if spec.needs_root else "no root needed"
+            status = spec.data_status() or "no root needed"
             if check:
-                status = _availability(spec, roots.get(bname))
+                status, ok = _availability(spec, roots.get(bname))
+                bad.append(not ok)
             table.add_row(bname, tasks, spec.default_model, status)
         out.print(table)
+        if any(bad):
+            raise typer.Exit(1)
 
     _guard(go)
 
 
-def _availability(spec, root: str | None) -> str:
+def _availability(spec, root: str | None) -> tuple[str, bool]:
+    """``(status, ok)`` of one benchmark: every sample of every split is read (a truncated or
+    corrupt file anywhere is found), ``ok`` is False only when data was found and is broken."""
     from ..errors import DataError, MissingDependencyError
 
     if spec.needs_root and root is None:
-        return "needs data.root (pass --root NAME=PATH to check)"
+        return "needs data.root (pass --root NAME=PATH to check)", True
+    if root is None and spec.data_status() is not None:
+        return spec.data_status(), True
+
+    def first_line(exc: BaseException) -> str:
+        return escape(" ".join(str(exc).split("\nExpected layout")[0].split())[:300])
+
     try:
         splits = spec.datasets(root=root, seed=0)
     except (DataError, MissingDependencyError, ConfigurationError, OSError) as exc:
-        first = " ".join(str(exc).split()).split(". ")[0]
-        return "[red]unavailable[/]: " + first[:200]
+        return "[red]unavailable[/]: " + first_line(exc), False
+
+    def parts(ds):
+        return list(ds.items()) if isinstance(ds, dict) else [(None, ds)]
+
+    for split in ("train", "val", "test"):
+        for task, ds in parts(splits[split]):
+            for i in range(len(ds)):
+                try:
+                    ds[i]
+                except (MTLensError, OSError, ValueError, RuntimeError) as exc:
+                    where = f"{split}{'/' + task if task else ''} sample {i}"
+                    return f"[red]unavailable[/]: {where}: " + first_line(exc), False
 
     def n(ds):
         return sum(len(d) for d in ds.values()) if isinstance(ds, dict) else len(ds)
 
-    return "[green]available[/] " + "/".join(str(n(splits[s])) for s in ("train", "val", "test")) + " (train/val/test)"
+    counts = "/".join(str(n(splits[s])) for s in ("train", "val", "test"))
+    return f"[green]available[/] {counts} (train/val/test; every sample read)", True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +402,9 @@ def presets(
     def go():
         if show is not None:
             load_preset(show)  # validates the name
-            out.print(preset_path(show).read_text(), markup=False, highlight=False)
+            # the file itself, byte for byte: valid YAML to redirect into my.yaml (rich would wrap lines)
+            sys.stdout.write(preset_path(show).read_text())
+            sys.stdout.flush()
             return
         table = Table(title="presets (details: mtlens presets --show NAME)", title_justify="left")
         table.add_column("name", no_wrap=True)
@@ -382,8 +446,9 @@ def diagnose(
         Path | None, typer.Option("--out", "-o", help="where to write PNGs (default RUN_DIR/plots)")
     ] = None,
     alpha: Annotated[
-        str, typer.Option("--alpha", help="power-law α of the best weights: mle, weightwatcher or none")
-    ] = "mle",
+        str, typer.Option("--alpha", help="power-law α of the best weights: mle (the library's default, "
+                          "docs/diagnostics.md), weightwatcher or none")
+    ] = DEFAULT_SPECTRA_METHOD,
 ) -> None:
     """Plot FD, GDS, GMS, task weights, losses and val metrics over training; power-law α per component."""
 

@@ -12,7 +12,7 @@ from ..errors import ConfigurationError, DataError
 
 #: Fraction of a training set carved off as the validation split when a benchmark ships none
 #: (NYUv2, Cityscapes, MNIST/Fashion-MNIST IDX). Ours; the papers select on the test split, which
-#: mtlens refuses to do (shared/spec/delta_m.md: "the test split is used once").
+#: mtlens refuses to do (docs/delta.md: the test split is used once).
 DEFAULT_VAL_FRACTION = 0.1
 
 #: Seed of every carved split. Fixed, and independent of the run seed, so that runs with

@@ -211,7 +211,7 @@ def _make_dense(
     split_seed: int,
 ) -> dict[str, NpyDenseDataset]:
     if root is None:
-        raise ConfigurationError(f"{dataset} needs root=<folder holding train/ and val/>.\n{layout}")
+        raise ConfigurationError(f"{dataset} needs root=<folder holding train/ and val/>.\nExpected layout:\n{layout}")
     root_p = require_dir(dataset, root, root, layout, _FIX)
     train_dir = require_dir(dataset, root_p / "train", root, layout, _FIX)
     test_dir = require_dir(dataset, root_p / "val", root, layout, _FIX)

@@ -40,7 +40,7 @@ from .gradients import (
     normalise_losses,
     transform_losses,
 )
-from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
+from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer, check_loss_transform
 from .record import StepRecord
 
 __all__ = ["DecisionCache", "LOG_EPS", "counters", "mtl_backward", "resolve_level", "transform_losses"]
@@ -243,6 +243,8 @@ def mtl_backward(
         transform = method.loss_transform
     if transform not in LOSS_TRANSFORMS:
         raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
+    for m in (method, *regularizers):  # each method declares the transforms it is defined for
+        check_loss_transform(m, transform)
 
     scale = 1.0
     if grad_scaler is not None and grad_scaler.is_enabled():

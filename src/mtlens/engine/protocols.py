@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import ConfigurationError
 from .decision import Decision
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LEVELS = ("param", "feature")
 UNIT_HEAD_RULE = "own gradient, unit weights (TorchJD mtl_backward, LibMTL)"
+LOSS_TRANSFORM_NAMES = ("none", "log")
+USER_CALLS = ("parameters", "after_step", "on_epoch_end", "observe_cross_gramian", "on_task_scores", "meta_step")
 
 
 class Method:
@@ -44,6 +47,19 @@ class Method:
     ``needs_lookahead`` (bilevel methods, Auto-Lambda and MOML: before every step the caller
     passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
     validation batch to :meth:`meta_step`).
+
+    Two declared properties make a method safe in the user's own loop:
+
+    * ``loss_transforms``: the loss transforms the method is defined for (``"none"``,
+      ``"log"``); ``loss_transform_conflict`` says why one is missing. The engine and the
+      configuration refuse any other combination (:func:`check_loss_transform`) — e.g. UW with
+      log losses has no minimum (its weights grow without bound).
+    * ``user_calls``: what the user's loop must do besides ``mtl_backward`` for the method to be
+      itself: ``"parameters"`` (add :meth:`parameters` to the optimiser), ``"after_step"`` (call
+      :meth:`after_step` after ``optimizer.step()``), ``"on_epoch_end"`` (call
+      :meth:`on_epoch_end` once per epoch); the ``needs_*`` flags above imply theirs
+      (:func:`required_calls`). A stateful method detects a missed call and raises
+      :class:`~mtlens.errors.ConfigurationError` naming it (docs: README, own-loop section).
     """
 
     name: ClassVar[str] = ""
@@ -59,6 +75,21 @@ class Method:
     needs_task_scores: ClassVar[bool] = False
     needs_lookahead: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
+    loss_transform_conflict: ClassVar[str] = ""
+    user_calls: ClassVar[tuple[str, ...]] = ()
+
+    def loss_transform_problem(self, transform: str) -> str | None:
+        """Why this method is not defined for ``transform`` ("none" | "log"), or ``None`` if it is.
+
+        Default: from the declared ``loss_transforms`` / ``loss_transform_conflict``; methods whose
+        answer depends on a hyper-parameter (MoCo's ``normalize``) override it."""
+        if self.loss_transform is not None and transform != self.loss_transform:
+            return f"it prescribes loss_transform='{self.loss_transform}'"
+        if transform in self.loss_transforms:
+            return None
+        return self.loss_transform_conflict or f"it is defined for loss_transform in {self.loss_transforms}"
+
     head_rule: ClassVar[str] = ""
 
     # -- step 2 of the engine ------------------------------------------------------------------
@@ -246,6 +277,34 @@ class Regularizer(Method):
         block (T, B, ...) with the tasks' saliencies stacked; at parameter level one block per
         shared parameter."""
         raise NotImplementedError
+
+
+def required_calls(cls: type[Method] | Method) -> tuple[str, ...]:
+    """What the user's own loop must call for ``cls`` to be itself: its ``user_calls`` and the calls
+    its ``needs_*`` flags imply (``after_step``, ``observe_cross_gramian``, ``on_task_scores``,
+    ``meta_step``), in :data:`USER_CALLS` order."""
+    implied = {"after_step": cls.needs_extra_forward, "observe_cross_gramian": cls.needs_second_batch,
+               "on_task_scores": cls.needs_task_scores, "meta_step": cls.needs_lookahead}
+    wanted = set(cls.user_calls) | {c for c, flag in implied.items() if flag}
+    return tuple(c for c in USER_CALLS if c in wanted)
+
+
+def check_loss_transform(method: Method, transform: str | None) -> None:
+    """Raise :class:`~mtlens.errors.ConfigurationError` when ``method`` is not defined for ``transform``.
+
+    The message names the method, the transform, the reason (the method's declared
+    ``loss_transform_conflict``) and the fix."""
+    t = "none" if transform is None else transform
+    problem = method.loss_transform_problem(t)
+    if problem is None:
+        return
+    if t == "log":
+        fix = ("Train it on the raw losses: loss_transform='none' (command line: --set loss_transform=none; the "
+               "Rep-MTL and quick-* presets set loss_transform: log), or choose a method defined for log "
+               "losses (`mtlens methods` marks the others)")
+    else:
+        fix = f"use loss_transform='{method.loss_transforms[0]}'"
+    raise ConfigurationError(f"'{method.name}' is not defined for loss_transform='{t}': {problem}. {fix}.")
 
 
 def as_loss_vector(losses: Sequence[Tensor]) -> Tensor:

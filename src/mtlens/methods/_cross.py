@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..engine.protocols import LossWeighting
 from ..errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
+from ._calls import MISSES_TO_RAISE
 
 
 def project_simplex(v: np.ndarray) -> np.ndarray:
@@ -34,13 +35,16 @@ class CrossGramianWeighting(LossWeighting):
 
     needs_second_batch = True
     stateful = True
+    user_calls = ("observe_cross_gramian",)
 
     def __init__(self) -> None:
+        self._since_observed = 0  # weighting calls since the last cross-Gramian (a miss detector)
         self._lam: np.ndarray | None = None
         self._out: np.ndarray | None = None
         self._log: dict[str, float] = {}
 
     def _check(self, A: Tensor) -> np.ndarray:
+        self._since_observed = 0
         M = torch.as_tensor(A).detach().to("cpu", torch.float64)
         if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
             raise ShapeError(f"{self.name}: the cross-Gramian must be a square T×T matrix, got {tuple(M.shape)}")
@@ -60,6 +64,13 @@ class CrossGramianWeighting(LossWeighting):
                 f"'{self.name}' needs the cross-Gramian of two independent mini-batches before each step "
                 "(needs_second_batch): the mtlens trainer supplies it; in your own loop call "
                 "method.observe_cross_gramian(mtlens.engine.cross_gramian(losses_a, losses_b, shared_params))"
+            )
+        self._since_observed += 1
+        if self._since_observed > MISSES_TO_RAISE:
+            raise ConfigurationError(
+                f"'{self.name}': observe_cross_gramian was not called before the last {MISSES_TO_RAISE} steps, so its "
+                "weights stopped moving. Before every step call method.observe_cross_gramian("
+                "mtlens.engine.cross_gramian(losses_a, losses_b, shared_params)) on two further independent batches"
             )
         if self._out.shape[0] != losses.shape[0]:
             raise ShapeError(f"{self.name}: weights for {self._out.shape[0]} tasks, got {losses.shape[0]} losses")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
+from ._calls import ScalarsInOptimizer, mark_internal
 from ._utils import check
 
 
@@ -92,10 +93,13 @@ class LearnableScalars:
 
     Created eagerly when ``num_tasks`` is given (on ``device``, float32), otherwise on the first
     call on the losses' device (float32 at least) with a warning, because an optimiser built
-    before that call does not contain them.
+    before that call does not contain them. Either way, :meth:`check` (called by the method at
+    every objective) raises :class:`ConfigurationError` when the user's optimiser stepped twice
+    in a row without them (:class:`~mtlens.methods._calls.ScalarsInOptimizer`).
     """
 
-    def __init__(self, method: str, key: str, init: float, num_tasks: int | None, device=None):
+    def __init__(self, method: str, key: str, init: float, num_tasks: int | None, device=None,
+                 what: str | None = None):
         self.method, self.key, self.init = method, key, float(init)
         self.device = _device_of(device, method)
         self.value: Tensor | None = None
@@ -107,6 +111,11 @@ class LearnableScalars:
                 f"{method}: device={device!r} only applies with num_tasks (eager creation); without "
                 "num_tasks the scalars are created on the losses' device at the first call"
             )
+        self._watch = ScalarsInOptimizer(method, what or key, lambda: self.value)
+
+    def check(self) -> None:
+        """Raise when the user's optimiser keeps stepping without these scalars (see the class docstring)."""
+        self._watch.check()
 
     def parameters(self) -> list[Tensor]:
         return [] if self.value is None else [self.value]
@@ -178,7 +187,7 @@ def learnable_scalars_init(method: str, key: str, what: str, init: float, num_ta
           f"{method}: init (initial {what}) must be a finite number, got {init!r}")
     check_num_tasks(num_tasks, method)
     hparams = {"init": float(init), "num_tasks": num_tasks, "device": None if device is None else str(device)}
-    return hparams, LearnableScalars(method, key, init, num_tasks, device)
+    return hparams, LearnableScalars(method, key, init, num_tasks, device, what=f"{what}s")
 
 
 class InternalAdam:
@@ -199,7 +208,7 @@ class InternalAdam:
 
     def _create(self, value: Tensor) -> None:
         self.value = value.detach().clone().requires_grad_(True)
-        self.opt = torch.optim.Adam([self.value], lr=self.lr, weight_decay=self.weight_decay)
+        self.opt = mark_internal(torch.optim.Adam([self.value], lr=self.lr, weight_decay=self.weight_decay))
 
     def step(self, grad: Tensor) -> None:
         assert self.value is not None and self.opt is not None

@@ -6,11 +6,17 @@ import difflib
 import inspect
 from typing import Any
 
-from ..engine.protocols import Method
+from ..engine.protocols import Method, required_calls
 from ..errors import ConfigurationError
 
 _REGISTRY: dict[str, type[Method]] = {}
 FAMILIES = ("loss", "gradient", "regularizer")
+
+#: Facts about the training set-up that any method may use: :func:`create` passes each to the
+#: constructors that accept it and leaves it out for the others, so one ``create`` line serves
+#: every method (learnable scalars exist before the optimiser is built; epoch-based methods
+#: check that ``on_epoch_end`` is called).
+SETUP_KEYS = ("num_tasks", "device", "steps_per_epoch")
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -47,14 +53,26 @@ def get(name: str) -> type[Method]:
 def create(name: str, **hparams: Any) -> Method:
     """Build method ``name`` with hyper-parameters ``hparams`` (validated by its constructor).
 
+    The set-up keys ``num_tasks`` (int), ``device`` (str) and ``steps_per_epoch`` (int, e.g.
+    ``len(loader)``) are facts, not hyper-parameters: they reach the methods whose constructor
+    takes them (UW and IMTL-L create their learnable scalars at once; DWA and STCH check that
+    ``on_epoch_end`` is called) and are left out for the others, so that
+    ``create(name, num_tasks=T, steps_per_epoch=len(loader))`` works for every method. A
+    ``None`` value is left out too. Any other unknown keyword raises
+    :class:`~mtlens.errors.ConfigurationError`.
+
     >>> from mtlens.methods import create
     >>> create("ew")
     EW()
+    >>> create("uw", num_tasks=2).parameters()[0].shape
+    torch.Size([2])
     """
     cls = get(name)
     params = _init_params(cls)
     accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     allowed = [k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    hparams = {k: v for k, v in hparams.items()
+               if k not in SETUP_KEYS or (v is not None and (k in allowed or accepts_kwargs))}
     unknown = [k for k in hparams if k not in allowed]
     if unknown and not accepts_kwargs:
         raise ConfigurationError(
@@ -95,6 +113,8 @@ def describe() -> list[dict[str, Any]]:
             "defaults": defaults(n),
             "stateful": c.stateful,
             "loss_transform": c.loss_transform,
+            "loss_transforms": list(c.loss_transforms),
+            "user_calls": list(required_calls(c)),
             "needs_extra_forward": c.needs_extra_forward,
             "head_rule": c.head_rule,
             "needs_second_batch": c.needs_second_batch,

@@ -73,6 +73,8 @@ class DBMTL(JacobianAggregator):
     reference = "Lin et al., Dual-Balancing for Multi-Task Learning, arXiv:2308.12029"
     defaults_source = "beta = beta_sigma = 0.9 (project spec); beta_k = beta / k^beta_sigma as in LibMTL"
     loss_transform = "log"
+    loss_transforms = ("log",)
+    loss_transform_conflict = "DB-MTL's loss-scale balancing is its log transform (Sec. 3.1 of the paper)"
     stateful = True
     head_rule = "own gradient of log L_t, unit weights (LibMTL)"
 

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..engine.protocols import LossWeighting
 from ..errors import CheckpointError, ConfigurationError
-from ._loss_common import TaskCount, as_vector, check_num_tasks, require_keys
+from ._calls import EpochCalls
+from ._loss_common import TaskCount, as_vector, check_int, check_num_tasks, require_keys
 from ._registry import register
 from ._utils import positive
 
@@ -23,6 +24,12 @@ class DWA(LossWeighting):
     caller reports it with :meth:`on_epoch_end` once per epoch (the method reads no trainer
     state). During the first two epochs (fewer than two reports) every weight is 1.
 
+    ``steps_per_epoch`` (optional, the number of weighting calls per epoch, e.g. ``len(loader)``)
+    lets DWA check that :meth:`on_epoch_end` is called: more than one call beyond an epoch
+    without it raises :class:`~mtlens.errors.ConfigurationError`. Without it the epoch length is
+    learnt from the first report, and the first weighting call warns once that the method needs
+    the epoch boundaries.
+
     Defaults: ``temperature = 2.0`` (paper and the MTAN code).
     """
 
@@ -30,11 +37,16 @@ class DWA(LossWeighting):
     reference = "Liu et al., End-to-End Multi-Task Learning with Attention, CVPR 2019, arXiv:1803.10704"
     defaults_source = "temperature 2 (paper Sec. 3.3, MTAN code)"
     stateful = True
+    user_calls = ("on_epoch_end",)
 
-    def __init__(self, temperature: float = 2.0, num_tasks: int | None = None):
+    def __init__(self, temperature: float = 2.0, num_tasks: int | None = None, steps_per_epoch: int | None = None):
         self.temperature = positive("temperature", temperature, "dwa")
         check_num_tasks(num_tasks, "dwa")
-        self._hparams = {"temperature": self.temperature, "num_tasks": num_tasks}
+        if steps_per_epoch is not None:
+            check_int("steps_per_epoch", steps_per_epoch, 1, "dwa")
+        self._hparams = {"temperature": self.temperature, "num_tasks": num_tasks, "steps_per_epoch": steps_per_epoch}
+        self._calls = EpochCalls("dwa", steps_per_epoch, "weights the tasks by their epoch-mean losses and stays at "
+                                                          "equal weights until two epochs have been reported")
         self._tasks = TaskCount("dwa", num_tasks)
         self._history: list[Tensor] = []  # the last two epoch-mean loss vectors (float64, CPU)
         self._epochs = 0
@@ -49,8 +61,10 @@ class DWA(LossWeighting):
             )
         self._history = (self._history + [v])[-2:]
         self._epochs += 1
+        self._calls.epoch_ended()
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
+        self._calls.weighting_call()
         T = self._tasks.bind(losses.shape[0])
         if len(self._history) < 2:
             return torch.ones(T, dtype=losses.dtype, device=losses.device)
@@ -60,7 +74,7 @@ class DWA(LossWeighting):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [h.clone() for h in self._history], "epochs": self._epochs,
-                "num_tasks": self._tasks.T}
+                "num_tasks": self._tasks.T, "epoch_calls": self._calls.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         require_keys(state, ("history", "epochs", "num_tasks"), "dwa")
@@ -74,6 +88,7 @@ class DWA(LossWeighting):
         for h in hist:
             self._tasks.bind(h.shape[0])
         self._history, self._epochs = hist, int(state["epochs"])
+        self._calls.load_state_dict(state.get("epoch_calls"))
 
     def log_values(self) -> dict[str, float]:
         return {"epochs_seen": float(self._epochs)}

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..engine.protocols import LossWeighting
 from ..errors import CheckpointError, ConfigurationError, ShapeError
+from ._calls import AfterStepCalls
 from ._loss_common import InternalAdam, TaskCount, as_vector, check_num_tasks, require_keys
 from ._registry import register
 from ._utils import check, positive
@@ -30,7 +31,13 @@ class FAMO(LossWeighting):
     the same batch (one extra forward; ``needs_extra_forward = True``). It computes
     ``δ_t = log(L_t^before − b_t + ε) − log(L_t^after − b_t + ε)`` and takes one Adam step on the
     logits with gradient ``∇_ξ softmax(ξ)ᵀ δ`` and weight decay γ. That Adam is internal: its
-    state is in :meth:`state_dict`; do not add anything of FAMO's to your optimiser.
+    state is in :meth:`state_dict`; do not add anything of FAMO's to your optimiser. A loop that
+    steps the optimiser twice in a row without calling :meth:`after_step` raises
+    :class:`~mtlens.errors.ConfigurationError` naming it. With gradient accumulation (several
+    weighting calls before one optimiser step) the last call's losses are the "before" losses.
+
+    Not defined for log-transformed losses (``loss_transforms = ("none",)``): FAMO takes the log
+    of each loss itself.
 
     Defaults: ``lr = 0.025`` (logit step size β, paper and official code) and ``gamma = 1e-3``
     (decay γ of Algorithm 2, also LibMTL's default; the official code's class default is 1e-5),
@@ -42,6 +49,12 @@ class FAMO(LossWeighting):
     defaults_source = "lr 0.025 (paper, official code), gamma 1e-3 (paper Alg. 2, LibMTL)"
     stateful = True
     needs_extra_forward = True
+    user_calls = ("after_step",)
+    loss_transforms = ("none",)
+    loss_transform_conflict = (
+        "FAMO takes the log of each loss itself (log(L_t − min_loss_t)), so log-transformed losses "
+        "log(L_t + 1e-8) would be logged twice, and they are negative (below min_losses=0) whenever L_t < 1"
+    )
 
     def __init__(self, lr: float = 0.025, gamma: float = 1e-3, min_losses: float | Sequence[float] = 0.0,
                  num_tasks: int | None = None):
@@ -67,6 +80,7 @@ class FAMO(LossWeighting):
         if num_tasks is not None:
             self._logits.ensure(num_tasks, torch.device("cpu"), torch.float32)
         self._prev: Tensor | None = None  # the losses of the last weighting call, awaiting after_step
+        self._calls = AfterStepCalls("famo", lambda: self._prev is not None)
 
     def _shifted(self, losses: Tensor, what: str) -> Tensor:
         b = self._min.to(device=losses.device, dtype=torch.float64)
@@ -74,7 +88,9 @@ class FAMO(LossWeighting):
         if bool((d <= 0).any()):
             raise ConfigurationError(
                 f"famo: {what} {losses.tolist()} are not above min_losses {self._min.tolist()}; FAMO takes "
-                "log(L_t − min_loss_t), so set min_losses to a lower bound of each loss"
+                "log(L_t − min_loss_t), so min_losses must be a lower bound of each loss (for losses that can be "
+                "negative, e.g. a Gaussian negative log-likelihood, set min_losses to its lower bound); do not "
+                "log-transform the losses for FAMO (loss_transform='none')"
             )
         return d
 
@@ -83,6 +99,7 @@ class FAMO(LossWeighting):
         return torch.softmax(xi.detach().to(torch.float64), dim=0).to(device)
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
+        self._calls.weighting_call()
         T = self._tasks.bind(losses.shape[0])
         d = self._shifted(losses.detach(), "losses")
         z = self._z(T, losses.device)
@@ -105,6 +122,7 @@ class FAMO(LossWeighting):
         grad = z * (delta - (z * delta).sum())  # (∂softmax(ξ)/∂ξ)ᵀ δ
         self._logits.step(grad)
         self._prev = None
+        self._calls.after_step_called()
 
     def state_dict(self) -> dict[str, Any]:
         prev = None if self._prev is None else self._prev.clone()

@@ -37,6 +37,11 @@ class GLS(LossWeighting):
     name = "gls"
     reference = "Chennupati et al., MultiNet++, CVPRW 2019, arXiv:1904.08492"
     defaults_source = "no hyper-parameters"
+    loss_transforms = ("none",)
+    loss_transform_conflict = (
+        "its geometric mean (Π_t L_t)^{1/T} needs positive losses, and log-transformed losses log(L_t + 1e-8) "
+        "are negative whenever L_t < 1 (GLS already equals a sum of log losses in its gradient direction)"
+    )
 
     @staticmethod
     def objective(losses: Tensor) -> Tensor:

@@ -95,6 +95,11 @@ class GO4Align(LossWeighting):
     reference = "Shen et al., GO4Align: Group Optimization for Multi-Task Alignment, NeurIPS 2024, arXiv:2404.06486"
     defaults_source = "num_groups = 1, robust_step_size = 1e-4 (authors' NYUv2 trainer, github.com/autumn9999/GO4Align)"
     stateful = True
+    loss_transforms = ("none",)
+    loss_transform_conflict = (
+        "its scales Σ_s L_s / L_t and risk history need positive losses, and log-transformed losses "
+        "log(L_t + 1e-8) are negative whenever L_t < 1"
+    )
 
     def __init__(self, num_groups: int = 1, robust_step_size: float = 1e-4, num_tasks: int | None = None) -> None:
         self.num_groups = check_int("num_groups", num_groups, 1, self.name)

@@ -41,6 +41,11 @@ class GradNorm(LossWeighting):
     defaults_source = "alpha 1.5 (paper NYUv2, LibMTL); lr 0.025 and min_weight 1e-3 are mtlens choices"
     stateful = True
     needs_grad_norms = True
+    loss_transforms = ("none",)
+    loss_transform_conflict = (
+        "GradNorm's training rates are ratios of losses to the first step's losses, L_t/L_t(0), which need "
+        "positive losses, and log-transformed losses log(L_t + 1e-8) are negative whenever L_t < 1"
+    )
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-3,
                  num_tasks: int | None = None):

@@ -64,6 +64,11 @@ class IMTL(GramianWeighting):
     defaults_source = "s0 = 0; internal Adam(lr=1e-4) as the NYUv2 protocol's optimiser (LibMTL)"
     stateful = True
     head_rule = "the IMTL-L loss scales e^{s_t} (paper, Sec. 3.3: heads train on e^{s_t} L_t)"
+    loss_transforms = ("none",)
+    loss_transform_conflict = (
+        "its IMTL-L half minimises Σ_t e^{s_t}·L_t − s_t, which has no minimum when L_t ≤ 0, and "
+        "log-transformed losses log(L_t + 1e-8) are negative whenever L_t < 1"
+    )
 
     def __init__(self, lr: float = 1e-4, optimizer: str = "adam") -> None:
         self.lr = positive("lr", lr, self.name)

@@ -69,6 +69,15 @@ class MoCo(JacobianAggregator):
     defaults_source = "beta, beta_sigma, gamma, gamma_sigma, rho, loss normalisation: authors' code (LibMTL)"
     stateful = True
     head_rule = "own gradient, unit weights (LibMTL's MoCo corrects the shared parameters only)"
+    loss_transforms = ("none",)  # with the default normalize='loss'; any transform with 'l2' / 'none'
+    loss_transform_conflict = (
+        "normalize='loss' scales each task gradient by its loss, which must be non-negative, and "
+        "log-transformed losses log(L_t + 1e-8) are negative whenever L_t < 1; use normalize='l2' or 'none'"
+    )
+
+    def loss_transform_problem(self, transform: str) -> str | None:
+        """Log losses conflict only with ``normalize='loss'`` (the default)."""
+        return self.loss_transform_conflict if transform == "log" and self.normalize == "loss" else None
 
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
                  gamma_sigma: float = 0.5, rho: float = 0.0, normalize: str = "loss") -> None:

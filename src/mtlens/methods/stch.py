@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..engine.protocols import LossWeighting
 from ..errors import CheckpointError, ConfigurationError
+from ._calls import EpochCalls
 from ._loss_common import TaskCount, as_vector, check_int, require_keys
 from ._registry import register
 from ._utils import positive
@@ -32,6 +33,12 @@ class STCH(LossWeighting):
     ``Σ_t log(L_t + ε)``; the epoch-mean losses of epoch ``warmup_epochs`` (reported through
     :meth:`on_epoch_end`) become the nadir vector ``n``, and STCH is used from the next epoch
     on. Passing ``nadir`` skips the warm-up and uses STCH from the first step.
+    ``steps_per_epoch`` (optional, e.g. ``len(loader)``) lets STCH check that
+    :meth:`on_epoch_end` is called during the warm-up (more than one call beyond an epoch without
+    it raises :class:`~mtlens.errors.ConfigurationError`); without it the first call warns once.
+
+    Not defined for log-transformed losses (``loss_transforms = ("none",)``): STCH takes the log
+    of each loss itself.
 
     Defaults: ``mu = 1.0`` and ``warmup_epochs = 4`` (the authors' code, ``STCH_mu`` and
     ``STCH_warmup_epoch``). ``ε = 1e-8`` (the authors' code uses 1e-20; the difference matters
@@ -42,11 +49,21 @@ class STCH(LossWeighting):
     reference = "Lin et al., Smooth Tchebycheff Scalarization, ICML 2024, arXiv:2402.19078"
     defaults_source = "mu 1.0, warmup_epochs 4 (authors' STCH_MTL code config)"
     stateful = True
+    user_calls = ("on_epoch_end",)
+    loss_transforms = ("none",)
+    loss_transform_conflict = (
+        "STCH takes the log of each (nadir-normalised) loss itself, so log-transformed losses would be logged "
+        "twice, and they are negative whenever L_t < 1"
+    )
 
     def __init__(self, mu: float = 1.0, warmup_epochs: int = 4, nadir: Sequence[float] | None = None,
-                 num_tasks: int | None = None):
+                 num_tasks: int | None = None, steps_per_epoch: int | None = None):
         self.mu = positive("mu", mu, "stch")
         self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, 0, "stch")
+        if steps_per_epoch is not None:
+            check_int("steps_per_epoch", steps_per_epoch, 1, "stch")
+        self._calls = EpochCalls("stch", steps_per_epoch, "takes its nadir vector from the epoch-mean losses at the "
+                                                           "end of the warm-up and stays in the warm-up until then")
         self._tasks = TaskCount("stch", num_tasks)
         self._nadir: Tensor | None = None
         if nadir is not None:
@@ -57,7 +74,8 @@ class STCH(LossWeighting):
             self._tasks.bind(n.shape[0])
             self._nadir = n
         self._hparams = {"mu": self.mu, "warmup_epochs": self.warmup_epochs,
-                         "nadir": None if nadir is None else self._nadir.tolist(), "num_tasks": num_tasks}
+                         "nadir": None if nadir is None else self._nadir.tolist(), "num_tasks": num_tasks,
+                         "steps_per_epoch": steps_per_epoch}
         self._epoch = 0
 
     @property
@@ -75,6 +93,7 @@ class STCH(LossWeighting):
                 )
             self._nadir = v.clone()
         self._epoch += 1
+        self._calls.epoch_ended()
 
     def objective(self, losses: Tensor) -> Tensor:
         self._tasks.bind(losses.shape[0])
@@ -94,11 +113,12 @@ class STCH(LossWeighting):
         return g
 
     def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._calls.weighting_call(active=self.in_warmup)
         return self.objective(losses), self.weights(losses)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "nadir": None if self._nadir is None else self._nadir.clone(),
-                "num_tasks": self._tasks.T}
+                "num_tasks": self._tasks.T, "epoch_calls": self._calls.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         require_keys(state, ("epoch", "nadir", "num_tasks"), "stch")
@@ -108,6 +128,7 @@ class STCH(LossWeighting):
         nadir = state["nadir"]
         self._nadir = None if nadir is None else torch.as_tensor(nadir, dtype=torch.float64).cpu().clone()
         self._epoch = int(state["epoch"])
+        self._calls.load_state_dict(state.get("epoch_calls"))
         self._tasks = TaskCount("stch", T if T is not None else self._tasks.T)
 
     def log_values(self) -> dict[str, float]:

@@ -24,7 +24,9 @@ class UW(LossWeighting):
     The log-variances are learnable tensors returned by :meth:`parameters`: add them to your
     optimiser (``torch.optim.Adam(list(model.parameters()) + method.parameters())``). Pass
     ``num_tasks`` (and ``device``) to create them before building the optimiser; otherwise they
-    are created on the first call, on the losses' device, with a warning.
+    are created on the first call, on the losses' device, with a warning. An optimiser that
+    keeps stepping without them raises :class:`~mtlens.errors.ConfigurationError` (two steps in
+    a row). Not defined for log-transformed losses (``loss_transforms = ("none",)``).
 
     Defaults: ``init = 0.0`` (σ² = 1, the paper's implicit start; LibMTL starts at -0.5).
     The logged weights are ``∂objective/∂L_t = ½·exp(-s_t)``.
@@ -34,6 +36,12 @@ class UW(LossWeighting):
     reference = "Kendall et al., CVPR 2018, arXiv:1705.07115"
     defaults_source = "init 0 (σ²=1); ½-form of the objective as in LibMTL"
     stateful = True
+    user_calls = ("parameters",)
+    loss_transforms = ("none",)
+    loss_transform_conflict = (
+        "its objective Σ_t ½·exp(-s_t)·L_t + ½·s_t has no minimum over s_t when L_t < 0, and log-transformed "
+        "losses log(L_t + 1e-8) are negative whenever L_t < 1, so the weights ½·exp(-s_t) grow without bound"
+    )
 
     def __init__(self, init: float = 0.0, num_tasks: int | None = None, device: str | None = None):
         self._hparams, self._s = learnable_scalars_init("uw", "log_vars", "log-variance", init, num_tasks, device)
@@ -46,6 +54,7 @@ class UW(LossWeighting):
         return (0.5 * torch.exp(-s.detach())).to(losses.dtype)
 
     def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._s.check()
         s = self._s.get(losses)
         w = 0.5 * torch.exp(-s)
         objective = (w * losses).sum() + 0.5 * s.sum()

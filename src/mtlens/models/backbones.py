@@ -120,6 +120,47 @@ def _no_pretrained_error(arch: str, tag: str, exc: BaseException | None) -> Miss
     )
 
 
+def cached_pretrained_file(arch: str, tag: str = DEFAULT_PRETRAINED_TAG) -> str | None:
+    """The local file of timm's ``arch.tag`` ImageNet weights, or ``None``; never touches the network.
+
+    Looks where timm's own download would have put them: the Hugging Face hub cache
+    (``huggingface_hub.try_to_load_from_cache``, honouring ``HF_HOME`` / ``HF_HUB_CACHE``) for
+    weights hosted on the hub, then torch.hub's ``checkpoints/`` folder (``TORCH_HOME``) for
+    weights given by URL (torchvision's original files)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"{arch}.{tag}")
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+            if filename:
+                found = try_to_load_from_cache(repo, filename)
+                if isinstance(found, str) and Path(found).is_file():
+                    return found
+    if cfg.url:
+        from urllib.parse import urlparse
+
+        local = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if local.is_file():
+            return str(local)
+    return None
+
+
+def _not_cached_error(arch: str, tag: str) -> MissingDependencyError:
+    return MissingDependencyError(
+        f"pretrained=True needs the ImageNet weights '{arch}.{tag}', which are not in the local caches "
+        f"(Hugging Face hub cache, torch hub '{Path(torch.hub.get_dir()) / 'checkpoints'}'), and mtlens "
+        "downloads nothing unless asked. Fix: allow the download with download=True (command line: --set "
+        "model.kwargs.download=true), or pass a local file with weights='w.pt' (saved on a machine with network "
+        f"by `torch.save(timm.create_model('{arch}.{tag}', pretrained=True).state_dict(), 'w.pt')`), or use "
+        "pretrained=False."
+    )
+
+
 def build_timm_resnet(
     arch: str,
     *,
@@ -130,6 +171,7 @@ def build_timm_resnet(
     weights: str | os.PathLike | None = None,
     pretrained_tag: str = DEFAULT_PRETRAINED_TAG,
     pretrained_cfg_overlay: dict | None = None,
+    download: bool = False,
 ) -> nn.Module:
     """A timm ResNet trunk: dense features of the last stage, or globally pooled (B×C).
 
@@ -137,8 +179,10 @@ def build_timm_resnet(
     (timm ``output_stride``; the dilated ResNet of DeepLabV3, arXiv:1706.05587, and of
     LibMTL's ``resnet_dilated``). Weights, in order of precedence: ``weights`` (a local
     state_dict file), ``pretrained_cfg_overlay`` (timm's local ``file=``/``state_dict=``
-    override), then ``pretrained=True`` (timm download of ``arch.pretrained_tag``; a clear
-    :class:`MissingDependencyError` when that is impossible).
+    override), then ``pretrained=True``: timm's ``arch.pretrained_tag`` weights from the local
+    caches (:func:`cached_pretrained_file`); when they are not cached, a timm download only with
+    ``download=True``, otherwise at once a :class:`MissingDependencyError` naming the fixes (no
+    network is reached unless asked: offline clusters are the normal case).
     """
     import timm
 
@@ -168,10 +212,16 @@ def build_timm_resnet(
                 f"Pass a state_dict of a timm/torchvision {arch}."
             ) from exc
     elif pretrained:
-        try:
-            net = timm.create_model(name, pretrained=True, **kw)
-        except OSError as exc:  # no network / not in the hub cache (huggingface_hub, urllib errors)
-            raise _no_pretrained_error(arch, pretrained_tag, exc) from exc
+        local = cached_pretrained_file(arch, pretrained_tag)
+        if local is not None:
+            net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": local}, **kw)
+        elif not download:
+            raise _not_cached_error(arch, pretrained_tag)
+        else:
+            try:
+                net = timm.create_model(name, pretrained=True, **kw)
+            except OSError as exc:  # no network (huggingface_hub, urllib errors)
+                raise _no_pretrained_error(arch, pretrained_tag, exc) from exc
     else:
         net = timm.create_model(arch, pretrained=False, **kw)
     return net
@@ -190,12 +240,13 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, arch: str = "resnet18", in_channels: int = 3, output_stride: int = 32,
                  pretrained: bool = False, weights: str | os.PathLike | None = None,
-                 pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None):
+                 pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
+                 download: bool = False):
         super().__init__()
         self.body = build_timm_resnet(arch, pooled=False, in_channels=in_channels,
                                       output_stride=output_stride, pretrained=pretrained, weights=weights,
                                       pretrained_tag=pretrained_tag,
-                                      pretrained_cfg_overlay=pretrained_cfg_overlay)
+                                      pretrained_cfg_overlay=pretrained_cfg_overlay, download=download)
         self.arch = arch
         self.output_stride = output_stride
         self.out_channels = int(self.body.feature_info.channels()[-1])
@@ -214,11 +265,12 @@ class PooledResNetEncoder(nn.Module):
 
     def __init__(self, arch: str = "resnet18", in_channels: int = 3, hidden: int | None = 512,
                  dropout: float = 0.5, pretrained: bool = False, weights: str | os.PathLike | None = None,
-                 pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None):
+                 pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
+                 download: bool = False):
         super().__init__()
         self.body = build_timm_resnet(arch, pooled=True, in_channels=in_channels, pretrained=pretrained,
                                       weights=weights, pretrained_tag=pretrained_tag,
-                                      pretrained_cfg_overlay=pretrained_cfg_overlay)
+                                      pretrained_cfg_overlay=pretrained_cfg_overlay, download=download)
         self.arch = arch
         feat = int(self.body.num_features)
         if hidden is None:

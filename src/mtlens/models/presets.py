@@ -58,18 +58,20 @@ def _own_encoder_weights(preset: str, encoder: nn.Module, pretrained: bool, weig
 @register_model("resnet18-light")
 def resnet18_light(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
                    weights=None, output_stride: int = 32, head_hidden: int = 256,
-                   pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None
+                   pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
+                   download: bool = False
                    ) -> HPSModel:
     """ResNet-18 (output stride 32) + light conv heads: the light-weight setting of Mao et al.
 
     Reference: "Robust Analysis of Multi-Task Learning Efficiency: New Benchmarks on
     Light-Weighed Backbones ... by Feature Disentanglement" (ResNet-18 on NYUv2, Cityscapes,
     MetaGraspNet). Defaults: ``output_stride=32`` (8/16 dilate the last stages),
-    ``head_hidden=256``; ImageNet weights: timm ``resnet18.tv_in1k`` (torchvision's).
+    ``head_hidden=256``; ImageNet weights: timm ``resnet18.tv_in1k`` (torchvision's), read from
+    the local caches; ``download=True`` lets timm fetch them when they are not cached.
     """
     enc = ResNetEncoder("resnet18", in_channels=in_channels or 3, output_stride=output_stride,
                         pretrained=pretrained, weights=weights, pretrained_tag=pretrained_tag,
-                        pretrained_cfg_overlay=pretrained_cfg_overlay)
+                        pretrained_cfg_overlay=pretrained_cfg_overlay, download=download)
     heads = {t: LightConvHead(enc.out_channels, c, hidden=head_hidden) for t, c in tasks.items()}
     return _finish(enc, heads, dense=True)
 
@@ -78,7 +80,8 @@ def resnet18_light(tasks: dict[str, int], in_channels: int | None = None, pretra
 def deeplab_resnet50(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
                      weights=None, output_stride: int = 8, aspp_rates: Sequence[int] | None = None,
                      aspp_width: int = 256, dropout: float = 0.5,
-                     pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None
+                     pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
+                   download: bool = False
                      ) -> HPSModel:
     """Dilated ResNet-50 (output stride 8) + one DeepLabV3 ASPP head per task (NYUv2/Cityscapes).
 
@@ -90,7 +93,7 @@ def deeplab_resnet50(tasks: dict[str, int], in_channels: int | None = None, pret
     """
     enc = ResNetEncoder("resnet50", in_channels=in_channels or 3, output_stride=output_stride,
                         pretrained=pretrained, weights=weights, pretrained_tag=pretrained_tag,
-                        pretrained_cfg_overlay=pretrained_cfg_overlay)
+                        pretrained_cfg_overlay=pretrained_cfg_overlay, download=download)
     rates = tuple(aspp_rates) if aspp_rates is not None else aspp_rates_for(output_stride)
     heads = {t: ASPPHead(enc.out_channels, c, rates=rates, width=aspp_width, dropout=dropout)
              for t, c in tasks.items()}
@@ -100,7 +103,8 @@ def deeplab_resnet50(tasks: dict[str, int], in_channels: int | None = None, pret
 @register_model("resnet18-office")
 def resnet18_office(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
                     weights=None, hidden: int | None = 512, dropout: float = 0.5,
-                    pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None
+                    pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
+                   download: bool = False
                     ) -> HPSModel:
     """ResNet-18 + global pooling + hidden layer → Z (B×512), linear heads: LibMTL's Office setting.
 
@@ -110,7 +114,7 @@ def resnet18_office(tasks: dict[str, int], in_channels: int | None = None, pretr
     """
     enc = PooledResNetEncoder("resnet18", in_channels=in_channels or 3, hidden=hidden, dropout=dropout,
                               pretrained=pretrained, weights=weights, pretrained_tag=pretrained_tag,
-                              pretrained_cfg_overlay=pretrained_cfg_overlay)
+                              pretrained_cfg_overlay=pretrained_cfg_overlay, download=download)
     heads = {t: MLPHead(enc.out_channels, c) for t, c in tasks.items()}
     return _finish(enc, heads, dense=False)
 

@@ -106,7 +106,8 @@ def create(
         tasks: ``{task: TaskSpec}`` or ``{task: out_channels}``.
         in_channels: input channels; ``None`` uses the preset's default (3 for images, 1 for
             ``lenet-multimnist``; the input size for ``mlp``).
-        pretrained: load ImageNet weights into the backbone (timm download; no network →
+        pretrained: load ImageNet weights into the backbone, from the local caches; a download
+            only with the preset option ``download=True`` (otherwise, when not cached →
             :class:`~mtlens.errors.MissingDependencyError` naming the fix).
         weights: path of a local state_dict for the backbone/encoder (implies pretrained).
         **kw: preset options, see :func:`options`.

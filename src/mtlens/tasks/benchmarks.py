@@ -52,6 +52,15 @@ _FASHION_SRC = (
 )
 
 
+def _fashion_files() -> str | None:
+    from ..data.mnist import DEBIAN_FASHION_MNIST_DIR, find_fashion_mnist
+
+    if find_fashion_mnist() is not None:
+        return None
+    return (f"needs the Fashion-MNIST files: not in {DEBIAN_FASHION_MNIST_DIR} (apt-get install "
+            "dataset-fashion-mnist), or pass data.root / data.options.fashion_root")
+
+
 def _multi(variant: str, description: str, source: str) -> BenchmarkSpec:
     return BenchmarkSpec(
         name=variant,
@@ -66,6 +75,7 @@ def _multi(variant: str, description: str, source: str) -> BenchmarkSpec:
         source=source,
         options={"data_seed": 0, "split_seed": 0, "val_fraction": 0.1, "pairs_per_image": 1,
                  "mnist_root": None, "fashion_root": None},
+        default_data=_fashion_files if "fashion" in variant else None,
     )
 
 

@@ -13,7 +13,8 @@ name               formula                                        better used by
 ``delta_m``        −(mean over all metrics of r_m)                lower  MTAN, CAGrad, Nash-MTL, FAMO
 ================== ============================================== ====== ===========================
 
-Always print the convention's name with the number (see :data:`DELTA_CONVENTIONS`).
+Always print the convention's name with the number (see :data:`DELTA_CONVENTIONS`). The
+conventions, their sources and a worked example: docs/delta.md.
 
 Arguments of every function:
 

@@ -60,6 +60,9 @@ class BenchmarkSpec:
         needs_root: the user must supply a data directory (no bundled data).
         description: one line for ``mtlens datasets``.
         source: where to get the data and its licence.
+        default_data: for a benchmark that needs no root, a zero-argument check of its default
+            data source: ``None`` when it is usable, else what is missing and how to get it
+            (``mtlens datasets`` prints it instead of "no root needed").
     """
 
     name: str
@@ -73,6 +76,13 @@ class BenchmarkSpec:
     description: str = ""
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    default_data: Callable[[], str | None] | None = None
+
+    def data_status(self) -> str | None:
+        """``None`` when the data is there without a root; else what the user must supply."""
+        if self.needs_root:
+            return "needs data.root"
+        return None if self.default_data is None else self.default_data()
 
     @property
     def task_names(self) -> list[str]:

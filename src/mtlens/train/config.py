@@ -234,19 +234,22 @@ class RunConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------
-def method_kwargs(name: str, hparams: dict[str, Any], num_tasks: int, device: str, seed: int) -> dict[str, Any]:
+def method_kwargs(name: str, hparams: dict[str, Any], num_tasks: int, device: str, seed: int,
+                  steps_per_epoch: int | None = None) -> dict[str, Any]:
     """The constructor arguments the trainer gives method ``name``: the user's ``hparams`` plus, when
     the constructor accepts them and the user left them out, ``num_tasks`` and ``device`` (so that
-    learnable per-task scalars exist, on the right device, before the optimiser is built) and
+    learnable per-task scalars exist, on the right device, before the optimiser is built),
     ``seed`` = the run's ``train.seed`` (so that random methods — RLW, PCGrad, ... — draw the same
-    numbers in every run of the same configuration). Decided from the constructor's signature,
-    never from the method's name."""
+    numbers in every run of the same configuration) and ``steps_per_epoch`` (DWA, STCH check their
+    ``on_epoch_end`` calls with it). Decided from the constructor's signature, never from the
+    method's name."""
     from ..methods import defaults
 
     accepted = defaults(name)
     out = dict(hparams)
-    for key, value in (("num_tasks", num_tasks), ("device", device), ("seed", seed)):
-        if key in accepted and key not in out:
+    for key, value in (("num_tasks", num_tasks), ("device", device), ("seed", seed),
+                       ("steps_per_epoch", steps_per_epoch)):
+        if value is not None and key in accepted and key not in out:
             out[key] = value
     return out
 
@@ -357,6 +360,7 @@ def _check_semantics(cfg: RunConfig) -> None:
 
     method = build(cfg.method.name, cfg.method.hparams, "method.hparams")
     regs = [build(r.name, r.hparams, f"regularizers.{i}.hparams") for i, r in enumerate(cfg.regularizers)]
+    _check_loss_transform(cfg, [method, *regs])
     try:
         _engine_dry_run(method, regs, cfg.method.level, cfg.loss_transform, n_tasks, spec.multi_input)
     except ConfigurationError as exc:
@@ -368,17 +372,42 @@ def _check_semantics(cfg: RunConfig) -> None:
         raise ValueError(f"{combo}: {exc}") from None
 
 
+def _check_loss_transform(cfg: RunConfig, methods: list[Any]) -> None:
+    """Each method declares the loss transforms it is defined for; say which one clashes and where
+    it came from (the Rep-MTL and quick-* presets set ``loss_transform: log``)."""
+    if cfg.loss_transform is None:
+        return  # the method's own prescription, or none
+    origin = ""
+    if cfg.name in available_presets() and load_preset(cfg.name).get("loss_transform") == cfg.loss_transform:
+        origin = f" (set by the preset '{cfg.name}')"
+    for m in methods:
+        if m.loss_transform is not None:
+            continue  # a method that prescribes its own transform: the engine checks the clash
+        problem = m.loss_transform_problem(cfg.loss_transform)
+        if problem is not None:
+            other = "none" if cfg.loss_transform == "log" else "log"
+            raise ValueError(
+                f"loss_transform: '{m.name}' is not defined for loss_transform='{cfg.loss_transform}'{origin}: "
+                f"{problem}. Fix: --set loss_transform={other} (YAML: loss_transform: {other}), or choose a "
+                f"method defined for it (docs/methods.md, column 'log losses')"
+            )
+
+
 def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, multi_input: bool) -> None:
     """One :func:`mtl_backward` on a toy hard-parameter-sharing problem, so the engine itself
     rejects impossible combinations (loss-level method at feature level, a feature-only method at
     parameter level, a Jacobian aggregator on multi-input features, a clashing loss transform).
     Runs on throw-away method objects and leaves the global RNG untouched."""
+    import warnings
+
     import torch
     from torch import nn
 
     from ..engine import mtl_backward
 
-    with torch.random.fork_rng(devices=[]):
+    # throw-away objects: their advice (e.g. DWA's "call on_epoch_end") is for the real run
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         torch.manual_seed(1234)
         enc = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
         heads = [nn.Linear(5, 2) for _ in range(n_tasks)]

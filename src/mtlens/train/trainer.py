@@ -213,27 +213,9 @@ class Trainer:
         self._main_out: Path | None = None
         if cfg.train.distributed:
             self._init_distributed()
-        seed_everything(cfg.train.seed)
-        self.model = build_model(cfg, self.spec, self.tasks).to(self.device)
-        T, dev, seed = len(self.tasks), str(self.device), cfg.train.seed
-        self.method = create(cfg.method.name, **method_kwargs(cfg.method.name, cfg.method.hparams, T, dev, seed))
-        self.regularizers = [create(r.name, **method_kwargs(r.name, r.hparams, T, dev, seed)) for r in cfg.regularizers]
-        self.optimizer = build_optimizer(cfg, self.model, self.method.parameters())
-        self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
-        self.decision_cache = DecisionCache(cfg.train.update_every) if cfg.train.update_every > 1 else None
-        self.monitor = None
-        if cfg.monitor.every > 0:
-            from ..diagnose import SaliencyMonitor
 
-            self.monitor = SaliencyMonitor(
-                every=cfg.monitor.every,
-                level=cfg.monitor.level,
-                metrics=tuple(cfg.monitor.diagnostics),
-                fd_temperature=cfg.monitor.fd_temperature,
-                prefix="diag/",
-            )
-
+        # The data first: a wrong data.root fails here, before anything slow (model weights, baselines).
+        # Building the datasets draws nothing from the global RNG, which is seeded right after.
         datasets = self.spec.datasets(root=cfg.data.root, seed=cfg.train.seed, **cfg.data.options)
         for split in ("train", "val", "test"):
             if split not in datasets:
@@ -254,6 +236,30 @@ class Trainer:
             pin,
             cfg.train.max_steps_per_epoch,
         )
+
+        seed_everything(cfg.train.seed)
+        self.model = build_model(cfg, self.spec, self.tasks).to(self.device)
+        T, dev, seed = len(self.tasks), str(self.device), cfg.train.seed
+        spe = self.train_stream.steps_per_epoch
+        self.method = create(cfg.method.name, **method_kwargs(cfg.method.name, cfg.method.hparams, T, dev, seed, spe))
+        self.regularizers = [create(r.name, **method_kwargs(r.name, r.hparams, T, dev, seed, spe))
+                             for r in cfg.regularizers]
+        self.optimizer = build_optimizer(cfg, self.model, self.method.parameters())
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
+        self.decision_cache = DecisionCache(cfg.train.update_every) if cfg.train.update_every > 1 else None
+        self.monitor = None
+        if cfg.monitor.every > 0:
+            from ..diagnose import SaliencyMonitor
+
+            self.monitor = SaliencyMonitor(
+                every=cfg.monitor.every,
+                level=cfg.monitor.level,
+                metrics=tuple(cfg.monitor.diagnostics),
+                fd_temperature=cfg.monitor.fd_temperature,
+                prefix="diag/",
+            )
+
         self._eval_loaders: dict[str, Any] = {}
 
         self._baseline = baseline
