@@ -108,7 +108,7 @@ def test_ntkmtl_sr_sub_batch_ntk():
 
 # -- GO4Align ---------------------------------------------------------------------------------
 def _go4align_official(loss_seq, num_groups, eta):
-    """The authors' GO4ALIGN.get_weighted_loss (KMeans replaced by sklearn with many restarts)."""
+    """The authors' GO4ALIGN.get_weighted_loss (their local k-means replaced by sklearn with many restarts)."""
     from sklearn.cluster import KMeans
 
     T = len(loss_seq[0])
@@ -146,7 +146,7 @@ def test_go4align_golden_one_group_and_few_tasks():
     gamma = np.array([4.0, 4.0 / 3.0]) * p
     torch.testing.assert_close(m.weights(L), torch.tensor([gamma.mean()] * 2, dtype=torch.float64))
     # 2 tasks, 5 groups: each task is its own group (γ unchanged)
-    m5 = create("go4align", robust_step_size=1.0)
+    m5 = create("go4align", num_groups=5, robust_step_size=1.0)
     torch.testing.assert_close(m5.weights(L), torch.tensor(gamma, dtype=torch.float64))
     with pytest.raises(NonFiniteError, match="positive"):
         create("go4align").weights(torch.tensor([1.0, 0.0]))
@@ -362,3 +362,42 @@ def test_pivrg_scale_without_clipping_and_errors():
         m.set_scores([1.0, math.nan, 0.0])
     with pytest.raises(ConfigurationError):
         create("pivrg", bound=1.0)
+
+
+_DDP_CROSS = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from mtlens.engine import cross_gramian
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+torch.manual_seed(0)
+enc = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+heads = [nn.Linear(3, 1).double() for _ in range(2)]
+g = torch.Generator().manual_seed(1)
+xa, xb = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
+def losses(x):
+    z = enc(x)
+    return [(h(z) ** 2).mean() for h in heads]
+A = cross_gramian(losses(xa[rank::2]), losses(xb[rank::2]), enc.parameters())
+ref = cross_gramian(losses(xa), losses(xb), enc.parameters(), distributed=False)
+assert torch.allclose(A, ref, rtol=1e-10, atol=1e-14), (A, ref)
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+@pytest.mark.slow
+def test_cross_gramian_over_two_gloo_ranks_equals_the_global_batch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_cross.py"
+    script.write_text(_DDP_CROSS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.startswith("ok")

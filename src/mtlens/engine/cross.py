@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from .distributed import resolve
 
 _CHUNK = 1 << 16
 
@@ -29,7 +31,7 @@ def _as_list(losses: Mapping[str, Tensor] | Sequence[Tensor]) -> list[Tensor]:
 
 
 def cross_gramian(losses_a: Mapping[str, Tensor] | Sequence[Tensor], losses_b: Mapping[str, Tensor] | Sequence[Tensor],
-                  shared_params: Iterable[Tensor]) -> Tensor:
+                  shared_params: Iterable[Tensor], distributed: Any = None) -> Tensor:
     """``A = J_a J_bᵀ`` (T×T, float64): per-task shared-parameter gradients of two batches.
 
     Args:
@@ -37,6 +39,11 @@ def cross_gramian(losses_a: Mapping[str, Tensor] | Sequence[Tensor], losses_b: M
             a mapping's values are taken in order), each attached to its own graph. Both graphs
             are freed.
         shared_params: the parameters the gradients are taken with respect to (the encoder's).
+        distributed: as :func:`mtlens.mtl_backward`: ``None`` (the default group when
+            ``torch.distributed`` runs with more than one rank), ``False``, ``True`` or a process
+            group. Each rank passes the losses of its share of both global batches; the per-task
+            gradients are averaged over ranks *before* the product (the cross-Gramian of the mean
+            gradients is not the mean of the ranks' cross-Gramians), so every rank gets the same A.
 
     Returns:
         ``A[i, j] = ⟨∇L_i(ξ_a), ∇L_j(ξ_b)⟩``, accumulated in float64 per parameter, without
@@ -59,6 +66,10 @@ def cross_gramian(losses_a: Mapping[str, Tensor] | Sequence[Tensor], losses_b: M
         if not bool(torch.isfinite(vals).all()):
             raise NonFiniteError(f"cross_gramian: non-finite loss in the {name} batch: {vals.tolist()}")
     ra, rb = _rows(la, params), _rows(lb, params)
+    dist = resolve(distributed)
+    if dist is not None:  # T all-reduces per batch, as the engine's parameter level
+        ra = [[g for g in dist.mean_list(r)] for r in ra]
+        rb = [[g for g in dist.mean_list(r)] for r in rb]
     T = len(la)
     A = torch.zeros(T, T, dtype=torch.float64, device=params[0].device)
     for k in range(len(params)):

@@ -71,24 +71,29 @@ class GO4Align(LossWeighting):
     3. ``γ_t = σ_t p_t``; the tasks are grouped by k-means on γ into ``num_groups`` groups and
        every task's weight is its group's mean γ (one group: the mean of γ for every task).
 
-    The objective is ``Σ_t w_t L_t``. This follows the code the NTKMTL authors used for their
-    GO4Align rows (``GO4ALIGN`` in ``methods/cluster_methods.py`` of github.com/jianke0604/NTKMTL,
-    built on the GO4Align release), with one difference: they cluster with scikit-learn's
-    ``KMeans(random_state=42)`` (a local k-means++ search), we use the exact 1-D k-means of
-    :func:`kmeans_1d` (the global optimum, deterministic and dependency-free); the two agree
-    whenever scikit-learn finds the optimum. When fewer distinct γ values than ``num_groups``
-    exist (e.g. 2 tasks and 5 groups) every distinct value is its own group (scikit-learn would
-    raise), which leaves γ unchanged.
+    The objective is ``Σ_t w_t L_t``. This follows the authors' code (``GO4ALIGN`` in
+    ``methods/cluster_methods.py`` of github.com/autumn9999/GO4Align; the NTKMTL authors' copy in
+    github.com/jianke0604/NTKMTL is the same), with one difference: they cluster with a local
+    k-means search (``kmeans_pytorch`` with random initial centres; the NTKMTL copy uses
+    scikit-learn's ``KMeans(random_state=42)``), we use the exact 1-D k-means of
+    :func:`kmeans_1d` (the global optimum, deterministic and dependency-free); they agree
+    whenever the local search finds the optimum. When fewer distinct γ values than
+    ``num_groups`` exist (e.g. 2 tasks and 5 groups) every distinct value is its own group
+    (k-means with more centres than points is undefined; the libraries raise), which leaves γ
+    unchanged.
 
-    Hyper-parameters (defaults): ``num_groups=5`` and ``robust_step_size=1e-4`` (η) — the
-    defaults of the NTKMTL authors' ``experiments/utils.py`` for GO4Align; ``num_tasks`` (None:
-    inferred at the first call). A zero or negative loss has no scale ``ΣL/L_t``: NonFiniteError.
-    The history p is in :meth:`state_dict`.
+    Hyper-parameters (defaults): ``num_groups=1`` and ``robust_step_size=1e-4`` (η) — the
+    defaults of the authors' NYUv2 trainer (``experiments/nyuv2/trainer.py``, run by their README
+    as ``python trainer.py --method go4align``); with one group every task gets the mean of γ,
+    so the grouping itself needs ``num_groups ≥ 2`` (the NTKMTL authors' copy defaults to 5, for
+    many-task benchmarks such as CelebA's 40 tasks); ``num_tasks`` (None: inferred at the first
+    call). A zero or negative loss has no scale ``ΣL/L_t``: NonFiniteError. The history p is in
+    :meth:`state_dict`.
     """
 
     name = "go4align"
     reference = "Shen et al., GO4Align: Group Optimization for Multi-Task Alignment, NeurIPS 2024, arXiv:2404.06486"
-    defaults_source = "num_groups = 5, robust_step_size = 1e-4 (code used by NTKMTL for its GO4Align rows)"
+    defaults_source = "num_groups = 1, robust_step_size = 1e-4 (authors' NYUv2 trainer, github.com/autumn9999/GO4Align)"
     stateful = True
     loss_transforms = ("none",)
     loss_transform_conflict = (
@@ -96,7 +101,7 @@ class GO4Align(LossWeighting):
         "log(L_t + 1e-8) are negative whenever L_t < 1"
     )
 
-    def __init__(self, num_groups: int = 5, robust_step_size: float = 1e-4, num_tasks: int | None = None) -> None:
+    def __init__(self, num_groups: int = 1, robust_step_size: float = 1e-4, num_tasks: int | None = None) -> None:
         self.num_groups = check_int("num_groups", num_groups, 1, self.name)
         self.robust_step_size = positive("robust_step_size", robust_step_size, self.name)
         self._tasks = TaskCount(self.name, check_num_tasks(num_tasks, self.name))

@@ -19,21 +19,23 @@ class MoDo(CrossGramianWeighting):
     is an unbiased estimate of ``G``, so the projected gradient step on ``½ λᵀGλ + ρ/2 ‖λ‖²``
     is unbiased ("double sampling"). ``λ`` starts at 1/T and persists across steps; the update
     is ``Σ_t λ_t ∇L_t(ζ)`` on the step's own batch ζ (the three-batch form of the authors'
-    ``three_grads=True``, LibMTL and TorchJD's second example; the engine differentiates the
+    ``three_grads=True``, LibMTL and TorchJD's second example — their two-batch form updates with
+    ``λ`` on the sum of the ξ and ξ' gradients instead; the engine differentiates the
     weighted loss sum, so the heads get the same weights). No normalisation of A (as the
     authors' code and TorchJD): γ acts on the gradients' scale.
 
     Needs a second batch (``needs_second_batch``): **two extra forward passes and 2T extra
     backward passes per step**.
 
-    Hyper-parameters (defaults, TorchJD 0.18 ``MoDoWeighting``): ``gamma=0.1`` (γ), ``rho=0.1``
-    (ρ). The weights sum to 1.
+    Hyper-parameters (defaults, the authors' code — ``gamma_modo=0.1``, ``rho_modo=0.1`` in
+    ``LibMTL/LibMTL/weighting/MoDo.py`` of github.com/heshandevaka/Trade-Off-MOL — and TorchJD 0.18
+    ``MoDoWeighting``): ``gamma=0.1`` (γ), ``rho=0.1`` (ρ). The weights sum to 1.
     """
 
     name = "modo"
     reference = ("Chen et al., Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and "
                  "Conflict-Avoidance, NeurIPS 2023, arXiv:2305.20057")
-    defaults_source = "gamma = 0.1, rho = 0.1 (TorchJD 0.18 MoDoWeighting, after the authors' code)"
+    defaults_source = "gamma = 0.1, rho = 0.1 (authors' code, Trade-Off-MOL; TorchJD 0.18 MoDoWeighting)"
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()

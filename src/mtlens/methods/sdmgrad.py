@@ -33,7 +33,8 @@ class SDMGrad(CrossGramianWeighting):
 
     Hyper-parameters (defaults, as TorchJD 0.18 ``SDMGradWeighting``): ``lambda_=0.3`` (the value
     of the authors' experiments and LibMTL; the authors' class default is 0.6), ``lr=10``,
-    ``momentum=0.5``, ``n_iter=20`` (authors' ``weight_methods.py``), ``pref_vector=None``.
+    ``momentum=0.5``, ``n_iter=20`` (TorchJD after the authors' ``weight_methods.py``; LibMTL's port,
+    ``LibMTL/weighting/SDMGrad.py``, uses the same iteration with ``lr=5``), ``pref_vector=None``.
     The weights sum to 1.
     """
 
@@ -41,7 +42,7 @@ class SDMGrad(CrossGramianWeighting):
     reference = ("Xiao, Ban & Ji, Direction-oriented Multi-objective Learning: Simple and Provable Stochastic "
                  "Algorithms, NeurIPS 2023, arXiv:2305.18409")
     defaults_source = ("lambda_ = 0.3 (authors' experiments, LibMTL), lr = 10, momentum = 0.5, n_iter = 20 "
-                       "(authors' code)")
+                       "(TorchJD 0.18, after the authors' code; LibMTL: lr = 5)")
 
     def __init__(self, lambda_: float = 0.3, lr: float = 10.0, momentum: float = 0.5, n_iter: int = 20,
                  pref_vector: list[float] | None = None) -> None:
