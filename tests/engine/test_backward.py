@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _nets import TinyNet
 from torch import nn
 
 from mtlens.engine import GramianWeighting, JacobianAggregator, mtl_backward
@@ -19,16 +20,8 @@ class FixedWeights(GramianWeighting):
         return self.w
 
 
-class Net(nn.Module):
-    def __init__(self, T=3):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x):
-        z = self.enc(x)
-        return z, {f"t{i}": (h(z) ** 2).mean() for i, h in enumerate(self.heads)}
-
+def Net(T=3):
+    return TinyNet(T)
 
 def _ref_grads(net, x, w, head_w=(1.0, 1.0, 1.0)):
     """Encoder: the gradient of Σ w_t L_t; heads: of Σ h_t L_t (the head rule: unit weights by default)."""

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from _nets import TinyNet
 from torch import nn
 
 from mtlens.engine import mtl_backward
@@ -30,16 +31,8 @@ def test_issue_example_pcgrad_heads_get_their_own_gradient():
     torch.testing.assert_close(hb.grad, torch.tensor([1.0, 1.0]))
 
 
-class _Net(nn.Module):
-    def __init__(self, T=3):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x):
-        z = self.enc(x)
-        return z, {f"t{i}": (h(z) ** 2).mean() + 0.05 * (i + 1) for i, h in enumerate(self.heads)}
-
+def _Net(T=3):
+    return TinyNet(T, offsets=[0.05 * (i + 1) for i in range(T)])
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_every_gradient_method_follows_its_head_rule(name):

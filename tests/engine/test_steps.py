@@ -1,22 +1,14 @@
 """Each of the engine's three steps alone: compute → decide → apply."""
 
 import torch
-from torch import nn
+from _nets import TinyNet
 
 from mtlens.engine import Decision, GramianWeighting, apply_decision, compute_task_gradients
 from mtlens.methods import create
 
 
-class Net(nn.Module):
-    def __init__(self, T=3):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x):
-        z = self.enc(x)
-        return z, {f"t{i}": (h(z) ** 2).mean() + 0.1 for i, h in enumerate(self.heads)}
-
+def Net(T=3):
+    return TinyNet(T, offsets=[0.1] * T)
 
 def _jacobian(net, x):
     _, losses = net(x)

@@ -4,23 +4,15 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _nets import TinyNet
 
 from mtlens.engine import DecisionCache, GramianWeighting, mtl_backward
 from mtlens.errors import ConfigurationError, MTLensError, NonFiniteError
 from mtlens.methods import create
 
 
-class Net(nn.Module):
-    def __init__(self, T=3):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x):
-        z = self.enc(x)
-        return z, {f"t{i}": (h(z) ** 2).mean() + 0.1 for i, h in enumerate(self.heads)}
-
+def Net(T=3):
+    return TinyNet(T, offsets=[0.1] * T)
 
 def _state(m):
     out = []

@@ -1,0 +1,24 @@
+"""The tiny encoder/heads model the engine tests share: Z = enc(x) (6-d), L_t = mean(h_t(Z)²) + offset_t."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Shared MLP encoder 5 → 8 → 6 (tanh) and T linear heads 6 → 1.
+
+    ``offsets[t]`` is added to task t's loss (default 0): some tests need losses away from zero
+    (log transform) or distinct per task."""
+
+    def __init__(self, T: int = 3, offsets: Sequence[float] | None = None):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
+        self.offsets = [0.0] * T if offsets is None else list(offsets)
+
+    def forward(self, x):
+        z = self.enc(x)
+        return z, {f"t{i}": (h(z) ** 2).mean() + self.offsets[i] for i, h in enumerate(self.heads)}
