@@ -56,19 +56,21 @@ def feature_disentanglement(
         a = S.reshape(T, -1).abs()
         s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
         active = s > 0
-        n = int(active.count_nonzero())
+        n = int(active.sum())
         if n == 0:
             return float("nan")
         if T == 1:
             return 0.0
         if temperature == 0:
             # p = a / s: exact at any scale (a ratio). Inactive elements get p = 0 and
-            # xlogy(0, 0) = 0, so they add nothing to the sum: no masked copy of the block.
+            # 0·log 0 = 0, so they add nothing to the sum: no masked copy of the block.
             p = a.div_(torch.where(active, s, torch.ones_like(s)))
         else:
             scale = a.mean(dtype=torch.float64).to(a.dtype)
             p = torch.softmax(a / (float(temperature) * scale), dim=0)
-        H = torch.special.xlogy(p, p).sum(dim=0)  # −H[j]
+        # p·log p with 0·log 0 = 0: log of p clamped at the smallest normal number (for p below it the
+        # change is < 1e-36 per term); torch.special.xlogy is ~10× slower on CPU (not vectorised)
+        H = p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p).sum(dim=0)  # −H[j]; one temporary
         if temperature != 0:
             H = H * active  # inactive elements are left out of the mean (softmax made them uniform)
         return float(-H.sum(dtype=torch.float64) / (n * math.log(T)))
