@@ -1,6 +1,6 @@
 """Every table and plot of docs/benchmarks.md, from one command.
 
-    python benchmarks/run_all.py                       # publication run (~15 min on 2 CPU threads)
+    python benchmarks/run_all.py                       # publication run (~20 min on a loaded 2-core machine)
     python benchmarks/run_all.py --quick --out /tmp/b  # smoke run (tiny sizes, seconds)
 
 Sections (``--sections``, comma list; default all):
@@ -861,7 +861,7 @@ def run_qm9(cfg) -> dict:
     rows = step_fns(w, methods, batched_autogram=False)  # batch_dim=0: no GRU, and graphs are not a batch dim
     for r in ("UW (loss weighting)", "PCGrad param"):  # time: one parameter-level step takes seconds here
         rows.pop(r)
-    times = measure(rows, max(1, cfg.rounds - 1), cfg.min_run_time)
+    times = measure(rows, min(2, cfg.rounds), cfg.min_run_time)  # a parameter-level step takes seconds
     log(f"qm9: {time.perf_counter() - t0:.0f}s")
     return {"times": times, "batch": cfg.qm9_batch}
 
@@ -978,7 +978,7 @@ def config(args):
         c.tasks = [int(t) for t in args.tasks.split(",")]
     c.batch = {"conv": 8, "mlp": 32 if args.quick else 256}
     c.autogram_batched_max = 256
-    c.rounds = args.rounds or (1 if args.quick else 3)
+    c.rounds = args.rounds or (1 if args.quick else 5)
     c.min_run_time = args.min_run_time or (0.01 if args.quick else 0.1)
     c.memory = not args.no_memory
     c.memory_tasks = c.tasks
@@ -995,7 +995,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run, not a measurement")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
-    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds per table (default 3; quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds per table (default 5, QM9 2; quick 1)")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 0.2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared, loaded machine)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
