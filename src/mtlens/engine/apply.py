@@ -157,8 +157,17 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                 dz = [c for c in decision.combined]
             elif pf.multi_input:
                 dz = [w[t].to(S[t][0].dtype) * S[t][0] for t in range(T)]
+            elif len(grads._parts) == 1 and grads._blocks is not None and len(grads._blocks) == len(pf.maps):
+                # the (T, *Z) stacks of these saliencies (built once for the Gramian): one contraction per map
+                dz = [torch.tensordot(w.to(b.dtype), b, dims=1) for b in grads._blocks]
             else:
-                dz = [sum(w[t].to(S[t][m].dtype) * S[t][m] for t in range(T)) for m in range(len(pf.maps))]
+                wl = w.tolist()
+                dz = []
+                for m in range(len(pf.maps)):
+                    acc = S[0][m] * wl[0]
+                    for t in range(1, T):
+                        acc.add_(S[t][m], alpha=wl[t])
+                    dz.append(acc)
             if reg_dz is not None:
                 dz = [a if b is None else a + b for a, b in zip(dz, reg_dz[k])]
             if len(grads._parts) > 1:

@@ -637,25 +637,34 @@ def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | No
 
 
 def _heads_pass(names, obj_scaled, feats: Features, heads, create_graph, retain_graph):
-    """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows."""
+    """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows.
+
+    Each task's backward asks only for the head parameters its loss reaches (found by the same
+    graph walk that decides which parts of the graph can be freed): autograd prepares one capture
+    per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
+    others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    flags = [True] * T
-    if not retain_graph and not create_graph:
-        flags = _retain_flags(_node_sets(obj_scaled, feats.maps))
+    sets = _node_sets(obj_scaled, feats.maps)
+    flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
+    index = {id(p): i for i, p in enumerate(heads)}
+    own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
+           for st in sets]
     sal: list[list[Tensor]] = []
     rows: list[list[Tensor | None]] = []
     M = len(feats.maps)
     for t, L in enumerate(obj_scaled):
+        mine = [heads[i] for i in own[t]]
         if feats.multi_input:
-            inputs = [feats.maps[t]] + [feats.maps[m] for m in range(M) if m != t] + heads
+            inputs = [feats.maps[t]] + [feats.maps[m] for m in range(M) if m != t] + mine
             gs = _grads(L, inputs, retain_graph=flags[t], create_graph=create_graph)
             _check_own_maps(names, feats, t, gs[1:M])
             s = [gs[0] if gs[0] is not None else torch.zeros_like(feats.maps[t])]
-            hr = list(gs[M:])
         else:
-            gs = _grads(L, feats.maps + heads, retain_graph=flags[t], create_graph=create_graph)
+            gs = _grads(L, feats.maps + mine, retain_graph=flags[t], create_graph=create_graph)
             s = [g if g is not None else torch.zeros_like(z) for g, z in zip(gs[:M], feats.maps)]
-            hr = list(gs[M:])
+        hr: list[Tensor | None] = [None] * len(heads)
+        for i, g in zip(own[t], gs[M:]):
+            hr[i] = g
         sal.append(s)
         rows.append(hr)
     return sal, rows
