@@ -353,3 +353,25 @@ def test_forum_state_round_trip_and_epoch_calls():
 def test_forum_declares_what_a_loop_must_call():
     cls = get("forum")
     assert cls.user_calls == ("on_epoch_end",) and cls.needs_lookahead and cls.adds_gradients
+
+
+@pytest.mark.parametrize("level,transform", [("param", None), ("feature", "log"), ("feature", None), ("param", "log")])
+def test_consmtl_accumulated_micro_batches_equal_the_concatenated_batch(level, transform):
+    from mtlens.engine import TaskGradients, apply_decision, check_decision, compute_task_gradients
+
+    x, y = _data(7, B=8)
+    ref = Net()
+    z, losses = ref(x, y)
+    mtl_backward(losses, features=z, shared_params=ref.enc.parameters(), method=create("consmtl"), level=level,
+                 loss_transform=transform)
+    acc = Net()
+    parts = []
+    for k in range(2):
+        z, losses = acc(x[4 * k:4 * (k + 1)], y[4 * k:4 * (k + 1)])
+        parts.append(compute_task_gradients(losses, level=level, features=z, shared_params=list(acc.enc.parameters()),
+                                            loss_transform=transform, saliency_graph=True))
+    grads = TaskGradients.accumulate(parts)
+    method = create("consmtl")
+    apply_decision(grads, check_decision(method.decide(grads), grads, "consmtl"))
+    for (name, p), q in zip(acc.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)

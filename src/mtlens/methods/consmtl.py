@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.protocols import SYMMETRIC, Claim, GramianWeighting
-from ..errors import SolverError
+from ..errors import ConfigurationError, SolverError
 from ._fair import check_infeasible, check_max_norm, clip_update, solve_power_system
 from ._registry import register
 from ._solvers import check_gramian, to_weights
@@ -59,7 +59,9 @@ class ConsMTL(GramianWeighting):
     (``features={task: Z_task}``): each task's representation is its own coordinate block (as for
     the engine's block-diagonal Gramian), so ``⟨S_t, δ⟩ = x_t ‖S_t‖²``. Data parallelism: exact —
     ``g1``, ``g2`` are reduced to the global batch's (``g2`` of the global mean loss is the mean of
-    the ranks' ``g2`` divided by the number of ranks) before the clipping. With
+    the ranks' ``g2`` divided by the number of ranks) before the clipping; with the log transform it
+    raises (the derivative of ``log L̄`` couples the ranks). Gradient accumulation: exact
+    (:meth:`TaskGradients.accumulate` concatenates the attached saliencies). With
     ``loss_transform="log"`` the saliencies and ``g1`` are those of the log losses (the heads'
     objective). Cost over PIVRG's: the heads' backward with ``create_graph`` and one more head
     backward per task. Needs ``features`` (the representation the heads read).
@@ -127,6 +129,12 @@ class ConsMTL(GramianWeighting):
         assert self._x is not None
         x = [float(v) for v in self._x]
         T, heads, W = grads.T, grads.task_params, grads.world
+        if W > 1 and grads.loss_transform == "log":
+            raise ConfigurationError(
+                "consmtl: with loss_transform='log' under data parallelism its head term would not be the global "
+                "batch's (the derivative of log L̄ couples the ranks' saliencies); use loss_transform='none' or "
+                "train in one process"
+            )
         multi = grads.multi_input
         if not multi:
             n_maps = len(sal[0])
