@@ -92,6 +92,9 @@ class NashMTL(GramianWeighting):
     """
 
     name = "nash_mtl"
+    last_alpha: Tensor | None  # buffers
+    warm: Tensor | None
+    warm_mask: Tensor | None
     reference = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022, arXiv:2202.01017"
     defaults_source = ("max_norm=1.0, update_weights_every=1, optim_niter=20 "
                        "(official code AvivNavon/nash-mtl)")
