@@ -101,6 +101,9 @@ class FORUM(LossWeighting):
     needs_lookahead = True
     adds_gradients = True
     user_calls = ("on_epoch_end",)
+    loss_transforms = ("none",)
+    loss_transform_conflict = ("its look-ahead (meta_step) differentiates the raw task losses and its step must "
+                               "write the gradient of the same lower-level objective f = Σ softmax(α)_t L_t")
     head_rule = "the objective's gradient ν softmax(α)_t plus the upper-level term Σ λ_t ĝ_t (all parameters)"
 
     def __init__(self, rho: float = 0.1, inner_lr: float = 0.1, inner_steps: int = 5, outer_lr: float = 1e-3,
