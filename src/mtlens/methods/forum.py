@@ -179,7 +179,8 @@ class FORUM(LossWeighting):
             M[a, T] = M[T, a] = _dot(g_hat[a], g_f)
         M[T, T] = q2
         w = self._solve(M, pi, self.rho * (q2 + EPS))
-        lam_old = torch.zeros(T, dtype=torch.float64) if self.lam is None else self.lam
+        lam_old = (torch.zeros(T, dtype=torch.float64) if self.lam is None  # λ is computed on the CPU in float64
+                   else self.lam.detach().to(device="cpu", dtype=torch.float64))
         beta = 1.0 / (self._epochs + 1) ** 0.75
         lam = lam_old + beta * (torch.as_tensor(w[:T]) - lam_old)
         nu = max(float(lam @ torch.as_tensor(pi)), 0.0)
