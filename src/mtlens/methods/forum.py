@@ -103,6 +103,9 @@ class FORUM(LossWeighting):
     needs_lookahead = True
     adds_gradients = True
     user_calls = ("on_epoch_end",)
+    loss_transforms = ("none",)
+    loss_transform_conflict = ("its look-ahead (meta_step) differentiates the raw task losses and its step must "
+                               "write the gradient of the same lower-level objective f = Σ softmax(α)_t L_t")
     head_rule = "the objective's gradient ν softmax(α)_t plus the upper-level term Σ λ_t ĝ_t (all parameters)"
 
     def __init__(self, rho: float = 0.1, inner_lr: float = 0.1, inner_steps: int = 5, outer_lr: float = 1e-3,
@@ -177,7 +180,8 @@ class FORUM(LossWeighting):
             M[a, T] = M[T, a] = _dot(g_hat[a], g_f)
         M[T, T] = q2
         w = self._solve(M, pi, self.rho * (q2 + EPS))
-        lam_old = torch.zeros(T, dtype=torch.float64) if self.lam is None else self.lam
+        lam_old = (torch.zeros(T, dtype=torch.float64) if self.lam is None  # λ is computed on the CPU in float64
+                   else self.lam.detach().to(device="cpu", dtype=torch.float64))
         beta = 1.0 / (self._epochs + 1) ** 0.75
         lam = lam_old + beta * (torch.as_tensor(w[:T]) - lam_old)
         nu = max(float(lam @ torch.as_tensor(pi)), 0.0)
