@@ -302,7 +302,8 @@ class Method(torch.nn.Module):
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"method '{self.name}': cannot load this state ({exc}); it was not saved by "
-                f"'{self.name}'.state_dict() with the same hyper-parameters and task count") from exc
+                f"'{self.name}'.state_dict() with the same hyper-parameters and task count (states saved before "
+                "mtlens methods became torch.nn.Modules have other keys: restart such a run)") from exc
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
