@@ -18,7 +18,7 @@ from mtlens.methods import available, create, get
 from mtlens.methods import testing as props
 
 LOSS_METHODS = ["uw", "dwa", "rlw", "gls", "imtl_l", "famo", "stch", "gradnorm"]
-STATEFUL = ["uw", "dwa", "rlw", "imtl_l", "famo", "stch", "gradnorm", "excess_mtl"]
+STATEFUL = [n for n in LOSS_METHODS + ["excess_mtl"] if get(n).stateful]  # declared on the classes
 
 
 def _t(*v):

@@ -199,6 +199,7 @@ class Method(torch.nn.Module):
     failures: ClassVar[Mapping[str, tuple[type[Exception], str]]] = {}
     solver_rtol: ClassVar[float | None] = None
     state_attrs: ClassVar[tuple[str, ...]] = ()
+    _init_args: dict[str, Any]
     _extra_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -211,8 +212,8 @@ class Method(torch.nn.Module):
             names += [n for n in klass.__dict__.get("state_attrs", ()) if n not in names]
         cls._extra_names = tuple(names)
         if names:  # only then does the module save an "_extra_state" entry (nn.Module checks the class)
-            cls.get_extra_state = Method._get_extra  # type: ignore[method-assign]
-            cls.set_extra_state = Method._set_extra  # type: ignore[method-assign]
+            cls.get_extra_state = Method._get_extra  # type: ignore[method-assign, assignment]
+            cls.set_extra_state = Method._set_extra  # type: ignore[method-assign, assignment]
 
     def __init__(self) -> None:
         if "_parameters" not in self.__dict__:

@@ -32,6 +32,8 @@ class CrossGramianWeighting(LossWeighting):
     """
 
     needs_second_batch = True
+    lam: Tensor | None  # buffers
+    out: Tensor | None
     stateful = True
     user_calls = ("observe_cross_gramian",)
 

@@ -238,7 +238,7 @@ class InternalOptimizer:
             return
         self._build()
         assert self.opt is not None
-        self.opt.load_state_dict(state)
+        self.opt.load_state_dict(dict(state))
 
 
 def require_keys(state: Mapping[str, Any], keys: Sequence[str], method: str) -> None:

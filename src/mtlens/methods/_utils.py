@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -64,10 +64,10 @@ class Seeded:
     bases: ``class PCGrad(Seeded, GramianWeighting)``.
     """
 
-    state_attrs = ("generator",)
+    state_attrs: ClassVar[tuple[str, ...]] = ("generator",)
+    name: ClassVar[str]
     seed: int
     generator: torch.Generator
-    name: str
 
     def _seed(self, seed: int | None) -> None:
         check_seed(seed, self.name)

@@ -50,10 +50,10 @@ class ConFIG(GramianWeighting):
     claims = {
         "permutation_invariant": SYMMETRIC,
         "homogeneous": SCALE_FREE,
-        "non_conflicting": Claim("Liu et al., ConFIG, arXiv:2408.11104, Eq. 2: equal positive projections on the unit "
+        "non_conflicting": Claim("Liu et al., arXiv:2408.11104: equal positive projections on the unit "
                                  "gradients, whenever some direction has equal projections on them",
                                  when="equal_projections_solvable"),
-        "rescaling_invariant": Claim("Liu et al., ConFIG, Eq. 2: built from the unit gradients only"),
+        "rescaling_invariant": Claim("Liu et al., arXiv:2408.11104: built from the unit gradients only"),
     }
 
     def __init__(self, pref_vector: Sequence[float] | None = None, rcond: float = 1e-12) -> None:

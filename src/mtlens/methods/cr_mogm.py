@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -34,6 +34,8 @@ class CRMOGM(GramianWeighting):
     """
 
     name = "cr_mogm"
+    lam: Tensor | None  # buffer
+    base: GramianWeighting  # the wrapped method (a submodule)
     reference = ("Zhou et al., On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond, "
                  "NeurIPS 2022")
     defaults_source = "alpha = 0.9 and λ_0 = first weights (TorchJD CRMOGMWeighting); base = mgda (paper's CR-MGDA)"
@@ -56,7 +58,7 @@ class CRMOGM(GramianWeighting):
                 f"cr_mogm: base='{base}' is a {cls.family} method ({cls.__name__}); CR-MOGM averages the weights "
                 "of a Gramian weighting (e.g. mgda, upgrad, imtl_g, nash_mtl, fairgrad)"
             )
-        self.base = create(base, **dict(base_kwargs or {}))
+        self.base = cast(GramianWeighting, create(base, **dict(base_kwargs or {})))  # checked above
         self.levels = cls.levels  # type: ignore[misc]
         self.alpha = in_range("alpha", alpha, 0.0, 1.0, self.name)
         if initial_weights is not None:

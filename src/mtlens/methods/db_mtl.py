@@ -81,8 +81,8 @@ class DBMTL(JacobianAggregator):
     claims = {
         "permutation_invariant": SYMMETRIC,
         "homogeneous": SCALE_FREE,
-        "rescaling_invariant": Claim("Lin et al., DB-MTL, Sec. 3.2: every (EMA) gradient is rescaled to the largest "
-                                     "norm"),
+        "rescaling_invariant": Claim("Lin et al., arXiv:2308.12029: every (EMA) gradient is rescaled to the "
+                                     "largest norm"),
     }
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.9) -> None:

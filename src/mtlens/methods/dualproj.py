@@ -30,6 +30,9 @@ class DualProj(GramianWeighting):
     """
 
     name = "dualproj"
+    pref_vector: tuple[float, ...] | None  # set by init_dual_cone
+    reg_eps: float
+    solver: str
     reference = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv:2406.16232"
     defaults_source = "pref_vector = mean as in the paper and TorchJD; reg_eps: ours (TorchJD 1e-4)"
 

@@ -39,6 +39,9 @@ class ExcessMTL(JacobianAggregator):
     """
 
     name = "excess_mtl"
+    task_weights: Tensor | None  # buffers
+    baseline_sum: Tensor | None
+    baseline: Tensor | None
     levels = ("param",)
     reference = "He et al., Robust Multi-Task Learning with Excess Risks, ICML 2024, arXiv:2402.02009"
     defaults_source = "robust_step_size 1e-2, eps 1e-7, baseline = first step (official code)"

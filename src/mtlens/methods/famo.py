@@ -44,6 +44,7 @@ class FAMO(LossWeighting):
     """
 
     name = "famo"
+    prev_losses: Tensor | None  # buffer
     reference = "Liu et al., FAMO: Fast Adaptive Multitask Optimization, NeurIPS 2023, arXiv:2306.03792"
     defaults_source = "lr 0.025 (paper, official code), gamma 1e-3 (paper Alg. 2, LibMTL)"
     stateful = True

@@ -93,6 +93,7 @@ class FORUM(LossWeighting):
     """
 
     name = "forum"
+    lam: Tensor | None  # buffer
     reference = ("Ye, Lin, Cao, Zhang & Tsang, A First-Order Multi-Gradient Algorithm for Multi-Objective Bi-Level "
                  "Optimization (FORUM), ECAI 2024, arXiv:2401.09257")
     defaults_source = ("rho = 0.1, inner_lr = 0.1, inner_steps = 5, outer_lr = 1e-3 (Adam), α = 1/T "

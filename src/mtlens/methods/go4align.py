@@ -90,6 +90,7 @@ class GO4Align(LossWeighting):
     """
 
     name = "go4align"
+    p: Tensor | None  # buffer
     reference = "Shen et al., GO4Align: Group Optimization for Multi-Task Alignment, NeurIPS 2024, arXiv:2404.06486"
     defaults_source = "num_groups = 1, robust_step_size = 1e-4 (authors' NYUv2 trainer, github.com/autumn9999/GO4Align)"
     stateful = True

@@ -35,6 +35,7 @@ class GradNorm(LossWeighting):
     """
 
     name = "gradnorm"
+    initial_losses: Tensor | None  # buffer
     reference = "Chen et al., GradNorm, ICML 2018, arXiv:1711.02257"
     defaults_source = "alpha 1.5 (paper NYUv2, LibMTL); lr 0.025 and min_weight 1e-3 are mtlens choices"
     stateful = True

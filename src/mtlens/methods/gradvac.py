@@ -58,6 +58,7 @@ class GradVac(Seeded, GramianWeighting):
     """
 
     name = "gradvac"
+    phi_hat: Tensor | None  # buffer
     reference = ("Wang et al., Gradient Vaccine: Investigating and Improving Multi-task Optimization in "
                  "Massively Multilingual Models, ICLR 2021, arXiv:2010.05874")
     defaults_source = "beta=0.5 (project spec; LibMTL GradVac_beta and TorchJD defaults)"

@@ -58,6 +58,7 @@ class IMTL(GramianWeighting):
     """
 
     name = "imtl"
+    log_scales: Tensor | None  # buffer
     reference = ("Liu et al., Towards Impartial Multi-task Learning, ICLR 2021 "
                  "(openreview.net/forum?id=IMPnRXEWpvr)")
     defaults_source = "s0 = 0; internal Adam(lr=1e-4) as the NYUv2 protocol's optimiser (LibMTL)"

@@ -63,6 +63,7 @@ class MoCo(JacobianAggregator):
     """
 
     name = "moco"
+    lam: Tensor | None  # buffer
     levels = ("param",)
     reference = "Fernando et al., Mitigating Gradient Bias in Multi-objective Learning, arXiv:2210.04883"
     defaults_source = "beta, beta_sigma, gamma, gamma_sigma, rho, loss normalisation: authors' code (LibMTL)"

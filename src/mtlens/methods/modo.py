@@ -46,6 +46,7 @@ class MoDo(CrossGramianWeighting):
 
     def observe_cross_gramian(self, cross_gramian: Tensor) -> None:
         A = self._check(cross_gramian)
+        assert self.lam is not None  # set by _check
         lam = self.lam.numpy()
         new = project_simplex(lam - self.gamma * (A @ lam + self.rho * lam))
         self.lam, self.out = torch.from_numpy(new), torch.from_numpy(new.copy())

@@ -92,6 +92,9 @@ class NashMTL(GramianWeighting):
     """
 
     name = "nash_mtl"
+    last_alpha: Tensor | None  # buffers
+    warm: Tensor | None
+    warm_mask: Tensor | None
     reference = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022, arXiv:2202.01017"
     defaults_source = ("max_norm=1.0, update_weights_every=1, optim_niter=20 "
                        "(official code AvivNavon/nash-mtl)")
@@ -101,8 +104,8 @@ class NashMTL(GramianWeighting):
 
     claims = {
         "permutation_invariant": SYMMETRIC,
-        "homogeneous": Claim("Navon et al., Nash-MTL, Eq. 2: G α = 1/α fixes ‖d‖² = T", degree=0),
-        "non_conflicting": Claim("Navon et al., Nash-MTL, Eq. 2: G α = 1/α > 0 gives g_t·d = 1/α_t > 0",
+        "homogeneous": Claim("Navon et al., ICML 2022: G α = 1/α fixes ‖d‖² = T", degree=0),
+        "non_conflicting": Claim("Navon et al., ICML 2022: G α = 1/α > 0 gives g_t·d = 1/α_t > 0",
                                  when="common_descent"),
     }
     failures = {

@@ -55,6 +55,7 @@ class PCD(GramianWeighting):
     """
 
     name = "pcd"
+    ema: Tensor | None  # buffer
     reference = ("Priority-Constrained Descent for Hierarchical Multi-Objective Optimization, TMLR 2026, "
                  "arXiv:2606.29521")
     defaults_source = "tau = 0.02, beta = 0.999, eps = 1e-8 (TorchJD 0.18 PCD, after the reference code)"

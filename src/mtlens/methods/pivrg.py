@@ -67,6 +67,7 @@ class PIVRG(GramianWeighting):
     """
 
     name = "pivrg"
+    scores: Tensor | None  # buffer
     reference = ("Qin et al., Revisiting Fairness in Multitask Learning: A Performance-Driven Approach for Variance "
                  "Reduction (PIVRG), CVPR 2025")
     defaults_source = "bound = 2.0, mintemp = 10, max_norm = 1.0, ×T (authors' code, MTLlib/NTKMTL repositories)"

@@ -71,6 +71,7 @@ class SDMGrad(CrossGramianWeighting):
             wt = np.asarray(self.pref_vector)
         scale = float(np.sqrt(np.clip(np.diag(A), 0.0, None)).mean())
         a = A / (scale ** 2 + 1e-8)
+        assert self.lam is not None  # set by _check
         w = self.lam.numpy().copy()
         v = None
         for _ in range(self.n_iter):

@@ -45,6 +45,7 @@ class STCH(LossWeighting):
     """
 
     name = "stch"
+    nadir: Tensor | None  # buffer
     reference = "Lin et al., Smooth Tchebycheff Scalarization, ICML 2024, arXiv:2402.19078"
     defaults_source = "mu 1.0, warmup_epochs 4 (authors' STCH_MTL code config)"
     stateful = True
