@@ -142,8 +142,14 @@ def assert_non_conflicting(J: Tensor, d: Tensor, name: str, where: str = "", rto
     )
 
 
-def assert_permutation_invariant(make: MethodFactory, jacobians: Sequence[Tensor], losses: Sequence[Tensor],
-                                 perm: Tensor, rtol: float = 1e-7, where: str = "") -> None:
+def assert_permutation_invariant(
+    make: MethodFactory,
+    jacobians: Sequence[Tensor],
+    losses: Sequence[Tensor],
+    perm: Tensor,
+    rtol: float = 1e-7,
+    where: str = "",
+) -> None:
     """Two fresh methods, one fed ``J[perm]``/``L[perm]``, give the same update at every step.
 
     A documented error (any mtlens error) on the original order must be raised on the permuted one
@@ -160,7 +166,8 @@ def assert_permutation_invariant(make: MethodFactory, jacobians: Sequence[Tensor
             except type(exc):
                 return
             raise AssertionError(
-                f"{a.name}: {type(exc).__name__} in one task order only ({where}, step {step})") from exc
+                f"{a.name}: {type(exc).__name__} in one task order only ({where}, step {step})"
+            ) from exc
         d2 = update(b, J[perm], L[perm])
         scale = max(float(d1.norm()), float(J.norm(dim=1).max()) * 1e-3)
         assert float((d1 - d2).norm()) <= rtol * scale, (
@@ -169,8 +176,9 @@ def assert_permutation_invariant(make: MethodFactory, jacobians: Sequence[Tensor
         )
 
 
-def assert_homogeneous(make: MethodFactory, J: Tensor, c: float, degree: int = 1, rtol: float = 1e-7,
-                       where: str = "") -> None:
+def assert_homogeneous(
+    make: MethodFactory, J: Tensor, c: float, degree: int = 1, rtol: float = 1e-7, where: str = ""
+) -> None:
     """``d(cJ) = c^degree · d(J)`` to ``rtol`` relative to ``‖d(J)‖`` (fresh methods for both)."""
     d1 = update(make(), J)
     d2 = update(make(), c * J) / c**degree
@@ -181,8 +189,9 @@ def assert_homogeneous(make: MethodFactory, J: Tensor, c: float, degree: int = 1
     )
 
 
-def assert_rescaling_invariant(make: MethodFactory, J: Tensor, scales: Tensor, tol: float = 1e-9,
-                               where: str = "") -> None:
+def assert_rescaling_invariant(
+    make: MethodFactory, J: Tensor, scales: Tensor, tol: float = 1e-9, where: str = ""
+) -> None:
     """The direction of the update is unchanged when each task's gradient is rescaled
     (``J → diag(scales) J``, ``scales`` (T, 1) > 0): cosine > 1 − ``tol``."""
     d1 = update(make(), J)
