@@ -172,6 +172,21 @@ def _refused(rank: int, world: int) -> str:
     return ""
 
 
+def _refused_consmtl_log(rank: int, world: int) -> str:
+    """ConsMTL's head term with log losses couples the ranks: a clear error."""
+    from mtlens.errors import ConfigurationError
+
+    net = Net().double()
+    z, losses = net(torch.randn(4, 5, dtype=F64), torch.randn(4, 3, dtype=F64))
+    try:
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(),
+                     method=create("consmtl", infeasible="least_squares"), level="param", loss_transform="log",
+                     distributed=True)
+    except ConfigurationError as exc:
+        return str(exc)
+    return ""
+
+
 def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -185,6 +200,9 @@ def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> N
                 continue
             if case == "refused":
                 results[case] = _refused(rank, world)
+                continue
+            if case == "refused_consmtl_log":
+                results[case] = _refused_consmtl_log(rank, world)
                 continue
             try:
                 ref, ref_state = _train(case, False, rank, world)

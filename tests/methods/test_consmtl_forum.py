@@ -278,7 +278,7 @@ def test_forum_matches_the_authors_code_over_epochs():
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-8)  # cvxpy's QP tolerance
         opt.step()
         torch.testing.assert_close(method.state_dict()["alpha"], alpha.detach(), rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(method.state_dict()["lambda"], torch.as_tensor(lam_buf), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(method.state_dict()["lam"], torch.as_tensor(lam_buf), rtol=1e-5, atol=1e-7)
         assert rec.method_values["forum/beta"] == pytest.approx((epoch + 1) ** -0.75)
         if k % 2 == 1:
             method.on_epoch_end(torch.ones(T))
@@ -340,9 +340,9 @@ def test_forum_state_round_trip_and_epoch_calls():
     for m in (a, b):
         m.meta_step(la)
         mtl_backward(dict(zip("abc", net(inner_b))), method=m)
-    for k in ("alpha", "lambda"):
+    for k in ("alpha", "lam"):
         torch.testing.assert_close(a.state_dict()[k], b.state_dict()[k], rtol=1e-9, atol=1e-12)
-    assert a.state_dict()["epochs"] == b.state_dict()["epochs"] == 1
+    assert a.state_dict()["_extra_state"]["epochs"] == b.state_dict()["_extra_state"]["epochs"] == 1
     c = create("forum", num_tasks=3, steps_per_epoch=1)
     with pytest.raises(ConfigurationError, match="on_epoch_end"):
         for _ in range(3):  # three steps in a one-step epoch without on_epoch_end
@@ -353,3 +353,25 @@ def test_forum_state_round_trip_and_epoch_calls():
 def test_forum_declares_what_a_loop_must_call():
     cls = get("forum")
     assert cls.user_calls == ("on_epoch_end",) and cls.needs_lookahead and cls.adds_gradients
+
+
+@pytest.mark.parametrize("level,transform", [("param", None), ("feature", "log"), ("feature", None), ("param", "log")])
+def test_consmtl_accumulated_micro_batches_equal_the_concatenated_batch(level, transform):
+    from mtlens.engine import TaskGradients, apply_decision, check_decision, compute_task_gradients
+
+    x, y = _data(7, B=8)
+    ref = Net()
+    z, losses = ref(x, y)
+    mtl_backward(losses, features=z, shared_params=ref.enc.parameters(), method=create("consmtl"), level=level,
+                 loss_transform=transform)
+    acc = Net()
+    parts = []
+    for k in range(2):
+        z, losses = acc(x[4 * k:4 * (k + 1)], y[4 * k:4 * (k + 1)])
+        parts.append(compute_task_gradients(losses, level=level, features=z, shared_params=list(acc.enc.parameters()),
+                                            loss_transform=transform, saliency_graph=True))
+    grads = TaskGradients.accumulate(parts)
+    method = create("consmtl")
+    apply_decision(grads, check_decision(method.decide(grads), grads, "consmtl"))
+    for (name, p), q in zip(acc.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)

@@ -256,6 +256,11 @@ class TaskGradients:
         return self._sal_graph
 
     @property
+    def loss_transform(self) -> str:
+        """The loss transform the objective losses went through (``"none"`` or ``"log"``)."""
+        return self._transform
+
+    @property
     def multi_input(self) -> bool:
         """Whether ``features`` gave one representation per task (``{task: Z_task}``)."""
         return self._features is not None and self._features.multi_input
@@ -363,6 +368,18 @@ class TaskGradients:
                 )
             if any(s._gramian is not None for s in steps):
                 out._gramian = None
+        if all(s._sal_graph is not None for s in steps):
+            # the concatenated batch's saliencies, still attached: micro-batch k's samples carry S_k / K
+            # (its mean loss is 1/K of the concatenated one). Under a log transform also × c[k, t], as an
+            # attached factor (L_k,t + ε) / (L̄_t + ε): the saliency's own derivative then is exact too.
+            if transform == "log":
+                Lk = [[s._parts[0]["loss_list"][t] for t in range(out.T)] for s in steps]
+                Lbar = [sum(Lk[k][t] for k in range(K)) / K for t in range(out.T)]
+                ca = [[(Lk[k][t] + LOG_EPS) / (Lbar[t] + LOG_EPS) for t in range(out.T)] for k in range(K)]
+            else:
+                ca = [[1.0] * out.T for _ in range(K)]
+            out._sal_graph = [[torch.cat([s._sal_graph[t][m] * ca[k][t] / K for k, s in enumerate(steps)])
+                               for m in range(len(first._sal_graph[t]))] for t in range(out.T)]
         if first.saliencies is not None and all(s.saliencies is not None for s in steps):
             out.saliencies = torch.cat([s.saliencies for s in steps], dim=1) / K
         return out

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..engine.decision import Decision
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SYMMETRIC, Claim, GramianWeighting
+from ..errors import ConfigurationError, SolverError
 from ._fair import check_infeasible, check_max_norm, clip_update, solve_power_system
 from ._registry import register
 from ._solvers import check_gramian, to_weights
@@ -58,7 +59,9 @@ class ConsMTL(GramianWeighting):
     (``features={task: Z_task}``): each task's representation is its own coordinate block (as for
     the engine's block-diagonal Gramian), so ``⟨S_t, δ⟩ = x_t ‖S_t‖²``. Data parallelism: exact —
     ``g1``, ``g2`` are reduced to the global batch's (``g2`` of the global mean loss is the mean of
-    the ranks' ``g2`` divided by the number of ranks) before the clipping. With
+    the ranks' ``g2`` divided by the number of ranks) before the clipping; with the log transform it
+    raises (the derivative of ``log L̄`` couples the ranks). Gradient accumulation: exact
+    (:meth:`TaskGradients.accumulate` concatenates the attached saliencies). With
     ``loss_transform="log"`` the saliencies and ``g1`` are those of the log losses (the heads'
     objective). Cost over PIVRG's: the heads' backward with ``create_graph`` and one more head
     backward per task. Needs ``features`` (the representation the heads read).
@@ -79,14 +82,24 @@ class ConsMTL(GramianWeighting):
     head_rule = ("own gradient (unit weight) plus the consistency term −λ∇_θt⟨S_t, δ⟩, δ = Σ x_s S_s, its norm "
                  "clipped at head_clip·‖own gradient‖ (authors' code)")
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "non_conflicting": Claim("solves G x = x^(-1/2) > 0 (as PIVRG), so g_t·d > 0", when="common_descent"),
+    }
+    disclaims = {
+        "homogeneous": "max_norm = 1 clips the update (authors' code): absolute; with λ = 0 it equals PIVRG",
+    }
+    failures = {
+        "no_common_descent": (SolverError, "G x = x^(-1/2) has no positive solution when no direction improves every "
+                                           "task"),
+    }
+
     def __init__(self, lambda_: float = 1.0, max_norm: float = 1.0, head_clip: float = 0.1,
                  infeasible: str = "raise") -> None:
         self.lambda_ = _nonneg("lambda_", lambda_, self.name)
         self.max_norm = check_max_norm(max_norm, self.name)
         self.head_clip = _nonneg("head_clip", head_clip, self.name)
         self.infeasible = check_infeasible(infeasible, self.name)
-        self._hparams = {"lambda_": self.lambda_, "max_norm": self.max_norm, "head_clip": self.head_clip,
-                         "infeasible": infeasible}
         self._x: np.ndarray | None = None
         self._log: dict[str, float] = {}
 
@@ -116,6 +129,12 @@ class ConsMTL(GramianWeighting):
         assert self._x is not None
         x = [float(v) for v in self._x]
         T, heads, W = grads.T, grads.task_params, grads.world
+        if W > 1 and grads.loss_transform == "log":
+            raise ConfigurationError(
+                "consmtl: with loss_transform='log' under data parallelism its head term would not be the global "
+                "batch's (the derivative of log L̄ couples the ranks' saliencies); use loss_transform='none' or "
+                "train in one process"
+            )
         multi = grads.multi_input
         if not multi:
             n_maps = len(sal[0])
