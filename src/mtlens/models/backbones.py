@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _compat  # noqa: F401  (torchvision shim before timm)
+from . import _torchvision_shim  # noqa: F401  (before timm imports torchvision)
 from ..errors import CheckpointError, ConfigurationError, MissingDependencyError, ShapeError
 
 OUTPUT_STRIDES = (8, 16, 32)

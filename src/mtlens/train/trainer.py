@@ -51,7 +51,7 @@ from .checkpoint import (
     seed_everything,
 )
 from .config import RunConfig, method_kwargs, validate_config
-from .data import TrainStream, eval_loaders, stream_seed, to_device
+from .loaders import TrainStream, eval_loaders, stream_seed, to_device
 from .records import JsonlWriter, Scalars, environment
 
 CHECKPOINT_NAME = "checkpoint.pt"
