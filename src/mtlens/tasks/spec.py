@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import ConfigurationError
+from ..registry import Registry
 
 
 @dataclass
@@ -120,29 +121,26 @@ class BenchmarkSpec:
         return self.make_datasets(root=root, seed=seed, **options)
 
 
-_BENCHMARKS: dict[str, Callable[[], BenchmarkSpec]] = {}
+# the built-in benchmarks register themselves when mtlens.tasks.benchmarks is imported (first lookup);
+# a later registration of a name replaces the earlier one (a test or plugin redefining a benchmark)
+_BENCHMARKS: Registry[Callable[[], BenchmarkSpec]] = Registry(
+    "benchmark", builtins="mtlens.tasks.benchmarks", replace=True
+)
 
 
 def register_benchmark(name: str):
     """Decorator for a zero-argument factory returning a :class:`BenchmarkSpec`."""
 
     def deco(fn):
-        _BENCHMARKS[name] = fn
-        return fn
+        return _BENCHMARKS.register(name, fn)
 
     return deco
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
-    from . import benchmarks  # noqa: F401  (registers the built-in benchmarks)
-
-    key = name.strip().lower()
-    if key not in _BENCHMARKS:
-        raise ConfigurationError(f"unknown benchmark '{name}'; available: {', '.join(sorted(_BENCHMARKS))}")
-    return _BENCHMARKS[key]()
+    """A fresh :class:`BenchmarkSpec` of benchmark ``name`` (:func:`mtlens.registry.normalise_name` spelling)."""
+    return _BENCHMARKS.get(name)()
 
 
 def available_benchmarks() -> list[str]:
-    from . import benchmarks  # noqa: F401
-
-    return sorted(_BENCHMARKS)
+    return _BENCHMARKS.names()
