@@ -118,7 +118,7 @@ def train(
 ) -> None:
     """Train a multi-task model (or single-task baselines), test the best epoch, write results.json."""
     from ..train import load_config, run
-    from ..train.trainer import default_out_dir
+    from ..train.build import default_out_dir
 
     def go():
         overrides = list(set_ or [])

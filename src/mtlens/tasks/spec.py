@@ -13,7 +13,7 @@ Batches (what a DataLoader over ``BenchmarkSpec.datasets(...)[split]`` yields):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,9 +108,11 @@ class BenchmarkSpec:
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
-    def metric_directions(self) -> dict[str, dict[str, bool]]:
-        """``{task: {metric: higher_is_better}}``, the ``spec`` argument of the Δm functions."""
-        return {t: dict(s.metrics) for t, s in self.tasks.items()}
+    def metric_directions(self, tasks: Sequence[str] | None = None) -> dict[str, dict[str, bool]]:
+        """``{task: {metric: higher_is_better}}`` of ``tasks`` (default: all, in the benchmark's order),
+        the ``spec`` argument of the Δ functions: the one place metric directions come from."""
+        names = self.task_names if tasks is None else list(tasks)
+        return {t: dict(self.tasks[t].metrics) for t in names}
 
     def datasets(self, root: str | None = None, seed: int = 0, **options: Any) -> dict[str, Any]:
         if self.needs_root and root is None:
