@@ -231,7 +231,7 @@ def largest_classes(mods: dict[str, Module], n: int = 10) -> list[tuple[str, int
 
 
 def largest_files(mods: dict[str, Module], n: int = 10) -> list[tuple[str, int]]:
-    rows = [(str(m.path.relative_to(ROOT)), m.lines) for m in mods.values()]
+    rows = [(f"{m.name.replace('.', '/')}{'/__init__' if m.is_package else ''}.py", m.lines) for m in mods.values()]
     return sorted(rows, key=lambda r: (-r[1], r[0]))[:n]
 
 
@@ -239,8 +239,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graph", action="store_true", help="print the subpackage import graph")
     ap.add_argument("--json", action="store_true", help="print everything as JSON")
+    ap.add_argument("--src", type=Path, default=ROOT, help="the source root holding mtlens/ (default: this checkout's)")
     args = ap.parse_args()
-    mods = analyse()
+    root = args.src.resolve()
+    mods = analyse(root)
     report = {
         "modules": len(mods),
         "lines": sum(m.lines for m in mods.values()),
@@ -248,6 +250,7 @@ def main() -> None:
         "hidden_cycles": hidden_cycles(mods),
         "largest_classes": largest_classes(mods),
         "largest_files": largest_files(mods),
+        "function_level_imports": sum(len(m.lazy) for m in mods.values()),
         "classes_over_limit": [r for r in largest_classes(mods, 10**6) if r[1] > MAX_METHODS],
         "subpackage_graph": {k: sorted(v) for k, v in sorted(subpackage_graph(mods).items())},
         "subpackage_graph_with_lazy": {k: sorted(v) for k, v in sorted(subpackage_graph(mods, lazy=True).items())},
@@ -259,7 +262,8 @@ def main() -> None:
     print(f"module-level import cycles: {len(report['cycles'])}")
     for c in report["cycles"]:
         print("  " + " <-> ".join(c))
-    print(f"function-level imports hiding a cycle: {len(report['hidden_cycles'])}")
+    print(f"function-level imports of mtlens modules: {report['function_level_imports']} "
+          f"(hiding a cycle: {len(report['hidden_cycles'])})")
     for h in report["hidden_cycles"]:
         print("  " + h)
     print(f"classes with more than {MAX_METHODS} methods: {len(report['classes_over_limit'])}")

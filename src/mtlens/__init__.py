@@ -6,7 +6,9 @@ __version__ = "0.1.0"
 
 __all__ = ["StepRecord", "__version__", "mtl_backward"]
 
-_SUBPACKAGES = ("bench", "data", "diagnose", "engine", "errors", "methods", "models", "storage", "tasks", "train")
+_SUBPACKAGES = (
+    "bench", "data", "diagnose", "engine", "errors", "methods", "models", "registry", "storage", "tasks", "train",
+)
 
 
 def __getattr__(name: str):

@@ -204,8 +204,7 @@ class TrainingLoop:
                 fd_temperature=cfg.monitor.fd_temperature,
                 prefix="diag/",
             )
-        self._extra = ExtraBatches(datasets["train"], self.tasks, self.multi_input, cfg.train.batch_size,
-                                   cfg.train.seed)
+        self._extra: ExtraBatches | None = None  # built on first use (needs_second_batch, needs_lookahead)
         self._eval_loaders: dict[str, Any] = {}
         self.evaluator = TaskEvaluator(self.spec, self.tasks)
 
@@ -466,6 +465,9 @@ class TrainingLoop:
 
     def _aux_batches(self) -> list[Any]:
         """Two extra training batches for this step (:class:`~mtlens.train.loaders.ExtraBatches`)."""
+        if self._extra is None:
+            self._extra = ExtraBatches(self.datasets["train"], self.tasks, self.multi_input,
+                                       self.cfg.train.batch_size, self.cfg.train.seed)
         return self._extra.draw(self.epoch, self.step_in_epoch)
 
     def _meta_step(self, batch: Any) -> None:
