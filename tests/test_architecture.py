@@ -5,6 +5,7 @@ prints the figures); docs/architecture.md describes the layout these assertions 
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ _TOOL = Path(__file__).resolve().parents[1] / "tools" / "house.py"
 def house():
     spec = importlib.util.spec_from_file_location("_house", _TOOL)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through the module's entry
     spec.loader.exec_module(mod)
     return mod
 

@@ -458,8 +458,8 @@ def diagnose(
     """Plot FD, GDS, GMS, task weights, losses and val metrics over training; power-law α per component."""
 
     def go():
-        from ..train.records import read_jsonl
         from ..bench.plots import plot_alpha, plot_run
+        from ..train.records import read_jsonl
 
         if alpha not in ("mle", "weightwatcher", "none"):
             raise ConfigurationError(f"--alpha {alpha!r}; choose mle, weightwatcher or none")

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ..engine.numerics import check_gramian
 from ..engine.record import StepRecord
-from ..errors import ConfigurationError
 from ..engine.saliency import saliency_stack
+from ..errors import ConfigurationError
 
 
 def saliencies_of(

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..engine.record import StepRecord
-from ..errors import ConfigurationError
 from ..engine.saliency import normalise_over_tasks, task_entropy, tsr_loss
+from ..errors import ConfigurationError
 from ._inputs import saliencies_of
 
 

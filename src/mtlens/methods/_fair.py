@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 
-from ..engine.numerics import ZERO_REL
 from ..errors import SolverError
 from ._solvers import FAIR_RTOL, nonzero_tasks, solve_fair_system
 from ._utils import check

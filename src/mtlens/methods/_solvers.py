@@ -352,8 +352,8 @@ def solve_fair_system(
     perturbed by at most ``rtol`` relative (a plain relative residual cannot be certified where
     ``(Gx)_t`` cancels: two strongly conflicting tasks 1e10 apart in norm).
     Zero-gradient tasks (``‖g_t‖² ≤ ZERO_REL · max‖g‖²``, :data:`mtlens.engine.numerics.ZERO_REL`,
-    or exactly 0) cannot satisfy their equation (``0 = p_t x_t^{-1/α}``): they get ``x_t = 0`` and the others are solved among
-    themselves. All-zero G: ``x = 1``.
+    or exactly 0) cannot satisfy their equation (``0 = p_t x_t^{-1/α}``): they get ``x_t = 0`` and
+    the others are solved among themselves. All-zero G: ``x = 1``.
 
     Raises:
         SolverError: either *infeasible* — 0 is in the convex hull of the (unit) task gradients to

@@ -17,7 +17,6 @@ from ._registry import register
 from ._utils import check, check_block_shapes, in_range, nonzero_rows
 
 
-
 def task_sq_norms(blocks: Sequence[Tensor]) -> Tensor:
     """‖row t‖² summed over all blocks (T,), accumulated in float64."""
     T = blocks[0].shape[0]

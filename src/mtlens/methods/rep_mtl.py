@@ -7,8 +7,8 @@ Multi-Task Learning", ICCV 2025, arXiv:2507.21049. Equations and every resolved 
 Two penalties on the stacked saliencies ``S`` of shape ``(T, B, C, *spatial)`` (vector
 features ``(T, B, C)`` are treated as ``H = W = 1``):
 
-* **TSR** (Eqs. 4–6, :func:`~mtlens.engine.saliency.tsr_loss`, re-exported here): signed channel mean, absolute value, L1 normalisation
-  across tasks at every location, mean entropy — minimised.
+* **TSR** (Eqs. 4–6, :func:`~mtlens.engine.saliency.tsr_loss`, re-exported here): signed channel
+  mean, absolute value, L1 normalisation across tasks at every location, mean entropy — minimised.
 * **CSA** (Eqs. 7–9, :func:`csa_loss`): per-task channel Gram matrices ``M_t[b] = S_t[b] S_t[b]ᵀ``
   aligned with per-sample anchors ``Â_b = A_b A_bᵀ`` by a contrastive loss, computed through
   Frobenius identities so that no ``C×C`` matrix is ever built when ``HW < C``.

@@ -360,7 +360,8 @@ class TrainingLoop:
             else:
                 if self.files.checkpoint.exists() or (out / RESULTS_NAME).exists():
                     raise ConfigurationError(
-                        f"output directory '{out}' already holds a run; continue it with --resume or choose another --out"
+                        f"output directory '{out}' already holds a run; continue it with --resume or choose "
+                        "another --out"
                     )
                 jsonl_offset = 0
             out.mkdir(parents=True, exist_ok=True)
