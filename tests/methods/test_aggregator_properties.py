@@ -105,6 +105,8 @@ EXPECTED_ERRORS = {
                  "G α = 1/α has no positive solution when 0 is in the convex hull of the gradients"),
     "pivrg": (lambda family, T, J: not strictly_feasible(J), SolverError,
               "G x = (w/x)^(1/2) has no positive solution when no direction improves every task"),
+    "consmtl": (lambda family, T, J: not strictly_feasible(J), SolverError,
+                "G x = x^(-1/2) has no positive solution when no direction improves every task"),
     "excess_mtl": (lambda family, T, J: bool((J.norm(dim=1) == 0).any()), NonFiniteError,
                    "ER_t / ER_t(0) is undefined when a task's baseline gradient is zero"),
 }
@@ -140,6 +142,7 @@ h_t = g_t/‖g_t‖·L_t)."""
 HOMOGENEITY_EXEMPT = {
     "ntkmtl": "max_norm = 1 clips the update (authors' code): absolute; tested with max_norm=0 in test_new_methods",
     "pivrg": "max_norm = 1 clips the update (authors' code): absolute; tested with max_norm=0 in test_new_methods",
+    "consmtl": "max_norm = 1 clips the update (authors' code): absolute; λ = 0 equals PIVRG (test_consmtl_forum)",
     "pcd": "eps = 1e-8 added to the EMA of squared norms (TorchJD, reference code) is absolute",
     "excess_mtl": "eps = 1e-7 in the AdaGrad denominator (official code) is absolute: scale dependent",
 }
@@ -178,8 +181,9 @@ NONCONFLICT = {
     "fairgrad": ALL,
     "nash_mtl": ALL,
     "pivrg": ALL,
+    "consmtl": ALL,
 }
-SOLVE_ONLY = {"fairgrad", "nash_mtl", "pivrg"}
+SOLVE_ONLY = {"fairgrad", "nash_mtl", "pivrg", "consmtl"}
 """The claim holds when a solution exists (some d improves every task): only those cases are run."""
 
 

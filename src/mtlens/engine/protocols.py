@@ -44,9 +44,16 @@ class Method:
     of two further independent mini-batches to :meth:`observe_cross_gramian`),
     ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
     performance drop against its single-task baseline to :meth:`on_task_scores`),
-    ``needs_lookahead`` (bilevel methods, Auto-Lambda and MOML: before every step the caller
-    passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
-    validation batch to :meth:`meta_step`).
+    ``needs_lookahead`` (bilevel methods, Auto-Lambda, MOML and FORUM: before every step the
+    caller passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
+    validation batch to :meth:`meta_step`). ``needs_saliency_graph`` (ConsMTL: the engine keeps
+    the graph of the saliencies ``S_t = ∂L_t/∂Z`` through the heads,
+    :meth:`~mtlens.engine.gradients.TaskGradients.attached_saliencies`, so that the method can
+    differentiate a function of them w.r.t. the task-specific parameters). ``adds_gradients``
+    (ConsMTL's term on the heads, FORUM's upper-level multi-gradient): the method's
+    :class:`Decision` may carry gradients it computed itself (``Decision.extra_grads``), which the
+    engine adds to ``.grad`` with everything else (all or nothing); such a decision is not a
+    weighting of the step's losses, so it is never cached (``update_every``).
 
     Two declared properties make a method safe in the user's own loop:
 
@@ -74,6 +81,8 @@ class Method:
     needs_second_batch: ClassVar[bool] = False
     needs_task_scores: ClassVar[bool] = False
     needs_lookahead: ClassVar[bool] = False
+    needs_saliency_graph: ClassVar[bool] = False
+    adds_gradients: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
     loss_transform_conflict: ClassVar[str] = ""

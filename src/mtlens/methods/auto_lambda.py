@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..engine.protocols import LossWeighting
 from ..errors import ShapeError
+from ._calls import MetaStepCalls
 from ._loss_common import InternalAdam, TaskCount, check_num_tasks, float_dtype, require_keys
 from ._registry import register
 from ._utils import check, positive
@@ -66,6 +67,7 @@ class AutoLambda(LossWeighting):
         self._lam = InternalAdam(self.name, "lambda", self.lr, 0.0, self.init)
         self._hparams = {"init": self.init, "lr": self.lr, "primary": primary, "num_tasks": num_tasks}
         self._log: dict[str, float] = {}
+        self._meta_calls = MetaStepCalls(self.name)
 
     def _lambda(self, T: int, like: Tensor) -> Tensor:
         self._tasks.bind(T)
@@ -76,7 +78,12 @@ class AutoLambda(LossWeighting):
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return self._lambda(losses.shape[0], losses).detach().to(losses.dtype).clone()
 
+    def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._meta_calls.weighting_call()  # a step without meta_step: raises on the second in a row
+        return super().combine(losses, grad_norms)
+
     def meta_step(self, lookahead: Any) -> None:
+        self._meta_calls.meta_step_called()
         la = lookahead
         L_tr = la.train_losses()
         T = L_tr.shape[0]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..engine.protocols import LossWeighting
+from ._calls import MetaStepCalls
 from ._loss_common import InternalAdam, TaskCount, check_num_tasks, float_dtype, require_keys
 from ._registry import register
 from ._solvers import min_norm_simplex
@@ -66,6 +67,7 @@ class MOML(LossWeighting):
         self._alpha = InternalAdam(self.name, "alpha", self.outer_lr, 0.0, 0.0)
         self._hparams = {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr, "num_tasks": num_tasks}
         self._log: dict[str, float] = {}
+        self._meta_calls = MetaStepCalls(self.name)
 
     def _a(self, T: int, like: Tensor) -> Tensor:
         self._tasks.bind(T)
@@ -75,7 +77,12 @@ class MOML(LossWeighting):
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return torch.softmax(self._a(losses.shape[0], losses).detach(), dim=0).to(losses.dtype)
 
+    def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._meta_calls.weighting_call()  # a step without meta_step: raises on the second in a row
+        return super().combine(losses, grad_norms)
+
     def meta_step(self, lookahead: Any) -> None:
+        self._meta_calls.meta_step_called()
         la = lookahead
         L_tr = la.train_losses()
         T = L_tr.shape[0]

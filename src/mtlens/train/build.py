@@ -136,10 +136,9 @@ def init_distributed(cfg: RunConfig, device: torch.device) -> tuple[int, int, to
             f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
             f"{world} processes; each takes an equal share"
         )
-    cls = get_method(cfg.method.name)
-    if cls.needs_second_batch or cls.needs_lookahead:
+    if get_method(cfg.method.name).needs_second_batch:
         raise ConfigurationError(
-            f"'{cfg.method.name}' draws extra batches (cross-Gramian) or takes look-ahead steps; that is not "
+            f"'{cfg.method.name}' draws two extra batches for its cross-Gramian (needs_second_batch); that is not "
             "data-parallel yet: train it in one process"
         )
     return rank, world, device

@@ -47,9 +47,11 @@ def feed_cross_gramian(forward: TaskForward, method: Any, a: Any, b: Any) -> Non
     method.observe_cross_gramian(A)
 
 
-def run_lookahead(forward: TaskForward, optimizer: torch.optim.Optimizer, method: Any, batch: Any, val: Any) -> None:
+def run_lookahead(forward: TaskForward, optimizer: torch.optim.Optimizer, method: Any, batch: Any, val: Any,
+                  distributed: bool = False) -> None:
     """A :class:`~mtlens.engine.LookAhead` over ``batch`` (training losses) and ``val`` (an independent
-    batch) with the optimiser's first group's lr, momentum and weight decay → ``method.meta_step``."""
+    batch) with the optimiser's first group's lr, momentum and weight decay → ``method.meta_step``
+    (``distributed``: each rank holds its share of both batches; the look-ahead reduces over ranks)."""
     model, tasks = forward.model, forward.tasks
     params = [p for p in model.parameters() if p.requires_grad]
     group = optimizer.param_groups[0]
@@ -64,7 +66,8 @@ def run_lookahead(forward: TaskForward, optimizer: torch.optim.Optimizer, method
 
     with _buffers_kept(model):
         la = LookAhead(params, losses_of(batch), losses_of(val), lr=float(group["lr"]), momentum=momentum,
-                       momentum_buffers=bufs, weight_decay=float(group.get("weight_decay", 0.0) or 0.0))
+                       momentum_buffers=bufs, weight_decay=float(group.get("weight_decay", 0.0) or 0.0),
+                       distributed=distributed)
         method.meta_step(la)
 
 

@@ -476,7 +476,9 @@ class TrainingLoop:
         independent batch (the first extra stream) → ``method.meta_step``
         (:func:`~mtlens.train.capabilities.run_lookahead`)."""
         val = to_device(self._aux_batches()[0], self.device, non_blocking=self.device.type == "cuda")
-        run_lookahead(self.forward, self.optimizer, self.method, batch, val)
+        if self.world > 1:  # every rank drew the same global batch: take this rank's share
+            val = shard(val, self.rank, self.world)
+        run_lookahead(self.forward, self.optimizer, self.method, batch, val, distributed=self.world > 1)
 
     def _step_log(self, record: StepRecord, epoch: int, step: int, dt: float, monitored: bool):
         acc = self._accum
