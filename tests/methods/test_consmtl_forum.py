@@ -278,7 +278,7 @@ def test_forum_matches_the_authors_code_over_epochs():
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-8)  # cvxpy's QP tolerance
         opt.step()
         torch.testing.assert_close(method.state_dict()["alpha"], alpha.detach(), rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(method.state_dict()["lambda"], torch.as_tensor(lam_buf), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(method.state_dict()["lam"], torch.as_tensor(lam_buf), rtol=1e-5, atol=1e-7)
         assert rec.method_values["forum/beta"] == pytest.approx((epoch + 1) ** -0.75)
         if k % 2 == 1:
             method.on_epoch_end(torch.ones(T))
@@ -340,9 +340,9 @@ def test_forum_state_round_trip_and_epoch_calls():
     for m in (a, b):
         m.meta_step(la)
         mtl_backward(dict(zip("abc", net(inner_b))), method=m)
-    for k in ("alpha", "lambda"):
+    for k in ("alpha", "lam"):
         torch.testing.assert_close(a.state_dict()[k], b.state_dict()[k], rtol=1e-9, atol=1e-12)
-    assert a.state_dict()["epochs"] == b.state_dict()["epochs"] == 1
+    assert a.state_dict()["_extra_state"]["epochs"] == b.state_dict()["_extra_state"]["epochs"] == 1
     c = create("forum", num_tasks=3, steps_per_epoch=1)
     with pytest.raises(ConfigurationError, match="on_epoch_end"):
         for _ in range(3):  # three steps in a one-step epoch without on_epoch_end

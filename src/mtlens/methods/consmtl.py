@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from ..engine.decision import Decision
-from ..engine.protocols import GramianWeighting
-from ..errors import ConfigurationError
+from ..engine.protocols import SYMMETRIC, Claim, GramianWeighting
+from ..errors import ConfigurationError, SolverError
 from ._fair import check_infeasible, check_max_norm, clip_update, solve_power_system
 from ._registry import register
 from ._solvers import check_gramian, to_weights
@@ -82,14 +82,24 @@ class ConsMTL(GramianWeighting):
     head_rule = ("own gradient (unit weight) plus the consistency term −λ∇_θt⟨S_t, δ⟩, δ = Σ x_s S_s, its norm "
                  "clipped at head_clip·‖own gradient‖ (authors' code)")
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "non_conflicting": Claim("solves G x = x^(-1/2) > 0 (as PIVRG), so g_t·d > 0", when="common_descent"),
+    }
+    disclaims = {
+        "homogeneous": "max_norm = 1 clips the update (authors' code): absolute; with λ = 0 it equals PIVRG",
+    }
+    failures = {
+        "no_common_descent": (SolverError, "G x = x^(-1/2) has no positive solution when no direction improves every "
+                                           "task"),
+    }
+
     def __init__(self, lambda_: float = 1.0, max_norm: float = 1.0, head_clip: float = 0.1,
                  infeasible: str = "raise") -> None:
         self.lambda_ = _nonneg("lambda_", lambda_, self.name)
         self.max_norm = check_max_norm(max_norm, self.name)
         self.head_clip = _nonneg("head_clip", head_clip, self.name)
         self.infeasible = check_infeasible(infeasible, self.name)
-        self._hparams = {"lambda_": self.lambda_, "max_norm": self.max_norm, "head_clip": self.head_clip,
-                         "infeasible": infeasible}
         self._x: np.ndarray | None = None
         self._log: dict[str, float] = {}
 

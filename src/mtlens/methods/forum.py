@@ -12,9 +12,9 @@ from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.protocols import LossWeighting
-from ..errors import CheckpointError, ConfigurationError, SolverError, require
+from ..errors import ConfigurationError, SolverError, require
 from ._calls import EpochCalls
-from ._loss_common import InternalAdam, TaskCount, check_int, check_num_tasks, float_dtype, require_keys
+from ._loss_common import InternalOptimizer, TaskCount, check_int, check_num_tasks, float_dtype
 from ._registry import register
 from ._utils import positive
 
@@ -93,14 +93,19 @@ class FORUM(LossWeighting):
     """
 
     name = "forum"
+    lam: Tensor | None  # buffer
     reference = ("Ye, Lin, Cao, Zhang & Tsang, A First-Order Multi-Gradient Algorithm for Multi-Objective Bi-Level "
                  "Optimization (FORUM), ECAI 2024, arXiv:2401.09257")
     defaults_source = ("rho = 0.1, inner_lr = 0.1, inner_steps = 5, outer_lr = 1e-3 (Adam), α = 1/T "
                        "(authors' code, github.com/Baijiong-Lin/FORUM; LibMTL)")
     stateful = True
+    state_attrs = ("_alpha", "_tasks", "_epochs", "_calls")
     needs_lookahead = True
     adds_gradients = True
     user_calls = ("on_epoch_end",)
+    loss_transforms = ("none",)
+    loss_transform_conflict = ("its look-ahead (meta_step) differentiates the raw task losses and its step must "
+                               "write the gradient of the same lower-level objective f = Σ softmax(α)_t L_t")
     head_rule = "the objective's gradient ν softmax(α)_t plus the upper-level term Σ λ_t ĝ_t (all parameters)"
 
     def __init__(self, rho: float = 0.1, inner_lr: float = 0.1, inner_steps: int = 5, outer_lr: float = 1e-3,
@@ -113,14 +118,12 @@ class FORUM(LossWeighting):
             check_int("steps_per_epoch", steps_per_epoch, 1, self.name)
         self._cp = require("cvxpy", "bilevel", "forum")
         self._tasks = TaskCount(self.name, check_num_tasks(num_tasks, self.name))
-        self._alpha = InternalAdam(self.name, "alpha", self.outer_lr, 0.0, 0.0)
-        self._lam: Tensor | None = None
+        self._alpha = InternalOptimizer(self, "alpha", self.outer_lr, 0.0, 0.0)  # buffer alpha
+        self.register_buffer("lam", None)  # the upper-level multipliers λ (T,), float64
         self._epochs = 0
         self._calls = EpochCalls(self.name, steps_per_epoch,
                                  "decays the moving average of its upper-level weights by the epoch")
         self._pending: _Pending | None = None
-        self._hparams = {"rho": self.rho, "inner_lr": self.inner_lr, "inner_steps": self.inner_steps,
-                         "outer_lr": self.outer_lr, "num_tasks": num_tasks, "steps_per_epoch": steps_per_epoch}
         self._log: dict[str, float] = {}
 
     # -- state -------------------------------------------------------------------------------------
@@ -177,7 +180,8 @@ class FORUM(LossWeighting):
             M[a, T] = M[T, a] = _dot(g_hat[a], g_f)
         M[T, T] = q2
         w = self._solve(M, pi, self.rho * (q2 + EPS))
-        lam_old = torch.zeros(T, dtype=torch.float64) if self._lam is None else self._lam
+        lam_old = (torch.zeros(T, dtype=torch.float64) if self.lam is None  # λ is computed on the CPU in float64
+                   else self.lam.detach().to(device="cpu", dtype=torch.float64))
         beta = 1.0 / (self._epochs + 1) ** 0.75
         lam = lam_old + beta * (torch.as_tensor(w[:T]) - lam_old)
         nu = max(float(lam @ torch.as_tensor(pi)), 0.0)
@@ -238,26 +242,10 @@ class FORUM(LossWeighting):
         objective = (w.to(device=L.device, dtype=L.dtype) * L).sum()
         self._a(T, L)
         self._alpha.step(p.alpha_grad)
-        self._lam = p.lam.clone()
+        self.lam = p.lam.clone()
         self._log = dict(p.values)
         return Decision(weights=w.detach().to(torch.float64), objective=objective,
                         extra_grads=list(zip(p.params, p.extra)), values=self.log_values())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._alpha.state_dict(), "lambda": None if self._lam is None else self._lam.clone(),
-                "epochs": self._epochs, "epoch_calls": self._calls.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(state, ("alpha", "alpha_optimizer", "lambda", "epochs"), self.name)
-        self._alpha.load_state_dict(state)
-        if self._alpha.value is not None:
-            self._tasks.bind(self._alpha.value.shape[0])
-        lam = state["lambda"]
-        if lam is not None and self._alpha.value is not None and torch.as_tensor(lam).shape[0] != self._tasks.T:
-            raise CheckpointError(f"forum: λ has {torch.as_tensor(lam).shape[0]} entries for {self._tasks.T} tasks")
-        self._lam = None if lam is None else torch.as_tensor(lam, dtype=torch.float64).clone()
-        self._epochs = int(state["epochs"])
-        self._calls.load_state_dict(state.get("epoch_calls"))
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

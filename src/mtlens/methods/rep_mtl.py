@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -220,15 +219,6 @@ class RepMTL(Regularizer):
         self.csa = csa
         self.csa_form = csa_form
         self.csa_task_reduction = csa_task_reduction
-        self._hparams: dict[str, Any] = {
-            "lambda_tsr": self.lambda_tsr,
-            "lambda_csa": self.lambda_csa,
-            "tau": tau,
-            "tsr": tsr,
-            "csa": csa,
-            "csa_form": csa_form,
-            "csa_task_reduction": csa_task_reduction,
-        }
         self._last: dict[str, float] = {}
 
     def loss(self, grads: Sequence[Tensor], losses: Tensor) -> tuple[Tensor, dict[str, float]]:
