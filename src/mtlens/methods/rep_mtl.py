@@ -66,7 +66,7 @@ def anchor_gram(An: Tensor) -> Tensor:
         Ahat = torch.bmm(An, An.transpose(1, 2))  # (B, C, C)
         d = torch.diagonal(Ahat, dim1=1, dim2=2)  # (B, C)
         iu = torch.triu_indices(C, C, offset=1, device=An.device)
-        u = Ahat.reshape(B, C * C)[:, iu[0] * C + iu[1]]  # (B, C(C−1)/2)
+        u = torch.index_select(Ahat.reshape(B, C * C), 1, iu[0] * C + iu[1])  # (B, C(C−1)/2); backward: index_add
         return d @ d.T + 2 * (u @ u.T)
     return torch.einsum("bcs,kcr->bksr", An, An).pow(2).sum(dim=(2, 3))
 
