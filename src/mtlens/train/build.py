@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..methods import get as get_method
+from ..models import HPSModel
 from ..models import create as create_model
 from .config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig
 
@@ -44,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(model: ModelConfig, spec: Any, tasks: Sequence[str]) -> torch.nn.Module:
+def build_model(model: ModelConfig, spec: Any, tasks: Sequence[str]) -> HPSModel:
     """The :class:`~mtlens.models.HPSModel` of the model section with one head per task in ``tasks``.
 
     ``spec`` is the :class:`~mtlens.tasks.BenchmarkSpec` (the heads' output channels, the input

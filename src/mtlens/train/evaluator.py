@@ -127,7 +127,9 @@ class BaselineComparison:
             return float(epoch)
         if crit == "val_loss":
             return -float(sum(val["losses"].values()))
-        return float(delta_p_task(val["metrics"], self._split("val"), self.directions))
+        base = self._split("val")
+        assert base is not None  # criterion() is delta_p_task only with validation baseline metrics
+        return float(delta_p_task(val["metrics"], base, self.directions))
 
     def deltas(self, metrics: dict[str, dict[str, float]], split: str) -> dict[str, float] | None:
         """Δ in the three named conventions against the baseline's ``split`` metrics (None without them)."""

@@ -41,12 +41,12 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..diagnose import SaliencyMonitor
-from ..engine import DecisionCache, StepRecord, mtl_backward
+from ..engine import DecisionCache, Regularizer, StepRecord, mtl_backward
 from ..errors import CheckpointError, ConfigurationError, DataError
 from ..methods import create
 from ..storage import read_json, write_json
@@ -189,7 +189,8 @@ class TrainingLoop:
         T, dev, seed = len(self.tasks), str(self.device), cfg.train.seed
         spe = self.train_stream.steps_per_epoch
         self.method = create(cfg.method.name, **method_kwargs(cfg.method.name, cfg.method.hparams, T, dev, seed, spe))
-        self.regularizers = [create(r.name, **method_kwargs(r.name, r.hparams, T, dev, seed, spe))
+        # the config's validation checked that each is a regulariser (family "regularizer")
+        self.regularizers = [cast(Regularizer, create(r.name, **method_kwargs(r.name, r.hparams, T, dev, seed, spe)))
                              for r in cfg.regularizers]
         self.optimizer = build_optimizer(cfg.optim, self.model, self.method.parameters())
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, cfg.train.epochs)
@@ -406,6 +407,7 @@ class TrainingLoop:
                     self.step_in_epoch = step + 1
                     self.global_step += 1
                     if log is not None:
+                        assert self.log is not None  # open for the whole of fit()
                         self.log.write(log, self.global_step)
                     display.advance(record)
                     every = cfg.checkpoint.every_steps
@@ -431,6 +433,7 @@ class TrainingLoop:
         losses, feats = self.forward.losses(batch)
         kwargs: dict[str, Any] = {"level": cfg.method.level}
         if monitored:
+            assert self.monitor is not None  # monitored steps exist only with a monitor
             kwargs.update(self.monitor.engine_kwargs(self.global_step, self.method))
         record = mtl_backward(
             losses,
@@ -488,6 +491,7 @@ class TrainingLoop:
             acc["count"] += 1
         diag = None
         if monitored and not record.skipped:
+            assert self.monitor is not None
             diag = self.monitor(record, self.global_step)
             if diag:
                 self._diag_last = {"global_step": self.global_step + 1, **diag}
@@ -525,7 +529,7 @@ class TrainingLoop:
         improved = self.best is None or (math.isfinite(score) and not (score <= self.best["score"]))
         if self.best is not None and not math.isfinite(self.best["score"]) and math.isfinite(score):
             improved = True
-        entry = {
+        entry: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": dict(zip(self.tasks, mean_losses)),
             "val": val,
@@ -538,16 +542,18 @@ class TrainingLoop:
             config = self.cfg.model_dump(mode="json")
             self.files.save_weights(weights_payload(config, self.tasks, self.model, epoch=epoch + 1, val=val), path)
             self.best = {"epoch": epoch + 1, "score": score, "file": path.name}
+        best = self.best
+        assert best is not None and self.log is not None  # the first epoch always improves; fit() opened the log
         self.epoch = epoch + 1
         self.step_in_epoch = 0
         self._accum = _fresh_accum()
         log = epoch_record(epoch=epoch + 1, global_step=self.global_step, lr=lr,
-                           criterion=self.comparison.criterion(), score=score, best_epoch=self.best["epoch"],
+                           criterion=self.comparison.criterion(), score=score, best_epoch=best["epoch"],
                            train_loss=entry["train_loss"], val=val,
                            deltas=self.comparison.deltas(val["metrics"], "val"))
         self.log.write(log, self.global_step)
         self.save_checkpoint()
-        self.files.cleanup_best(self.best["file"])
+        self.files.cleanup_best(best["file"])
         display.end_epoch(log, val)
         for cb in self.callbacks:
             cb.on_epoch_end(self, log)
@@ -576,6 +582,8 @@ class TrainingLoop:
 
     def _results(self, best_entry: dict[str, Any], test: dict[str, Any], session_s: float) -> dict[str, Any]:
         cfg = self.cfg
+        best = self.best
+        assert best is not None  # _finalize checked it
         val_metrics = best_entry["val"]["metrics"]
         diag = None
         if self._diag_last is not None:
@@ -599,8 +607,8 @@ class TrainingLoop:
             "regularizers": [r.name for r in cfg.regularizers],
             "metric_directions": self.comparison.directions,
             "metric_units": {t: dict(self.spec.tasks[t].units) for t in self.tasks if self.spec.tasks[t].units},
-            "best_epoch": self.best["epoch"],
-            "selection": {"criterion": self.comparison.criterion(), "score": self.best["score"]},
+            "best_epoch": best["epoch"],
+            "selection": {"criterion": self.comparison.criterion(), "score": best["score"]},
             "metrics": {"val": val_metrics, "test": test["metrics"]},
             "losses": {"val": best_entry["val"]["losses"], "test": test["losses"]},
             "baseline": baseline,
