@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..engine.record import StepRecord
+from ..engine.saliency import tsr_loss
 from ..errors import ConfigurationError
-from ..methods.rep_mtl import tsr_loss
 from ._inputs import saliencies_of
 
 _FD_CHUNK_ELEMENTS = 1 << 18  # elements per column chunk of FD (1 MiB of float32)
@@ -89,7 +89,7 @@ def feature_disentanglement(
 def tsr_entropy(saliencies: StepRecord | Tensor | Sequence[Tensor], normalize: bool = False) -> float:
     """Rep-MTL's TSR entropy (arXiv:2507.21049, Eqs. 4–6) as a diagnostic, in ``[0, log T]``.
 
-    The same value Rep-MTL's TSR penalty takes (:func:`mtlens.methods.rep_mtl.tsr_loss`): signed
+    The same value Rep-MTL's TSR penalty takes (:func:`mtlens.engine.saliency.tsr_loss`): signed
     channel mean per location, then ``|·|``, L1 over tasks, mean entropy over locations (all-zero
     locations count as 0). Differs from FD, which takes ``|·|`` per element with no channel mean.
     ``normalize=True`` divides by ``log T`` (``T = 1`` → 0.0).

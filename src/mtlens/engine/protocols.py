@@ -114,131 +114,23 @@ def _record_init(init: Any) -> Any:
     return wrapped
 
 
-class Method(torch.nn.Module):
-    """Base of every multi-task optimisation method: a :class:`torch.nn.Module`.
+class MethodState(torch.nn.Module):
+    """The state machinery of a :class:`Method`: a module whose ``state_dict`` resumes it exactly.
 
-    Class attributes describe the method to the engine, the registry and the docs:
-    ``name`` (registry name), ``family`` ("loss" | "gradient" | "regularizer"), ``levels``
-    (the gradient levels it supports), ``reference`` (paper and arXiv id), ``loss_transform``
-    (a transform the method itself prescribes, e.g. DB-MTL's log).
-
-    What a method needs from the engine is declared here, on the contract, never discovered:
-    ``needs_extra_forward`` (FAMO: the caller passes the updated model's losses to
-    :meth:`after_step`), ``needs_grad_norms`` (GradNorm: per-task gradient norms on a shared
-    layer), ``needs_features`` (GradDrop's batch form: the activations ``Z``). ``head_rule``
-    states, with its source, what the task-specific parameters receive (docs/methods.md).
-    ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
-    of two further independent mini-batches to :meth:`observe_cross_gramian`),
-    ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
-    performance drop against its single-task baseline to :meth:`on_task_scores`),
-    ``needs_lookahead`` (bilevel methods, Auto-Lambda, MOML and FORUM: before every step the
-    caller passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
-    validation batch to :meth:`meta_step`). ``needs_saliency_graph`` (ConsMTL: the engine keeps
-    the graph of the saliencies ``S_t = ∂L_t/∂Z`` through the heads,
-    :meth:`~mtlens.engine.gradients.TaskGradients.attached_saliencies`, so that the method can
-    differentiate a function of them w.r.t. the task-specific parameters). ``adds_gradients``
-    (ConsMTL's term on the heads, FORUM's upper-level multi-gradient): the method's
-    :class:`Decision` may carry gradients it computed itself (``Decision.extra_grads``), which the
-    engine adds to ``.grad`` with everything else (all or nothing); such a decision is not a
-    weighting of the step's losses, so it is never cached (``update_every``).
-
-    Two declared properties make a method safe in the user's own loop:
-
-    * ``loss_transforms``: the loss transforms the method is defined for (``"none"``,
-      ``"log"``); ``loss_transform_conflict`` says why one is missing. The engine and the
-      configuration refuse any other combination (:func:`check_loss_transform`) — e.g. UW with
-      log losses has no minimum (its weights grow without bound).
-    * ``user_calls``: what the user's loop must do besides ``mtl_backward`` for the method to be
-      itself: ``"parameters"`` (add :meth:`parameters` to the optimiser), ``"after_step"`` (call
-      :meth:`after_step` after ``optimizer.step()``), ``"on_epoch_end"`` (call
-      :meth:`on_epoch_end` once per epoch); the ``needs_*`` flags above imply theirs
-      (:func:`required_calls`). A stateful method detects a missed call and raises
-      :class:`~mtlens.errors.ConfigurationError` naming it (docs: README, own-loop section).
-
-    What a method guarantees is declared here too, once: ``claims`` maps a property name of
-    :mod:`mtlens.methods.testing` (``"non_conflicting"``, ``"permutation_invariant"``,
-    ``"homogeneous"``, ``"rescaling_invariant"``, ``"weights_total"``) to a :class:`Claim` with its
-    source; ``disclaims`` maps a property a reader would expect to why it does not hold (e.g. an
-    absolute epsilon breaks homogeneity); ``failures`` maps a condition to the error the method
-    raises there and why (FairGrad: no direction improves every task → SolverError);
-    ``solver_rtol`` is the relative accuracy of an iterative solver (``None``: closed form).
-
-    State (see the module docstring): tensors are buffers, learnable scalars parameters, the rest
-    is named in ``state_attrs`` and saved as the module's extra state (``"_extra_state"``): a
-    ``torch.Generator`` by its state, an object with ``state_dict()`` (a ``torch.optim``
-    optimiser, :class:`~mtlens.methods._calls.EpochCalls`) by it, anything else as is. A buffer or
-    parameter that is created on the first call (``None`` until then) appears as ``None`` in the
-    state, so that loading a state restores "not created yet" exactly. ``state_dict()`` returns a
-    copy (later steps update the buffers in place); ``load_state_dict`` raises
-    :class:`~mtlens.errors.CheckpointError` for a state of another method or shape.
-
-    Subclasses need not call ``super().__init__()``: the module is initialised, and the
-    constructor's arguments recorded for :meth:`hparams`, before their ``__init__`` runs.
+    Buffers and parameters may be ``None`` until the first call ("not created yet" is state too);
+    the names in ``state_attrs`` travel as the module's extra state; ``state_dict()`` is a copy;
+    ``load_state_dict`` raises :class:`~mtlens.errors.CheckpointError` naming the method;
+    :meth:`snapshot` / :meth:`restore` make a step transactional. :class:`Method` adds the
+    contract (hooks, capabilities, claims) on top.
     """
 
     name: ClassVar[str] = ""
-    family: ClassVar[str] = ""
-    levels: ClassVar[tuple[str, ...]] = ()
-    reference: ClassVar[str] = ""
-    defaults_source: ClassVar[str] = ""
-    loss_transform: ClassVar[str | None] = None
-    needs_extra_forward: ClassVar[bool] = False
-    needs_grad_norms: ClassVar[bool] = False
-    needs_features: ClassVar[bool] = False
-    needs_second_batch: ClassVar[bool] = False
-    needs_task_scores: ClassVar[bool] = False
-    needs_lookahead: ClassVar[bool] = False
-    needs_saliency_graph: ClassVar[bool] = False
-    adds_gradients: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
-    loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
-    loss_transform_conflict: ClassVar[str] = ""
-    user_calls: ClassVar[tuple[str, ...]] = ()
-    claims: ClassVar[Mapping[str, Claim]] = {}
-    disclaims: ClassVar[Mapping[str, str]] = {}
-    failures: ClassVar[Mapping[str, tuple[type[Exception], str]]] = {}
-    solver_rtol: ClassVar[float | None] = None
-    state_attrs: ClassVar[tuple[str, ...]] = ()
-    _init_args: dict[str, Any]
     _extra_names: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not getattr(init, "_mtlens_records", False):
-            cls.__init__ = _record_init(init)  # type: ignore[method-assign]
-        names: list[str] = []
-        for klass in reversed(cls.__mro__):
-            names += [n for n in klass.__dict__.get("state_attrs", ()) if n not in names]
-        cls._extra_names = tuple(names)
-        if names:  # only then does the module save an "_extra_state" entry (nn.Module checks the class)
-            cls.get_extra_state = Method._get_extra  # type: ignore[method-assign, assignment]
-            cls.set_extra_state = Method._set_extra  # type: ignore[method-assign, assignment]
 
     def __init__(self) -> None:
         if "_parameters" not in self.__dict__:
             super().__init__()
-
-    def loss_transform_problem(self, transform: str) -> str | None:
-        """Why this method is not defined for ``transform`` ("none" | "log"), or ``None`` if it is.
-
-        Default: from the declared ``loss_transforms`` / ``loss_transform_conflict``; methods whose
-        answer depends on a hyper-parameter (MoCo's ``normalize``) override it."""
-        if self.loss_transform is not None and transform != self.loss_transform:
-            return f"it prescribes loss_transform='{self.loss_transform}'"
-        if transform in self.loss_transforms:
-            return None
-        return self.loss_transform_conflict or f"it is defined for loss_transform in {self.loss_transforms}"
-
-    head_rule: ClassVar[str] = ""
-
-    # -- step 2 of the engine ------------------------------------------------------------------
-    def decide(self, grads: TaskGradients) -> Decision:
-        """Map what the method needs from ``grads`` (losses, Gramian or Jacobian) to a :class:`Decision`.
-
-        Each family implements it from its classic method (``weights``, ``aggregate``,
-        ``combine``), so a method written against those keeps working unchanged."""
-        raise NotImplementedError
 
     # -- transactional steps -----------------------------------------------------------------------
     def snapshot(self) -> Any:
@@ -249,7 +141,7 @@ class Method(torch.nn.Module):
         change only when the whole step succeeded."""
         if not self.stateful:
             return None
-        if type(self).state_dict is Method.state_dict:
+        if type(self).state_dict is MethodState.state_dict:
             return self.state_dict()
         return copy.deepcopy(self.state_dict())
 
@@ -367,6 +259,130 @@ class Method(torch.nn.Module):
         """Learnable tensors the caller's optimiser must update (e.g. UW's log-variances), as a list:
         ``list(model.parameters()) + method.parameters()``."""
         return list(super().parameters(recurse))
+
+
+
+class Method(MethodState):
+    """Base of every multi-task optimisation method: a :class:`torch.nn.Module`.
+
+    Class attributes describe the method to the engine, the registry and the docs:
+    ``name`` (registry name), ``family`` ("loss" | "gradient" | "regularizer"), ``levels``
+    (the gradient levels it supports), ``reference`` (paper and arXiv id), ``loss_transform``
+    (a transform the method itself prescribes, e.g. DB-MTL's log).
+
+    What a method needs from the engine is declared here, on the contract, never discovered:
+    ``needs_extra_forward`` (FAMO: the caller passes the updated model's losses to
+    :meth:`after_step`), ``needs_grad_norms`` (GradNorm: per-task gradient norms on a shared
+    layer), ``needs_features`` (GradDrop's batch form: the activations ``Z``). ``head_rule``
+    states, with its source, what the task-specific parameters receive (docs/methods.md).
+    ``needs_second_batch`` (SDMGrad, MoDo: before every step the caller passes the cross-Gramian
+    of two further independent mini-batches to :meth:`observe_cross_gramian`),
+    ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
+    performance drop against its single-task baseline to :meth:`on_task_scores`),
+    ``needs_lookahead`` (bilevel methods, Auto-Lambda, MOML and FORUM: before every step the
+    caller passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
+    validation batch to :meth:`meta_step`). ``needs_saliency_graph`` (ConsMTL: the engine keeps
+    the graph of the saliencies ``S_t = ∂L_t/∂Z`` through the heads,
+    :meth:`~mtlens.engine.gradients.TaskGradients.attached_saliencies`, so that the method can
+    differentiate a function of them w.r.t. the task-specific parameters). ``adds_gradients``
+    (ConsMTL's term on the heads, FORUM's upper-level multi-gradient): the method's
+    :class:`Decision` may carry gradients it computed itself (``Decision.extra_grads``), which the
+    engine adds to ``.grad`` with everything else (all or nothing); such a decision is not a
+    weighting of the step's losses, so it is never cached (``update_every``).
+
+    Two declared properties make a method safe in the user's own loop:
+
+    * ``loss_transforms``: the loss transforms the method is defined for (``"none"``,
+      ``"log"``); ``loss_transform_conflict`` says why one is missing. The engine and the
+      configuration refuse any other combination (:func:`check_loss_transform`) — e.g. UW with
+      log losses has no minimum (its weights grow without bound).
+    * ``user_calls``: what the user's loop must do besides ``mtl_backward`` for the method to be
+      itself: ``"parameters"`` (add :meth:`parameters` to the optimiser), ``"after_step"`` (call
+      :meth:`after_step` after ``optimizer.step()``), ``"on_epoch_end"`` (call
+      :meth:`on_epoch_end` once per epoch); the ``needs_*`` flags above imply theirs
+      (:func:`required_calls`). A stateful method detects a missed call and raises
+      :class:`~mtlens.errors.ConfigurationError` naming it (docs: README, own-loop section).
+
+    What a method guarantees is declared here too, once: ``claims`` maps a property name of
+    :mod:`mtlens.methods.testing` (``"non_conflicting"``, ``"permutation_invariant"``,
+    ``"homogeneous"``, ``"rescaling_invariant"``, ``"weights_total"``) to a :class:`Claim` with its
+    source; ``disclaims`` maps a property a reader would expect to why it does not hold (e.g. an
+    absolute epsilon breaks homogeneity); ``failures`` maps a condition to the error the method
+    raises there and why (FairGrad: no direction improves every task → SolverError);
+    ``solver_rtol`` is the relative accuracy of an iterative solver (``None``: closed form).
+
+    State (see the module docstring): tensors are buffers, learnable scalars parameters, the rest
+    is named in ``state_attrs`` and saved as the module's extra state (``"_extra_state"``): a
+    ``torch.Generator`` by its state, an object with ``state_dict()`` (a ``torch.optim``
+    optimiser, :class:`~mtlens.methods._calls.EpochCalls`) by it, anything else as is. A buffer or
+    parameter that is created on the first call (``None`` until then) appears as ``None`` in the
+    state, so that loading a state restores "not created yet" exactly. ``state_dict()`` returns a
+    copy (later steps update the buffers in place); ``load_state_dict`` raises
+    :class:`~mtlens.errors.CheckpointError` for a state of another method or shape.
+
+    Subclasses need not call ``super().__init__()``: the module is initialised, and the
+    constructor's arguments recorded for :meth:`hparams`, before their ``__init__`` runs.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    levels: ClassVar[tuple[str, ...]] = ()
+    reference: ClassVar[str] = ""
+    defaults_source: ClassVar[str] = ""
+    loss_transform: ClassVar[str | None] = None
+    needs_extra_forward: ClassVar[bool] = False
+    needs_grad_norms: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+    needs_second_batch: ClassVar[bool] = False
+    needs_task_scores: ClassVar[bool] = False
+    needs_lookahead: ClassVar[bool] = False
+    needs_saliency_graph: ClassVar[bool] = False
+    adds_gradients: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
+    loss_transform_conflict: ClassVar[str] = ""
+    user_calls: ClassVar[tuple[str, ...]] = ()
+    claims: ClassVar[Mapping[str, Claim]] = {}
+    disclaims: ClassVar[Mapping[str, str]] = {}
+    failures: ClassVar[Mapping[str, tuple[type[Exception], str]]] = {}
+    solver_rtol: ClassVar[float | None] = None
+    state_attrs: ClassVar[tuple[str, ...]] = ()
+    _init_args: dict[str, Any]
+    _extra_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_mtlens_records", False):
+            cls.__init__ = _record_init(init)  # type: ignore[method-assign]
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            names += [n for n in klass.__dict__.get("state_attrs", ()) if n not in names]
+        cls._extra_names = tuple(names)
+        if names:  # only then does the module save an "_extra_state" entry (nn.Module checks the class)
+            cls.get_extra_state = MethodState._get_extra  # type: ignore[method-assign, assignment]
+            cls.set_extra_state = MethodState._set_extra  # type: ignore[method-assign, assignment]
+
+    def loss_transform_problem(self, transform: str) -> str | None:
+        """Why this method is not defined for ``transform`` ("none" | "log"), or ``None`` if it is.
+
+        Default: from the declared ``loss_transforms`` / ``loss_transform_conflict``; methods whose
+        answer depends on a hyper-parameter (MoCo's ``normalize``) override it."""
+        if self.loss_transform is not None and transform != self.loss_transform:
+            return f"it prescribes loss_transform='{self.loss_transform}'"
+        if transform in self.loss_transforms:
+            return None
+        return self.loss_transform_conflict or f"it is defined for loss_transform in {self.loss_transforms}"
+
+    head_rule: ClassVar[str] = ""
+
+    # -- step 2 of the engine ------------------------------------------------------------------
+    def decide(self, grads: TaskGradients) -> Decision:
+        """Map what the method needs from ``grads`` (losses, Gramian or Jacobian) to a :class:`Decision`.
+
+        Each family implements it from its classic method (``weights``, ``aggregate``,
+        ``combine``), so a method written against those keeps working unchanged."""
+        raise NotImplementedError
 
     # -- explicit hooks --------------------------------------------------------------------
     def on_epoch_end(self, mean_losses: Tensor) -> None:

@@ -9,12 +9,11 @@ from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, JacobianAggregator
 from ..errors import ShapeError
 from ._registry import register
 from ._utils import check, check_block_shapes, in_range, nonzero_rows
-
-ZERO_REL = 1e-16  # an EMA gradient with ‖ĝ_t‖² below ZERO_REL · max ‖ĝ‖² counts as zero
 
 
 def task_sq_norms(blocks: Sequence[Tensor]) -> Tensor:

@@ -9,11 +9,12 @@ from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks, gramian_from_blocks
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SYMMETRIC, Claim, JacobianAggregator
 from ..errors import ConfigurationError, ShapeError
 from ._registry import register
 from ._utils import check, check_block_shapes, in_range, nonzero_rows, positive
-from .db_mtl import ZERO_REL, check_blocks, task_sq_norms
+from .db_mtl import check_blocks, task_sq_norms
 
 NORMALIZE = ("loss", "l2", "none")
 

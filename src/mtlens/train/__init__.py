@@ -1,4 +1,4 @@
-"""Training: validated configuration, the trainer, single-task baselines, checkpoints and records.
+"""Training: validated configuration, the trainer, single-task baselines, evaluation, checkpoints and records.
 
 Five lines from Python::
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .baseline import ensure_baselines, load_baseline_file, stl_cache_key, train_all_stl
+from .baseline import ensure_baselines, load_baseline_file, resolve_baseline, stl_cache_key, train_all_stl
 from .checkpoint import load_checkpoint
 from .config import (
     RunConfig,
@@ -29,7 +29,8 @@ from .config import (
     validate_config,
 )
 from .evaluate import evaluate_checkpoint
-from .trainer import Callback, Trainer
+from .loop import Callback, TrainingLoop
+from .trainer import Trainer
 
 
 def run(
@@ -54,6 +55,7 @@ __all__ = [
     "Callback",
     "RunConfig",
     "Trainer",
+    "TrainingLoop",
     "apply_override",
     "available_presets",
     "default_cache_dir",
@@ -64,6 +66,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_preset",
+    "resolve_baseline",
     "run",
     "stl_cache_key",
     "train_all_stl",

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
 from ..errors import ShapeError, SolverError
 from ._qp import check_gramian, check_pref_vector
 from ._registry import register
 from ._utils import in_range
 
-ZERO_REL = 1e-16  # a row whose squared norm is below ZERO_REL * max squared norm counts as zero
 PARALLEL_TOL = 1e-10  # p with a relative component below this in range(G_u) has no direction
 
 
