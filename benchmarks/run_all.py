@@ -57,9 +57,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import mtlens  # noqa: E402,F401  (torchvision shim before timm)
 from mtlens.engine import mtl_backward  # noqa: E402
 from mtlens.methods import create  # noqa: E402
+from mtlens.models._torchvision_shim import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # PyPI's CUDA torchvision with a CPU torch: before timm imports it
 
 # =============================================================================================
 # timing and memory

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import benchmark
 
-import mtlens  # noqa: F401  (torchvision shim before timm)
 from mtlens.engine import mtl_backward
 from mtlens.methods import available, create, get
+from mtlens.models._torchvision_shim import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # PyPI's CUDA torchvision with a CPU torch: before timm imports it
 
 TORCHJD = {  # our name -> (TorchJD class name, kwargs)
     "upgrad": ("UPGrad", {}),
