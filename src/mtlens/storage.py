@@ -339,8 +339,13 @@ def read_lock_holder(directory: str | os.PathLike) -> dict[str, Any] | None:
 class DirectoryLock:
     """Exclusive, re-entrant (per thread) lock of a directory for one writer's lifetime.
 
-    >>> with DirectoryLock("runs/demo", purpose="mtlens train"):  # doctest: +SKIP
-    ...     ...  # write into runs/demo
+    >>> run = Path(tempfile.mkdtemp()) / "demo"
+    >>> with DirectoryLock(run, purpose="mtlens train") as lock:  # another process would get LockHeldError
+    ...     _ = (run / "notes.txt").write_text("one writer at a time")
+    ...     lock.held, read_lock_holder(run)["purpose"]
+    (True, 'mtlens train')
+    >>> lock.held
+    False
 
     Args:
         directory: the directory to lock (created when missing). The lock file is
