@@ -30,7 +30,7 @@ from torch import Tensor
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
 from .apply import apply_decision, check_decision
 from .decision import Decision
-from .distributed import resolve
+from .distributed import Dist, resolve
 from .gradients import (
     JACOBIAN_MODES,
     LOG_EPS,
@@ -138,7 +138,7 @@ def mtl_backward(
     keep_saliencies: bool = False,
     compute_gramian: bool | str = False,
     nonfinite: str = "raise",
-    grad_scaler=None,
+    grad_scaler: torch.amp.GradScaler | None = None,
     grad_norm_params: Sequence[Tensor] | None = None,
     retain_graph: bool = False,
     distributed: Any = None,
@@ -278,7 +278,7 @@ def mtl_backward(
                    if is_loss else "a Jacobian aggregator's update is not a weighting of the task losses")
             )
         if not cache.due():
-            return _cached_step(losses, task_names, method, cache, features, shared, task_params, transform,
+            return _cached_step(losses, task_names, method, cache, shared, task_params, transform,
                                 regularizers, scale, dist, retain_graph, nonfinite, grad_scaler, lvl)
 
     grads = compute_task_gradients(
@@ -335,8 +335,8 @@ def step_record(grads: TaskGradients) -> StepRecord:
     return rec
 
 
-def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients, grad_scaler,
-                 overflow: bool = False) -> StepRecord:
+def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients,
+                 grad_scaler: torch.amp.GradScaler | None, overflow: bool = False) -> StepRecord:
     record.weights = None
     record.gramian = None
     if grad_scaler is not None and overflow:
@@ -357,8 +357,11 @@ def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients
     return record
 
 
-def _cached_step(losses, task_names, method, cache, features, shared, task_params, transform, regularizers,
-                 scale, dist, retain_graph, nonfinite, grad_scaler, lvl) -> StepRecord:
+def _cached_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
+                 method: Method, cache: DecisionCache, shared: list[Tensor] | None,
+                 task_params: Iterable[Tensor] | None, transform: str, regularizers: Sequence[Regularizer],
+                 scale: float, dist: Dist | None, retain_graph: bool, nonfinite: str,
+                 grad_scaler: torch.amp.GradScaler | None, lvl: str) -> StepRecord:
     """One backward of ``Σ_t w_t L_t`` with the cached weights (heads: ``Σ_t h_t L_t``)."""
     if regularizers:
         raise ConfigurationError(

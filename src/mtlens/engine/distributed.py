@@ -77,14 +77,14 @@ class Dist:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: Tensor, dim: int, dist: Dist) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor, dim: int, dist: Dist) -> Tensor:  # type: ignore[override]
         ctx.dim, ctx.dist, ctx.size = dim, dist, t.shape[dim]
         parts = [torch.empty_like(t) for _ in range(dist.world)]
         torch.distributed.all_gather(parts, t.contiguous(), group=dist.group)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         g = grad.contiguous().clone()
         torch.distributed.all_reduce(g, group=ctx.dist.group)
         start = ctx.dist.rank * ctx.size

@@ -66,7 +66,9 @@ class Features:
         return self.maps
 
 
-def normalise_features(features, names: Sequence[str]) -> Features:
+def normalise_features(
+    features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, names: Sequence[str]
+) -> Features:
     if features is None:
         return Features([], [])
     if isinstance(features, Tensor):
@@ -99,7 +101,9 @@ def normalise_features(features, names: Sequence[str]) -> Features:
     return Features(maps, owner)
 
 
-def normalise_losses(losses, task_names) -> tuple[list[str], list[Tensor]]:
+def normalise_losses(
+    losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None
+) -> tuple[list[str], list[Tensor]]:
     if isinstance(losses, Mapping):
         names = list(losses.keys())
         values = list(losses.values())
@@ -137,14 +141,19 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
     return bool(torch.isfinite(sums).all())
 
 
-def _grads(outputs, inputs, grad_outputs=None, retain_graph=True, create_graph=False, batched=False):
+def _grads(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    grad_outputs: Tensor | Sequence[Tensor] | None = None,
+    retain_graph: bool = True, create_graph: bool = False, batched: bool = False,
+) -> tuple[Tensor | None, ...]:
     return torch.autograd.grad(
         outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph or create_graph,
         create_graph=create_graph, allow_unused=True, is_grads_batched=batched,
     )
 
 
-def zeros_if_none(gs, like):
+def zeros_if_none(gs: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, like)]
 
 
@@ -350,7 +359,8 @@ def _mean_rows(all_rows: list[list[list[Tensor | None]]]) -> list[list[Tensor | 
 
 
 # ---------------------------------------------------------------------------------------------
-def _find_heads(loss_list, feats: Features, shared, task_params, method_params) -> list[Tensor]:
+def _find_heads(loss_list: Sequence[Tensor], feats: Features, shared: Sequence[Tensor],
+                task_params: Iterable[Tensor] | None, method_params: Iterable[Tensor]) -> list[Tensor]:
     shared_ids = {id(p) for p in shared}
     if task_params is not None:
         heads = [p for p in task_params if p.requires_grad and id(p) not in shared_ids]
@@ -368,7 +378,7 @@ def _find_heads(loss_list, feats: Features, shared, task_params, method_params) 
     return [p for p in heads if id(p) not in mp_ids]
 
 
-def _node_sets(loss_list, stop_at) -> list[set]:
+def _node_sets(loss_list: Sequence[Tensor], stop_at: Sequence[Tensor]) -> list[set[Any]]:
     """The autograd nodes each loss reaches before ``stop_at`` (to free each part of the graph on
     its last use)."""
     stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
@@ -572,7 +582,7 @@ class _NonFinitePenalty(NonFiniteError):
     pass
 
 
-def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | None]) -> None:
+def _check_own_maps(names: Sequence[str], feats: Features, t: int, others: Sequence[Tensor | None]) -> None:
     reached = [names[m] for m, g in zip([m for m in range(len(feats.maps)) if m != t], others) if g is not None]
     if reached:
         raise ConfigurationError(
@@ -582,7 +592,8 @@ def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | No
         )
 
 
-def _heads_pass(names, obj_scaled, feats: Features, heads, create_graph, retain_graph):
+def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
+                create_graph: bool, retain_graph: bool) -> tuple[list[list[Tensor]], list[list[Tensor | None]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows."""
     T = len(obj_scaled)
     flags = [True] * T
@@ -607,7 +618,8 @@ def _heads_pass(names, obj_scaled, feats: Features, heads, create_graph, retain_
     return sal, rows
 
 
-def _encoder_rows(feats: Features, shared, sal, create_graph, retain_graph, jacobian) -> list:
+def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[Tensor]], create_graph: bool,
+                  retain_graph: bool, jacobian: str) -> list[Any]:
     """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t`` (rows), or blocks in batched mode."""
     T = len(sal)
     if jacobian == "batched" and len(feats.maps) == 1 and not feats.multi_input and not create_graph:
@@ -626,7 +638,7 @@ def _encoder_rows(feats: Features, shared, sal, create_graph, retain_graph, jaco
     return rows
 
 
-def _raw_saliencies(sal_obj, raw, transform, scale):
+def _raw_saliencies(sal_obj: Sequence[Tensor], raw: Tensor, transform: str, scale: float) -> list[Tensor]:
     """Saliencies of the raw losses from those of the objective losses, keeping the graph.
 
     ``∂ log(L+ε)/∂Z = (∂L/∂Z)/(L+ε)``, so ``∂L/∂Z = ∂obj/∂Z · (L+ε)``: exact, no extra backward."""
@@ -652,7 +664,7 @@ def _stack(sal: list[Tensor], names: Sequence[str]) -> Tensor:
     return torch.stack(sal)
 
 
-def _reg_saliency_block(sal_raw: list[Tensor], names, dist: Dist | None) -> Tensor:
+def _reg_saliency_block(sal_raw: list[Tensor], names: Sequence[str], dist: Dist | None) -> Tensor:
     """The saliency block regularisers see: (T, B, ...) of the global batch under data parallelism
     (the local saliencies scaled by 1/W — those of the global mean loss — gathered with gradient)."""
     S = _stack(sal_raw, names)
@@ -661,7 +673,9 @@ def _reg_saliency_block(sal_raw: list[Tensor], names, dist: Dist | None) -> Tens
     return S
 
 
-def regularizer_terms(regs, blocks, obj_detached) -> tuple[Tensor | None, dict[str, float]]:
+def regularizer_terms(
+    regs: Sequence[Regularizer], blocks: Sequence[Tensor], obj_detached: Tensor
+) -> tuple[Tensor | None, dict[str, float]]:
     total = None
     values: dict[str, float] = {}
     for r in regs:
@@ -677,7 +691,7 @@ def regularizer_terms(regs, blocks, obj_detached) -> tuple[Tensor | None, dict[s
     return total, values
 
 
-def _warn_zero(names, diag: Tensor, level: str) -> None:
+def _warn_zero(names: Sequence[str], diag: Tensor, level: str) -> None:
     for n, v in zip(names, diag.tolist()):
         if v == 0.0 and n not in _warned_zero:
             _warned_zero.add(n)
@@ -690,8 +704,10 @@ def _warn_zero(names, diag: Tensor, level: str) -> None:
             )
 
 
-def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
-                    transform, jacobian, scale, dist, retain_graph):
+def _gradient_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], raw: Tensor, obj: Tensor,
+                    obj_scaled: list[Tensor], feats: Features, shared: list[Tensor], heads: list[Tensor],
+                    sal_regs: list[Regularizer], param_regs: list[Regularizer], transform: str, jacobian: str,
+                    scale: float, dist: Dist | None, retain_graph: bool) -> None:
     T = len(names)
     create = bool(sal_regs) or bool(param_regs)
     level = tg.level
@@ -801,8 +817,11 @@ def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
     return [g for g in dist.mean_list(row)]  # type: ignore[misc]
 
 
-def _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
-                transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist):
+def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], raw: Tensor, obj_items: list[Tensor],
+                obj: Tensor, obj_scaled: list[Tensor], feats: Features, shared: list[Tensor],
+                sal_regs: list[Regularizer], param_regs: list[Regularizer], transform: str, keep_saliencies: bool,
+                compute_gramian: str | None, grad_norm_params: Sequence[Tensor] | None, jacobian: str, scale: float,
+                dist: Dist | None) -> None:
     tg._attached = list(obj_items)  # under data parallelism: valued at the global mean (see above)
     if grad_norm_params is not None:
         params = list(grad_norm_params)
