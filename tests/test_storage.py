@@ -292,3 +292,72 @@ def test_lock_on_a_path_that_is_a_file_is_an_output_path_error(tmp_path):
     msg = str(output_path_error(info.value))
     assert f"'{f}' is a file" in msg
     assert isinstance(output_path_error(info.value), OutputPathError)
+
+
+# -- log.jsonl: a hash chain over the lines (issue 11, class 1) ----------------------------------
+def _log(tmp_path, n=4):
+    from mtlens.train.records import JsonlWriter
+
+    w = JsonlWriter(tmp_path / "log.jsonl")
+    offsets = []
+    for i in range(n):
+        w.write({"type": "step", "global_step": i, "loss": 1.0 / (i + 1), "bad": float("nan")})
+        offsets.append(w.offset())
+    w.close()
+    return tmp_path / "log.jsonl", offsets
+
+
+def test_log_jsonl_round_trips_with_a_hash_per_line(tmp_path):
+    from mtlens.train.records import read_jsonl
+
+    path, _ = _log(tmp_path)
+    records = read_jsonl(path)
+    assert [r["global_step"] for r in records] == [0, 1, 2, 3]
+    assert records[0]["bad"] == "nan" and "content_sha256" not in records[0]
+    assert all("content_sha256" in json.loads(line) for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete", "swap", "unhashed"])
+def test_log_jsonl_damage_is_detected_naming_file_and_line(tmp_path, damage):
+    from mtlens.train.records import read_jsonl
+
+    path, _ = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    if damage == "flip":
+        lines[2] = lines[2].replace('"global_step": 2', '"global_step": 3')
+    elif damage == "delete":
+        del lines[1]
+    elif damage == "swap":
+        lines[1], lines[2] = lines[2], lines[1]
+    else:
+        lines[1] = json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "content_sha256"})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(IntegrityError, match=r"log\.jsonl' line 2|log\.jsonl' line 3"):
+        read_jsonl(path)
+
+
+def test_log_jsonl_torn_tail_only_when_allowed(tmp_path):
+    from mtlens.train.records import read_jsonl
+
+    path, _ = _log(tmp_path)
+    with open(path, "a") as fh:
+        fh.write('{"type": "step", "glo')  # a writer killed mid-line
+    assert len(read_jsonl(path, allow_torn_tail=True)) == 4
+    with pytest.raises(IntegrityError, match="line 5 is not valid JSON"):
+        read_jsonl(path)
+
+
+def test_log_jsonl_resume_truncates_verifies_and_continues_the_chain(tmp_path):
+    from mtlens.train.records import JsonlWriter, read_jsonl
+
+    path, offsets = _log(tmp_path)
+    w = JsonlWriter(path)
+    w.truncate(offsets[1])  # back to the checkpoint after line 2
+    w.write({"type": "step", "global_step": 2, "loss": 0.25})
+    w.close()
+    assert [r["global_step"] for r in read_jsonl(path)] == [0, 1, 2]
+    # a corrupted line before the checkpoint is caught when the resumed run truncates
+    text = path.read_text().replace('"global_step": 0', '"global_step": 9')
+    path.write_text(text)
+    with pytest.raises(IntegrityError, match="line 1 is corrupt"):
+        JsonlWriter(path).truncate(offsets[0])

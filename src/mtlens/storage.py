@@ -308,6 +308,76 @@ def read_json(path: str | os.PathLike, *, required: bool = True) -> Any:
     return obj
 
 
+def jsonl_line_digest(prev: str, body: Mapping[str, Any]) -> str:
+    """The chained hash of one JSONL record: SHA-256 of ``prev`` (the previous line's hash, ``""``
+    for the first line), a newline and the canonical JSON of ``body`` (without ``content_sha256``).
+
+    Chaining makes a deleted, inserted or reordered line detectable, not only an edited one."""
+    clean = {k: v for k, v in body.items() if k != HASH_KEY}
+    return hashlib.sha256((prev + "\n" + _json_canonical(clean)).encode()).hexdigest()
+
+
+def seal_jsonl_line(prev: str, body: Mapping[str, Any]) -> tuple[str, str]:
+    """``(line, digest)``: the JSON text (no newline) of ``body`` with its chained ``content_sha256``
+    as the last key (non-finite floats as strings), and that digest (the next line's ``prev``)."""
+    clean = json.loads(_json_canonical(_json_clean({k: v for k, v in body.items() if k != HASH_KEY})))
+    clean = {str(k): clean[str(k)] for k in body if k != HASH_KEY}
+    digest = jsonl_line_digest(prev, clean)
+    return json.dumps({**clean, HASH_KEY: digest}, allow_nan=False), digest
+
+
+def read_jsonl_verified(path: str | os.PathLike, *, stop_at: int | None = None,
+                        allow_torn_tail: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """Read a JSONL file written with :func:`seal_jsonl_line` and verify its hash chain.
+
+    Args:
+        path: the file.
+        stop_at: read only the first ``stop_at`` bytes (a checkpointed offset; must fall at the
+            end of a line).
+        allow_torn_tail: skip an unparsable *last* line (a writer killed mid-line) instead of raising.
+
+    Returns:
+        ``(records, last_digest)``: the records without their hash key, and the hash of the last
+        line (``""`` for an empty file) from which a writer continues the chain.
+
+    Raises:
+        IntegrityError: an unparsable line, a line without a hash, or a hash that does not follow
+            from the previous lines — naming the file and the line number.
+    """
+    data = Path(path).read_bytes()
+    if stop_at is not None:
+        if stop_at > len(data):
+            raise IntegrityError(f"'{path}' is shorter ({len(data)} bytes) than the recorded offset {stop_at}; "
+                                 "the file was modified. Restart the run from scratch in a new directory")
+        data = data[:stop_at]
+        if data and not data.endswith(b"\n"):
+            raise IntegrityError(f"'{path}': the recorded offset {stop_at} does not fall at the end of a line; "
+                                 "the file was modified. Restart the run from scratch in a new directory")
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    records: list[dict[str, Any]] = []
+    prev = ""
+    for i, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if allow_torn_tail and i == len(lines):
+                break
+            raise IntegrityError(f"'{path}' line {i} is not valid JSON: the file is truncated or corrupt. "
+                                 "Restore an intact copy, or resume the run from its checkpoint") from None
+        if not isinstance(obj, dict) or HASH_KEY not in obj:
+            raise IntegrityError(f"'{path}' line {i} carries no content hash ({HASH_KEY}): the file was not "
+                                 "written by this mtlens version or was edited")
+        if jsonl_line_digest(prev, obj) != obj[HASH_KEY]:
+            raise IntegrityError(f"'{path}' line {i} is corrupt: it does not match the hash chain recorded when "
+                                 "it was written (an edited, deleted, inserted or reordered line, or a flipped "
+                                 "bit). Restore an intact copy, or resume the run from its checkpoint")
+        prev = obj[HASH_KEY]
+        records.append({k: v for k, v in obj.items() if k != HASH_KEY})
+    return records, prev
+
+
 # ---------------------------------------------------------------------------------------------
 # directory locks
 _registry_guard = threading.Lock()

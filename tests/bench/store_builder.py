@@ -226,6 +226,7 @@ def write_fake_store(root: Path, runs: list[dict], suite: str = "fake") -> Path:
                 if delta is None
                 else {"test": {"delta_p_task": delta, "delta_p_metric": delta, "delta_m": -delta}},
                 "diagnostics": {"mean": r.get("diag", {}), "final": r.get("diag", {})},
+                "config": {"loss_transform": r.get("loss_transform")},
                 "timings": {
                     "mean_step_s": r.get("step_s", 0.01),
                     "peak_memory": {"peak_bytes": (r.get("peak") or 0) + 10**8, "start_bytes": 10**8, "source": "fake"}

@@ -105,7 +105,7 @@ def test_rep_mtl_suite_on_fixtures(tmp_path):
     suite = load_suite("rep-mtl", sets, roots={k: str(v) for k, v in roots.items()})
     out = tmp_path / "store"
     run_suite(suite, out)
-    idx = _check(out, 4, {"none", "rep_mtl", "rep_mtl_tsr", "rep_mtl_csa"})
+    idx = _check(out, 4, {"none", "log_losses", "rep_mtl", "rep_mtl_tsr", "rep_mtl_csa"})
     office = {e["label"] for e in idx["runs"] if e["benchmark"] == "office-31"}
     assert "graddrop (feature)" not in office and "db_mtl (param)" in office  # excluded on multi-input
     assert "graddrop (feature)" in {e["label"] for e in idx["runs"] if e["benchmark"] == "nyuv2"}

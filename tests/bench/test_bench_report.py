@@ -206,6 +206,29 @@ def test_rep_mtl_ablation_order_and_difference_to_base(tmp_path):
     assert t.columns[-2:] == ["α encoder", "α heads/left"]
 
 
+def test_rep_mtl_ablation_compares_against_the_base_with_the_same_loss_transform(tmp_path):
+    """Rep-MTL on log losses against plain EW mixes two effects: with an EW-on-log-losses row in the
+    store, that row is the reference; without it, the caption warns."""
+    extra = []
+    for v, d, tr in (("rep_mtl", 4.0, "log"), ("rep_mtl_tsr", 3.0, "log"), ("log_losses", 3.5, "log")):
+        for s, eps in ((0, -0.1), (1, 0.1)):
+            extra.append({"method": "ew", "variant": v, "seed": s, "delta": d + eps, "step_s": 0.02,
+                          "loss_transform": tr, "diag": {"diag/fd": 0.3, "diag/tsr_entropy": 0.5}})
+    _, groups = leaderboard(load_store(_fake(tmp_path / "a", extra)), "multimnist")
+    (t,) = rep_mtl_tables(groups, "multimnist")
+    rows = {r[2]: dict(zip(t.csv_columns, r)) for r in t.csv_rows}
+    assert rows["log_losses"]["verdict"] == "reference" and rows["none"]["verdict"] == "not compared"
+    assert rows["rep_mtl"]["diff_vs_base"] == pytest.approx(4.0 - 3.5)
+    assert 'Reference: "base, log losses"' in t.caption
+    # without the matching row: plain EW is the reference and the caption says what is mixed
+    no_log = [e for e in extra if e["variant"] != "log_losses"]
+    _, groups = leaderboard(load_store(_fake(tmp_path / "b", no_log)), "multimnist")
+    (t,) = rep_mtl_tables(groups, "multimnist")
+    rows = {r[2]: dict(zip(t.csv_columns, r)) for r in t.csv_rows}
+    assert rows["none"]["verdict"] == "reference" and rows["rep_mtl"]["diff_vs_base"] == pytest.approx(4.0 - 2.0)
+    assert "Caution: the reference row uses loss transform 'none' and the Rep-MTL rows 'log'" in t.caption
+
+
 def test_unreadable_and_unlisted_runs_are_reported_not_dropped(tmp_path):
     root = _fake(tmp_path, [{"method": "uw", "seed": 0, "corrupt": True}])
     stray = root / "runs" / "zzz"

@@ -55,7 +55,8 @@ def _level(method):
     return "param" if "param" in method.levels else "feature"
 
 
-def run_loop(method, *, epochs=3, after_step=True, on_epoch_end=True, optimizer_params=True, accumulate=1,
+def run_loop(method, *, epochs=3, after_step=True, on_epoch_end=True, task_scores=True, optimizer_params=True,
+             accumulate=1,
              model=None, observe=True):
     """The README's own loop (every call made), with switches that leave one call out."""
     torch.manual_seed(0)
@@ -82,7 +83,15 @@ def run_loop(method, *, epochs=3, after_step=True, on_epoch_end=True, optimizer_
             epoch_losses.append(record.losses)
         if on_epoch_end:
             method.on_epoch_end(torch.stack(epoch_losses).mean(0))
+        if method.needs_task_scores and task_scores:  # PIVRG: each task's drop vs its STL baseline, in %
+            method.on_task_scores(_task_scores(torch.stack(epoch_losses).mean(0)))
     return model
+
+
+def _task_scores(mean_losses):
+    """Relative drop (%) of each task's loss against a fixed single-task reference loss."""
+    stl = torch.tensor([0.5, 2.0, 6.0], dtype=mean_losses.dtype)
+    return 100 * (mean_losses - stl) / stl
 
 
 def _setup(name):
@@ -105,15 +114,10 @@ def _changed(a, b) -> bool:
 
 
 STATEFUL = [n for n in available() if get(n).stateful and get(n).family != "regularizer"]
-# Known gap (reported to the lead): PIVRG's state is only its per-task scores, set by on_task_scores()
-# (the tasks' performance drop against single-task baselines); this generic loop does not report them.
-_KNOWN_GAPS = {"pivrg": "on_task_scores() is not called here: PIVRG stays at equal priorities"}
-STATEFUL_CASES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_KNOWN_GAPS[n]))
-                  if n in _KNOWN_GAPS else n for n in STATEFUL]
 
 
 # -- item 1: every stateful method is itself in the README's loop --------------------------------
-@pytest.mark.parametrize("name", STATEFUL_CASES)
+@pytest.mark.parametrize("name", STATEFUL)
 def test_every_stateful_method_evolves_in_the_own_loop(name):
     method = create(name, **_setup(name), **_hparams(name))
     before = method.state_dict()
@@ -225,6 +229,18 @@ def test_user_calls_are_declared_for_the_stateful_loss_methods():
         assert cls.needs_second_batch == ("observe_cross_gramian" in calls), name
         assert cls.needs_task_scores == ("on_task_scores" in calls), name
         assert cls.needs_lookahead == ("meta_step" in calls), name
+
+
+@pytest.mark.parametrize("name", [n for n in available() if get(n).needs_task_scores])
+def test_missed_task_scores_raise_naming_the_call(name):
+    method = create(name, **_setup(name))
+    with pytest.raises(ConfigurationError, match=r"on_task_scores\(scores\) was not called"):
+        run_loop(method, task_scores=False)  # the issue: PIVRG silently stayed at equal priorities
+    method = create(name, num_tasks=3)  # no steps_per_epoch: warn once, learn the epoch from the first report
+    with pytest.warns(UserWarning, match=r"on_task_scores\(scores\)"):
+        run_loop(method, epochs=1)
+    with pytest.raises(ConfigurationError, match="on_task_scores"):
+        run_loop(method, epochs=2, task_scores=False)
 
 
 @pytest.mark.parametrize("name", [n for n in available() if get(n).needs_second_batch])

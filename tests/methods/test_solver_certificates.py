@@ -233,6 +233,17 @@ def test_cagrad_issue_example_20_tasks_in_r40_norms_within_1_5():
         assert m.log_values()["dual_gap"] <= 1e-8 or m.log_values()["stationary"] == 1.0
 
 
+def test_cagrad_beyond_its_certified_range_says_why_never_gap_zero():
+    """Norms 1e11 apart: the dual point is optimal but its g_w is below the stationarity threshold.
+    The error says that (and the certified range), instead of reporting "gap 0.00e+00" as the failure."""
+    J = random_jacobian(4, 9, 4.97, 11.47, 0.25, 737112299)
+    with pytest.raises(SolverError) as info:
+        create("cagrad", c=0.4, rescale=0).weights(torch.tensor(J @ J.T), torch.ones(4))
+    msg = str(info.value)
+    assert "0.00e+00 >" not in msg and "below the stationarity threshold" in msg
+    assert "norm spreads up to 1e4" in msg and "task gradient norms" in msg
+
+
 # ---------------------------------------------------------------------------------------------
 def test_messages_tell_infeasible_from_not_converged(monkeypatch):
     g = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])

@@ -57,6 +57,49 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, bench, method):
     assert steps and all(s["train/world_size"] == 2 and s["train/local_batch"] == 8 for s in steps)
 
 
+def _torchrun(cfg_file, *extra, env=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(HERE / "_torchrun_entry.py"), "train", "--config", str(cfg_file), "--quiet", *extra],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_killed_torchrun_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Both ranks die at once after global step 5 (last checkpoint: step 4); ``--resume`` under
+    torchrun continues from the checkpoint and ends where an uninterrupted run ends."""
+    over = {"method": {"name": "upgrad", "level": "param"}, "checkpoint": {"every_steps": 2},
+            "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "seed": 0, "max_steps_per_epoch": 4,
+                      "log_every": 1}}
+    ref = run(validate_config(tiny_config(tmp_path / "one", **over)), quiet=True)
+    d = tiny_config(tmp_path / "two", **over)
+    d["train"]["distributed"] = True
+    cfg_file = tmp_path / "two.yaml"
+    cfg_file.write_text(yaml.safe_dump(d))
+    killed = _torchrun(cfg_file, env={"MTLENS_TEST_EXIT_AT_STEP": "5"}, check=False)
+    out = Path(d["out_dir"])
+    assert killed.returncode != 0 and (out / "checkpoint.pt").exists() and not (out / "results.json").exists()
+    _torchrun(cfg_file, "--resume")
+    got = json.loads((out / "results.json").read_text())
+    for task, metrics in ref["metrics"]["test"].items():
+        for k, v in metrics.items():
+            assert got["metrics"]["test"][task][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (task, k)
+    a, b = _weights(Path(ref["out_dir"]) / "checkpoint.pt"), _weights(out / "checkpoint.pt")
+    for k in a:
+        if torch.is_tensor(a[k]) and a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # the log holds every step once: the killed step 5 was cut back to the checkpoint and redone
+    from mtlens.train.records import read_jsonl
+
+    steps = [r["global_step"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "step"]
+    assert steps == list(range(1, 9))
+
+
 def test_distributed_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):
     from mtlens.errors import ConfigurationError
     from mtlens.train import Trainer

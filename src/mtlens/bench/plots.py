@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..train.records import read_jsonl
 from .tables import PERFORMANCE, VARIANT_NAMES, Group, mean_std
 
 LEVEL_MARKERS = {"loss": "o", "param": "s", "feature": "^"}
@@ -48,18 +48,14 @@ def _colors(n: int):
 
 
 def read_log(run_dir: Path | None) -> list[dict[str, Any]]:
-    """The step records of a run's ``log.jsonl`` ([] when absent; a torn last line is skipped)."""
+    """The step records of a run's ``log.jsonl`` ([] when absent; a torn last line is skipped).
+
+    Raises:
+        IntegrityError: a corrupt line (the hash chain is verified, see :func:`mtlens.train.records.read_jsonl`).
+    """
     if run_dir is None or not (run_dir / "log.jsonl").is_file():
         return []
-    out = []
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("type") == "step":
-            out.append(rec)
-    return out
+    return [rec for rec in read_jsonl(run_dir / "log.jsonl", allow_torn_tail=True) if rec.get("type") == "step"]
 
 
 def dynamics_series(group: Group, key: str, logs: dict[str, list[dict[str, Any]]]):

@@ -368,14 +368,18 @@ def table_rich(t: Table):
 
 
 def _compact(lb: Table) -> Table:
-    """The leaderboard for a terminal: one configuration column, ratios without absolute values."""
+    """The leaderboard for a terminal: one configuration column, the run count, Δ in the three
+    conventions, MR and the cost ratios (without absolute values); the per-metric columns are in
+    the report. Narrow enough for an 80-column terminal or a CI log."""
+    keep = [3] + [i for i, c in enumerate(lb.columns) if i > 3 and (c.startswith(("delta", "MR", "step time",
+                                                                                  "peak mem")))]
     rows = []
     for row, crow in zip(lb.rows, lb.csv_rows):
-        rest = [c.split(" (")[0] if c.endswith(("ms)", "MiB)")) else c for c in row[3:]]
+        rest = [row[i].split(" (")[0] if row[i].endswith(("ms)", "MiB)")) else row[i] for i in keep]
         rows.append([crow[4], *rest])
-    return Table(
-        lb.key, lb.title, lb.caption, ["configuration", *lb.columns[3:]], rows, lb.csv_columns, lb.csv_rows, lb.notes
-    )
+    columns = ["configuration", *[lb.columns[i] for i in keep]]
+    title = lb.title + " (per-metric columns: report.md)"
+    return Table(lb.key, title, lb.caption, columns, rows, lb.csv_columns, lb.csv_rows, lb.notes)
 
 
 def leaderboard_renderables(store_dir: str | Path) -> list[Any]:

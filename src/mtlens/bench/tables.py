@@ -46,6 +46,7 @@ VARIANT_NAMES = {
     "rep_mtl_tsr": "+TSR",
     "rep_mtl_csa": "+CSA",
     "rep_mtl": "+TSR +CSA (Rep-MTL)",
+    "log_losses": "base, log losses",
 }
 """Display names of the regulariser variants (Rep-MTL's ablation, arXiv:2507.21049 Table 5)."""
 
@@ -718,6 +719,38 @@ def ranking_table(
     )
 
 
+def _loss_transform(g: Group) -> str:
+    """The loss transform of a group's runs ("none" when unset), from the configuration in results.json."""
+    seen = {str((r.results or {}).get("config", {}).get("loss_transform") or "none") for r in g.done}
+    return seen.pop() if len(seen) == 1 else "mixed" if seen else "unknown"
+
+
+def _ablation_base(by: dict[tuple[str, str, str], Group], m: str, lv: str) -> tuple[Group | None, str]:
+    """The reference row of a Rep-MTL ablation and a sentence for the caption.
+
+    The reference is the unregularised run of the same method whose loss transform equals the
+    Rep-MTL variants' (a suite that runs Rep-MTL on log losses should also run the base method on
+    log losses, e.g. the ``log_losses`` variant of the ``rep-mtl`` suite); otherwise the plain base
+    row, with the caption saying that "vs base" then mixes the transform's effect with the
+    regularisers'."""
+    reg = {_loss_transform(by[(m, lv, v)]) for v in REP_MTL_VARIANTS if (m, lv, v) in by}
+    candidates = [v for (mm, ll, v) in by if mm == m and ll == lv and v not in REP_MTL_VARIANTS]
+    matched = [v for v in sorted(candidates, key=lambda v: v != "none")
+               if len(reg) == 1 and _loss_transform(by[(m, lv, v)]) in reg]
+    if matched:
+        what = VARIANT_NAMES.get(matched[0], matched[0])
+        note = ""
+        if matched[0] != "none":
+            note = (f'Reference: "{what}", the same loss transform ({next(iter(reg))}) as the Rep-MTL rows, so the '
+                    "differences isolate the regularisers. ")
+        return by[(m, lv, matched[0])], note
+    base = by.get((m, lv, "none"))
+    if base is None:
+        return None, ""
+    return base, (f"Caution: the reference row uses loss transform {_loss_transform(base)!r} and the Rep-MTL rows "
+                  f"{', '.join(sorted(reg))!r}; \"vs base\" mixes the transform's effect with the regularisers'. ")
+
+
 def rep_mtl_tables(
     groups: Sequence[Group], benchmark: str, alphas: dict[str, dict[str, float]] | None = None
 ) -> list[Table]:
@@ -729,7 +762,7 @@ def rep_mtl_tables(
     bases = sorted({(m, lv) for (m, lv, v) in by if v in REP_MTL_VARIANTS})
     tables = []
     for m, lv in bases:
-        base = by.get((m, lv, "none"))
+        base, base_note = _ablation_base(by, m, lv)
         order = ["none", *REP_MTL_VARIANTS] + sorted(
             v for (mm, ll, v) in by if mm == m and ll == lv and v not in ("none", *REP_MTL_VARIANTS)
         )
@@ -772,8 +805,10 @@ def rep_mtl_tables(
             d = g.per_seed(_delta(PERFORMANCE))
             fd = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/fd"])
             te = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/tsr_entropy"])
-            if v == "none":
+            if base is not None and g is base:
                 cmp = {"diff": None, "p": None, "verdict": "reference"}
+            elif v not in REP_MTL_VARIANTS:
+                cmp = {"diff": None, "p": None, "verdict": "not compared"}
             elif base is None:
                 cmp = {"diff": None, "p": None, "verdict": "no base run"}
             else:
@@ -815,8 +850,9 @@ def rep_mtl_tables(
         caption = (
             f"Rep-MTL (Wang et al., ICCV 2025, arXiv:2507.21049) ablation on {where}: the base method alone, "
             "with the task-specific saliency regulation (TSR) only, the cross-task saliency alignment (CSA) only, "
-            f'and both. Δ = {PERFORMANCE}; "vs base" = difference of seed means, "helps"/"hurts" by '
-            f"Welch's t-test at p < {ALPHA_TEST}. FD and TSR entropy: training means of the monitored steps. "
+            f'and both. Δ = {PERFORMANCE}; "vs base" = difference of seed means against the reference row, '
+            f'"helps"/"hurts" by Welch\'s t-test at p < {ALPHA_TEST}. {base_note}'
+            "FD and TSR entropy: training means of the monitored steps. "
             "α: power-law exponent of the weight spectra of the best weights per component (median over "
             "layers; mtlens.diagnose.spectra), mean ± std over seeds; α in [2, 4] reads as well trained."
         )

@@ -667,7 +667,9 @@ def _bench_report(store: Path, quiet: bool, reuse: bool = False) -> Path:
     else:
         path = write_report(store) / "report.html"
     if not quiet:
-        out.print(*leaderboard_renderables(store))
+        # a pipe or CI log: rich would wrap at 80 columns and break numbers over lines
+        console = out if out.is_terminal else Console(width=max(out.width, 160))
+        console.print(*leaderboard_renderables(store))
     return path
 
 

@@ -128,16 +128,19 @@ class AfterStepCalls:
 
 
 class EpochCalls:
-    """Counts weighting calls between ``on_epoch_end`` calls (DWA, STCH).
+    """Counts weighting calls between two per-epoch reports (DWA, STCH: ``on_epoch_end``; PIVRG:
+    ``on_task_scores``).
 
     The epoch length is ``steps_per_epoch`` when given, else learnt from the first reported
-    epoch. More than one call beyond it without ``on_epoch_end`` raises. Without
+    epoch. More than one call beyond it without the report raises. Without
     ``steps_per_epoch`` nothing can be checked before the first report: the first weighting
     call then warns once, saying how the method learns the epoch boundaries.
     """
 
-    def __init__(self, method: str, steps_per_epoch: int | None, why: str):
+    def __init__(self, method: str, steps_per_epoch: int | None, why: str,
+                 report: str = "on_epoch_end(mean_losses)", what: str = "epoch-mean task losses"):
         self.method, self.steps_per_epoch, self.why = method, steps_per_epoch, why
+        self.report, self.what = report, what
         self.calls = 0  # weighting calls since the last on_epoch_end
         self.learnt: int | None = None
         self._warned = False
@@ -152,7 +155,7 @@ class EpochCalls:
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"mtlens: '{self.method}' {self.why}: call method.on_epoch_end(mean_losses) at the end of every "
+                    f"mtlens: '{self.method}' {self.why}: call method.{self.report} at the end of every "
                     f"epoch, and pass steps_per_epoch=len(loader) to create('{self.method}', ...) so that a missed "
                     "call raises an error",
                     UserWarning,
@@ -160,10 +163,11 @@ class EpochCalls:
                 )
             return
         if self.calls > limit + (MISSES_TO_RAISE - 1):
+            call = self.report.split("(")[0]
             raise ConfigurationError(
-                f"{self.method}: {self.calls} weighting calls since the last on_epoch_end, for epochs of {limit} "
-                f"steps: on_epoch_end(mean_losses) was not called at the end of an epoch, so '{self.method}' "
-                f"{self.why}. Call method.on_epoch_end(epoch-mean task losses) after every epoch (see the README's "
+                f"{self.method}: {self.calls} weighting calls since the last {call}, for epochs of "
+                f"{limit} steps: {self.report} was not called at the end of an epoch, so '{self.method}' "
+                f"{self.why}. Call method.{call}({self.what}) after every epoch (see the README's "
                 "own-loop example), or fix steps_per_epoch"
             )
 

@@ -285,10 +285,17 @@ class CAGrad(GramianWeighting):
             return to_weights(w / div, gramian)
         mu = self._stationary_direction(Gn, idx, sqrt_phi)
         if mu is None:
+            gap = info["dual_gap"]
+            why = (f"the best dual point has a relative duality gap {gap:.2e} > {_GAP_RTOL:.0e}"
+                   if not gap <= _GAP_RTOL else
+                   f"the dual point is optimal to a relative gap {gap:.2e}, but its g_w is below the stationarity "
+                   f"threshold ({_STATIONARY:.0e} of the largest gradient norm), where the update's direction is "
+                   "rounding noise")
             raise SolverError(
-                f"cagrad: not converged: neither SLSQP nor the exact route certified the dual optimum "
-                f"(relative duality gap {info['dual_gap']:.2e} > {_GAP_RTOL:.0e}), and g_w = 0 (a Pareto-stationary "
-                f"point) is not optimal either; Gramian diagonal {np.diag(G).tolist()}. Please report this Gramian."
+                f"cagrad: not converged: {why}, and g_w = 0 (a Pareto-stationary point) could not be certified "
+                f"optimal either; task gradient norms {np.sqrt(np.clip(np.diag(G), 0, None)).tolist()} (CAGrad is "
+                "certified for norm spreads up to 1e4, docs/reliability.md; rescale the task losses to bring "
+                "their gradient norms closer). Please report this Gramian."
             )
         w[idx] += T * mu
         self._log = {"lambda": 0.0, "stationary": 1.0, **info}

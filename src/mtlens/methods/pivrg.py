@@ -11,7 +11,9 @@ from torch import Tensor
 
 from ..engine.protocols import GramianWeighting
 from ..errors import CheckpointError, NonFiniteError, ShapeError
+from ._calls import EpochCalls
 from ._fair import check_infeasible, check_max_norm, clip_update, solve_power_system
+from ._loss_common import check_int
 from ._registry import register
 from ._solvers import check_gramian, to_weights
 from ._utils import check, positive
@@ -52,7 +54,12 @@ class PIVRG(GramianWeighting):
     **validation** metrics, against the baseline's validation metrics; the authors average
     ``delta_fn_arr`` of the task's **training** metrics of the epoch, which our trainer does not
     compute — the same quantity on held-out data). Before the first report every score is 0
-    (equal priorities), as in the authors' trainers, which start from zeros.
+    (equal priorities), as in the authors' trainers, which start from zeros. In your own loop,
+    call :meth:`on_task_scores` (or :meth:`set_scores`) after every epoch and create the method
+    with ``steps_per_epoch=len(loader)``: more than one weighting call beyond an epoch without a
+    report raises :class:`~mtlens.errors.ConfigurationError` naming the call (without
+    ``steps_per_epoch`` the first call warns and the epoch length is learnt from the first
+    report) — never a silent equal-priority run.
 
     Hyper-parameters (defaults, the authors' ``experiments/utils.py``): ``bound=2.0``,
     ``mintemp=10``, ``max_norm=1.0``; ``infeasible="raise"`` as our FairGrad (no positive solution
@@ -66,11 +73,12 @@ class PIVRG(GramianWeighting):
     defaults_source = "bound = 2.0, mintemp = 10, max_norm = 1.0, ×T (authors' code, MTLlib/NTKMTL repositories)"
     stateful = True
     needs_task_scores = True
+    user_calls = ("on_task_scores",)
     head_rule = ("own gradient, unit weights (authors' code: each task's loss is backpropagated, only the shared "
                  "gradient is overwritten and clipped)")
 
     def __init__(self, bound: float = 2.0, mintemp: float = 10.0, max_norm: float = 1.0,
-                 infeasible: str = "raise") -> None:
+                 infeasible: str = "raise", steps_per_epoch: int | None = None) -> None:
         self.bound = positive("bound", bound, self.name)
         check(self.bound > 1.0, f"pivrg: bound must be > 1 (the largest/smallest weight ratio), got {bound!r}")
         self.mintemp = positive("mintemp", mintemp, self.name)
@@ -78,8 +86,16 @@ class PIVRG(GramianWeighting):
         self.infeasible = check_infeasible(infeasible, self.name)
         self._hparams = {"bound": self.bound, "mintemp": self.mintemp, "max_norm": self.max_norm,
                          "infeasible": infeasible}
+        if steps_per_epoch is not None:
+            check_int("steps_per_epoch", steps_per_epoch, 1, self.name)
+        self._hparams["steps_per_epoch"] = steps_per_epoch
         self._scores: np.ndarray | None = None
         self._log: dict[str, float] = {}
+        self._calls = EpochCalls(self.name, steps_per_epoch,
+                                 "weights the tasks by their performance drop against single-task baselines and "
+                                 "stays at equal priorities without it",
+                                 report="on_task_scores(scores)",
+                                 what="each task's relative performance drop against its single-task baseline, in %")
 
     def set_scores(self, scores: Sequence[float] | Tensor) -> None:
         """Report each task's relative performance drop (%, higher = worse) for the next steps."""
@@ -87,6 +103,7 @@ class PIVRG(GramianWeighting):
         if not np.isfinite(s).all():
             raise NonFiniteError(f"pivrg: non-finite task scores {s.tolist()}")
         self._scores = s
+        self._calls.epoch_ended()
 
     def on_task_scores(self, scores: Tensor) -> None:
         """The trainer's report after each epoch (``needs_task_scores``): same as :meth:`set_scores`."""
@@ -95,6 +112,7 @@ class PIVRG(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G, _ = check_gramian(gramian, losses, self.name)
         T = G.shape[0]
+        self._calls.weighting_call()
         scores = np.zeros(T) if self._scores is None else self._scores
         if scores.shape[0] != T:
             raise ShapeError(f"pivrg: got {scores.shape[0]} task scores for {T} tasks")
@@ -110,13 +128,15 @@ class PIVRG(GramianWeighting):
         return torch.ones_like(weights)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scores": None if self._scores is None else torch.from_numpy(self._scores.copy())}
+        return {"scores": None if self._scores is None else torch.from_numpy(self._scores.copy()),
+                "epoch_calls": self._calls.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"scores"}:
-            raise CheckpointError(f"pivrg: expected state keys ['scores'], got {sorted(state)}")
+        if not {"scores"} <= set(state) <= {"scores", "epoch_calls"}:
+            raise CheckpointError(f"pivrg: expected state keys ['epoch_calls', 'scores'], got {sorted(state)}")
         s = state["scores"]
         self._scores = None if s is None else torch.as_tensor(s).numpy().astype(np.float64).copy()
+        self._calls.load_state_dict(state.get("epoch_calls"))
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

@@ -3,8 +3,11 @@
 ``log.jsonl`` has one JSON object per line, each with ``"type"``: ``"step"`` (every
 ``train.log_every`` steps and on every monitored step: losses, task weights, learning rate,
 step time, diagnostics) or ``"epoch"`` (epoch-mean train losses, validation metrics and losses,
-selection score). The writer reports its byte offset so that a resumed run truncates the lines
-written after its checkpoint and the file ends up as if the run had never stopped.
+selection score). Every line carries a chained ``content_sha256`` (the SHA-256 of the previous
+line's hash and the line's canonical JSON, :func:`mtlens.storage.seal_jsonl_line`), so that an
+edited, deleted or reordered line or a flipped bit is detected when the file is read. The
+writer reports its byte offset so that a resumed run truncates the lines written after its
+checkpoint (verifying the chain up to there) and the file ends up as if the run had never stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from ..storage import read_jsonl_verified, seal_jsonl_line
 
 
 def _clean(v: Any) -> Any:
@@ -34,15 +39,25 @@ def dumps(obj: Any, **kw: Any) -> str:
 
 
 class JsonlWriter:
-    """Append-only JSONL file; :meth:`truncate` cuts it back to a checkpointed offset."""
+    """Append-only, hash-chained JSONL file; :meth:`truncate` cuts it back to a checkpointed offset.
+
+    Raises:
+        IntegrityError: appending to (or truncating) an existing file whose hash chain does not verify.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existing = self.path.is_file() and self.path.stat().st_size > 0
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._prev: str | None = None if existing else ""  # the chain's last hash, read lazily
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(dumps(record) + "\n")
+        if self._prev is None:  # appending to an existing file: continue its (verified) chain
+            self._fh.flush()
+            self._prev = read_jsonl_verified(self.path)[1]
+        line, self._prev = seal_jsonl_line(self._prev, record)
+        self._fh.write(line + "\n")
 
     def flush(self) -> None:
         self._fh.flush()
@@ -61,6 +76,7 @@ class JsonlWriter:
                 f"'{self.path}' is shorter ({size} bytes) than the checkpoint recorded ({offset}); the run "
                 "directory was modified. Restart the run from scratch in a new --out directory"
             )
+        self._prev = read_jsonl_verified(self.path, stop_at=offset)[1]
         self._fh.truncate(offset)
         self._fh.seek(offset)
 
@@ -68,14 +84,16 @@ class JsonlWriter:
         self._fh.close()
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
+def read_jsonl(path: str | os.PathLike, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl`` written by :class:`JsonlWriter`, its hash chain verified.
+
+    ``allow_torn_tail`` skips an unparsable last line (a run killed while writing it).
+
+    Raises:
+        IntegrityError: a line that is not JSON, carries no hash or breaks the chain (file and
+            line number named).
+    """
+    return read_jsonl_verified(path, allow_torn_tail=allow_torn_tail)[0]
 
 
 class Scalars:
