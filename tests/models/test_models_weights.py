@@ -45,7 +45,7 @@ def test_weights_checkpoint_with_module_prefix_and_pooled_backbone(resnet18_file
 
 def test_pretrained_cfg_overlay_file(resnet18_file):
     path, sd = resnet18_file
-    model = create("resnet18-light", {"seg": 3}, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = create("resnet18-light", {"seg": 3}, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     _assert_backbone_equal(model.encoder.body, sd)
 
 

@@ -55,7 +55,7 @@ def qm9_workload(
     dev = torch.device(device)
     x = batch["input"].to(dev)
     targets = {t: v.to(dev) for t, v in batch["targets"].items()}
-    model = models.create("mpnn-qm9", {t: 1 for t in QM9_TASKS}, dim=dim).to(dev)
+    model = models.create("mpnn-qm9", dict.fromkeys(QM9_TASKS, 1), dim=dim).to(dev)
 
     def forward():
         z = model.encode(x)

@@ -15,9 +15,9 @@ MR, bootstrap) are in :mod:`mtlens.bench.tables` and docs/benchmark.md.
 
 :func:`leaderboard_renderables` gives the rich tables the command line prints.
 
->>> from mtlens.bench.report import write_report  # doctest: +SKIP
->>> write_report("runs/bench-quick")  # doctest: +SKIP
-PosixPath('runs/bench-quick/report')
+>>> from mtlens.bench.report import write_report
+>>> write_report("bench/quick")  # a store that mtlens bench filled  # doctest: +SKIP
+PosixPath('bench/quick/report')
 """
 
 from __future__ import annotations
@@ -395,8 +395,7 @@ def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
             continue
         lb, _ = leaderboard(store, bench)
         out.append(table_rich(_compact(lb)))
-        for n in lb.notes:
-            out.append(Text(f"note: {n}", style="yellow"))
+        out.extend(Text(f"note: {n}", style="yellow") for n in lb.notes)
     bad = unfinished_table(store)
     if bad is not None:
         # failed and unreadable runs in full; pending/running ones (an interrupted suite) as a count
@@ -413,8 +412,7 @@ def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
                 bad.notes,
             )
             out.append(table_rich(shown))
-        for n in bad.notes:
-            out.append(Text(f"note: {n}", style="yellow"))
+        out.extend(Text(f"note: {n}", style="yellow") for n in bad.notes)
     out.append(Text(_status_line(store)))
     return out
 

@@ -101,7 +101,7 @@ class NpyDenseDataset(Dataset):
         self.size = tuple(size) if size is not None else None
         self.scales = tuple(scales)
         folders = {"image": require_dir(dataset, self.split_dir / "image", root, layout, _FIX)}
-        for _, (sub, _) in self.targets.items():
+        for (sub, _) in self.targets.values():
             folders[sub] = require_dir(dataset, self.split_dir / sub, root, layout, _FIX)
         files = {sub: numbered_files(f, ".npy") for sub, f in folders.items()}
         ids = set(files["image"])
@@ -215,7 +215,7 @@ def _make_dense(
     root_p = require_dir(dataset, root, root, layout, _FIX)
     train_dir = require_dir(dataset, root_p / "train", root, layout, _FIX)
     test_dir = require_dir(dataset, root_p / "val", root, layout, _FIX)
-    common = dict(num_classes=num_classes, dataset=dataset, root=root, layout=layout, size=size)
+    common = {"num_classes": num_classes, "dataset": dataset, "root": root, "layout": layout, "size": size}
     full = NpyDenseDataset(train_dir, targets, **common)
     tr, va = carve_split(len(full), val_fraction, split_seed)
     return {

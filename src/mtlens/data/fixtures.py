@@ -338,7 +338,7 @@ def write_metagraspnet_fixture(root, scenes: Sequence[int] = (1, 2, 3), views: S
         raise ConfigurationError(f"scenes {scenes} and views {views} must be non-empty and distinct")
     if any(s < 0 for s in scenes + views):
         raise ConfigurationError("scene and view numbers must be non-negative integers")
-    extra = sorted(set(int(s) for s in real_scenes) - set(scenes))
+    extra = sorted({int(s) for s in real_scenes} - set(scenes))
     if extra:
         raise ConfigurationError(f"real_scenes {extra} are not among scenes {scenes}")
     for (i, j) in nan_pixels:
@@ -349,7 +349,7 @@ def write_metagraspnet_fixture(root, scenes: Sequence[int] = (1, 2, 3), views: S
     rfx, rfy, rcx, rcy = (float(x) for x in real_intrinsics)
     r = _root(root)
     rng = np.random.default_rng(int(seed))
-    real = set(int(s) for s in real_scenes)
+    real = {int(s) for s in real_scenes}
     for s in scenes:
         if s in real:
             intr = (rfx, rfy, rcx, rcy)

@@ -187,7 +187,7 @@ def find_fashion_mnist() -> Path | None:
         except (OSError, subprocess.SubprocessError):
             return None
         for line in res.stdout.splitlines():
-            if line.endswith(IDX_FILES["train_images"] + ".gz") or line.endswith(IDX_FILES["train_images"]):
+            if line.endswith((IDX_FILES["train_images"] + ".gz", IDX_FILES["train_images"])):
                 cand = Path(line).parent
                 if all(_find_idx(cand, s) for s in IDX_FILES.values()):
                     return cand

@@ -206,9 +206,8 @@ def render(
     surfaces = [
         (0, None, *_plane(D, 2, scene.wall_z, np.array([0.0, 0.0, -1.0]))),
         (1, None, *_plane(D, 1, scene.floor_y, np.array([0.0, -1.0, 0.0]))),
+        *((obj.label, obj, *_intersect(D, obj)) for obj in scene.objects),
     ]
-    for obj in scene.objects:
-        surfaces.append((obj.label, obj, *_intersect(D, obj)))
     T = np.stack([s[2] for s in surfaces])
     k = T.argmin(axis=0)
     n_pix = np.arange(D.shape[0])

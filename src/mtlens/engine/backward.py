@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
-from .apply import apply_decision, check_decision
+from .apply import _accumulate, apply_decision, check_decision
 from .decision import Decision
 from .distributed import Dist, resolve
 from .gradients import (
@@ -36,6 +36,8 @@ from .gradients import (
     LOG_EPS,
     LOSS_TRANSFORMS,
     TaskGradients,
+    _sum,
+    all_finite,
     compute_task_gradients,
     normalise_losses,
     transform_losses,
@@ -376,21 +378,23 @@ def _cached_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     if not grads.ok:
         return _not_written(grads.problem, nonfinite, record, grads, grad_scaler, False)
     d = cache.decision
+    if d is None or d.weights is None:  # cache.due() is true without a decision: never reached
+        raise ConfigurationError("update_every: no cached decision to reuse; the step should have been a decision step")
+    assert shared is not None  # gradient methods refuse a missing shared_params above
     w, hw = d.weights, d.head_weights
     if w.shape[0] != grads.T:
         raise ConfigurationError(f"the cached decision has {w.shape[0]} weights for {grads.T} tasks")
     attached = grads._attached
+    assert attached is not None  # the loss level keeps the attached objective losses
     heads = grads.task_params
-    obj = sum(float(w[t]) * attached[t] for t in range(grads.T)) * scale
+    obj = _sum(float(w[t]) * attached[t] for t in range(grads.T)) * scale
     same = hw is None or bool(torch.equal(hw, w))
     params = list(shared) + ([] if not same else heads)
-    gs = list(torch.autograd.grad(obj, params, retain_graph=retain_graph or not same, allow_unused=True))
-    if not same:
-        hobj = sum(float(hw[t]) * attached[t] for t in range(grads.T)) * scale
+    gs: list[Tensor | None] = list(
+        torch.autograd.grad(obj, params, retain_graph=retain_graph or not same, allow_unused=True))
+    if hw is not None and not same:
+        hobj = _sum(float(hw[t]) * attached[t] for t in range(grads.T)) * scale
         gs += list(torch.autograd.grad(hobj, heads, retain_graph=retain_graph, allow_unused=True))
-    from .apply import _accumulate
-    from .gradients import all_finite
-
     if dist is not None:
         gs = dist.mean_list(gs)
     if not all_finite(gs):

@@ -70,5 +70,5 @@ def stack_rows(rows: Sequence[Sequence[Tensor | None]], like: Sequence[Tensor]) 
     Missing gradients (``None``: the task does not reach that parameter) become zeros."""
     out = []
     for j, ref in enumerate(like):
-        out.append(torch.stack([r[j] if r[j] is not None else torch.zeros_like(ref) for r in rows]))
+        out.append(torch.stack([g if (g := r[j]) is not None else torch.zeros_like(ref) for r in rows]))
     return out

@@ -9,7 +9,7 @@ optimiser state included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -260,8 +260,9 @@ class JacobianAggregator(Method):
         """``(combined, head weights) = aggregate(J, losses)`` (with ``features=`` when the method
         declares ``needs_features``)."""
         J = grads.jacobian_blocks()
-        if self.needs_features:
-            combined, head_w = self.aggregate(J, grads.objective_losses, features=grads.method_features())
+        if self.needs_features:  # the contract of needs_features: aggregate() also takes features=
+            aggregate_with_features: Callable[..., tuple[list[Tensor], Tensor]] = self.aggregate
+            combined, head_w = aggregate_with_features(J, grads.objective_losses, features=grads.method_features())
         else:
             combined, head_w = self.aggregate(J, grads.objective_losses)
         return Decision(combined=list(combined), head_weights=torch.as_tensor(head_w, dtype=torch.float64),

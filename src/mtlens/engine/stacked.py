@@ -36,10 +36,7 @@ def _drop_zero_gradients(
 ) -> tuple[Tensor | None, ...]:
     """Node hook (``Node.register_hook`` signature): pass ``None`` (no gradient) instead of an all-zero
     gradient to a branch."""
-    out = []
-    for g in grad_inputs:
-        out.append(None if g is None or not bool(g.detach().any()) else g)
-    return tuple(out)
+    return tuple(None if g is None or not bool(g.detach().any()) else g for g in grad_inputs)
 
 
 def prune_stacked_losses(losses: Tensor) -> bool:

@@ -328,10 +328,7 @@ class NormalMetric(Metric):
             lo = self._quantile_rank(cum, hist, n // 2)
             median = 0.5 * (lo + self._quantile_rank(cum, hist, n // 2 + 1))
         within = (self._states["within"].double() / n * 100.0).tolist()
-        out = {"mean": float(self._states["angle_sum"]) / n, "median": median}
-        for name, w in zip(self.names[2:], within):
-            out[name] = w
-        return out
+        return {"mean": float(self._states["angle_sum"]) / n, "median": median, **dict(zip(self.names[2:], within))}
 
 
 class ClassificationMetric(Metric):

@@ -9,9 +9,9 @@ so an impossible combination fails before any data is loaded, with the engine's 
 Every validation failure becomes one :class:`~mtlens.errors.ConfigurationError` line naming the
 key and the allowed values.
 
->>> cfg = load_config(preset="quick-multimnist", overrides=["train.epochs=1"])  # doctest: +SKIP
->>> cfg.method.name, cfg.regularizers[0].name  # doctest: +SKIP
-('ew', 'rep_mtl')
+>>> cfg = load_config(preset="quick-multimnist", overrides=["train.epochs=1"])
+>>> cfg.method.name, cfg.regularizers[0].name, cfg.train.epochs
+('ew', 'rep_mtl', 1)
 """
 
 from __future__ import annotations
