@@ -1,5 +1,7 @@
 """mtlens: multi-task learning optimisation through representation-level task saliency."""
 
+import types
+
 from . import _compat  # noqa: F401  (must precede any torchvision/timm import)
 
 __version__ = "0.1.0"
@@ -11,7 +13,7 @@ __all__ = ["StepRecord", "__version__", "mtl_backward"]
 _SUBPACKAGES = ("bench", "data", "diagnose", "engine", "errors", "methods", "models", "storage", "tasks", "train")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> types.ModuleType:
     """``mtlens.methods.create(...)`` after a bare ``import mtlens``: subpackages load on first use."""
     if name in _SUBPACKAGES:
         import importlib

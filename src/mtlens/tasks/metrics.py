@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,7 @@ class Metric:
             self._states[k] = self._states[k] + other._states[k].to(self._states[k].device)
         return self
 
-    def sync(self, process_group=None) -> Metric:
+    def sync(self, process_group: Any = None) -> Metric:
         """Sum the states over the ranks of ``process_group`` (all-reduce); a no-op without DDP.
 
         Call once per evaluation, after the last ``update`` and before ``compute``; the NCCL
@@ -420,6 +421,7 @@ class RegressionMetric(Metric):
 
     def _compatible(self, other: Metric) -> None:
         super()._compatible(other)
+        assert isinstance(other, RegressionMetric)  # the base class checked the class
         if other.names != self.names or other.scale != self.scale:
             raise ConfigurationError(
                 f"cannot merge RegressionMetric{other.names} (scale {other.scale}) into "

@@ -123,10 +123,10 @@ class BenchmarkSpec:
 _BENCHMARKS: dict[str, Callable[[], BenchmarkSpec]] = {}
 
 
-def register_benchmark(name: str):
+def register_benchmark(name: str) -> Callable[[Callable[[], BenchmarkSpec]], Callable[[], BenchmarkSpec]]:
     """Decorator for a zero-argument factory returning a :class:`BenchmarkSpec`."""
 
-    def deco(fn):
+    def deco(fn: Callable[[], BenchmarkSpec]) -> Callable[[], BenchmarkSpec]:
         _BENCHMARKS[name] = fn
         return fn
 
