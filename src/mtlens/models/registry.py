@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 from ..errors import ConfigurationError
 from .hps import HPSModel
 
-_PRESETS: dict[str, Callable[..., HPSModel]] = {}
+_Builder = Callable[..., HPSModel]
+_PRESETS: dict[str, _Builder] = {}
 _RESERVED = ("tasks", "in_channels", "pretrained", "weights")
 
 
@@ -18,7 +19,11 @@ def _key(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-def register_model(name: str | Callable | None = None):
+@overload
+def register_model(name: _Builder) -> _Builder: ...
+@overload
+def register_model(name: str | None = None) -> Callable[[_Builder], _Builder]: ...
+def register_model(name: str | _Builder | None = None) -> _Builder | Callable[[_Builder], _Builder]:
     """Register a preset builder ``fn(tasks, in_channels, pretrained, weights, **options) -> HPSModel``.
 
     Use as ``@register_model`` (name = function name with ``_`` → ``-``) or
