@@ -27,7 +27,7 @@ import io
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, MTLensError
 from ..tasks.delta import DELTA_CONVENTIONS
@@ -47,6 +47,10 @@ from .tables import (
     rep_mtl_tables,
     unfinished_table,
 )
+
+if TYPE_CHECKING:  # rich is imported where it renders
+    from rich.console import Console
+    from rich.table import Table as RichTable
 
 REPORT_DIR = "report"
 ALPHA_METHODS = ("mle", "weightwatcher", "none")
@@ -355,7 +359,7 @@ def write_report(
     return out
 
 
-def table_rich(t: Table):
+def table_rich(t: Table) -> RichTable:
     """A :class:`Table` as a ``rich.table.Table``."""
     from rich.table import Table as RichTable
 
@@ -417,7 +421,7 @@ def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
     return out
 
 
-def print_leaderboard(store_dir: str | Path, console=None) -> None:
+def print_leaderboard(store_dir: str | Path, console: Console | None = None) -> None:
     """Print :func:`leaderboard_renderables` on ``console`` (default: a new ``rich.console.Console``)."""
     if console is None:
         from rich.console import Console
