@@ -292,7 +292,7 @@ def test_rep_mtl_regulariser_on_synthetic_scenes_at_feature_level():
 # --------------------------------------------------------------------------------------------
 # the methods added in issue 14 train on MultiMNIST through the trainer, at every level they support
 NEW_METHODS = ["si", "ntkmtl", "ntkmtl_sr", "go4align", "pcd", "cr_mogm", "pivrg", "sdmgrad", "modo", "auto_lambda",
-               "moml"]
+               "moml", "consmtl", "forum"]
 
 
 def _new_method_cases():

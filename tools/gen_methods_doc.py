@@ -42,9 +42,13 @@ def render() -> str:
         "- **second batch** (`needs_second_batch`, SDMGrad, MoDo): before each step the trainer draws two",
         "  more independent batches and passes the cross-Gramian `J_ξ J_ξ'ᵀ` of their per-task shared-parameter",
         "  gradients to the method (`mtlens.engine.cross_gramian` in your own loop).",
-        "- **bilevel** (`needs_lookahead`, Auto-Lambda, MOML): before each step the trainer passes a",
+        "- **bilevel** (`needs_lookahead`, Auto-Lambda, MOML, FORUM): before each step the trainer passes a",
         "  `mtlens.engine.LookAhead` over the step's batch and one independent batch (losses at the current",
         "  or look-ahead parameters, the optimiser's step rule) to `meta_step`; the model is left unchanged.",
+        "  FORUM also owns its step: it writes an upper-level gradient computed there (`adds_gradients`).",
+        "- **head term** (`needs_saliency_graph`, ConsMTL): the engine keeps the graph of the saliencies",
+        "  `S_t = ∂L_t/∂Z` through the heads, and the method adds a second-order term to the heads' gradients",
+        "  (`Decision.extra_grads`, `adds_gradients`); it needs `features=Z`.",
         "- **task scores** (`needs_task_scores`, PIVRG): after each epoch the trainer reports each task's",
         "  relative drop against its single-task baseline (validation metrics) to `on_task_scores`.",
         "",
@@ -56,7 +60,8 @@ def render() -> str:
         "- **your loop also**: what the loop must do besides `mtl_backward` — add `method.parameters()`",
         "  to the optimiser, call `method.after_step(new_losses)` after `optimizer.step()`, or call",
         "  `method.on_epoch_end(mean_losses)` after every epoch, or pass the cross-Gramian of two further",
-        "  batches to `method.observe_cross_gramian(...)` before every step. A loop that misses it raises",
+        "  batches to `method.observe_cross_gramian(...)` or a `LookAhead` to `method.meta_step(...)`",
+        "  before every step. A loop that misses it raises",
         "  an error naming the call (`create(name, num_tasks=T, steps_per_epoch=len(loader))` lets every",
         "  method check from the first epoch).",
         "- **log losses**: whether the method is defined for `loss_transform=\"log\"` (the Rep-MTL presets",
@@ -83,6 +88,11 @@ def render() -> str:
         if r["needs_lookahead"]:
             extra.append("**bilevel**: a look-ahead step on the step's batch and an independent validation batch "
                          "before every step (`meta_step`)")
+        if r["needs_saliency_graph"]:
+            extra.append("**head term**: the heads' backward keeps the saliencies' graph; one more head backward per "
+                         "task; needs `features`")
+        if r["adds_gradients"] and r["needs_lookahead"]:
+            extra.append("**owns its step**: writes an upper-level gradient computed in `meta_step`")
         if r["needs_task_scores"]:
             extra.append("**task scores**: needs single-task baselines (`baseline: auto`); the trainer reports "
                          "each task's relative drop after every epoch (`on_task_scores`)")

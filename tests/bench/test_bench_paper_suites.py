@@ -111,6 +111,22 @@ def test_rep_mtl_suite_on_fixtures(tmp_path):
     assert "graddrop (feature)" in {e["label"] for e in idx["runs"] if e["benchmark"] == "nyuv2"}
 
 
+@pytest.mark.slow
+def test_fashion_suite_on_the_real_debian_files(tmp_path):
+    """The `fashion` suite on the full Fashion-MNIST of the Debian package (skipped without it),
+    with a few steps per run: real data in, a leaderboard with finite Δ out."""
+    from mtlens.data.mnist import find_fashion_mnist
+
+    if find_fashion_mnist() is None:
+        pytest.skip("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+    sets = ["seeds=[0]", "exclude=[uw, dwa, rlw, gls, famo, pcgrad, cagrad, aligned_mtl, imtl_g, upgrad, graddrop]",
+            "variants={none: {}}", "train.epochs=1", "train.max_steps_per_epoch=10", "monitor.every=5"]
+    out = tmp_path / "store"
+    run_suite(load_suite("fashion", sets), out)
+    idx = _check(out, 1, {"none"})
+    assert {e["label"] for e in idx["runs"] if e["kind"] == "mtl"} == {"ew", "mgda (param)", "mgda (feature)"}
+
+
 def test_fashion_suite_needs_fashion_mnist_and_runs_on_idx_files(tmp_path, monkeypatch):
     """Without Fashion-MNIST (no Debian package, no --root) the suite stops before any run with the
     loader's fix; with IDX files given by --root it runs (here a tiny IDX fixture, tiny settings)."""

@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtlens.engine import DecisionCache, TaskGradients, apply_decision, compute_task_gradients, mtl_backward
+from mtlens.engine import (
+    DecisionCache,
+    LookAhead,
+    TaskGradients,
+    apply_decision,
+    compute_task_gradients,
+    mtl_backward,
+)
 from mtlens.methods import create
 
 F64 = torch.float64
@@ -37,6 +44,13 @@ CASES = {
     "upgrad_param_ddp_wrapper": ("upgrad", "param", [], {}, {"wrap": True}),
     "mgda_param_batched": ("mgda", "param", [], {}, {"jacobian": "batched"}),
     "upgrad_param_update_every": ("upgrad", "param", [], {}, {"update_every": 2}),
+    # ConsMTL: its head term is reduced over ranks before its clipping; bilevel methods: a LookAhead
+    # over the ranks' shares of the step's batch and of an independent batch
+    "consmtl_param": ("consmtl", "param", [], {"infeasible": "least_squares"}, {}),
+    "consmtl_feature": ("consmtl", "feature", [], {"infeasible": "least_squares"}, {}),
+    "auto_lambda": ("auto_lambda", None, [], {"lr": 0.05}, {"lookahead": True}),
+    "moml": ("moml", None, [], {"outer_lr": 0.05}, {"lookahead": True}),
+    "forum": ("forum", None, [], {}, {"lookahead": True}),
 }
 
 
@@ -56,6 +70,8 @@ def _train(case: str, distributed: bool, rank: int, world: int):
     torch.manual_seed(123)
     xs = [torch.randn(B, 5, dtype=F64) for _ in range(STEPS)]
     ys = [torch.randn(B, 3, dtype=F64) for _ in range(STEPS)]
+    xvs = [torch.randn(B, 5, dtype=F64) for _ in range(STEPS)]  # the look-ahead's independent batches
+    yvs = [torch.randn(B, 3, dtype=F64) for _ in range(STEPS)]
     torch.manual_seed(0)
     net = Net().double()
     model = net
@@ -70,6 +86,12 @@ def _train(case: str, distributed: bool, rank: int, world: int):
         x, y = xs[s], ys[s]
         if distributed:
             x, y = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
+        if extra.get("lookahead"):
+            xv, yv = xvs[s], yvs[s]
+            if distributed:
+                xv, yv = xv[rank * b:(rank + 1) * b], yv[rank * b:(rank + 1) * b]
+            method.meta_step(LookAhead(list(net.parameters()), _closure(net, x, y), _closure(net, xv, yv), lr=0.1,
+                                       distributed=distributed))
         opt.zero_grad(set_to_none=True)
         if extra.get("wrap") and distributed:
             with model.no_sync():
@@ -82,6 +104,10 @@ def _train(case: str, distributed: bool, rank: int, world: int):
         opt.step()
     params = [p.detach().clone() for p in net.parameters()]
     return params, method.state_dict()
+
+
+def _closure(net, x, y):
+    return lambda: list(net(x, y)[1].values())
 
 
 def _flat_state(state) -> list[float]:
@@ -146,6 +172,21 @@ def _refused(rank: int, world: int) -> str:
     return ""
 
 
+def _refused_consmtl_log(rank: int, world: int) -> str:
+    """ConsMTL's head term with log losses couples the ranks: a clear error."""
+    from mtlens.errors import ConfigurationError
+
+    net = Net().double()
+    z, losses = net(torch.randn(4, 5, dtype=F64), torch.randn(4, 3, dtype=F64))
+    try:
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(),
+                     method=create("consmtl", infeasible="least_squares"), level="param", loss_transform="log",
+                     distributed=True)
+    except ConfigurationError as exc:
+        return str(exc)
+    return ""
+
+
 def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -159,6 +200,9 @@ def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> N
                 continue
             if case == "refused":
                 results[case] = _refused(rank, world)
+                continue
+            if case == "refused_consmtl_log":
+                results[case] = _refused_consmtl_log(rank, world)
                 continue
             try:
                 ref, ref_state = _train(case, False, rank, world)

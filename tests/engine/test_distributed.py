@@ -29,7 +29,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    cases = list(_ddp_worker.CASES) + ["accumulation", "refused"]
+    cases = list(_ddp_worker.CASES) + ["accumulation", "refused", "refused_consmtl_log"]
     mp.spawn(_ddp_worker.worker, args=(2, _free_port(), str(out), cases), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -56,3 +56,9 @@ def test_gradient_accumulation_equals_the_concatenated_batch(ddp_results):
 def test_feature_level_jacobian_aggregator_is_refused_under_data_parallelism(ddp_results):
     for res in ddp_results:
         assert "data parallelism" in res["refused"] and "graddrop" in res["refused"]
+
+
+@pytest.mark.slow
+def test_consmtl_with_log_losses_is_refused_under_data_parallelism(ddp_results):
+    for res in ddp_results:
+        assert "consmtl" in res["refused_consmtl_log"] and "loss_transform='none'" in res["refused_consmtl_log"]

@@ -54,6 +54,8 @@ def test_every_gradient_method_follows_its_head_rule(name):
         assert hw is not None and hw.shape == (3,)
         if cls.head_rule.startswith("own gradient"):
             torch.testing.assert_close(hw, torch.ones(3, dtype=torch.float64))
+        if cls.adds_gradients:  # a term of its own on top (ConsMTL: tests/methods/test_consmtl_forum.py)
+            continue
         for t, h in enumerate(net.heads):
             for p, g in zip(h.parameters(), own[t]):
                 torch.testing.assert_close(p.grad, float(hw[t]) * g, rtol=1e-5, atol=1e-7)

@@ -149,7 +149,7 @@ def test_excess_mtl_accumulates_in_float64():
     for _ in range(3):
         out, _ = m.aggregate(J, torch.ones(2))
         assert all(bool(torch.isfinite(o).all()) for o in out)
-    assert m.state_dict()["grad_sq"][0].dtype == torch.float64
+    assert m.state_dict()["_extra_state"]["grad_sq"][0].dtype == torch.float64
     assert bool(torch.isfinite(m.state_dict()["baseline"]).all())
 
 

@@ -14,10 +14,11 @@ from torch import nn
 import mtlens  # noqa: F401  (installs the torchvision shim first)
 from mtlens.engine import mtl_backward
 from mtlens.errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
-from mtlens.methods import available, create
+from mtlens.methods import available, create, get
+from mtlens.methods import testing as props
 
 LOSS_METHODS = ["uw", "dwa", "rlw", "gls", "imtl_l", "famo", "stch", "gradnorm"]
-STATEFUL = ["uw", "dwa", "rlw", "imtl_l", "famo", "stch", "gradnorm", "excess_mtl"]
+STATEFUL = [n for n in LOSS_METHODS + ["excess_mtl"] if get(n).stateful]  # declared on the classes
 
 
 def _t(*v):
@@ -354,6 +355,39 @@ def test_state_dict_round_trip(name):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     fresh = _run(create(name, **kw), name, 5, 10)  # the state matters: without it the weights differ
     assert any(not torch.allclose(a, b) for a, b in zip(after1, fresh))
+
+
+# ---------------------------------------------------------------------------------------------
+# properties claimed on the classes (Method.claims), checked with mtlens.methods.testing
+# ---------------------------------------------------------------------------------------------
+def _loss_claiming(prop):
+    return [n for n in available("loss") if prop in get(n).claims]
+
+
+_LOSS_SEQUENCE = [_t(0.7, 1.9, 0.4), _t(0.6, 1.5, 0.45), _t(0.5, 1.2, 0.41)]
+
+
+@pytest.mark.parametrize("name", _loss_claiming("permutation_invariant"))
+def test_loss_weights_permute_with_the_tasks(name):
+    perm = torch.tensor([2, 0, 1])
+    props.assert_weights_permute(lambda: create(name, **_kwargs(name)), _LOSS_SEQUENCE, perm)
+
+
+@pytest.mark.parametrize("name", _loss_claiming("weights_total"))
+def test_loss_weights_total(name):
+    m = create(name, **_kwargs(name))
+    total = type(m).claims["weights_total"].total
+    for k, L in enumerate(_LOSS_SEQUENCE):
+        props.assert_weights_total(m, L, total)
+        if "on_epoch_end" in m.user_calls:  # DWA: past the first two epochs, the weights move
+            m.on_epoch_end(L * (1.0 + 0.1 * k))
+
+
+@pytest.mark.parametrize("name", _loss_claiming("rescaling_invariant"))
+def test_loss_update_direction_invariant_to_loss_rescaling(name):
+    scales = _t(0.1, 1.0, 250.0)  # losses ≥ 0.04: FAMO's and STCH's ε = 1e-8 stays below the tolerance
+    for L in _LOSS_SEQUENCE:
+        props.assert_loss_rescaling_invariant(lambda: create(name, **_kwargs(name)), L, scales)
 
 
 def test_stateless_gls_has_empty_state():

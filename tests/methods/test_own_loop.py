@@ -41,12 +41,18 @@ def _losses(model, x, targets):
     return z, {t: ((model.heads[t](z) - targets[t]) ** 2).mean() + 0.05 for t in TASKS}
 
 
-def _observe(method, model, loader, k):
-    """SDMGrad, MoDo: the cross-Gramian of two further batches, before the step."""
+def _observe(method, model, loader, k, lr=0.05):
+    """Before the step: SDMGrad, MoDo get the cross-Gramian of two further batches; bilevel methods
+    (Auto-Lambda, MOML, FORUM) a look-ahead over the step's batch and the next one."""
     if method.needs_second_batch:
         (xa, ta), (xb, tb) = loader[(k + 1) % len(loader)], loader[(k + 2) % len(loader)]
         method.observe_cross_gramian(mtlens.engine.cross_gramian(
             _losses(model, xa, ta)[1], _losses(model, xb, tb)[1], model.encoder.parameters()))
+    if method.needs_lookahead:
+        (x, t), (xv, tv) = loader[k], loader[(k + 1) % len(loader)]
+        method.meta_step(mtlens.engine.LookAhead(
+            list(model.parameters()), lambda: list(_losses(model, x, t)[1].values()),
+            lambda: list(_losses(model, xv, tv)[1].values()), lr=lr))
 
 
 def _level(method):
@@ -251,6 +257,14 @@ def test_missed_cross_gramian_raises_naming_it(name):
     run_loop(method, epochs=1)
     with pytest.raises(ConfigurationError, match="observe_cross_gramian was not called"):
         run_loop(method, epochs=1, observe=False)  # observed before, then stale
+
+
+@pytest.mark.parametrize("name", [n for n in available() if get(n).needs_lookahead])
+def test_missed_meta_step_raises_naming_it(name):
+    """Bilevel methods: a loop without the look-ahead raises, naming meta_step (FORUM at once: its step is
+    computed there; Auto-Lambda, MOML on the second step in a row: their weights would stay frozen)."""
+    with pytest.raises(ConfigurationError, match=r"meta_step\(lookahead\) was not called"):
+        run_loop(create(name, **_setup(name)), observe=False)
 
 
 # -- item 4: loss-transform compatibility is a declared property ----------------------------------

@@ -12,7 +12,7 @@ import mtlens  # noqa: F401
 from mtlens.engine import GramianWeighting, mtl_backward
 from mtlens.errors import ConfigurationError, ShapeError
 from mtlens.methods import available, create, defaults
-from mtlens.methods.rep_mtl import RepMTL, csa_loss, tsr_loss
+from mtlens.methods.rep_mtl import RepMTL, anchor_gram, csa_loss, tsr_loss
 from mtlens.models.hps import HPSModel
 
 
@@ -221,6 +221,34 @@ def test_memory_safe_path_never_builds_channel_gram():
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_anchor_gram_outer_form_equals_pairs_form(dtype):
+    """Many tasks on narrow features take the anchors' upper-triangle form: same numbers and gradients."""
+    T, B, C = 12, 6, 16  # T² > C and C² ≤ B·T²: the outer form is chosen
+    assert 2 * (B * C * C * T + B * B * C * (C + 1) // 2) < B * B * T * T * C and C * C <= B * T * T
+    An = torch.randn(B, C, T, dtype=dtype, requires_grad=True)
+    pairs = torch.einsum("bcs,kcr->bksr", An, An).pow(2).sum(dim=(2, 3))
+    outer = anchor_gram(An)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+    torch.testing.assert_close(outer, pairs, **tol)
+    U = torch.randn(B, B, dtype=dtype)
+    (g_pairs,) = torch.autograd.grad((pairs * U).sum(), An)
+    (g_outer,) = torch.autograd.grad((outer * U).sum(), An)
+    torch.testing.assert_close(g_outer, g_pairs, **tol)
+    S = torch.randn(T, B, C, 2, 2)
+    assert float(csa_loss(S)) == pytest.approx(naive_csa(S), rel=1e-5, abs=1e-5)
+    V = torch.randn(T, B, C)  # vector features (the MLP benchmark's case)
+    assert float(csa_loss(V, form="infonce")) == pytest.approx(naive_csa(V, 0.1, "infonce"), rel=1e-5, abs=1e-5)
+
+
+def test_anchor_gram_keeps_the_pairs_form_on_wide_maps():
+    """C² > B·T² (wide maps): the outer form would hold B·C² — the pairs form is kept."""
+    An = torch.randn(2, 512, 3, requires_grad=True)
+    with _PeakNumel() as mode:
+        anchor_gram(An).sum().backward()
+    assert mode.peak <= An.numel()
+
+
 def test_registry_defaults_and_ablation_switches():
     assert "rep_mtl" in available("regularizer")
     reg = create("rep_mtl")

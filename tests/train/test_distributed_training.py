@@ -24,7 +24,8 @@ def _weights(path: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("bench,method", [("tiny-mtl", {"name": "mgda", "level": "param"}),
                                           ("tiny-multi", {"name": "upgrad", "level": "feature"}),
-                                          ("tiny-mtl", {"name": "famo"})])
+                                          ("tiny-mtl", {"name": "famo"}),
+                                          ("tiny-mtl", {"name": "forum"})])  # look-ahead: the trainer shards its batch
 def test_torchrun_two_processes_equal_one_process(tmp_path, bench, method):
     over = {"data": {"benchmark": bench}, "method": method, "train": {"epochs": 2, "batch_size": 16, "device": "cpu",
                                                                      "seed": 0, "max_steps_per_epoch": 3}}

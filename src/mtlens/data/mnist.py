@@ -362,6 +362,8 @@ def make_multi_mnist_datasets(
             mnist_root = mnist_root if mnist_root is not None else root
         else:
             fashion_root = fashion_root if fashion_root is not None else root
+    if fashion_root is None and "fashion-mnist" in _VARIANTS[variant]:
+        fashion_root = _fashion_root(None)  # resolved before the in-memory cache: its key names the real folder
     key = (
         variant,
         None if mnist_root is None else str(mnist_root),

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..engine.record import StepRecord
 from ..errors import ConfigurationError
-from ..methods.rep_mtl import normalise_over_tasks, task_entropy, tsr_loss
+from ..methods.rep_mtl import tsr_loss
 from ._inputs import saliencies_of
 
 
@@ -54,18 +54,24 @@ def feature_disentanglement(
     T = S.shape[0]
     with torch.no_grad():
         a = S.reshape(T, -1).abs()
-        active = a.amax(dim=0) > 0
-        if not bool(active.any()):
+        s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
+        active = s > 0
+        n = int(active.count_nonzero())
+        if n == 0:
             return float("nan")
         if T == 1:
             return 0.0
         if temperature == 0:
-            p = normalise_over_tasks(a[:, active], dim=0)
+            # p = a / s: exact at any scale (a ratio). Inactive elements get p = 0 and
+            # xlogy(0, 0) = 0, so they add nothing to the sum: no masked copy of the block.
+            p = a.div_(torch.where(active, s, torch.ones_like(s)))
         else:
             scale = a.mean(dtype=torch.float64).to(a.dtype)
-            p = torch.softmax(a[:, active] / (float(temperature) * scale), dim=0)
-        H = task_entropy(p, dim=0)
-        return float(H.mean(dtype=torch.float64) / math.log(T))
+            p = torch.softmax(a / (float(temperature) * scale), dim=0)
+        H = torch.special.xlogy(p, p).sum(dim=0)  # −H[j]
+        if temperature != 0:
+            H = H * active  # inactive elements are left out of the mean (softmax made them uniform)
+        return float(-H.sum(dtype=torch.float64) / (n * math.log(T)))
 
 
 def tsr_entropy(saliencies: StepRecord | Tensor | Sequence[Tensor], normalize: bool = False) -> float:

@@ -13,10 +13,11 @@ from .gradients import TaskGradients, compute_task_gradients
 from .gramian import combine_blocks, gramian_from_blocks
 from .graph import find_leaves
 from .lookahead import LookAhead
-from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
+from .protocols import Claim, GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
 from .record import StepRecord
 
 __all__ = [
+    "Claim",
     "Decision",
     "DecisionCache",
     "GramianWeighting",

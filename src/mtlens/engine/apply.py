@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError
 from .decision import Decision
-from .gradients import TaskGradients, _grads, _sum, all_finite, zeros_if_none
+from .gradients import TaskGradients, _grads, all_finite, zeros_if_none
 from .gramian import combine_blocks, combine_rows
 from .graph import find_leaves
 
@@ -61,6 +61,18 @@ def check_decision(decision: Decision, grads: TaskGradients, name: str) -> Decis
         decision.head_weights = hw
     if decision.combined is not None and not all_finite(decision.combined):
         raise NonFiniteError(f"method '{name}' produced a non-finite update; nothing was written into .grad")
+    if decision.extra_grads:
+        for p, g in decision.extra_grads:
+            if not isinstance(p, Tensor) or not isinstance(g, Tensor) or tuple(g.shape) != tuple(p.shape):
+                raise ConfigurationError(
+                    f"method '{name}' returned an extra gradient of shape "
+                    f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__} for a parameter of shape "
+                    f"{tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__}; extra_grads holds "
+                    "(parameter, gradient) pairs of equal shapes"
+                )
+        if not all_finite([g for _, g in decision.extra_grads]):
+            raise NonFiniteError(f"method '{name}' computed a non-finite extra gradient; nothing was written "
+                                 "into .grad")
     if grads.level != "loss" and decision.combined is None and decision.weights is None:
         raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
     dtypes = {p.dtype for p in grads.shared_params + grads.task_params}
@@ -99,6 +111,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         gs: list[Tensor | None] = list(_grads(total, params, retain_graph=retain_graph))
         if dist is not None:
             gs = dist.mean_list(gs)
+        params, gs = _with_extras(params, gs, decision.extra_grads, scale)
         if not all_finite(gs):
             return (f"non-finite gradient in the backward of '{name}' (losses {grads.losses.tolist()}); nothing was "
                     "written into .grad")
@@ -147,8 +160,17 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                 raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
             elif pf.multi_input:
                 dz = [w[t].to(S[t][0].dtype) * S[t][0] for t in range(T)]
+            elif len(grads._parts) == 1 and grads._blocks is not None and len(grads._blocks) == len(pf.maps):
+                # the (T, *Z) stacks of these saliencies (built once for the Gramian): one contraction per map
+                dz = [torch.tensordot(w.to(b.dtype), b, dims=1) for b in grads._blocks]
             else:
-                dz = [_sum(w[t].to(S[t][m].dtype) * S[t][m] for t in range(T)) for m in range(len(pf.maps))]
+                wl = w.tolist()
+                dz = []
+                for m in range(len(pf.maps)):
+                    acc = S[0][m] * wl[0]
+                    for t in range(1, T):
+                        acc.add_(S[t][m], alpha=wl[t])
+                    dz.append(acc)
             if reg_dz is not None:
                 dz = [a if b is None else a + b for a, b in zip(dz, reg_dz[k])]
             if len(grads._parts) > 1:
@@ -201,15 +223,46 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         reduced = dist.mean_list(parts)
         local_shared = [g for g in reduced[:n] if g is not None] if local_shared is not None else None
         head_g = reduced[n:]
-    shared_g: list[Tensor]
+    shared_g: list[Tensor | None]
     if global_shared is not None and local_shared is not None:
         shared_g = [a + b for a, b in zip(global_shared, local_shared)]
     else:
         chosen = global_shared if global_shared is not None else local_shared
         assert chosen is not None  # the parameter level sets global_shared, the feature level local_shared
-        shared_g = chosen
-    if not all_finite(list(shared_g) + [g for g in head_g if g is not None]):
+        shared_g = list(chosen)
+    others: list[Tensor] = []
+    other_g: list[Tensor | None] = []
+    if decision.extra_grads:  # global, unscaled gradients the method computed itself (adds_gradients)
+        n_s, n_h = len(shared), len(heads)
+        params, gs = _with_extras(list(shared) + list(heads), list(shared_g) + head_g, decision.extra_grads, 1.0)
+        shared_g, head_g = gs[:n_s], gs[n_s:n_s + n_h]
+        others, other_g = params[n_s + n_h:], gs[n_s + n_h:]
+    if not all_finite(list(shared_g) + [g for g in head_g + other_g if g is not None]):
         return f"non-finite combined gradient from '{name}'; nothing was written into .grad"
     _accumulate(shared, shared_g, scale)
     _accumulate(heads, head_g, scale)
+    _accumulate(others, other_g, scale)
     return ""
+
+
+def _with_extras(params: Sequence[Tensor], gs: Sequence[Tensor | None], extras: Sequence[tuple[Tensor, Tensor]] | None,
+                 scale: float) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Add a decision's ``extra_grads`` (× ``scale``) to the gradients ``gs`` of ``params``; parameters the
+    step did not reach are appended with their extra gradient alone."""
+    params, gs = list(params), list(gs)
+    if not extras:
+        return params, gs
+    where = {id(p): i for i, p in enumerate(params)}
+    for p, g in extras:
+        g = g.detach()
+        if scale != 1.0:
+            g = g * scale
+        i = where.get(id(p))
+        if i is None:
+            where[id(p)] = len(params)
+            params.append(p)
+            gs.append(g)
+        else:
+            cur = gs[i]
+            gs[i] = g if cur is None else cur + g.to(cur.dtype)
+    return params, gs

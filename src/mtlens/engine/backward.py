@@ -272,6 +272,11 @@ def mtl_backward(
     method_params = [p for p in method.parameters() if p.requires_grad]
 
     # ---- cached decision ------------------------------------------------------------------------
+    if cache is not None and method.adds_gradients:
+        raise ConfigurationError(
+            f"'{method.name}' cannot reuse its decisions (update_every): each step adds gradients it computes on "
+            "that step's batch (adds_gradients), which a cached weighting would drop; use update_every=1"
+        )
     if cache is not None:
         if is_loss or isinstance(method, JacobianAggregator):
             raise ConfigurationError(
@@ -290,6 +295,7 @@ def mtl_backward(
         grad_norm_params=(list(grad_norm_params) if grad_norm_params is not None
                           else _default_grad_norm_params(shared, method.name)) if method.needs_grad_norms else None,
         method_params=method_params, scale=scale, dist=dist, retain_graph=retain_graph,
+        saliency_graph=method.needs_saliency_graph and not is_loss,
     )
     record = step_record(grads)
     if not grads.ok:
@@ -308,6 +314,10 @@ def mtl_backward(
                 + (f", Gramian diagonal {grads._gramian.diagonal().tolist()}" if grads._gramian is not None else "")
                 + f"): {type(exc).__name__}: {exc}. Its state was left as before the step."
             ) from exc
+        if decision.extra_grads and not method.adds_gradients:
+            raise ConfigurationError(
+                f"method '{method.name}' returned extra_grads without declaring adds_gradients = True"
+            )
         check_decision(decision, grads, method.name)
         problem = apply_decision(grads, decision, retain_graph=retain_graph, name=method.name)
     except BaseException:

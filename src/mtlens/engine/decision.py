@@ -28,6 +28,11 @@ class Decision:
             code states another rule. Ignored at loss level (the objective trains the heads).
         combined: combined blocks of a Jacobian aggregator, or ``None``.
         objective: loss-level objective, or ``None``.
+        extra_grads: gradients the method computed itself, as ``(parameter, gradient)`` pairs
+            (gradient: the parameter's shape, unscaled, already the global batch's gradient under
+            data parallelism), added to ``.grad`` with the rest of the step — ConsMTL's
+            consistency term on the heads, FORUM's upper-level multi-gradient. Only methods that
+            declare ``adds_gradients`` may return them; ``None`` otherwise.
         values: scalars to log (solver iterations, temperatures, ...).
         cacheable: whether the decision can be reused for later steps (``update_every``): true
             when it reduces to weights on the losses.
@@ -37,8 +42,10 @@ class Decision:
     head_weights: Tensor | None = None
     combined: list[Tensor] | None = None
     objective: Tensor | None = None
+    extra_grads: list[tuple[Tensor, Tensor]] | None = None
     values: dict[str, float] = field(default_factory=dict)
 
     @property
     def cacheable(self) -> bool:
-        return self.combined is None and self.objective is None and self.weights is not None
+        return (self.combined is None and self.objective is None and self.weights is not None
+                and not self.extra_grads)

@@ -206,6 +206,7 @@ class TaskGradients:
     _scale: float = 1.0
     _count: int = 1
     _transform: str = "none"
+    _sal_graph: list[list[Tensor]] | None = None  # needs_saliency_graph: S_t per map, attached through the heads
 
     @property
     def T(self) -> int:
@@ -249,6 +250,43 @@ class TaskGradients:
                 "several maps, gradient accumulation or data parallelism"
             )
         return self._features.maps[0].detach()
+
+    def attached_saliencies(self) -> list[list[Tensor]]:
+        """Per task, per map of ``features``, the saliency ``S_t = ∂obj_t/∂Z`` of the objective loss, attached to
+        the graph through the heads (the engine computed it with ``create_graph=True``), unscaled, local to
+        this rank (the saliency of this rank's mean loss). Multi-input: each task's own map only.
+
+        Only for methods declaring ``needs_saliency_graph`` (ConsMTL), which differentiate a function of
+        the saliencies w.r.t. the task-specific parameters. Raises :class:`ConfigurationError` when the
+        step has no saliencies (no ``features``, or several maps computed from one another)."""
+        if self._sal_graph is None:
+            raise ConfigurationError(
+                "this method differentiates the saliencies S_t = dL_t/dZ through the heads: pass features=Z (the "
+                "representation the heads read; {task: Z_task} for multi-input), and declare needs_saliency_graph"
+            )
+        return self._sal_graph
+
+    @property
+    def loss_transform(self) -> str:
+        """The loss transform the objective losses went through (``"none"`` or ``"log"``)."""
+        return self._transform
+
+    @property
+    def multi_input(self) -> bool:
+        """Whether ``features`` gave one representation per task (``{task: Z_task}``)."""
+        return self._features is not None and self._features.multi_input
+
+    @property
+    def world(self) -> int:
+        """The number of data-parallel ranks (1 without a process group)."""
+        return 1 if self._dist is None else int(self._dist.world)
+
+    def reduce_mean(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """The mean over ranks of per-rank tensors (unchanged without a process group): what a method that
+        computes gradients itself (``adds_gradients``) uses to make them the global batch's."""
+        if self._dist is None:
+            return list(tensors)
+        return list(self._dist.mean_list(list(tensors)))
 
     def attached_losses(self) -> Tensor:
         """Loss level: the objective losses attached to the graph (T,), valued at the global mean."""
@@ -340,6 +378,19 @@ class TaskGradients:
                 )
             if any(s._gramian is not None for s in steps):
                 out._gramian = None
+        graphs = [s._sal_graph for s in steps if s._sal_graph is not None]
+        if len(graphs) == K:
+            # the concatenated batch's saliencies, still attached: micro-batch k's samples carry S_k / K
+            # (its mean loss is 1/K of the concatenated one). Under a log transform also × c[k, t], as an
+            # attached factor (L_k,t + ε) / (L̄_t + ε): the saliency's own derivative then is exact too.
+            if transform == "log":
+                Lk = [[s._parts[0]["loss_list"][t] for t in range(out.T)] for s in steps]
+                Lbar = [sum(Lk[k][t] for k in range(K)) / K for t in range(out.T)]
+                ca = [[(Lk[k][t] + LOG_EPS) / (Lbar[t] + LOG_EPS) for t in range(out.T)] for k in range(K)]
+            else:
+                ca = [[1.0] * out.T for _ in range(K)]
+            out._sal_graph = [[torch.cat([sg[t][m] * ca[k][t] / K for k, sg in enumerate(graphs)])
+                               for m in range(len(graphs[0][t]))] for t in range(out.T)]
         sal_k = [s.saliencies for s in steps if s.saliencies is not None]
         if first.saliencies is not None and len(sal_k) == K:
             out.saliencies = torch.cat(sal_k, dim=1) / K
@@ -484,6 +535,7 @@ def compute_task_gradients(
     scale: float = 1.0,
     dist: Dist | None = None,
     retain_graph: bool = False,
+    saliency_graph: bool = False,
 ) -> TaskGradients:
     """Step 1: per-task gradients of ``losses`` at ``level``, with no method involved.
 
@@ -509,6 +561,9 @@ def compute_task_gradients(
         retain_graph: keep the graph after the last backward of the step (default: free it as
             ``loss.backward()`` does; the feature- and loss-level graphs step 3 still needs are
             freed by it).
+        saliency_graph: gradient levels: keep the graph of the saliencies through the heads
+            (``create_graph=True`` in the heads' backward) for :meth:`TaskGradients.attached_saliencies`
+            (methods declaring ``needs_saliency_graph``; needs ``features``).
 
     Returns:
         a :class:`TaskGradients`; ``problem`` is set (and nothing else computed) when a loss or a
@@ -583,7 +638,7 @@ def compute_task_gradients(
                         keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
         else:
             _gradient_level(tg, names, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
-                            transform, jacobian, scale, dist, retain_graph)
+                            transform, jacobian, scale, dist, retain_graph, saliency_graph)
     except _NonFinitePenalty as exc:  # a regulariser's penalty: the step's policy decides (skip or raise)
         tg.problem, tg.overflow = str(exc), scale != 1.0
     return tg
@@ -605,25 +660,34 @@ def _check_own_maps(names: Sequence[str], feats: Features, t: int, others: Seque
 
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
                 create_graph: bool, retain_graph: bool) -> tuple[list[list[Tensor]], list[list[Tensor | None]]]:
-    """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows."""
+    """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows.
+
+    Each task's backward asks only for the head parameters its loss reaches (found by the same
+    graph walk that decides which parts of the graph can be freed): autograd prepares one capture
+    per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
+    others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    flags = [True] * T
-    if not retain_graph and not create_graph:
-        flags = _retain_flags(_node_sets(obj_scaled, feats.maps))
+    sets = _node_sets(obj_scaled, feats.maps)
+    flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
+    index = {id(p): i for i, p in enumerate(heads)}
+    own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
+           for st in sets]
     sal: list[list[Tensor]] = []
     rows: list[list[Tensor | None]] = []
     M = len(feats.maps)
     for t, L in enumerate(obj_scaled):
+        mine = [heads[i] for i in own[t]]
         if feats.multi_input:
-            inputs = [feats.maps[t]] + [feats.maps[m] for m in range(M) if m != t] + heads
+            inputs = [feats.maps[t]] + [feats.maps[m] for m in range(M) if m != t] + mine
             gs = _grads(L, inputs, retain_graph=flags[t], create_graph=create_graph)
             _check_own_maps(names, feats, t, gs[1:M])
             s = [gs[0] if gs[0] is not None else torch.zeros_like(feats.maps[t])]
-            hr = list(gs[M:])
         else:
-            gs = _grads(L, feats.maps + heads, retain_graph=flags[t], create_graph=create_graph)
+            gs = _grads(L, feats.maps + mine, retain_graph=flags[t], create_graph=create_graph)
             s = [g if g is not None else torch.zeros_like(z) for g, z in zip(gs[:M], feats.maps)]
-            hr = list(gs[M:])
+        hr: list[Tensor | None] = [None] * len(heads)
+        for i, g in zip(own[t], gs[M:]):
+            hr[i] = g
         sal.append(s)
         rows.append(hr)
     return sal, rows
@@ -718,7 +782,7 @@ def _warn_zero(names: Sequence[str], diag: Tensor, level: str) -> None:
 def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tensor,
                     obj_scaled: list[Tensor], feats: Features, shared: list[Tensor], heads: list[Tensor],
                     sal_regs: list[Regularizer], param_regs: list[Regularizer], transform: str, jacobian: str,
-                    scale: float, dist: Dist | None, retain_graph: bool) -> None:
+                    scale: float, dist: Dist | None, retain_graph: bool, saliency_graph: bool = False) -> None:
     T = len(names)
     create = bool(sal_regs) or bool(param_regs)
     level = tg.level
@@ -733,7 +797,11 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     sal_multi: list[list[Tensor]] | None = None
     head_rows: list[list[Tensor | None]] | None = None
     if feats.maps and not dependent:
-        sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create, retain_graph)
+        sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create or saliency_graph, retain_graph)
+        if saliency_graph:  # attached through the heads, unscaled (ConsMTL differentiates them w.r.t. the heads)
+            tg._sal_graph = [[s / scale if scale != 1.0 else s for s in row] for row in sal_multi]
+            if not create:  # everything below uses them as values only
+                sal_multi = [[s.detach() for s in row] for row in sal_multi]
     # ---- regularisers (attached penalty, gradient added in step 3) --------------------------
     reg_total: Tensor | None = None
     if sal_regs:

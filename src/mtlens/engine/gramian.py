@@ -7,14 +7,49 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-_CHUNK = 1 << 16  # columns converted to float64 at a time: exact, cache-sized, no big temporaries
+CHUNK = 4096
+"""Columns per float32 product. Each chunk's T×T product is an sgemm over at most ``CHUNK`` terms
+(relative error ~√CHUNK·2⁻²⁴ ≈ 4e-6 at worst-typical, far below the float32 gradients' own
+rounding in a backward pass); the chunks' products are summed in float64, so the error does not
+grow with the number of parameters. ~3× cheaper than float64 products (no float64 copy, sgemm)."""
+
+
+def _accumulate_gram(G: Tensor, m: Tensor) -> None:
+    """``G += m mᵀ`` for ``m`` of shape (T, n).
+
+    float64 ``m``, fewer than ``CHUNK`` columns, or ``m`` already in ``G``'s (non-float64) dtype:
+    one product in ``G``'s dtype (exact: float32 products fit in float64). Larger float32 /
+    float16 / bfloat16 blocks into a float64 ``G``: products in float32 on column chunks of
+    ``CHUNK`` (one batched sgemm for all full chunks), each chunk's T×T result added in float64."""
+    T, n = m.shape
+    if m.dtype == torch.float64 or (G.dtype != torch.float64 and m.dtype == G.dtype) or n < CHUNK:
+        m = m.to(G.dtype)  # float64 blocks, or a small block: exact and cheap in G's dtype
+        G.addmm_(m, m.T)
+        return
+    if m.dtype != torch.float32:
+        m = m.float()
+    c = n // CHUNK
+    if c:
+        x = m[:, : c * CHUNK].reshape(T, c, CHUNK).transpose(0, 1)  # (c, T, CHUNK) view
+        G.add_(torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=G.dtype))
+        m = m[:, c * CHUNK:]
+    if m.shape[1]:
+        G.add_((m @ m.T).to(G.dtype))
+
+
+def _symmetric(G: Tensor) -> Tensor:
+    """``(G + Gᵀ)/2``: exact where the kernels already returned a symmetric product."""
+    return G.add_(G.T.clone()).mul_(0.5)
 
 
 def gramian_from_blocks(blocks: Sequence[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
     """``G = Σ_p J_p J_pᵀ`` (T×T) from blocks of shape (T, *shape_p), accumulated in ``dtype``.
 
-    Products are formed in ``dtype`` on column chunks, so the result is as exact as a float64
-    product of the whole Jacobian without ever materialising a float64 copy of it.
+    float64 blocks and blocks of fewer than :data:`CHUNK` columns: float64 products (exact to
+    float64 round-off). Larger float32 (and half-precision) blocks: float32 products on column
+    chunks of :data:`CHUNK`, summed in float64 — relative error ~1e-6 of ``Σ_i |J_ti J_si|`` at
+    worst-typical, no float64 copy of J, ~3× cheaper than float64 products.
+    The result is symmetrised.
 
     >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     >>> gramian_from_blocks([J[:, :1], J[:, 1:]])
@@ -26,23 +61,18 @@ def gramian_from_blocks(blocks: Sequence[Tensor], dtype: torch.dtype = torch.flo
     T = blocks[0].shape[0]
     G = torch.zeros(T, T, dtype=dtype, device=blocks[0].device)
     for b in blocks:
-        for m in b.reshape(T, -1).split(_CHUNK, dim=1):
-            m = m.to(dtype)
-            G.addmm_(m, m.T)
-    return G
+        _accumulate_gram(G, b.reshape(T, -1))
+    return _symmetric(G)
 
 
 def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = torch.float64) -> Tensor:
-    """``G`` from per-task lists of per-parameter gradients, without stacking them into blocks."""
+    """``G`` from per-task lists of per-parameter gradients (one T×n stack per parameter at a time),
+    with the precision of :func:`gramian_from_blocks`."""
     T = len(rows)
     G = torch.zeros(T, T, dtype=dtype, device=rows[0][0].device)
     for j in range(len(rows[0])):
-        flat = [r[j].reshape(-1) for r in rows]
-        n = flat[0].numel()
-        for start in range(0, n, _CHUNK):
-            m = torch.stack([f[start:start + _CHUNK] for f in flat]).to(dtype)
-            G.addmm_(m, m.T)
-    return G
+        _accumulate_gram(G, torch.stack([r[j].reshape(-1) for r in rows]))
+    return _symmetric(G)
 
 
 def combine_rows(weights: Tensor, rows: Sequence[Sequence[Tensor]], inplace: bool = False) -> list[Tensor]:

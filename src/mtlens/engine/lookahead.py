@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError, ShapeError
+from .distributed import resolve
 
 
 class LookAhead:
-    """The interface a bilevel method (Auto-Lambda, MOML) gets from the caller before each step.
+    """The interface a bilevel method (Auto-Lambda, MOML, FORUM) gets from the caller before each step.
 
     Args:
         params: the model's trainable parameters, in a fixed order (the look-ahead step moves
@@ -26,13 +28,21 @@ class LookAhead:
         momentum: SGD momentum coefficient (0 for optimisers without one).
         momentum_buffers: per parameter, the optimiser's momentum buffer or ``None``.
         weight_decay: the optimiser's weight decay coefficient.
+        distributed: data parallelism, as in :func:`~mtlens.engine.mtl_backward`: ``None`` (default)
+            reduces over the default process group when ``torch.distributed`` is initialised with
+            more than one rank, ``False`` never, ``True`` or a group: that group. Each rank's closures
+            return the losses of its equal share of the global batches; then every loss value is
+            the global batch's and :meth:`grads` returns the global batch's gradient (the mean over
+            ranks; exact for objectives linear in the losses, which is what Auto-Lambda, MOML and
+            FORUM differentiate), so every rank takes the same decision.
 
     The caller restores anything the extra forwards change (BatchNorm running statistics).
     """
 
     def __init__(self, params: Sequence[Tensor], train_losses: Callable[[], Sequence[Tensor]],
                  val_losses: Callable[[], Sequence[Tensor]], *, lr: float, momentum: float = 0.0,
-                 momentum_buffers: Sequence[Tensor | None] | None = None, weight_decay: float = 0.0) -> None:
+                 momentum_buffers: Sequence[Tensor | None] | None = None, weight_decay: float = 0.0,
+                 distributed: Any = None) -> None:
         self.params = list(params)
         self._train, self._val = train_losses, val_losses
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
@@ -40,10 +50,18 @@ class LookAhead:
         if len(bufs) != len(self.params):
             raise ShapeError(f"LookAhead: {len(bufs)} momentum buffers for {len(self.params)} parameters")
         self.momentum_buffers = bufs
+        self._dist = resolve(distributed)
 
-    @staticmethod
-    def _stack(losses: Sequence[Tensor], what: str) -> Tensor:
+    @property
+    def world(self) -> int:
+        """The number of data-parallel ranks the look-ahead reduces over (1: none)."""
+        return 1 if self._dist is None else self._dist.world
+
+    def _stack(self, losses: Sequence[Tensor], what: str) -> Tensor:
         out = torch.stack([v.reshape(()) for v in losses])
+        if self._dist is not None:  # valued at the global mean, differentiated through this rank's graph
+            mean = self._dist.mean_(out.detach().clone())
+            out = out - out.detach() + mean
         if not bool(torch.isfinite(out.detach()).all()):
             raise NonFiniteError(f"LookAhead: non-finite {what} losses {out.detach().tolist()}")
         return out
@@ -57,9 +75,13 @@ class LookAhead:
         return self._stack(self._val(), "validation")
 
     def grads(self, objective: Tensor, retain_graph: bool = False) -> list[Tensor]:
-        """``∂ objective / ∂ params`` (zeros where a parameter does not reach the objective)."""
+        """``∂ objective / ∂ params`` (zeros where a parameter does not reach the objective); under data
+        parallelism the mean over ranks, i.e. the global batch's gradient."""
         gs = torch.autograd.grad(objective, self.params, retain_graph=retain_graph, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, self.params)]
+        out = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, self.params)]
+        if self._dist is not None:
+            out = self._dist.mean_tensors(out)
+        return out
 
     def sgd_step(self, grads: Sequence[Tensor], lr: float | None = None) -> list[Tensor]:
         """Values after one step of the caller's optimiser rule, ``θ − lr (m + g + wd θ)`` with the

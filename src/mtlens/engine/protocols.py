@@ -3,19 +3,30 @@
 The engine defines these contracts; :mod:`mtlens.methods` implements them. A method is a pure
 object: everything it needs arrives as an argument (losses, Gramian, Jacobian blocks) or
 through an explicit call (``on_epoch_end``, ``after_step``). It never reads trainer state.
-Stateful methods round-trip through ``state_dict()`` / ``load_state_dict()``, internal
-optimiser state included.
+
+A method is a :class:`torch.nn.Module` (as TorchJD's aggregators are), and its state goes
+through PyTorch's own mechanisms: tensors as buffers (``register_buffer``), scalars the user's
+optimiser learns as parameters (UW's log-variances), everything else (step counters, the
+method's ``torch.Generator``, the state of an internal ``torch.optim`` optimiser) as the
+module's extra state, named once in the class attribute ``state_attrs``. ``state_dict()`` and
+``load_state_dict()`` are the module's; the hyper-parameters are the constructor's arguments,
+recorded when the object is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import functools
+import inspect
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError
+from ..errors import CheckpointError, ConfigurationError
 from .decision import Decision
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,8 +38,84 @@ LOSS_TRANSFORM_NAMES = ("none", "log")
 USER_CALLS = ("parameters", "after_step", "on_epoch_end", "observe_cross_gramian", "on_task_scores", "meta_step")
 
 
-class Method:
-    """Base of every multi-task optimisation method.
+@dataclass(frozen=True)
+class Claim:
+    """A property a method's source states for it, declared on the class (``Method.claims``).
+
+    :mod:`mtlens.methods.testing` has one assertion per property name; the test suite runs each
+    over every method that claims it, and nowhere else is a method's property listed.
+
+    Args:
+        source: where the property is stated or proved (paper and equation, or "by
+            construction: ..." with the reason).
+        when: the condition on the Jacobian under which it holds, a name from
+            :data:`mtlens.methods.testing.CONDITIONS` (``"always"``, ``"two_tasks"``,
+            ``"common_descent"``, ``"equal_projections_solvable"``).
+        degree: for ``"homogeneous"``: ``k`` in ``d(cJ) = c^k d(J)``.
+        total: for ``"weights_total"``: ``"T"`` or ``"1"``, what the weights sum to.
+        hparams: hyper-parameters under which the property holds (MGDA's invariance to per-task
+            rescaling needs ``normalization="l2"``).
+    """
+
+    source: str
+    when: str = "always"
+    degree: int = 1
+    total: str = ""
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+
+
+SYMMETRIC = Claim("by construction: the tasks enter symmetrically (no task order in the definition)")
+"""The ``permutation_invariant`` claim of a method whose definition treats the tasks alike."""
+SCALE_FREE = Claim("by construction: no absolute constant (epsilon, clip) enters the update")
+"""The ``homogeneous`` claim (degree 1) of a method without absolute constants."""
+
+
+def _plain(value: Any) -> Any:
+    """A hyper-parameter value as plain Python (tuples and tensors as lists, devices as strings)."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.device):
+        return str(value)
+    return value
+
+
+def _save_attr(value: Any) -> Any:
+    """The saved form of one ``state_attrs`` entry (copied by :meth:`Method.state_dict`)."""
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if hasattr(value, "state_dict"):  # torch.optim optimisers, the methods' small helpers
+        return value.state_dict()
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):  # per-block tensors (DB-MTL's EMA, MoCo's tracked gradients)
+        return [_save_attr(v) for v in value]
+    return value
+
+
+def _record_init(init: Any) -> Any:
+    """Wrap a method's ``__init__``: initialise the module first, record the bound arguments once."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapped(self: Method, *args: Any, **kwargs: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            torch.nn.Module.__init__(self)
+        if "_init_args" not in self.__dict__:  # the outermost constructor's arguments
+            bound = sig.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self._init_args = dict(list(bound.arguments.items())[1:])
+        init(self, *args, **kwargs)
+
+    wrapped._mtlens_records = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+class Method(torch.nn.Module):
+    """Base of every multi-task optimisation method: a :class:`torch.nn.Module`.
 
     Class attributes describe the method to the engine, the registry and the docs:
     ``name`` (registry name), ``family`` ("loss" | "gradient" | "regularizer"), ``levels``
@@ -44,9 +131,16 @@ class Method:
     of two further independent mini-batches to :meth:`observe_cross_gramian`),
     ``needs_task_scores`` (PIVRG: after every epoch the caller reports each task's relative
     performance drop against its single-task baseline to :meth:`on_task_scores`),
-    ``needs_lookahead`` (bilevel methods, Auto-Lambda and MOML: before every step the caller
-    passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
-    validation batch to :meth:`meta_step`).
+    ``needs_lookahead`` (bilevel methods, Auto-Lambda, MOML and FORUM: before every step the
+    caller passes a :class:`~mtlens.engine.LookAhead` over the step's batch and an independent
+    validation batch to :meth:`meta_step`). ``needs_saliency_graph`` (ConsMTL: the engine keeps
+    the graph of the saliencies ``S_t = ∂L_t/∂Z`` through the heads,
+    :meth:`~mtlens.engine.gradients.TaskGradients.attached_saliencies`, so that the method can
+    differentiate a function of them w.r.t. the task-specific parameters). ``adds_gradients``
+    (ConsMTL's term on the heads, FORUM's upper-level multi-gradient): the method's
+    :class:`Decision` may carry gradients it computed itself (``Decision.extra_grads``), which the
+    engine adds to ``.grad`` with everything else (all or nothing); such a decision is not a
+    weighting of the step's losses, so it is never cached (``update_every``).
 
     Two declared properties make a method safe in the user's own loop:
 
@@ -60,6 +154,26 @@ class Method:
       :meth:`on_epoch_end` once per epoch); the ``needs_*`` flags above imply theirs
       (:func:`required_calls`). A stateful method detects a missed call and raises
       :class:`~mtlens.errors.ConfigurationError` naming it (docs: README, own-loop section).
+
+    What a method guarantees is declared here too, once: ``claims`` maps a property name of
+    :mod:`mtlens.methods.testing` (``"non_conflicting"``, ``"permutation_invariant"``,
+    ``"homogeneous"``, ``"rescaling_invariant"``, ``"weights_total"``) to a :class:`Claim` with its
+    source; ``disclaims`` maps a property a reader would expect to why it does not hold (e.g. an
+    absolute epsilon breaks homogeneity); ``failures`` maps a condition to the error the method
+    raises there and why (FairGrad: no direction improves every task → SolverError);
+    ``solver_rtol`` is the relative accuracy of an iterative solver (``None``: closed form).
+
+    State (see the module docstring): tensors are buffers, learnable scalars parameters, the rest
+    is named in ``state_attrs`` and saved as the module's extra state (``"_extra_state"``): a
+    ``torch.Generator`` by its state, an object with ``state_dict()`` (a ``torch.optim``
+    optimiser, :class:`~mtlens.methods._calls.EpochCalls`) by it, anything else as is. A buffer or
+    parameter that is created on the first call (``None`` until then) appears as ``None`` in the
+    state, so that loading a state restores "not created yet" exactly. ``state_dict()`` returns a
+    copy (later steps update the buffers in place); ``load_state_dict`` raises
+    :class:`~mtlens.errors.CheckpointError` for a state of another method or shape.
+
+    Subclasses need not call ``super().__init__()``: the module is initialised, and the
+    constructor's arguments recorded for :meth:`hparams`, before their ``__init__`` runs.
     """
 
     name: ClassVar[str] = ""
@@ -74,10 +188,36 @@ class Method:
     needs_second_batch: ClassVar[bool] = False
     needs_task_scores: ClassVar[bool] = False
     needs_lookahead: ClassVar[bool] = False
+    needs_saliency_graph: ClassVar[bool] = False
+    adds_gradients: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     loss_transforms: ClassVar[tuple[str, ...]] = LOSS_TRANSFORM_NAMES
     loss_transform_conflict: ClassVar[str] = ""
     user_calls: ClassVar[tuple[str, ...]] = ()
+    claims: ClassVar[Mapping[str, Claim]] = {}
+    disclaims: ClassVar[Mapping[str, str]] = {}
+    failures: ClassVar[Mapping[str, tuple[type[Exception], str]]] = {}
+    solver_rtol: ClassVar[float | None] = None
+    state_attrs: ClassVar[tuple[str, ...]] = ()
+    _init_args: dict[str, Any]
+    _extra_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_mtlens_records", False):
+            cls.__init__ = _record_init(init)  # type: ignore[method-assign]
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            names += [n for n in klass.__dict__.get("state_attrs", ()) if n not in names]
+        cls._extra_names = tuple(names)
+        if names:  # only then does the module save an "_extra_state" entry (nn.Module checks the class)
+            cls.get_extra_state = Method._get_extra  # type: ignore[method-assign, assignment]
+            cls.set_extra_state = Method._set_extra  # type: ignore[method-assign, assignment]
+
+    def __init__(self) -> None:
+        if "_parameters" not in self.__dict__:
+            super().__init__()
 
     def loss_transform_problem(self, transform: str) -> str | None:
         """Why this method is not defined for ``transform`` ("none" | "log"), or ``None`` if it is.
@@ -104,42 +244,128 @@ class Method:
     def snapshot(self) -> Any:
         """A copy of everything a step may change, restored by :meth:`restore` when the step fails.
 
-        Default: a deep copy of ``state_dict()`` (``None`` for stateless methods). The engine
-        commits a step's state change only when the whole step succeeded."""
+        Default: ``state_dict()`` (already a copy; ``None`` for stateless methods; a deep copy of
+        it for a subclass that writes its own ``state_dict``). The engine commits a step's state
+        change only when the whole step succeeded."""
         if not self.stateful:
             return None
-        import copy
-
+        if type(self).state_dict is Method.state_dict:
+            return self.state_dict()
         return copy.deepcopy(self.state_dict())
 
     def restore(self, snapshot: Any) -> None:
         """Undo a failed step: put back the state :meth:`snapshot` returned.
 
-        State that did not exist before the step (``None`` in the snapshot: learnable scalars
-        created lazily on first use, e.g. UW's) cannot be un-created by ``load_state_dict``; it
-        holds only its initial values (no optimiser step ran), so it is left as it is."""
+        A learnable parameter that did not exist before the step (``None`` in the snapshot: UW's
+        log-variances created on the first call) cannot be un-created, since the user's optimiser
+        may hold it; it holds only its initial values (no optimiser step ran), so it is left as it
+        is. Buffers created by the failed step go back to ``None``."""
         if snapshot is None:
             return
-        from ..errors import CheckpointError
-
         try:
             self.load_state_dict(snapshot)
         except CheckpointError:
-            if not (isinstance(snapshot, dict) and any(v is None for v in snapshot.values())):
+            if not (isinstance(snapshot, Mapping) and any(v is None for v in snapshot.values())):
                 raise
 
-    # -- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (tensors, counters, RNG and optimiser state)."""
-        return {}
+    # -- state: the module's, with lazily created tensors and plain attributes -------------------
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
+                   keep_vars: bool = False) -> Any:
+        """Everything needed to resume exactly: buffers, parameters and ``state_attrs`` (a copy).
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"method '{self.name}' is stateless but got state keys {sorted(state)}")
+        ``torch.nn.Module.state_dict`` (``torch.load(..., weights_only=True)`` reads it back); at
+        the top level the result is a deep copy, because later steps update buffers and internal
+        optimiser state in place."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if destination is None and not args and not keep_vars:
+            out = copy.deepcopy(out)
+        return out
 
-    def parameters(self) -> list[Tensor]:
-        """Learnable tensors the caller's optimiser must update (e.g. UW's log-variances)."""
-        return []
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """Restore a state from :meth:`state_dict` (``torch.nn.Module.load_state_dict``, strict).
+
+        Raises :class:`~mtlens.errors.CheckpointError` naming the method and the problem when the
+        state is of another method, lacks entries or has other shapes; ``ValueError`` when a
+        stateless method gets a non-empty state."""
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointError(f"method '{self.name}': a state must be a mapping, got {type(state_dict).__name__}")
+        if not self.stateful and not self._extra_names and not any(
+                True for _ in itertools.chain(self.named_parameters(), self.named_buffers())):
+            if state_dict:
+                raise ValueError(f"method '{self.name}' is stateless but got state keys {sorted(state_dict)}")
+            return None
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"method '{self.name}': cannot load this state ({exc}); it was not saved by "
+                f"'{self.name}'.state_dict() with the same hyper-parameters and task count") from exc
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in itertools.chain(self._parameters.items(), self._buffers.items()):
+            if value is None and name not in self._non_persistent_buffers_set:
+                destination[prefix + name] = None  # created on the first call: "not yet" is state too
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        rest = dict(state_dict)
+        for name, buf in list(self._buffers.items()):
+            key = prefix + name
+            if name in self._non_persistent_buffers_set:
+                continue
+            if key not in state_dict:
+                if buf is None and strict:
+                    missing_keys.append(key)
+                continue
+            stored = state_dict[key]
+            if stored is None:
+                self._buffers[name] = None
+                del rest[key]
+            elif isinstance(stored, Tensor):  # the stored tensor's shape, dtype and device
+                self._buffers[name] = torch.empty_like(stored, requires_grad=False)
+        for name, param in list(self._parameters.items()):
+            key = prefix + name
+            if key not in state_dict:
+                if param is None and strict:
+                    missing_keys.append(key)
+                continue
+            stored = state_dict[key]
+            if stored is None:
+                del rest[key]
+                if param is not None:
+                    error_msgs.append(f"the state was saved before its {name} existed (they exist now)")
+            elif param is None and isinstance(stored, Tensor):
+                dtype = torch.promote_types(stored.dtype, torch.float32)
+                self._parameters[name] = torch.nn.Parameter(torch.empty_like(stored, dtype=dtype))
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _get_extra(self) -> dict[str, Any]:
+        """The ``state_attrs`` entries, keyed by their names without a leading underscore."""
+        return {name.lstrip("_"): _save_attr(getattr(self, name)) for name in self._extra_names}
+
+    def _set_extra(self, state: Any) -> None:
+        keys = [name.lstrip("_") for name in self._extra_names]
+        if not isinstance(state, Mapping) or set(state) != set(keys):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise CheckpointError(f"method '{self.name}': expected the state of {keys}, got {got}")
+        for name, key in zip(self._extra_names, keys):
+            current, stored = getattr(self, name), state[key]
+            if isinstance(current, torch.Generator):
+                current.set_state(stored)
+            elif hasattr(current, "load_state_dict"):
+                current.load_state_dict(copy.deepcopy(stored))
+            else:
+                setattr(self, name, copy.deepcopy(stored))
+
+    def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
+        """Learnable tensors the caller's optimiser must update (e.g. UW's log-variances), as a list:
+        ``list(model.parameters()) + method.parameters()``."""
+        return list(super().parameters(recurse))
 
     # -- explicit hooks --------------------------------------------------------------------
     def on_epoch_end(self, mean_losses: Tensor) -> None:
@@ -171,8 +397,9 @@ class Method:
         raise NotImplementedError(f"method '{self.name}' is not bilevel (needs_lookahead=False)")
 
     def hparams(self) -> dict[str, Any]:
-        """The hyper-parameters this instance was built with."""
-        return dict(getattr(self, "_hparams", {}))
+        """The hyper-parameters this instance was built with: its constructor's arguments, defaults
+        included, as plain Python values (recorded once, when the object was built)."""
+        return {k: _plain(v) for k, v in self.__dict__.get("_init_args", {}).items()}
 
     def log_values(self) -> dict[str, float]:
         """Scalars worth logging after the last step (solver iterations, temperatures, ...)."""

@@ -11,10 +11,11 @@ Every method module lives in this package and registers itself; see docs/methods
 table of methods, families, levels, references and defaults.
 """
 
-from ..engine.protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
+from ..engine.protocols import Claim, GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer
 from ._registry import available, create, defaults, describe, get, register
 
 __all__ = [
+    "Claim",
     "GramianWeighting",
     "JacobianAggregator",
     "LossWeighting",

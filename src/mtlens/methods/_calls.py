@@ -183,3 +183,33 @@ class EpochCalls:
         state = state or {}  # checkpoints written before these counters existed
         self.calls = int(state.get("calls", 0))
         self.learnt = state.get("learnt")
+
+
+class MetaStepCalls:
+    """Watches that ``meta_step`` precedes every weighting call of a bilevel method (Auto-Lambda, MOML).
+
+    A weighting call (``combine``, the engine's step) with no ``meta_step`` since the previous one
+    is a miss; :data:`MISSES_TO_RAISE` in a row raise :class:`ConfigurationError` naming the call
+    (the method would otherwise train with frozen task weights)."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self._fresh = False
+        self._misses = 0
+
+    def meta_step_called(self) -> None:
+        self._fresh = True
+        self._misses = 0
+
+    def weighting_call(self) -> None:
+        self._misses = 0 if self._fresh else self._misses + 1
+        self._fresh = False
+        if self._misses >= MISSES_TO_RAISE:
+            self._misses = 0
+            raise ConfigurationError(
+                f"{self.method}: meta_step(lookahead) was not called before {MISSES_TO_RAISE} steps in a row, so "
+                f"'{self.method}' never updates its task weights. Before every mtl_backward call, call "
+                "method.meta_step(mtlens.engine.LookAhead(params, train_losses, val_losses, lr=...)) with closures "
+                "returning the task losses on the step's batch and on an independent batch (the mtlens trainer "
+                "does it; docs/methods.md, bilevel)"
+            )

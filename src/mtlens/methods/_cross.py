@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine.protocols import LossWeighting
-from ..errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
+from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from ._calls import MISSES_TO_RAISE
 
 
@@ -34,13 +32,15 @@ class CrossGramianWeighting(LossWeighting):
     """
 
     needs_second_batch = True
+    lam: Tensor | None  # buffers
+    out: Tensor | None
     stateful = True
     user_calls = ("observe_cross_gramian",)
 
     def __init__(self) -> None:
         self._since_observed = 0  # weighting calls since the last cross-Gramian (a miss detector)
-        self._lam: np.ndarray | None = None
-        self._out: np.ndarray | None = None
+        self.register_buffer("lam", None)  # the method's iterate λ (T,), float64
+        self.register_buffer("out", None)  # the weights it returns until the next cross-Gramian
         self._log: dict[str, float] = {}
 
     def _check(self, A: Tensor) -> np.ndarray:
@@ -51,15 +51,15 @@ class CrossGramianWeighting(LossWeighting):
         if not bool(torch.isfinite(M).all()):
             raise NonFiniteError(f"{self.name}: the cross-Gramian has non-finite entries")
         T = M.shape[0]
-        if self._lam is None:
-            self._lam = np.full(T, 1.0 / T)
-        elif self._lam.shape[0] != T:
-            raise ShapeError(f"{self.name}: its weights are for {self._lam.shape[0]} tasks, got a {T}×{T} "
+        if self.lam is None:
+            self.lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        elif self.lam.shape[0] != T:
+            raise ShapeError(f"{self.name}: its weights are for {self.lam.shape[0]} tasks, got a {T}×{T} "
                              "cross-Gramian; create a new method object for a different task set")
         return M.numpy()
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
-        if self._out is None:
+        if self.out is None:
             raise ConfigurationError(
                 f"'{self.name}' needs the cross-Gramian of two independent mini-batches before each step "
                 "(needs_second_batch): the mtlens trainer supplies it; in your own loop call "
@@ -72,22 +72,9 @@ class CrossGramianWeighting(LossWeighting):
                 "weights stopped moving. Before every step call method.observe_cross_gramian("
                 "mtlens.engine.cross_gramian(losses_a, losses_b, shared_params)) on two further independent batches"
             )
-        if self._out.shape[0] != losses.shape[0]:
-            raise ShapeError(f"{self.name}: weights for {self._out.shape[0]} tasks, got {losses.shape[0]} losses")
-        return torch.as_tensor(self._out, dtype=losses.dtype, device=losses.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        def t(x):
-            return None if x is None else torch.from_numpy(x.copy())
-        return {"lam": t(self._lam), "out": t(self._out)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"lam", "out"}:
-            raise CheckpointError(f"{self.name}: expected state keys ['lam', 'out'], got {sorted(state)}")
-
-        def n(x):
-            return None if x is None else torch.as_tensor(x).numpy().astype(np.float64).copy()
-        self._lam, self._out = n(state["lam"]), n(state["out"])
+        if self.out.shape[0] != losses.shape[0]:
+            raise ShapeError(f"{self.name}: weights for {self.out.shape[0]} tasks, got {losses.shape[0]} losses")
+        return self.out.to(dtype=losses.dtype, device=losses.device).clone()
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

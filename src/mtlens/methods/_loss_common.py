@@ -1,18 +1,18 @@
 """Helpers shared by the loss-level weightings: loss vectors, task counts, learnable scalars, internal Adam.
 
 Private module (not auto-registered): UW and IMTL-L keep per-task learnable scalars that the
-user's optimiser updates; FAMO and GradNorm keep a (T,) tensor trained by their own Adam. Both
-kinds are created lazily on the first call (on the losses' device) or eagerly from
-``num_tasks``, and round-trip through ``state_dict()``.
+user's optimiser updates (parameters of the method module); FAMO, GradNorm, Auto-Lambda and MOML
+keep a (T,) tensor trained by their own ``torch.optim.Adam`` (a buffer of the method module, the
+Adam state its extra state). Both kinds are created lazily on the first call (on the losses'
+device) or eagerly from ``num_tasks``, and round-trip through the module's ``state_dict()``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from torch import Tensor
 from ..errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
 from ._calls import ScalarsInOptimizer, mark_internal
 from ._utils import check
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.protocols import Method
 
 
 def float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,6 +81,16 @@ class TaskCount:
             )
         return self.T
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_tasks": self.T}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        T = state["num_tasks"]
+        if self.T is not None and T is not None and T != self.T:
+            raise CheckpointError(f"{self.method}: the state is for {T} tasks, this object for {self.T}")
+        if T is not None:
+            self.T = int(T)
+
 
 def _device_of(device: str | torch.device | None, method: str) -> torch.device | None:
     if device is None:
@@ -89,7 +102,8 @@ def _device_of(device: str | torch.device | None, method: str) -> torch.device |
 
 
 class LearnableScalars:
-    """Per-task learnable scalars (``requires_grad``) that the user's optimiser updates.
+    """Per-task learnable scalars: a ``torch.nn.Parameter`` of the method named ``key``, updated by
+    the user's optimiser (``method.parameters()``).
 
     Created eagerly when ``num_tasks`` is given (on ``device``, float32), otherwise on the first
     call on the losses' device (float32 at least) with a warning, because an optimiser built
@@ -98,50 +112,54 @@ class LearnableScalars:
     in a row without them (:class:`~mtlens.methods._calls.ScalarsInOptimizer`).
     """
 
-    def __init__(self, method: str, key: str, init: float, num_tasks: int | None, device=None,
+    def __init__(self, method: Method, key: str, init: float, num_tasks: int | None, device=None,
                  what: str | None = None):
-        self.method, self.key, self.init = method, key, float(init)
-        self.device = _device_of(device, method)
-        self.value: Tensor | None = None
+        self._method, self.name, self.key, self.init = method, method.name, key, float(init)
+        dev = _device_of(device, self.name)
+        value = None
         if num_tasks is not None:
-            self.value = torch.full((num_tasks,), self.init, dtype=torch.float32,
-                                    device=self.device or torch.device("cpu"), requires_grad=True)
+            value = torch.nn.Parameter(torch.full((num_tasks,), self.init, dtype=torch.float32,
+                                                  device=dev or torch.device("cpu")))
         elif device is not None:
             raise ConfigurationError(
-                f"{method}: device={device!r} only applies with num_tasks (eager creation); without "
+                f"{self.name}: device={device!r} only applies with num_tasks (eager creation); without "
                 "num_tasks the scalars are created on the losses' device at the first call"
             )
-        self._watch = ScalarsInOptimizer(method, what or key, lambda: self.value)
+        method.register_parameter(key, value)
+        self._watch = ScalarsInOptimizer(self.name, what or key, lambda: self.value)
+
+    @property
+    def value(self) -> torch.nn.Parameter | None:
+        return self._method._parameters[self.key]
 
     def check(self) -> None:
         """Raise when the user's optimiser keeps stepping without these scalars (see the class docstring)."""
         self._watch.check()
 
-    def parameters(self) -> list[Tensor]:
-        return [] if self.value is None else [self.value]
-
     def get(self, losses: Tensor) -> Tensor:
         T = losses.shape[0]
-        if self.value is None:
-            self.value = torch.full((T,), self.init, dtype=float_dtype(losses.dtype), device=losses.device,
-                                    requires_grad=True)
+        value = self.value
+        if value is None:
+            value = torch.nn.Parameter(torch.full((T,), self.init, dtype=float_dtype(losses.dtype),
+                                                  device=losses.device))
+            self._method.register_parameter(self.key, value)
             warnings.warn(
-                f"mtlens: '{self.method}' created its {T} learnable {self.key} on the first call; add "
+                f"mtlens: '{self.name}' created its {T} learnable {self.key} on the first call; add "
                 f"method.parameters() to your optimiser now, or pass num_tasks={T} to create them before "
                 "building the optimiser",
                 UserWarning,
                 stacklevel=4,
             )
-        if self.value.shape[0] != T:
-            raise ShapeError(f"{self.method}: has {self.value.shape[0]} {self.key} but got {T} losses")
-        if self.value.device != losses.device:
+        if value.shape[0] != T:
+            raise ShapeError(f"{self.name}: has {value.shape[0]} {self.key} but got {T} losses")
+        if value.device != losses.device:
             raise ConfigurationError(
-                f"{self.method}: its {self.key} live on {self.value.device} but the losses on "
+                f"{self.name}: its {self.key} live on {value.device} but the losses on "
                 f"{losses.device}; "
                 f"pass device='{losses.device}' together with num_tasks (or omit num_tasks to create them "
                 "on the first call)"
             )
-        return self.value
+        return value
 
     def log_values(self, prefix: str) -> dict[str, float]:
         """``{f"{prefix}/{t}": value_t}``; empty before the scalars exist."""
@@ -149,91 +167,78 @@ class LearnableScalars:
             return {}
         return {f"{prefix}/{i}": float(v) for i, v in enumerate(self.value.detach().cpu())}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {self.key: None if self.value is None else self.value.detach().clone()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.key not in state:
-            raise CheckpointError(f"{self.method}: state has no '{self.key}' (keys: {sorted(state)})")
-        stored = state[self.key]
-        if stored is None:
-            if self.value is not None:
-                raise CheckpointError(
-                    f"{self.method}: the checkpoint was saved before the {self.key} existed")
-            return
-        stored = torch.as_tensor(stored)
-        if self.value is None:
-            device = self.device or stored.device
-            self.value = stored.detach().clone().to(device=device, dtype=float_dtype(stored.dtype))
-            self.value.requires_grad_(True)
-            return
-        if stored.shape != self.value.shape:
-            raise CheckpointError(
-                f"{self.method}: checkpoint {self.key} have shape {tuple(stored.shape)}, this object "
-                f"{tuple(self.value.shape)}"
-            )
-        with torch.no_grad():  # in place: the user's optimiser keeps its reference
-            self.value.copy_(stored)
-
-
-def learnable_scalars_init(method: str, key: str, what: str, init: float, num_tasks: int | None,
-                           device: str | None) -> tuple[dict[str, Any], LearnableScalars]:
-    """Validate the ``(init, num_tasks, device)`` hyper-parameters of UW / IMTL-L.
-
-    Returns the method's ``_hparams`` and its :class:`LearnableScalars` (stored under ``key``);
-    ``what`` names the scalars in the error message (e.g. ``"log-variance"``).
-    """
+def learnable_scalars(method: Method, key: str, what: str, init: float, num_tasks: int | None,
+                      device: str | None) -> LearnableScalars:
+    """Validate the ``(init, num_tasks, device)`` hyper-parameters of UW / IMTL-L and register their
+    :class:`LearnableScalars` on ``method`` (parameter ``key``); ``what`` names the scalars in the
+    error messages (e.g. ``"log-variance"``)."""
     check(isinstance(init, (int, float)) and math.isfinite(init),
-          f"{method}: init (initial {what}) must be a finite number, got {init!r}")
-    check_num_tasks(num_tasks, method)
-    hparams = {"init": float(init), "num_tasks": num_tasks, "device": None if device is None else str(device)}
-    return hparams, LearnableScalars(method, key, init, num_tasks, device, what=f"{what}s")
+          f"{method.name}: init (initial {what}) must be a finite number, got {init!r}")
+    check_num_tasks(num_tasks, method.name)
+    return LearnableScalars(method, key, init, num_tasks, device, what=f"{what}s")
 
 
-class InternalAdam:
-    """A (T,) tensor trained by the method's own Adam; value and Adam state round-trip via state_dict."""
+class InternalOptimizer:
+    """A (T,) tensor trained by the method's own ``torch.optim`` optimiser (FAMO's logits, GradNorm's
+    weights, IMTL's log-scales): ``torch.optim.Adam`` (default) or, with ``kind="sgd"``, plain
+    ``torch.optim.SGD``.
 
-    def __init__(self, method: str, key: str, lr: float, weight_decay: float, init: float):
-        self.method, self.key = method, key
+    The tensor is a buffer of the method named ``key`` — in its ``state_dict()``, not in
+    ``method.parameters()``, since the user's optimiser must not step it; list this helper in the
+    method's ``state_attrs`` and the optimiser's state (``Optimizer.state_dict()``) is saved with it.
+    """
+
+    def __init__(self, method: Method, key: str, lr: float, weight_decay: float, init: float, kind: str = "adam"):
+        self._method, self.key, self.kind = method, key, kind
         self.lr, self.weight_decay, self.init = lr, weight_decay, float(init)
-        self.value: Tensor | None = None
-        self.opt: torch.optim.Adam | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        method.register_buffer(key, None)
+
+    @property
+    def value(self) -> Tensor | None:
+        return self._method._buffers[self.key]
 
     def ensure(self, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        if self.value is None:
-            self._create(torch.full((T,), self.init, dtype=float_dtype(dtype), device=device))
-        if self.value.shape[0] != T:
-            raise ShapeError(f"{self.method}: has {self.value.shape[0]} {self.key} but got {T} losses")
-        return self.value
+        value = self.value
+        if value is None:
+            value = torch.full((T,), self.init, dtype=float_dtype(dtype), device=device)
+            self._method.register_buffer(self.key, value)
+            self._build()
+        if value.shape[0] != T:
+            raise ShapeError(f"{self._method.name}: has {value.shape[0]} {self.key} but got {T} losses")
+        return value
 
-    def _create(self, value: Tensor) -> None:
-        self.value = value.detach().clone().requires_grad_(True)
-        self.opt = mark_internal(torch.optim.Adam([self.value], lr=self.lr, weight_decay=self.weight_decay))
+    def _build(self) -> None:
+        value = self.value
+        assert value is not None
+        value.requires_grad_(True)
+        if self.kind == "sgd":
+            self.opt = mark_internal(torch.optim.SGD([value], lr=self.lr, weight_decay=self.weight_decay))
+        else:
+            self.opt = mark_internal(torch.optim.Adam([value], lr=self.lr, weight_decay=self.weight_decay))
 
     def step(self, grad: Tensor) -> None:
-        assert self.value is not None and self.opt is not None
-        self.value.grad = grad.detach().to(device=self.value.device, dtype=self.value.dtype)
+        value = self.value
+        assert value is not None and self.opt is not None
+        value.grad = grad.detach().to(device=value.device, dtype=value.dtype)
         self.opt.step()
-        self.value.grad = None
+        value.grad = None
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.value is None:
-            return {self.key: None, f"{self.key}_optimizer": None}
-        return {self.key: self.value.detach().clone(),
-                f"{self.key}_optimizer": copy.deepcopy(self.opt.state_dict())}
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.opt is None else self.opt.state_dict()
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for k in (self.key, f"{self.key}_optimizer"):
-            if k not in state:
-                raise CheckpointError(f"{self.method}: state has no '{k}' (keys: {sorted(state)})")
-        stored = state[self.key]
-        if stored is None:
-            self.value, self.opt = None, None
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Called after the buffer was loaded: rebuild the Adam on it and load its state."""
+        if (state is None) != (self.value is None):
+            raise CheckpointError(f"{self._method.name}: the state has {self.key} "
+                                  f"{'without' if state is None else 'but no'} optimiser state")
+        if state is None:
+            self.opt = None
             return
-        stored = torch.as_tensor(stored)
-        device = self.value.device if self.value is not None else stored.device
-        self._create(stored.to(device))
-        self.opt.load_state_dict(copy.deepcopy(state[f"{self.key}_optimizer"]))
+        self._build()
+        assert self.opt is not None
+        self.opt.load_state_dict(dict(state))
 
 
 def require_keys(state: Mapping[str, Any], keys: Sequence[str], method: str) -> None:

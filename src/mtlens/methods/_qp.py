@@ -125,7 +125,7 @@ def _solve_quadprog(Gn: np.ndarray, U: np.ndarray, reg_eps: float, method: str) 
 def init_dual_cone(method, pref_vector, reg_eps: float, solver: str) -> None:
     """Validate and store the hyper-parameters shared by UPGrad and DualProj on ``method``.
 
-    Sets ``method.pref_vector``, ``method.reg_eps``, ``method.solver`` and ``method._hparams``;
+    Sets ``method.pref_vector``, ``method.reg_eps`` and ``method.solver``;
     raises :class:`ConfigurationError` / :class:`MissingDependencyError` naming ``method.name``.
     """
     name = method.name
@@ -136,8 +136,6 @@ def init_dual_cone(method, pref_vector, reg_eps: float, solver: str) -> None:
           f"{name}: solver='quadprog' needs reg_eps > 0 (a strictly positive-definite matrix)")
     require_solver(solver, name)
     method.solver = solver
-    method._hparams = {"pref_vector": None if method.pref_vector is None else list(method.pref_vector),
-                       "reg_eps": method.reg_eps, "solver": solver}
 
 
 def check_pref_vector(pref_vector, method: str) -> tuple[float, ...] | None:

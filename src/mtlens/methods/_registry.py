@@ -120,5 +120,7 @@ def describe() -> list[dict[str, Any]]:
             "needs_second_batch": c.needs_second_batch,
             "needs_task_scores": c.needs_task_scores,
             "needs_lookahead": c.needs_lookahead,
+            "needs_saliency_graph": c.needs_saliency_graph,
+            "adds_gradients": c.adds_gradients,
         })
     return rows

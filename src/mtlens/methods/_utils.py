@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..errors import CheckpointError, ConfigurationError, ShapeError
+from ..errors import ConfigurationError, ShapeError
 
 
 def check(cond: bool, msg: str) -> None:
@@ -53,26 +53,29 @@ def nonzero_rows(sq: torch.Tensor, rel: float) -> tuple[float, torch.Tensor]:
     return big, live
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A private generator; ``seed=None`` draws its seed from torch's global RNG (so
-    ``torch.manual_seed`` makes the run reproducible) without reseeding the global RNG."""
-    g = torch.Generator()
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    g.manual_seed(int(seed))
-    return g
+class Seeded:
+    """Mixin of the methods that draw random numbers: one ``torch.Generator`` the method owns.
 
+    Call :meth:`_seed` in the constructor with the ``seed`` argument: an int seeds the generator;
+    ``None`` draws the seed from torch's global RNG (so ``torch.manual_seed`` makes the run
+    reproducible) without reseeding the global RNG. ``self.seed`` and ``hparams()["seed"]`` are the
+    effective seed; the generator's state is part of the method's state (``state_attrs``), so a
+    resumed run draws what an uninterrupted one would. Place it before the method family in the
+    bases: ``class PCGrad(Seeded, GramianWeighting)``.
+    """
 
-def generator_state(g: torch.Generator) -> dict[str, Any]:
-    return {"rng": g.get_state()}
+    state_attrs: ClassVar[tuple[str, ...]] = ("generator",)
+    name: ClassVar[str]
+    seed: int
+    generator: torch.Generator
 
+    def _seed(self, seed: int | None) -> None:
+        check_seed(seed, self.name)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.seed = int(seed)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self.seed)
 
-def load_generator_state(g: torch.Generator, state: dict[str, Any]) -> None:
-    g.set_state(state["rng"])
-
-
-def load_rng_only_state(g: torch.Generator, state: dict[str, Any], method: str) -> None:
-    """Load a state that holds only the generator (``{"rng": ...}``); CheckpointError otherwise."""
-    if set(state) != {"rng"}:
-        raise CheckpointError(f"{method}: expected state keys ['rng'], got {sorted(state)}")
-    load_generator_state(g, state)
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "seed": self.seed}  # type: ignore[misc]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, GramianWeighting
 from ..errors import ConfigurationError, ShapeError
 from ._registry import register
 from ._solvers import check_gramian, psd_eigh, to_weights
@@ -49,6 +49,11 @@ class AlignedMTL(GramianWeighting):
                  "arXiv:2305.19000")
     defaults_source = "scale by the smallest singular value, equal task weights 1 (paper Alg. 1; LibMTL)"
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+    }
+
     def __init__(self, task_weights: list[float] | None = None, scale_mode: str = "min",
                  rank_rtol: float | None = None) -> None:
         if scale_mode not in SCALE_MODES:
@@ -65,7 +70,6 @@ class AlignedMTL(GramianWeighting):
                   f"aligned_mtl: rank_rtol must be in [0, 1), got {rank_rtol!r}")
         self.scale_mode = scale_mode
         self.rank_rtol = rank_rtol
-        self._hparams = {"task_weights": task_weights, "scale_mode": scale_mode, "rank_rtol": rank_rtol}
         self._log: dict[str, float] = {}
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
+from ..engine.protocols import Claim, LossWeighting
 from ..errors import ShapeError
-from ._loss_common import InternalAdam, TaskCount, check_num_tasks, float_dtype, require_keys
+from ._calls import MetaStepCalls
+from ._loss_common import InternalOptimizer, TaskCount, check_num_tasks, float_dtype
 from ._registry import register
 from ._utils import check, positive
 
@@ -51,7 +52,12 @@ class AutoLambda(LossWeighting):
     reference = "Liu et al., Auto-Lambda: Disentangling Dynamic Task Relationships, TMLR 2022, arXiv:2202.03091"
     defaults_source = "init = 0.1, lr = 1e-4 (Adam), all tasks primary (authors' trainer_dense.py)"
     stateful = True
+    state_attrs = ("_lam", "_tasks")
     needs_lookahead = True
+
+    claims = {
+        "permutation_invariant": Claim("equal initial λ (the authors' code)"),
+    }
 
     def __init__(self, init: float = 0.1, lr: float = 1e-4, primary: Sequence[int] | None = None,
                  num_tasks: int | None = None) -> None:
@@ -63,9 +69,9 @@ class AutoLambda(LossWeighting):
                   f"auto_lambda: primary must be a non-empty list of distinct task indices, got {primary!r}")
         self.primary = primary
         self._tasks = TaskCount(self.name, check_num_tasks(num_tasks, self.name))
-        self._lam = InternalAdam(self.name, "lambda", self.lr, 0.0, self.init)
-        self._hparams = {"init": self.init, "lr": self.lr, "primary": primary, "num_tasks": num_tasks}
+        self._lam = InternalOptimizer(self, "lambda", self.lr, 0.0, self.init)
         self._log: dict[str, float] = {}
+        self._meta_calls = MetaStepCalls(self.name)
 
     def _lambda(self, T: int, like: Tensor) -> Tensor:
         self._tasks.bind(T)
@@ -76,7 +82,12 @@ class AutoLambda(LossWeighting):
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return self._lambda(losses.shape[0], losses).detach().to(losses.dtype).clone()
 
+    def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._meta_calls.weighting_call()  # a step without meta_step: raises on the second in a row
+        return super().combine(losses, grad_norms)
+
     def meta_step(self, lookahead: Any) -> None:
+        self._meta_calls.meta_step_called()
         la = lookahead
         L_tr = la.train_losses()
         T = L_tr.shape[0]
@@ -103,15 +114,6 @@ class AutoLambda(LossWeighting):
         self._lam.step(-la.lr * hess)
         self._log = {"auto_lambda/hessian_norm": float(hess.norm()),
                      **{f"auto_lambda/lambda/{t}": float(v) for t, v in enumerate(self._lam.value.detach().cpu())}}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._lam.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(state, ("lambda", "lambda_optimizer"), self.name)
-        self._lam.load_state_dict(state)
-        if self._lam.value is not None:
-            self._tasks.bind(self._lam.value.shape[0])
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

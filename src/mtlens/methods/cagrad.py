@@ -9,7 +9,7 @@ import numpy as np
 from scipy.optimize import minimize, nnls
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, GramianWeighting
 from ..errors import ConfigurationError, SolverError
 from ._registry import register
 from ._solvers import check_gramian, gramian_scale, min_norm_simplex, nonzero_tasks, psd_eigh, to_weights
@@ -62,6 +62,12 @@ class CAGrad(GramianWeighting):
     defaults_source = ("c=0.5, rescale=1 (official code cagrad(alpha=0.5, rescale=1)); "
                        "c=0.4 for NYUv2 in the paper")
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+    }
+    solver_rtol = 1e-5  # SLSQP on the dual (its stopping tolerance)
+
     def __init__(self, c: float = 0.5, rescale: int = 1) -> None:
         check(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0,
               f"cagrad: c must be a finite number ≥ 0, got {c!r}")
@@ -70,7 +76,6 @@ class CAGrad(GramianWeighting):
                                      "(0: none, 1: divide by 1+c², 2: divide by 1+c)")
         self.c = float(c)
         self.rescale = int(rescale)
-        self._hparams = {"c": c, "rescale": rescale}
         self._log: dict[str, float] = {}
 
     def _divisor(self) -> float:

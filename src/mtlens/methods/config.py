@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
 from ..errors import ShapeError, SolverError
 from ._qp import check_gramian, check_pref_vector
 from ._registry import register
@@ -47,11 +47,18 @@ class ConFIG(GramianWeighting):
     reference = "Liu, Chu & Thuerey, ConFIG: Towards Conflict-free Training of PINNs, arXiv:2408.11104"
     defaults_source = "pref_vector = ones as in the paper (Eq. 2) and TorchJD; rcond: ours"
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+        "non_conflicting": Claim("Liu et al., ConFIG, arXiv:2408.11104, Eq. 2: equal positive projections on the unit "
+                                 "gradients, whenever some direction has equal projections on them",
+                                 when="equal_projections_solvable"),
+        "rescaling_invariant": Claim("Liu et al., ConFIG, Eq. 2: built from the unit gradients only"),
+    }
+
     def __init__(self, pref_vector: Sequence[float] | None = None, rcond: float = 1e-12) -> None:
         self.pref_vector = check_pref_vector(pref_vector, self.name)
         self.rcond = in_range("rcond", rcond, 0.0, 1.0, self.name)
-        self._hparams = {"pref_vector": None if self.pref_vector is None else list(self.pref_vector),
-                         "rcond": self.rcond}
         self._degenerate = 0.0
 
     def log_values(self) -> dict[str, float]:

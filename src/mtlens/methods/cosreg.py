@@ -50,7 +50,6 @@ class CosReg(Regularizer):
         check(level in LEVELS, f"{self.name}: level={level!r}; choose one of {LEVELS}")
         self.level = level
         self.uses = "param" if level == "param" else "saliency"
-        self._hparams = {"lam": self.lam, "level": level}
 
     def loss(self, grads: Sequence[Tensor], losses: Tensor) -> tuple[Tensor, dict[str, float]]:
         blocks = list(grads)

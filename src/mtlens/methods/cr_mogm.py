@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
-from ..errors import CheckpointError, ConfigurationError, ShapeError
+from ..engine.protocols import SYMMETRIC, Claim, GramianWeighting
+from ..errors import ConfigurationError, ShapeError
 from ._registry import get, register
 from ._utils import in_range
 
@@ -30,15 +30,23 @@ class CRMOGM(GramianWeighting):
     registered Gramian weighting works, built with ``base_kwargs``); ``alpha=0.9`` (TorchJD's
     default; the paper's Corollary 1 lets α_k grow towards 1 as the learning rate decays — set
     :attr:`alpha` between steps for such a schedule); ``initial_weights=None``.
-    The wrapped method's state is part of :meth:`state_dict`.
+    The wrapped method is a submodule (``base``): its state is part of :meth:`state_dict`.
     """
 
     name = "cr_mogm"
+    lam: Tensor | None  # buffer
+    base: GramianWeighting  # the wrapped method (a submodule)
     reference = ("Zhou et al., On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond, "
                  "NeurIPS 2022")
     defaults_source = "alpha = 0.9 and λ_0 = first weights (TorchJD CRMOGMWeighting); base = mgda (paper's CR-MGDA)"
     stateful = True
     head_rule = "own gradient, unit weights (TorchJD's mtl_backward; CR-MOGM smooths the shared weights)"
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": Claim("averages the weights of a homogeneous base (default MGDA), which do not depend on the "
+                             "scale"),
+    }
 
     def __init__(self, base: str = "mgda", alpha: float = 0.9, initial_weights: list[float] | None = None,
                  base_kwargs: Mapping[str, Any] | None = None) -> None:
@@ -50,20 +58,18 @@ class CRMOGM(GramianWeighting):
                 f"cr_mogm: base='{base}' is a {cls.family} method ({cls.__name__}); CR-MOGM averages the weights "
                 "of a Gramian weighting (e.g. mgda, upgrad, imtl_g, nash_mtl, fairgrad)"
             )
-        self.base = create(base, **dict(base_kwargs or {}))
+        self.base = cast(GramianWeighting, create(base, **dict(base_kwargs or {})))  # checked above
         self.levels = cls.levels  # type: ignore[misc]
         self.alpha = in_range("alpha", alpha, 0.0, 1.0, self.name)
         if initial_weights is not None:
             initial_weights = [float(x) for x in initial_weights]
         self.initial_weights = initial_weights
-        self._hparams = {"base": self.base.name, "alpha": self.alpha, "initial_weights": initial_weights,
-                         "base_kwargs": dict(base_kwargs or {})}
-        self._lambda: Tensor | None = None
+        self.register_buffer("lam", None)  # the running weights λ_k (T,), float64
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         hat = torch.as_tensor(self.base.weights(gramian, losses), dtype=torch.float64)
         T = hat.shape[0]
-        if self._lambda is None:
+        if self.lam is None:
             if self.initial_weights is not None:
                 if len(self.initial_weights) != T:
                     raise ShapeError(f"cr_mogm: initial_weights has {len(self.initial_weights)} entries, {T} tasks")
@@ -71,23 +77,12 @@ class CRMOGM(GramianWeighting):
             else:
                 prev = hat
         else:
-            prev = self._lambda.to(hat.device)
+            prev = self.lam.to(hat.device)
             if prev.shape[0] != T:
                 raise ShapeError(f"cr_mogm: built up weights for {prev.shape[0]} tasks, got {T}; create a new "
                                  "method object for a different task set")
-        self._lambda = self.alpha * prev + (1.0 - self.alpha) * hat
-        return self._lambda.clone()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lambda": None if self._lambda is None else self._lambda.detach().cpu().clone(),
-                "base": self.base.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"lambda", "base"}:
-            raise CheckpointError(f"cr_mogm: expected state keys ['base', 'lambda'], got {sorted(state)}")
-        lam = state["lambda"]
-        self._lambda = None if lam is None else torch.as_tensor(lam, dtype=torch.float64).clone()
-        self.base.load_state_dict(state["base"])
+        self.lam = self.alpha * prev + (1.0 - self.alpha) * hat
+        return self.lam.clone()
 
     def log_values(self) -> dict[str, float]:
         return {f"cr_mogm/{k}": v for k, v in self.base.log_values().items()}

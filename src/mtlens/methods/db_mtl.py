@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks
-from ..engine.protocols import JacobianAggregator
-from ..errors import CheckpointError, ShapeError
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, JacobianAggregator
+from ..errors import ShapeError
 from ._registry import register
 from ._utils import check, check_block_shapes, in_range, nonzero_rows
 
@@ -76,13 +75,20 @@ class DBMTL(JacobianAggregator):
     loss_transforms = ("log",)
     loss_transform_conflict = "DB-MTL's loss-scale balancing is its log transform (Sec. 3.1 of the paper)"
     stateful = True
+    state_attrs = ("_step", "_ema")
     head_rule = "own gradient of log L_t, unit weights (LibMTL)"
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+        "rescaling_invariant": Claim("Lin et al., DB-MTL, Sec. 3.2: every (EMA) gradient is rescaled to the largest "
+                                     "norm"),
+    }
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.9) -> None:
         self.beta = in_range("beta", beta, 0.0, 1.0, self.name)
         check(self.beta < 1.0, f"{self.name}: beta must be < 1 (beta = 1 never updates the EMA)")
         self.beta_sigma = in_range("beta_sigma", beta_sigma, 0.0, 100.0, self.name)
-        self._hparams = {"beta": self.beta, "beta_sigma": self.beta_sigma}
         self.reset()
 
     def reset(self) -> None:
@@ -95,9 +101,6 @@ class DBMTL(JacobianAggregator):
         combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
         return Decision(combined=combined, head_weights=head_w, weights=self.last_weights.to(torch.float64).cpu(),
                         values=self.log_values())
-
-    def snapshot(self):
-        return self.state_dict()  # already copies
 
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:
         blocks = check_blocks(jacobian, self.name)
@@ -120,13 +123,3 @@ class DBMTL(JacobianAggregator):
 
     def log_values(self) -> dict[str, float]:
         return {"db_mtl/beta_k": self.beta / max(self._step, 1) ** self.beta_sigma}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self._step,
-                "ema": None if self._ema is None else [e.detach().clone() for e in self._ema]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"step", "ema"}:
-            raise CheckpointError(f"{self.name}: expected state keys ['ema', 'step'], got {sorted(state)}")
-        self._step = int(state["step"])
-        self._ema = None if state["ema"] is None else [e.detach().clone() for e in state["ema"]]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
-from ..errors import CheckpointError, ConfigurationError
+from ..engine.protocols import SYMMETRIC, Claim, LossWeighting
+from ..errors import ConfigurationError
 from ._calls import EpochCalls
-from ._loss_common import TaskCount, as_vector, check_int, check_num_tasks, require_keys
+from ._loss_common import TaskCount, as_vector, check_int, check_num_tasks
 from ._registry import register
 from ._utils import positive
 
@@ -37,14 +35,19 @@ class DWA(LossWeighting):
     reference = "Liu et al., End-to-End Multi-Task Learning with Attention, CVPR 2019, arXiv:1803.10704"
     defaults_source = "temperature 2 (paper Sec. 3.3, MTAN code)"
     stateful = True
+    state_attrs = ("_history", "_epochs", "_tasks", "_calls")
     user_calls = ("on_epoch_end",)
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "weights_total": Claim("Liu et al., CVPR 2019, Eq. 7: T·softmax(r/τ)", total="T"),
+    }
 
     def __init__(self, temperature: float = 2.0, num_tasks: int | None = None, steps_per_epoch: int | None = None):
         self.temperature = positive("temperature", temperature, "dwa")
         check_num_tasks(num_tasks, "dwa")
         if steps_per_epoch is not None:
             check_int("steps_per_epoch", steps_per_epoch, 1, "dwa")
-        self._hparams = {"temperature": self.temperature, "num_tasks": num_tasks, "steps_per_epoch": steps_per_epoch}
         self._calls = EpochCalls("dwa", steps_per_epoch, "weights the tasks by their epoch-mean losses and stays at "
                                                           "equal weights until two epochs have been reported")
         self._tasks = TaskCount("dwa", num_tasks)
@@ -71,24 +74,6 @@ class DWA(LossWeighting):
         ratio = self._history[1] / self._history[0]
         w = T * torch.softmax(ratio / self.temperature, dim=0)
         return w.to(device=losses.device, dtype=losses.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [h.clone() for h in self._history], "epochs": self._epochs,
-                "num_tasks": self._tasks.T, "epoch_calls": self._calls.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(state, ("history", "epochs", "num_tasks"), "dwa")
-        hist = [torch.as_tensor(h, dtype=torch.float64).cpu() for h in state["history"]]
-        if len(hist) > 2:
-            raise CheckpointError(f"dwa: state keeps at most two epochs of losses, got {len(hist)}")
-        T = state["num_tasks"]
-        if self._tasks.T is not None and T not in (None, self._tasks.T):
-            raise CheckpointError(f"dwa: checkpoint is for {T} tasks, this object for {self._tasks.T}")
-        self._tasks = TaskCount("dwa", T if T is not None else self._tasks.T)
-        for h in hist:
-            self._tasks.bind(h.shape[0])
-        self._history, self._epochs = hist, int(state["epochs"])
-        self._calls.load_state_dict(state.get("epoch_calls"))
 
     def log_values(self) -> dict[str, float]:
         return {"epochs_seen": float(self._epochs)}

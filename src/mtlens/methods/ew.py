@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
+from ..engine.protocols import SYMMETRIC, Claim, LossWeighting
 from ._registry import register
 
 
@@ -19,6 +19,11 @@ class EW(LossWeighting):
 
     name = "ew"
     reference = "Equal weighting baseline (Caruana, Machine Learning 1997)"
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "weights_total": Claim("unit weights", total="T"),
+    }
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return torch.ones_like(losses)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..engine.decision import Decision
-from ..engine.protocols import JacobianAggregator
-from ..errors import CheckpointError, NonFiniteError, ShapeError
-from ._loss_common import check_int, require_keys
+from ..engine.protocols import SYMMETRIC, JacobianAggregator
+from ..errors import NonFiniteError, ShapeError
+from ._loss_common import check_int
 from ._registry import register
 from ._utils import positive
 
@@ -40,22 +39,34 @@ class ExcessMTL(JacobianAggregator):
     """
 
     name = "excess_mtl"
+    task_weights: Tensor | None  # buffers
+    baseline_sum: Tensor | None
+    baseline: Tensor | None
     levels = ("param",)
     reference = "He et al., Robust Multi-Task Learning with Excess Risks, ICML 2024, arXiv:2402.02009"
     defaults_source = "robust_step_size 1e-2, eps 1e-7, baseline = first step (official code)"
     stateful = True
+    state_attrs = ("_grad_sq", "_steps")
     head_rule = "own gradient, unit weights (default rule: the weighting concerns the shared parameters)"
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+    }
+    disclaims = {
+        "homogeneous": "eps = 1e-7 in the AdaGrad denominator (official code) is absolute",
+    }
+    failures = {
+        "zero_gradient": (NonFiniteError, "ER_t / ER_t(0) is undefined when a task's baseline gradient is zero"),
+    }
 
     def __init__(self, robust_step_size: float = 1e-2, baseline_steps: int = 1, eps: float = 1e-7):
         self.robust_step_size = positive("robust_step_size", robust_step_size, "excess_mtl")
         self.baseline_steps = check_int("baseline_steps", baseline_steps, 1, "excess_mtl")
         self.eps = positive("eps", eps, "excess_mtl")
-        self._hparams = {"robust_step_size": self.robust_step_size, "baseline_steps": self.baseline_steps,
-                         "eps": self.eps}
         self._grad_sq: list[Tensor] | None = None
-        self._w: Tensor | None = None  # float64, sums to T
-        self._baseline_sum: Tensor | None = None
-        self._baseline: Tensor | None = None
+        self.register_buffer("task_weights", None)  # float64, sums to T
+        self.register_buffer("baseline_sum", None)
+        self.register_buffer("baseline", None)
         self._steps = 0
         self.last_weights: Tensor | None = None
         self._last_er: Tensor | None = None
@@ -91,22 +102,20 @@ class ExcessMTL(JacobianAggregator):
 
     def decide(self, grads) -> Decision:
         combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
-        return Decision(combined=combined, head_weights=head_w, weights=self._w.clone(), values=self.log_values())
-
-    def snapshot(self):
-        return self.state_dict()  # already copies
+        return Decision(combined=combined, head_weights=head_w, weights=self.task_weights.clone(),
+                        values=self.log_values())
 
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:
         blocks = [b.detach() for b in jacobian]
         er = self.excess_risks(blocks)
         T = er.shape[0]
-        if self._w is None:
-            self._w = torch.ones(T, dtype=torch.float64, device=er.device)
+        if self.task_weights is None:
+            self.task_weights = torch.ones(T, dtype=torch.float64, device=er.device)
         self._steps += 1
-        if self._baseline is None:
-            self._baseline_sum = er.clone() if self._baseline_sum is None else self._baseline_sum + er
+        if self.baseline is None:
+            self.baseline_sum = er.clone() if self.baseline_sum is None else self.baseline_sum + er
             if self._steps >= self.baseline_steps:
-                base = self._baseline_sum / self.baseline_steps
+                base = self.baseline_sum / self.baseline_steps
                 if bool((base <= 0).any()):
                     raise NonFiniteError(
                         f"excess_mtl: baseline excess risk {base.tolist()} has a zero entry (that task's "
@@ -114,39 +123,15 @@ class ExcessMTL(JacobianAggregator):
                         "ER_t/ER_t(0) is undefined; raise baseline_steps or check that every task reaches "
                         "the shared parameters"
                     )
-                self._baseline = base
+                self.baseline = base
         else:
-            logits = torch.log(self._w) + self.robust_step_size * er / self._baseline.to(er.device)
-            self._w = T * torch.softmax(logits, dim=0)
+            logits = torch.log(self.task_weights) + self.robust_step_size * er / self.baseline.to(er.device)
+            self.task_weights = T * torch.softmax(logits, dim=0)
         self._last_er = er
-        w = self._w
+        w = self.task_weights
         self.last_weights = w.clone()
         combined = [torch.tensordot(w.to(b.dtype), b, dims=1) for b in blocks]
         return combined, torch.ones(T, dtype=torch.float64)
-
-    def state_dict(self) -> dict[str, Any]:
-        def c(t):
-            return None if t is None else t.clone()
-
-        return {
-            "grad_sq": None if self._grad_sq is None else [g.clone() for g in self._grad_sq],
-            "weights": c(self._w), "baseline_sum": c(self._baseline_sum), "baseline": c(self._baseline),
-            "steps": self._steps,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(state, ("grad_sq", "weights", "baseline_sum", "baseline", "steps"), "excess_mtl")
-        gs = state["grad_sq"]
-        if gs is not None and not isinstance(gs, (list, tuple)):
-            raise CheckpointError(f"excess_mtl: grad_sq must be a list of tensors, got {type(gs).__name__}")
-        self._grad_sq = None if gs is None else [torch.as_tensor(g).to(torch.float64).clone() for g in gs]
-
-        def t(x):
-            return None if x is None else torch.as_tensor(x, dtype=torch.float64).clone()
-
-        self._w, self._baseline_sum = t(state["weights"]), t(state["baseline_sum"])
-        self._baseline = t(state["baseline"])
-        self._steps = int(state["steps"])
 
     def log_values(self) -> dict[str, float]:
         if self._last_er is None:

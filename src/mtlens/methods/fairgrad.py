@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SYMMETRIC, Claim, GramianWeighting
 from ..errors import SolverError
 from ._qp import check_gramian
 from ._registry import register
@@ -54,6 +54,17 @@ class FairGrad(GramianWeighting):
     reference = "Ban & Ji, Fair Resource Allocation in Multi-Task Learning, arXiv:2402.15638"
     defaults_source = "alpha = 1.0 as in the paper; infeasible problems handled as documented (ours)"
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": Claim("Ban & Ji, FairGrad: G w = 1/w (alpha = 1) fixes ‖d‖² = T", degree=0),
+        "non_conflicting": Claim("Ban & Ji, FairGrad, Eq. 7: G w = w^(-1/alpha) > 0 gives g_t·d = w_t^(-1/alpha) > 0",
+                                 when="common_descent"),
+    }
+    failures = {
+        "no_common_descent": (SolverError, "the alpha-fair problem has no solution when no direction improves every "
+                                           "task"),
+    }
+
     def __init__(self, alpha: float = 1.0, max_nfev: int = 200, residual_tol: float = FAIR_RTOL,
                  infeasible: str = "raise", max_iter: int = 100) -> None:
         self.alpha = positive("alpha", alpha, self.name)
@@ -65,8 +76,6 @@ class FairGrad(GramianWeighting):
         self.residual_tol = positive("residual_tol", residual_tol, self.name)
         check(infeasible in INFEASIBLE, f"{self.name}: infeasible={infeasible!r}; choose one of {INFEASIBLE}")
         self.infeasible = infeasible
-        self._hparams = {"alpha": self.alpha, "max_nfev": max_nfev, "residual_tol": self.residual_tol,
-                         "infeasible": infeasible, "max_iter": max_iter}
         self._log: dict[str, float] = {}
 
     def log_values(self) -> dict[str, float]:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
-from ..errors import CheckpointError, ConfigurationError, ShapeError
+from ..engine.protocols import Claim, LossWeighting
+from ..errors import ConfigurationError, ShapeError
 from ._calls import AfterStepCalls
-from ._loss_common import InternalAdam, TaskCount, as_vector, check_num_tasks, require_keys
+from ._loss_common import InternalOptimizer, TaskCount, as_vector, check_num_tasks
 from ._registry import register
 from ._utils import check, positive
 
@@ -45,9 +44,11 @@ class FAMO(LossWeighting):
     """
 
     name = "famo"
+    prev_losses: Tensor | None  # buffer
     reference = "Liu et al., FAMO: Fast Adaptive Multitask Optimization, NeurIPS 2023, arXiv:2306.03792"
     defaults_source = "lr 0.025 (paper, official code), gamma 1e-3 (paper Alg. 2, LibMTL)"
     stateful = True
+    state_attrs = ("_logits", "_tasks")
     needs_extra_forward = True
     user_calls = ("after_step",)
     loss_transforms = ("none",)
@@ -55,6 +56,14 @@ class FAMO(LossWeighting):
         "FAMO takes the log of each loss itself (log(L_t − min_loss_t)), so log-transformed losses "
         "log(L_t + 1e-8) would be logged twice, and they are negative (below min_losses=0) whenever L_t < 1"
     )
+
+    claims = {
+        "permutation_invariant": Claim("equal initial logits; the weights treat the tasks alike"),
+        "weights_total": Claim("Liu et al., NeurIPS 2023: c = (Σ_t z_t/(L_t − b_t))⁻¹ normalises the weights",
+                               total="1"),
+        "rescaling_invariant": Claim("Liu et al., NeurIPS 2023: the update is the gradient of Σ_t z_t log L_t (with b "
+                                     "= 0), free of each loss's scale up to ε = 1e-8"),
+    }
 
     def __init__(self, lr: float = 0.025, gamma: float = 1e-3, min_losses: float | Sequence[float] = 0.0,
                  num_tasks: int | None = None):
@@ -66,21 +75,18 @@ class FAMO(LossWeighting):
             check(min_losses == min_losses and abs(min_losses) != float("inf"),
                   f"famo: min_losses must be finite, got {min_losses!r}")
             self._min = torch.tensor([float(min_losses)], dtype=torch.float64)
-            min_repr: float | list[float] = float(min_losses)
         else:
             self._min = as_vector(min_losses, "famo", "min_losses").to("cpu", torch.float64)
-            min_repr = self._min.tolist()
         self._tasks = TaskCount("famo", num_tasks)
         if self._min.numel() > 1:
             check(num_tasks in (None, self._min.numel()),
                   f"famo: min_losses has {self._min.numel()} entries but num_tasks={num_tasks}")
             self._tasks.bind(self._min.numel())
-        self._hparams = {"lr": self.lr, "gamma": float(gamma), "min_losses": min_repr, "num_tasks": num_tasks}
-        self._logits = InternalAdam("famo", "logits", lr=self.lr, weight_decay=float(gamma), init=0.0)
+        self._logits = InternalOptimizer(self, "logits", lr=self.lr, weight_decay=float(gamma), init=0.0)  # buffer
         if num_tasks is not None:
             self._logits.ensure(num_tasks, torch.device("cpu"), torch.float32)
-        self._prev: Tensor | None = None  # the losses of the last weighting call, awaiting after_step
-        self._calls = AfterStepCalls("famo", lambda: self._prev is not None)
+        self.register_buffer("prev_losses", None)  # the losses of the last weighting call, awaiting after_step
+        self._calls = AfterStepCalls("famo", lambda: self.prev_losses is not None)
 
     def _shifted(self, losses: Tensor, what: str) -> Tensor:
         b = self._min.to(device=losses.device, dtype=torch.float64)
@@ -105,38 +111,24 @@ class FAMO(LossWeighting):
         z = self._z(T, losses.device)
         w = z / d
         w = w / w.sum()  # c·z/D with c = 1/Σ(z/D)
-        self._prev = losses.detach().clone()
+        self.prev_losses = losses.detach().clone()
         return w.to(losses.dtype)
 
     def after_step(self, new_losses) -> None:
-        if self._prev is None:
+        if self.prev_losses is None:
             raise ConfigurationError(
                 "famo: after_step() needs the losses of a previous weighting call (mtl_backward/combine) "
                 "on the same batch; call it once per step, after optimizer.step()"
             )
-        new = as_vector(new_losses, "famo", "new_losses").to(self._prev.device)
-        if new.shape != self._prev.shape:
-            raise ShapeError(f"famo: after_step got {new.shape[0]} losses for {self._prev.shape[0]} tasks")
-        delta = torch.log(self._shifted(self._prev, "losses")) - torch.log(self._shifted(new, "new_losses"))
-        z = self._z(self._prev.shape[0], self._prev.device)
+        new = as_vector(new_losses, "famo", "new_losses").to(self.prev_losses.device)
+        if new.shape != self.prev_losses.shape:
+            raise ShapeError(f"famo: after_step got {new.shape[0]} losses for {self.prev_losses.shape[0]} tasks")
+        delta = torch.log(self._shifted(self.prev_losses, "losses")) - torch.log(self._shifted(new, "new_losses"))
+        z = self._z(self.prev_losses.shape[0], self.prev_losses.device)
         grad = z * (delta - (z * delta).sum())  # (∂softmax(ξ)/∂ξ)ᵀ δ
         self._logits.step(grad)
-        self._prev = None
+        self.prev_losses = None
         self._calls.after_step_called()
-
-    def state_dict(self) -> dict[str, Any]:
-        prev = None if self._prev is None else self._prev.clone()
-        return {**self._logits.state_dict(), "prev_losses": prev, "num_tasks": self._tasks.T}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(state, ("logits", "logits_optimizer", "prev_losses", "num_tasks"), "famo")
-        T = state["num_tasks"]
-        if self._tasks.T is not None and T is not None and T != self._tasks.T:
-            raise CheckpointError(f"famo: checkpoint is for {T} tasks, this object for {self._tasks.T}")
-        self._logits.load_state_dict(state)
-        prev = state["prev_losses"]
-        self._prev = None if prev is None else torch.as_tensor(prev).clone()
-        self._tasks = TaskCount("famo", T if T is not None else self._tasks.T)
 
     def log_values(self) -> dict[str, float]:
         if self._logits.value is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
+from ..engine.protocols import SYMMETRIC, Claim, LossWeighting
 from ..errors import ConfigurationError, NonFiniteError
 from ._registry import register
 
@@ -42,6 +42,12 @@ class GLS(LossWeighting):
         "its geometric mean (Π_t L_t)^{1/T} needs positive losses, and log-transformed losses log(L_t + 1e-8) "
         "are negative whenever L_t < 1 (GLS already equals a sum of log losses in its gradient direction)"
     )
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "rescaling_invariant": Claim("the gradient of the geometric mean, Σ_t GM/(T L_t) ∇L_t: rescaling a loss "
+                                     "rescales GM only"),
+    }
 
     @staticmethod
     def objective(losses: Tensor) -> Tensor:

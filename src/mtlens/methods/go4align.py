@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine.protocols import LossWeighting
-from ..errors import CheckpointError, NonFiniteError
+from ..errors import NonFiniteError
 from ._loss_common import TaskCount, check_int, check_num_tasks
 from ._registry import register
 from ._utils import positive
@@ -92,9 +90,11 @@ class GO4Align(LossWeighting):
     """
 
     name = "go4align"
+    p: Tensor | None  # buffer
     reference = "Shen et al., GO4Align: Group Optimization for Multi-Task Alignment, NeurIPS 2024, arXiv:2404.06486"
     defaults_source = "num_groups = 1, robust_step_size = 1e-4 (authors' NYUv2 trainer, github.com/autumn9999/GO4Align)"
     stateful = True
+    state_attrs = ("_tasks",)
     loss_transforms = ("none",)
     loss_transform_conflict = (
         "its scales Σ_s L_s / L_t and risk history need positive losses, and log-transformed losses "
@@ -105,9 +105,7 @@ class GO4Align(LossWeighting):
         self.num_groups = check_int("num_groups", num_groups, 1, self.name)
         self.robust_step_size = positive("robust_step_size", robust_step_size, self.name)
         self._tasks = TaskCount(self.name, check_num_tasks(num_tasks, self.name))
-        self._hparams = {"num_groups": self.num_groups, "robust_step_size": self.robust_step_size,
-                         "num_tasks": num_tasks}
-        self._p: np.ndarray | None = None
+        self.register_buffer("p", None)  # the group-DRO distribution p (T,), float64
         self._log: dict[str, float] = {}
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
@@ -115,12 +113,13 @@ class GO4Align(LossWeighting):
         T = self._tasks.bind(L.shape[0])
         if not np.isfinite(L).all() or not (L > 0).all():
             raise NonFiniteError(f"go4align: the scale Σ L / L_t needs positive finite losses, got {L.tolist()}")
-        if self._p is None:
-            self._p = np.full(T, 1.0 / T)
+        if self.p is None:
+            self.p = torch.full((T,), 1.0 / T, dtype=torch.float64)
         scale = L.sum() / L
-        p = self._p * np.exp(-self.robust_step_size * L)
-        self._p = p / p.sum()
-        gamma = scale * self._p
+        p = self.p.numpy() * np.exp(-self.robust_step_size * L)
+        p = p / p.sum()
+        self.p = torch.from_numpy(p)
+        gamma = scale * p
         if self.num_groups == 1:
             w = np.full(T, gamma.mean())
             groups = 1
@@ -130,16 +129,6 @@ class GO4Align(LossWeighting):
             groups = len(centres)
         self._log = {"go4align/groups": float(groups)}
         return torch.as_tensor(w, dtype=losses.dtype, device=losses.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"p": None if self._p is None else torch.from_numpy(self._p.copy())}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"p"}:
-            raise CheckpointError(f"go4align: expected state keys ['p'], got {sorted(state)}")
-        self._p = None if state["p"] is None else torch.as_tensor(state["p"]).numpy().astype(np.float64).copy()
-        if self._p is not None:
-            self._tasks.bind(self._p.shape[0])
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..engine.protocols import JacobianAggregator
+from ..engine.protocols import SCALE_FREE, JacobianAggregator
 from ..errors import ConfigurationError, ShapeError
 from ._registry import register
-from ._utils import check, check_seed, generator_state, load_rng_only_state, make_generator
+from ._utils import Seeded, check
 
 
 @register
-class GradDrop(JacobianAggregator):
+class GradDrop(Seeded, JacobianAggregator):
     """GradDrop (Gradient Sign Dropout) on the shared representation.
 
     Reference: Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign:
@@ -51,20 +50,20 @@ class GradDrop(JacobianAggregator):
     stateful = True
     head_rule = "own gradient, unit weights (the masks act on the representation; LibMTL, TorchJD)"
 
+    claims = {
+        "homogeneous": SCALE_FREE,
+    }
+
     def __init__(self, leak: float | Sequence[float] = 0.0, seed: int | None = None,
                  batch_reduce: bool = False) -> None:
         values = [leak] if isinstance(leak, (int, float)) else list(leak)
         check(len(values) > 0 and all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for x in values),
               f"{self.name}: leak must be a number in [0, 1] or a sequence of them, got {leak!r}")
         self.leak = float(leak) if isinstance(leak, (int, float)) else tuple(float(x) for x in values)
-        check_seed(seed, self.name)
         check(isinstance(batch_reduce, bool),
               f"{self.name}: batch_reduce must be a bool, got {batch_reduce!r}")
-        self.seed = seed
         self.batch_reduce = batch_reduce
-        self._gen = make_generator(seed)
-        self._hparams = {"leak": self.leak if isinstance(self.leak, float) else list(self.leak), "seed": seed,
-                         "batch_reduce": batch_reduce}
+        self._seed(seed)
         self._kept = float("nan")
 
     def _leak_vector(self, T: int) -> Tensor:
@@ -104,7 +103,7 @@ class GradDrop(JacobianAggregator):
         den = Gi.abs().sum(0)
         purity = torch.where(den > 0, 0.5 * (1.0 + num / torch.where(den > 0, den, torch.ones_like(den))),
                              torch.full_like(den, 0.5))
-        U = torch.rand(purity.shape, generator=self._gen, dtype=torch.float64).to(purity.device, purity.dtype)
+        U = torch.rand(purity.shape, generator=self.generator, dtype=torch.float64).to(purity.device, purity.dtype)
         keep_pos = (purity > U).unsqueeze(0)
         keep_neg = (purity < U).unsqueeze(0)
         M = (keep_pos & (Gi > 0)) | (keep_neg & (Gi < 0))
@@ -116,9 +115,3 @@ class GradDrop(JacobianAggregator):
 
     def log_values(self) -> dict[str, float]:
         return {"graddrop/kept_fraction": self._kept}
-
-    def state_dict(self) -> dict[str, Any]:
-        return generator_state(self._gen)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_rng_only_state(self._gen, state, self.name)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..engine.protocols import LossWeighting
-from ..errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
-from ._loss_common import InternalAdam, TaskCount, check_num_tasks, require_keys
+from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from ._loss_common import InternalOptimizer, TaskCount, check_num_tasks
 from ._registry import register
 from ._utils import check, positive
 
@@ -37,9 +35,11 @@ class GradNorm(LossWeighting):
     """
 
     name = "gradnorm"
+    initial_losses: Tensor | None  # buffer
     reference = "Chen et al., GradNorm, ICML 2018, arXiv:1711.02257"
     defaults_source = "alpha 1.5 (paper NYUv2, LibMTL); lr 0.025 and min_weight 1e-3 are mtlens choices"
     stateful = True
+    state_attrs = ("_w", "_steps", "_tasks")
     needs_grad_norms = True
     loss_transforms = ("none",)
     loss_transform_conflict = (
@@ -56,13 +56,11 @@ class GradNorm(LossWeighting):
         self.min_weight = positive("min_weight", min_weight, "gradnorm")
         check(self.min_weight < 1, f"gradnorm: min_weight must be < 1 (weights sum to T), got {min_weight!r}")
         check_num_tasks(num_tasks, "gradnorm")
-        self._hparams = {"alpha": self.alpha, "lr": self.lr, "min_weight": self.min_weight,
-                         "num_tasks": num_tasks}
         self._tasks = TaskCount("gradnorm", num_tasks)
-        self._w = InternalAdam("gradnorm", "task_weights", lr=self.lr, weight_decay=0.0, init=1.0)
+        self._w = InternalOptimizer(self, "task_weights", lr=self.lr, weight_decay=0.0, init=1.0)  # buffer
         if num_tasks is not None:
             self._w.ensure(num_tasks, torch.device("cpu"), torch.float32)
-        self._initial: Tensor | None = None
+        self.register_buffer("initial_losses", None)
         self._steps = 0
         self._last_lgrad = float("nan")
 
@@ -80,23 +78,23 @@ class GradNorm(LossWeighting):
             raise ShapeError(f"gradnorm: got {n.shape[0]} gradient norms for {T} losses")
         if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
             raise NonFiniteError(f"gradnorm: gradient norms must be finite and >= 0, got {n.tolist()}")
-        if self._initial is not None and bool((L <= 0).any()):
+        if self.initial_losses is not None and bool((L <= 0).any()):
             raise ConfigurationError(
                 f"gradnorm: the loss ratios L_t/L_t(0) need positive losses at every step, got {L.tolist()}; "
                 "with loss_transform='log' a loss below 1 has a negative log and the ratio r_t^alpha is NaN. "
                 "Use loss_transform='none' with gradnorm."
             )
-        if self._initial is None:
+        if self.initial_losses is None:
             if bool((L <= 0).any()):
                 raise ConfigurationError(
                     f"gradnorm: the first losses {L.tolist()} are its L_t(0) and are divided by; they must "
                     "be > 0 (with loss_transform='log' a loss below 1 is negative: use loss_transform='none')"
                 )
-            self._initial = L.clone()
+            self.initial_losses = L.clone()
         w_param = self._w.ensure(T, torch.device("cpu"), torch.float32)
         w_now = w_param.detach().clone()
 
-        ratio = L / self._initial
+        ratio = L / self.initial_losses
         r = ratio / ratio.mean()
         with torch.enable_grad():
             w = w_param.to(torch.float64)
@@ -111,23 +109,6 @@ class GradNorm(LossWeighting):
         self._last_lgrad = float(l_grad.detach())
         self._steps += 1
         return w_now.to(device=losses.device, dtype=losses.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        init = None if self._initial is None else self._initial.clone()
-        return {**self._w.state_dict(), "initial_losses": init, "steps": self._steps,
-                "num_tasks": self._tasks.T}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        keys = ("task_weights", "task_weights_optimizer", "initial_losses", "steps", "num_tasks")
-        require_keys(state, keys, "gradnorm")
-        T = state["num_tasks"]
-        if self._tasks.T is not None and T is not None and T != self._tasks.T:
-            raise CheckpointError(f"gradnorm: checkpoint is for {T} tasks, this object for {self._tasks.T}")
-        self._w.load_state_dict(state)
-        init = state["initial_losses"]
-        self._initial = None if init is None else torch.as_tensor(init, dtype=torch.float64).cpu().clone()
-        self._steps = int(state["steps"])
-        self._tasks = TaskCount("gradnorm", T if T is not None else self._tasks.T)
 
     def log_values(self) -> dict[str, float]:
         return {} if self._steps == 0 else {"l_grad": self._last_lgrad}

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
-from ..errors import CheckpointError, ShapeError
+from ..engine.protocols import SCALE_FREE, GramianWeighting
+from ..errors import ShapeError
 from ._registry import register
 from ._solvers import check_gramian, to_weights
-from ._utils import generator_state, in_range, load_generator_state, make_generator
-from .pcgrad import seed_from_global
+from ._utils import Seeded, in_range
 
 _MIN_SIN = 1e-8  # a target cosine within ~5e-17 of 1 cannot be reached by a finite correction
 
 
 @register
-class GradVac(GramianWeighting):
+class GradVac(Seeded, GramianWeighting):
     """Gradient Vaccine: adaptive, EMA-targeted gradient alignment (a generalisation of PCGrad).
 
     Reference: Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving
@@ -55,21 +53,26 @@ class GradVac(GramianWeighting):
         seed: seed of the method's generator for the visiting orders (``None``: drawn from
             torch's global RNG at construction).
 
-    State (``state_dict``): the T×T target matrix φ̂, the step count and the RNG state.
+    State (``state_dict``): the T×T target matrix φ̂ (buffer ``phi_hat``, float64), the step
+    count and the generator's state.
     """
 
     name = "gradvac"
+    phi_hat: Tensor | None  # buffer
     reference = ("Wang et al., Gradient Vaccine: Investigating and Improving Multi-task Optimization in "
                  "Massively Multilingual Models, ICLR 2021, arXiv:2010.05874")
     defaults_source = "beta=0.5 (project spec; LibMTL GradVac_beta and TorchJD defaults)"
     stateful = True
+    state_attrs = ("steps",)
+
+    claims = {
+        "homogeneous": SCALE_FREE,
+    }
 
     def __init__(self, beta: float = 0.5, seed: int | None = None) -> None:
         self.beta = in_range("beta", beta, 0.0, 1.0, self.name)
-        self.seed = seed_from_global(seed)
-        self._gen = make_generator(self.seed)
-        self._hparams = {"beta": beta, "seed": self.seed}  # effective seed (drawn when None)
-        self.phi_hat: np.ndarray | None = None
+        self._seed(seed)
+        self.register_buffer("phi_hat", None)
         self.steps = 0
         self._log: dict[str, float] = {}
 
@@ -77,18 +80,18 @@ class GradVac(GramianWeighting):
         G, _ = check_gramian(gramian, losses, self.name)
         T = G.shape[0]
         if self.phi_hat is None:
-            self.phi_hat = np.zeros((T, T))
+            self.phi_hat = torch.zeros(T, T, dtype=torch.float64)
         elif self.phi_hat.shape != (T, T):
             raise ShapeError(f"gradvac: its EMA targets are for {self.phi_hat.shape[0]} tasks but the "
                              "Gramian "
                              f"has {T}; build a new method object for a different task set")
-        phi_hat = self.phi_hat
+        phi_hat = self.phi_hat.numpy()  # a view: the updates below write the buffer
         beta = self.beta
         C = np.eye(T)
         n_corr = 0
         for i in range(T):
             others = [j for j in range(T) if j != i]
-            order = [others[k] for k in torch.randperm(len(others), generator=self._gen).tolist()]
+            order = [others[k] for k in torch.randperm(len(others), generator=self.generator).tolist()]
             cg = C[i] @ G  # (g_i^PC · g_k) for every k
             for j in order:
                 gjj = G[j, j]
@@ -111,24 +114,6 @@ class GradVac(GramianWeighting):
         off = phi_hat[~np.eye(T, dtype=bool)]
         self._log = {"corrections": float(n_corr), "mean_target": float(off.mean()) if off.size else 0.0}
         return to_weights(w, gramian)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "phi_hat": None if self.phi_hat is None else torch.from_numpy(self.phi_hat.copy()),
-            "steps": self.steps,
-            "seed": self.seed,
-            **generator_state(self._gen),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"phi_hat", "steps", "rng"} - set(state)
-        if missing:
-            raise CheckpointError(f"gradvac: state is missing {sorted(missing)}")
-        ph = state["phi_hat"]
-        self.phi_hat = None if ph is None else torch.as_tensor(ph, dtype=torch.float64).numpy().copy()
-        self.steps = int(state["steps"])
-        self.seed = state.get("seed", self.seed)
-        load_generator_state(self._gen, state)
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine.decision import Decision
-from ..engine.protocols import GramianWeighting
-from ..errors import CheckpointError, ConfigurationError, ShapeError
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, GramianWeighting
+from ..errors import ConfigurationError, ShapeError
+from ._loss_common import InternalOptimizer
 from ._registry import register
 from ._solvers import check_gramian, to_weights
 from ._utils import positive
 from .imtl_g import imtl_g_weights
 
 OPTIMIZERS = ("adam", "sgd")
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 @register
@@ -51,18 +49,21 @@ class IMTL(GramianWeighting):
 
     Args:
         lr: learning rate of the internal optimiser of s (> 0). Default 1e-4 (see above).
-        optimizer: ``"adam"`` (default; ``torch.optim.Adam`` semantics, betas (0.9, 0.999),
-            eps 1e-8, written out so its state is three small arrays) or ``"sgd"`` (plain).
+        optimizer: ``"adam"`` (default; ``torch.optim.Adam``, betas (0.9, 0.999), eps 1e-8) or
+            ``"sgd"`` (plain ``torch.optim.SGD``).
 
     Losses must be non-negative (``e^{s}L − s`` has no minimiser for L < 0, e.g. after a log
-    transform): a ConfigurationError otherwise. State: s and the Adam moments/step count.
+    transform): a ConfigurationError otherwise. State: s (buffer ``log_scales``, float64) and the
+    internal optimiser's state.
     """
 
     name = "imtl"
+    log_scales: Tensor | None  # buffer
     reference = ("Liu et al., Towards Impartial Multi-task Learning, ICLR 2021 "
                  "(openreview.net/forum?id=IMPnRXEWpvr)")
     defaults_source = "s0 = 0; internal Adam(lr=1e-4) as the NYUv2 protocol's optimiser (LibMTL)"
     stateful = True
+    state_attrs = ("_s",)
     head_rule = "the IMTL-L loss scales e^{s_t} (paper, Sec. 3.3: heads train on e^{s_t} L_t)"
     loss_transforms = ("none",)
     loss_transform_conflict = (
@@ -70,36 +71,18 @@ class IMTL(GramianWeighting):
         "log-transformed losses log(L_t + 1e-8) are negative whenever L_t < 1"
     )
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+    }
+
     def __init__(self, lr: float = 1e-4, optimizer: str = "adam") -> None:
         self.lr = positive("lr", lr, self.name)
         if optimizer not in OPTIMIZERS:
             raise ConfigurationError(f"imtl: optimizer={optimizer!r}; choose one of {OPTIMIZERS}")
         self.optimizer_name = optimizer
-        self._hparams = {"lr": lr, "optimizer": optimizer}
-        self.log_scales: np.ndarray | None = None
-        self._m = self._v = np.zeros(0)
-        self._t = 0
+        self._s = InternalOptimizer(self, "log_scales", self.lr, 0.0, 0.0, kind=optimizer)  # buffer log_scales
         self._log: dict[str, float] = {}
-
-    def _init(self, T: int) -> None:
-        self.log_scales = np.zeros(T)
-        self._m = np.zeros(T)
-        self._v = np.zeros(T)
-        self._t = 0
-
-    def _step(self, grad: np.ndarray) -> None:
-        """One step of the internal optimiser on s (torch.optim.Adam / SGD semantics)."""
-        assert self.log_scales is not None
-        if self.optimizer_name == "sgd":
-            self.log_scales = self.log_scales - self.lr * grad
-            return
-        b1, b2, eps = ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS
-        self._t += 1
-        self._m = b1 * self._m + (1 - b1) * grad
-        self._v = b2 * self._v + (1 - b2) * grad * grad
-        m_hat = self._m / (1 - b1**self._t)
-        v_hat = self._v / (1 - b2**self._t)
-        self.log_scales = self.log_scales - self.lr * m_hat / (np.sqrt(v_hat) + eps)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return self._weights(gramian, losses)[0]
@@ -117,44 +100,21 @@ class IMTL(GramianWeighting):
                 f"got {L.tolist()}; "
                 "do not combine it with loss_transform='log'"
             )
-        if self.log_scales is None:
-            self._init(T)
-        elif self.log_scales.shape[0] != T:
+        if self.log_scales is not None and self.log_scales.shape[0] != T:
             raise ShapeError(f"imtl: its loss scales are for {self.log_scales.shape[0]} tasks but the "
                              f"Gramian has {T}")
-        assert self.log_scales is not None
-        s = self.log_scales.copy()
+        log_scales = self._s.ensure(T, torch.device("cpu"), torch.float64)
+        s = log_scales.detach().numpy().copy()
         e = np.exp(s)
         alpha, info = imtl_g_weights(G * np.outer(e, e))
         w = alpha * e
         head_w = to_weights(e, gramian)  # heads are trained on the scaled losses e^{s_t} L_t
-        self._step(e * L - 1.0)  # d/ds (e^s L − s)
-        if not np.all(np.isfinite(self.log_scales)):
+        self._s.step(torch.from_numpy(e * L - 1.0))  # d/ds (e^s L − s)
+        if not bool(torch.isfinite(log_scales).all()):
             raise ConfigurationError(
-                f"imtl: the loss scales became non-finite ({self.log_scales.tolist()}); lower lr")
+                f"imtl: the loss scales became non-finite ({log_scales.tolist()}); lower lr")
         self._log = {**info, **{f"scale_{t}": float(math.exp(v)) for t, v in enumerate(s)}}
         return to_weights(w, gramian), head_w
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.log_scales is None:
-            return {"log_scales": None}
-        return {"log_scales": torch.from_numpy(self.log_scales.copy()),
-                "adam_m": torch.from_numpy(self._m.copy()),
-                "adam_v": torch.from_numpy(self._v.copy()), "adam_t": self._t}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "log_scales" not in state:
-            raise CheckpointError(f"imtl: state needs 'log_scales', got {sorted(state)}")
-        if state["log_scales"] is None:
-            self.log_scales = None
-            return
-        missing = {"adam_m", "adam_v", "adam_t"} - set(state)
-        if missing:
-            raise CheckpointError(f"imtl: state is missing {sorted(missing)}")
-        self.log_scales = torch.as_tensor(state["log_scales"], dtype=torch.float64).numpy().copy()
-        self._m = torch.as_tensor(state["adam_m"], dtype=torch.float64).numpy().copy()
-        self._v = torch.as_tensor(state["adam_v"], dtype=torch.float64).numpy().copy()
-        self._t = int(state["adam_t"])
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
 from ..errors import SolverError
 from ._registry import register
 from ._solvers import check_gramian, cosine_matrix, nonzero_tasks, psd_eigh, to_weights
@@ -82,8 +82,13 @@ class IMTLG(GramianWeighting):
                  "(openreview.net/forum?id=IMPnRXEWpvr)")
     defaults_source = "no hyper-parameters (closed form of the paper)"
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+        "rescaling_invariant": Claim("Liu et al., ICLR 2021, IMTL-G: equal projections on the unit gradients"),
+    }
+
     def __init__(self) -> None:
-        self._hparams = {}
         self._log: dict[str, float] = {}
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:

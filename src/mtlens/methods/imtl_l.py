@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
-from ._loss_common import learnable_scalars_init
+from ..engine.protocols import Claim, LossWeighting
+from ._loss_common import learnable_scalars
 from ._registry import register
 
 
@@ -39,11 +37,12 @@ class IMTLL(LossWeighting):
         "log(L_t + 1e-8) are negative whenever L_t < 1, so the scales e^{s_t} grow without bound"
     )
 
-    def __init__(self, init: float = 0.0, num_tasks: int | None = None, device: str | None = None):
-        self._hparams, self._s = learnable_scalars_init("imtl_l", "log_scales", "log-scale", init, num_tasks, device)
+    claims = {
+        "permutation_invariant": Claim("equal initial scales; the objective treats the tasks alike"),
+    }
 
-    def parameters(self) -> list[Tensor]:
-        return self._s.parameters()
+    def __init__(self, init: float = 0.0, num_tasks: int | None = None, device: str | None = None):
+        self._s = learnable_scalars(self, "log_scales", "log-scale", init, num_tasks, device)  # parameter log_scales
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return torch.exp(self._s.get(losses).detach()).to(losses.dtype)
@@ -53,12 +52,6 @@ class IMTLL(LossWeighting):
         s = self._s.get(losses)
         w = torch.exp(s)
         return (w * losses).sum() - s.sum(), w.detach().to(losses.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._s.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._s.load_state_dict(state)
 
     def log_values(self) -> dict[str, float]:
         return self._s.log_values("log_scale")

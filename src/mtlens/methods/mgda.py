@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
 from ..errors import ConfigurationError
 from ._registry import register
 from ._solvers import check_gramian, min_norm_simplex, to_weights
@@ -55,6 +55,15 @@ class MGDA(GramianWeighting):
                  "arXiv:1810.04650")
     defaults_source = "normalization='none' (LibMTL mgda_gn default; the paper does not normalise)"
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+        "non_conflicting": Claim("Désidéri 2012; Sener & Koltun 2018: the min-norm point of the convex hull has G w* ≥ "
+                                 "‖d‖² (KKT)"),
+        "rescaling_invariant": Claim("the min-norm point of the unit gradients (normalization='l2')",
+                                     hparams={"normalization": "l2"}),
+    }
+
     def __init__(self, normalization: str = "none", apply_to: str = "normalized") -> None:
         if normalization not in NORMALIZATIONS:
             raise ConfigurationError(f"mgda: normalization={normalization!r}; choose one of {NORMALIZATIONS}")
@@ -62,7 +71,6 @@ class MGDA(GramianWeighting):
             raise ConfigurationError(f"mgda: apply_to={apply_to!r}; choose one of {APPLY_TO}")
         self.normalization = normalization
         self.apply_to = apply_to
-        self._hparams = {"normalization": normalization, "apply_to": apply_to}
         self._log: dict[str, float] = {}
 
     def _normalizers(self, G: np.ndarray, L: np.ndarray) -> np.ndarray:

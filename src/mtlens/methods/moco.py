@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks, gramian_from_blocks
-from ..engine.protocols import JacobianAggregator
-from ..errors import CheckpointError, ConfigurationError, ShapeError
+from ..engine.protocols import SYMMETRIC, Claim, JacobianAggregator
+from ..errors import ConfigurationError, ShapeError
 from ._registry import register
 from ._utils import check, check_block_shapes, in_range, nonzero_rows, positive
 from .db_mtl import ZERO_REL, check_blocks, task_sq_norms
@@ -64,16 +63,24 @@ class MoCo(JacobianAggregator):
     """
 
     name = "moco"
+    lam: Tensor | None  # buffer
     levels = ("param",)
     reference = "Fernando et al., Mitigating Gradient Bias in Multi-objective Learning, arXiv:2210.04883"
     defaults_source = "beta, beta_sigma, gamma, gamma_sigma, rho, loss normalisation: authors' code (LibMTL)"
     stateful = True
+    state_attrs = ("_step", "_y")
     head_rule = "own gradient, unit weights (LibMTL's MoCo corrects the shared parameters only)"
     loss_transforms = ("none",)  # with the default normalize='loss'; any transform with 'l2' / 'none'
     loss_transform_conflict = (
         "normalize='loss' scales each task gradient by its loss, which must be non-negative, and "
         "log-transformed losses log(L_t + 1e-8) are negative whenever L_t < 1; use normalize='l2' or 'none'"
     )
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": Claim("Fernando et al., MoCo: the default normalisation h_t = g_t/‖g_t‖·L_t removes the "
+                             "gradients' scale", degree=0),
+    }
 
     def loss_transform_problem(self, transform: str) -> str | None:
         """Log losses conflict only with ``normalize='loss'`` (the default)."""
@@ -89,15 +96,14 @@ class MoCo(JacobianAggregator):
         self.rho = in_range("rho", rho, 0.0, float("inf"), self.name)
         check(normalize in NORMALIZE, f"{self.name}: normalize={normalize!r}; choose one of {NORMALIZE}")
         self.normalize = normalize
-        self._hparams = {"beta": self.beta, "beta_sigma": self.beta_sigma, "gamma": self.gamma,
-                         "gamma_sigma": self.gamma_sigma, "rho": self.rho, "normalize": normalize}
+        self.register_buffer("lam", None)
         self.reset()
 
     def reset(self) -> None:
         """Forget the tracked gradients and the weights; restart the step count."""
         self._step = 0
         self._y: list[Tensor] | None = None
-        self._lambda: Tensor | None = None
+        self.lam = None  # buffer: the weights λ (T,), float64
         self.last_weights: Tensor | None = None
 
     def _normalised(self, blocks: list[Tensor], losses: Tensor) -> list[Tensor]:
@@ -121,11 +127,8 @@ class MoCo(JacobianAggregator):
 
     def decide(self, grads) -> Decision:
         combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
-        return Decision(combined=combined, head_weights=head_w, weights=self._lambda.clone(),
+        return Decision(combined=combined, head_weights=head_w, weights=self.lam.clone(),
                         values=self.log_values())
-
-    def snapshot(self):
-        return self.state_dict()  # already copies
 
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:
         blocks = check_blocks(jacobian, self.name)
@@ -136,7 +139,7 @@ class MoCo(JacobianAggregator):
                                "or reset().")
         else:
             self._y = [torch.zeros_like(b) for b in blocks]
-            self._lambda = torch.full((T,), 1.0 / T, dtype=torch.float64)
+            self.lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
         h = self._normalised(blocks, losses)
         self._step += 1
         beta_k = self.beta / self._step ** self.beta_sigma
@@ -144,28 +147,14 @@ class MoCo(JacobianAggregator):
         prev = [y.to(g.device, g.dtype) for y, g in zip(self._y, h)]
         self._y = [y - beta_k * (y - g) for y, g in zip(prev, h)]
         Gy = gramian_from_blocks(self._y).cpu()
-        lam = self._lambda
+        lam = self.lam
         step = gamma_k * (Gy @ lam + self.rho * lam)
-        self._lambda = project_simplex(lam - step)
-        self.last_weights = self._lambda.clone()
-        combined = combine_blocks(self._lambda.to(blocks[0].device), self._y)
+        self.lam = project_simplex(lam - step)
+        self.last_weights = self.lam.clone()
+        combined = combine_blocks(self.lam.to(blocks[0].device), self._y)
         return combined, torch.ones(T, dtype=torch.float64)
 
     def log_values(self) -> dict[str, float]:
-        if self._lambda is None:
+        if self.lam is None:
             return {}
-        return {f"moco/lambda_{t}": float(v) for t, v in enumerate(self._lambda)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self._step,
-                "y": None if self._y is None else [y.detach().clone() for y in self._y],
-                "lambda": None if self._lambda is None else self._lambda.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"step", "y", "lambda"}:
-            raise CheckpointError(
-                f"{self.name}: expected state keys ['lambda', 'step', 'y'], got {sorted(state)}"
-            )
-        self._step = int(state["step"])
-        self._y = None if state["y"] is None else [y.detach().clone() for y in state["y"]]
-        self._lambda = None if state["lambda"] is None else state["lambda"].detach().clone().to(torch.float64)
+        return {f"moco/lambda_{t}": float(v) for t, v in enumerate(self.lam)}

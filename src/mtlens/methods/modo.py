@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._cross import CrossGramianWeighting, project_simplex
@@ -42,11 +43,11 @@ class MoDo(CrossGramianWeighting):
         self.gamma = positive("gamma", gamma, self.name)
         check(isinstance(rho, (int, float)) and rho >= 0, f"modo: rho must be ≥ 0, got {rho!r}")
         self.rho = float(rho)
-        self._hparams = {"gamma": self.gamma, "rho": self.rho}
 
     def observe_cross_gramian(self, cross_gramian: Tensor) -> None:
         A = self._check(cross_gramian)
-        lam = self._lam
-        self._lam = project_simplex(lam - self.gamma * (A @ lam + self.rho * lam))
-        self._out = self._lam.copy()
-        self._log = {f"modo/lambda/{t}": float(x) for t, x in enumerate(self._out)}
+        assert self.lam is not None  # set by _check
+        lam = self.lam.numpy()
+        new = project_simplex(lam - self.gamma * (A @ lam + self.rho * lam))
+        self.lam, self.out = torch.from_numpy(new), torch.from_numpy(new.copy())
+        self._log = {f"modo/lambda/{t}": float(x) for t, x in enumerate(self.out)}

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ..engine.protocols import LossWeighting
-from ._loss_common import InternalAdam, TaskCount, check_num_tasks, float_dtype, require_keys
+from ._calls import MetaStepCalls
+from ._loss_common import InternalOptimizer, TaskCount, check_num_tasks, float_dtype
 from ._registry import register
 from ._solvers import min_norm_simplex
 from ._utils import positive
@@ -57,15 +58,16 @@ class MOML(LossWeighting):
     reference = "Ye et al., Multi-Objective Meta Learning, NeurIPS 2021 (AIJ 2024)"
     defaults_source = "inner_lr = 0.1, outer_lr = 1e-3 (Adam), α = 1/T (LibMTL config.py / trainer.py)"
     stateful = True
+    state_attrs = ("_alpha", "_tasks")
     needs_lookahead = True
 
     def __init__(self, inner_lr: float = 0.1, outer_lr: float = 1e-3, num_tasks: int | None = None) -> None:
         self.inner_lr = positive("inner_lr", inner_lr, self.name)
         self.outer_lr = positive("outer_lr", outer_lr, self.name)
         self._tasks = TaskCount(self.name, check_num_tasks(num_tasks, self.name))
-        self._alpha = InternalAdam(self.name, "alpha", self.outer_lr, 0.0, 0.0)
-        self._hparams = {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr, "num_tasks": num_tasks}
+        self._alpha = InternalOptimizer(self, "alpha", self.outer_lr, 0.0, 0.0)
         self._log: dict[str, float] = {}
+        self._meta_calls = MetaStepCalls(self.name)
 
     def _a(self, T: int, like: Tensor) -> Tensor:
         self._tasks.bind(T)
@@ -75,7 +77,12 @@ class MOML(LossWeighting):
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return torch.softmax(self._a(losses.shape[0], losses).detach(), dim=0).to(losses.dtype)
 
+    def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._meta_calls.weighting_call()  # a step without meta_step: raises on the second in a row
+        return super().combine(losses, grad_norms)
+
     def meta_step(self, lookahead: Any) -> None:
+        self._meta_calls.meta_step_called()
         la = lookahead
         L_tr = la.train_losses()
         T = L_tr.shape[0]
@@ -97,15 +104,6 @@ class MOML(LossWeighting):
         w = torch.softmax(self._alpha.value.detach(), dim=0)
         self._log = {**{f"moml/weight/{t}": float(v) for t, v in enumerate(w.cpu())},
                      "moml/hypergrad_norm": float(np.linalg.norm(sol @ Hn))}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._alpha.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(state, ("alpha", "alpha_optimizer"), self.name)
-        self._alpha.load_state_dict(state)
-        if self._alpha.value is not None:
-            self._tasks.bind(self._alpha.value.shape[0])
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

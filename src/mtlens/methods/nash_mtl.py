@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from ..engine.decision import Decision
-from ..engine.protocols import GramianWeighting
-from ..errors import CheckpointError, MissingDependencyError, ShapeError, SolverError, require
+from ..engine.protocols import SYMMETRIC, Claim, GramianWeighting
+from ..errors import MissingDependencyError, ShapeError, SolverError, require
 from ._registry import register
 from ._solvers import (
     FAIR_RTOL,
@@ -92,11 +92,27 @@ class NashMTL(GramianWeighting):
     """
 
     name = "nash_mtl"
+    last_alpha: Tensor | None  # buffers
+    warm: Tensor | None
+    warm_mask: Tensor | None
     reference = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022, arXiv:2202.01017"
     defaults_source = ("max_norm=1.0, update_weights_every=1, optim_niter=20 "
                        "(official code AvivNavon/nash-mtl)")
     stateful = True
+    state_attrs = ("step",)
     head_rule = "α before the max-norm clipping (official code: backward of Σ_t α_t L_t, clips the shared part only)"
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": Claim("Navon et al., Nash-MTL, Eq. 2: G α = 1/α fixes ‖d‖² = T", degree=0),
+        "non_conflicting": Claim("Navon et al., Nash-MTL, Eq. 2: G α = 1/α > 0 gives g_t·d = 1/α_t > 0",
+                                 when="common_descent"),
+    }
+    failures = {
+        "no_common_descent": (SolverError, "G α = 1/α has no positive solution when 0 is in the convex hull of the "
+                                           "gradients"),
+    }
+    solver_rtol = 1e-4  # the cvxpy CCP's stopping criterion
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20,
                  exact: bool = True) -> None:
@@ -112,8 +128,6 @@ class NashMTL(GramianWeighting):
         check(isinstance(exact, bool), f"nash_mtl: exact must be true or false, got {exact!r}")
         self.exact = exact
         self._warned = False
-        self._hparams = {"max_norm": max_norm, "update_weights_every": update_weights_every,
-                         "optim_niter": optim_niter, "exact": exact}
         purpose = "Nash-MTL (its convex-concave procedure is solved with cvxpy + ECOS)"
         self._cp = require("cvxpy", "nash", purpose)
         require("ecos", "nash", purpose)
@@ -123,9 +137,9 @@ class NashMTL(GramianWeighting):
                 f"({self._cp.installed_solvers()}). Install it with: pip install 'mtlens[nash]'"
             )
         self.step = 0
-        self.last_alpha: np.ndarray | None = None  # original scale, for reuse between solves
-        self._warm: np.ndarray | None = None  # normalised-space α of the last solve
-        self._warm_mask: np.ndarray | None = None
+        self.register_buffer("last_alpha", None)  # original scale, for reuse between solves (T,), float64
+        self.register_buffer("warm", None)  # normalised-space α of the last solve, float64
+        self.register_buffer("warm_mask", None)  # the tasks it was solved for (T,), bool
         self._problems: dict[int, tuple[Any, Any, Any, Any]] = {}
         self._log: dict[str, float] = {}
 
@@ -199,9 +213,9 @@ class NashMTL(GramianWeighting):
                     "update here."
                 )
             a = None
-            same = self._warm_mask is not None and np.array_equal(self._warm_mask, mask)
-            if self._warm is not None and same:
-                a = self._warm
+            same = self.warm_mask is not None and np.array_equal(self.warm_mask.numpy(), mask)
+            if self.warm is not None and same:
+                a = self.warm.numpy()
                 if np.any(C @ a <= 0) or np.any(a <= 0):
                     a = None
             if a is None:
@@ -241,7 +255,7 @@ class NashMTL(GramianWeighting):
                     stacklevel=3,
                 )
                 self._warned = True
-        self._warm, self._warm_mask = a.copy(), mask.copy()
+        self.warm, self.warm_mask = torch.from_numpy(a.copy()), torch.from_numpy(mask.copy())
         alpha[mask] = a / norms
         self._log = {**info, "residual": res}
         return alpha
@@ -258,12 +272,12 @@ class NashMTL(GramianWeighting):
         T = G.shape[0]
         if self.step % self.update_weights_every == 0:
             alpha = self._solve(G)
-            self.last_alpha = alpha.copy()
+            self.last_alpha = torch.from_numpy(alpha.copy())
             solved = 1.0
         else:
             if self.last_alpha is None or self.last_alpha.shape[0] != T:
                 raise ShapeError(f"nash_mtl: no stored weights for {T} tasks to reuse (step {self.step})")
-            alpha = self.last_alpha.copy()
+            alpha = self.last_alpha.numpy().copy()
             solved = 0.0
             self._log = {k: v for k, v in self._log.items() if k in ("zero_tasks",)}
         self.step += 1
@@ -274,24 +288,6 @@ class NashMTL(GramianWeighting):
             alpha = alpha * (self.max_norm / norm)
         self._log.update({"solved": solved, "update_norm": norm, "clipped": float(clipped)})
         return to_weights(alpha, gramian), head_alpha
-
-    def state_dict(self) -> dict[str, Any]:
-        def t(x):
-            return None if x is None else torch.from_numpy(np.asarray(x, dtype=np.float64).copy())
-        return {"step": self.step, "last_alpha": t(self.last_alpha), "warm": t(self._warm),
-                "warm_mask": None if self._warm_mask is None else torch.from_numpy(self._warm_mask.copy())}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"step", "last_alpha", "warm", "warm_mask"} - set(state)
-        if missing:
-            raise CheckpointError(f"nash_mtl: state is missing {sorted(missing)}")
-
-        def n(x, dtype=np.float64):
-            return None if x is None else torch.as_tensor(x).numpy().astype(dtype).copy()
-        self.step = int(state["step"])
-        self.last_alpha = n(state["last_alpha"])
-        self._warm = n(state["warm"])
-        self._warm_mask = n(state["warm_mask"], bool)
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting, JacobianAggregator
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, GramianWeighting, JacobianAggregator
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from ._fair import ZERO_REL, check_max_norm, clip_update
 from ._registry import register
@@ -62,10 +62,16 @@ class NTKMTL(GramianWeighting):
     head_rule = ("own gradient, unit weights (authors' code: each task's loss is backpropagated, only the shared "
                  "gradient is overwritten and clipped)")
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+    }
+    disclaims = {
+        "homogeneous": "max_norm = 1 clips the update (authors' code): absolute; homogeneous with max_norm=0",
+    }
+
     def __init__(self, ntk_exp: float = 0.5, max_norm: float = 1.0) -> None:
         self.ntk_exp = positive("ntk_exp", ntk_exp, self.name)
         self.max_norm = check_max_norm(max_norm, self.name)
-        self._hparams = {"ntk_exp": self.ntk_exp, "max_norm": self.max_norm}
         self._log: dict[str, float] = {}
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
@@ -114,12 +120,16 @@ class NTKMTLSR(JacobianAggregator):
     defaults_source = "n_sub = 4 (authors' README); ntk_exp = 0.5 (paper)"
     head_rule = "the NTK weights w_t (authors' SR code is the loss weighting Σ_t w_t L_t)"
 
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+    }
+
     def __init__(self, n_sub: int = 4, ntk_exp: float = 0.5) -> None:
         check(isinstance(n_sub, int) and not isinstance(n_sub, bool) and n_sub >= 1,
               f"{self.name}: n_sub must be an integer >= 1, got {n_sub!r}")
         self.n_sub = n_sub
         self.ntk_exp = positive("ntk_exp", ntk_exp, self.name)
-        self._hparams = {"n_sub": n_sub, "ntk_exp": self.ntk_exp}
         self._log: dict[str, float] = {}
 
     def aggregate(self, jacobian: Sequence[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor]:

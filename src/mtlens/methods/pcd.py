@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine.protocols import GramianWeighting
-from ..errors import CheckpointError, ConfigurationError, ShapeError, SolverError, require
+from ..errors import ConfigurationError, ShapeError, SolverError, require
 from ._registry import register
 from ._solvers import check_gramian, to_weights
 from ._utils import check, in_range
@@ -56,11 +55,18 @@ class PCD(GramianWeighting):
     """
 
     name = "pcd"
+    ema: Tensor | None  # buffer
     reference = ("Priority-Constrained Descent for Hierarchical Multi-Objective Optimization, TMLR 2026, "
                  "arXiv:2606.29521")
     defaults_source = "tau = 0.02, beta = 0.999, eps = 1e-8 (TorchJD 0.18 PCD, after the reference code)"
     stateful = True
+    state_attrs = ("_steps",)
     head_rule = "own gradient, unit weights (TorchJD's mtl_backward, the library PCD ships in)"
+
+    disclaims = {
+        "homogeneous": "eps = 1e-8 added to the EMA of squared norms (TorchJD, reference code) is absolute",
+        "permutation_invariant": "task 0 is the primary objective by definition",
+    }
 
     def __init__(self, tau: float | Sequence[float] = 0.02, beta: float = 0.999, eps: float = 1e-8,
                  infeasible: str = "primary") -> None:
@@ -80,9 +86,7 @@ class PCD(GramianWeighting):
               f"pcd: eps must be a finite number ≥ 0, got {eps!r}")
         check(infeasible in INFEASIBLE, f"pcd: infeasible={infeasible!r}; choose one of {INFEASIBLE}")
         self.beta, self.eps, self.infeasible = float(beta), float(eps), infeasible
-        self._hparams = {"tau": self.tau if isinstance(self.tau, float) else list(self.tau), "beta": self.beta,
-                         "eps": self.eps, "infeasible": infeasible}
-        self._ema: np.ndarray | None = None
+        self.register_buffer("ema", None)  # EMA of the squared gradient norms (T,), float64
         self._steps = 0
         self._log: dict[str, float] = {}
 
@@ -95,14 +99,15 @@ class PCD(GramianWeighting):
 
     def _scales(self, sq: np.ndarray) -> np.ndarray:
         T = sq.shape[0]
-        if self._ema is None:
-            self._ema, self._steps = np.zeros(T), 0
-        elif self._ema.shape[0] != T:
-            raise ShapeError(f"pcd: built up its moving average for {self._ema.shape[0]} tasks, got {T}; create a "
+        if self.ema is None:
+            self.ema, self._steps = torch.zeros(T, dtype=torch.float64), 0
+        elif self.ema.shape[0] != T:
+            raise ShapeError(f"pcd: built up its moving average for {self.ema.shape[0]} tasks, got {T}; create a "
                              "new method object for a different task set")
         self._steps += 1
-        self._ema = self.beta * self._ema + (1.0 - self.beta) * sq
-        den = np.sqrt(self._ema / (1.0 - self.beta ** self._steps) + self.eps)
+        ema = self.beta * self.ema.numpy() + (1.0 - self.beta) * sq
+        self.ema = torch.from_numpy(ema)
+        den = np.sqrt(ema / (1.0 - self.beta ** self._steps) + self.eps)
         return np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), 0.0)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
@@ -152,15 +157,6 @@ class PCD(GramianWeighting):
             return mult
         mult[sec] = np.clip(lagr, 0.0, None)
         return mult
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"ema": None if self._ema is None else torch.from_numpy(self._ema.copy()), "steps": self._steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"ema", "steps"}:
-            raise CheckpointError(f"pcd: expected state keys ['ema', 'steps'], got {sorted(state)}")
-        self._ema = None if state["ema"] is None else torch.as_tensor(state["ema"]).numpy().astype(np.float64).copy()
-        self._steps = int(state["steps"])
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

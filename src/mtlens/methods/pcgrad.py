@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
-from ..errors import ConfigurationError
+from ..engine.protocols import SCALE_FREE, Claim, GramianWeighting
 from ._registry import register
 from ._solvers import check_gramian, to_weights
-from ._utils import generator_state, load_generator_state, make_generator
-
-
-def seed_from_global(seed: int | None) -> int:
-    """``seed`` itself, or one drawn from torch's global RNG (so ``torch.manual_seed`` governs it)."""
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigurationError(f"seed must be a non-negative int or None, got {seed!r}")
-    return seed
+from ._utils import Seeded
 
 
 @register
-class PCGrad(GramianWeighting):
+class PCGrad(Seeded, GramianWeighting):
     """PCGrad ("gradient surgery"): sum of the task gradients after conflict projections.
 
     Reference: Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020,
@@ -45,7 +33,7 @@ class PCGrad(GramianWeighting):
         seed: seed of the method's own ``torch.Generator`` for the visiting orders. ``None``
             (default) draws the seed from torch's global RNG at construction, so
             ``torch.manual_seed`` makes runs reproducible. The generator state is in
-            ``state_dict()``.
+            ``state_dict()`` (:class:`~mtlens.methods._utils.Seeded`).
 
     Defaults and source: no hyper-parameters in the paper; random order per i, sum reduction
     as in Algorithm 1.
@@ -56,16 +44,20 @@ class PCGrad(GramianWeighting):
     defaults_source = "Algorithm 1 of the paper (random order per task, sum of projected gradients)"
     stateful = True
 
+    claims = {
+        "homogeneous": SCALE_FREE,
+        "non_conflicting": Claim("Yu et al., NeurIPS 2020, Theorem 1: for two tasks the projected sum never "
+                                 "conflicts", when="two_tasks"),
+    }
+
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = seed_from_global(seed)
-        self._gen = make_generator(self.seed)
-        self._hparams = {"seed": self.seed}  # the effective seed (drawn when None)
+        self._seed(seed)
         self._log: dict[str, float] = {}
         self.last_orders: list[list[int]] = []
 
     def _order(self, i: int, T: int) -> list[int]:
         others = [j for j in range(T) if j != i]
-        perm = torch.randperm(len(others), generator=self._gen).tolist()
+        perm = torch.randperm(len(others), generator=self.generator).tolist()
         return [others[k] for k in perm]
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
@@ -88,13 +80,6 @@ class PCGrad(GramianWeighting):
         w = C.sum(axis=0)
         self._log = {"projections": float(n_proj)}
         return to_weights(w, gramian)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, **generator_state(self._gen)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = state.get("seed", self.seed)
-        load_generator_state(self._gen, state)
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

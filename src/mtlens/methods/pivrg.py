@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
-from ..errors import CheckpointError, NonFiniteError, ShapeError
+from ..engine.protocols import SYMMETRIC, Claim, GramianWeighting
+from ..errors import NonFiniteError, ShapeError, SolverError
 from ._calls import EpochCalls
 from ._fair import check_infeasible, check_max_norm, clip_update, solve_power_system
 from ._loss_common import check_int
@@ -68,14 +67,28 @@ class PIVRG(GramianWeighting):
     """
 
     name = "pivrg"
+    scores: Tensor | None  # buffer
     reference = ("Qin et al., Revisiting Fairness in Multitask Learning: A Performance-Driven Approach for Variance "
                  "Reduction (PIVRG), CVPR 2025")
     defaults_source = "bound = 2.0, mintemp = 10, max_norm = 1.0, ×T (authors' code, MTLlib/NTKMTL repositories)"
     stateful = True
+    state_attrs = ("_calls",)
     needs_task_scores = True
     user_calls = ("on_task_scores",)
     head_rule = ("own gradient, unit weights (authors' code: each task's loss is backpropagated, only the shared "
                  "gradient is overwritten and clipped)")
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "non_conflicting": Claim("solves G x = (w/x)^(1/2) > 0, so g_t·d > 0", when="common_descent"),
+    }
+    disclaims = {
+        "homogeneous": "max_norm = 1 clips the update (authors' code): absolute; homogeneous with max_norm=0",
+    }
+    failures = {
+        "no_common_descent": (SolverError, "G x = (w/x)^(1/2) has no positive solution when no direction improves "
+                                           "every task"),
+    }
 
     def __init__(self, bound: float = 2.0, mintemp: float = 10.0, max_norm: float = 1.0,
                  infeasible: str = "raise", steps_per_epoch: int | None = None) -> None:
@@ -84,12 +97,9 @@ class PIVRG(GramianWeighting):
         self.mintemp = positive("mintemp", mintemp, self.name)
         self.max_norm = check_max_norm(max_norm, self.name)
         self.infeasible = check_infeasible(infeasible, self.name)
-        self._hparams = {"bound": self.bound, "mintemp": self.mintemp, "max_norm": self.max_norm,
-                         "infeasible": infeasible}
         if steps_per_epoch is not None:
             check_int("steps_per_epoch", steps_per_epoch, 1, self.name)
-        self._hparams["steps_per_epoch"] = steps_per_epoch
-        self._scores: np.ndarray | None = None
+        self.register_buffer("scores", None)  # the last reported task scores (T,), float64
         self._log: dict[str, float] = {}
         self._calls = EpochCalls(self.name, steps_per_epoch,
                                  "weights the tasks by their performance drop against single-task baselines and "
@@ -102,7 +112,7 @@ class PIVRG(GramianWeighting):
         s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().reshape(-1).numpy().copy()
         if not np.isfinite(s).all():
             raise NonFiniteError(f"pivrg: non-finite task scores {s.tolist()}")
-        self._scores = s
+        self.scores = torch.from_numpy(s)
         self._calls.epoch_ended()
 
     def on_task_scores(self, scores: Tensor) -> None:
@@ -113,7 +123,7 @@ class PIVRG(GramianWeighting):
         G, _ = check_gramian(gramian, losses, self.name)
         T = G.shape[0]
         self._calls.weighting_call()
-        scores = np.zeros(T) if self._scores is None else self._scores
+        scores = np.zeros(T) if self.scores is None else self.scores.numpy()
         if scores.shape[0] != T:
             raise ShapeError(f"pivrg: got {scores.shape[0]} task scores for {T} tasks")
         pw = performance_weights(scores, self.bound, self.mintemp)
@@ -126,17 +136,6 @@ class PIVRG(GramianWeighting):
     def head_weights(self, weights: Tensor) -> Tensor:
         """Every head gets its own loss gradient (weight 1), as in the authors' code."""
         return torch.ones_like(weights)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scores": None if self._scores is None else torch.from_numpy(self._scores.copy()),
-                "epoch_calls": self._calls.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not {"scores"} <= set(state) <= {"scores", "epoch_calls"}:
-            raise CheckpointError(f"pivrg: expected state keys ['epoch_calls', 'scores'], got {sorted(state)}")
-        s = state["scores"]
-        self._scores = None if s is None else torch.as_tensor(s).numpy().astype(np.float64).copy()
-        self._calls.load_state_dict(state.get("epoch_calls"))
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SCALE_FREE, GramianWeighting
 from ._qp import check_gramian
 from ._registry import register
-from ._utils import check_seed, generator_state, load_rng_only_state, make_generator
+from ._utils import Seeded
 
 
 @register
-class RGW(GramianWeighting):
+class RGW(Seeded, GramianWeighting):
     """Random gradient weighting: ``w = softmax(ε)``, ``ε ~ N(0, I_T)`` drawn at every step.
 
     Reference: Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus
@@ -32,18 +30,14 @@ class RGW(GramianWeighting):
     defaults_source = "standard-normal logits and softmax as in the paper (Algorithm 2)"
     stateful = True
 
+    claims = {
+        "homogeneous": SCALE_FREE,
+    }
+
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = check_seed(seed, self.name)
-        self._gen = make_generator(seed)
-        self._hparams = {"seed": seed}
+        self._seed(seed)
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         T = check_gramian(gramian, self.name)
-        eps = torch.randn(T, generator=self._gen, dtype=torch.float64)
+        eps = torch.randn(T, generator=self.generator, dtype=torch.float64)
         return torch.softmax(eps, dim=0).to(gramian.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return generator_state(self._gen)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_rng_only_state(self._gen, state, self.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ._cross import CrossGramianWeighting, project_simplex
@@ -59,8 +60,6 @@ class SDMGrad(CrossGramianWeighting):
             check(len(pref_vector) > 0 and all(np.isfinite(pref_vector)),
                   f"sdmgrad: pref_vector must be a non-empty list of finite numbers, got {pref_vector!r}")
         self.pref_vector = pref_vector
-        self._hparams = {"lambda_": self.lambda_, "lr": self.lr, "momentum": self.momentum, "n_iter": self.n_iter,
-                         "pref_vector": pref_vector}
 
     def observe_cross_gramian(self, cross_gramian: Tensor) -> None:
         A = self._check(cross_gramian)
@@ -72,12 +71,13 @@ class SDMGrad(CrossGramianWeighting):
             wt = np.asarray(self.pref_vector)
         scale = float(np.sqrt(np.clip(np.diag(A), 0.0, None)).mean())
         a = A / (scale ** 2 + 1e-8)
-        w = self._lam.copy()
+        assert self.lam is not None  # set by _check
+        w = self.lam.numpy().copy()
         v = None
         for _ in range(self.n_iter):
             g = a @ (w + self.lambda_ * wt)
             v = g if v is None else self.momentum * v + g
             w = project_simplex(w - self.lr * v)
-        self._lam = w
-        self._out = (w + self.lambda_ * wt) / (1.0 + self.lambda_)
-        self._log = {f"sdmgrad/w/{t}": float(x) for t, x in enumerate(self._out)}
+        self.lam = torch.from_numpy(w)
+        self.out = torch.from_numpy((w + self.lambda_ * wt) / (1.0 + self.lambda_))
+        self._log = {f"sdmgrad/w/{t}": float(x) for t, x in enumerate(self.out)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
+from ..engine.protocols import SYMMETRIC, LossWeighting
 from ._registry import register
 
 
@@ -30,6 +30,10 @@ class SI(LossWeighting):
     reference = "Navon et al., Multi-Task Learning as a Bargaining Game (SI baseline), ICML 2022, arXiv:2202.01017"
     defaults_source = "no hyper-parameters (Nash-MTL's ScaleInvariantLinearScalarization)"
     loss_transform = "log"
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+    }
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return torch.ones_like(losses)

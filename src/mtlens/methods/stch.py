@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
-from ..errors import CheckpointError, ConfigurationError
+from ..engine.protocols import SYMMETRIC, Claim, LossWeighting
+from ..errors import ConfigurationError
 from ._calls import EpochCalls
-from ._loss_common import TaskCount, as_vector, check_int, require_keys
+from ._loss_common import TaskCount, as_vector, check_int
 from ._registry import register
 from ._utils import positive
 
@@ -46,15 +45,23 @@ class STCH(LossWeighting):
     """
 
     name = "stch"
+    nadir: Tensor | None  # buffer
     reference = "Lin et al., Smooth Tchebycheff Scalarization, ICML 2024, arXiv:2402.19078"
     defaults_source = "mu 1.0, warmup_epochs 4 (authors' STCH_MTL code config)"
     stateful = True
+    state_attrs = ("_epoch", "_tasks", "_calls")
     user_calls = ("on_epoch_end",)
     loss_transforms = ("none",)
     loss_transform_conflict = (
         "STCH takes the log of each (nadir-normalised) loss itself, so log-transformed losses would be logged "
         "twice, and they are negative whenever L_t < 1"
     )
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "rescaling_invariant": Claim("the warm-up objective Σ_t log(L_t + ε) has the update Σ_t ∇L_t / (L_t + ε) "
+                                     "(Lin et al., ICML 2024), free of each loss's scale up to ε = 1e-8"),
+    }
 
     def __init__(self, mu: float = 1.0, warmup_epochs: int = 4, nadir: Sequence[float] | None = None,
                  num_tasks: int | None = None, steps_per_epoch: int | None = None):
@@ -65,33 +72,29 @@ class STCH(LossWeighting):
         self._calls = EpochCalls("stch", steps_per_epoch, "takes its nadir vector from the epoch-mean losses at the "
                                                            "end of the warm-up and stays in the warm-up until then")
         self._tasks = TaskCount("stch", num_tasks)
-        self._nadir: Tensor | None = None
         if nadir is not None:
             n = as_vector(nadir, "stch", "nadir").to("cpu", torch.float64)
             if bool((n <= 0).any()):
                 raise ConfigurationError(
                     f"stch: nadir must be positive (losses are divided by it), got {n.tolist()}")
             self._tasks.bind(n.shape[0])
-            self._nadir = n
-        self._hparams = {"mu": self.mu, "warmup_epochs": self.warmup_epochs,
-                         "nadir": None if nadir is None else self._nadir.tolist(), "num_tasks": num_tasks,
-                         "steps_per_epoch": steps_per_epoch}
+        self.register_buffer("nadir", None if nadir is None else n)  # set at the end of the warm-up
         self._epoch = 0
 
     @property
     def in_warmup(self) -> bool:
-        return self._nadir is None
+        return self.nadir is None
 
     def on_epoch_end(self, mean_losses) -> None:
         v = as_vector(mean_losses, "stch", "mean_losses").to("cpu", torch.float64)
         self._tasks.bind(v.shape[0])
-        if self._nadir is None and self._epoch == self.warmup_epochs:
+        if self.nadir is None and self._epoch == self.warmup_epochs:
             if bool((v <= 0).any()):
                 raise ConfigurationError(
                     f"stch: the nadir vector (epoch-mean losses of epoch {self._epoch}) must be positive, "
                     f"got {v.tolist()}; STCH normalises the losses by it"
                 )
-            self._nadir = v.clone()
+            self.nadir = v.clone()
         self._epoch += 1
         self._calls.epoch_ended()
 
@@ -100,9 +103,9 @@ class STCH(LossWeighting):
         if bool((losses.detach() < 0).any()):
             raise ConfigurationError(
                 f"stch: needs non-negative losses (it takes their log), got {losses.detach().tolist()}")
-        if self._nadir is None:
+        if self.nadir is None:
             return torch.log(losses + EPS).sum()
-        n = self._nadir.to(device=losses.device, dtype=losses.dtype)
+        n = self.nadir.to(device=losses.device, dtype=losses.dtype)
         f = torch.log(losses / n + EPS)
         return losses.shape[0] * self.mu * torch.logsumexp(f / self.mu, dim=0)
 
@@ -115,21 +118,6 @@ class STCH(LossWeighting):
     def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._calls.weighting_call(active=self.in_warmup)
         return self.objective(losses), self.weights(losses)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "nadir": None if self._nadir is None else self._nadir.clone(),
-                "num_tasks": self._tasks.T, "epoch_calls": self._calls.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(state, ("epoch", "nadir", "num_tasks"), "stch")
-        T = state["num_tasks"]
-        if self._tasks.T is not None and T is not None and T != self._tasks.T:
-            raise CheckpointError(f"stch: checkpoint is for {T} tasks, this object for {self._tasks.T}")
-        nadir = state["nadir"]
-        self._nadir = None if nadir is None else torch.as_tensor(nadir, dtype=torch.float64).cpu().clone()
-        self._epoch = int(state["epoch"])
-        self._calls.load_state_dict(state.get("epoch_calls"))
-        self._tasks = TaskCount("stch", T if T is not None else self._tasks.T)
 
     def log_values(self) -> dict[str, float]:
         return {"warmup": float(self.in_warmup)}

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.protocols import GramianWeighting
+from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
 from ._qp import check_gramian, dual_cone_weights, init_dual_cone, pref_weights
 from ._registry import register
 
@@ -38,8 +38,18 @@ class UPGrad(GramianWeighting):
     """
 
     name = "upgrad"
+    pref_vector: tuple[float, ...] | None  # set by init_dual_cone
+    reg_eps: float
+    solver: str
     reference = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv:2406.16232"
     defaults_source = "pref_vector = mean as in the paper and TorchJD; reg_eps: ours (TorchJD 1e-4)"
+
+    claims = {
+        "permutation_invariant": SYMMETRIC,
+        "homogeneous": SCALE_FREE,
+        "non_conflicting": Claim("Quinton & Rey, arXiv:2406.16232, Prop. 1: projections onto the dual cone of the "
+                                 "rows"),
+    }
 
     def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-12,
                  solver: str = "nnls") -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
-from ._loss_common import learnable_scalars_init
+from ..engine.protocols import Claim, LossWeighting
+from ._loss_common import learnable_scalars
 from ._registry import register
 
 
@@ -43,11 +41,12 @@ class UW(LossWeighting):
         "losses log(L_t + 1e-8) are negative whenever L_t < 1, so the weights ½·exp(-s_t) grow without bound"
     )
 
-    def __init__(self, init: float = 0.0, num_tasks: int | None = None, device: str | None = None):
-        self._hparams, self._s = learnable_scalars_init("uw", "log_vars", "log-variance", init, num_tasks, device)
+    claims = {
+        "permutation_invariant": Claim("equal initial log-variances; the objective treats the tasks alike"),
+    }
 
-    def parameters(self) -> list[Tensor]:
-        return self._s.parameters()
+    def __init__(self, init: float = 0.0, num_tasks: int | None = None, device: str | None = None):
+        self._s = learnable_scalars(self, "log_vars", "log-variance", init, num_tasks, device)  # parameter log_vars
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         s = self._s.get(losses)
@@ -59,12 +58,6 @@ class UW(LossWeighting):
         w = 0.5 * torch.exp(-s)
         objective = (w * losses).sum() + 0.5 * s.sum()
         return objective, w.detach().to(losses.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._s.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._s.load_state_dict(state)
 
     def log_values(self) -> dict[str, float]:
         return self._s.log_values("log_var")

@@ -319,7 +319,7 @@ class Trainer:
             )
         if self.method_needs_second_batch():
             raise ConfigurationError(
-                f"'{cfg.method.name}' draws extra batches (cross-Gramian) or takes look-ahead steps; that is not "
+                f"'{cfg.method.name}' draws two extra batches for its cross-Gramian (needs_second_batch); that is not "
                 "data-parallel yet: train it in one process"
             )
         if self.rank != 0:
@@ -330,8 +330,7 @@ class Trainer:
     def method_needs_second_batch(self) -> bool:
         from ..methods import get
 
-        cls = get(self.cfg.method.name)
-        return cls.needs_second_batch or cls.needs_lookahead
+        return get(self.cfg.method.name).needs_second_batch
 
     # =========================================================================================
     @property
@@ -481,6 +480,8 @@ class Trainer:
         The look-ahead's forwards run in train mode; BatchNorm running statistics are restored
         afterwards so that they do not change the model [choice]."""
         val = to_device(self._aux_batches()[0], self.device, non_blocking=self.device.type == "cuda")
+        if self.world > 1:  # every rank drew the same global batch: take this rank's share
+            val = _shard(val, self.rank, self.world)
         params = [p for p in self.model.parameters() if p.requires_grad]
         group = self.optimizer.param_groups[0]
         momentum = float(group.get("momentum", 0.0) or 0.0)
@@ -494,7 +495,8 @@ class Trainer:
             return closure
 
         la = LookAhead(params, losses_of(batch), losses_of(val), lr=float(group["lr"]), momentum=momentum,
-                       momentum_buffers=bufs, weight_decay=float(group.get("weight_decay", 0.0) or 0.0))
+                       momentum_buffers=bufs, weight_decay=float(group.get("weight_decay", 0.0) or 0.0),
+                       distributed=self.world > 1)
         try:
             self.method.meta_step(la)
         finally:

@@ -1,0 +1,62 @@
+"""The engine's Gramian: float32 products on column chunks, summed in float64, against float64 J Jᵀ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtlens.engine.gramian import CHUNK, gramian_from_blocks, gramian_from_rows
+
+
+def _reference(blocks):
+    J = torch.cat([b.reshape(b.shape[0], -1).double() for b in blocks], dim=1)
+    return J @ J.T
+
+
+@pytest.mark.parametrize("T", [2, 11, 40])
+def test_chunked_float32_gramian_is_float64_accurate_to_1e6(T):
+    g = torch.Generator().manual_seed(T)
+    # a large block (many chunks + a tail), one just above a chunk, small ones (exact path)
+    blocks = [torch.randn(T, 3 * CHUNK + 17, generator=g), torch.randn(T, CHUNK + 1, generator=g),
+              torch.randn(T, 8, 3, 3, generator=g), torch.randn(T, 5, generator=g)]
+    ref = _reference(blocks)
+    G = gramian_from_blocks(blocks)
+    assert G.dtype == torch.float64 and torch.equal(G, G.T)
+    scale = ref.diagonal().max()
+    err = (G - ref).abs().max() / scale
+    assert err < 1e-6, f"max error {err:.2e} of max‖g‖²"
+    torch.testing.assert_close(G, ref, rtol=1e-5, atol=1e-6 * float(scale))
+    # rows (per task, per parameter) give the same numbers as the blocks
+    rows = [[b[t] for b in blocks] for t in range(T)]
+    torch.testing.assert_close(gramian_from_rows(rows), G, rtol=0, atol=1e-9 * float(scale))
+
+
+def test_float64_and_small_blocks_are_exact():
+    g = torch.Generator().manual_seed(0)
+    J64 = torch.randn(5, 2 * CHUNK + 3, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(gramian_from_blocks([J64]), J64 @ J64.T, rtol=1e-14, atol=0)
+    small = torch.randn(5, CHUNK - 1, generator=g)  # one float64 product: products of float32 are exact
+    torch.testing.assert_close(gramian_from_blocks([small]), _reference([small]), rtol=1e-13, atol=0)
+
+
+def test_half_precision_blocks_and_float32_accumulation():
+    g = torch.Generator().manual_seed(1)
+    J = torch.randn(3, 2 * CHUNK, generator=g)
+    for dt in (torch.float16, torch.bfloat16):
+        Jh = J.to(dt)
+        torch.testing.assert_close(gramian_from_blocks([Jh]), _reference([Jh]), rtol=1e-5, atol=1e-3)
+    G32 = gramian_from_blocks([J], dtype=torch.float32)
+    assert G32.dtype == torch.float32
+    torch.testing.assert_close(G32.double(), _reference([J]), rtol=1e-4, atol=1e-2)
+
+
+def test_identical_tasks_give_a_psd_gramian_equal_to_float32_round_off():
+    """Duplicated rows: entries agree to ~1e-7 relative (not bitwise: the sgemm kernel orders the
+    diagonal and off-diagonal sums differently), G stays symmetric and PSD to that precision."""
+    g = torch.Generator().manual_seed(2)
+    r = torch.randn(1, 3 * CHUNK + 5, generator=g)
+    G = gramian_from_blocks([torch.cat([r, r, torch.randn(1, 3 * CHUNK + 5, generator=g)])])
+    assert torch.equal(G, G.T)
+    torch.testing.assert_close(G[0, 1], G[0, 0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(G[0, 2], G[1, 2], rtol=1e-6, atol=1e-6 * float(G[0, 0]))
+    assert float(torch.linalg.eigvalsh(G).min()) >= -1e-6 * float(G.trace())
