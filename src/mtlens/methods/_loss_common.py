@@ -112,7 +112,8 @@ class LearnableScalars:
     in a row without them (:class:`~mtlens.methods._calls.ScalarsInOptimizer`).
     """
 
-    def __init__(self, method: Method, key: str, init: float, num_tasks: int | None, device=None,
+    def __init__(self, method: Method, key: str, init: float, num_tasks: int | None,
+                 device: str | torch.device | None = None,
                  what: str | None = None):
         self._method, self.name, self.key, self.init = method, method.name, key, float(init)
         dev = _device_of(device, self.name)
@@ -218,12 +219,14 @@ class InternalOptimizer:
         else:
             self.opt = mark_internal(torch.optim.Adam([value], lr=self.lr, weight_decay=self.weight_decay))
 
-    def step(self, grad: Tensor) -> None:
+    def step(self, grad: Tensor) -> Tensor:
+        """One optimiser step on the buffer with gradient ``grad``; returns the updated buffer."""
         value = self.value
         assert value is not None and self.opt is not None
         value.grad = grad.detach().to(device=value.device, dtype=value.dtype)
         self.opt.step()
         value.grad = None
+        return value
 
     def state_dict(self) -> dict[str, Any] | None:
         return None if self.opt is None else self.opt.state_dict()

@@ -23,6 +23,7 @@ convert from/to torch at their boundary (``G`` is tiny, T×T).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ ZERO_ROW_RTOL = 1e-30
 """A task whose ``‖g_t‖² ≤ ZERO_ROW_RTOL · max_s ‖g_s‖²`` (or exactly 0) counts as a zero gradient."""
 
 
+@overload
+def check_gramian(gramian: Tensor, losses: Tensor, method: str) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def check_gramian(gramian: Tensor, losses: None, method: str) -> tuple[np.ndarray, None]: ...
 def check_gramian(
     gramian: Tensor, losses: Tensor | None, method: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
