@@ -119,6 +119,31 @@ def render() -> str:
     for r in rows:
         if r["family"] == "gradient":
             out.append(f"| `{r['name']}` | {r['head_rule']} |")
+    out += [
+        "",
+        "## What each method guarantees",
+        "",
+        "Declared on each method class (`claims`, `disclaims`, `failures`; `mtlens.engine.Claim`) and",
+        "checked by the test suite with the assertions of `mtlens.methods.testing`, one per property:",
+        "`non_conflicting` (g_t·d ≥ 0 for every task), `permutation_invariant`, `homogeneous`",
+        "(d(cJ) = c^k d(J)), `rescaling_invariant` (direction unchanged under per-task rescaling of the",
+        "gradients, or of the losses for a loss weighting), `weights_total`. *not*: a property a reader",
+        "might expect, and why it does not hold; *raises*: a documented failure.",
+        "",
+        "| name | property | when | source or reason |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        cls = get(r["name"])
+        for prop, claim in cls.claims.items():
+            extra = {"homogeneous": f" (k = {claim.degree})", "weights_total": f" (sum = {claim.total})"}.get(prop, "")
+            if claim.hparams:
+                extra += " with " + ", ".join(f"`{k}={v!r}`" for k, v in claim.hparams.items())
+            out.append(f"| `{r['name']}` | {prop}{extra} | {claim.when} | {claim.source} |")
+        for prop, why in cls.disclaims.items():
+            out.append(f"| `{r['name']}` | *not* {prop} | — | {why} |")
+        for cond, (err, why) in cls.failures.items():
+            out.append(f"| `{r['name']}` | *raises* `{err.__name__}` | {cond} | {why} |")
     out += ["", "## One line each", ""]
     for r in rows:
         doc = inspect.getdoc(get(r["name"])) or ""

@@ -2,15 +2,15 @@
 
 import types
 
-from . import _compat  # noqa: F401  (must precede any torchvision/timm import)
+from .engine import StepRecord, mtl_backward
 
 __version__ = "0.1.0"
 
-from .engine import StepRecord, mtl_backward  # noqa: E402
-
 __all__ = ["StepRecord", "__version__", "mtl_backward"]
 
-_SUBPACKAGES = ("bench", "data", "diagnose", "engine", "errors", "methods", "models", "storage", "tasks", "train")
+_SUBPACKAGES = (
+    "bench", "data", "diagnose", "engine", "errors", "methods", "models", "registry", "storage", "tasks", "train",
+)
 
 
 def __getattr__(name: str) -> types.ModuleType:

@@ -81,9 +81,13 @@ def test_paper_suites_need_roots_and_expand_with_them(tmp_path):
     roots = {b: str(tmp_path / b) for b in ("nyuv2", "cityscapes", "office-31", "office-home")}
     runs = _runs("rep-mtl", roots=roots)
     mtl = [r for r in runs if r.kind == "mtl"]
-    assert {r.variant for r in mtl} == {"none", "rep_mtl", "rep_mtl_tsr", "rep_mtl_csa"}
+    assert {r.variant for r in mtl} == {"none", "log_losses", "rep_mtl", "rep_mtl_tsr", "rep_mtl_csa"}
     rep = [r for r in mtl if r.variant == "rep_mtl"]
     assert all(r.config.loss_transform == "log" and r.method == "ew" for r in rep)
+    # the ablation's reference: EW on the same log losses, without the regulariser
+    log_base = [r for r in mtl if r.variant == "log_losses"]
+    assert log_base and all(r.method == "ew" and r.config.loss_transform == "log" and not r.config.regularizers
+                            for r in log_base)
     assert all(not r.config.regularizers and r.config.loss_transform is None
                for r in mtl if r.variant == "none" and r.method == "ew")
 

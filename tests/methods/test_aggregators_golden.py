@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import minimize
 from torch import nn
 
-import mtlens  # noqa: F401  (installs the torchvision shim first)
+import mtlens  # noqa: F401
 from mtlens.engine import mtl_backward
 from mtlens.errors import (
     ConfigurationError,

@@ -18,7 +18,7 @@ from _matrices import make_jacobian
 from torch import nn
 
 from mtlens.engine import mtl_backward
-from mtlens.errors import ConfigurationError, MissingDependencyError, ShapeError, SolverError
+from mtlens.errors import ConfigurationError, MissingDependencyError, NonFiniteError, ShapeError, SolverError
 from mtlens.methods import create, defaults
 from mtlens.methods._qp import dual_cone_weights
 from mtlens.methods.moco import project_simplex
@@ -143,7 +143,7 @@ def test_missing_quadprog_raises_at_construction(monkeypatch):
 def test_projection_solver_failures_are_loud():
     G = torch.eye(3, dtype=F64)
     G[0, 1] = float("nan")
-    with pytest.raises(SolverError, match="non-finite"):
+    with pytest.raises(NonFiniteError, match="non-finite"):  # the one Gramian validation (engine.numerics)
         create("upgrad").weights(G, torch.ones(3))
     with pytest.raises(ShapeError, match="pref_vector"):
         create("dualproj", pref_vector=[1.0, 1.0]).weights(torch.eye(3, dtype=F64), torch.ones(3))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import mtlens  # noqa: F401  (installs the torchvision shim first)
+import mtlens  # noqa: F401
 from mtlens.engine import mtl_backward
 from mtlens.errors import CheckpointError, ConfigurationError, NonFiniteError, ShapeError
 from mtlens.methods import available, create, get

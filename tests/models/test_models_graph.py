@@ -13,7 +13,7 @@ from torch_geometric.nn import NNConv  # noqa: E402
 import mtlens.models.graph as graph  # noqa: E402
 from mtlens.errors import MissingDependencyError, ShapeError  # noqa: E402
 from mtlens.models import create  # noqa: E402
-from mtlens.train.data import to_device  # noqa: E402
+from mtlens.train.loaders import to_device  # noqa: E402
 
 
 def _batch(sizes=(3, 5, 4), node_dim=11, edge_dim=5):

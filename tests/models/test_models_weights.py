@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import mtlens  # noqa: F401  (installs the torchvision shim that timm needs)
+import mtlens  # noqa: F401  (mtlens.models, imported below, installs the torchvision shim timm needs)
 from mtlens.errors import CheckpointError, ConfigurationError, MissingDependencyError
 from mtlens.models import create
 

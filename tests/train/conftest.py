@@ -1,3 +1,3 @@
 import tiny_bench  # noqa: F401  (registers the tiny-mtl and tiny-multi test benchmarks)
 
-import mtlens  # noqa: F401  (torchvision shim first)
+import mtlens  # noqa: F401

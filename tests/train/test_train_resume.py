@@ -43,7 +43,7 @@ def _config(tmp_path, out, method):
         tmp_path,
         method={"name": method},
         regularizers=[{"name": "rep_mtl"}],
-        loss_transform="log",
+        loss_transform="none" if method == "forum" else "log",  # FORUM is declared for raw losses only
         monitor={"every": 3},
         checkpoint={"every_steps": 4},
         train={"epochs": 3, "batch_size": 16, "device": "cpu", "seed": 3},
@@ -56,7 +56,7 @@ def _strip(records):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
 
 
-@pytest.mark.parametrize("method", ["dwa", "rlw", "modo", "auto_lambda"])  # + extra-batch streams, look-ahead
+@pytest.mark.parametrize("method", ["dwa", "rlw", "modo", "auto_lambda", "forum"])  # + extra batches, look-ahead
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, method):
     d_full = _config(tmp_path, tmp_path / "full", method)
     d_kill = _config(tmp_path, tmp_path / "killed", method)

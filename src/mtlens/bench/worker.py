@@ -98,7 +98,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                            "resumed": False, "peak_memory_bytes": None, "memory_kind": None}
     try:
         from ..train import Trainer
-        from ..train.trainer import CHECKPOINT_NAME, resolve_device
+        from ..train.build import resolve_device
+        from ..train.checkpoint import CHECKPOINT_NAME
         from .suite import import_plugins
 
         import_plugins(job.get("plugins", []))

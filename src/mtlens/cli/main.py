@@ -15,8 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-import mtlens  # noqa: F401  (torchvision shim before anything imports torchvision)
-
 from ..diagnose.spectra import DEFAULT_SPECTRA_METHOD
 from ..errors import ConfigurationError, MTLensError
 
@@ -123,7 +121,7 @@ def train(
 ) -> None:
     """Train a multi-task model (or single-task baselines), test the best epoch, write results.json."""
     from ..train import load_config, run
-    from ..train.trainer import default_out_dir
+    from ..train.build import default_out_dir
 
     def go():
         overrides = list(set_ or [])
@@ -157,7 +155,7 @@ def train(
             if quiet:
                 out.print(str(path))
                 return
-            from .report import metrics_table
+            from ..bench.console import metrics_table
 
             directions = _directions(cfg.data.benchmark)
             out.print(metrics_table("single-task baselines: test metrics", results["metrics"]["test"], directions))
@@ -166,7 +164,7 @@ def train(
         if quiet:
             out.print(str(Path(results["out_dir"]) / "results.json"))
             return
-        from .report import print_results
+        from ..bench.console import print_results
 
         print_results(results, out)
 
@@ -209,7 +207,7 @@ def eval_(
 
             print(dumps(res, indent=2))  # strict JSON: non-finite values as "inf"/"nan" strings
             return
-        from .report import delta_table, metrics_table
+        from ..bench.console import delta_table, metrics_table
 
         directions = _directions_from_file(res)
         out.print(f"{split} metrics of {res['checkpoint']} (epoch {res['epoch']})")
@@ -465,8 +463,8 @@ def diagnose(
     """Plot FD, GDS, GMS, task weights, losses and val metrics over training; power-law α per component."""
 
     def go():
+        from ..bench.plots import plot_alpha, plot_run
         from ..train.records import read_jsonl
-        from .plots import plot_alpha, plot_run
 
         if alpha not in ("mle", "weightwatcher", "none"):
             raise ConfigurationError(f"--alpha {alpha!r}; choose mle, weightwatcher or none")

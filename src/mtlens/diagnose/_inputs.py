@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..engine.numerics import check_gramian
 from ..engine.record import StepRecord
-from ..errors import ConfigurationError, ShapeError
-from ..methods.rep_mtl import saliency_stack
+from ..engine.saliency import saliency_stack
+from ..errors import ConfigurationError
 
 
 def saliencies_of(
@@ -30,7 +31,8 @@ def saliencies_of(
 
 
 def gramian_of(x: StepRecord | Tensor, what: str = "gramian") -> Tensor:
-    """The Gramian ``G = J Jᵀ`` (T×T) as a symmetric float64 tensor, from a record or a tensor."""
+    """The Gramian ``G = J Jᵀ`` (T×T) as a symmetric float64 tensor, from a record or a tensor
+    (validated by :func:`mtlens.engine.numerics.check_gramian`)."""
     if isinstance(x, StepRecord):
         if x.gramian is None:
             raise ConfigurationError(
@@ -39,11 +41,4 @@ def gramian_of(x: StepRecord | Tensor, what: str = "gramian") -> Tensor:
                 "compute_gramian='feature' (with features=Z) to mtl_backward on the steps you measure."
             )
         x = x.gramian
-    if not isinstance(x, Tensor):
-        x = torch.as_tensor(x)
-    if x.ndim != 2 or x.shape[0] != x.shape[1] or x.shape[0] == 0:
-        raise ShapeError(f"{what} must be a square T×T matrix with T ≥ 1, got shape {tuple(x.shape)}")
-    G = x.detach().to(torch.float64)
-    if not bool(torch.isfinite(G).all()):
-        raise ShapeError(f"{what} has non-finite entries: {G.tolist()}")
-    return 0.5 * (G + G.T)
+    return check_gramian(x, what)

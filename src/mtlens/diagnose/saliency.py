@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 from ..engine.record import StepRecord
+from ..engine.saliency import tsr_loss
 from ..errors import ConfigurationError
-from ..methods.rep_mtl import tsr_loss
 from ._inputs import saliencies_of
+
+_FD_CHUNK_ELEMENTS = 1 << 18  # elements per column chunk of FD (1 MiB of float32)
 
 
 def feature_disentanglement(
@@ -53,31 +55,42 @@ def feature_disentanglement(
     S = saliencies_of(saliencies, min_ndim=2, what="feature_disentanglement")
     T = S.shape[0]
     with torch.no_grad():
-        a = S.reshape(T, -1).abs()
-        s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
-        active = s > 0
-        n = int(active.count_nonzero())
+        flat = S.reshape(T, -1)
+        scale = flat.abs().mean(dtype=torch.float64).to(flat.dtype) if temperature != 0 else None
+        tiny = torch.finfo(flat.dtype).tiny
+        total, n = 0.0, 0
+        # column chunks of ~1 MiB: the temporaries stay in cache and are reused by the allocator
+        for chunk in flat.split(max(1024, _FD_CHUNK_ELEMENTS // T), dim=1):
+            a = chunk.abs()
+            s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
+            active = s > 0
+            n += int(active.sum())
+            if T == 1:
+                continue
+            if temperature == 0:
+                # p = a / s: exact at any scale (a ratio). Inactive elements get p = 0 and
+                # 0·log 0 = 0, so they add nothing to the sum: no masked copy of the block.
+                p = a.div_(torch.where(active, s, torch.ones_like(s)))
+            else:
+                assert scale is not None  # computed above for temperature > 0
+                p = torch.softmax(a / (float(temperature) * scale), dim=0)
+            # p·log p with 0·log 0 = 0: log of p clamped at the smallest normal number (for p below
+            # it the change is < 1e-36 per term); torch.special.xlogy is ~10× slower on CPU
+            H = p.clamp_min(tiny).log_().mul_(p).sum(dim=0)  # −H[j]; one temporary
+            if temperature != 0:
+                H = H * active  # inactive elements are left out of the mean (softmax made them uniform)
+            total += float(H.sum(dtype=torch.float64))
         if n == 0:
             return float("nan")
         if T == 1:
             return 0.0
-        if temperature == 0:
-            # p = a / s: exact at any scale (a ratio). Inactive elements get p = 0 and
-            # xlogy(0, 0) = 0, so they add nothing to the sum: no masked copy of the block.
-            p = a.div_(torch.where(active, s, torch.ones_like(s)))
-        else:
-            scale = a.mean(dtype=torch.float64).to(a.dtype)
-            p = torch.softmax(a / (float(temperature) * scale), dim=0)
-        H = torch.special.xlogy(p, p).sum(dim=0)  # −H[j]
-        if temperature != 0:
-            H = H * active  # inactive elements are left out of the mean (softmax made them uniform)
-        return float(-H.sum(dtype=torch.float64) / (n * math.log(T)))
+        return -total / (n * math.log(T))
 
 
 def tsr_entropy(saliencies: StepRecord | Tensor | Sequence[Tensor], normalize: bool = False) -> float:
     """Rep-MTL's TSR entropy (arXiv:2507.21049, Eqs. 4–6) as a diagnostic, in ``[0, log T]``.
 
-    The same value Rep-MTL's TSR penalty takes (:func:`mtlens.methods.rep_mtl.tsr_loss`): signed
+    The same value Rep-MTL's TSR penalty takes (:func:`mtlens.engine.saliency.tsr_loss`): signed
     channel mean per location, then ``|·|``, L1 over tasks, mean entropy over locations (all-zero
     locations count as 0). Differs from FD, which takes ``|·|`` per element with no channel mean.
     ``normalize=True`` divides by ``log T`` (``T = 1`` → 0.0).

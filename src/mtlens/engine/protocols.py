@@ -114,7 +114,155 @@ def _record_init(init: Any) -> Any:
     return wrapped
 
 
-class Method(torch.nn.Module):
+class MethodState(torch.nn.Module):
+    """The state machinery of a :class:`Method`: a module whose ``state_dict`` resumes it exactly.
+
+    Buffers and parameters may be ``None`` until the first call ("not created yet" is state too);
+    the names in ``state_attrs`` travel as the module's extra state; ``state_dict()`` is a copy;
+    ``load_state_dict`` raises :class:`~mtlens.errors.CheckpointError` naming the method;
+    :meth:`snapshot` / :meth:`restore` make a step transactional. :class:`Method` adds the
+    contract (hooks, capabilities, claims) on top.
+    """
+
+    name: ClassVar[str] = ""
+    stateful: ClassVar[bool] = False
+    _extra_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        if "_parameters" not in self.__dict__:
+            super().__init__()
+
+    # -- transactional steps -----------------------------------------------------------------------
+    def snapshot(self) -> Any:
+        """A copy of everything a step may change, restored by :meth:`restore` when the step fails.
+
+        Default: ``state_dict()`` (already a copy; ``None`` for stateless methods; a deep copy of
+        it for a subclass that writes its own ``state_dict``). The engine commits a step's state
+        change only when the whole step succeeded."""
+        if not self.stateful:
+            return None
+        if type(self).state_dict is MethodState.state_dict:
+            return self.state_dict()
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, snapshot: Any) -> None:
+        """Undo a failed step: put back the state :meth:`snapshot` returned.
+
+        A learnable parameter that did not exist before the step (``None`` in the snapshot: UW's
+        log-variances created on the first call) cannot be un-created, since the user's optimiser
+        may hold it; it holds only its initial values (no optimiser step ran), so it is left as it
+        is. Buffers created by the failed step go back to ``None``."""
+        if snapshot is None:
+            return
+        try:
+            self.load_state_dict(snapshot)
+        except CheckpointError:
+            if not (isinstance(snapshot, Mapping) and any(v is None for v in snapshot.values())):
+                raise
+
+    # -- state: the module's, with lazily created tensors and plain attributes -------------------
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
+                   keep_vars: bool = False) -> Any:
+        """Everything needed to resume exactly: buffers, parameters and ``state_attrs`` (a copy).
+
+        ``torch.nn.Module.state_dict`` (``torch.load(..., weights_only=True)`` reads it back); at
+        the top level the result is a deep copy, because later steps update buffers and internal
+        optimiser state in place."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if destination is None and not args and not keep_vars:
+            out = copy.deepcopy(out)
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """Restore a state from :meth:`state_dict` (``torch.nn.Module.load_state_dict``, strict).
+
+        Raises :class:`~mtlens.errors.CheckpointError` naming the method and the problem when the
+        state is of another method, lacks entries or has other shapes; ``ValueError`` when a
+        stateless method gets a non-empty state."""
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointError(f"method '{self.name}': a state must be a mapping, got {type(state_dict).__name__}")
+        if not self.stateful and not self._extra_names and not any(
+                True for _ in itertools.chain(self.named_parameters(), self.named_buffers())):
+            if state_dict:
+                raise ValueError(f"method '{self.name}' is stateless but got state keys {sorted(state_dict)}")
+            return None
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"method '{self.name}': cannot load this state ({exc}); it was not saved by "
+                f"'{self.name}'.state_dict() with the same hyper-parameters and task count (states saved before "
+                "mtlens methods became torch.nn.Modules have other keys: restart such a run)") from exc
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in itertools.chain(self._parameters.items(), self._buffers.items()):
+            if value is None and name not in self._non_persistent_buffers_set:
+                destination[prefix + name] = None  # created on the first call: "not yet" is state too
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        rest = dict(state_dict)
+        for name, buf in list(self._buffers.items()):
+            key = prefix + name
+            if name in self._non_persistent_buffers_set:
+                continue
+            if key not in state_dict:
+                if buf is None and strict:
+                    missing_keys.append(key)
+                continue
+            stored = state_dict[key]
+            if stored is None:
+                self._buffers[name] = None
+                del rest[key]
+            elif isinstance(stored, Tensor):  # the stored tensor's shape, dtype and device
+                self._buffers[name] = torch.empty_like(stored, requires_grad=False)
+        for name, param in list(self._parameters.items()):
+            key = prefix + name
+            if key not in state_dict:
+                if param is None and strict:
+                    missing_keys.append(key)
+                continue
+            stored = state_dict[key]
+            if stored is None:
+                del rest[key]
+                if param is not None:
+                    error_msgs.append(f"the state was saved before its {name} existed (they exist now)")
+            elif param is None and isinstance(stored, Tensor):
+                dtype = torch.promote_types(stored.dtype, torch.float32)
+                self._parameters[name] = torch.nn.Parameter(torch.empty_like(stored, dtype=dtype))
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _get_extra(self) -> dict[str, Any]:
+        """The ``state_attrs`` entries, keyed by their names without a leading underscore."""
+        return {name.lstrip("_"): _save_attr(getattr(self, name)) for name in self._extra_names}
+
+    def _set_extra(self, state: Any) -> None:
+        keys = [name.lstrip("_") for name in self._extra_names]
+        if not isinstance(state, Mapping) or set(state) != set(keys):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise CheckpointError(f"method '{self.name}': expected the state of {keys}, got {got}")
+        for name, key in zip(self._extra_names, keys):
+            current, stored = getattr(self, name), state[key]
+            if isinstance(current, torch.Generator):
+                current.set_state(stored)
+            elif hasattr(current, "load_state_dict"):
+                current.load_state_dict(copy.deepcopy(stored))
+            else:
+                setattr(self, name, copy.deepcopy(stored))
+
+    def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
+        """Learnable tensors the caller's optimiser must update (e.g. UW's log-variances), as a list:
+        ``list(model.parameters()) + method.parameters()``."""
+        return list(super().parameters(recurse))
+
+
+
+class Method(MethodState):
     """Base of every multi-task optimisation method: a :class:`torch.nn.Module`.
 
     Class attributes describe the method to the engine, the registry and the docs:
@@ -212,12 +360,8 @@ class Method(torch.nn.Module):
             names += [n for n in klass.__dict__.get("state_attrs", ()) if n not in names]
         cls._extra_names = tuple(names)
         if names:  # only then does the module save an "_extra_state" entry (nn.Module checks the class)
-            cls.get_extra_state = Method._get_extra  # type: ignore[method-assign, assignment]
-            cls.set_extra_state = Method._set_extra  # type: ignore[method-assign, assignment]
-
-    def __init__(self) -> None:
-        if "_parameters" not in self.__dict__:
-            super().__init__()
+            cls.get_extra_state = MethodState._get_extra  # type: ignore[method-assign, assignment]
+            cls.set_extra_state = MethodState._set_extra  # type: ignore[method-assign, assignment]
 
     def loss_transform_problem(self, transform: str) -> str | None:
         """Why this method is not defined for ``transform`` ("none" | "log"), or ``None`` if it is.
@@ -239,133 +383,6 @@ class Method(torch.nn.Module):
         Each family implements it from its classic method (``weights``, ``aggregate``,
         ``combine``), so a method written against those keeps working unchanged."""
         raise NotImplementedError
-
-    # -- transactional steps -----------------------------------------------------------------------
-    def snapshot(self) -> Any:
-        """A copy of everything a step may change, restored by :meth:`restore` when the step fails.
-
-        Default: ``state_dict()`` (already a copy; ``None`` for stateless methods; a deep copy of
-        it for a subclass that writes its own ``state_dict``). The engine commits a step's state
-        change only when the whole step succeeded."""
-        if not self.stateful:
-            return None
-        if type(self).state_dict is Method.state_dict:
-            return self.state_dict()
-        return copy.deepcopy(self.state_dict())
-
-    def restore(self, snapshot: Any) -> None:
-        """Undo a failed step: put back the state :meth:`snapshot` returned.
-
-        A learnable parameter that did not exist before the step (``None`` in the snapshot: UW's
-        log-variances created on the first call) cannot be un-created, since the user's optimiser
-        may hold it; it holds only its initial values (no optimiser step ran), so it is left as it
-        is. Buffers created by the failed step go back to ``None``."""
-        if snapshot is None:
-            return
-        try:
-            self.load_state_dict(snapshot)
-        except CheckpointError:
-            if not (isinstance(snapshot, Mapping) and any(v is None for v in snapshot.values())):
-                raise
-
-    # -- state: the module's, with lazily created tensors and plain attributes -------------------
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
-                   keep_vars: bool = False) -> Any:
-        """Everything needed to resume exactly: buffers, parameters and ``state_attrs`` (a copy).
-
-        ``torch.nn.Module.state_dict`` (``torch.load(..., weights_only=True)`` reads it back); at
-        the top level the result is a deep copy, because later steps update buffers and internal
-        optimiser state in place."""
-        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        if destination is None and not args and not keep_vars:
-            out = copy.deepcopy(out)
-        return out
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
-                        assign: bool = False) -> Any:
-        """Restore a state from :meth:`state_dict` (``torch.nn.Module.load_state_dict``, strict).
-
-        Raises :class:`~mtlens.errors.CheckpointError` naming the method and the problem when the
-        state is of another method, lacks entries or has other shapes; ``ValueError`` when a
-        stateless method gets a non-empty state."""
-        if not isinstance(state_dict, Mapping):
-            raise CheckpointError(f"method '{self.name}': a state must be a mapping, got {type(state_dict).__name__}")
-        if not self.stateful and not self._extra_names and not any(
-                True for _ in itertools.chain(self.named_parameters(), self.named_buffers())):
-            if state_dict:
-                raise ValueError(f"method '{self.name}' is stateless but got state keys {sorted(state_dict)}")
-            return None
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except CheckpointError:
-            raise
-        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"method '{self.name}': cannot load this state ({exc}); it was not saved by "
-                f"'{self.name}'.state_dict() with the same hyper-parameters and task count") from exc
-
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, value in itertools.chain(self._parameters.items(), self._buffers.items()):
-            if value is None and name not in self._non_persistent_buffers_set:
-                destination[prefix + name] = None  # created on the first call: "not yet" is state too
-
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        rest = dict(state_dict)
-        for name, buf in list(self._buffers.items()):
-            key = prefix + name
-            if name in self._non_persistent_buffers_set:
-                continue
-            if key not in state_dict:
-                if buf is None and strict:
-                    missing_keys.append(key)
-                continue
-            stored = state_dict[key]
-            if stored is None:
-                self._buffers[name] = None
-                del rest[key]
-            elif isinstance(stored, Tensor):  # the stored tensor's shape, dtype and device
-                self._buffers[name] = torch.empty_like(stored, requires_grad=False)
-        for name, param in list(self._parameters.items()):
-            key = prefix + name
-            if key not in state_dict:
-                if param is None and strict:
-                    missing_keys.append(key)
-                continue
-            stored = state_dict[key]
-            if stored is None:
-                del rest[key]
-                if param is not None:
-                    error_msgs.append(f"the state was saved before its {name} existed (they exist now)")
-            elif param is None and isinstance(stored, Tensor):
-                dtype = torch.promote_types(stored.dtype, torch.float32)
-                self._parameters[name] = torch.nn.Parameter(torch.empty_like(stored, dtype=dtype))
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _get_extra(self) -> dict[str, Any]:
-        """The ``state_attrs`` entries, keyed by their names without a leading underscore."""
-        return {name.lstrip("_"): _save_attr(getattr(self, name)) for name in self._extra_names}
-
-    def _set_extra(self, state: Any) -> None:
-        keys = [name.lstrip("_") for name in self._extra_names]
-        if not isinstance(state, Mapping) or set(state) != set(keys):
-            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise CheckpointError(f"method '{self.name}': expected the state of {keys}, got {got}")
-        for name, key in zip(self._extra_names, keys):
-            current, stored = getattr(self, name), state[key]
-            if isinstance(current, torch.Generator):
-                current.set_state(stored)
-            elif hasattr(current, "load_state_dict"):
-                current.load_state_dict(copy.deepcopy(stored))
-            else:
-                setattr(self, name, copy.deepcopy(stored))
-
-    def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
-        """Learnable tensors the caller's optimiser must update (e.g. UW's log-variances), as a list:
-        ``list(model.parameters()) + method.parameters()``."""
-        return list(super().parameters(recurse))
 
     # -- explicit hooks --------------------------------------------------------------------
     def on_epoch_end(self, mean_losses: Tensor) -> None:

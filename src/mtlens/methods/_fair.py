@@ -17,7 +17,6 @@ from ..errors import SolverError
 from ._solvers import FAIR_RTOL, nonzero_tasks, solve_fair_system
 from ._utils import check
 
-ZERO_REL = 1e-16  # ‖g_t‖² below ZERO_REL · max_s ‖g_s‖² counts as a zero gradient
 INFEASIBLE = ("raise", "least_squares")
 
 

@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 from torch import Tensor
 
+from ..engine.numerics import check_gramian as validate_gramian
 from ..errors import SolverError, require
 from ._utils import check, in_range
 
@@ -181,9 +182,5 @@ def pref_weights(pref: tuple[float, ...] | None, T: int, method: str) -> np.ndar
 
 
 def check_gramian(gramian: Tensor, method: str) -> int:
-    """Check the Gramian is a square (T, T) matrix with T ≥ 1; return T."""
-    from ..errors import ShapeError
-
-    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] < 1:
-        raise ShapeError(f"{method}: expected a square (T, T) Gramian with T ≥ 1, got {tuple(gramian.shape)}")
-    return int(gramian.shape[0])
+    """T of a Gramian validated by :func:`mtlens.engine.numerics.check_gramian` (the one validation)."""
+    return int(validate_gramian(gramian, method).shape[0])

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
 from ..engine.protocols import Method, required_calls
 from ..errors import ConfigurationError
+from ..registry import Registry
+from ._discover import import_all
 
-_REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: Registry[type[Method]] = Registry("method", builtins=import_all)
 FAMILIES = ("loss", "gradient", "regularizer")
 
 #: Facts about the training set-up that any method may use: :func:`create` passes each to the
@@ -23,31 +24,14 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available as ``create(cls.name)``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no registry name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name '{cls.name}' registered twice ({_REGISTRY[cls.name].__name__}, {cls.__name__})")
     if cls.family not in FAMILIES:
         raise ValueError(f"{cls.__name__}.family must be one of {FAMILIES}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    from . import _discover
-
-    _discover.import_all()
+    return _REGISTRY.register(cls.name, cls)
 
 
 def get(name: str) -> type[Method]:
-    """The class registered as ``name`` (case-insensitive, '-' or '_')."""
-    _load_all()
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigurationError(
-            f"unknown method '{name}'.{hint} Available: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[key]
+    """The class registered as ``name`` (case-insensitive, '-' or '_': :func:`mtlens.registry.normalise_name`)."""
+    return _REGISTRY.get(name)
 
 
 def create(name: str, **hparams: Any) -> Method:
@@ -90,10 +74,9 @@ def _init_params(cls: type) -> dict[str, inspect.Parameter]:
 
 def available(family: str | None = None) -> list[str]:
     """Registered method names, optionally of one family ("loss", "gradient", "regularizer")."""
-    _load_all()
     if family is not None and family not in FAMILIES:
         raise ConfigurationError(f"family={family!r}; choose one of {FAMILIES}")
-    return sorted(n for n, c in _REGISTRY.items() if family is None or c.family == family)
+    return [n for n, c in _REGISTRY.items() if family is None or c.family == family]
 
 
 def defaults(name: str) -> dict[str, Any]:
@@ -105,7 +88,7 @@ def describe() -> list[dict[str, Any]]:
     """One row per method: name, family, levels, reference, defaults (for docs and the CLI)."""
     rows = []
     for n in available():
-        c = _REGISTRY[n]
+        c = _REGISTRY.get(n)
         rows.append({
             "name": n,
             "family": c.family,

@@ -3,8 +3,9 @@
 Every helper works on the task Gramian ``G = J Jᵀ`` (T×T) and never needs J itself. They are
 meant for reuse by any method module; each one documents its contract:
 
-* :func:`check_gramian` — validate and symmetrise a Gramian (and the loss vector) for a method;
-  raises :class:`~mtlens.errors.ShapeError` / :class:`~mtlens.errors.NonFiniteError`.
+* :func:`check_gramian` — the Gramian (validated by :func:`mtlens.engine.numerics.check_gramian`)
+  and the loss vector as numpy arrays; raises :class:`~mtlens.errors.ShapeError` /
+  :class:`~mtlens.errors.NonFiniteError`.
 * :func:`gramian_scale` — the largest squared gradient norm (``max_t G_tt``), the natural unit
   for relative tolerances.
 * :func:`nonzero_tasks` — which rows of J are numerically non-zero.
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
+from ..engine.numerics import check_gramian as validate_gramian
 from ..errors import NonFiniteError, ShapeError, SolverError
 
-ZERO_ROW_RTOL = 1e-30
-"""A task whose ``‖g_t‖² ≤ ZERO_ROW_RTOL · max_s ‖g_s‖²`` (or exactly 0) counts as a zero gradient."""
+ZERO_ROW_RTOL = ZERO_REL
+"""The zero tolerance of :mod:`mtlens.engine.numerics` (:data:`~mtlens.engine.numerics.ZERO_REL`)."""
 
 
 @overload
@@ -42,22 +45,13 @@ def check_gramian(gramian: Tensor, losses: None, method: str) -> tuple[np.ndarra
 def check_gramian(
     gramian: Tensor, losses: Tensor | None, method: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate a method's inputs; return ``(G, losses)`` as float64 numpy arrays.
+    """A method's inputs as float64 numpy arrays ``(G, losses)``.
 
-    ``G`` must be a finite square (T×T, T ≥ 1) matrix; it is symmetrised (``(G + Gᵀ)/2``) so
-    that round-off asymmetry cannot leak into eigen-solvers. ``losses`` (optional) must be a
-    finite vector of length T.
+    ``G`` is validated and symmetrised by :func:`mtlens.engine.numerics.check_gramian` (the one
+    Gramian validation: :class:`~mtlens.errors.ShapeError` / :class:`~mtlens.errors.NonFiniteError`);
+    ``losses`` (optional) must be a finite vector of length T.
     """
-    if not isinstance(gramian, Tensor):
-        gramian = torch.as_tensor(gramian)
-    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
-        raise ShapeError(f"{method}: the Gramian must be a non-empty square T×T matrix, got shape "
-                         f"{tuple(gramian.shape)}")
-    G = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-    if not np.isfinite(G).all():
-        raise NonFiniteError(f"{method}: the Gramian contains NaN/inf (diagonal {np.diag(G).tolist()}); "
-                             "a task gradient is not finite")
-    G = 0.5 * (G + G.T)
+    G = validate_gramian(gramian, method).cpu().numpy()
     L = None
     if losses is not None:
         lt = losses if isinstance(losses, Tensor) else torch.as_tensor(losses)
@@ -362,9 +356,9 @@ def solve_fair_system(
     with ``r = p ⊙ x^{-1/α}`` — ``x`` solves the system exactly for a Gramian whose entries are
     perturbed by at most ``rtol`` relative (a plain relative residual cannot be certified where
     ``(Gx)_t`` cancels: two strongly conflicting tasks 1e10 apart in norm).
-    Zero-gradient tasks (``‖g_t‖² ≤ 1e-30 · max‖g‖²``, or exactly 0) cannot satisfy their
-    equation (``0 = p_t x_t^{-1/α}``): they get ``x_t = 0`` and the others are solved among
-    themselves. All-zero G: ``x = 1``.
+    Zero-gradient tasks (``‖g_t‖² ≤ ZERO_REL · max‖g‖²``, :data:`mtlens.engine.numerics.ZERO_REL`,
+    or exactly 0) cannot satisfy their equation (``0 = p_t x_t^{-1/α}``): they get ``x_t = 0`` and
+    the others are solved among themselves. All-zero G: ``x = 1``.
 
     Raises:
         SolverError: either *infeasible* — 0 is in the convex hull of the (unit) task gradients to

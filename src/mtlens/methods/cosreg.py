@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import Regularizer
 from ..errors import ShapeError
 from ._registry import register
 from ._utils import check, in_range
 
 LEVELS = ("param", "feature")
-ZERO_REL = 1e-16  # a task gradient with ‖g‖² below ZERO_REL · max ‖g‖² is left out of the penalty
 
 
 @register

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, JacobianAggregator
 from ..errors import ShapeError
 from ._registry import register
@@ -17,8 +18,6 @@ from ._utils import check, check_block_shapes, in_range, nonzero_rows
 
 if TYPE_CHECKING:
     from ..engine.gradients import TaskGradients
-
-ZERO_REL = 1e-16  # an EMA gradient with ‖ĝ_t‖² below ZERO_REL · max ‖ĝ‖² counts as zero
 
 
 def task_sq_norms(blocks: Sequence[Tensor]) -> Tensor:
@@ -85,8 +84,8 @@ class DBMTL(JacobianAggregator):
     claims = {
         "permutation_invariant": SYMMETRIC,
         "homogeneous": SCALE_FREE,
-        "rescaling_invariant": Claim("Lin et al., DB-MTL, Sec. 3.2: every (EMA) gradient is rescaled to the largest "
-                                     "norm"),
+        "rescaling_invariant": Claim("Lin et al., arXiv:2308.12029: every (EMA) gradient is rescaled to the "
+                                     "largest norm"),
     }
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.9) -> None:

@@ -56,8 +56,8 @@ class FairGrad(GramianWeighting):
 
     claims = {
         "permutation_invariant": SYMMETRIC,
-        "homogeneous": Claim("Ban & Ji, FairGrad: G w = 1/w (alpha = 1) fixes ‖d‖² = T", degree=0),
-        "non_conflicting": Claim("Ban & Ji, FairGrad, Eq. 7: G w = w^(-1/alpha) > 0 gives g_t·d = w_t^(-1/alpha) > 0",
+        "homogeneous": Claim("Ban & Ji, arXiv:2402.15638: G w = 1/w (alpha = 1) fixes ‖d‖² = T", degree=0),
+        "non_conflicting": Claim("Ban & Ji, arXiv:2402.15638: G w = w^(-1/alpha) > 0 gives g_t·d = w_t^(-1/alpha) > 0",
                                  when="common_descent"),
     }
     failures = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
+from ..engine.protocols import Claim, LossWeighting
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from ._loss_common import InternalOptimizer, TaskCount, check_num_tasks
 from ._registry import register
@@ -46,6 +46,11 @@ class GradNorm(LossWeighting):
         "GradNorm's training rates are ratios of losses to the first step's losses, L_t/L_t(0), which need "
         "positive losses, and log-transformed losses log(L_t + 1e-8) are negative whenever L_t < 1"
     )
+
+    claims = {
+        "weights_total": Claim("Chen et al., ICML 2018: the weights are renormalised to sum to T after every step",
+                               total="T"),
+    }
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-3,
                  num_tasks: int | None = None):

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.gramian import combine_blocks, gramian_from_blocks
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SYMMETRIC, Claim, JacobianAggregator
 from ..errors import ConfigurationError, ShapeError
 from ._registry import register
@@ -17,7 +18,7 @@ from ._utils import check, check_block_shapes, in_range, nonzero_rows, positive
 
 if TYPE_CHECKING:
     from ..engine.gradients import TaskGradients
-from .db_mtl import ZERO_REL, check_blocks, task_sq_norms
+from .db_mtl import check_blocks, task_sq_norms
 
 NORMALIZE = ("loss", "l2", "none")
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.protocols import LossWeighting
+from ..engine.protocols import Claim, LossWeighting
 from ._calls import MetaStepCalls
 from ._loss_common import InternalOptimizer, TaskCount, check_num_tasks, float_dtype
 from ._registry import register
@@ -60,6 +60,11 @@ class MOML(LossWeighting):
     stateful = True
     state_attrs = ("_alpha", "_tasks")
     needs_lookahead = True
+
+    claims = {
+        "permutation_invariant": Claim("equal initial α = 1/T; the weights softmax(α) treat the tasks alike"),
+        "weights_total": Claim("the weights are softmax(α) (LibMTL's MOML)", total="1"),
+    }
 
     def __init__(self, inner_lr: float = 0.1, outer_lr: float = 1e-3, num_tasks: int | None = None) -> None:
         self.inner_lr = positive("inner_lr", inner_lr, self.name)

@@ -107,8 +107,8 @@ class NashMTL(GramianWeighting):
 
     claims = {
         "permutation_invariant": SYMMETRIC,
-        "homogeneous": Claim("Navon et al., Nash-MTL, Eq. 2: G α = 1/α fixes ‖d‖² = T", degree=0),
-        "non_conflicting": Claim("Navon et al., Nash-MTL, Eq. 2: G α = 1/α > 0 gives g_t·d = 1/α_t > 0",
+        "homogeneous": Claim("Navon et al., ICML 2022: G α = 1/α fixes ‖d‖² = T", degree=0),
+        "non_conflicting": Claim("Navon et al., ICML 2022: G α = 1/α > 0 gives g_t·d = 1/α_t > 0",
                                  when="common_descent"),
     }
     failures = {

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SCALE_FREE, SYMMETRIC, GramianWeighting, JacobianAggregator
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
-from ._fair import ZERO_REL, check_max_norm, clip_update
+from ._fair import check_max_norm, clip_update
 from ._registry import register
 from ._solvers import check_gramian, to_weights
 from ._utils import check, positive
@@ -19,8 +20,8 @@ from ._utils import check, positive
 def ntk_weights(lam: np.ndarray, ntk_exp: float) -> tuple[np.ndarray, float]:
     """``w_t = (Σ_s λ_s / λ_t)^{ntk_exp}`` for the tasks' largest NTK eigenvalues ``λ`` (T,).
 
-    A task with ``λ_t ≤ 1e-16 · max λ`` (a zero gradient) gets weight 0 instead of ∞: its
-    gradient is zero, so the update does not depend on its weight. All zero: weights 1.
+    A task with ``λ_t ≤ ZERO_REL · max λ`` (a zero gradient, :data:`mtlens.engine.numerics.ZERO_REL`)
+    gets weight 0 instead of ∞: its gradient is zero, so the update does not depend on its weight. All zero: weights 1.
     Returns ``(w, number of zero tasks)``.
     """
     lam = np.clip(lam, 0.0, None)

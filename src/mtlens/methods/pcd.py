@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import GramianWeighting
 from ..errors import ConfigurationError, ShapeError, SolverError, require
 from ._registry import register
@@ -18,7 +19,6 @@ from ._utils import check, in_range
 INFEASIBLE = ("primary", "raise")
 EIG_RTOL = 1e-13
 """Eigenvalues of the normalised Gramian below ``EIG_RTOL · λ_max`` are dropped from the coordinates."""
-ZERO_REL = 1e-16
 
 
 @register

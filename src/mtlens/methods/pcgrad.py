@@ -46,8 +46,8 @@ class PCGrad(Seeded, GramianWeighting):
 
     claims = {
         "homogeneous": SCALE_FREE,
-        "non_conflicting": Claim("Yu et al., NeurIPS 2020, Theorem 1: for two tasks the projected sum never "
-                                 "conflicts", when="two_tasks"),
+        "non_conflicting": Claim("Yu et al., NeurIPS 2020: for two tasks each projected gradient is orthogonal to "
+                                 "the other task's, so their sum conflicts with neither", when="two_tasks"),
     }
 
     def __init__(self, seed: int | None = None) -> None:

@@ -7,8 +7,8 @@ Multi-Task Learning", ICCV 2025, arXiv:2507.21049. Equations and every resolved 
 Two penalties on the stacked saliencies ``S`` of shape ``(T, B, C, *spatial)`` (vector
 features ``(T, B, C)`` are treated as ``H = W = 1``):
 
-* **TSR** (Eqs. 4–6, :func:`tsr_loss`): signed channel mean, absolute value, L1 normalisation
-  across tasks at every location, mean entropy — minimised.
+* **TSR** (Eqs. 4–6, :func:`~mtlens.engine.saliency.tsr_loss`, re-exported here): signed channel
+  mean, absolute value, L1 normalisation across tasks at every location, mean entropy — minimised.
 * **CSA** (Eqs. 7–9, :func:`csa_loss`): per-task channel Gram matrices ``M_t[b] = S_t[b] S_t[b]ᵀ``
   aligned with per-sample anchors ``Â_b = A_b A_bᵀ`` by a contrastive loss, computed through
   Frobenius identities so that no per-task ``C×C`` matrix is ever built when ``HW < C``.
@@ -27,106 +27,21 @@ import torch
 from torch import Tensor
 
 from ..engine.protocols import Regularizer
+from ..engine.saliency import channels_by_locations as _channels_by_locations
+from ..engine.saliency import safe_divisor as _safe
+from ..engine.saliency import saliency_stack, tsr_loss
 from ..errors import ConfigurationError, ShapeError
 from ._registry import register
 from ._utils import check, positive
+
+__all__ = ["CSA_FORMS", "CSA_TASK_REDUCTIONS", "RepMTL", "csa_loss", "saliency_stack", "tsr_loss"]
 
 CSA_FORMS = ("printed", "infonce")
 CSA_TASK_REDUCTIONS = ("mean", "sum")
 
 
 # --------------------------------------------------------------------------------------------
-# shared helpers (also used by mtlens.diagnose)
-def saliency_stack(
-    saliencies: Tensor | Sequence[Tensor], min_ndim: int = 2, what: str = "saliencies"
-) -> Tensor:
-    """Return the saliencies as one tensor with a leading task dimension ``(T, ...)``.
-
-    Accepts the engine's stacked block (``StepRecord.saliencies`` / the block a regulariser
-    receives) or a sequence of ``T`` per-task tensors of equal shape. ``min_ndim`` counts the
-    task dimension. Half-precision inputs are promoted to float32 (the penalties take fourth
-    powers of normalised values, which float16 cannot hold)."""
-    if isinstance(saliencies, Tensor):
-        S = saliencies
-    elif (
-        isinstance(saliencies, Sequence)
-        and len(saliencies) > 0
-        and all(isinstance(s, Tensor) for s in saliencies)
-    ):
-        shapes = [tuple(s.shape) for s in saliencies]
-        if len(set(shapes)) != 1:
-            raise ShapeError(
-                f"{what}: the per-task tensors must share one shape (location b of every task is "
-                f"compared position by position); got shapes {shapes}"
-            )
-        S = torch.stack(list(saliencies))
-    else:
-        raise ShapeError(
-            f"{what} must be a tensor (T, B, ...) or a non-empty sequence of T tensors, "
-            f"got {type(saliencies).__name__}"
-        )
-    if S.ndim < min_ndim:
-        raise ShapeError(
-            f"{what} must have at least {min_ndim} dimensions (task first: (T, B, C, H, W) or (T, B, C)); "
-            f"got shape {tuple(S.shape)}"
-        )
-    if S.numel() == 0:
-        raise ShapeError(f"{what} are empty: shape {tuple(S.shape)}")
-    if not S.is_floating_point():
-        raise ShapeError(f"{what} must be floating point, got {S.dtype}")
-    if S.dtype in (torch.float16, torch.bfloat16):
-        S = S.float()
-    return S
-
-
-def _safe(x: Tensor) -> Tensor:
-    """``x`` where it is positive, 1 elsewhere (a divisor that never produces inf or NaN)."""
-    return torch.where(x > 0, x, torch.ones_like(x))
-
-
-def normalise_over_tasks(a: Tensor, dim: int = 0) -> Tensor:
-    """L1 distribution over tasks ``p = a / Σ_t a`` of non-negative ``a``, exact at any scale.
-
-    Each location is first divided by its (detached) maximum over tasks, so magnitudes of 1e-10
-    give exactly the distribution of magnitudes of 1 and no ``eps`` enters. Locations where every
-    task is zero get ``p = 0`` for every task (zero entropy), with finite gradients."""
-    m = a.detach().amax(dim=dim, keepdim=True)
-    r = a / _safe(m)
-    return r / _safe(r.sum(dim=dim, keepdim=True))
-
-
-def task_entropy(p: Tensor, dim: int = 0) -> Tensor:
-    """``-Σ_t p_t log p_t`` over ``dim`` with ``0 log 0 = 0`` and finite gradients at ``p = 0``."""
-    return -(p * torch.log(_safe(p))).sum(dim=dim)
-
-
-def _channels_by_locations(S: Tensor) -> Tensor:
-    """``(T, B, C, *spatial)`` → ``(T, B, C, L)`` with ``L = Π spatial`` (``L = 1`` for vectors)."""
-    T, B, C = S.shape[:3]
-    return S.reshape(T, B, C, -1)
-
-
-# --------------------------------------------------------------------------------------------
-# the two penalties as pure functions
-def tsr_loss(saliencies: Tensor | Sequence[Tensor]) -> Tensor:
-    """Task-specific Saliency Regulation ``L_tsr`` (Rep-MTL Eqs. 4–6, arXiv:2507.21049).
-
-    ``Ŝ_t[b, l] = mean_c S_t[b, c, l]`` (signed), ``P[i, t] = |Ŝ_t[i]| / Σ_k |Ŝ_k[i]|`` at every
-    location ``i = (b, l)``, ``L_tsr = mean_i (−Σ_t P[i, t] log P[i, t])``. Locations where every
-    task's channel mean is zero contribute zero entropy and still count in the mean. Exact at any
-    saliency scale; differentiable (twice) with finite gradients at zeros.
-
-    Args:
-        saliencies: ``(T, B, C, *spatial)`` or ``(T, B, C)``, or a list of ``T`` tensors
-            ``(B, C, ...)``.
-
-    Returns:
-        a scalar tensor in ``[0, log T]``.
-    """
-    S = saliency_stack(saliencies, min_ndim=3, what="tsr_loss saliencies")
-    s_hat = _channels_by_locations(S).mean(dim=2)  # (T, B, L), signed channel mean (Eq. 4)
-    p = normalise_over_tasks(s_hat.abs(), dim=0)  # Eq. 5
-    return task_entropy(p, dim=0).mean()  # Eq. 6
+# CSA (TSR and the saliency helpers live in mtlens.engine.saliency, shared with mtlens.diagnose)
 
 
 def anchor_gram(An: Tensor) -> Tensor:
@@ -151,7 +66,7 @@ def anchor_gram(An: Tensor) -> Tensor:
         Ahat = torch.bmm(An, An.transpose(1, 2))  # (B, C, C)
         d = torch.diagonal(Ahat, dim1=1, dim2=2)  # (B, C)
         iu = torch.triu_indices(C, C, offset=1, device=An.device)
-        u = Ahat.reshape(B, C * C)[:, iu[0] * C + iu[1]]  # (B, C(C−1)/2)
+        u = torch.index_select(Ahat.reshape(B, C * C), 1, iu[0] * C + iu[1])  # (B, C(C−1)/2); backward: index_add
         return d @ d.T + 2 * (u @ u.T)
     return torch.einsum("bcs,kcr->bksr", An, An).pow(2).sum(dim=(2, 3))
 

@@ -47,8 +47,8 @@ class UPGrad(GramianWeighting):
     claims = {
         "permutation_invariant": SYMMETRIC,
         "homogeneous": SCALE_FREE,
-        "non_conflicting": Claim("Quinton & Rey, arXiv:2406.16232, Prop. 1: projections onto the dual cone of the "
-                                 "rows"),
+        "non_conflicting": Claim("Quinton & Rey, arXiv:2406.16232: a sum of projections onto the dual cone of "
+                                 "the rows"),
     }
 
     def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-12,

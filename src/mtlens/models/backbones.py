@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _compat  # noqa: F401  (torchvision shim before timm)
 from ..errors import CheckpointError, ConfigurationError, MissingDependencyError, ShapeError
+from . import _torchvision_shim  # noqa: F401  (before timm imports torchvision)
 
 OUTPUT_STRIDES = (8, 16, 32)
 DEFAULT_PRETRAINED_TAG = "tv_in1k"

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 from ..errors import ConfigurationError
+from ..registry import Registry
 from .hps import HPSModel
 
 _Builder = Callable[..., HPSModel]
-_PRESETS: dict[str, _Builder] = {}
+_PRESETS: Registry[_Builder] = Registry("model preset", builtins="mtlens.models.presets")
 _RESERVED = ("tasks", "in_channels", "pretrained", "weights")
-
-
-def _key(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
 
 
 @overload
@@ -31,29 +27,21 @@ def register_model(name: str | _Builder | None = None) -> _Builder | Callable[[_
     """
 
     def deco(fn: Callable[..., HPSModel]) -> Callable[..., HPSModel]:
-        key = _key(name if isinstance(name, str) else fn.__name__)
+        key = (name if isinstance(name, str) else fn.__name__).strip().lower().replace("_", "-")
         params = inspect.signature(fn).parameters
         missing = [p for p in _RESERVED if p not in params]
         if missing:
             raise TypeError(f"model preset '{key}' must accept the arguments {missing}")
-        if key in _PRESETS and _PRESETS[key] is not fn:
-            raise ValueError(f"model preset '{key}' registered twice")
-        _PRESETS[key] = fn
-        return fn
+        return _PRESETS.register(key, fn)
 
     if callable(name):
         return deco(name)
     return deco
 
 
-def _load_builtin() -> None:
-    from . import presets  # noqa: F401  (registers the built-in presets)
-
-
 def available() -> list[str]:
     """Names of the registered model presets."""
-    _load_builtin()
-    return sorted(_PRESETS)
+    return _PRESETS.names()
 
 
 def describe(name: str) -> str:
@@ -70,15 +58,7 @@ def options(name: str) -> dict[str, Any]:
 
 
 def _get(name: str) -> Callable[..., HPSModel]:
-    _load_builtin()
-    key = _key(name)
-    if key not in _PRESETS:
-        close = difflib.get_close_matches(key, list(_PRESETS), n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigurationError(
-            f"unknown model preset '{name}'.{hint} Available: {', '.join(sorted(_PRESETS))}"
-        )
-    return _PRESETS[key]
+    return _PRESETS.get(name)
 
 
 def task_channels(tasks: Mapping[str, Any]) -> dict[str, int]:
@@ -127,11 +107,11 @@ def create(
     unknown = sorted(k for k in kw if k not in allowed)
     if unknown:
         raise ConfigurationError(
-            f"model preset '{_key(preset)}' has no option(s) {unknown}; options: "
+            f"model preset '{_PRESETS.canonical(preset)}' has no option(s) {unknown}; options: "
             + (", ".join(f"{k}={v!r}" for k, v in allowed.items()) or "none")
         )
     if in_channels is not None and (isinstance(in_channels, bool) or int(in_channels) < 1):
         raise ConfigurationError(f"in_channels={in_channels!r}; expected a positive integer")
     model = fn(tasks=channels, in_channels=in_channels, pretrained=bool(pretrained), weights=weights, **kw)
-    model.preset = _key(preset)
+    model.preset = _PRESETS.canonical(preset)
     return model

@@ -13,13 +13,14 @@ Batches (what a DataLoader over ``BenchmarkSpec.datasets(...)[split]`` yields):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import ConfigurationError
+from ..registry import Registry
 
 
 @dataclass
@@ -107,9 +108,11 @@ class BenchmarkSpec:
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
-    def metric_directions(self) -> dict[str, dict[str, bool]]:
-        """``{task: {metric: higher_is_better}}``, the ``spec`` argument of the Δm functions."""
-        return {t: dict(s.metrics) for t, s in self.tasks.items()}
+    def metric_directions(self, tasks: Sequence[str] | None = None) -> dict[str, dict[str, bool]]:
+        """``{task: {metric: higher_is_better}}`` of ``tasks`` (default: all, in the benchmark's order),
+        the ``spec`` argument of the Δ functions: the one place metric directions come from."""
+        names = self.task_names if tasks is None else list(tasks)
+        return {t: dict(self.tasks[t].metrics) for t in names}
 
     def datasets(self, root: str | None = None, seed: int = 0, **options: Any) -> dict[str, Any]:
         if self.needs_root and root is None:
@@ -120,29 +123,26 @@ class BenchmarkSpec:
         return self.make_datasets(root=root, seed=seed, **options)
 
 
-_BENCHMARKS: dict[str, Callable[[], BenchmarkSpec]] = {}
+# the built-in benchmarks register themselves when mtlens.tasks.benchmarks is imported (first lookup);
+# a later registration of a name replaces the earlier one (a test or plugin redefining a benchmark)
+_BENCHMARKS: Registry[Callable[[], BenchmarkSpec]] = Registry(
+    "benchmark", builtins="mtlens.tasks.benchmarks", replace=True
+)
 
 
 def register_benchmark(name: str) -> Callable[[Callable[[], BenchmarkSpec]], Callable[[], BenchmarkSpec]]:
     """Decorator for a zero-argument factory returning a :class:`BenchmarkSpec`."""
 
     def deco(fn: Callable[[], BenchmarkSpec]) -> Callable[[], BenchmarkSpec]:
-        _BENCHMARKS[name] = fn
-        return fn
+        return _BENCHMARKS.register(name, fn)
 
     return deco
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
-    from . import benchmarks  # noqa: F401  (registers the built-in benchmarks)
-
-    key = name.strip().lower()
-    if key not in _BENCHMARKS:
-        raise ConfigurationError(f"unknown benchmark '{name}'; available: {', '.join(sorted(_BENCHMARKS))}")
-    return _BENCHMARKS[key]()
+    """A fresh :class:`BenchmarkSpec` of benchmark ``name`` (:func:`mtlens.registry.normalise_name` spelling)."""
+    return _BENCHMARKS.get(name)()
 
 
 def available_benchmarks() -> list[str]:
-    from . import benchmarks  # noqa: F401
-
-    return sorted(_BENCHMARKS)
+    return _BENCHMARKS.names()

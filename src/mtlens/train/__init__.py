@@ -1,4 +1,4 @@
-"""Training: validated configuration, the trainer, single-task baselines, checkpoints and records.
+"""Training: validated configuration, the trainer, single-task baselines, evaluation, checkpoints and records.
 
 Five lines from Python::
 
@@ -14,9 +14,10 @@ The command line (``mtlens train``) is a thin layer over :func:`run`.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from .baseline import ensure_baselines, load_baseline_file, stl_cache_key, train_all_stl
+from .baseline import ensure_baselines, load_baseline_file, resolve_baseline, stl_cache_key, train_all_stl
 from .checkpoint import load_checkpoint
 from .config import (
     RunConfig,
@@ -29,7 +30,11 @@ from .config import (
     validate_config,
 )
 from .evaluate import evaluate_checkpoint
-from .trainer import Callback, Trainer
+from .loop import Callback, TrainingLoop
+from .trainer import Trainer
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def run(
@@ -37,8 +42,8 @@ def run(
     *,
     resume: bool = False,
     quiet: bool = False,
-    console=None,
-    callbacks=(),
+    console: Console | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Run what ``config`` describes: an MTL run (training its ``auto`` baselines first), one STL
     run (``stl_task: <task>``) or all of them (``stl_task: all``). Returns the results dictionary
@@ -54,6 +59,7 @@ __all__ = [
     "Callback",
     "RunConfig",
     "Trainer",
+    "TrainingLoop",
     "apply_override",
     "available_presets",
     "default_cache_dir",
@@ -64,6 +70,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_preset",
+    "resolve_baseline",
     "run",
     "stl_cache_key",
     "train_all_stl",

@@ -1,4 +1,4 @@
-"""Single-task (STL) baselines: trained by the same trainer, cached by configuration, or read from a file.
+"""Single-task (STL) baselines: trained by the same loop, cached by configuration, or read from a file.
 
 ``baseline: auto`` trains one single-task model per task with the run's data, model, optimiser,
 schedule, epochs, batch size and seed (plain task loss: EW, no regulariser, no loss transform;
@@ -18,19 +18,29 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from ..errors import ConfigurationError, IntegrityError, OutputPathError
 from ..storage import DirectoryLock, atomic_write_text, output_path_error, read_json, write_json
+from ..storage import _describe as describe_holder
+from ..tasks.spec import get_benchmark
+from .build import default_out_dir, resolve_device
+from .checkpoint import CHECKPOINT_NAME
 from .config import RunConfig, default_cache_dir
+from .loop import TrainingLoop
+from .records import RESULTS_NAME
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..tasks.spec import BenchmarkSpec
 
 _NOT_IN_KEY = ("out_dir", "name", "baseline_cache", "checkpoint", "monitor")
 
 
 def stl_cache_key(stl_cfg: RunConfig, device_type: str) -> str:
     """Hash of what determines a single-task run's result (not paths, logging or checkpoint cadence)."""
-    from .. import __version__
-
     d = {k: v for k, v in stl_cfg.model_dump(mode="json").items() if k not in _NOT_IN_KEY}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("log_every", "device")}
     d["data"] = {k: v for k, v in d["data"].items() if k != "num_workers"}
@@ -55,7 +65,7 @@ def train_stl(
     dirs: dict[str, Path],
     *,
     quiet: bool,
-    console,
+    console: Console | None,
     reuse: bool,
     wait: float = 0.0,
 ) -> dict[str, Any]:
@@ -64,8 +74,6 @@ def train_stl(
     Each ``dirs[task]`` is locked while it is read or trained; ``wait`` is how long to wait for a
     lock another process holds (``math.inf``: until it is free) before
     :class:`~mtlens.errors.LockHeldError`."""
-    from .trainer import CHECKPOINT_NAME, RESULTS_NAME, Trainer, resolve_device
-
     metrics: dict[str, dict[str, Any]] = {"val": {}, "test": {}}
     runs: dict[str, str] = {}
     device_type = resolve_device(cfg.train.device).type
@@ -75,9 +83,7 @@ def train_stl(
 
         def waiting(holder, t=t, d=d):
             if console is not None and not quiet:
-                from ..storage import _describe
-
-                console.print(f"[dim]STL baseline '{t}': waiting for {d}, in use by {_describe(holder)}[/]")
+                console.print(f"[dim]STL baseline '{t}': waiting for {d}, in use by {describe_holder(holder)}[/]")
 
         # one writer per entry: a second run needing the same baseline waits for it, then reuses it
         try:
@@ -98,7 +104,7 @@ def train_stl(
                 resume = (d / CHECKPOINT_NAME).exists()
                 if console is not None and not quiet:
                     console.print(f"[bold]STL baseline '{t}'[/]: {'resuming' if resume else 'training'} in {d}")
-                res = Trainer(stl, quiet=quiet, console=console).fit(resume=resume)
+                res = TrainingLoop(stl, quiet=quiet, console=console).fit(resume=resume)
         finally:
             lock.release()
         for split in ("val", "test"):
@@ -114,11 +120,8 @@ def train_stl(
     }
 
 
-def ensure_baselines(cfg: RunConfig, *, quiet: bool = False, console=None) -> dict[str, Any]:
+def ensure_baselines(cfg: RunConfig, *, quiet: bool = False, console: Console | None = None) -> dict[str, Any]:
     """STL baselines of every task of ``cfg``'s benchmark, from the cache or trained now."""
-    from ..tasks.spec import get_benchmark
-    from .trainer import resolve_device
-
     spec = get_benchmark(cfg.data.benchmark)
     cache = Path(cfg.baseline_cache).expanduser() if cfg.baseline_cache else default_cache_dir()
     device_type = resolve_device(cfg.train.device).type
@@ -129,7 +132,7 @@ def ensure_baselines(cfg: RunConfig, *, quiet: bool = False, console=None) -> di
     return base
 
 
-def load_baseline_file(path: str | Path, spec, tasks: list[str]) -> dict[str, Any]:
+def load_baseline_file(path: str | Path, spec: BenchmarkSpec, tasks: list[str]) -> dict[str, Any]:
     """Read and check a baseline JSON file (see the module docstring for the accepted shapes)."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -168,22 +171,20 @@ def load_baseline_file(path: str | Path, spec, tasks: list[str]) -> dict[str, An
     return {"kind": "stl-baseline", "source": str(p), "metrics": metrics}
 
 
-def resolve_baseline(cfg: RunConfig, *, quiet: bool = False, console=None) -> dict[str, Any] | None:
+def resolve_baseline(cfg: RunConfig, *, quiet: bool = False, console: Console | None = None) -> dict[str, Any] | None:
+    """The baseline ``cfg.baseline`` names: None, ``auto`` (:func:`ensure_baselines`) or a file
+    (:func:`load_baseline_file`)."""
     if cfg.baseline is None:
         return None
     if cfg.baseline == "auto":
         return ensure_baselines(cfg, quiet=quiet, console=console)
-    from ..tasks.spec import get_benchmark
-
     spec = get_benchmark(cfg.data.benchmark)
     return load_baseline_file(cfg.baseline, spec, list(spec.task_names))
 
 
-def train_all_stl(cfg: RunConfig, *, quiet: bool = False, console=None, resume: bool = False) -> dict[str, Any]:
+def train_all_stl(cfg: RunConfig, *, quiet: bool = False, console: Console | None = None,
+                  resume: bool = False) -> dict[str, Any]:
     """``stl_task: all``: one STL run per task in ``out_dir/stl-<task>``, then ``out_dir/baseline.json``."""
-    from ..tasks.spec import get_benchmark
-    from .trainer import default_out_dir
-
     spec = get_benchmark(cfg.data.benchmark)
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
     try:

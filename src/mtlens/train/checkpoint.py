@@ -15,27 +15,35 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, IntegrityError
-from ..storage import atomic_write, atomic_write_text, save_torch, verify
+from ..errors import CheckpointError, IntegrityError, OutputPathError
+from ..storage import DirectoryLock, atomic_write, atomic_write_text, is_under, output_path_error, save_torch, verify
 
 __all__ = [
+    "BEST_NAME",
+    "CHECKPOINT_NAME",
     "FORMAT",
     "VERSION",
     "WEIGHTS_FORMAT",
+    "RunFiles",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_text",
     "capture_rng_state",
     "load_checkpoint",
+    "locked_run_directory",
     "restore_rng_state",
     "seed_everything",
+    "weights_payload",
 ]
 
 FORMAT = "mtlens-checkpoint"
@@ -111,3 +119,95 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# a run directory's checkpoint and best-epoch files
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
+
+
+def weights_payload(config: dict[str, Any], tasks: list[str], model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+    """A weights file's content: format, version, the run's config (as JSON), tasks, model state, ``extra``."""
+    return {
+        "format": WEIGHTS_FORMAT,
+        "version": VERSION,
+        "config": config,
+        "tasks": list(tasks),
+        "model": model.state_dict(),
+        **extra,
+    }
+
+
+class RunFiles:
+    """The files of a run directory that hold state: ``checkpoint.pt`` (latest, atomic) and the best
+    epoch's weights (``best-eNNNN.pt`` while training, ``best.pt`` once the run is finished).
+
+    Only the best file named by the run's progress is kept: :meth:`cleanup_best` removes the others
+    (a run killed between writing a new best file and its checkpoint leaves one stale file, removed
+    at resume)."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out_dir = Path(out_dir)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """Write the checkpoint atomically (sealed with its content hash)."""
+        atomic_torch_save(state, self.checkpoint)
+        return self.checkpoint
+
+    def load(self) -> dict[str, Any]:
+        """Read the checkpoint (CheckpointError / IntegrityError naming the file on any defect)."""
+        return load_checkpoint(self.checkpoint)
+
+    def best_file(self, epoch: int | None = None) -> Path:
+        """``best-eNNNN.pt`` of a 1-based epoch while training; ``best.pt`` (``epoch=None``) at the end."""
+        return self.out_dir / (BEST_NAME if epoch is None else f"best-e{epoch:04d}.pt")
+
+    def save_weights(self, payload: dict[str, Any], path: Path) -> None:
+        atomic_torch_save(payload, path)
+
+    def load_weights(self, name: str) -> dict[str, Any]:
+        return load_checkpoint(self.out_dir / name, expect=WEIGHTS_FORMAT)
+
+    def cleanup_best(self, keep: str | None) -> None:
+        """Remove every ``best-e*.pt`` but ``keep``."""
+        for p in self.out_dir.glob("best-e*.pt"):
+            if p.name != keep:
+                p.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked_run_directory(out: Path, purpose: str, *, scratch_of: Path | None = None,
+                         resume: bool = False) -> Iterator[None]:
+    """Hold a run directory for the duration of the block.
+
+    The directory is locked (:class:`mtlens.storage.DirectoryLock`: a second writer gets
+    :class:`~mtlens.errors.LockHeldError` naming the holder); an output-path problem under it (a
+    file in the way, read-only, disk full) becomes one :class:`~mtlens.errors.OutputPathError`.
+    With ``scratch_of`` (a non-main rank of a data-parallel run), ``out`` is this rank's scratch
+    directory instead: a copy of ``scratch_of`` when resuming, removed at the end, never locked."""
+    if scratch_of is not None:
+        try:
+            if resume:
+                shutil.copytree(scratch_of, out, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.lock", ".lock*", "tb"))
+            yield
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return
+    try:
+        lock = DirectoryLock(out, purpose=purpose).acquire()
+    except OSError as exc:
+        raise output_path_error(exc) from None
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, OutputPathError) or not is_under(exc.filename, out):
+            raise
+        raise output_path_error(exc) from None
+    finally:
+        lock.release()

@@ -1,14 +1,29 @@
-"""Evaluate saved weights (``best.pt``, ``checkpoint.pt`` or a run directory) on a split."""
+"""Evaluate saved weights (``best.pt``, ``checkpoint.pt`` or a run directory) on a split.
+
+Evaluation builds what it needs and nothing else: the benchmark's data and loaders, and the model
+from the file's own model section (:func:`~mtlens.train.build.build_model`) — no optimiser, method,
+baseline or training loop.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+import torch
+from pydantic import ValidationError
+
+from ..errors import CheckpointError, ConfigurationError
 from ..storage import read_json
+from ..tasks.spec import get_benchmark
+from .build import build_model, resolve_device
 from .checkpoint import WEIGHTS_FORMAT, load_checkpoint
-from .config import RunConfig, format_validation_error
+from .config import ModelConfig, RunConfig, apply_override, format_validation_error
+from .evaluator import BaselineComparison, TaskEvaluator, evaluate
+from .forward import TaskForward
+from .loaders import eval_loaders
+
+__all__ = ["evaluate_checkpoint", "load_model"]
 
 
 def _resolve(path: str | Path) -> Path:
@@ -21,42 +36,41 @@ def _resolve(path: str | Path) -> Path:
     return p
 
 
-def load_model(path: str | Path):
-    """The model stored in a weights/checkpoint file (built from the file's own config, no data loaded).
-
-    Returns ``(model, file contents)``."""
-    from ..tasks.spec import get_benchmark
-    from .config import ModelConfig
-    from .trainer import build_model
-
-    file = _resolve(path)
-    obj = load_checkpoint(file, expect=WEIGHTS_FORMAT)
-    d = obj.get("config")
-    if not isinstance(d, dict) or "data" not in d:
-        raise CheckpointError(f"'{file}' carries no run configuration; it was not written by mtlens train")
-    spec = get_benchmark(d["data"]["benchmark"])
-    model_cfg = ModelConfig.model_validate(d.get("model") or {})
-    # pretrained weights are about to be replaced by the file's: never download them here
-    model_cfg = model_cfg.model_copy(update={"pretrained": False, "weights": None})
-    model = build_model(_ModelOnly(model_cfg), spec, obj["tasks"])
+def _load_weights(model: torch.nn.Module, obj: dict[str, Any], file: Path) -> None:
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as exc:
         raise CheckpointError(
             f"weights in '{file}' do not fit the model its config builds ({str(exc).splitlines()[0][:200]})"
         ) from None
+
+
+def _without_pretrained(model: dict[str, Any] | None) -> dict[str, Any]:
+    # the stored weights replace any pretrained backbone: never download or read those here
+    return {**(model or {}), "pretrained": False, "weights": None}
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model stored in a weights/checkpoint file (built from the file's own config, no data loaded).
+
+    Returns ``(model, file contents)``."""
+    file = _resolve(path)
+    obj = load_checkpoint(file, expect=WEIGHTS_FORMAT)
+    d = obj.get("config")
+    if not isinstance(d, dict) or "data" not in d:
+        raise CheckpointError(f"'{file}' carries no run configuration; it was not written by mtlens train")
+    spec = get_benchmark(d["data"]["benchmark"])
+    model = build_model(ModelConfig.model_validate(_without_pretrained(d.get("model"))), spec, obj["tasks"])
+    _load_weights(model, obj, file)
     return model, obj
 
 
-class _ModelOnly:
-    """The part of a RunConfig that :func:`build_model` reads."""
-
-    def __init__(self, model):
-        self.model = model
-
-
 def evaluate_checkpoint(
-    path: str | Path, split: str = "test", *, overrides: list[str] | tuple[str, ...] = (), quiet: bool = True
+    path: str | Path,
+    split: str = "test",
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    quiet: bool = True,  # noqa: ARG001 - accepted as in 0.1.0; the evaluator prints nothing since the trainer split
 ) -> dict[str, Any]:
     """Rebuild the run's benchmark and model from the file's own config, load its weights, evaluate ``split``.
 
@@ -64,21 +78,14 @@ def evaluate_checkpoint(
     ``train.device=cpu``. Δ in the three conventions is added when the run directory holds a
     ``baseline.json`` with metrics of ``split``.
 
-    Returns ``{"checkpoint", "epoch", "split", "metrics", "losses", "delta"}``.
+    Returns ``{"checkpoint", "epoch", "split", "tasks", "metrics", "losses", "delta"}``.
     """
-    from pydantic import ValidationError
-
-    from ..errors import ConfigurationError
-    from .config import apply_override
-    from .trainer import Trainer
-
     file = _resolve(path)
     obj = load_checkpoint(file, expect=WEIGHTS_FORMAT)
     d = obj.get("config")
     if not isinstance(d, dict):
         raise CheckpointError(f"'{file}' carries no run configuration; it was not written by mtlens train")
-    # the stored weights replace any pretrained backbone: never download or read those here
-    d = {**d, "baseline": None, "model": {**(d.get("model") or {}), "pretrained": False, "weights": None}}
+    d = {**d, "baseline": None, "model": _without_pretrained(d.get("model"))}
     if isinstance(d.get("train"), dict) and d["train"].get("selection") == "delta_p_task":
         d["train"] = {**d["train"], "selection": "auto"}
     for o in overrides:
@@ -89,26 +96,32 @@ def evaluate_checkpoint(
         raise ConfigurationError(
             f"the configuration stored in '{file}' does not validate: " + format_validation_error(exc)
         ) from None
-    trainer = Trainer(cfg, quiet=quiet, tensorboard=False)
-    try:
-        trainer.model.load_state_dict(obj["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"weights in '{file}' do not fit the model its config builds ({str(exc).splitlines()[0][:200]})"
-        ) from None
-    res = trainer.evaluate(split)
+    if cfg.stl_task == "all":
+        raise ConfigurationError(f"'{file}' was written by an stl_task=all run; evaluate one of its stl-<task> runs")
+    spec = get_benchmark(cfg.data.benchmark)
+    tasks = [cfg.stl_task] if cfg.stl_task else list(spec.task_names)
+    device = resolve_device(cfg.train.device)
+    datasets = spec.datasets(root=cfg.data.root, seed=cfg.train.seed, **cfg.data.options)
+    if split not in datasets:
+        raise ConfigurationError(f"split '{split}' does not exist; choose one of {sorted(datasets)}")
+    spec = spec.bound(datasets)
+    model = build_model(cfg.model, spec, tasks).to(device)
+    _load_weights(model, obj, file)
+    loaders = eval_loaders(datasets[split], tasks, spec.multi_input, cfg.train.eval_batch_size or cfg.train.batch_size,
+                           cfg.data.num_workers, device.type == "cuda", split)
+    forward = TaskForward(model, spec, tasks, spec.multi_input, device, cfg.train.amp)
+    res = evaluate(forward, loaders, TaskEvaluator(spec, tasks))
     delta = None
     bfile = file.parent / "baseline.json"
     if bfile.is_file():
         base = read_json(bfile)  # written by mtlens train: its content hash is checked
         if base.get("metrics", {}).get(split):
-            trainer._baseline = base
-            delta = trainer.deltas(res["metrics"], split)
+            delta = BaselineComparison(spec, tasks, base).deltas(res["metrics"], split)
     return {
         "checkpoint": str(file),
         "epoch": obj.get("epoch"),
         "split": split,
-        "tasks": trainer.tasks,
+        "tasks": tasks,
         "metrics": res["metrics"],
         "losses": res["losses"],
         "delta": delta,

@@ -162,3 +162,167 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# one run's records: log.jsonl + TensorBoard, the live display, results.json
+LOG_NAME = "log.jsonl"
+RESULTS_NAME = "results.json"
+
+
+def default_console(console: Any = None) -> Any:
+    """``console``, or a ``rich.console.Console`` on stderr."""
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    return console
+
+
+class RunLog:
+    """A run's ``log.jsonl`` and TensorBoard scalars, opened for a fresh run or a resumed one.
+
+    Args:
+        out: the run directory.
+        tensorboard: write TensorBoard scalars under ``out/tb``.
+        global_step: the step the run starts (or resumes) from.
+        jsonl_offset: the byte offset the checkpoint recorded (``0`` fresh; ``-1``: the log was lost
+            at resume — a note line says so and the log starts anew).
+        resume: the run continues from a checkpoint (TensorBoard purges the steps after it).
+    """
+
+    def __init__(self, out: Path, *, tensorboard: bool, global_step: int, jsonl_offset: int, resume: bool):
+        self._jsonl: JsonlWriter | None = JsonlWriter(out / LOG_NAME)
+        if jsonl_offset >= 0:
+            self._jsonl.truncate(jsonl_offset)
+        else:
+            self._jsonl.write(
+                {
+                    "type": "note",
+                    "global_step": global_step,
+                    "note": "log.jsonl was missing at resume; the records before this step are lost",
+                }
+            )
+        self._tb = Scalars(out / "tb" if tensorboard else None, purge_step=global_step + 1 if resume else None)
+
+    def write(self, record: dict[str, Any], step: int, *, scalars: bool = True) -> None:
+        """One JSONL line; its ``a/b`` keys (numbers) also as TensorBoard scalars at ``step``."""
+        assert self._jsonl is not None, "the run log is closed"
+        self._jsonl.write(record)
+        if scalars:
+            self._tb.add({k: v for k, v in record.items() if "/" in k and k != "selection/criterion"}, step)
+
+    def offset(self) -> int:
+        """The JSONL byte offset (recorded in checkpoints); 0 once closed."""
+        return self._jsonl.offset() if self._jsonl is not None else 0
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._tb.close()
+            self._jsonl = None
+
+
+def step_record(record: Any, *, epoch: int, step: int, global_step: int, lr: float, step_s: float,
+                grad_scale: float | None = None, world: int = 1, local_batch: int | None = None,
+                diagnostics: dict[str, float] | None = None) -> dict[str, Any]:
+    """The ``"step"`` line of a :class:`~mtlens.engine.StepRecord` (1-based epoch, step and global step)."""
+    log: dict[str, Any] = {"type": "step", "epoch": epoch, "step": step, "global_step": global_step}
+    log.update(record.to_dict(prefix="train/"))
+    log["train/lr"] = lr
+    log["time/step_s"] = step_s
+    if grad_scale is not None:
+        log["train/grad_scale"] = grad_scale
+    if world > 1:
+        log["train/world_size"] = float(world)
+        log["train/local_batch"] = float(local_batch or 0)
+    if record.skipped:
+        log["reason"] = record.reason
+    if diagnostics:
+        log.update(diagnostics)
+    return log
+
+
+def epoch_record(*, epoch: int, global_step: int, lr: float, criterion: str, score: float, best_epoch: int,
+                 train_loss: dict[str, float], val: dict[str, Any], deltas: dict[str, float] | None) -> dict[str, Any]:
+    """The ``"epoch"`` line: epoch-mean train losses, validation losses, metrics and Δ, selection."""
+    log: dict[str, Any] = {
+        "type": "epoch",
+        "epoch": epoch,
+        "global_step": global_step,
+        "lr": lr,
+        "selection/criterion": criterion,
+        "selection/score": score,
+        "best_epoch": best_epoch,
+    }
+    log.update({f"train/epoch_loss/{t}": v for t, v in train_loss.items()})
+    log.update({f"val/loss/{t}": v for t, v in val["losses"].items()})
+    for t, ms in val["metrics"].items():
+        log.update({f"val/{t}/{m}": v for m, v in ms.items()})
+    if deltas:
+        log.update({f"val/{k}": v for k, v in deltas.items()})
+    return log
+
+
+class Display:
+    """Rich progress bar (epoch, step, losses, ETA) and one line per epoch; silent when ``console`` is None."""
+
+    def __init__(self, label: str, console: Any, epochs: int, steps: int, *, epoch: int = 0, global_step: int = 0):
+        self.label, self.epochs, self.steps = label, epochs, steps
+        self._start = (epoch, global_step)
+        self.progress: Any = None
+        self.task_id: Any = None
+        if console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.fields[what]}[/] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[losses]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+
+    def __enter__(self) -> Display:
+        if self.progress is not None:
+            self.progress.__enter__()
+            epoch, global_step = self._start
+            self.task_id = self.progress.add_task(
+                "train",
+                total=self.epochs * self.steps,
+                completed=global_step,
+                what=self.label,
+                epoch=epoch + 1,
+                epochs=self.epochs,
+                losses="",
+            )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, start_step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task_id, epoch=epoch + 1, completed=epoch * self.steps + start_step)
+
+    def advance(self, record: Any) -> None:
+        if self.progress is not None:
+            losses = " ".join(f"{t}={float(v):.4g}" for t, v in zip(record.task_names, record.losses))
+            self.progress.update(self.task_id, advance=1, losses=losses)
+
+    def end_epoch(self, log: dict[str, Any], val: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        parts = []
+        for t, ms in val["metrics"].items():
+            parts.append(f"{t}: " + ", ".join(f"{m}={v:.4g}" for m, v in ms.items()))
+        crit, score = log["selection/criterion"], log["selection/score"]
+        shown = f"val_loss={-score:.4g}" if crit == "val_loss" else f"{crit}={score:.4g}"
+        self.progress.console.print(
+            f"[dim]{self.label}[/] epoch {log['epoch']}/{self.epochs}  val {'; '.join(parts)}  {shown}  "
+            f"best={log['best_epoch']}"
+        )

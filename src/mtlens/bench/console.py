@@ -1,4 +1,4 @@
-"""Rich renderings of results for the command line (tables of metrics, named Δ conventions, diagnostics)."""
+"""Rich renderings of one run's results for the terminal (metric tables, named Δ conventions, diagnostics)."""
 
 from __future__ import annotations
 

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
 from ..errors import ShapeError, SolverError
 from ._qp import check_gramian, check_pref_vector
 from ._registry import register
 from ._utils import in_range
 
-ZERO_REL = 1e-16  # a row whose squared norm is below ZERO_REL * max squared norm counts as zero
 PARALLEL_TOL = 1e-10  # p with a relative component below this in range(G_u) has no direction
 
 
@@ -50,10 +50,10 @@ class ConFIG(GramianWeighting):
     claims = {
         "permutation_invariant": SYMMETRIC,
         "homogeneous": SCALE_FREE,
-        "non_conflicting": Claim("Liu et al., ConFIG, arXiv:2408.11104, Eq. 2: equal positive projections on the unit "
+        "non_conflicting": Claim("Liu et al., arXiv:2408.11104: equal positive projections on the unit "
                                  "gradients, whenever some direction has equal projections on them",
                                  when="equal_projections_solvable"),
-        "rescaling_invariant": Claim("Liu et al., ConFIG, Eq. 2: built from the unit gradients only"),
+        "rescaling_invariant": Claim("Liu et al., arXiv:2408.11104: built from the unit gradients only"),
     }
 
     def __init__(self, pref_vector: Sequence[float] | None = None, rcond: float = 1e-12) -> None:

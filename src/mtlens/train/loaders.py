@@ -226,3 +226,28 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if hasattr(obj, "to") and hasattr(obj, "num_graphs"):  # a torch_geometric Batch (QM9 inputs)
         return obj.to(device, non_blocking=non_blocking)
     return obj
+
+
+class ExtraBatches:
+    """Extra training batches for methods that need batches independent of the step's
+    (``needs_second_batch``: SDMGrad, MoDo; ``needs_lookahead``: Auto-Lambda, MOML).
+
+    They come from ``n`` more seeded streams over the training set (seeds derived from the run's
+    seed), independent of the step's batch: the extra batches of step k of epoch e are a pure
+    function of (seed, e, k), so a resumed run draws the same ones."""
+
+    def __init__(self, split: Any, tasks: list[str], multi_input: bool, batch_size: int, seed: int, n: int = 2):
+        self.streams = [
+            TrainStream(split, tasks, multi_input, batch_size, stream_seed(seed, f"second-batch/{k}", 0), 0, False)
+            for k in range(n)
+        ]
+        self._at: tuple[int, int] | None = None
+        self._iters: list[Iterator[tuple[int, Any]]] = []
+
+    def draw(self, epoch: int, step: int) -> list[Any]:
+        """One batch of every stream for step ``step`` of epoch ``epoch`` (0-based)."""
+        if self._at != (epoch, step):
+            self._iters = [st.epoch(epoch, step) for st in self.streams]
+        out = [next(it)[1] for it in self._iters]
+        self._at = (epoch, step + 1)
+        return out

@@ -1,0 +1,57 @@
+"""Numerical conventions shared by the engine, the methods and the diagnostics: one home each.
+
+* :data:`ZERO_REL` — when a task gradient counts as zero (relative to the largest one);
+* :func:`check_gramian` — the one validation of a task Gramian ``G = J Jᵀ`` (T×T): every method
+  and diagnostic that takes a Gramian calls it, so the same fault raises the same error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError, ShapeError
+
+__all__ = ["ZERO_REL", "check_gramian"]
+
+ZERO_REL = 1e-30
+"""A task whose squared gradient norm ``‖g_t‖² ≤ ZERO_REL · max_s ‖g_s‖²`` (or exactly 0) counts as a
+zero gradient: it is left out of normalisations, cosines, projections and solver constraints.
+
+Relative to the largest task, so it is scale-free; on squared norms in float64, where a sum of squares
+keeps its relative precision however small it is, so the only thing to guard against is dividing by
+numbers that are zero in all but name. ``1e-30`` (norm ratio ``1e-15``) keeps tasks whose gradient
+norms differ by up to 1e12 (what the solver tests cover, tests/methods/test_solver_certificates.py)
+as real tasks."""
+
+
+def check_gramian(gramian: Any, what: str = "gramian") -> Tensor:
+    """Validate a Gramian and return it as a symmetric float64 tensor (on its own device).
+
+    ``G`` must be a finite, non-empty square matrix (T×T, T ≥ 1). It is symmetrised
+    (``(G + Gᵀ)/2``) so that round-off asymmetry cannot reach eigen-solvers or projections; the
+    input is not modified (a detached copy is returned).
+
+    Args:
+        gramian: a tensor (or anything :func:`torch.as_tensor` accepts) of shape (T, T).
+        what: the name used in error messages (a method name, ``"gds"``, ...).
+
+    Returns:
+        a float64 tensor of shape (T, T), symmetric.
+
+    Raises:
+        ShapeError: not a non-empty square matrix.
+        NonFiniteError: NaN or inf entries (a task gradient was not finite).
+    """
+    G = gramian if isinstance(gramian, Tensor) else torch.as_tensor(gramian)
+    if G.ndim != 2 or G.shape[0] != G.shape[1] or G.shape[0] == 0:
+        raise ShapeError(f"{what}: the Gramian must be a non-empty square T×T matrix, got shape {tuple(G.shape)}")
+    G = G.detach().to(torch.float64)
+    if not bool(torch.isfinite(G).all()):
+        raise NonFiniteError(
+            f"{what}: the Gramian has non-finite entries (NaN/inf; diagonal {torch.diagonal(G).tolist()}): "
+            "a task gradient is not finite"
+        )
+    return 0.5 * (G + G.T)
