@@ -84,7 +84,7 @@ def feature_disentanglement(
             return float("nan")
         if T == 1:
             return 0.0
-        return -total / (n * math.log(T))
+        return -total / (n * math.log(T)) + 0.0  # + 0.0: a disentangled batch gives 0.0, not -0.0
 
 
 def tsr_entropy(saliencies: StepRecord | Tensor | Sequence[Tensor], normalize: bool = False) -> float:
