@@ -219,14 +219,12 @@ class InternalOptimizer:
         else:
             self.opt = mark_internal(torch.optim.Adam([value], lr=self.lr, weight_decay=self.weight_decay))
 
-    def step(self, grad: Tensor) -> Tensor:
-        """One optimiser step on the buffer with gradient ``grad``; returns the updated buffer."""
+    def step(self, grad: Tensor) -> None:
         value = self.value
         assert value is not None and self.opt is not None
         value.grad = grad.detach().to(device=value.device, dtype=value.dtype)
         self.opt.step()
         value.grad = None
-        return value
 
     def state_dict(self) -> dict[str, Any] | None:
         return None if self.opt is None else self.opt.state_dict()

@@ -105,7 +105,9 @@ class MOML(LossWeighting):
         Hn = np.where(n[:, None] > 0, H / np.where(n[:, None] > 0, n[:, None], 1.0), 0.0)
         sol = min_norm_simplex(Hn @ Hn.T).weights
         grad = torch.as_tensor(sol @ Hn, dtype=torch.float64)
-        alpha = self._alpha.step(grad)
+        self._alpha.step(grad)
+        alpha = self._alpha.value
+        assert alpha is not None  # created by weights(), just updated
         w = torch.softmax(alpha.detach(), dim=0)
         self._log = {**{f"moml/weight/{t}": float(v) for t, v in enumerate(w.cpu())},
                      "moml/hypergrad_norm": float(np.linalg.norm(sol @ Hn))}
