@@ -639,7 +639,14 @@ def monitor_rows(w, with_tsr: bool) -> dict[str, Callable[[], None]]:
         for t, L in enumerate(losses.values()):
             torch.autograd.grad(L, w.shared + list(w.heads[t].parameters()), retain_graph=True)
 
-    rows = {"forward only": fwd_only, "EW": eng(ew), "EW + FD": eng(ew, None, fd),
+    z, losses = w.forward()
+    rec = mtl_backward(losses, features=z, shared_params=w.shared, method=create("mgda"), level="feature")
+    w.zero()
+
+    def fd_alone():  # FD's own cost on a feature-level record's saliencies (what the monitor adds)
+        fd(rec, 0)
+
+    rows = {"forward only": fwd_only, "FD alone": fd_alone, "EW": eng(ew), "EW + FD": eng(ew, None, fd),
             "EW + GDS/GMS (param)": eng(ew, None, gram), "per-task Jacobian (floor)": floor,
             "MGDA feature": eng(mgda, "feature"), "MGDA feature + FD": eng(mgda, "feature", fd)}
     if with_tsr:
@@ -666,9 +673,13 @@ def render_monitor(res) -> list[str]:
              "so the last column compares the monitored step's extra time with the per-task Jacobian's own "
              "cost above a forward pass (1.00 = costs exactly what the Jacobian costs).",
              "",
-             "| workload | FD on MGDA feature (target ≤ 5 %) | FD + TSR on MGDA feature | FD on EW | "
-             "GDS/GMS on EW: extra / Jacobian cost |",
-             "|---|---:|---:|---:|---:|"]
+             "`FD alone / MGDA step` times the monitor's own work (FD on a recorded feature-level step's "
+             "saliencies) against the MGDA feature step in the same rounds: the direct measure of what FD adds, "
+             "robust to the jitter that the difference of two step times carries.",
+             "",
+             "| workload | FD on MGDA feature (target ≤ 5 %) | FD alone / MGDA step | FD + TSR on MGDA feature | "
+             "FD on EW | GDS/GMS on EW: extra / Jacobian cost |",
+             "|---|---:|---:|---:|---:|---:|"]
     for key, t in res.items():
         fd_feat = (ratio(t, "MGDA feature + FD", "MGDA feature") - 1) * 100
         tsr = (ratio(t, "MGDA feature + FD + TSR entropy", "MGDA feature") - 1) * 100
@@ -676,7 +687,8 @@ def render_monitor(res) -> list[str]:
         extra = (ratio(t, "EW + GDS/GMS (param)", "EW") - 1) * med(t, "EW")
         jac = med(t, "per-task Jacobian (floor)") - med(t, "forward only")
         tsr_cell = f"{tsr:+.1f} %" if tsr == tsr else "—"
-        lines.append(f"| {key.replace('/', ', T=')} | {fd_feat:+.1f} % | {tsr_cell} | {fd_ew:+.1f} % | "
+        alone = ratio(t, "FD alone", "MGDA feature") * 100
+        lines.append(f"| {key.replace('/', ', T=')} | {fd_feat:+.1f} % | {alone:.1f} % | {tsr_cell} | {fd_ew:+.1f} % | "
                      f"{extra / jac:.2f} |")
     return lines + [""]
 
@@ -923,7 +935,10 @@ def render_targets(results) -> list[str]:
     if mo:
         fd = [((ratio(t, "MGDA feature + FD", "MGDA feature") - 1) * 100, k.replace("/", ", T="))
               for k, t in mo.items()]
-        rows.append(("FD monitor every step at feature level ≤ 5 % (in %)", 5.0, worst(fd), "max"))
+        rows.append(("FD monitor every step at feature level ≤ 5 % (in %; monitored − plain step)", 5.0,
+                     worst(fd), "max"))
+        alone = [(ratio(t, "FD alone", "MGDA feature") * 100, k.replace("/", ", T=")) for k, t in mo.items()]
+        rows.append(("FD monitor ≤ 5 % (in %; FD's own time / the step, same rounds)", 5.0, worst(alone), "max"))
     lines = ["## Targets at a glance", "",
              "Worst same-run value over the workloads of this run (details in the sections below).", "",
              "| target | worst measured | where | met |", "|---|---:|---|---|"]

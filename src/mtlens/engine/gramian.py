@@ -66,12 +66,33 @@ def gramian_from_blocks(blocks: Sequence[Tensor], dtype: torch.dtype = torch.flo
 
 
 def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = torch.float64) -> Tensor:
-    """``G`` from per-task lists of per-parameter gradients (one T×n stack per parameter at a time),
-    with the precision of :func:`gramian_from_blocks`."""
+    """``G`` from per-task lists of per-parameter gradients, with the precision of
+    :func:`gramian_from_blocks`.
+
+    Large float32 parameters are never stacked whole: each column chunk of the T rows is copied
+    into one reused T × ``CHUNK`` buffer (cache-resident, no fresh allocation) and multiplied
+    there — a T × P stack would cost a fresh T·P allocation and a pass through memory per step."""
     T = len(rows)
     G = torch.zeros(T, T, dtype=dtype, device=rows[0][0].device)
+    buf: Tensor | None = None
+    g32: Tensor | None = None
     for j in range(len(rows[0])):
-        _accumulate_gram(G, torch.stack([r[j].reshape(-1) for r in rows]))
+        flat = [r[j].reshape(-1) for r in rows]
+        n = flat[0].numel()
+        if flat[0].dtype != torch.float32 or dtype != torch.float64 or n < CHUNK:
+            _accumulate_gram(G, torch.stack(flat))
+            continue
+        if buf is None:
+            buf = torch.empty(T, CHUNK, dtype=torch.float32, device=G.device)
+            g32 = torch.empty(T, T, dtype=torch.float32, device=G.device)
+        full = n - n % CHUNK
+        for start in range(0, full, CHUNK):
+            torch.stack([f[start:start + CHUNK] for f in flat], out=buf)
+            torch.mm(buf, buf.T, out=g32)
+            G.add_(g32)
+        if full < n:
+            tail = torch.stack([f[full:] for f in flat])
+            G.add_(tail @ tail.T)
     return _symmetric(G)
 
 
