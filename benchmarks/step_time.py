@@ -158,7 +158,7 @@ def run(workload: str, methods: list[str], min_run_time: float, with_torchjd: bo
             ratio = statistics.median(t / p for t, p in zip(ts, ps))
             tjd = None
             if with_torchjd and level == "param" and name in TORCHJD:
-                tjd = torchjd_time(name, enc, heads, forward, zero, min_run_time)
+                tjd = torchjd_time(name, enc, forward, zero, min_run_time)
             rows.append((name, level or "loss", statistics.median(ts), ratio, tjd))
     return statistics.median(bases) if bases else float("nan"), rows
 
@@ -171,7 +171,7 @@ def _init_args(cls):
     return set(inspect.signature(cls.__init__).parameters)
 
 
-def torchjd_time(name, enc, heads, forward, zero, min_run_time):
+def torchjd_time(name, enc, forward, zero, min_run_time):
     try:
         import torchjd.aggregation as A
         from torchjd.autojac import jac_to_grad

@@ -298,12 +298,9 @@ NEW_METHODS = ["si", "ntkmtl", "ntkmtl_sr", "go4align", "pcd", "cr_mogm", "pivrg
 def _new_method_cases():
     from mtlens.methods import get
 
-    out = []
-    for name in NEW_METHODS:
-        cls = get(name)
-        for level in (cls.levels if cls.family != "loss" else (None,)):
-            out.append(pytest.param(name, level, id=f"{name}-{level or 'loss'}"))
-    return out
+    return [pytest.param(name, level, id=f"{name}-{level or 'loss'}")
+            for name in NEW_METHODS
+            for level in (get(name).levels if get(name).family != "loss" else (None,))]
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """mtlens: multi-task learning optimisation through representation-level task saliency."""
 
+import types
+
 from .engine import StepRecord, mtl_backward
 
 __version__ = "0.1.0"
@@ -11,7 +13,7 @@ _SUBPACKAGES = (
 )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> types.ModuleType:
     """``mtlens.methods.create(...)`` after a bare ``import mtlens``: subpackages load on first use."""
     if name in _SUBPACKAGES:
         import importlib

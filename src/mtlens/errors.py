@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 
 class MTLensError(Exception):
     """Base class of every mtlens error."""
@@ -50,7 +52,7 @@ class OutputPathError(MTLensError, OSError):
         return self.strerror or super().__str__()
 
 
-def require(module: str, extra: str, purpose: str):
+def require(module: str, extra: str, purpose: str) -> types.ModuleType:
     """Import an optional dependency or raise :class:`MissingDependencyError` with the install hint."""
     import importlib
 

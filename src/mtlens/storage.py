@@ -52,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from .errors import IntegrityError, LockHeldError, MTLensError, OutputPathError
 
@@ -74,18 +74,18 @@ class _Recorder:
         self._fh = fh
         self.error: OSError | None = None
 
-    def write(self, data):
+    def write(self, data: Any) -> int:
         try:
             return self._fh.write(data)
         except OSError as exc:
             self.error = exc
             raise
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)
 
 
-def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
+def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO[Any]], object]) -> None:
     """Call ``write`` on a temporary file (opened with ``mode``) next to ``path``, fsync, then ``os.replace``.
 
     Raises whatever ``write`` or the file system raises — an ``OSError`` carrying ``filename``
@@ -98,7 +98,7 @@ def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]
     try:
         with os.fdopen(fd, mode) as fh:
             rec = _Recorder(fh)
-            write(rec)
+            write(cast(IO[Any], rec))  # a file object by duck typing (write recorded, the rest delegated)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -124,7 +124,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     Only call it while no other process writes there (e.g. holding its :class:`DirectoryLock`).
     Returns the removed paths."""
     d = Path(directory)
-    removed = []
+    removed: list[Path] = []
     if not d.is_dir():
         return removed
     for p in d.iterdir():
@@ -137,7 +137,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 # content hashes
-def _feed(h, o: Any) -> None:  # noqa: C901 - one branch per type
+def _feed(h: Any, o: Any) -> None:  # noqa: C901 - one branch per type
     import numpy as np
     import torch
 
@@ -159,10 +159,11 @@ def _feed(h, o: Any) -> None:  # noqa: C901 - one branch per type
         t = o.detach().cpu().contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(o.shape)}:".encode())
         if t.numel():
-            h.update(memoryview(t.view(torch.uint8).numpy()))
+            # numpy's stubs declare the buffer protocol (__buffer__) only for Python >= 3.12
+            h.update(memoryview(t.view(torch.uint8).numpy()))  # type: ignore[arg-type]
     elif isinstance(o, np.ndarray) and o.dtype != object:
         h.update(f"A{o.dtype.str}{o.shape}:".encode())
-        h.update(memoryview(np.ascontiguousarray(o)).cast("B"))
+        h.update(memoryview(np.ascontiguousarray(o)).cast("B"))  # type: ignore[arg-type]  # as above
     elif isinstance(o, np.generic):
         h.update(f"G{o.dtype.str}:".encode() + o.tobytes())
     elif isinstance(o, Mapping):
@@ -409,8 +410,13 @@ def read_lock_holder(directory: str | os.PathLike) -> dict[str, Any] | None:
 class DirectoryLock:
     """Exclusive, re-entrant (per thread) lock of a directory for one writer's lifetime.
 
-    >>> with DirectoryLock("runs/demo", purpose="mtlens train"):  # doctest: +SKIP
-    ...     ...  # write into runs/demo
+    >>> run = Path(tempfile.mkdtemp()) / "demo"
+    >>> with DirectoryLock(run, purpose="mtlens train") as lock:  # another process would get LockHeldError
+    ...     _ = (run / "notes.txt").write_text("one writer at a time")
+    ...     lock.held, read_lock_holder(run)["purpose"]
+    (True, 'mtlens train')
+    >>> lock.held
+    False
 
     Args:
         directory: the directory to lock (created when missing). The lock file is

@@ -145,10 +145,9 @@ def test_dependent_maps_exact_at_param_level_refused_at_feature_level():
     ref = torch.autograd.grad(sum(losses.values()), shared)
     maps, losses = fwd()
     mtl_backward(losses, features=maps, shared_params=shared, method=create("upgrad"), level="param")
-    J = []
     maps, losses = fwd()
-    for L in losses.values():
-        J.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, shared, retain_graph=True)]))
+    J = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, shared, retain_graph=True)])
+         for L in losses.values()]
     assert all(p.grad is not None for p in shared)
     del ref, J
     maps, losses = fwd()

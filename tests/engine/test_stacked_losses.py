@@ -85,7 +85,7 @@ def test_stacked_input_runs_each_head_once_per_task(form):
     losses = torch.stack(losses) if form == "stack" else losses
     mtl_backward(losses, features=z, shared_params=enc.parameters(), method=create("mgda"), level="feature")
     # one backward per task for the saliencies + one for the weighted head gradients at most
-    assert _CountBackward.counts == {t: 1 for t in range(T)}
+    assert _CountBackward.counts == dict.fromkeys(range(T), 1)
 
 
 def test_other_loss_vectors_warn_once_with_the_fix():

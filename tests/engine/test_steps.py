@@ -71,3 +71,34 @@ def test_step3_applies_a_hand_made_decision():
     assert problem == ""
     for p, r in zip(shared + heads, list(ref_s) + list(ref_h)):
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)
+
+
+def test_step3_refuses_a_decision_with_neither_weights_nor_combined_blocks():
+    """apply_decision is public and used without check_decision (README, gradient accumulation): an
+    empty decision is a ConfigurationError naming the method, not a TypeError from inside the engine."""
+    import pytest
+
+    from mtlens.errors import ConfigurationError
+
+    net = Net()
+    for level in ("param", "feature"):
+        z, losses = net(torch.randn(4, 5))
+        g = compute_task_gradients(losses, level=level, features=z, shared_params=list(net.enc.parameters()))
+        with pytest.raises(ConfigurationError, match="'mine' decided neither weights nor combined blocks"):
+            apply_decision(g, Decision(), name="mine")
+        assert all(p.grad is None for p in net.parameters())
+
+
+def test_feature_gramian_of_multi_input_batches_of_different_shapes_is_a_shape_error():
+    """Loss level with compute_gramian='feature' and {task: Z_task} of unequal batch sizes: one clear
+    ShapeError with the fix (before: an obscure error from stacking None)."""
+    import pytest
+
+    from mtlens.errors import ShapeError
+
+    enc, heads = torch.nn.Linear(5, 6), [torch.nn.Linear(6, 1), torch.nn.Linear(6, 1)]
+    z = {"a": enc(torch.randn(4, 5)), "b": enc(torch.randn(3, 5))}
+    losses = {t: (h(z[t]) ** 2).mean() for t, h in zip(z, heads)}
+    with pytest.raises(ShapeError, match="same shape"):
+        compute_task_gradients(losses, level="loss", features=z, shared_params=list(enc.parameters()),
+                               compute_gramian="feature")

@@ -229,7 +229,7 @@ def test_anchor_gram_outer_form_equals_pairs_form(dtype):
     An = torch.randn(B, C, T, dtype=dtype, requires_grad=True)
     pairs = torch.einsum("bcs,kcr->bksr", An, An).pow(2).sum(dim=(2, 3))
     outer = anchor_gram(An)
-    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-10)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
     torch.testing.assert_close(outer, pairs, **tol)
     U = torch.randn(B, B, dtype=dtype)
     (g_pairs,) = torch.autograd.grad((pairs * U).sum(), An)

@@ -45,7 +45,7 @@ def test_weights_checkpoint_with_module_prefix_and_pooled_backbone(resnet18_file
 
 def test_pretrained_cfg_overlay_file(resnet18_file):
     path, sd = resnet18_file
-    model = create("resnet18-light", {"seg": 3}, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = create("resnet18-light", {"seg": 3}, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     _assert_backbone_equal(model.encoder.body, sd)
 
 
@@ -97,3 +97,23 @@ def test_encoder_weights_for_presets_without_imagenet_weights(tmp_path):
         assert torch.equal(v, dst.encoder.state_dict()[k])
     with pytest.raises(ConfigurationError, match="no pretrained weights"):
         create("lenet-multimnist", {"l": 10}, pretrained=True)
+
+
+def test_cached_pretrained_file_reads_timms_url_and_file_name_pair(monkeypatch, tmp_path):
+    """timm's ``PretrainedCfg.url`` may be a ``(url, file name)`` pair whose cached file is that name
+    (timm's ``check_cached_file``): the offline lookup finds it instead of failing on the pair."""
+    import timm.models
+
+    from mtlens.models import backbones
+
+    class Cfg:
+        hf_hub_id = None
+        hf_hub_filename = None
+        url = ("https://example.org/weights/resnet18-abc123.pth", "resnet18-pair.pth")
+
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: Cfg())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert backbones.cached_pretrained_file("resnet18") is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet18-pair.pth").write_bytes(b"weights")
+    assert backbones.cached_pretrained_file("resnet18") == str(tmp_path / "checkpoints" / "resnet18-pair.pth")

@@ -131,8 +131,7 @@ def _normal_numpy(pred, target):
     keep = np.linalg.norm(t, axis=1) > 0
     p, t = p[keep], t[keep]
     cos = np.sum(p * t, 1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(t, axis=1))
-    ang = np.degrees(np.arccos(np.clip(cos, -1, 1)))
-    return ang
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
 
 
 @pytest.mark.parametrize("parity", [0, 1])  # even and odd number of valid pixels

@@ -45,7 +45,7 @@ def metrics_table(
             row = [t, f"{m} {arrow}", _fmt(v)]
             if units:
                 row.append((units.get(t) or {}).get(m, ""))
-            if baseline is not None:
+            if baseline is not None and rel is not None:
                 row += [_fmt(baseline[t][m]), f"{rel[t][m]:+.2f}"]
             table.add_row(*row)
     return table

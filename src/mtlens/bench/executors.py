@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..errors import ConfigurationError, MissingDependencyError
 from ..storage import DirectoryLock, atomic_write
@@ -122,7 +123,11 @@ def _write_tree(root: Path, files: dict[str, bytes]) -> None:
     with DirectoryLock(root, purpose="mtlens bench (copying a run back from Ray)"):
         for name in order:
             data = files[name]
-            atomic_write(root / name, "wb", lambda fh, data=data: fh.write(data))
+            atomic_write(root / name, "wb", _writer(data))
+
+
+def _writer(data: bytes) -> Callable[[IO[Any]], object]:
+    return lambda fh: fh.write(data)
 
 
 def ray_run(job: dict[str, Any], files: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:

@@ -27,12 +27,15 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..train.records import read_jsonl
 from .tables import PERFORMANCE, VARIANT_NAMES, Group, mean_std
+
+if TYPE_CHECKING:  # matplotlib is imported lazily (the report only)
+    from matplotlib.figure import Figure
 
 LEVEL_MARKERS = {"loss": "o", "param": "s", "feature": "^"}
 
@@ -46,7 +49,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path, **kw: Any) -> Path:
+def _save(fig: Figure, path: Path, **kw: Any) -> Path:
     """Write the figure as PNG atomically (mtlens.storage.atomic_write) and close it."""
     from ..storage import atomic_write
 
@@ -55,7 +58,7 @@ def _save(fig, path: Path, **kw: Any) -> Path:
     return path
 
 
-def _colors(n: int):
+def _colors(n: int) -> list[tuple[float, float, float, float]]:
     plt = _plt()
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
@@ -72,7 +75,9 @@ def read_log(run_dir: Path | None) -> list[dict[str, Any]]:
     return [rec for rec in read_jsonl(run_dir / "log.jsonl", allow_torn_tail=True) if rec.get("type") == "step"]
 
 
-def dynamics_series(group: Group, key: str, logs: dict[str, list[dict[str, Any]]]):
+def dynamics_series(
+    group: Group, key: str, logs: dict[str, list[dict[str, Any]]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(steps, mean, low, high) of ``key`` over the group's finished seeds, or None."""
     per_step: dict[int, list[float]] = {}
     for r in group.done:
@@ -99,8 +104,7 @@ def dynamics_plot(
     groups: Sequence[Group], key: str, title: str, ylabel: str, path: Path, logs: dict[str, list[dict[str, Any]]]
 ) -> Path | None:
     """One panel per gradient level present (loss / param / feature), shared y axis, a line per configuration."""
-    series = [(g, dynamics_series(g, key, logs)) for g in groups]
-    series = [(g, s) for g, s in series if s is not None]
+    series = [(g, s) for g in groups if (s := dynamics_series(g, key, logs)) is not None]
     if not series:
         return None
     levels = [lv for lv in ("loss", "param", "feature") if any(g.level == lv for g, _ in series)]

@@ -7,6 +7,7 @@ the engine at T = 11 on a real model (Nash-MTL's "12.5× equal weighting per epo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ def qm9_workload(
     complete: bool = True,
     split_seed: int = 0,
     device: str | torch.device = "cpu",
-    root=None,
+    root: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, nn.ModuleDict, list[nn.Parameter], Callable[[], tuple[torch.Tensor, dict[str, Any]]]]:
     """The QM9 step of Nash-MTL / FAMO / LibMTL: ``mpnn-qm9`` (width ``dim``) on ``batch_size`` molecules.
 
@@ -55,7 +56,7 @@ def qm9_workload(
     dev = torch.device(device)
     x = batch["input"].to(dev)
     targets = {t: v.to(dev) for t, v in batch["targets"].items()}
-    model = models.create("mpnn-qm9", {t: 1 for t in QM9_TASKS}, dim=dim).to(dev)
+    model = models.create("mpnn-qm9", dict.fromkeys(QM9_TASKS, 1), dim=dim).to(dev)
 
     def forward():
         z = model.encode(x)

@@ -15,9 +15,9 @@ MR, bootstrap) are in :mod:`mtlens.bench.tables` and docs/benchmark.md.
 
 :func:`leaderboard_renderables` gives the rich tables the command line prints.
 
->>> from mtlens.bench.report import write_report  # doctest: +SKIP
->>> write_report("runs/bench-quick")  # doctest: +SKIP
-PosixPath('runs/bench-quick/report')
+>>> from mtlens.bench.report import write_report
+>>> write_report("bench/quick")  # a store that mtlens bench filled  # doctest: +SKIP
+PosixPath('bench/quick/report')
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import io
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, MTLensError
 from ..tasks.delta import DELTA_CONVENTIONS
@@ -47,6 +47,10 @@ from .tables import (
     rep_mtl_tables,
     unfinished_table,
 )
+
+if TYPE_CHECKING:  # rich is imported where it renders
+    from rich.console import Console
+    from rich.table import Table as RichTable
 
 REPORT_DIR = "report"
 ALPHA_METHODS = ("mle", "weightwatcher", "none")
@@ -355,7 +359,7 @@ def write_report(
     return out
 
 
-def table_rich(t: Table):
+def table_rich(t: Table) -> RichTable:
     """A :class:`Table` as a ``rich.table.Table``."""
     from rich.table import Table as RichTable
 
@@ -395,8 +399,7 @@ def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
             continue
         lb, _ = leaderboard(store, bench)
         out.append(table_rich(_compact(lb)))
-        for n in lb.notes:
-            out.append(Text(f"note: {n}", style="yellow"))
+        out.extend(Text(f"note: {n}", style="yellow") for n in lb.notes)
     bad = unfinished_table(store)
     if bad is not None:
         # failed and unreadable runs in full; pending/running ones (an interrupted suite) as a count
@@ -413,13 +416,12 @@ def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
                 bad.notes,
             )
             out.append(table_rich(shown))
-        for n in bad.notes:
-            out.append(Text(f"note: {n}", style="yellow"))
+        out.extend(Text(f"note: {n}", style="yellow") for n in bad.notes)
     out.append(Text(_status_line(store)))
     return out
 
 
-def print_leaderboard(store_dir: str | Path, console=None) -> None:
+def print_leaderboard(store_dir: str | Path, console: Console | None = None) -> None:
     """Print :func:`leaderboard_renderables` on ``console`` (default: a new ``rich.console.Console``)."""
     if console is None:
         from rich.console import Console

@@ -1,11 +1,15 @@
 """Run a suite into a results store: schedule baselines before the runs that need them, skip what
 is done, resume what was interrupted, retry what failed, and never let one failure stop the rest.
 
->>> from mtlens.bench import load_suite, run_suite  # doctest: +SKIP
->>> suite = load_suite("quick", ["train.epochs=1"])  # doctest: +SKIP
->>> summary = run_suite(suite, "bench/quick", workers=2)  # doctest: +SKIP
+>>> from collections import Counter
+>>> from mtlens.bench import expand, load_suite, run_suite
+>>> suite = load_suite("quick")
+>>> specs = expand(suite, device_type="cpu")  # what run_suite runs: multi-task runs and their baselines
+>>> len(specs), Counter(s.kind for s in specs)
+(73, Counter({'mtl': 66, 'stl': 7}))
+>>> summary = run_suite(suite, "bench/quick", workers=2)  # trains all 73 runs: minutes  # doctest: +SKIP
 >>> summary.counts  # doctest: +SKIP
-{'done': 53, 'failed': 0}
+{'done': 73}
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from .store import Store, now, read_results
 from .suite import RunSpec, Suite, expand, resolved_yaml
+
+if TYPE_CHECKING:  # the executors are imported when a suite runs (Ray is optional)
+    from .executors import LocalExecutor, RayExecutor
 
 #: Failures that concern a benchmark's data rather than one run: every other run of the same
 #: benchmark entry would fail the same way, so they are marked failed without starting.
@@ -82,10 +89,13 @@ def _baseline(store: Store, spec: RunSpec, by_key: dict[str, RunSpec]) -> dict[s
         res = store.results(k)
         if res is None:  # pragma: no cover - the scheduler only releases runs whose deps are done
             raise ConfigurationError(f"baseline run '{dep.label}' ({k}) has no results")
+        task = dep.task
+        if task is None:  # pragma: no cover - baselines are single-task runs
+            raise ConfigurationError(f"baseline run '{dep.label}' ({k}) names no task")
         for split in ("val", "test"):
-            metrics[split][dep.task] = res["metrics"][split][dep.task]
-        runs[dep.task] = dep.relpath
-        tasks.append(dep.task)
+            metrics[split][task] = res["metrics"][split][task]
+        runs[task] = dep.relpath
+        tasks.append(task)
     return {"kind": "stl-baseline", "source": "suite", "benchmark": spec.config.data.benchmark, "tasks": tasks,
             "metrics": metrics, "runs": runs}
 
@@ -160,8 +170,8 @@ def run_suite(
     return summary
 
 
-def _schedule(store: Store, ex, todo: list[str], by_key: dict[str, RunSpec], suite: Suite,
-              summary: SuiteSummary, progress) -> None:
+def _schedule(store: Store, ex: LocalExecutor | RayExecutor, todo: list[str], by_key: dict[str, RunSpec],
+              suite: Suite, summary: SuiteSummary, progress: Callable[[str, dict[str, Any]], None] | None) -> None:
     waiting = list(todo)  # not yet submitted, in index order (baselines first)
     inflight = 0
     bad_data: dict[str, str] = {}  # benchmark entry -> error of its data
@@ -193,7 +203,7 @@ def _schedule(store: Store, ex, todo: list[str], by_key: dict[str, RunSpec], sui
                                  finished=None, wall_s=None, executor=ex.name)
                 if progress:
                     progress("start", e)
-                job = {
+                job: dict[str, Any] = {
                     "key": key,
                     "config": {**spec.config.model_dump(mode="json"), "out_dir": str(store.run_dir(key))},
                     "baseline": _baseline(store, spec, by_key) if spec.deps else None,

@@ -50,11 +50,17 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, IntegrityError
 from ..storage import atomic_write_text, read_json, write_json
+
+if TYPE_CHECKING:  # annotations only (suite imports this module)
+    from ..storage import DirectoryLock
+    from ..train.config import RunConfig
+    from .suite import RunSpec
 
 FORMAT = "mtlens-bench-index"
 VERSION = 1
@@ -62,7 +68,7 @@ STATUSES = ("pending", "running", "done", "failed")
 _NOT_IN_KEY = ("out_dir", "name", "baseline_cache")
 
 
-def run_key(cfg, device_type: str) -> str:
+def run_key(cfg: RunConfig, device_type: str) -> str:
     """Hash of everything that determines a run's result: the whole configuration except its
     name, output and baseline-cache paths, plus the mtlens version and the device type (cpu/cuda)."""
     from .. import __version__
@@ -94,7 +100,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
-        self._lock = None
+        self._lock: DirectoryLock | None = None
         self.entries: dict[str, dict[str, Any]] = {}
         self.order: list[str] = []
         self.suite_name: str | None = None
@@ -121,7 +127,7 @@ class Store:
         self.lock()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.unlock()
 
     # -- index -----------------------------------------------------------------------------------
@@ -148,7 +154,7 @@ class Store:
             raise ConfigurationError(f"'{p}' has index version {obj.get('version')}; this mtlens reads {VERSION}")
         return obj
 
-    def prepare(self, suite_name: str, suite_yaml: str, specs) -> None:
+    def prepare(self, suite_name: str, suite_yaml: str, specs: Sequence[RunSpec]) -> None:
         """Write the resolved suite and the index of ``specs`` (a list of RunSpec), merging what an
         earlier invocation left: done runs stay done (when their results.json reads back), runs
         found ``running`` were interrupted and become ``pending``, failed ones keep their error

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -118,6 +119,9 @@ class BenchmarkEntry(_Section):
         return _method_entries(v)
 
 
+_BOTH_LEVELS: tuple[Literal["param", "feature"], ...] = ("param", "feature")
+
+
 class Suite(_Section):
     """A validated suite (see the module docstring for the file format)."""
 
@@ -133,7 +137,7 @@ class Suite(_Section):
     exclude: list[str] = Field(
         default_factory=list, description="method labels to leave out everywhere (e.g. --set exclude=[nash_mtl])"
     )
-    levels: list[Literal["param", "feature"]] = Field(default_factory=lambda: ["param", "feature"])
+    levels: list[Literal["param", "feature"]] = Field(default_factory=lambda: list(_BOTH_LEVELS))
     variants: dict[str, VariantSpec] = Field(default_factory=lambda: {VARIANT_NONE: VariantSpec()})
     base: dict[str, Any] = Field(default_factory=dict, description="run-config keys common to every benchmark")
     benchmarks: dict[str, BenchmarkEntry]
@@ -335,7 +339,7 @@ class RunSpec:
         }
 
 
-def _method_levels(m: MethodEntry, levels: list[str], where: str) -> list[str | None]:
+def _method_levels(m: MethodEntry, levels: Sequence[str], where: str) -> list[str | None]:
     from ..methods import get
 
     try:
@@ -352,7 +356,7 @@ def _method_levels(m: MethodEntry, levels: list[str], where: str) -> list[str | 
             raise ConfigurationError(f"{where}: '{m.name}' is a loss-level method; it takes no levels")
         return [None]
     wanted = m.levels if m.levels is not None else levels
-    ok = [lv for lv in wanted if lv in cls.levels]
+    ok: list[str | None] = [lv for lv in wanted if lv in cls.levels]
     if not ok:
         raise ConfigurationError(
             f"{where}: '{m.name}' works at level(s) {', '.join(cls.levels)} only, and the suite asks for "
@@ -532,7 +536,7 @@ def _validate(d: dict[str, Any], where: str, cache: dict[str, RunConfig] | None 
         raise MissingDependencyError(
             f"{where}: {exc}; or leave the method out with --set exclude=[{method}]"
         ) from None
-    if ck is not None:
+    if cache is not None and ck is not None:
         cache[ck] = cfg
     return cfg
 

@@ -86,6 +86,13 @@ class RunRecord:
         return self.results is not None
 
     @property
+    def res(self) -> dict[str, Any]:
+        """The results of a finished run (:attr:`done`)."""
+        if self.results is None:
+            raise ValueError(f"run {self.key} has no results ({self.status})")
+        return self.results
+
+    @property
     def key(self) -> str:
         return str(self.entry.get("key"))
 
@@ -217,7 +224,7 @@ class Group:
         out = []
         for r in sorted(self.done, key=lambda r: str(r.seed)):
             try:
-                v = get(r.results)
+                v = get(r.res)
             except (KeyError, TypeError, IndexError):
                 continue
             if isinstance(v, (int, float)) and math.isfinite(float(v)):
@@ -320,10 +327,15 @@ def _metric_keys(groups: Iterable[Group]) -> tuple[list[tuple[str, str]], dict[s
     spec: dict[str, dict[str, bool]] = {}
     for g in groups:
         for r in g.done:
-            for t, ms in (r.results.get("metric_directions") or {}).items():
+            for t, ms in (r.res.get("metric_directions") or {}).items():
                 for m, hib in ms.items():
                     spec.setdefault(t, {})[m] = bool(hib)
     return [(t, m) for t, ms in spec.items() for m in ms], spec
+
+
+def _test_metric(task: str, metric: str) -> Callable[[dict[str, Any]], Any]:
+    """``results -> results["metrics"]["test"][task][metric]`` (for :meth:`Group.per_seed`)."""
+    return lambda res: res["metrics"]["test"][task][metric]
 
 
 def _delta(conv: str) -> Callable[[dict[str, Any]], Any]:
@@ -396,7 +408,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         means = {}
         for g in done:
             means[g.label] = {
-                f"{t}/{m}": mean_std(g.per_seed(lambda res, t=t, m=m: res["metrics"]["test"][t][m]))[0] for t, m in keys
+                f"{t}/{m}": mean_std(g.per_seed(_test_metric(t, m)))[0] for t, m in keys
             }
         ranked = {k: v for k, v in means.items() if all(x is not None for x in v.values())}
         if ranked:
@@ -439,7 +451,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
     ]
     rows, csv_rows = [], []
 
-    def order(g: Group):
+    def order(g: Group) -> tuple[int, float, str]:
         return (0 if g.label in mr else 1, mr.get(g.label, 0.0), g.label)
 
     for g in sorted(groups, key=order):
@@ -451,7 +463,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         ]
         crow: list[Any] = [benchmark, g.method, g.level, g.variant, g.label, len(g.runs), len(g.done), g.status_text()]
         for t, m in keys:
-            vals = g.per_seed(lambda res, t=t, m=m: res["metrics"]["test"][t][m])
+            vals = g.per_seed(_test_metric(t, m))
             row.append(pm(vals))
             crow += list(mean_std(vals))
         for c in conv:
@@ -468,7 +480,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         mem = [x for x in (_peak(r, mem_source) for r in g.done) if x is not None] if mem_source else []
         rm = _ratio(mem, ref_mem)
         m_m, _ = mean_std(mem)
-        row.append("—" if rm is None else f"{rm:.2f}× ({num(m_m / 2**20)} MiB)")
+        row.append("—" if rm is None or m_m is None else f"{rm:.2f}× ({num(m_m / 2**20)} MiB)")
         crow += [None if m_m is None else m_m / 2**20, mem_source, rm]
         rows.append(row)
         csv_rows.append(crow)
@@ -478,7 +490,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         row = ["STL baselines", "—", "—", f"{len(stl)} runs"]
         crow = [benchmark, "stl", "", "none", "STL baselines", len(stl), len(stl), "reference"]
         for t, m in keys:
-            vals = [r.results["metrics"]["test"][t][m] for r in stl if t in r.results["metrics"]["test"]]
+            vals = [r.res["metrics"]["test"][t][m] for r in stl if t in r.res["metrics"]["test"]]
             row.append(pm(vals))
             crow += list(mean_std(vals))
         row += ["0 (reference)"] * len(conv) + ["—", "—", "—"]
@@ -590,8 +602,8 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
         "otherwise; with fewer than 2 seeds per side nothing is called."
     )
     by_verdict: dict[str, list[str]] = {}
-    for r in rows:
-        by_verdict.setdefault(r[7], []).append(r[0] if r[1] == "—" else f"{r[0]} {r[1]}")
+    for row in rows:
+        by_verdict.setdefault(row[7], []).append(row[0] if row[1] == "—" else f"{row[0]} {row[1]}")
     summary = "; ".join(f"{v}: {', '.join(ms)}" for v, ms in sorted(by_verdict.items()))
     notes = [f"the fast surrogate (feature level) — {summary}"]
     return Table(
@@ -641,8 +653,8 @@ def ranking_table(
         for g in done:
             iv, pv = [], []
             for r in sorted(g.done, key=lambda r: str(r.seed)):
-                mean = ((r.results.get("diagnostics") or {}).get("mean")) or {}
-                d = ((r.results.get("delta") or {}).get("test") or {}).get(PERFORMANCE)
+                mean = ((r.res.get("diagnostics") or {}).get("mean")) or {}
+                d = ((r.res.get("delta") or {}).get("test") or {}).get(PERFORMANCE)
                 x = mean.get(key)
                 if isinstance(x, (int, float)) and math.isfinite(x) and isinstance(d, (int, float)):
                     iv.append(float(x))
@@ -805,6 +817,7 @@ def rep_mtl_tables(
             d = g.per_seed(_delta(PERFORMANCE))
             fd = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/fd"])
             te = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/tsr_entropy"])
+            cmp: dict[str, Any]
             if base is not None and g is base:
                 cmp = {"diff": None, "p": None, "verdict": "reference"}
             elif v not in REP_MTL_VARIANTS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from ..diagnose.spectra import DEFAULT_SPECTRA_METHOD
 from ..errors import ConfigurationError, MTLensError
+
+if TYPE_CHECKING:
+    from ..tasks.spec import BenchmarkSpec
 
 app = typer.Typer(
     name="mtlens",
@@ -137,6 +140,7 @@ def train(
             cfg = load_config(preset=preset, config_file=config, overrides=overrides, out_dir=out_dir)
         if cfg.out_dir is None:  # fixed now, so that an interruption can name it
             cfg = cfg.model_copy(update={"out_dir": str(default_out_dir(cfg))})
+        run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else default_out_dir(cfg)
         if cfg.stl_task is not None and not quiet:
             err.print(
                 "[dim]single-task mode: plain task loss (method ew, no regularizers, no loss transform, "
@@ -145,7 +149,7 @@ def train(
         try:
             results = run(cfg, resume=resume, quiet=quiet, console=err)
         except KeyboardInterrupt:
-            _interrupted(Path(cfg.out_dir), cfg.stl_task == "all")
+            _interrupted(run_dir, cfg.stl_task == "all")
         if results.get("kind") == "stl-baseline":
             path = Path(results["source"])
             if quiet:
@@ -215,7 +219,7 @@ def eval_(
     _guard(go)
 
 
-def _directions_from_file(res) -> dict[str, dict[str, bool]]:
+def _directions_from_file(res: dict[str, Any]) -> dict[str, dict[str, bool]]:
     from ..train import load_checkpoint
     from ..train.checkpoint import WEIGHTS_FORMAT
 
@@ -357,15 +361,16 @@ def datasets(
     _guard(go)
 
 
-def _availability(spec, root: str | None) -> tuple[str, bool]:
+def _availability(spec: BenchmarkSpec, root: str | None) -> tuple[str, bool]:
     """``(status, ok)`` of one benchmark: every sample of every split is read (a truncated or
     corrupt file anywhere is found), ``ok`` is False only when data was found and is broken."""
     from ..errors import DataError, MissingDependencyError
 
     if spec.needs_root and root is None:
         return "needs data.root (pass --root NAME=PATH to check)", True
-    if root is None and spec.data_status() is not None:
-        return spec.data_status(), True
+    status = spec.data_status()
+    if root is None and status is not None:
+        return status, True
 
     def first_line(exc: BaseException) -> str:
         return escape(" ".join(str(exc).split("\nExpected layout")[0].split())[:300])
@@ -510,7 +515,7 @@ def diagnose(
     _guard(go)
 
 
-def _alpha(run_dir: Path, method: str):
+def _alpha(run_dir: Path, method: str) -> tuple[dict[str, Any] | None, str]:
     """α per component of the run's best (else latest) weights; (None, reason) when there are none."""
     from ..diagnose import power_law_alpha
     from ..train.evaluate import load_model

@@ -31,7 +31,8 @@ def layout_error(
     return DataError(msg)
 
 
-def require_dir(dataset: str, path: str | os.PathLike, root, layout: str, fix: str = "") -> Path:
+def require_dir(dataset: str, path: str | os.PathLike, root: str | os.PathLike | None, layout: str,
+                fix: str = "") -> Path:
     """``path`` as a Path, or a :class:`DataError` with the expected tree when it is not a directory."""
     p = Path(path)
     if not p.is_dir():
@@ -84,7 +85,7 @@ def stratified_split(
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=int) for p in parts]
 
 
-def load_npy(path: Path, dataset: str, root, layout: str) -> np.ndarray:
+def load_npy(path: Path, dataset: str, root: str | os.PathLike | None, layout: str) -> np.ndarray:
     """``np.load`` without pickles; unreadable or missing files raise :class:`DataError`."""
     try:
         return np.load(path, allow_pickle=False)

@@ -14,13 +14,15 @@ Cityscapes: 500). mtlens returns it as ``"test"`` and carves its validation spli
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, DataError
 from ._common import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_VAL_FRACTION,
@@ -83,13 +85,13 @@ class NpyDenseDataset(Dataset):
         *,
         num_classes: int,
         dataset: str,
-        root,
+        root: str | os.PathLike | None,
         layout: str,
-        indices=None,
+        indices: Sequence[int] | np.ndarray | None = None,
         augment: bool = False,
         size: tuple[int, int] | None = None,
-        scales=PAPER_SCALES,
-    ):
+        scales: Sequence[float] = PAPER_SCALES,
+    ) -> None:
         self.split_dir = Path(split_dir)
         self.targets = dict(targets)
         self.kinds = {t: k for t, (_, k) in self.targets.items()}
@@ -101,7 +103,7 @@ class NpyDenseDataset(Dataset):
         self.size = tuple(size) if size is not None else None
         self.scales = tuple(scales)
         folders = {"image": require_dir(dataset, self.split_dir / "image", root, layout, _FIX)}
-        for _, (sub, _) in self.targets.items():
+        for (sub, _) in self.targets.values():
             folders[sub] = require_dir(dataset, self.split_dir / sub, root, layout, _FIX)
         files = {sub: numbered_files(f, ".npy") for sub, f in folders.items()}
         ids = set(files["image"])
@@ -131,7 +133,7 @@ class NpyDenseDataset(Dataset):
     def _path(self, sub: str, i: int) -> Path:
         return self._folders[sub] / f"{i}.npy"
 
-    def _bad(self, path: Path, problem: str):
+    def _bad(self, path: Path, problem: str) -> DataError:
         return layout_error(self.dataset, self.root, f"{path}: {problem}", self.layout)
 
     def _load(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -199,7 +201,7 @@ class NpyDenseDataset(Dataset):
 
 
 def _make_dense(
-    root,
+    root: str | os.PathLike | None,
     *,
     dataset: str,
     layout: str,
@@ -215,7 +217,8 @@ def _make_dense(
     root_p = require_dir(dataset, root, root, layout, _FIX)
     train_dir = require_dir(dataset, root_p / "train", root, layout, _FIX)
     test_dir = require_dir(dataset, root_p / "val", root, layout, _FIX)
-    common = dict(num_classes=num_classes, dataset=dataset, root=root, layout=layout, size=size)
+    common: dict[str, Any] = {"num_classes": num_classes, "dataset": dataset, "root": root, "layout": layout,
+                              "size": size}
     full = NpyDenseDataset(train_dir, targets, **common)
     tr, va = carve_split(len(full), val_fraction, split_seed)
     return {
@@ -226,7 +229,7 @@ def _make_dense(
 
 
 def make_nyuv2_datasets(
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
     augment: bool = True,
@@ -260,7 +263,7 @@ def make_nyuv2_datasets(
 
 
 def make_cityscapes_datasets(
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
     augment: bool = True,

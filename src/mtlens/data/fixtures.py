@@ -34,8 +34,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,14 +65,16 @@ METAGRASPNET_FIXTURE_NORMAL = (np.array([0.2, -0.3, -1.0]) / np.linalg.norm([0.2
 
 # --------------------------------------------------------------------------------------------
 # checks
-def _count(name: str, n, minimum: int = 1) -> int:
+def _count(name: str, n: object, minimum: int = 1) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < minimum:
         raise ConfigurationError(f"{name} must be an integer ≥ {minimum}, got {n!r}")
     return int(n)
 
 
-def _size(size, minimum: int = 1) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+def _size(size: int | Sequence[int], minimum: int = 1) -> tuple[int, int]:
+    if isinstance(size, bool):
+        raise ConfigurationError(f"size must be (H, W) or an integer, got {size!r}")
+    if isinstance(size, (int, np.integer)):
         size = (size, size)
     try:
         H, W = (int(s) for s in size)
@@ -81,7 +85,7 @@ def _size(size, minimum: int = 1) -> tuple[int, int]:
     return H, W
 
 
-def _root(root) -> Path:
+def _root(root: str | os.PathLike | None) -> Path:
     if root is None:
         raise ConfigurationError("root must be a folder path to write the fixture into, got None")
     p = Path(root)
@@ -91,7 +95,7 @@ def _root(root) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # NYUv2 / Cityscapes (.npy release of MTAN / LibMTL)
-def _write_dense_split(folder: Path, n: int, size, num_classes: int, normal: bool, label_dir: str,
+def _write_dense_split(folder: Path, n: int, size: tuple[int, int], num_classes: int, normal: bool, label_dir: str,
                        rng: np.random.Generator) -> None:
     H, W = size
     subs = ("image", label_dir, "depth") + (("normal",) if normal else ())
@@ -112,20 +116,22 @@ def _write_dense_split(folder: Path, n: int, size, num_classes: int, normal: boo
             np.save(folder / "normal" / f"{i}.npy", nrm)
 
 
-def _write_dense(root, n_train, n_test, size, seed, num_classes, normal, label_dir) -> Path:
+def _write_dense(root: str | os.PathLike | None, n_train: int, n_test: int, size: int | Sequence[int], seed: int,
+                 num_classes: int, normal: bool, label_dir: str) -> Path:
     n_train = _count("n_train", n_train)
     n_test = _count("n_test", n_test)
-    size = _size(size)
+    hw = _size(size)
     if not isinstance(label_dir, str) or not label_dir or "/" in label_dir:
         raise ConfigurationError(f"label_dir must be a folder name such as 'label', got {label_dir!r}")
     r = _root(root)
     for k, (split, n) in enumerate((("train", n_train), ("val", n_test))):
         rng = np.random.default_rng([int(seed), k])
-        _write_dense_split(r / split, n, size, num_classes, normal, label_dir, rng)
+        _write_dense_split(r / split, n, hw, num_classes, normal, label_dir, rng)
     return r
 
 
-def write_nyuv2_fixture(root, n_train: int = 4, n_test: int = 2, size=(32, 48), seed: int = 0) -> Path:
+def write_nyuv2_fixture(root: str | os.PathLike, n_train: int = 4, n_test: int = 2,
+                        size: int | Sequence[int] = (32, 48), seed: int = 0) -> Path:
     """Write a tiny NYUv2 in the preprocessed ``.npy`` layout of MTAN (arXiv:1803.10704) / LibMTL.
 
     ``ROOT/train/`` holds ``n_train`` samples and ``ROOT/val/`` (the papers' test split, mtlens's
@@ -141,7 +147,8 @@ def write_nyuv2_fixture(root, n_train: int = 4, n_test: int = 2, size=(32, 48), 
     return _write_dense(root, n_train, n_test, size, seed, 13, True, "label")
 
 
-def write_cityscapes_fixture(root, n_train: int = 4, n_test: int = 2, size=(32, 64), seed: int = 0,
+def write_cityscapes_fixture(root: str | os.PathLike, n_train: int = 4, n_test: int = 2,
+                             size: int | Sequence[int] = (32, 64), seed: int = 0,
                              label_dir: str = "label") -> Path:
     """Write a tiny Cityscapes in the preprocessed ``.npy`` layout of MTAN (arXiv:1803.10704) / LibMTL.
 
@@ -176,7 +183,7 @@ def _select_rows(rows: list[tuple[str, int]], k: int | None) -> list[tuple[str, 
     return [(path, label) for _, label, _, path in keyed[:k]]
 
 
-def _jpeg_bytes(color, size: tuple[int, int]) -> bytes:
+def _jpeg_bytes(color: Sequence[int], size: tuple[int, int]) -> bytes:
     from PIL import Image
 
     H, W = size
@@ -185,9 +192,10 @@ def _jpeg_bytes(color, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def write_office_fixture(root, suite: str = "office-31", per_domain: int | None = 2, size=(24, 32),
-                         seed: int = 0, *, domains: Sequence[str] | None = None, split_dir=None,
-                         color=None) -> Path:
+def write_office_fixture(root: str | os.PathLike, suite: str = "office-31", per_domain: int | None = 2,
+                         size: int | Sequence[int] = (24, 32), seed: int = 0, *,
+                         domains: Sequence[str] | None = None, split_dir: str | os.PathLike | None = None,
+                         color: Sequence[int] | None = None) -> Path:
     """Write Office-31 / Office-Home JPEGs at the paths the SHIPPED split lists name, and the lists.
 
     Office-31 (Saenko et al. 2010) / Office-Home (Venkateswara et al. 2017) with LibMTL's
@@ -243,8 +251,8 @@ def write_office_fixture(root, suite: str = "office-31", per_domain: int | None 
 
 # --------------------------------------------------------------------------------------------
 # MetaGraspNet (scene folders of dataset_sim / dataset_real)
-def metagraspnet_plane_depth(fx: float, fy: float, cx: float, cy: float, size, normal=None,
-                             distance_cm: float = 50.0) -> np.ndarray:
+def metagraspnet_plane_depth(fx: float, fy: float, cx: float, cy: float, size: int | Sequence[int],
+                             normal: Sequence[float] | None = None, distance_cm: float = 50.0) -> np.ndarray:
     """z-depth (H×W float32, centimetres, MetaGraspNet's unit) of the plane ``n·P = −distance_cm``.
 
     Pinhole camera (OpenCV frame, as :mod:`mtlens.data.geometry`): the pixel ``(v, u)`` sees the
@@ -270,7 +278,7 @@ def metagraspnet_plane_depth(fx: float, fy: float, cx: float, cy: float, size, n
     return z.astype(np.float32)
 
 
-def write_metagraspnet_view(scene_dir, view: int, depth_cm: np.ndarray, semantic: np.ndarray, *,
+def write_metagraspnet_view(scene_dir: str | os.PathLike, view: int, depth_cm: np.ndarray, semantic: np.ndarray, *,
                             camera: dict | None = None, rgba: bool = False, seed: int = 0) -> None:
     """Write one MetaGraspNet viewpoint: ``{v}_rgb.png``, ``{v}.npz`` and optionally its camera json.
 
@@ -306,10 +314,12 @@ def write_metagraspnet_view(scene_dir, view: int, depth_cm: np.ndarray, semantic
         (folder / f"{view}_camera_params.json").write_text(json.dumps(camera))
 
 
-def write_metagraspnet_fixture(root, scenes: Sequence[int] = (1, 2, 3), views: Sequence[int] = (0, 1),
-                               size=(30, 40), seed: int = 0, *, real_scenes: Sequence[int] = (),
-                               real_intrinsics=None, sim_camera_json: bool = True, sim_rgba: bool = True,
-                               normal=None, distance_cm: float = 50.0,
+def write_metagraspnet_fixture(root: str | os.PathLike, scenes: Sequence[int] = (1, 2, 3),
+                               views: Sequence[int] = (0, 1),
+                               size: int | Sequence[int] = (30, 40), seed: int = 0, *,
+                               real_scenes: Sequence[int] = (), real_intrinsics: Sequence[float] | None = None,
+                               sim_camera_json: bool = True, sim_rgba: bool = True,
+                               normal: Sequence[float] | None = None, distance_cm: float = 50.0,
                                nan_pixels: Sequence[tuple[int, int]] = ((2, 5),)) -> Path:
     """Write MetaGraspNet scene folders ``ROOT/scene{N}/`` whose normals are known exactly.
 
@@ -338,7 +348,7 @@ def write_metagraspnet_fixture(root, scenes: Sequence[int] = (1, 2, 3), views: S
         raise ConfigurationError(f"scenes {scenes} and views {views} must be non-empty and distinct")
     if any(s < 0 for s in scenes + views):
         raise ConfigurationError("scene and view numbers must be non-negative integers")
-    extra = sorted(set(int(s) for s in real_scenes) - set(scenes))
+    extra = sorted({int(s) for s in real_scenes} - set(scenes))
     if extra:
         raise ConfigurationError(f"real_scenes {extra} are not among scenes {scenes}")
     for (i, j) in nan_pixels:
@@ -349,8 +359,9 @@ def write_metagraspnet_fixture(root, scenes: Sequence[int] = (1, 2, 3), views: S
     rfx, rfy, rcx, rcy = (float(x) for x in real_intrinsics)
     r = _root(root)
     rng = np.random.default_rng(int(seed))
-    real = set(int(s) for s in real_scenes)
+    real = {int(s) for s in real_scenes}
     for s in scenes:
+        camera: dict[str, Any] | None
         if s in real:
             intr = (rfx, rfy, rcx, rcy)
             camera = {"fx": rfx, "fy": rfy, "cx": rcx, "cy": rcy, "width": W, "height": H}
@@ -405,7 +416,8 @@ def _class_pattern(c: int) -> tuple[slice, slice]:
     return slice(r0, r0 + 4), slice(c0, c0 + 4)
 
 
-def write_mnist_idx_fixture(root, n_train: int = 60, n_test: int = 20, gz: bool = True, seed: int = 0, *,
+def write_mnist_idx_fixture(root: str | os.PathLike, n_train: int = 60, n_test: int = 20, gz: bool = True,
+                            seed: int = 0, *,
                             id_offset: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Write the four MNIST / Fashion-MNIST IDX files (LeCun et al. 1998 format) into ``root``.
 

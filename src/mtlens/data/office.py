@@ -8,6 +8,7 @@ Images are read with PIL, resized to 224×224 and normalised with the ImageNet s
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -82,8 +83,9 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(
-        self, root, entries, *, size: int = 224, augment: bool = False, dataset: str = "", layout: str = ""
-    ):
+        self, root: str | os.PathLike, entries: Iterable[tuple[str, int]], *, size: int = 224, augment: bool = False,
+        dataset: str = "", layout: str = "",
+    ) -> None:
         self.root = Path(root)
         self.entries = list(entries)
         self.size = int(size)
@@ -111,17 +113,17 @@ class ImageListDataset(Dataset):
         S = self.size
         if self.augment:
             box = random_resized_box(img.width, img.height)
-            img = img.resize((S, S), resample=Image.BILINEAR, box=box)
+            img = img.resize((S, S), resample=Image.Resampling.BILINEAR, box=box)
             if float(torch.rand(1)) < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
-            img = img.resize((S, S), resample=Image.BILINEAR)
+            img = img.resize((S, S), resample=Image.Resampling.BILINEAR)
         x = normalize_imagenet(pil_to_tensor(img))
         return {"input": x, "target": torch.tensor(label, dtype=torch.int64)}
 
 
 def _make_office(
-    root,
+    root: str | os.PathLike | None,
     *,
     benchmark: str,
     dataset: str,
@@ -129,10 +131,10 @@ def _make_office(
     num_classes: int,
     layout: str,
     fix: str,
-    domains=None,
+    domains: Sequence[str] | None = None,
     augment: bool = False,
     size: int = 224,
-    split_dir=None,
+    split_dir: str | os.PathLike | None = None,
     check_files: bool = True,
 ) -> dict[str, dict[str, ImageListDataset]]:
     if root is None:
@@ -181,15 +183,15 @@ def _make_office(
 
 
 def make_office31_datasets(
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
-    domains=None,
+    domains: Sequence[str] | None = None,
     augment: bool = False,
     size: int = 224,
-    split_dir=None,
+    split_dir: str | os.PathLike | None = None,
     check_files: bool = True,
-):
+) -> dict[str, dict[str, ImageListDataset]]:
     """Office-31 (Saenko et al. 2010; amazon, dslr, webcam × 31 classes) → ``{split: {domain: Dataset}}``.
 
     Splits: LibMTL's 60/20/20 lists shipped in ``mtlens/data/splits/office-31`` (MIT License),
@@ -215,15 +217,15 @@ def make_office31_datasets(
 
 
 def make_officehome_datasets(
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
-    domains=None,
+    domains: Sequence[str] | None = None,
     augment: bool = False,
     size: int = 224,
-    split_dir=None,
+    split_dir: str | os.PathLike | None = None,
     check_files: bool = True,
-):
+) -> dict[str, dict[str, ImageListDataset]]:
     """Office-Home (Venkateswara et al. 2017; Art, Clipart, Product, Real_World × 65 classes).
 
     Splits: LibMTL's 60/20/20 lists shipped in ``mtlens/data/splits/office-home`` (MIT License),

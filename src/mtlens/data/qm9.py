@@ -226,7 +226,9 @@ def _parse_list(text: str, where: str, what: str) -> list[str]:
     return [s.strip().strip("'\"") for s in t[1:-1].split(",") if s.strip()]
 
 
-def _parse_row(row: list[str], col: dict[str, int], where: str):
+def _parse_row(
+    row: list[str], col: dict[str, int], where: str
+) -> tuple[int, str, list[str], np.ndarray, list[float]]:
     """(gdb index, SMILES, elements, coordinates n×3 float64, 11 raw properties) of one CSV row."""
     if len(row) != len(col):
         raise DataError(f"{where}: expected {len(col)} fields, found {len(row)} (truncated or malformed row)")
@@ -284,10 +286,10 @@ class _Featuriser:
 
     def __init__(self):
         self.Chem = require("rdkit.Chem", "graph", "the QM9 loader (featurisation)")
-        from rdkit import RDLogger
+        from rdkit import rdBase
         from rdkit.Chem import rdDetermineBonds
 
-        RDLogger.DisableLog("rdApp.*")
+        rdBase.DisableLog("rdApp.*")  # what rdkit.RDLogger.DisableLog calls
         self.determine = rdDetermineBonds
         C = self.Chem
         self.hyb = {C.HybridizationType.SP: 0, C.HybridizationType.SP2: 1, C.HybridizationType.SP3: 2}
@@ -316,7 +318,8 @@ class _Featuriser:
         s.UpdatePropertyCache(strict=False)
         return s
 
-    def __call__(self, smiles: str, elements: list[str], xyz: np.ndarray, where: str):
+    def __call__(self, smiles: str, elements: list[str], xyz: np.ndarray,
+                 where: str) -> tuple[np.ndarray, np.ndarray, bool]:
         """``(atoms, bonds, from_geometry)`` in the geometry's atom order.
 
         ``atoms``: n×2 int8 (aromatic 0/1, hybridisation 0 sp, 1 sp2, 2 sp3, −1 other); ``bonds``:
@@ -337,12 +340,11 @@ class _Featuriser:
             )
         geo = self._geometry_mol(elements, xyz)
         self.determine.DetermineConnectivity(geo)
-        order = None
         match = self._skeleton(geo).GetSubstructMatch(self._skeleton(ref))
-        if len(match) == n:
-            order = match  # ref atom k is geometry atom match[k]
-        from_geometry = order is None
-        if from_geometry:  # SMILES and geometry disagree: perceive bond orders from the geometry
+        from_geometry = len(match) != n
+        if not from_geometry:
+            order = tuple(match)  # ref atom k is geometry atom match[k]
+        else:  # SMILES and geometry disagree: perceive bond orders from the geometry
             geo = self._geometry_mol(elements, xyz)
             try:
                 self.determine.DetermineBonds(geo, charge=0)
@@ -371,7 +373,7 @@ class _Featuriser:
         return atoms, bonds, from_geometry
 
 
-def _formula(elements) -> str:
+def _formula(elements: Sequence[str]) -> str:
     """Hill formula (C, H, then alphabetical), e.g. C3H6."""
     elements = list(elements)
     return "".join(f"{e}{elements.count(e)}" for e in ("C", "H", "F", "N", "O") if e in elements)
@@ -593,7 +595,7 @@ class QM9Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def graph(self, i: int):
+    def graph(self, i: int) -> Any:  # a torch_geometric Data (an optional dependency)
         """The PyG ``Data`` of the ``i``-th molecule of this split (features as the module docstring)."""
         s = self.store
         m = int(self.positions[i])
@@ -672,7 +674,7 @@ def _complete_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_qm9_datasets(
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
     split_seed: int = 0,
@@ -680,7 +682,7 @@ def make_qm9_datasets(
     n_val: int | None = None,
     n_test: int | None = None,
     complete: bool = True,
-    cache_dir=None,
+    cache_dir: str | os.PathLike | None = None,
     tasks: Sequence[str] | None = None,
     test_size: int = SPLIT_SIZES["test"],
     val_size: int = SPLIT_SIZES["val"],
@@ -711,6 +713,7 @@ def make_qm9_datasets(
     if bad or not tasks:
         raise ConfigurationError(f"QM9 tasks {bad or list(tasks)} unknown; choose from {list(QM9_TASKS)}")
     store = load_qm9(root, cache_dir)
+    assert store is not None  # load_qm9 returns None only with process=False
     parts = qm9_split(len(store), split_seed, n_test=test_size, n_val=val_size)
     for name, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         if n is not None:

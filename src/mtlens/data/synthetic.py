@@ -20,6 +20,8 @@ split is rendered from ``numpy.random.default_rng([data_seed, split code, i])``.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,7 +176,7 @@ def _cylinder(D: np.ndarray, cy: Cylinder) -> tuple[np.ndarray, np.ndarray]:
     return best_t, normal
 
 
-def _intersect(D: np.ndarray, obj) -> tuple[np.ndarray, np.ndarray]:
+def _intersect(D: np.ndarray, obj: Sphere | Box | Cylinder) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(obj, Sphere):
         return _sphere(D, obj)
     if isinstance(obj, Box):
@@ -185,7 +187,7 @@ def _intersect(D: np.ndarray, obj) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render(
-    scene: Scene, size: tuple[int, int] = (64, 64), noise: float = 0.0, rng=None
+    scene: Scene, size: tuple[int, int] = (64, 64), noise: float = 0.0, rng: np.random.Generator | None = None
 ) -> dict[str, np.ndarray]:
     """Ray-cast ``scene``: ``{"image" H×W×3 float32 [0,1], "segmentation" H×W int64, "depth" H×W float32,
     "normal" H×W×3 float32, "points" H×W×3 float64 (world-frame hit points)}``.
@@ -206,9 +208,8 @@ def render(
     surfaces = [
         (0, None, *_plane(D, 2, scene.wall_z, np.array([0.0, 0.0, -1.0]))),
         (1, None, *_plane(D, 1, scene.floor_y, np.array([0.0, -1.0, 0.0]))),
+        *((obj.label, obj, *_intersect(D, obj)) for obj in scene.objects),
     ]
-    for obj in scene.objects:
-        surfaces.append((obj.label, obj, *_intersect(D, obj)))
     T = np.stack([s[2] for s in surfaces])
     k = T.argmin(axis=0)
     n_pix = np.arange(D.shape[0])
@@ -260,7 +261,8 @@ def random_scene(rng: np.random.Generator, fov_deg: float = 60.0) -> Scene:
     objects = []
     for _ in range(n_obj):
         kind = int(rng.integers(0, 3))
-        color = tuple(float(c) for c in rng.uniform(0.1, 0.95, size=3))
+        color = _rgb(rng.uniform(0.1, 0.95, size=3))
+        obj: Sphere | Box | Cylinder
         for _try in range(50):
             z = float(rng.uniform(3.5, 7.5))
             x = float(rng.uniform(-0.7, 0.7) * z * half_tan)
@@ -287,10 +289,14 @@ def random_scene(rng: np.random.Generator, fov_deg: float = 60.0) -> Scene:
         pitch=pitch,
         light=light,
         floor_colors=((g1, g1, g1 * 0.95), (g2, g2, g2 * 1.1)),
-        wall_color=tuple(float(c) for c in rng.uniform(0.4, 0.9, size=3)),
+        wall_color=_rgb(rng.uniform(0.4, 0.9, size=3)),
         tile=float(rng.uniform(0.6, 1.2)),
         fov_deg=fov_deg,
     )
+
+
+def _rgb(c: np.ndarray) -> tuple[float, float, float]:
+    return float(c[0]), float(c[1]), float(c[2])
 
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -308,11 +314,11 @@ class SyntheticScenesDataset(Dataset):
         n: int,
         split: str = "train",
         *,
-        size=(64, 64),
+        size: Sequence[int] = (64, 64),
         data_seed: int = 0,
         noise: float = 0.01,
         cache: bool = True,
-    ):
+    ) -> None:
         if split not in _SPLIT_CODES:
             raise ConfigurationError(f"split must be one of {list(_SPLIT_CODES)}, got {split!r}")
         if n < 1:
@@ -354,13 +360,13 @@ class SyntheticScenesDataset(Dataset):
 
 
 def make_synthetic_scenes_datasets(
-    root=None,
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     *,
     n_train: int = 2000,
     n_val: int = 200,
     n_test: int = 500,
-    size=(64, 64),
+    size: int | Sequence[int] = (64, 64),
     data_seed: int = 0,
     noise: float = 0.01,
 ) -> dict[str, SyntheticScenesDataset]:

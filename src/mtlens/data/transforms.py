@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 #: ImageNet channel statistics (torchvision's pretrained-weights convention).
@@ -75,7 +76,7 @@ def random_hflip(
     return torch.flip(image, dims=[-1]), out
 
 
-def pil_to_tensor(img) -> Tensor:
+def pil_to_tensor(img: Image.Image) -> Tensor:
     """A PIL RGB image as a float32 3×H×W tensor in [0, 1]."""
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

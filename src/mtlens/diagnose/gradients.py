@@ -13,6 +13,7 @@ backward is ever needed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ def gramian_condition_number(gramian: StepRecord | Tensor) -> float:
     return lmax / lmin
 
 
-def _pairs(T: int) -> tuple[Tensor, Tensor]:
+def _pairs(T: int) -> Tensor:
+    """The pairs ``i < j`` as a (2, T(T−1)/2) index tensor: ``i, j = _pairs(T)``."""
     return torch.triu_indices(T, T, offset=1)
 
 
@@ -57,7 +59,7 @@ class _PairwiseSimilarity:
     n_pairs: int
     level: str | None = field(default=None)
 
-    def norms_dict(self, prefix: str = "", task_names=None) -> dict[str, float]:
+    def norms_dict(self, prefix: str = "", task_names: Sequence[str] | None = None) -> dict[str, float]:
         names = task_names or [f"task{i}" for i in range(self.grad_norms.numel())]
         return {f"{prefix}grad_norm/{n}": float(v) for n, v in zip(names, self.grad_norms)}
 
@@ -72,7 +74,7 @@ class DirectionSimilarity(_PairwiseSimilarity):
 
     conflict_fraction: float = 0.0
 
-    def to_dict(self, prefix: str = "", task_names=None) -> dict[str, float]:
+    def to_dict(self, prefix: str = "", task_names: Sequence[str] | None = None) -> dict[str, float]:
         out = {
             f"{prefix}gds_mean": self.mean,
             f"{prefix}gds_min": self.min,
@@ -91,7 +93,7 @@ class MagnitudeSimilarity(_PairwiseSimilarity):
     Two zero gradients have equal magnitudes (GMS 1); one zero and one non-zero give 0.
     T = 1: no pairs; ``mean = min = 1.0`` by definition."""
 
-    def to_dict(self, prefix: str = "", task_names=None) -> dict[str, float]:
+    def to_dict(self, prefix: str = "", task_names: Sequence[str] | None = None) -> dict[str, float]:
         out = {
             f"{prefix}gms_mean": self.mean,
             f"{prefix}gms_min": self.min,

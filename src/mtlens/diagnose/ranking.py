@@ -47,7 +47,9 @@ def summarize_steps(values: Sequence[float], reduction: str = "mean") -> float:
     v = v[np.isfinite(v)]
     if v.size == 0:
         raise ShapeError("summarize_steps: no finite value to summarise (was the identifier ever logged?)")
-    return float({"mean": np.mean, "median": np.median, "last": lambda a: a[-1]}[reduction](v))
+    if reduction == "last":
+        return float(v[-1])
+    return float(np.median(v) if reduction == "median" else np.mean(v))
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class RankingSimilarity:
         out = {f"{prefix}kendall_tau": self.kendall_tau, f"{prefix}spearman_rho": self.spearman_rho}
         if self.kendall_interval is not None:
             out[f"{prefix}kendall_low"], out[f"{prefix}kendall_high"] = self.kendall_interval
+        if self.spearman_interval is not None:  # both intervals exist from 2 seeds on
             out[f"{prefix}spearman_low"], out[f"{prefix}spearman_high"] = self.spearman_interval
         return out
 

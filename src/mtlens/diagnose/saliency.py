@@ -72,6 +72,7 @@ def feature_disentanglement(
                 # 0·log 0 = 0, so they add nothing to the sum: no masked copy of the block.
                 p = a.div_(torch.where(active, s, torch.ones_like(s)))
             else:
+                assert scale is not None  # computed above for temperature > 0
                 p = torch.softmax(a / (float(temperature) * scale), dim=0)
             # p·log p with 0·log 0 = 0: log of p clamped at the smallest normal number (for p below
             # it the change is < 1e-36 per term); torch.special.xlogy is ~10× slower on CPU
@@ -83,7 +84,7 @@ def feature_disentanglement(
             return float("nan")
         if T == 1:
             return 0.0
-        return -total / (n * math.log(T))
+        return -total / (n * math.log(T)) + 0.0  # + 0.0: a disentangled batch gives 0.0, not -0.0
 
 
 def tsr_entropy(saliencies: StepRecord | Tensor | Sequence[Tensor], normalize: bool = False) -> float:

@@ -35,9 +35,11 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import types
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +109,10 @@ def components_of(model: nn.Module | Mapping[str, nn.Module]) -> dict[str, nn.Mo
                 f"model.heads is a {type(heads).__name__}; expected a ModuleDict/ModuleList, or pass "
                 "{component: module} explicitly"
             )
-        comps = {"encoder": model.encoder, **{f"heads/{k}": h for k, h in items}}
+        encoder = model.encoder
+        if not isinstance(encoder, nn.Module):
+            raise ConfigurationError(f"model.encoder is a {type(encoder).__name__}, not an nn.Module")
+        comps = {"encoder": encoder, **{f"heads/{k}": h for k, h in items}}
     else:
         raise ConfigurationError(
             f"power_law_alpha needs a model with .encoder and .heads (HPSModel) or an explicit "
@@ -184,10 +189,14 @@ def fit_power_law(evals: np.ndarray, min_tail: int = 8) -> tuple[float, float, f
     return float(alpha), xmin, D, m
 
 
-def _mle_layers(comp: str, module: nn.Module, min_evals: int, min_tail: int):
-    out, skipped = [], []
+def _mle_layers(
+    comp: str, module: nn.Module, min_evals: int, min_tail: int
+) -> tuple[list[LayerAlpha], list[tuple[str, str, str]]]:
+    out: list[LayerAlpha] = []
+    skipped: list[tuple[str, str, str]] = []
     for name, layer in _weight_layers(module):
         W = layer.weight
+        assert isinstance(W, torch.Tensor)  # _weight_layers keeps layers whose weight is a tensor
         ev = layer_eigenvalues(W)
         rows, cols = (W.shape[0], W.shape[1])
         tol = (math.sqrt(ev[-1]) if ev.size else 0.0) * max(rows, cols) * np.finfo(np.float64).eps
@@ -212,14 +221,18 @@ def _import_weightwatcher():
         return require("weightwatcher", "spectra", "Power-law α with method='weightwatcher'")
 
 
-def _ww_layers(ww, comp: str, module: nn.Module, min_evals: int, options: dict):
+def _ww_layers(
+    ww: types.ModuleType, comp: str, module: nn.Module, min_evals: int, options: dict[str, Any]
+) -> tuple[list[LayerAlpha], list[tuple[str, str, str]]]:
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), warnings.catch_warnings():
         # weightwatcher's own pandas deprecation noise, not about the user's model
         warnings.filterwarnings("ignore", message="Passing a dict to DataFrame.from_records")
         df = ww.WeightWatcher(model=module).analyze(min_evals=min_evals, **options)
     ours = dict(_weight_layers(module))
-    out, seen, skipped_rows = [], set(), []
+    out: list[LayerAlpha] = []
+    seen: set[str] = set()
+    skipped_rows: list[tuple[str, str, str]] = []
     if len(df) and "alpha" in df.columns:
         for _, row in df.iterrows():
             name = str(row["longname"])

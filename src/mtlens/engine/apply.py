@@ -108,7 +108,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         if scale != 1.0:
             total = total * scale
         params = find_leaves([total])
-        gs = list(_grads(total, params, retain_graph=retain_graph))
+        gs: list[Tensor | None] = list(_grads(total, params, retain_graph=retain_graph))
         if dist is not None:
             gs = dist.mean_list(gs)
         params, gs = _with_extras(params, gs, decision.extra_grads, scale)
@@ -119,25 +119,26 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         return ""
 
     T = grads.T
-    reg_shared = reg_heads = None
-    reg_dz: list[list[Tensor]] | None = None
+    reg_shared: list[Tensor] | None = None
+    reg_heads: list[Tensor | None] | None = None
+    reg_dz: list[list[Tensor | None]] | None = None
     if grads._reg_total is not None:
         reg = grads._reg_total * scale if scale != 1.0 else grads._reg_total
         if grads._reg_kind == "param":
-            gs = _grads(reg, list(shared) + heads, retain_graph=True)
+            rg = _grads(reg, list(shared) + heads, retain_graph=True)
             reg_shared = [g.detach() / scale if scale != 1.0 else g.detach()
-                          for g in zeros_if_none(gs[: len(shared)], shared)]
-            reg_heads = [None if g is None else g.detach() / scale for g in gs[len(shared):]]
+                          for g in zeros_if_none(rg[: len(shared)], shared)]
+            reg_heads = [None if g is None else g.detach() / scale for g in rg[len(shared):]]
         else:
             maps = [z for part in grads._parts for z in part["features"].maps]
-            gs = _grads(reg, maps + heads, retain_graph=True)
-            flat = [None if g is None else g.detach() / scale for g in gs[: len(maps)]]
+            rg = _grads(reg, maps + heads, retain_graph=True)
+            flat = [None if g is None else g.detach() / scale for g in rg[: len(maps)]]
             reg_dz, i = [], 0
             for part in grads._parts:
                 n = len(part["features"].maps)
                 reg_dz.append(flat[i:i + n])
                 i += n
-            reg_heads = [None if g is None else g.detach() / scale for g in gs[len(maps):]]
+            reg_heads = [None if g is None else g.detach() / scale for g in rg[len(maps):]]
 
     # ---- shared parameters -----------------------------------------------------------------
     local_shared: list[Tensor] | None = None  # computed on this rank's samples: averaged below
@@ -154,7 +155,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                         f"'{name}' combines the Jacobian itself; at feature level it needs one shared representation "
                         "and one batch (not multi-input, not accumulated micro-batches)"
                     )
-                dz = [c for c in decision.combined]
+                dz = list(decision.combined)
+            elif w is None:  # apply_decision may be called without check_decision (README's accumulation)
+                raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
             elif pf.multi_input:
                 dz = [w[t].to(S[t][0].dtype) * S[t][0] for t in range(T)]
             elif len(grads._parts) == 1 and grads._blocks is not None and len(grads._blocks) == len(pf.maps):
@@ -173,15 +176,17 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             if len(grads._parts) > 1:
                 dz = [d / len(grads._parts) for d in dz]
             dz_s = [d * scale for d in dz] if scale != 1.0 else dz
-            pairs = [(z, g) for z, g in zip(pf.maps, dz_s)]
-            gs = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
+            pairs = list(zip(pf.maps, dz_s))
+            gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
                         retain_graph=retain_graph or grads._reg_total is not None)
-            for acc, g in zip(local_shared, gs):
+            for acc, g in zip(local_shared, gz):
                 if g is not None:
                     acc.add_(g.detach() / scale if scale != 1.0 else g.detach())
     else:
         if decision.combined is not None:
             global_shared = list(decision.combined)
+        elif decision.weights is None:  # apply_decision may be called without check_decision
+            raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
         elif grads._rows is not None:
             # the rows are fresh autograd outputs used nowhere else: combine them in place
             global_shared = combine_rows(decision.weights, grads._rows, inplace=True)
@@ -190,11 +195,11 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             global_shared = combine_blocks(decision.weights, grads.jacobian_blocks())
         if reg_dz is not None:
             maps = grads._parts[0]["features"].maps
-            pairs = [(z, g) for z, g in zip(maps, reg_dz[0]) if g is not None]
-            if pairs:
-                gs = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
+            reg_pairs = [(z, g) for z, g in zip(maps, reg_dz[0]) if g is not None]
+            if reg_pairs:
+                gr = _grads([z for z, _ in reg_pairs], shared, grad_outputs=[g for _, g in reg_pairs],
                             retain_graph=retain_graph)
-                local_shared = zeros_if_none(gs, shared)
+                local_shared = zeros_if_none(gr, shared)
         if reg_shared is not None:
             local_shared = reg_shared if local_shared is None else [a + b for a, b in zip(local_shared, reg_shared)]
 
@@ -207,19 +212,24 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             r = grads.head_rows[t][j] if grads.head_rows else None
             if r is not None:
                 g = r * hw[t] if g is None else g.add_(r, alpha=hw[t])
-        if reg_heads is not None and reg_heads[j] is not None:
-            g = reg_heads[j] if g is None else g + reg_heads[j]
+        rh = reg_heads[j] if reg_heads is not None else None
+        if rh is not None:
+            g = rh if g is None else g + rh
         head_g.append(g)
 
     if dist is not None:
         n = len(shared)
-        reduced = dist.mean_list((local_shared or [None] * n) + head_g)
-        local_shared = reduced[:n] if local_shared is not None else None  # type: ignore[assignment]
+        parts: list[Tensor | None] = [*(local_shared if local_shared is not None else [None] * n), *head_g]
+        reduced = dist.mean_list(parts)
+        local_shared = [g for g in reduced[:n] if g is not None] if local_shared is not None else None
         head_g = reduced[n:]
+    shared_g: list[Tensor | None]
     if global_shared is not None and local_shared is not None:
         shared_g = [a + b for a, b in zip(global_shared, local_shared)]
     else:
-        shared_g = global_shared if global_shared is not None else local_shared
+        chosen = global_shared if global_shared is not None else local_shared
+        assert chosen is not None  # the parameter level sets global_shared, the feature level local_shared
+        shared_g = list(chosen)
     others: list[Tensor] = []
     other_g: list[Tensor | None] = []
     if decision.extra_grads:  # global, unscaled gradients the method computed itself (adds_gradients)
@@ -253,5 +263,6 @@ def _with_extras(params: Sequence[Tensor], gs: Sequence[Tensor | None], extras: 
             params.append(p)
             gs.append(g)
         else:
-            gs[i] = g if gs[i] is None else gs[i] + g.to(gs[i].dtype)
+            cur = gs[i]
+            gs[i] = g if cur is None else cur + g.to(cur.dtype)
     return params, gs

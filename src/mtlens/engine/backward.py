@@ -28,14 +28,16 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
-from .apply import apply_decision, check_decision
+from .apply import _accumulate, apply_decision, check_decision
 from .decision import Decision
-from .distributed import resolve
+from .distributed import Dist, resolve
 from .gradients import (
     JACOBIAN_MODES,
     LOG_EPS,
     LOSS_TRANSFORMS,
     TaskGradients,
+    _sum,
+    all_finite,
     compute_task_gradients,
     normalise_losses,
     transform_losses,
@@ -138,7 +140,7 @@ def mtl_backward(
     keep_saliencies: bool = False,
     compute_gramian: bool | str = False,
     nonfinite: str = "raise",
-    grad_scaler=None,
+    grad_scaler: torch.amp.GradScaler | None = None,
     grad_norm_params: Sequence[Tensor] | None = None,
     retain_graph: bool = False,
     distributed: Any = None,
@@ -283,7 +285,7 @@ def mtl_backward(
                    if is_loss else "a Jacobian aggregator's update is not a weighting of the task losses")
             )
         if not cache.due():
-            return _cached_step(losses, task_names, method, cache, features, shared, task_params, transform,
+            return _cached_step(losses, task_names, method, cache, shared, task_params, transform,
                                 regularizers, scale, dist, retain_graph, nonfinite, grad_scaler, lvl)
 
     grads = compute_task_gradients(
@@ -345,8 +347,8 @@ def step_record(grads: TaskGradients) -> StepRecord:
     return rec
 
 
-def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients, grad_scaler,
-                 overflow: bool = False) -> StepRecord:
+def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients,
+                 grad_scaler: torch.amp.GradScaler | None, overflow: bool = False) -> StepRecord:
     record.weights = None
     record.gramian = None
     if grad_scaler is not None and overflow:
@@ -367,8 +369,11 @@ def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients
     return record
 
 
-def _cached_step(losses, task_names, method, cache, features, shared, task_params, transform, regularizers,
-                 scale, dist, retain_graph, nonfinite, grad_scaler, lvl) -> StepRecord:
+def _cached_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
+                 method: Method, cache: DecisionCache, shared: list[Tensor] | None,
+                 task_params: Iterable[Tensor] | None, transform: str, regularizers: Sequence[Regularizer],
+                 scale: float, dist: Dist | None, retain_graph: bool, nonfinite: str,
+                 grad_scaler: torch.amp.GradScaler | None, lvl: str) -> StepRecord:
     """One backward of ``Σ_t w_t L_t`` with the cached weights (heads: ``Σ_t h_t L_t``)."""
     if regularizers:
         raise ConfigurationError(
@@ -383,21 +388,23 @@ def _cached_step(losses, task_names, method, cache, features, shared, task_param
     if not grads.ok:
         return _not_written(grads.problem, nonfinite, record, grads, grad_scaler, False)
     d = cache.decision
+    if d is None or d.weights is None:  # cache.due() is true without a decision: never reached
+        raise ConfigurationError("update_every: no cached decision to reuse; the step should have been a decision step")
+    assert shared is not None  # gradient methods refuse a missing shared_params above
     w, hw = d.weights, d.head_weights
     if w.shape[0] != grads.T:
         raise ConfigurationError(f"the cached decision has {w.shape[0]} weights for {grads.T} tasks")
     attached = grads._attached
+    assert attached is not None  # the loss level keeps the attached objective losses
     heads = grads.task_params
-    obj = sum(float(w[t]) * attached[t] for t in range(grads.T)) * scale
+    obj = _sum(float(w[t]) * attached[t] for t in range(grads.T)) * scale
     same = hw is None or bool(torch.equal(hw, w))
     params = list(shared) + ([] if not same else heads)
-    gs = list(torch.autograd.grad(obj, params, retain_graph=retain_graph or not same, allow_unused=True))
-    if not same:
-        hobj = sum(float(hw[t]) * attached[t] for t in range(grads.T)) * scale
+    gs: list[Tensor | None] = list(
+        torch.autograd.grad(obj, params, retain_graph=retain_graph or not same, allow_unused=True))
+    if hw is not None and not same:
+        hobj = _sum(float(hw[t]) * attached[t] for t in range(grads.T)) * scale
         gs += list(torch.autograd.grad(hobj, heads, retain_graph=retain_graph, allow_unused=True))
-    from .apply import _accumulate
-    from .gradients import all_finite
-
     if dist is not None:
         gs = dist.mean_list(gs)
     if not all_finite(gs):

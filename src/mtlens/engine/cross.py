@@ -68,8 +68,8 @@ def cross_gramian(losses_a: Mapping[str, Tensor] | Sequence[Tensor], losses_b: M
     ra, rb = _rows(la, params), _rows(lb, params)
     dist = resolve(distributed)
     if dist is not None:  # T all-reduces per batch, as the engine's parameter level
-        ra = [[g for g in dist.mean_list(r)] for r in ra]
-        rb = [[g for g in dist.mean_list(r)] for r in rb]
+        ra = [dist.mean_tensors(r) for r in ra]
+        rb = [dist.mean_tensors(r) for r in rb]
     T = len(la)
     A = torch.zeros(T, T, dtype=torch.float64, device=params[0].device)
     for k in range(len(params)):

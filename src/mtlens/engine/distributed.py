@@ -66,6 +66,10 @@ class Dist:
             i += n
         return out
 
+    def mean_tensors(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`mean_list` of tensors without ``None`` entries (typed as such)."""
+        return [t for t in self.mean_list(tensors) if t is not None]
+
     def all_gather_with_grad(self, t: Tensor, dim: int) -> Tensor:
         """Concatenate every rank's ``t`` along ``dim`` (equal shapes), differentiably.
 
@@ -77,14 +81,14 @@ class Dist:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: Tensor, dim: int, dist: Dist) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor, dim: int, dist: Dist) -> Tensor:
         ctx.dim, ctx.dist, ctx.size = dim, dist, t.shape[dim]
         parts = [torch.empty_like(t) for _ in range(dist.world)]
         torch.distributed.all_gather(parts, t.contiguous(), group=dist.group)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         g = grad.contiguous().clone()
         torch.distributed.all_reduce(g, group=ctx.dist.group)
         start = ctx.dist.rank * ctx.size

@@ -66,9 +66,13 @@ class Features:
         return self.maps
 
 
-def normalise_features(features, names: Sequence[str]) -> Features:
+def normalise_features(
+    features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, names: Sequence[str]
+) -> Features:
     if features is None:
         return Features([], [])
+    maps: list[Tensor]
+    owner: list[int | None]
     if isinstance(features, Tensor):
         maps, owner = [features], [None]
     elif isinstance(features, Mapping):
@@ -99,7 +103,9 @@ def normalise_features(features, names: Sequence[str]) -> Features:
     return Features(maps, owner)
 
 
-def normalise_losses(losses, task_names) -> tuple[list[str], list[Tensor]]:
+def normalise_losses(
+    losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None
+) -> tuple[list[str], list[Tensor]]:
     if isinstance(losses, Mapping):
         names = list(losses.keys())
         values = list(losses.values())
@@ -137,14 +143,19 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
     return bool(torch.isfinite(sums).all())
 
 
-def _grads(outputs, inputs, grad_outputs=None, retain_graph=True, create_graph=False, batched=False):
+def _grads(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    grad_outputs: Tensor | Sequence[Tensor] | None = None,
+    retain_graph: bool = True, create_graph: bool = False, batched: bool = False,
+) -> tuple[Tensor | None, ...]:
     return torch.autograd.grad(
         outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph or create_graph,
         create_graph=create_graph, allow_unused=True, is_grads_batched=batched,
     )
 
 
-def zeros_if_none(gs, like):
+def zeros_if_none(gs: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, like)]
 
 
@@ -334,31 +345,30 @@ class TaskGradients:
                       for k, r in enumerate(rows_k)]
         out.head_rows = _mean_rows(rows_k)
         for s in steps:
-            for k, v in s.regularizer_values.items():
-                out.regularizer_values[k] = out.regularizer_values.get(k, 0.0) + v / K
+            for key, v in s.regularizer_values.items():
+                out.regularizer_values[key] = out.regularizer_values.get(key, 0.0) + v / K
         regs = [s._reg_total for s in steps if s._reg_total is not None]
         if regs:
-            out._reg_total = sum(regs) / K  # type: ignore[assignment]
+            out._reg_total = _sum(regs) / K
             out._reg_kind = first._reg_kind
         if first.level == "param":
             blocks = [s.jacobian_blocks() for s in steps]
             if scaled:
                 blocks = [[b * c[k].to(b.dtype).reshape(-1, *([1] * (b.ndim - 1))) for b in bl]
                           for k, bl in enumerate(blocks)]
-            out._blocks = [sum(bs) / K for bs in zip(*blocks)]  # type: ignore[misc]
+            out._blocks = [_sum(bs) / K for bs in zip(*blocks)]
         elif first.level == "feature":
-            G = 0
-            for k, s in enumerate(steps):
-                G = G + s.gramian() * torch.outer(c[k], c[k]).to(s.gramian().device)
-                if scaled:
+            G = _sum(s.gramian() * torch.outer(c[k], c[k]).to(s.gramian().device) for k, s in enumerate(steps))
+            if scaled:
+                for k, s in enumerate(steps):
                     for p in s._parts:
                         p["saliencies"] = [[z * float(c[k, t]) for z in row] for t, row in enumerate(p["saliencies"])]
-            out._gramian = G / (K * K)  # type: ignore[assignment]
+            out._gramian = G / (K * K)
         else:
             if first._attached is not None:
                 # value = the mean over micro-batches, gradient = each micro-batch's own graph;
                 # the transform is applied to the mean raw loss (exact for log too)
-                out._attached = [transform_losses(sum(p["loss_list"][t] for p in out._parts) / K, transform)
+                out._attached = [transform_losses(_sum(p["loss_list"][t] for p in out._parts) / K, transform)
                                  for t in range(out.T)]
             if first.grad_norms is not None:
                 out.grad_norms = None
@@ -368,7 +378,8 @@ class TaskGradients:
                 )
             if any(s._gramian is not None for s in steps):
                 out._gramian = None
-        if all(s._sal_graph is not None for s in steps):
+        graphs = [s._sal_graph for s in steps if s._sal_graph is not None]
+        if len(graphs) == K:
             # the concatenated batch's saliencies, still attached: micro-batch k's samples carry S_k / K
             # (its mean loss is 1/K of the concatenated one). Under a log transform also × c[k, t], as an
             # attached factor (L_k,t + ε) / (L̄_t + ε): the saliency's own derivative then is exact too.
@@ -378,29 +389,40 @@ class TaskGradients:
                 ca = [[(Lk[k][t] + LOG_EPS) / (Lbar[t] + LOG_EPS) for t in range(out.T)] for k in range(K)]
             else:
                 ca = [[1.0] * out.T for _ in range(K)]
-            out._sal_graph = [[torch.cat([s._sal_graph[t][m] * ca[k][t] / K for k, s in enumerate(steps)])
-                               for m in range(len(first._sal_graph[t]))] for t in range(out.T)]
-        if first.saliencies is not None and all(s.saliencies is not None for s in steps):
-            out.saliencies = torch.cat([s.saliencies for s in steps], dim=1) / K
+            out._sal_graph = [[torch.cat([sg[t][m] * ca[k][t] / K for k, sg in enumerate(graphs)])
+                               for m in range(len(graphs[0][t]))] for t in range(out.T)]
+        sal_k = [s.saliencies for s in steps if s.saliencies is not None]
+        if first.saliencies is not None and len(sal_k) == K:
+            out.saliencies = torch.cat(sal_k, dim=1) / K
         return out
+
+
+def _sum(tensors: Iterable[Tensor]) -> Tensor:
+    """``t_1 + t_2 + ...`` of at least one tensor (the builtin ``sum`` starts from the int 0)."""
+    it = iter(tensors)
+    total = next(it)
+    for t in it:
+        total = total + t
+    return total
 
 
 def _mean_rows(all_rows: list[list[list[Tensor | None]]]) -> list[list[Tensor | None]]:
     K = len(all_rows)
     if K == 1:
         return all_rows[0]
-    out = []
+    out: list[list[Tensor | None]] = []
     for t in range(len(all_rows[0])):
-        row = []
+        row: list[Tensor | None] = []
         for j in range(len(all_rows[0][t])):
-            gs = [r[t][j] for r in all_rows if r[t][j] is not None]
-            row.append(None if not gs else sum(gs) / K)
+            gs = [g for r in all_rows if (g := r[t][j]) is not None]
+            row.append(None if not gs else _sum(gs) / K)
         out.append(row)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-def _find_heads(loss_list, feats: Features, shared, task_params, method_params) -> list[Tensor]:
+def _find_heads(loss_list: Sequence[Tensor], feats: Features, shared: Sequence[Tensor],
+                task_params: Iterable[Tensor] | None, method_params: Iterable[Tensor]) -> list[Tensor]:
     shared_ids = {id(p) for p in shared}
     if task_params is not None:
         heads = [p for p in task_params if p.requires_grad and id(p) not in shared_ids]
@@ -418,7 +440,7 @@ def _find_heads(loss_list, feats: Features, shared, task_params, method_params) 
     return [p for p in heads if id(p) not in mp_ids]
 
 
-def _node_sets(loss_list, stop_at) -> list[set]:
+def _node_sets(loss_list: Sequence[Tensor], stop_at: Sequence[Tensor]) -> list[set[Any]]:
     """The autograd nodes each loss reaches before ``stop_at`` (to free each part of the graph on
     its last use)."""
     stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
@@ -613,9 +635,9 @@ def compute_task_gradients(
     try:
         if level == "loss":
             _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
-                        transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
+                        keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
         else:
-            _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
+            _gradient_level(tg, names, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
                             transform, jacobian, scale, dist, retain_graph, saliency_graph)
     except _NonFinitePenalty as exc:  # a regulariser's penalty: the step's policy decides (skip or raise)
         tg.problem, tg.overflow = str(exc), scale != 1.0
@@ -626,7 +648,7 @@ class _NonFinitePenalty(NonFiniteError):
     pass
 
 
-def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | None]) -> None:
+def _check_own_maps(names: Sequence[str], feats: Features, t: int, others: Sequence[Tensor | None]) -> None:
     reached = [names[m] for m, g in zip([m for m in range(len(feats.maps)) if m != t], others) if g is not None]
     if reached:
         raise ConfigurationError(
@@ -636,7 +658,8 @@ def _check_own_maps(names, feats: Features, t: int, others: Sequence[Tensor | No
         )
 
 
-def _heads_pass(names, obj_scaled, feats: Features, heads, create_graph, retain_graph):
+def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
+                create_graph: bool, retain_graph: bool) -> tuple[list[list[Tensor]], list[list[Tensor | None]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows.
 
     Each task's backward asks only for the head parameters its loss reaches (found by the same
@@ -670,7 +693,8 @@ def _heads_pass(names, obj_scaled, feats: Features, heads, create_graph, retain_
     return sal, rows
 
 
-def _encoder_rows(feats: Features, shared, sal, create_graph, retain_graph, jacobian) -> list:
+def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[Tensor]], create_graph: bool,
+                  retain_graph: bool, jacobian: str) -> list[Any]:
     """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t`` (rows), or blocks in batched mode."""
     T = len(sal)
     if jacobian == "batched" and len(feats.maps) == 1 and not feats.multi_input and not create_graph:
@@ -689,7 +713,7 @@ def _encoder_rows(feats: Features, shared, sal, create_graph, retain_graph, jaco
     return rows
 
 
-def _raw_saliencies(sal_obj, raw, transform, scale):
+def _raw_saliencies(sal_obj: Sequence[Tensor], raw: Tensor, transform: str, scale: float) -> list[Tensor]:
     """Saliencies of the raw losses from those of the objective losses, keeping the graph.
 
     ``∂ log(L+ε)/∂Z = (∂L/∂Z)/(L+ε)``, so ``∂L/∂Z = ∂obj/∂Z · (L+ε)``: exact, no extra backward."""
@@ -715,7 +739,7 @@ def _stack(sal: list[Tensor], names: Sequence[str]) -> Tensor:
     return torch.stack(sal)
 
 
-def _reg_saliency_block(sal_raw: list[Tensor], names, dist: Dist | None) -> Tensor:
+def _reg_saliency_block(sal_raw: list[Tensor], names: Sequence[str], dist: Dist | None) -> Tensor:
     """The saliency block regularisers see: (T, B, ...) of the global batch under data parallelism
     (the local saliencies scaled by 1/W — those of the global mean loss — gathered with gradient)."""
     S = _stack(sal_raw, names)
@@ -724,7 +748,9 @@ def _reg_saliency_block(sal_raw: list[Tensor], names, dist: Dist | None) -> Tens
     return S
 
 
-def regularizer_terms(regs, blocks, obj_detached) -> tuple[Tensor | None, dict[str, float]]:
+def regularizer_terms(
+    regs: Sequence[Regularizer], blocks: Sequence[Tensor], obj_detached: Tensor
+) -> tuple[Tensor | None, dict[str, float]]:
     total = None
     values: dict[str, float] = {}
     for r in regs:
@@ -740,7 +766,7 @@ def regularizer_terms(regs, blocks, obj_detached) -> tuple[Tensor | None, dict[s
     return total, values
 
 
-def _warn_zero(names, diag: Tensor, level: str) -> None:
+def _warn_zero(names: Sequence[str], diag: Tensor, level: str) -> None:
     for n, v in zip(names, diag.tolist()):
         if v == 0.0 and n not in _warned_zero:
             _warned_zero.add(n)
@@ -753,8 +779,10 @@ def _warn_zero(names, diag: Tensor, level: str) -> None:
             )
 
 
-def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
-                    transform, jacobian, scale, dist, retain_graph, saliency_graph=False):
+def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tensor,
+                    obj_scaled: list[Tensor], feats: Features, shared: list[Tensor], heads: list[Tensor],
+                    sal_regs: list[Regularizer], param_regs: list[Regularizer], transform: str, jacobian: str,
+                    scale: float, dist: Dist | None, retain_graph: bool, saliency_graph: bool = False) -> None:
     T = len(names)
     create = bool(sal_regs) or bool(param_regs)
     level = tg.level
@@ -766,19 +794,22 @@ def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, h
             "defined on them. Pass the maps that form a cut of the graph (none computed from another), or use "
             "level='param'."
         )
+    sal_multi: list[list[Tensor]] | None = None
+    head_rows: list[list[Tensor | None]] | None = None
     if feats.maps and not dependent:
         sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create or saliency_graph, retain_graph)
         if saliency_graph:  # attached through the heads, unscaled (ConsMTL differentiates them w.r.t. the heads)
             tg._sal_graph = [[s / scale if scale != 1.0 else s for s in row] for row in sal_multi]
             if not create:  # everything below uses them as values only
                 sal_multi = [[s.detach() for s in row] for row in sal_multi]
-    else:
-        sal_multi, head_rows = None, None
     # ---- regularisers (attached penalty, gradient added in step 3) --------------------------
-    reg_total = None
+    reg_total: Tensor | None = None
     if sal_regs:
         if len(feats.maps) != 1 and not feats.multi_input:
             raise ConfigurationError("saliency regularisers need one shared map (features=Z)")
+        if sal_multi is None:
+            raise ConfigurationError(
+                "saliency regularisers need features that form a cut (no map computed from another)")
         own = [s[0] for s in sal_multi]
         sal_raw = _raw_saliencies(own, raw, transform, scale)
         reg_total, values = regularizer_terms(sal_regs, [_reg_saliency_block(sal_raw, names, dist)], obj)
@@ -790,7 +821,7 @@ def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, h
             rows_or_blocks = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian)
         else:
             free = not (retain_graph or create)
-            sets = _node_sets(obj_scaled, []) if free else None
+            sets = _node_sets(obj_scaled, []) if free else []
             flags = [True] * T if not free else _retain_flags(sets)
             rows_or_blocks, head_rows = [], []
             for t, L in enumerate(obj_scaled):
@@ -804,7 +835,7 @@ def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, h
             pblocks = [b / scale for b in blocks] if scale != 1.0 else blocks
             p_total, values = regularizer_terms(param_regs, pblocks, obj)
             tg.regularizer_values.update(values)
-            reg_total = p_total if reg_total is None else reg_total + p_total
+            reg_total = _add_penalty(reg_total, p_total)
         if isinstance(rows_or_blocks[0], Tensor):
             blocks = [b.detach() / scale if scale != 1.0 else b.detach() for b in rows_or_blocks]
             if dist is not None:
@@ -816,13 +847,15 @@ def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, h
                 rows = [_reduce_row(dist, row) for row in rows]
             tg._rows = rows
     else:  # feature level
+        # features are required at feature level, and dependent maps were refused above
+        assert sal_multi is not None
         if param_regs:
             enc = _encoder_rows(feats, shared, sal_multi, True, True, "loop")
             pblocks = stack_rows(enc, shared)
             pblocks = [b / scale for b in pblocks] if scale != 1.0 else pblocks
             p_total, values = regularizer_terms(param_regs, pblocks, obj)
             tg.regularizer_values.update(values)
-            reg_total = p_total if reg_total is None else reg_total + p_total
+            reg_total = _add_penalty(reg_total, p_total)
         S = [[s.detach() / scale if scale != 1.0 else s.detach() for s in row] for row in sal_multi]
         # The Gramian of the saliencies. One shared map or several: Σ_m S^m S^mᵀ. Multi-input:
         # each task's representation is its own coordinate block of (Z_1, ..., Z_T), so the
@@ -831,21 +864,21 @@ def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, h
         if feats.multi_input:
             G = torch.diag(torch.stack([S[t][0].double().pow(2).sum() for t in range(T)]))
         else:  # one T×|Z| stack per map, shared by the Gramian, the blocks and (below) the record
-            tg._blocks = [torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))]
-            G = gramian_from_blocks(tg._blocks)
+            feature_blocks = [torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))]
+            tg._blocks = feature_blocks
+            G = gramian_from_blocks(feature_blocks)
         if dist is not None:
             G = dist.sum_(G) / (dist.world ** 2)
         tg._gramian = G
         tg._parts[0]["saliencies"] = S  # local, unscaled: step 3 combines them
-    if sal_regs and sal_multi is None:
-        raise ConfigurationError("saliency regularisers need features that form a cut (no map computed from another)")
     if sal_multi is not None and (len(feats.maps) == 1 or feats.multi_input):
         own = [s[0].detach() for s in sal_multi]
         if (level == "feature" and not feats.multi_input and len(feats.maps) == 1 and transform == "none"
                 and scale == 1.0 and dist is None):
-            tg.saliencies = tg._blocks[0]  # the same values (raw = objective, unscaled): no second copy
+            tg.saliencies = feature_blocks[0]  # the same values (raw = objective, unscaled): no second copy
         elif len({tuple(s.shape) for s in own}) == 1:
             tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
+    assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
     tg.head_rows = [[None if g is None else (g.detach() / scale if scale != 1.0 else g.detach()) for g in row]
                     for row in head_rows]
     tg._reg_total = reg_total
@@ -865,54 +898,60 @@ def _gradient_level(tg, names, loss_list, raw, obj, obj_scaled, feats, shared, h
 
 def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
     """Mean over ranks of one task's per-parameter gradients (one flat all-reduce per task)."""
-    return [g for g in dist.mean_list(row)]  # type: ignore[misc]
+    return dist.mean_tensors(row)
 
 
-def _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
-                transform, keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist):
+def _add_penalty(total: Tensor | None, term: Tensor | None) -> Tensor | None:
+    """``total + term``, where either may be absent (no regulariser of that kind)."""
+    if term is None:
+        return total
+    return term if total is None else total + term
+
+
+def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], raw: Tensor, obj_items: list[Tensor],
+                obj: Tensor, obj_scaled: list[Tensor], feats: Features, shared: list[Tensor],
+                sal_regs: list[Regularizer], param_regs: list[Regularizer], keep_saliencies: bool,
+                compute_gramian: str | None, grad_norm_params: Sequence[Tensor] | None, jacobian: str, scale: float,
+                dist: Dist | None) -> None:
     tg._attached = list(obj_items)  # under data parallelism: valued at the global mean (see above)
     if grad_norm_params is not None:
         params = list(grad_norm_params)
-        norms_sq = []
         rows = []
         for L in obj_scaled:
             gs = zeros_if_none(_grads(L, params), params)
             rows.append([g.detach() / scale if scale != 1.0 else g.detach() for g in gs])
         if dist is not None:
             rows = [_reduce_row(dist, r) for r in rows]
-        for r in rows:
-            norms_sq.append(sum((g.double() ** 2).sum() for g in r))
+        norms_sq = [_sum((g.double() ** 2).sum() for g in r) for r in rows]
         tg.grad_norms = torch.stack(norms_sq).sqrt().to(raw.dtype)
         if not bool(torch.isfinite(tg.grad_norms).all()):
             tg.problem = f"non-finite per-task gradient norms {tg.grad_norms.tolist()}"
             tg.overflow = scale != 1.0
             return
-    sal = None
+    sal: list[Tensor] = []
     if sal_regs or keep_saliencies or compute_gramian == "feature":
         if len(feats.maps) > 1 and not feats.multi_input:
             raise ConfigurationError(
                 "saliencies (regularisers, keep_saliencies, compute_gramian='feature') need one shared map "
                 "(features=Z) or one per task (features={task: Z_task}), not several shared maps"
             )
-        sal = []
         for t, L in enumerate(loss_list):
             maps = feats.of_task(t)
-            gs = _grads(L, maps, create_graph=bool(sal_regs))
-            sal.append(gs[0] if gs[0] is not None else torch.zeros_like(maps[0]))
+            s0 = _grads(L, maps, create_graph=bool(sal_regs))[0]
+            sal.append(s0 if s0 is not None else torch.zeros_like(maps[0]))
         own = [s.detach() for s in sal]
         if len({tuple(s.shape) for s in own}) == 1:
             tg.saliencies = torch.stack(own)
-    reg_total = None
+    reg_total: Tensor | None = None
     if sal_regs:
         reg_total, values = regularizer_terms(sal_regs, [_reg_saliency_block(sal, names, dist)], obj)
         tg.regularizer_values.update(values)
-    pblocks = None
+    pblocks: list[Tensor] = []
     if param_regs or compute_gramian == "param":
         create = bool(param_regs)
         if feats.maps:
-            s_obj = [list(_grads(o, feats.of_task(t), create_graph=create)) for t, o in enumerate(obj_items)]
-            s_obj = [[g if g is not None else torch.zeros_like(z) for g, z in zip(s, feats.of_task(t))]
-                     for t, s in enumerate(s_obj)]
+            s_obj = [zeros_if_none(_grads(o, feats.of_task(t), create_graph=create), feats.of_task(t))
+                     for t, o in enumerate(obj_items)]
             enc = _encoder_rows(feats, shared, s_obj, create, True, "loop" if create else jacobian)
         else:
             enc = [zeros_if_none(_grads(o, shared, create_graph=create), shared) for o in obj_items]
@@ -920,14 +959,18 @@ def _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, sh
         if param_regs:
             p_total, values = regularizer_terms(param_regs, pblocks, obj)
             tg.regularizer_values.update(values)
-            reg_total = p_total if reg_total is None else reg_total + p_total
+            reg_total = _add_penalty(reg_total, p_total)
     if compute_gramian == "param":
-        tg._blocks = [b.detach() for b in pblocks]
-        if dist is not None:
-            tg._blocks = [dist.mean_(b.clone()) for b in tg._blocks]
+        blocks = [b.detach() for b in pblocks]
+        tg._blocks = [dist.mean_(b.clone()) for b in blocks] if dist is not None else blocks
         tg.gramian()
         tg.gramian_level = "param"
     elif compute_gramian == "feature":
+        if tg.saliencies is None:  # multi-input batches of different shapes: no (T, B, ...) stack
+            raise ShapeError(
+                "compute_gramian='feature' with multi-input features needs every task's batch to have the same "
+                "shape (equal per-task batch sizes, drop_last=True)"
+            )
         G = gramian_from_blocks([tg.saliencies])
         tg._gramian = dist.sum_(G) / dist.world ** 2 if dist is not None else G
         tg.gramian_level = "feature"

@@ -82,7 +82,7 @@ def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = tor
         if flat[0].dtype != torch.float32 or dtype != torch.float64 or n < CHUNK:
             _accumulate_gram(G, torch.stack(flat))
             continue
-        if buf is None:
+        if buf is None or g32 is None:
             buf = torch.empty(T, CHUNK, dtype=torch.float32, device=G.device)
             g32 = torch.empty(T, T, dtype=torch.float32, device=G.device)
         full = n - n % CHUNK
@@ -121,5 +121,5 @@ def stack_rows(rows: Sequence[Sequence[Tensor | None]], like: Sequence[Tensor]) 
     Missing gradients (``None``: the task does not reach that parameter) become zeros."""
     out = []
     for j, ref in enumerate(like):
-        out.append(torch.stack([r[j] if r[j] is not None else torch.zeros_like(ref) for r in rows]))
+        out.append(torch.stack([g if (g := r[j]) is not None else torch.zeros_like(ref) for r in rows]))
     return out

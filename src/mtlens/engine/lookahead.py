@@ -80,7 +80,7 @@ class LookAhead:
         gs = torch.autograd.grad(objective, self.params, retain_graph=retain_graph, allow_unused=True)
         out = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, self.params)]
         if self._dist is not None:
-            out = [g for g in self._dist.mean_list(out)]  # type: ignore[misc]
+            out = self._dist.mean_tensors(out)
         return out
 
     def sgd_step(self, grads: Sequence[Tensor], lr: float | None = None) -> list[Tensor]:

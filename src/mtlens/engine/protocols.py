@@ -19,7 +19,7 @@ import copy
 import functools
 import inspect
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -107,7 +107,7 @@ def _record_init(init: Any) -> Any:
         if "_init_args" not in self.__dict__:  # the outermost constructor's arguments
             bound = sig.bind(self, *args, **kwargs)
             bound.apply_defaults()
-            self._init_args = {k: v for k, v in list(bound.arguments.items())[1:]}
+            self._init_args = dict(list(bound.arguments.items())[1:])
         init(self, *args, **kwargs)
 
     wrapped._mtlens_records = True  # type: ignore[attr-defined]
@@ -161,7 +161,7 @@ class MethodState(torch.nn.Module):
                 raise
 
     # -- state: the module's, with lazily created tensors and plain attributes -------------------
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",  # type: ignore[override]
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
                    keep_vars: bool = False) -> Any:
         """Everything needed to resume exactly: buffers, parameters and ``state_attrs`` (a copy).
 
@@ -173,7 +173,7 @@ class MethodState(torch.nn.Module):
             out = copy.deepcopy(out)
         return out
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
                         assign: bool = False) -> Any:
         """Restore a state from :meth:`state_dict` (``torch.nn.Module.load_state_dict``, strict).
 
@@ -504,8 +504,9 @@ class JacobianAggregator(Method):
         """``(combined, head weights) = aggregate(J, losses)`` (with ``features=`` when the method
         declares ``needs_features``)."""
         J = grads.jacobian_blocks()
-        if self.needs_features:
-            combined, head_w = self.aggregate(J, grads.objective_losses, features=grads.method_features())
+        if self.needs_features:  # the contract of needs_features: aggregate() also takes features=
+            aggregate_with_features: Callable[..., tuple[list[Tensor], Tensor]] = self.aggregate
+            combined, head_w = aggregate_with_features(J, grads.objective_losses, features=grads.method_features())
         else:
             combined, head_w = self.aggregate(J, grads.objective_losses)
         return Decision(combined=list(combined), head_weights=torch.as_tensor(head_w, dtype=torch.float64),

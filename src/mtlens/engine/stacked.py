@@ -31,12 +31,12 @@ _SPLIT_NODES = frozenset({"StackBackward0", "CatBackward0"})
 _warned = False
 
 
-def _drop_zero_gradients(grad_inputs, grad_outputs):
-    """Node hook: pass ``None`` (no gradient) instead of an all-zero gradient to a branch."""
-    out = []
-    for g in grad_inputs:
-        out.append(None if g is None or not bool(g.detach().any()) else g)
-    return tuple(out)
+def _drop_zero_gradients(
+    grad_inputs: tuple[Tensor | None, ...], _grad_outputs: tuple[Tensor | None, ...]
+) -> tuple[Tensor | None, ...]:
+    """Node hook (``Node.register_hook`` signature): pass ``None`` (no gradient) instead of an all-zero
+    gradient to a branch."""
+    return tuple(None if g is None or not bool(g.detach().any()) else g for g in grad_inputs)
 
 
 def prune_stacked_losses(losses: Tensor) -> bool:

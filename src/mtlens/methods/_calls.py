@@ -44,7 +44,7 @@ def mark_internal(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def _on_optimizer_step(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:  # torch's hook signature
     if getattr(optimizer, "_mtlens_internal", False):
         return
     for w in list(_watchers):

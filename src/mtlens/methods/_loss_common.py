@@ -112,7 +112,8 @@ class LearnableScalars:
     in a row without them (:class:`~mtlens.methods._calls.ScalarsInOptimizer`).
     """
 
-    def __init__(self, method: Method, key: str, init: float, num_tasks: int | None, device=None,
+    def __init__(self, method: Method, key: str, init: float, num_tasks: int | None,
+                 device: str | torch.device | None = None,
                  what: str | None = None):
         self._method, self.name, self.key, self.init = method, method.name, key, float(init)
         dev = _device_of(device, self.name)

@@ -24,6 +24,9 @@ not need a strongly positive-definite matrix (quadprog does: it gets the same ri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 from torch import Tensor
 
@@ -123,7 +126,16 @@ def _solve_quadprog(Gn: np.ndarray, U: np.ndarray, reg_eps: float, method: str) 
     return out
 
 
-def init_dual_cone(method, pref_vector, reg_eps: float, solver: str) -> None:
+class _DualConeMethod(Protocol):
+    @property
+    def name(self) -> str: ...
+    pref_vector: tuple[float, ...] | None
+    reg_eps: float
+    solver: str
+
+
+def init_dual_cone(method: _DualConeMethod, pref_vector: Sequence[float] | None, reg_eps: float,
+                   solver: str) -> None:
     """Validate and store the hyper-parameters shared by UPGrad and DualProj on ``method``.
 
     Sets ``method.pref_vector``, ``method.reg_eps`` and ``method.solver``;
@@ -139,7 +151,7 @@ def init_dual_cone(method, pref_vector, reg_eps: float, solver: str) -> None:
     method.solver = solver
 
 
-def check_pref_vector(pref_vector, method: str) -> tuple[float, ...] | None:
+def check_pref_vector(pref_vector: Sequence[float] | None, method: str) -> tuple[float, ...] | None:
     """Validate a preference vector given at construction (non-negative, not all zero)."""
     from ..errors import ConfigurationError
 

@@ -66,9 +66,10 @@ def create(name: str, **hparams: Any) -> Method:
 
 
 def _init_params(cls: type) -> dict[str, inspect.Parameter]:
-    if cls.__init__ is object.__init__:
+    init = getattr(cls, "__init__")  # noqa: B009 - mypy refuses cls.__init__ on a class object
+    if init is object.__init__:
         return {}
-    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    return {k: p for k, p in inspect.signature(init).parameters.items() if k != "self"}
 
 
 def available(family: str | None = None) -> list[str]:

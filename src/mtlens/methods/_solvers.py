@@ -24,6 +24,7 @@ convert from/to torch at their boundary (``G`` is tiny, T×T).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ ZERO_ROW_RTOL = ZERO_REL
 """The zero tolerance of :mod:`mtlens.engine.numerics` (:data:`~mtlens.engine.numerics.ZERO_REL`)."""
 
 
+@overload
+def check_gramian(gramian: Tensor, losses: Tensor, method: str) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def check_gramian(gramian: Tensor, losses: None, method: str) -> tuple[np.ndarray, None]: ...
 def check_gramian(
     gramian: Tensor, losses: Tensor | None, method: str
 ) -> tuple[np.ndarray, np.ndarray | None]:

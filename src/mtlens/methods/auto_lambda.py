@@ -112,8 +112,10 @@ class AutoLambda(LossWeighting):
                 lm = la.train_losses().detach().to(torch.float64)
         hess = (lp - lm) / (2.0 * eps)
         self._lam.step(-la.lr * hess)
+        updated = self._lam.value
+        assert updated is not None  # created by weights(), just updated
         self._log = {"auto_lambda/hessian_norm": float(hess.norm()),
-                     **{f"auto_lambda/lambda/{t}": float(v) for t, v in enumerate(self._lam.value.detach().cpu())}}
+                     **{f"auto_lambda/lambda/{t}": float(v) for t, v in enumerate(updated.detach().cpu())}}
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

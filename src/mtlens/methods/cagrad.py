@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize, nnls
@@ -98,12 +99,13 @@ class CAGrad(GramianWeighting):
             return a + sqrt_phi * gx / math.sqrt(max(float(x @ gx), 0.0) + _SMOOTH)
 
         x0 = np.full(T, 1.0 / T)
+        # Σx = 1 (scipy-stubs type these dicts with a private TypedDict, hence Any)
+        simplex: Any = [{"type": "eq", "fun": lambda x: 1.0 - x.sum(), "jac": lambda x: -np.ones_like(x)}]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = minimize(
                 f, x0, jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * T,
-                constraints=[{"type": "eq", "fun": lambda x: 1.0 - x.sum(),
-                              "jac": lambda x: -np.ones_like(x)}],
+                constraints=simplex,
                 options={"ftol": 1e-14, "maxiter": 1000},
             )
         x = np.clip(np.asarray(res.x, dtype=np.float64), 0.0, None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -149,18 +151,19 @@ class ConsMTL(GramianWeighting):
             if multi:  # task i's own block of the joint representation: ⟨S_i, x_i S_i⟩
                 inner = x[i] * (sal[i][0] * sal[i][0].detach()).sum()
             else:
-                inner = sum((s * d).sum() for s, d in zip(sal[i], delta))
+                inner = functools.reduce(operator.add, ((s * d).sum() for s, d in zip(sal[i], delta)))
             consistency += float(inner.detach())
             params = [heads[j] for j in idx]
+            g2: list[Tensor]
             if inner.requires_grad:
-                g2 = torch.autograd.grad(-self.lambda_ * inner, params, retain_graph=True, allow_unused=True)
-                g2 = [torch.zeros_like(p) if g is None else g for g, p in zip(g2, params)]
+                raw = torch.autograd.grad(-self.lambda_ * inner, params, retain_graph=True, allow_unused=True)
+                g2 = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, params)]
             else:  # the saliency does not depend on this head (a head and loss linear in it)
                 g2 = [torch.zeros_like(p) for p in params]
-            g1 = [grads.head_rows[i][j] for j in idx]
+            g1 = [r for j in idx if (r := grads.head_rows[i][j]) is not None]  # idx: the non-None rows
             if W > 1:  # the global batch's: g2 of the mean loss is the ranks' mean / W (its saliency is S_r / W)
-                g2 = [g / W for g in grads.reduce_mean(g2)]
-                g1 = grads.reduce_mean(g1)
+                g2 = [g / W for g in grads.reduce_mean(g2) if g is not None]  # no None in, none out
+                g1 = [g for g in grads.reduce_mean(g1) if g is not None]
             n1 = math.sqrt(sum(float((g.double() ** 2).sum()) for g in g1))
             n2 = math.sqrt(sum(float((g.double() ** 2).sum()) for g in g2))
             coef = 1.0

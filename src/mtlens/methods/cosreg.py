@@ -60,10 +60,10 @@ class CosReg(Regularizer):
             shapes = [tuple(b.shape) for b in blocks]
             raise ShapeError(f"{self.name}: blocks with different task dimensions {shapes}")
         out_dtype = blocks[0].dtype
-        G = None
-        for b in blocks:
-            m = b.reshape(T, -1).to(torch.float64)
-            G = m @ m.T if G is None else G + m @ m.T
+        mats = [b.reshape(T, -1).to(torch.float64) for b in blocks]
+        G = mats[0] @ mats[0].T
+        for m in mats[1:]:
+            G = G + m @ m.T
         if T < 2:
             zero = (G.sum() * 0.0).to(out_dtype)
             return zero, {"cos2_mean": 0.0, "cos_mean": 0.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -14,6 +15,9 @@ from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, JacobianAggregator
 from ..errors import ShapeError
 from ._registry import register
 from ._utils import check, check_block_shapes, in_range, nonzero_rows
+
+if TYPE_CHECKING:
+    from ..engine.gradients import TaskGradients
 
 
 def task_sq_norms(blocks: Sequence[Tensor]) -> Tensor:
@@ -96,8 +100,9 @@ class DBMTL(JacobianAggregator):
         self._ema: list[Tensor] | None = None
         self.last_weights: Tensor | None = None
 
-    def decide(self, grads) -> Decision:
+    def decide(self, grads: TaskGradients) -> Decision:
         combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
+        assert self.last_weights is not None  # aggregate() sets them
         return Decision(combined=combined, head_weights=head_w, weights=self.last_weights.to(torch.float64).cpu(),
                         values=self.log_values())
 

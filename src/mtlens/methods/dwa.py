@@ -54,7 +54,7 @@ class DWA(LossWeighting):
         self._history: list[Tensor] = []  # the last two epoch-mean loss vectors (float64, CPU)
         self._epochs = 0
 
-    def on_epoch_end(self, mean_losses) -> None:
+    def on_epoch_end(self, mean_losses: Tensor) -> None:
         v = as_vector(mean_losses, "dwa", "mean_losses").to("cpu", torch.float64)
         self._tasks.bind(v.shape[0])
         if bool((v <= 0).any()):

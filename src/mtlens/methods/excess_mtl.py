@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -13,6 +14,9 @@ from ..errors import NonFiniteError, ShapeError
 from ._loss_common import check_int
 from ._registry import register
 from ._utils import positive
+
+if TYPE_CHECKING:
+    from ..engine.gradients import TaskGradients
 
 
 @register
@@ -100,8 +104,9 @@ class ExcessMTL(JacobianAggregator):
             )
         return er
 
-    def decide(self, grads) -> Decision:
+    def decide(self, grads: TaskGradients) -> Decision:
         combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
+        assert self.task_weights is not None  # aggregate() sets them
         return Decision(combined=combined, head_weights=head_w, weights=self.task_weights.clone(),
                         values=self.log_values())
 

@@ -112,7 +112,10 @@ class FairGrad(GramianWeighting):
         s = float(np.trace(Gl)) / n
         Gt = Gl / s
         a = self.alpha
-        res = least_squares(lambda x: Gt @ x - np.power(x, -1.0 / a), np.full(n, 1.0 / n), bounds=(0.0, np.inf),
+        def residual(x: np.ndarray) -> np.ndarray:
+            return Gt @ x - np.power(x, -1.0 / a)
+
+        res = least_squares(residual, np.full(n, 1.0 / n), bounds=(0.0, np.inf),
                             max_nfev=self.max_nfev, ftol=1e-12, xtol=1e-12, gtol=1e-12)
         x = res.x
         target = np.power(x, -1.0 / a) if (x > 0).all() else np.full(n, np.inf)

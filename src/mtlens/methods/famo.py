@@ -75,6 +75,8 @@ class FAMO(LossWeighting):
             check(min_losses == min_losses and abs(min_losses) != float("inf"),
                   f"famo: min_losses must be finite, got {min_losses!r}")
             self._min = torch.tensor([float(min_losses)], dtype=torch.float64)
+        elif isinstance(min_losses, bool):
+            raise ConfigurationError(f"famo: min_losses must be a number or one per task, got {min_losses!r}")
         else:
             self._min = as_vector(min_losses, "famo", "min_losses").to("cpu", torch.float64)
         self._tasks = TaskCount("famo", num_tasks)
@@ -114,7 +116,7 @@ class FAMO(LossWeighting):
         self.prev_losses = losses.detach().clone()
         return w.to(losses.dtype)
 
-    def after_step(self, new_losses) -> None:
+    def after_step(self, new_losses: Tensor) -> None:
         if self.prev_losses is None:
             raise ConfigurationError(
                 "famo: after_step() needs the losses of a previous weighting call (mtl_backward/combine) "

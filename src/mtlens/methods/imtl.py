@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from ._loss_common import InternalOptimizer
 from ._registry import register
 from ._solvers import check_gramian, to_weights
 from ._utils import positive
+
+if TYPE_CHECKING:
+    from ..engine.gradients import TaskGradients
 from .imtl_g import imtl_g_weights
 
 OPTIMIZERS = ("adam", "sgd")
@@ -87,7 +91,7 @@ class IMTL(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return self._weights(gramian, losses)[0]
 
-    def decide(self, grads) -> Decision:
+    def decide(self, grads: TaskGradients) -> Decision:
         w, head_w = self._weights(grads.gramian(), grads.objective_losses)
         return Decision(weights=w, head_weights=head_w, values=self.log_values())
 

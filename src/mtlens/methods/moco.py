@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -14,6 +15,9 @@ from ..engine.protocols import SYMMETRIC, Claim, JacobianAggregator
 from ..errors import ConfigurationError, ShapeError
 from ._registry import register
 from ._utils import check, check_block_shapes, in_range, nonzero_rows, positive
+
+if TYPE_CHECKING:
+    from ..engine.gradients import TaskGradients
 from .db_mtl import check_blocks, task_sq_norms
 
 NORMALIZE = ("loss", "l2", "none")
@@ -126,8 +130,9 @@ class MoCo(JacobianAggregator):
             scale = scale * L
         return [b * scale.to(b.dtype).reshape(T, *([1] * (b.ndim - 1))) for b in blocks]
 
-    def decide(self, grads) -> Decision:
+    def decide(self, grads: TaskGradients) -> Decision:
         combined, head_w = self.aggregate(grads.jacobian_blocks(), grads.objective_losses)
+        assert self.lam is not None  # aggregate() sets it
         return Decision(combined=combined, head_weights=head_w, weights=self.lam.clone(),
                         values=self.log_values())
 
@@ -149,6 +154,7 @@ class MoCo(JacobianAggregator):
         self._y = [y - beta_k * (y - g) for y, g in zip(prev, h)]
         Gy = gramian_from_blocks(self._y).cpu()
         lam = self.lam
+        assert lam is not None  # created with the tracked gradients on the first step
         step = gamma_k * (Gy @ lam + self.rho * lam)
         self.lam = project_simplex(lam - step)
         self.last_weights = self.lam.clone()

@@ -106,7 +106,9 @@ class MOML(LossWeighting):
         sol = min_norm_simplex(Hn @ Hn.T).weights
         grad = torch.as_tensor(sol @ Hn, dtype=torch.float64)
         self._alpha.step(grad)
-        w = torch.softmax(self._alpha.value.detach(), dim=0)
+        alpha = self._alpha.value
+        assert alpha is not None  # created by weights(), just updated
+        w = torch.softmax(alpha.detach(), dim=0)
         self._log = {**{f"moml/weight/{t}": float(v) for t, v in enumerate(w.cpu())},
                      "moml/hypergrad_norm": float(np.linalg.norm(sol @ Hn))}
 

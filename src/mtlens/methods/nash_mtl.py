@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ._solvers import (
     to_weights,
 )
 from ._utils import check
+
+if TYPE_CHECKING:
+    from ..engine.gradients import TaskGradients
 
 _STATIONARY = INFEASIBLE_MIN_NORM  # squared min-norm of the hull of the UNIT gradients: no solution below
 _RESIDUAL_TOL = 1e-3  # official stopping rule ‖Gα − 1/α‖ < 1e-3 (here on the cosine matrix)
@@ -144,7 +147,7 @@ class NashMTL(GramianWeighting):
         self._log: dict[str, float] = {}
 
     # ---- convex sub-problem ------------------------------------------------------------------
-    def _problem(self, k: int):
+    def _problem(self, k: int) -> tuple[Any, Any, Any, Any]:  # cvxpy (problem, α, G, linear term)
         if k not in self._problems:
             cp = self._cp
             a = cp.Variable(k, nonneg=True)
@@ -212,14 +215,13 @@ class NashMTL(GramianWeighting):
                     "positive solution. This is a Pareto-stationary point; use mgda or upgrad if you need an "
                     "update here."
                 )
-            a = None
+            start: np.ndarray | None = None
             same = self.warm_mask is not None and np.array_equal(self.warm_mask.numpy(), mask)
             if self.warm is not None and same:
-                a = self.warm.numpy()
-                if np.any(C @ a <= 0) or np.any(a <= 0):
-                    a = None
-            if a is None:
-                a = self._feasible_start(C)
+                start = self.warm.numpy()
+                if np.any(C @ start <= 0) or np.any(start <= 0):
+                    start = None
+            a = start if start is not None else self._feasible_start(C)
             it = 0
             for it in range(1, self.optim_niter + 1):  # noqa: B007 - reported
                 if np.linalg.norm(C @ a - 1.0 / a) < _RESIDUAL_TOL:
@@ -263,7 +265,7 @@ class NashMTL(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return self._weights(gramian, losses)[0]
 
-    def decide(self, grads) -> Decision:
+    def decide(self, grads: TaskGradients) -> Decision:
         w, head_w = self._weights(grads.gramian(), grads.objective_losses)
         return Decision(weights=w, head_weights=head_w, values=self.log_values())
 

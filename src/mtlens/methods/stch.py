@@ -85,7 +85,7 @@ class STCH(LossWeighting):
     def in_warmup(self) -> bool:
         return self.nadir is None
 
-    def on_epoch_end(self, mean_losses) -> None:
+    def on_epoch_end(self, mean_losses: Tensor) -> None:
         v = as_vector(mean_losses, "stch", "mean_losses").to("cpu", torch.float64)
         self._tasks.bind(v.shape[0])
         if self.nadir is None and self._epoch == self.warmup_epochs:

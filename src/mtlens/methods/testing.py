@@ -96,7 +96,7 @@ def equal_projections_solvable(J: Tensor) -> bool:
 
 
 CONDITIONS: dict[str, Callable[[Tensor], bool]] = {
-    "always": lambda J: True,
+    "always": lambda _J: True,
     "two_tasks": lambda J: J.shape[0] == 2,
     "common_descent": common_descent,
     "no_common_descent": lambda J: not common_descent(J),

@@ -144,7 +144,10 @@ def cached_pretrained_file(arch: str, tag: str = DEFAULT_PRETRAINED_TAG) -> str 
     if cfg.url:
         from urllib.parse import urlparse
 
-        local = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        # timm's url is a string, or a (url, file name) pair whose file name is the cached file's (timm's
+        # check_cached_file reads both forms)
+        name = cfg.url[1] if isinstance(cfg.url, tuple) else Path(urlparse(cfg.url).path).name
+        local = Path(torch.hub.get_dir()) / "checkpoints" / name
         if local.is_file():
             return str(local)
     return None
@@ -243,13 +246,14 @@ class ResNetEncoder(nn.Module):
                  pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
                  download: bool = False):
         super().__init__()
-        self.body = build_timm_resnet(arch, pooled=False, in_channels=in_channels,
+        body: Any = build_timm_resnet(arch, pooled=False, in_channels=in_channels,  # a timm features net
                                       output_stride=output_stride, pretrained=pretrained, weights=weights,
                                       pretrained_tag=pretrained_tag,
                                       pretrained_cfg_overlay=pretrained_cfg_overlay, download=download)
+        self.body = body
         self.arch = arch
         self.output_stride = output_stride
-        self.out_channels = int(self.body.feature_info.channels()[-1])
+        self.out_channels = int(body.feature_info.channels()[-1])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)[-1]
@@ -268,11 +272,13 @@ class PooledResNetEncoder(nn.Module):
                  pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
                  download: bool = False):
         super().__init__()
-        self.body = build_timm_resnet(arch, pooled=True, in_channels=in_channels, pretrained=pretrained,
+        body: Any = build_timm_resnet(arch, pooled=True, in_channels=in_channels, pretrained=pretrained,
                                       weights=weights, pretrained_tag=pretrained_tag,
                                       pretrained_cfg_overlay=pretrained_cfg_overlay, download=download)
+        self.body = body
         self.arch = arch
-        feat = int(self.body.num_features)
+        feat = int(body.num_features)
+        self.hidden: nn.Module
         if hidden is None:
             self.hidden = nn.Identity()
             self.out_channels = feat

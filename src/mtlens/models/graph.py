@@ -86,13 +86,15 @@ class MPNNEncoder(nn.Module):
 _NNCONV_CLASS = None
 
 
-def _nnconv_class(pyg_nn):
+def _nnconv_class(pyg_nn: Any) -> type:
     """``NNConv`` whose ``edge_attr`` argument is the precomputed per-edge weight (E×in×out)."""
     global _NNCONV_CLASS
     if _NNCONV_CLASS is None:
         import torch
 
-        class NNConvSharedWeights(pyg_nn.NNConv):
+        nnconv: Any = pyg_nn.NNConv
+
+        class NNConvSharedWeights(nnconv):
             def message(self, x_j, edge_attr):
                 return torch.matmul(x_j.unsqueeze(1), edge_attr).squeeze(1)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +24,11 @@ class HPSModel(nn.Module):
         record = mtl_backward(losses, features=z, shared_params=model.shared_parameters(), ...)
     """
 
+    # Set by the preset builders (mtlens.models.create); absent on a model built by hand.
+    preset: str
+    feature_channels: int
+    output_stride: int | None
+
     def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module], dense: bool):
         super().__init__()
         self.encoder = encoder
@@ -37,7 +42,8 @@ class HPSModel(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
-    def decode(self, z: Tensor, tasks: Iterable[str] | None = None, out_size=None) -> dict[str, Tensor]:
+    def decode(self, z: Tensor, tasks: Iterable[str] | None = None,
+               out_size: Sequence[int] | None = None) -> dict[str, Tensor]:
         out = {}
         names = list(tasks) if tasks is not None else list(self.heads.keys())
         unknown = [t for t in names if t not in self.heads]

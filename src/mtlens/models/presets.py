@@ -18,7 +18,8 @@ Multi-input benchmarks (Office) encode each task's images with the same encoder:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -38,14 +39,14 @@ from .hps import HPSModel
 from .registry import register_model
 
 
-def _finish(encoder: nn.Module, heads: dict[str, nn.Module], dense: bool) -> HPSModel:
+def _finish(encoder: nn.Module, heads: Mapping[str, nn.Module], dense: bool) -> HPSModel:
     model = HPSModel(encoder, heads, dense=dense)
-    model.feature_channels = int(encoder.out_channels)
+    model.feature_channels = int(getattr(encoder, "out_channels"))  # noqa: B009 - every preset encoder has one
     model.output_stride = getattr(encoder, "output_stride", None)
     return model
 
 
-def _own_encoder_weights(preset: str, encoder: nn.Module, pretrained: bool, weights) -> None:
+def _own_encoder_weights(preset: str, encoder: nn.Module, pretrained: bool, weights: str | os.PathLike | None) -> None:
     """Presets without ImageNet weights: ``weights`` loads an encoder state_dict; bare pretrained errs."""
     if weights is not None:
         load_weights_into(encoder, read_state_dict(weights), source=f"'{weights}'")
@@ -58,7 +59,7 @@ def _own_encoder_weights(preset: str, encoder: nn.Module, pretrained: bool, weig
 
 @register_model("resnet18-light")
 def resnet18_light(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
-                   weights=None, output_stride: int = 32, head_hidden: int = 256,
+                   weights: str | os.PathLike | None = None, output_stride: int = 32, head_hidden: int = 256,
                    pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
                    download: bool = False
                    ) -> HPSModel:
@@ -79,7 +80,8 @@ def resnet18_light(tasks: dict[str, int], in_channels: int | None = None, pretra
 
 @register_model("deeplab-resnet50")
 def deeplab_resnet50(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
-                     weights=None, output_stride: int = 8, aspp_rates: Sequence[int] | None = None,
+                     weights: str | os.PathLike | None = None,
+                     output_stride: int = 8, aspp_rates: Sequence[int] | None = None,
                      aspp_width: int = 256, dropout: float = 0.5,
                      pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
                    download: bool = False
@@ -103,7 +105,7 @@ def deeplab_resnet50(tasks: dict[str, int], in_channels: int | None = None, pret
 
 @register_model("resnet18-office")
 def resnet18_office(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
-                    weights=None, hidden: int | None = 512, dropout: float = 0.5,
+                    weights: str | os.PathLike | None = None, hidden: int | None = 512, dropout: float = 0.5,
                     pretrained_tag: str = DEFAULT_PRETRAINED_TAG, pretrained_cfg_overlay: dict | None = None,
                    download: bool = False
                     ) -> HPSModel:
@@ -122,7 +124,8 @@ def resnet18_office(tasks: dict[str, int], in_channels: int | None = None, pretr
 
 @register_model("lenet-multimnist")
 def lenet_multimnist(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
-                     weights=None, input_size: int | Sequence[int] = 36, head_hidden: Sequence[int] = (50,),
+                     weights: str | os.PathLike | None = None,
+                     input_size: int | Sequence[int] = 36, head_hidden: Sequence[int] = (50,),
                      dropout: float = 0.0) -> HPSModel:
     """MultiLeNet (Sener & Koltun 2018, arXiv:1810.04650): LeNet encoder → Z (B×50), MLP heads.
 
@@ -138,7 +141,8 @@ def lenet_multimnist(tasks: dict[str, int], in_channels: int | None = None, pret
 
 @register_model("tiny-dense")
 def tiny_dense(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
-               weights=None, widths: Sequence[int] = (16, 32, 64), head_hidden: int = 32) -> HPSModel:
+               weights: str | os.PathLike | None = None,
+               widths: Sequence[int] = (16, 32, 64), head_hidden: int = 32) -> HPSModel:
     """Tiny dense CNN (output stride 8) + light conv heads: for CPU runs, tests and synthetic scenes.
 
     Not from a paper. Defaults: encoder ``widths=(16, 32, 64)`` (Z is B×64×H/8×W/8),
@@ -151,7 +155,8 @@ def tiny_dense(tasks: dict[str, int], in_channels: int | None = None, pretrained
 
 
 @register_model("mlp")
-def mlp(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False, weights=None,
+def mlp(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
+        weights: str | os.PathLike | None = None,
         hidden: Sequence[int] = (64, 64)) -> HPSModel:
     """MLP encoder → Z (B×hidden[-1]) + linear heads, for tabular (vector) inputs.
 
@@ -167,7 +172,8 @@ def mlp(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool 
 
 
 @register_model("mpnn-qm9")
-def mpnn_qm9(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False, weights=None,
+def mpnn_qm9(tasks: dict[str, int], in_channels: int | None = None, pretrained: bool = False,
+             weights: str | os.PathLike | None = None,
              dim: int = 64, edge_dim: int = 5, steps: int = 3, edge_hidden: int = 128,
              set2set_steps: int = 3) -> HPSModel:
     """MPNN (NNConv + GRU + Set2Set) → Z (B×dim) + one linear head per target: the QM9 model of

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 from ..errors import ConfigurationError
 from ..registry import Registry
 from .hps import HPSModel
 
-_PRESETS: Registry[Callable[..., HPSModel]] = Registry("model preset", builtins="mtlens.models.presets")
+_Builder = Callable[..., HPSModel]
+_PRESETS: Registry[_Builder] = Registry("model preset", builtins="mtlens.models.presets")
 _RESERVED = ("tasks", "in_channels", "pretrained", "weights")
 
 
-def register_model(name: str | Callable | None = None):
+@overload
+def register_model(name: _Builder) -> _Builder: ...
+@overload
+def register_model(name: str | None = None) -> Callable[[_Builder], _Builder]: ...
+def register_model(name: str | _Builder | None = None) -> _Builder | Callable[[_Builder], _Builder]:
     """Register a preset builder ``fn(tasks, in_channels, pretrained, weights, **options) -> HPSModel``.
 
     Use as ``@register_model`` (name = function name with ``_`` → ``-``) or

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,7 @@ class Metric:
             self._states[k] = self._states[k] + other._states[k].to(self._states[k].device)
         return self
 
-    def sync(self, process_group=None) -> Metric:
+    def sync(self, process_group: Any = None) -> Metric:
         """Sum the states over the ranks of ``process_group`` (all-reduce); a no-op without DDP.
 
         Call once per evaluation, after the last ``update`` and before ``compute``; the NCCL
@@ -328,10 +329,7 @@ class NormalMetric(Metric):
             lo = self._quantile_rank(cum, hist, n // 2)
             median = 0.5 * (lo + self._quantile_rank(cum, hist, n // 2 + 1))
         within = (self._states["within"].double() / n * 100.0).tolist()
-        out = {"mean": float(self._states["angle_sum"]) / n, "median": median}
-        for name, w in zip(self.names[2:], within):
-            out[name] = w
-        return out
+        return {"mean": float(self._states["angle_sum"]) / n, "median": median, **dict(zip(self.names[2:], within))}
 
 
 class ClassificationMetric(Metric):
@@ -423,6 +421,7 @@ class RegressionMetric(Metric):
 
     def _compatible(self, other: Metric) -> None:
         super()._compatible(other)
+        assert isinstance(other, RegressionMetric)  # the base class checked the class
         if other.names != self.names or other.scale != self.scale:
             raise ConfigurationError(
                 f"cannot merge RegressionMetric{other.names} (scale {other.scale}) into "

@@ -130,10 +130,10 @@ _BENCHMARKS: Registry[Callable[[], BenchmarkSpec]] = Registry(
 )
 
 
-def register_benchmark(name: str):
+def register_benchmark(name: str) -> Callable[[Callable[[], BenchmarkSpec]], Callable[[], BenchmarkSpec]]:
     """Decorator for a zero-argument factory returning a :class:`BenchmarkSpec`."""
 
-    def deco(fn):
+    def deco(fn: Callable[[], BenchmarkSpec]) -> Callable[[], BenchmarkSpec]:
         return _BENCHMARKS.register(name, fn)
 
     return deco

@@ -119,6 +119,6 @@ def regression_task(name: str, num_outputs: int = 1, loss: str = "mse",
         )
     return TaskSpec(
         name=_check_name(name), kind="regression", out_channels=num_outputs, loss=REGRESSION_LOSSES[loss],
-        make_metrics=partial(RegressionMetric, metrics, scale=scale), metrics={m: False for m in metrics},
+        make_metrics=partial(RegressionMetric, metrics, scale=scale), metrics=dict.fromkeys(metrics, False),
         units={m: (unit if m == "mae" else f"({unit})^2") for m in metrics} if unit else {},
     )

@@ -14,7 +14,8 @@ The command line (``mtlens train``) is a thin layer over :func:`run`.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .baseline import ensure_baselines, load_baseline_file, resolve_baseline, stl_cache_key, train_all_stl
 from .checkpoint import load_checkpoint
@@ -32,14 +33,17 @@ from .evaluate import evaluate_checkpoint
 from .loop import Callback, TrainingLoop
 from .trainer import Trainer
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 def run(
     config: RunConfig | dict[str, Any],
     *,
     resume: bool = False,
     quiet: bool = False,
-    console=None,
-    callbacks=(),
+    console: Console | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Run what ``config`` describes: an MTL run (training its ``auto`` baselines first), one STL
     run (``stl_task: <task>``) or all of them (``stl_task: all``). Returns the results dictionary

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import ConfigurationError, IntegrityError, OutputPathError
@@ -30,6 +30,11 @@ from .checkpoint import CHECKPOINT_NAME
 from .config import RunConfig, default_cache_dir
 from .loop import TrainingLoop
 from .records import RESULTS_NAME
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..tasks.spec import BenchmarkSpec
 
 _NOT_IN_KEY = ("out_dir", "name", "baseline_cache", "checkpoint", "monitor")
 
@@ -60,7 +65,7 @@ def train_stl(
     dirs: dict[str, Path],
     *,
     quiet: bool,
-    console,
+    console: Console | None,
     reuse: bool,
     wait: float = 0.0,
 ) -> dict[str, Any]:
@@ -115,7 +120,7 @@ def train_stl(
     }
 
 
-def ensure_baselines(cfg: RunConfig, *, quiet: bool = False, console=None) -> dict[str, Any]:
+def ensure_baselines(cfg: RunConfig, *, quiet: bool = False, console: Console | None = None) -> dict[str, Any]:
     """STL baselines of every task of ``cfg``'s benchmark, from the cache or trained now."""
     spec = get_benchmark(cfg.data.benchmark)
     cache = Path(cfg.baseline_cache).expanduser() if cfg.baseline_cache else default_cache_dir()
@@ -127,7 +132,7 @@ def ensure_baselines(cfg: RunConfig, *, quiet: bool = False, console=None) -> di
     return base
 
 
-def load_baseline_file(path: str | Path, spec, tasks: list[str]) -> dict[str, Any]:
+def load_baseline_file(path: str | Path, spec: BenchmarkSpec, tasks: list[str]) -> dict[str, Any]:
     """Read and check a baseline JSON file (see the module docstring for the accepted shapes)."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -166,7 +171,7 @@ def load_baseline_file(path: str | Path, spec, tasks: list[str]) -> dict[str, An
     return {"kind": "stl-baseline", "source": str(p), "metrics": metrics}
 
 
-def resolve_baseline(cfg: RunConfig, *, quiet: bool = False, console=None) -> dict[str, Any] | None:
+def resolve_baseline(cfg: RunConfig, *, quiet: bool = False, console: Console | None = None) -> dict[str, Any] | None:
     """The baseline ``cfg.baseline`` names: None, ``auto`` (:func:`ensure_baselines`) or a file
     (:func:`load_baseline_file`)."""
     if cfg.baseline is None:
@@ -177,7 +182,8 @@ def resolve_baseline(cfg: RunConfig, *, quiet: bool = False, console=None) -> di
     return load_baseline_file(cfg.baseline, spec, list(spec.task_names))
 
 
-def train_all_stl(cfg: RunConfig, *, quiet: bool = False, console=None, resume: bool = False) -> dict[str, Any]:
+def train_all_stl(cfg: RunConfig, *, quiet: bool = False, console: Console | None = None,
+                  resume: bool = False) -> dict[str, Any]:
     """``stl_task: all``: one STL run per task in ``out_dir/stl-<task>``, then ``out_dir/baseline.json``."""
     spec = get_benchmark(cfg.data.benchmark)
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)

@@ -181,7 +181,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], ignore=("out_dir", "name")) -> list[str]:
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any],
+                       ignore: Sequence[str] = ("out_dir", "name")) -> list[str]:
     """``"key: old -> new"`` for every setting that differs between two dumped configurations."""
     fa = {k: v for k, v in _flatten(a).items() if k.split(".")[0] not in ignore}
     fb = {k: v for k, v in _flatten(b).items() if k.split(".")[0] not in ignore}

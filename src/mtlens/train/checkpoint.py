@@ -94,7 +94,8 @@ def load_checkpoint(path: str | os.PathLike, *, expect: str = FORMAT, map_locati
 # ---------------------------------------------------------------------------------------------
 def capture_rng_state() -> dict[str, Any]:
     """torch (CPU and every CUDA device), numpy and python RNG states."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: the MT19937 tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),

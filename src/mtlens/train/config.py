@@ -9,9 +9,9 @@ so an impossible combination fails before any data is loaded, with the engine's 
 Every validation failure becomes one :class:`~mtlens.errors.ConfigurationError` line naming the
 key and the allowed values.
 
->>> cfg = load_config(preset="quick-multimnist", overrides=["train.epochs=1"])  # doctest: +SKIP
->>> cfg.method.name, cfg.regularizers[0].name  # doctest: +SKIP
-('ew', 'rep_mtl')
+>>> cfg = load_config(preset="quick-multimnist", overrides=["train.epochs=1"])
+>>> cfg.method.name, cfg.regularizers[0].name, cfg.train.epochs
+('ew', 'rep_mtl', 1)
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import json
 import os
 import types
 import typing
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import yaml
 from pydantic import (
@@ -41,9 +42,15 @@ from pydantic import (
 
 from ..errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
+
+    from ..engine.protocols import Method, Regularizer
+
 LEVEL_CHOICES = ("param", "feature")
 SELECTION_CHOICES = ("auto", "delta_p_task", "val_loss", "last")
-DIAGNOSTIC_CHOICES = ("fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond")
+Diagnostic = Literal["fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond"]
+DIAGNOSTIC_CHOICES: tuple[Diagnostic, ...] = typing.get_args(Diagnostic)
 
 
 def _no_bool(v: Any) -> Any:
@@ -172,9 +179,7 @@ class MonitorConfig(_Section):
     the Gramian (at ``level``); gradient-level methods record both at their own level anyway."""
 
     every: Int = Field(0, ge=0)
-    diagnostics: list[Literal["fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond"]] = Field(
-        default_factory=lambda: list(DIAGNOSTIC_CHOICES)
-    )
+    diagnostics: list[Diagnostic] = Field(default_factory=lambda: list(DIAGNOSTIC_CHOICES))
     level: Literal["param", "feature"] = Field(
         "param", description="level of the Gramian for loss-level methods (gradient methods: their own level)"
     )
@@ -354,7 +359,7 @@ def _check_semantics(cfg: RunConfig) -> None:
 
     n_tasks = 1 if stl else len(spec.tasks)
 
-    def build(name: str, hparams: dict[str, Any], key: str):
+    def build(name: str, hparams: dict[str, Any], key: str) -> Method:
         try:
             return create(name, **method_kwargs(name, hparams, n_tasks, "cpu", cfg.train.seed))
         except (ConfigurationError, TypeError, ValueError) as exc:
@@ -395,7 +400,8 @@ def _check_loss_transform(cfg: RunConfig, methods: list[Any]) -> None:
             )
 
 
-def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, multi_input: bool) -> None:
+def _engine_dry_run(method: Method, regularizers: Sequence[Method], level: str | None, loss_transform: str | None,
+                    n_tasks: int, multi_input: bool) -> None:
     """One :func:`mtl_backward` on a toy hard-parameter-sharing problem, so the engine itself
     rejects impossible combinations (loss-level method at feature level, a feature-only method at
     parameter level, a Jacobian aggregator on multi-input features, a clashing loss transform).
@@ -438,7 +444,8 @@ def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, m
             features=features,
             shared_params=list(enc.parameters()),
             level=level,
-            regularizers=regularizers,
+            # any method: refusing a non-regulariser here, with the engine's own message, is the point
+            regularizers=cast("Sequence[Regularizer]", regularizers),
             loss_transform=loss_transform,
             distributed=False,  # a local toy problem, even inside a torchrun process
         )
@@ -446,7 +453,7 @@ def _engine_dry_run(method, regularizers, level, loss_transform, n_tasks: int, m
 
 # ---------------------------------------------------------------------------------------------
 # presets, files, overrides
-def _preset_dir():
+def _preset_dir() -> Traversable:
     return resources.files("mtlens.train") / "presets"
 
 
@@ -455,7 +462,7 @@ def available_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def preset_path(name: str):
+def preset_path(name: str) -> Traversable:
     return _preset_dir() / f"{name}.yaml"
 
 

@@ -66,7 +66,11 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def evaluate_checkpoint(
-    path: str | Path, split: str = "test", *, overrides: list[str] | tuple[str, ...] = (), quiet: bool = True
+    path: str | Path,
+    split: str = "test",
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    quiet: bool = True,  # noqa: ARG001 - accepted as in 0.1.0; the evaluator prints nothing since the trainer split
 ) -> dict[str, Any]:
     """Rebuild the run's benchmark and model from the file's own config, load its weights, evaluate ``split``.
 

@@ -28,8 +28,15 @@ __all__ = ["BaselineComparison", "TaskEvaluator", "evaluate"]
 class TaskEvaluator:
     """Metrics and mean losses of a run's tasks over one pass of a split.
 
-    >>> ev = TaskEvaluator(spec, ["left", "right"])  # doctest: +SKIP
-    >>> ev.reset(); ev.update("left", logits, labels); ev.compute()["metrics"]["left"]  # doctest: +SKIP
+    >>> import torch
+    >>> from mtlens.tasks import get_benchmark
+    >>> ev = TaskEvaluator(get_benchmark("multimnist"), ["left", "right"])
+    >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])  # 3 samples, the first 2 of 10 classes
+    >>> logits = torch.cat([logits, torch.full((3, 8), -9.0)], dim=1)
+    >>> for task in ("left", "right"):
+    ...     ev.update(task, logits, torch.tensor([0, 1, 1]))
+    >>> ev.compute()["metrics"]["left"]  # accuracy in percent: 2 of 3
+    {'acc': 66.66666...}
     """
 
     def __init__(self, spec: Any, tasks: list[str]) -> None:

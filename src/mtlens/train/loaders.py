@@ -95,6 +95,13 @@ def make_loader(
     )
 
 
+def loader_batches(loader: DataLoader) -> int:
+    """Batches per epoch of a loader built by :func:`make_loader`."""
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, EpochBatchSampler)
+    return sampler.num_batches()
+
+
 def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, start_batch: int = 0) -> None:
     sampler = loader.batch_sampler
     assert isinstance(sampler, EpochBatchSampler)
@@ -154,7 +161,7 @@ class TrainStream:
                     pin_memory=pin_memory,
                 )
             }
-        full = min(ld.batch_sampler.num_batches() for ld in self.loaders.values())
+        full = min(loader_batches(ld) for ld in self.loaders.values())
         self.steps_per_epoch = min(full, max_steps) if max_steps is not None else full
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Any]]:

@@ -483,7 +483,8 @@ class TrainingLoop:
             val = shard(val, self.rank, self.world)
         run_lookahead(self.forward, self.optimizer, self.method, batch, val, distributed=self.world > 1)
 
-    def _step_log(self, record: StepRecord, epoch: int, step: int, dt: float, monitored: bool):
+    def _step_log(self, record: StepRecord, epoch: int, step: int, dt: float,
+                  monitored: bool) -> dict[str, Any] | None:
         acc = self._accum
         if not record.skipped:
             losses = [float(v) for v in record.losses]
