@@ -23,6 +23,7 @@ from mtlens.storage import (
     LOCK_NAME,
     DirectoryLock,
     atomic_write,
+    atomic_write_text,
     content_digest,
     load_torch,
     lock_directory,
@@ -361,3 +362,13 @@ def test_log_jsonl_resume_truncates_verifies_and_continues_the_chain(tmp_path):
     path.write_text(text)
     with pytest.raises(IntegrityError, match="line 1 is corrupt"):
         JsonlWriter(path).truncate(offsets[0])
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp creates 0600 files; a report or result shared with a group must not be private."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644

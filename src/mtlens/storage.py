@@ -85,6 +85,19 @@ class _Recorder:
         return getattr(self._fh, name)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO[Any]], object]) -> None:
     """Call ``write`` on a temporary file (opened with ``mode``) next to ``path``, fsync, then ``os.replace``.
 
@@ -96,6 +109,7 @@ def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO[Any]], 
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=_TMP_SUFFIX, dir=path.parent)
     rec = None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; the file gets what open() would give it
         with os.fdopen(fd, mode) as fh:
             rec = _Recorder(fh)
             write(cast(IO[Any], rec))  # a file object by duck typing (write recorded, the rest delegated)

@@ -18,7 +18,18 @@ from ._utils import check
 
 RESCALES = (0, 1, 2)
 _SMOOTH = 1e-24  # added to ‖g_w‖² (relative to max‖g‖²) so the objective is differentiable at 0
-_STATIONARY = 1e-7  # ‖g_w‖ (relative to max‖g‖) below which the smooth certificate is not used
+_STATIONARY = 1e-7  # ‖g_w‖ relative to max‖g‖ (or to Σ w_i‖g_i‖, see _cancelled) taken as 0
+
+
+def _cancelled(Gn: np.ndarray, x: np.ndarray) -> bool:
+    """Whether the certified dual point's ``g_w = Σ x_i g_i`` is zero up to rounding, measured
+    against the gradients it combines: ``‖g_w‖ ≤ _STATIONARY · Σ x_i ‖g_i‖``.
+
+    Not against ``max‖g‖``: with norms 1e9 apart the optimum can sit on the small gradients,
+    where ``‖g_w‖`` is tiny in absolute terms and still exact (e.g. two orthogonal gradients of
+    norms 1e9 and 1: ``g_w ≈ g_2``)."""
+    scale = float(x @ np.sqrt(np.clip(np.diag(Gn), 0.0, None)))
+    return not float(x @ Gn @ x) > (_STATIONARY * scale) ** 2
 _GAP_RTOL = 1e-8  # duality gap accepted as optimal, relative to ‖g_w‖‖d‖ (plus its round-off bound)
 
 
@@ -115,7 +126,7 @@ class CAGrad(GramianWeighting):
         x = self._polish(Gn, a, sqrt_phi, x)
         rel, ok = self.certificate(Gn, a, sqrt_phi, x, g0_sq)
         info = {"solver_iterations": float(res.nit), "dual_gap": rel, "exact_path": 0.0}
-        if ok and float(x @ Gn @ x) > _STATIONARY**2:
+        if ok and not _cancelled(Gn, x):
             return x, info
         return None, info
 
@@ -282,7 +293,7 @@ class CAGrad(GramianWeighting):
             if xe is not None:
                 rel, ok = self.certificate(Gs, a, sqrt_phi, xe, g0_sq)
                 info = {**info, "dual_gap": rel, "exact_path": 1.0}
-                if ok and float(xe @ Gs @ xe) > _STATIONARY**2:
+                if ok and not _cancelled(Gs, xe):
                     x = xe
         w = np.ones(T)
         if x is not None:
