@@ -85,6 +85,9 @@ def _train_popen(tmp_path: Path, out: Path, *sets: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "mtlens.cli.main", *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path,
+        # a test runner started in the background (`cmd &` in a script) ignores SIGINT, and the
+        # child would inherit that: give it the default disposition a terminal user has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
