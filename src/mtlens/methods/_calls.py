@@ -61,7 +61,21 @@ def _watch(watcher: Any) -> None:
         _watchers.add(watcher)
 
 
-class ScalarsInOptimizer:
+class _Misses:
+    """Consecutive misses of a required call: one is tolerated, ``MISSES_TO_RAISE`` in a row raise."""
+
+    _misses = 0
+
+    def _missed(self, missed: bool) -> bool:
+        """Record one check; True (and the count reset) when the misses reach ``MISSES_TO_RAISE``."""
+        self._misses = self._misses + 1 if missed else 0
+        if self._misses >= MISSES_TO_RAISE:
+            self._misses = 0
+            return True
+        return False
+
+
+class ScalarsInOptimizer(_Misses):
     """Watches that the learnable scalars returned by ``get()`` are stepped by the user's optimiser."""
 
     def __init__(self, method: str, what: str, get: Callable[[], torch.Tensor | None]):
@@ -84,9 +98,7 @@ class ScalarsInOptimizer:
         """Call once per weighting call, before using the scalars."""
         missed = self._stepped_without and not self._included
         self._stepped_without = self._included = False
-        self._misses = self._misses + 1 if missed else 0
-        if self._misses >= MISSES_TO_RAISE:
-            self._misses = 0
+        if self._missed(missed):
             raise ConfigurationError(
                 f"{self.method}: your optimiser stepped {MISSES_TO_RAISE} times without its learnable {self.what} "
                 f"(method.parameters()), so '{self.method}' never learns its weights. Build the optimiser with them: "
@@ -95,7 +107,7 @@ class ScalarsInOptimizer:
             )
 
 
-class AfterStepCalls:
+class AfterStepCalls(_Misses):
     """Watches that ``after_step`` follows every optimiser step that used the method's weights (FAMO)."""
 
     def __init__(self, method: str, pending: Callable[[], bool]):
@@ -112,9 +124,7 @@ class AfterStepCalls:
         """Call at the start of every weighting call."""
         missed = self._pending() and self._stepped
         self._stepped = False
-        self._misses = self._misses + 1 if missed else 0
-        if self._misses >= MISSES_TO_RAISE:
-            self._misses = 0
+        if self._missed(missed):
             raise ConfigurationError(
                 f"{self.method}: after_step(new_losses) was not called after optimizer.step() for "
                 f"{MISSES_TO_RAISE} steps in a row, so '{self.method}' does not learn its weights. After every "
@@ -185,7 +195,7 @@ class EpochCalls:
         self.learnt = state.get("learnt")
 
 
-class MetaStepCalls:
+class MetaStepCalls(_Misses):
     """Watches that ``meta_step`` precedes every weighting call of a bilevel method (Auto-Lambda, MOML).
 
     A weighting call (``combine``, the engine's step) with no ``meta_step`` since the previous one
@@ -202,10 +212,9 @@ class MetaStepCalls:
         self._misses = 0
 
     def weighting_call(self) -> None:
-        self._misses = 0 if self._fresh else self._misses + 1
+        missed = not self._fresh
         self._fresh = False
-        if self._misses >= MISSES_TO_RAISE:
-            self._misses = 0
+        if self._missed(missed):
             raise ConfigurationError(
                 f"{self.method}: meta_step(lookahead) was not called before {MISSES_TO_RAISE} steps in a row, so "
                 f"'{self.method}' never updates its task weights. Before every mtl_backward call, call "
