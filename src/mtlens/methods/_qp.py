@@ -45,9 +45,10 @@ from typing import Protocol
 import numpy as np
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
 from ..engine.numerics import check_gramian as validate_gramian
 from ..errors import SolverError, require
-from ._solvers import cosine_matrix, nonzero_tasks
+from ._solvers import cosine_matrix
 from ._utils import check, in_range
 
 SOLVERS = ("nnls", "quadprog")
@@ -101,10 +102,17 @@ def dual_cone_weights(
     if ridge == "trace":
         return solve(0.5 * (Gn + Gn.T) / trace, U, reg_eps, method)
     Gn = 0.5 * (Gn + Gn.T)
-    live = nonzero_tasks(Gn)
-    C, n = cosine_matrix(Gn, live)
-    out = U.copy()  # zero gradients keep v_t = u_t
-    out[:, live] = solve(C, U[:, live] * n, reg_eps, method) / n
+    d = np.diag(Gn)
+    live = (d > 0) & (d > ZERO_REL * float(d.max()))  # nonzero_tasks, inlined: this runs every step
+    if live.all():
+        n = np.sqrt(d)
+        C = Gn / np.outer(n, n)  # the cosine matrix (its diagonal set to 1 below)
+        np.fill_diagonal(C, 1.0)
+        out = solve(C, U * n, reg_eps, method) / n
+    else:
+        C, n = cosine_matrix(Gn, live)
+        out = U.copy()  # zero gradients keep v_t = u_t
+        out[:, live] = solve(C, U[:, live] * n, reg_eps, method) / n
     if not np.isfinite(out).all():
         raise SolverError(f"{method}: the weights overflow after rescaling by the gradient norms {n.tolist()}")
     return out
