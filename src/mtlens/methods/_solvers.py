@@ -252,7 +252,7 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
         return MinNormResult(np.full(T, 1.0 / T), 0.0, 0, 0.0)
     Gn = G / s
     max_iter = max_iter if max_iter is not None else 50 + 20 * T
-    pos_eps = 1e-15
+    pos_eps = 0.0  # weights are kept however small: norms 1e8 apart give optimal weights of 1e-16
 
     norms = np.sqrt(np.maximum(Gn.diagonal(), 0.0))
 
@@ -343,8 +343,9 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
             f"semi-definite Gramian with diagonal {np.diag(G).tolist()}. Please report this Gramian."
         )
     if tie_break:
-        wt = _min_norm_weights(Gn, w, x2, tol, S, norms)
-        if wt is not w:
+        for wt in (_min_norm_weights(Gn, w, x2, tol, S, norms), _share_among_copies(Gn, w)):
+            if wt is w:
+                continue
             x2t, gap_abs_t, gap_task_t = gaps(wt)
             # the tie-break must keep the point (value and both certificates) to round-off
             if x2t <= x2 + tol * float(norms @ w) ** 2 and gap_abs_t <= max(gap_abs, tol) \
@@ -357,16 +358,19 @@ def _minor_cycles(S: np.ndarray, wS: np.ndarray, v: np.ndarray, affine, pos_eps:
                   T: int) -> tuple[np.ndarray, np.ndarray]:
     """Wolfe's minor cycles: from the feasible ``wS`` (on support ``S``) towards the affine minimiser
     ``v`` of ``S`` until an entry reaches 0, drop it, repeat until the affine minimiser lies inside
-    the simplex. Each cycle drops at least one index, so at most ``|S|`` cycles."""
+    the simplex. Each cycle drops at least one index (the blocking one is set to exactly 0, so a
+    round-off remainder cannot keep it), so at most ``|S|`` cycles."""
     for _ in range(T + 5):
         if np.all(v > pos_eps):
             return v, S
-        neg = v <= pos_eps
+        neg = np.flatnonzero(v <= pos_eps)
         denom = wS[neg] - v[neg]
         ok = denom > 0
-        theta = float(np.min(wS[neg][ok] / denom[ok])) if np.any(ok) else 0.0
-        theta = min(max(theta, 0.0), 1.0)
+        ratios = np.where(ok, wS[neg] / np.where(ok, denom, 1.0), np.inf)
+        b = int(np.argmin(ratios))
+        theta = min(max(float(ratios[b]), 0.0), 1.0) if np.isfinite(ratios[b]) else 0.0
         wS = wS + theta * (v - wS)
+        wS[neg[b]] = 0.0
         keep = wS > pos_eps
         if not np.any(keep):  # cannot happen for a convex combination; be loud if it does
             raise SolverError("min_norm_simplex: Wolfe's minor cycle emptied the support")
@@ -389,6 +393,25 @@ def _clearly_independent(GS: np.ndarray) -> bool:
     d = 1.0 / np.sqrt(M.diagonal())
     fac, _, info = _dposv(M * np.outer(d, d), np.ones(GS.shape[0]), lower=0)
     return info == 0 and float(np.min(np.abs(fac.diagonal()))) ** 2 > 1e-10
+
+
+def _share_among_copies(Gn: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``w`` with the weight of every group of duplicated tasks shared equally among the copies.
+
+    Copies are tasks whose gradients coincide to the Gramian's round-off,
+    ``‖g_i − g_j‖² = G_ii + G_jj − 2G_ij ≤ 1e-12·(G_ii + G_jj)``; any optimal ``w`` averaged over them
+    is optimal with a smaller ``‖w‖`` (the caller keeps the result only if the value and the KKT
+    certificates hold). The SVD tie-break alone cannot promise this when the optimal set meets the
+    simplex's boundary; this makes duplicated tasks get equal weights (permutation equivariance)."""
+    d = Gn.diagonal()
+    D2 = d[:, None] + d[None, :] - 2.0 * Gn
+    close = 1e-12 * (d[:, None] + d[None, :]) >= D2
+    if int(close.sum()) == Gn.shape[0]:  # only the diagonal
+        return w
+    rep = np.argmax(close, axis=1)  # the first task each one coincides with
+    counts = np.bincount(rep, minlength=Gn.shape[0])
+    share = np.bincount(rep, weights=w, minlength=Gn.shape[0])
+    return share[rep] / counts[rep]
 
 
 def _min_norm_weights(Gn: np.ndarray, w: np.ndarray, x2: float, tol: float,
