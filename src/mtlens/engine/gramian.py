@@ -122,15 +122,19 @@ def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = tor
 def combine_rows(weights: Tensor, rows: Sequence[Sequence[Tensor]], inplace: bool = False) -> list[Tensor]:
     """``Σ_t w_t g_t[p]`` for every parameter, from per-task lists of per-parameter gradients.
 
-    ``inplace=True`` accumulates into the first task's tensors (no allocation; they are lost)."""
+    One multi-tensor (``torch._foreach_*``) op per task over all parameters: the same
+    ``acc = w_0 g_0; acc += w_t g_t`` per element as one op per parameter and task, without
+    T × (number of parameters) op dispatches. ``inplace=True`` accumulates into the first task's
+    tensors (no allocation; they are lost)."""
     w = weights.tolist()
-    out = []
-    for j in range(len(rows[0])):
-        acc = rows[0][j].mul_(w[0]) if inplace else rows[0][j] * w[0]
-        for t in range(1, len(rows)):
-            acc.add_(rows[t][j], alpha=w[t])
-        out.append(acc)
-    return out
+    if inplace:
+        acc = list(rows[0])
+        torch._foreach_mul_(acc, w[0])
+    else:
+        acc = list(torch._foreach_mul(list(rows[0]), w[0]))
+    for t in range(1, len(rows)):
+        torch._foreach_add_(acc, list(rows[t]), alpha=w[t])
+    return acc
 
 
 def combine_blocks(weights: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
