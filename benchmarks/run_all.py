@@ -24,8 +24,9 @@ Timing (:func:`measure`): the rows of one table are called in turn, one step eac
 row 2, ..., row 1, ...), so the steps of the rows a ratio compares alternate and load that comes
 and goes within seconds hits them alike; a round gives each row at least ``--min-run-time``
 seconds of steps, a row's time for the round is the median of its steps, and a ratio is the
-median over ``--rounds`` rounds of the two rows' times *in the same round*. Memory: the peak, over one step, of the bytes of tensor storage
-created during the step and alive at once — a tracemalloc of tensor storage: a
+median over ``--rounds`` rounds of the two rows' times *in the same round*. Memory: the peak,
+over one step, of the bytes of tensor storage created during the step and alive at once — a
+tracemalloc of tensor storage: a
 ``TorchDispatchMode`` sees every op's outputs (forward and backward) and follows each storage
 by a weak reference; gradients written into ``.grad`` count, parameters and inputs do not,
 kernels' internal scratch buffers are not seen.
@@ -1066,7 +1067,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run, not a measurement")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
     ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds per table (default 5, QM9 2; quick 1)")
-    ap.add_argument("--min-run-time", type=float, default=None, help="seconds of steps per row and round (default 0.1; quick 0.01)")
+    ap.add_argument("--min-run-time", type=float, default=None, 
+                    help="seconds of steps per row and round (default 0.1; quick 0.01)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared, loaded machine)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     ap.add_argument("--methods-workloads", default="lenet",
@@ -1126,8 +1128,8 @@ def main(argv=None) -> dict:
             "- **Method**: the rows of a table are called in turn, one step each, so the steps of any two rows "
             f"alternate; {cfg.rounds} rounds in which every row runs ≥ {cfg.min_run_time} s of steps; a row's time "
             "is the median of its steps in a round, every ratio the median over rounds of the two rows' times in "
-            "the same round (`measure` in `benchmarks/run_all.py`). Peak memory: tensor storage created during one step and "
-            "alive at once, tracked per op by a `TorchDispatchMode` with weak references to the storages "
+            "the same round (`measure` in `benchmarks/run_all.py`). Peak memory: tensor storage created during "
+            "one step and alive at once, tracked per op by a `TorchDispatchMode` with weak references to the storages "
             "(a tracemalloc of tensor storage; see `benchmarks/run_all.py`).",
             "- **Noise**: the machine is shared: this run was made while 4 other developers' jobs (test suites, "
             "builds) ran on the same 2 cores — see the load averages above. Under such load absolute times move "
