@@ -67,3 +67,25 @@ def test_imports_flow_one_way_between_layers(house, modules):
     upward = [f"{a} -> {b}" for a, bs in graph.items() for b in bs
               if a in rank and b in rank and rank[b] < rank[a]]
     assert upward == []
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _user_facing_files():
+    yield _ROOT / "README.md"
+    yield from sorted((_ROOT / "docs").glob("*.md"))
+    yield from sorted((_ROOT / "src" / "mtlens").rglob("*.py"))
+    yield from sorted((_ROOT / "src" / "mtlens").rglob("*.yaml"))
+
+
+def test_user_facing_text_cites_no_project_internal_shared_folder():
+    """Users get the package and docs/, not the project's internal ``shared/`` folder: a citation
+    must name the paper or a docs/ page."""
+    offenders = []
+    for f in _user_facing_files():
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if "shared/spec" in line or "shared/published" in line or "shared/papers" in line:
+                offenders.append(f"{f.relative_to(_ROOT)}:{i}: {line.strip()}")
+    assert not offenders, "cite the paper or a docs/ page instead:\n" + "\n".join(offenders)
+

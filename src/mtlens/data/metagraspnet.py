@@ -4,7 +4,7 @@ Tasks: semantic segmentation (the ``instances_semantic`` map: object category id
 dataset's ``models/ifl_labels.py``, 0 = bin / background), depth (metres), and surface normals
 computed from the depth with the camera intrinsics (:func:`mtlens.data.geometry.normals_from_depth`),
 so the task set lines up with NYUv2. The MTL paper that uses MetaGraspNet did not publish its
-exact task set; this is mtlens's choice (shared/spec/datasets.md).
+exact task set; this is mtlens's choice (docs/benchmarks-data.md).
 
 Only ``{v}.npz``, ``{v}_rgb.png`` and ``{v}_camera_params.json`` are read: h5py is not needed.
 The dataset is CC BY-NC-SA 3.0, academic use only.

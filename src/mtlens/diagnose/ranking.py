@@ -1,7 +1,7 @@
 """Ranking Similarity: does an identifier rank MTL methods the way test performance does?
 
 Mao et al., arXiv:2402.03557 (the score's exact definition is not available to us; the choices
-below are ours, shared/spec/diagnostics.md). For N methods on one benchmark and backbone:
+below are ours, marked [choice] in docs/diagnostics.md). For N methods on one benchmark and backbone:
 
 1. each identifier is summarised per run as its mean over the logged training steps
    (:func:`summarize_steps`) [our choice], then averaged over seeds;

@@ -1,7 +1,7 @@
 """Saliency-based identifiers: Feature Disentanglement (FD) and Rep-MTL's TSR entropy.
 
 FD: Mao, Chen, Wu, Gilles, Wong, "Robust Analysis of Multi-Task Learning Efficiency ...",
-arXiv:2402.03557 (the aggregation and normalisation are our choices, shared/spec/diagnostics.md).
+arXiv:2402.03557 (the aggregation and normalisation are our choices, marked [choice] in docs/diagnostics.md).
 TSR entropy: Wang, Li, Xu, Rep-MTL, arXiv:2507.21049, Eqs. 4–6.
 Both read the task saliencies ``S_t = ∂L_t/∂Z`` — one heads backward, no encoder backward.
 """

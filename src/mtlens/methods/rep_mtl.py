@@ -1,8 +1,8 @@
 """Rep-MTL: regularising the representation-level task saliencies ``S_t = ∂L_t/∂Z``.
 
 Wang, Li, Xu, "Rep-MTL: Unleashing the Power of Representation-level Task Saliency for
-Multi-Task Learning", ICCV 2025, arXiv:2507.21049. Equations and every resolved ambiguity:
-``shared/spec/rep_mtl.md``; user documentation: ``docs/rep_mtl.md``.
+Multi-Task Learning", ICCV 2025, arXiv:2507.21049. Equations, and every ambiguity of the paper with how mtlens resolves it (marked [choice]):
+``docs/rep_mtl.md``.
 
 Two penalties on the stacked saliencies ``S`` of shape ``(T, B, C, *spatial)`` (vector
 features ``(T, B, C)`` are treated as ``H = W = 1``):
@@ -159,7 +159,7 @@ class RepMTL(Regularizer):
 
     Defaults and their source: ``lambda_tsr = lambda_csa = 0.9`` (the only value the paper
     names); ``tau = 0.1``, ``csa_form = "printed"`` and ``csa_task_reduction = "mean"`` are our
-    choices (shared/spec/rep_mtl.md). The published runs also use the log loss transform
+    choices (docs/rep_mtl.md, marked [choice]). The published runs also use the log loss transform
     (``loss_transform="log"`` of the training setup), which is not part of this object.
 
     Args:
