@@ -4,7 +4,7 @@
     python benchmarks/param_jacobian.py --kinds mlp --tasks 5 --steps 60
 
 The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step each
-(``--steps`` cycles; every ratio is the median over cycles of the two rows' times in the same
+(in a fresh seeded random order every cycle; ``--steps`` cycles; every ratio is the median over cycles of the two rows' times in the same
 cycle, so load that comes and goes hits them alike; ``/ floor`` divides by the faster of the two
 Jacobian rows by median, as ``run_all.py``'s floor):
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
 import resource
 import statistics
 import sys
@@ -92,8 +93,12 @@ def run(kind: str, T: int, steps: int) -> None:
     gc.collect()
     gc.disable()
     try:
+        order = list(rows)
+        rng = random.Random(0)
         for _ in range(steps):
-            for name, fn in rows.items():
+            rng.shuffle(order)  # a fresh order every cycle, as run_all.measure
+            for name in order:
+                fn = rows[name]
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 fn()
