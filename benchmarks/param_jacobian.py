@@ -3,10 +3,11 @@
     python benchmarks/param_jacobian.py                         # conv and MLP, T = 2 3 5 11 20 40
     python benchmarks/param_jacobian.py --kinds mlp --tasks 5 --steps 60
 
-The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step each
-(in a fresh seeded random order every cycle; ``--steps`` cycles; every ratio is the median over cycles of the two rows' times in the same
-cycle, so load that comes and goes hits them alike; ``/ floor`` divides by the faster of the two
-Jacobian rows by median, as ``run_all.py``'s floor):
+The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step
+each (in a fresh seeded random order every cycle; ``--steps`` cycles; every ratio is the median
+over cycles of the two rows' times in the same cycle, so load that comes and goes hits them
+alike; ``/ floor`` divides by the faster of the two Jacobian rows by median, as ``run_all.py``'s
+floor):
 
 * ``Jacobian loop``: T calls of ``torch.autograd.grad(L_t, shared + head_t)``, the gradients discarded
   (``run_all.py``'s ``per-task Jacobian (loop)``);
