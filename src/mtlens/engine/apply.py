@@ -102,7 +102,6 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     """
     dist = grads._dist
     scale = grads._scale
-    shared, heads = grads.shared_params, grads.task_params
     if grads.level == "loss":
         if decision.objective is None:
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
@@ -123,6 +122,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         return ""
 
     T = grads.T
+    shared, heads = grads.shared_params, grads.task_params
     reg_shared: list[Tensor] | None = None
     reg_heads: list[Tensor | None] | None = None
     reg_dz: list[list[Tensor | None]] | None = None

@@ -154,8 +154,13 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
     ts = [t for t in tensors if t is not None]
     if not ts:
         return True
-    small = [t for t in ts if t.numel() < _FUSED_BELOW]
-    sums = [_sum_for_check(t) for t in ts if t.numel() >= _FUSED_BELOW]
+    small: list[Tensor] = []
+    sums: list[Tensor] = []
+    for t in ts:
+        if t.numel() < _FUSED_BELOW:
+            small.append(t)
+        else:
+            sums.append(_sum_for_check(t))
     if len(small) > 1:
         try:  # torch.cat promotes mixed dtypes; tensors on several devices are summed one by one
             sums.append(_sum_for_check(_flatten_dense_tensors(small)))
@@ -232,6 +237,7 @@ class TaskGradients:
     _transform: str = "none"
     _sal_graph: list[list[Tensor]] | None = None  # needs_saliency_graph: S_t per map, attached through the heads
     _task_params: list[Tensor] | None = None
+    _attached_stack: Tensor | None = None  # loss level: torch.stack(_attached), when built with the raw losses
     _find_task_params: Callable[[], list[Tensor]] | None = None  # loss level: the graph walk, run when first read
 
     @property
@@ -331,6 +337,8 @@ class TaskGradients:
         """Loss level: the objective losses attached to the graph (T,), valued at the global mean."""
         if self._attached is None:
             raise ConfigurationError("attached losses exist only at loss level")
+        if self._attached_stack is not None:
+            return self._attached_stack
         return torch.stack(self._attached)
 
     # -- accumulation --------------------------------------------------------------------------
@@ -637,7 +645,12 @@ def compute_task_gradients(
     if (param_regs or compute_gramian == "param") and not shared:
         raise ConfigurationError("parameter-level per-task gradients need shared_params")
 
-    raw = torch.stack([v.detach() for v in loss_list])
+    stacked: Tensor | None = None  # loss level: the attached losses as one vector, built once
+    if level == "loss" and dist is None and loss_transform in (None, "none") and scale == 1.0:
+        stacked = torch.stack(loss_list)
+        raw = stacked.detach()
+    else:
+        raw = torch.stack([v.detach() for v in loss_list])
     if dist is not None:
         raw = dist.mean_(raw.clone())
     transform = loss_transform or "none"
@@ -670,13 +683,14 @@ def compute_task_gradients(
         loss_list = [L - L.detach() + raw[t] for t, L in enumerate(loss_list)]
     # Per-task objective losses stay separate tensors: differentiating one entry of a stacked
     # vector would run every task's head backward (with zeros) for each task.
-    obj_items = [transform_losses(L, transform) for L in loss_list]
+    obj_items = loss_list if transform == "none" else [transform_losses(L, transform) for L in loss_list]
     obj = raw if transform == "none" else torch.stack([o.detach() for o in obj_items])
     tg.objective_losses = obj
     obj_scaled = [o * scale for o in obj_items] if scale != 1.0 else obj_items
     if heads is not None:
         tg.task_params = heads
     tg._parts = [{"features": feats, "loss_list": loss_list}]
+    tg._attached_stack = stacked
 
     try:
         if level == "loss":
