@@ -24,8 +24,10 @@ class MGDA(GramianWeighting):
     backward) — there is no separate registry entry.
 
     The sub-problem ``min_{w ∈ Δ} wᵀ G̃ w`` is solved EXACTLY (Wolfe's finite active-set
-    algorithm, :func:`mtlens.methods._solvers.min_norm_simplex`, KKT-certified), not by the
-    approximate Frank–Wolfe loop of the official code / LibMTL / TorchJD. When several weight
+    algorithm, :func:`mtlens.methods._solvers.min_norm_simplex`), not by the approximate
+    Frank–Wolfe loop of the official code / LibMTL / TorchJD, and certified per task: every task's
+    KKT condition ``g_i·d ≥ ‖d‖² − 1e-13·‖g_i‖·Σ_k w_k‖g_k‖`` holds on its own scale (gradient norms
+    1e12 apart alike; ``kkt_gap`` in the log), otherwise :class:`~mtlens.errors.SolverError`. When several weight
     vectors give the same min-norm point, the one of least ‖w‖ is returned (deterministic,
     permutation equivariant; it also sets the heads' weights).
 
@@ -94,11 +96,11 @@ class MGDA(GramianWeighting):
         G, L = check_gramian(gramian, losses, self.name)
         n = self._normalizers(G, L)
         Gt = G / np.outer(n, n)
-        res = min_norm_simplex(Gt)
+        res = min_norm_simplex(Gt, relative=True)
         lam = res.weights
         w = lam / n if self.apply_to == "normalized" else lam
         self._log = {"min_norm_sq": float(res.value), "solver_iterations": float(res.iterations),
-                     "kkt_gap": float(res.kkt_gap)}
+                     "kkt_gap": float(res.kkt_gap), "clipped_eigenvalue": float(res.clipped_eigenvalue)}
         return to_weights(w, gramian)
 
     def log_values(self) -> dict[str, float]:
