@@ -41,8 +41,9 @@ def test_loss_level_walks_the_heads_only_when_asked():
         _ = g.task_params
     # paths that use the features at loss level validate them eagerly, as before
     with pytest.raises(ConfigurationError, match="without passing through"):
-        compute_task_gradients(leak, level="loss", features=z, shared_params=list(net.enc.parameters()),
-                               keep_saliencies=True)
+        compute_task_gradients(
+            leak, level="loss", features=z, shared_params=list(net.enc.parameters()), keep_saliencies=True
+        )
 
 
 @pytest.mark.parametrize("name", ["ew", "uw"])
