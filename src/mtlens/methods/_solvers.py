@@ -269,6 +269,18 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
         v = _affine_minimizer_chol(GS)
         return _affine_minimizer(GS) if v is None else v
 
+    if T == 2:
+        # two tasks: the minimiser of ‖(1−t)g_1 + t g_2‖² on [0, 1] in closed form,
+        # t = (G_11 − G_12)/‖g_1 − g_2‖² clipped (identical gradients: ½ each); kept when it meets
+        # the certificate asked for (it does but for near-identical gradients), else Wolfe below
+        a, b, c = float(Gn[0, 0]), float(Gn[0, 1]), float(Gn[1, 1])
+        den = a + c - 2.0 * b
+        t = min(max((a - b) / den, 0.0), 1.0) if den > 0.0 else 0.5
+        w2 = np.array([1.0 - t, t])
+        x2, gap_abs, gap_task = gaps(w2)
+        if (gap_task if relative else gap_abs) <= tol:
+            return MinNormResult(w2, x2 * s, 1, gap_task if relative else gap_abs, gap_task)
+
     # start: Wolfe's vertex of least norm when it is already optimal; otherwise the whole task set
     # when it is affinely independent (its affine minimiser is the answer when it lies in the
     # simplex) and no worse than the vertex, otherwise the vertex (Wolfe's start)
@@ -283,10 +295,14 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
         if v is not None and v.min() > pos_eps:
             S2, wS2 = np.arange(T), v
         elif v is not None:
-            # the tasks the whole set's affine minimiser keeps are a guess of the optimal support:
-            # start there, from v's positive part (an interior point of their hull), with minor cycles
-            S2 = np.flatnonzero(v > pos_eps)
-            wS2, S2 = _minor_cycles(S2, v[S2] / v[S2].sum(), affine(S2), affine, pos_eps, T)
+            # a guess of the optimal support: drop every task the affine minimiser gives a weight
+            # ≤ 0 and repeat on the rest (a few Cholesky solves; the support shrinks every time)
+            # until the affine minimiser is positive: a corral, a valid start of Wolfe's algorithm
+            S2 = np.arange(T)
+            while v is not None and v.min() <= pos_eps:
+                S2 = S2[v > pos_eps]
+                v = affine(S2) if S2.size > 1 else np.ones(1)
+            wS2 = v
         w2 = np.zeros(T)
         w2[S2] = wS2
         if float(w2 @ Gn @ w2) <= float(Gn[i0, i0]):
