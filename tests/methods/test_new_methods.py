@@ -211,7 +211,7 @@ def test_pcd_guarantees_progress_on_secondaries():
 
 
 @pytest.mark.parametrize("base,kw,factory", [
-    ("upgrad", {"reg_eps": 1e-4}, lambda: A.UPGradWeighting()),
+    ("upgrad", {"reg_eps": 1e-4, "ridge": "trace"}, lambda: A.UPGradWeighting()),
     ("imtl_g", {}, lambda: A.IMTLGWeighting()),
     ("mgda", {}, None),
 ])

@@ -330,6 +330,90 @@ def test_messages_tell_infeasible_from_not_converged(monkeypatch):
     assert "0.00e+00" not in str(info.value)
 
 
+# ---------------------------------------------------------------------------------------------
+# Dual-cone projection (UPGrad, DualProj): v = argmin_{v ≥ u} vᵀGv, NNLS or quadprog (_qp.py)
+# ---------------------------------------------------------------------------------------------
+def dual_cone_kkt(G, u, v):
+    """Scale-aware KKT residuals of v for min_{v ≥ u} vᵀGv, on the unit gradients (y = n ⊙ v, d = Jᵀv):
+    primal max n⊙(u − v), dual max −ĝ_t·d, complementarity max |(y − n⊙u)_t ĝ_t·d|, relative to
+    Σ_t n_t|v_t| (and its square) — each task on its own scale."""
+    from mtlens.methods._solvers import cosine_matrix
+
+    C, n = cosine_matrix(G)
+    y = n * v
+    Cy = C @ y  # ĝ_t · d
+    s = float(np.sum(np.abs(y)))
+    return (max(0.0, float(np.max(n * (u - v)))) / s, max(0.0, float(-np.min(Cy))) / s,
+            float(np.max(np.abs((y - n * u) * Cy))) / s**2)
+
+
+def dual_cone_reference(G, u):
+    """min yᵀCy s.t. y ≥ n ⊙ u by cvxpy (Clarabel) on the cosine matrix; the optimal value or None."""
+    from mtlens.methods._solvers import cosine_matrix
+
+    C, n = cosine_matrix(G)
+    lam, V = np.linalg.eigh(C)
+    R = np.sqrt(np.clip(lam, 0, None))[:, None] * V.T
+    y = cp.Variable(G.shape[0])
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(R @ y)), [y >= n * u])
+    try:
+        prob.solve(solver=cp.CLARABEL)
+    except cp.error.SolverError:
+        return None
+    return prob.value if prob.status == "optimal" else None
+
+
+dual_cone_gramians = st.builds(
+    random_jacobian,
+    T=st.integers(2, 12),
+    extra=st.integers(-1, 10),
+    log_cond=st.floats(0, 5),  # Gramian condition numbers to 1e10
+    log_spread=st.floats(0, 12),  # gradient norms 1e12 apart
+    shared=st.floats(0, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["nnls", "quadprog"])
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(J=dual_cone_gramians, k=st.integers(0, 12))
+def test_dual_cone_projection_kkt_and_cvxpy_to_spreads_1e12(solver, J, k):
+    """Every row of UPGrad's U = I and DualProj's mean: KKT residuals ≤ 1e-9 (nnls) / 1e-8 (quadprog)
+    relative on the unit gradients, and the value yᵀCy no worse than cvxpy's (Clarabel) beyond 1e-7."""
+    pytest.importorskip("quadprog") if solver == "quadprog" else None
+    from mtlens.methods._qp import dual_cone_weights
+
+    G = J @ J.T
+    T = G.shape[0]
+    u = np.eye(T)[k % T] if k < T else np.full(T, 1.0 / T)
+    (v,) = dual_cone_weights(G, u[None, :], reg_eps=1e-12, solver=solver)
+    tol = 1e-9 if solver == "nnls" else 1e-8
+    assert max(dual_cone_kkt(G, u, v)) <= tol
+    ref = dual_cone_reference(G, u)
+    if ref is not None:
+        from mtlens.methods._solvers import cosine_matrix
+
+        C, n = cosine_matrix(G)
+        y = n * v
+        assert float(y @ C @ y) <= ref + 1e-7 * float(np.sum(np.abs(y))) ** 2
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_methods_do_not_conflict_with_a_gradient_1e9_below_the_others(name):
+    """Norms 1e9 apart: the default (ridge="relative", solved on the unit gradients) never conflicts
+    with the small task (cos ≥ −1e-12). Before (and with ridge="trace", TorchJD's problem) the ridge
+    1e-12·trace(G) swamped its ‖g‖² = 1e-18·trace and the update conflicted with it at cos −0.07."""
+    J = random_jacobian(4, 2, 3.7087834003466518, 8.66597769770541, 0.6561462737064137, 832869877)
+    G = J @ J.T
+    n = np.sqrt(np.diag(G))
+    cos = lambda w: (G @ w) / (n * math.sqrt(float(w @ G @ w)))  # noqa: E731
+    w = create(name).weights(torch.tensor(G)).numpy()
+    assert cos(w).min() >= -1e-12
+    w_trace = create(name, ridge="trace").weights(torch.tensor(G)).numpy()
+    assert cos(w_trace).min() < -1e-3  # the documented limit of TorchJD's ridge
+
+
 # =============================================================================================
 # min_norm_simplex: MGDA's sub-problem (also CAGrad's exact route and the feasibility test of the
 # FairGrad family). Its own block: Wolfe's algorithm against cvxpy over 2–40 tasks.
@@ -472,3 +556,51 @@ def test_min_norm_simplex_not_converged_is_said_so():
     r = min_norm_simplex(J @ J.T, max_iter=1, strict=False)  # strict=False: the point and its gap, for callers
     assert r.iterations == 1 and r.kkt_gap > 1e-10
     assert min_norm_simplex(J @ J.T).kkt_gap <= 1e-13
+
+
+# ---------------------------------------------------------------------------------------------
+# Simplex projections (MoCo's λ step, SDMGrad/MoDo's projected steps): exact reference by Fractions
+# ---------------------------------------------------------------------------------------------
+def exact_simplex_projection(v):
+    """Π_Δ(v) in exact rational arithmetic on the float64 entries (Duchi et al.'s algorithm)."""
+    from fractions import Fraction
+
+    q = [Fraction(float(x)) for x in v]
+    u = sorted(q, reverse=True)
+    css, theta = Fraction(0), Fraction(0)
+    for i, ui in enumerate(u):
+        css += ui
+        if ui - (css - 1) / (i + 1) > 0:  # the last index that passes sets θ
+            theta = (css - 1) / (i + 1)
+    return np.array([float(max(x - theta, 0)) for x in q])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(T=st.integers(1, 40), log_spread=st.floats(0, 12), log_offset=st.floats(-3, 17),
+       seed=st.integers(0, 2**31 - 1))
+def test_simplex_projections_exact_for_entries_1e12_apart_and_offsets_to_1e17(T, log_spread, log_offset, seed):
+    """Both simplex projections (numpy: SDMGrad/MoDo; torch: MoCo) against the exact projection: on
+    the simplex to 4T·eps and within 4T·eps of it, for entries whose magnitudes spread over 1e12 plus a
+    common offset up to 1e17 (the unshifted sort-based projection raised IndexError on [1e17, 3, 1])."""
+    from mtlens.methods._cross import project_simplex as project_np
+    from mtlens.methods.moco import project_simplex as project_torch
+
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(T) * np.logspace(0, log_spread, T)[rng.permutation(T)] + 10.0**log_offset
+    ref = exact_simplex_projection(v)
+    tol = 4 * T * np.finfo(np.float64).eps
+    for w in (project_np(v), project_torch(torch.tensor(v)).numpy()):
+        assert np.all(w >= 0) and abs(float(w.sum()) - 1.0) <= tol
+        np.testing.assert_allclose(w, ref, rtol=0, atol=tol)
+
+
+def test_simplex_projection_of_a_non_finite_vector_is_an_mtlens_error():
+    from mtlens.errors import NonFiniteError
+    from mtlens.methods._cross import project_simplex as project_np
+    from mtlens.methods.moco import project_simplex as project_torch
+
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        project_np(np.array([1.0, np.nan]))
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        project_torch(torch.tensor([np.inf, 1.0], dtype=F64))
+    np.testing.assert_array_equal(project_np(np.array([1e308, -1e308])), [1.0, 0.0])

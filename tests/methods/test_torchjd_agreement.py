@@ -23,9 +23,10 @@ rgw             Random() under the same seed              1   (same normal draws
 ==============  =========================================  ====================================
 
 Tolerances: 1 − cos ≤ 1e-9 for exact methods (our UPGrad/DualProj are run with TorchJD's
-ridge ``reg_eps = 1e-4``, and our default 1e-12 against TorchJD's projector with the same 1e-12;
+ridge, ``reg_eps = 1e-4, ridge="trace"``, and our default 1e-12, ``ridge="relative"``, against
+TorchJD's projector with the same 1e-12;
 the two ridges give results 1e-3 (T = 11) to 1e-2 (T = 40) apart in 1 − cos), 1e-5 for MGDA
-(T ≤ 11; TorchJD's Frank-Wolfe converges slowly) and CAGrad (SLSQP vs Clarabel), 1e-4 for
+(T ≤ 11; TorchJD's Frank-Wolfe converges slowly) and CAGrad (ours exact vs Clarabel), 1e-4 for
 Nash-MTL (both stop the CCP at a residual of 1e-3; matrices where TorchJD silently falls back to
 equal weights are detected and skipped). Randomised methods cannot be matched draw for draw
 except where both consume the same generator stream (GradDrop, RGW);
@@ -76,8 +77,8 @@ def _compare(d, e, tol, ratio, ratio_rtol, what):
 
 GRAMIAN_PAIRS = {
     # name: (our kwargs, torchjd factory(T), 1 − cos tol, ratio(T), ratio rtol)
-    "upgrad": ({"reg_eps": 1e-4}, lambda T: A.UPGrad(), 1e-9, lambda T: 1.0, 1e-9),
-    "dualproj": ({"reg_eps": 1e-4}, lambda T: A.DualProj(), 1e-9, lambda T: 1.0, 1e-9),
+    "upgrad": ({"reg_eps": 1e-4, "ridge": "trace"}, lambda T: A.UPGrad(), 1e-9, lambda T: 1.0, 1e-9),
+    "dualproj": ({"reg_eps": 1e-4, "ridge": "trace"}, lambda T: A.DualProj(), 1e-9, lambda T: 1.0, 1e-9),
     "config": ({}, lambda T: A.ConFIG(), 1e-9, lambda T: 1.0, 1e-9),
     "fairgrad": ({}, lambda T: A.FairGrad(alpha=1.0), 1e-9, lambda T: 1.0, 1e-6),
     "cagrad": ({"c": 0.5, "rescale": 0}, lambda T: A.CAGrad(c=0.5), 1e-5, lambda T: float(T), 1e-4),
@@ -171,10 +172,10 @@ def test_sum_convention_with_pref_vector():
         J = make_jacobian("typical", T)
         ones = [1.0] * T
         for name, cls in (("upgrad", A.UPGrad), ("dualproj", A.DualProj)):
-            d = _weights_update(_ours(name, pref_vector=ones, reg_eps=1e-4), J)
+            d = _weights_update(_ours(name, pref_vector=ones, reg_eps=1e-4, ridge="trace"), J)
             e = cls(pref_vector=torch.ones(T, dtype=torch.float64))(J)
             _compare(d, e, 1e-9, 1.0, 1e-9, f"{name}(pref_vector=ones) vs TorchJD")
-            mean = _weights_update(_ours(name, reg_eps=1e-4), J)
+            mean = _weights_update(_ours(name, reg_eps=1e-4, ridge="trace"), J)
             torch.testing.assert_close(d, T * mean, rtol=1e-9, atol=1e-12)
 
 

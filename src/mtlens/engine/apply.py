@@ -18,13 +18,15 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
     for p, g in zip(params, grads):
         if g is None:
             continue
-        g = g.detach()
+        if g.requires_grad:
+            g = g.detach()
         if scale != 1.0:
             g = g * scale
-        if p.grad is None:
-            p.grad = g.to(p.dtype)
+        cur = p.grad
+        if cur is None:
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         else:
-            p.grad.add_(g.to(p.grad.dtype))
+            cur.add_(g if g.dtype == cur.dtype else g.to(cur.dtype))
 
 
 def _check_range(w: Tensor, dtypes: set[torch.dtype], what: str, name: str) -> None:
@@ -75,11 +77,13 @@ def check_decision(decision: Decision, grads: TaskGradients, name: str) -> Decis
                                  "into .grad")
     if grads.level != "loss" and decision.combined is None and decision.weights is None:
         raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
-    dtypes = {p.dtype for p in grads.shared_params + grads.task_params}
-    if decision.weights is not None and decision.combined is None and decision.objective is None:
-        _check_range(decision.weights, dtypes, "weights", name)
-    if decision.head_weights is not None:
-        _check_range(decision.head_weights, dtypes, "head weights", name)
+    range_weights = decision.weights is not None and decision.combined is None and decision.objective is None
+    if range_weights or decision.head_weights is not None:
+        dtypes = {p.dtype for p in grads.shared_params + grads.task_params}
+        if range_weights:
+            _check_range(decision.weights, dtypes, "weights", name)
+        if decision.head_weights is not None:
+            _check_range(decision.head_weights, dtypes, "head weights", name)
     return decision
 
 
@@ -98,7 +102,6 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     """
     dist = grads._dist
     scale = grads._scale
-    shared, heads = grads.shared_params, grads.task_params
     if grads.level == "loss":
         if decision.objective is None:
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
@@ -119,6 +122,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         return ""
 
     T = grads.T
+    shared, heads = grads.shared_params, grads.task_params
     reg_shared: list[Tensor] | None = None
     reg_heads: list[Tensor | None] | None = None
     reg_dz: list[list[Tensor | None]] | None = None

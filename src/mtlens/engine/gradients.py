@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets use
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from .distributed import Dist
@@ -121,6 +122,7 @@ def normalise_losses(
         raise ConfigurationError("mtl_backward got no losses")
     if len(names) != len(values):
         raise ConfigurationError(f"{len(names)} task names for {len(values)} losses")
+    out: list[Tensor] = []
     for n, v in zip(names, values):
         if not isinstance(v, Tensor) or v.numel() != 1:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
@@ -130,17 +132,45 @@ def normalise_losses(
                 f"loss of task '{n}' does not require grad: it was computed without a graph "
                 "(torch.no_grad?) or from detached tensors"
             )
-    return [str(n) for n in names], [v.reshape(()) for v in values]
+        out.append(v if v.ndim == 0 else v.reshape(()))  # a 0-dim loss as it is: no view node in its graph
+    return [n if isinstance(n, str) else str(n) for n in names], out
+
+
+_FUSED_BELOW = 4096  # elements: smaller tensors are summed together after one concatenation
+
+
+def _sum_for_check(t: Tensor) -> Tensor:
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 def all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether every element of every tensor is finite (``None`` entries are skipped). Exact.
+
+    One sum per large tensor and one for all small ones together (concatenated once: their
+    per-call dispatch costs more than their data): a sum propagates NaN and ±inf and is the
+    cheapest full read (an inf-norm is ~15x slower on CPU). A sum of finite values can overflow;
+    only then, on that rare path, an elementwise ``isfinite`` of each tensor decides, so the
+    answer is exact (no false alarm)."""
     ts = [t for t in tensors if t is not None]
     if not ts:
         return True
-    # A sum propagates NaN and ±inf and is the cheapest full read (an inf-norm is ~15x slower on
-    # CPU); it can only false-alarm when a finite tensor sums past the dtype's range.
-    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in ts])
-    return bool(torch.isfinite(sums).all())
+    small: list[Tensor] = []
+    sums: list[Tensor] = []
+    for t in ts:
+        if t.numel() < _FUSED_BELOW:
+            small.append(t)
+        else:
+            sums.append(_sum_for_check(t))
+    if len(small) > 1:
+        try:  # torch.cat promotes mixed dtypes; tensors on several devices are summed one by one
+            sums.append(_sum_for_check(_flatten_dense_tensors(small)))
+        except RuntimeError:
+            sums.extend(_sum_for_check(t) for t in small)
+    elif small:
+        sums.append(_sum_for_check(small[0]))
+    if bool(torch.isfinite(torch.stack(sums) if len(sums) > 1 else sums[0]).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
 def _grads(
@@ -185,7 +215,6 @@ class TaskGradients:
     objective_losses: Tensor
     level: str
     shared_params: list[Tensor] = field(default_factory=list)
-    task_params: list[Tensor] = field(default_factory=list)
     saliencies: Tensor | None = None
     grad_norms: Tensor | None = None
     head_rows: list[list[Tensor | None]] = field(default_factory=list)
@@ -207,10 +236,26 @@ class TaskGradients:
     _count: int = 1
     _transform: str = "none"
     _sal_graph: list[list[Tensor]] | None = None  # needs_saliency_graph: S_t per map, attached through the heads
+    _task_params: list[Tensor] | None = None
+    _attached_stack: Tensor | None = None  # loss level: torch.stack(_attached), when built with the raw losses
+    _find_task_params: Callable[[], list[Tensor]] | None = None  # loss level: the graph walk, run when first read
 
     @property
     def T(self) -> int:
         return len(self.task_names)
+
+    @property
+    def task_params(self) -> list[Tensor]:
+        """The task-specific parameters (the heads). At loss level they are found from the graph
+        only when first read: one backward of the weighted sum needs no list of them."""
+        if self._task_params is None:
+            find, self._find_task_params = self._find_task_params, None
+            self._task_params = find() if find is not None else []
+        return self._task_params
+
+    @task_params.setter
+    def task_params(self, value: list[Tensor]) -> None:
+        self._task_params, self._find_task_params = list(value), None
 
     @property
     def ok(self) -> bool:
@@ -292,6 +337,8 @@ class TaskGradients:
         """Loss level: the objective losses attached to the graph (T,), valued at the global mean."""
         if self._attached is None:
             raise ConfigurationError("attached losses exist only at loss level")
+        if self._attached_stack is not None:
+            return self._attached_stack
         return torch.stack(self._attached)
 
     # -- accumulation --------------------------------------------------------------------------
@@ -324,7 +371,7 @@ class TaskGradients:
         transform = first._transform
         out = TaskGradients(
             task_names=list(first.task_names), losses=mean, objective_losses=transform_losses(mean, transform),
-            level=first.level, shared_params=first.shared_params, task_params=first.task_params,
+            level=first.level, shared_params=first.shared_params, _task_params=first.task_params,
             _features=first._features, _dist=first._dist, _scale=first._scale, _count=K, _transform=transform,
         )
         if bad is not None:
@@ -598,7 +645,12 @@ def compute_task_gradients(
     if (param_regs or compute_gramian == "param") and not shared:
         raise ConfigurationError("parameter-level per-task gradients need shared_params")
 
-    raw = torch.stack([v.detach() for v in loss_list])
+    stacked: Tensor | None = None  # loss level: the attached losses as one vector, built once
+    if level == "loss" and dist is None and loss_transform in (None, "none") and scale == 1.0:
+        stacked = torch.stack(loss_list)
+        raw = stacked.detach()
+    else:
+        raw = torch.stack([v.detach() for v in loss_list])
     if dist is not None:
         raw = dist.mean_(raw.clone())
     transform = loss_transform or "none"
@@ -617,7 +669,13 @@ def compute_task_gradients(
             "loss_transform='log' needs non-negative losses; got "
             + ", ".join(f"'{n}'={float(v)}" for n, v in zip(names, raw) if v < 0)
         )
-    heads = _find_heads(loss_list, feats, shared, task_params, method_params)
+    heads: list[Tensor] | None = None
+    if level == "loss" and not (regularizers or keep_saliencies or compute_gramian):
+        # one backward of the weighted sum needs no list of the heads: walk the graph only if one is asked for
+        given, losses_now = task_params, loss_list
+        tg._find_task_params = lambda: _find_heads(losses_now, feats, shared, given, method_params)
+    else:
+        heads = _find_heads(loss_list, feats, shared, task_params, method_params)
     if dist is not None:
         # Valued at the global mean, differentiated through this rank's graph: the mean over ranks
         # of any gradient computed from these is the global one, through a loss transform too
@@ -625,19 +683,21 @@ def compute_task_gradients(
         loss_list = [L - L.detach() + raw[t] for t, L in enumerate(loss_list)]
     # Per-task objective losses stay separate tensors: differentiating one entry of a stacked
     # vector would run every task's head backward (with zeros) for each task.
-    obj_items = [transform_losses(L, transform) for L in loss_list]
-    obj = torch.stack([o.detach() for o in obj_items])
+    obj_items = loss_list if transform == "none" else [transform_losses(L, transform) for L in loss_list]
+    obj = raw if transform == "none" else torch.stack([o.detach() for o in obj_items])
     tg.objective_losses = obj
     obj_scaled = [o * scale for o in obj_items] if scale != 1.0 else obj_items
-    tg.task_params = heads
+    if heads is not None:
+        tg.task_params = heads
     tg._parts = [{"features": feats, "loss_list": loss_list}]
+    tg._attached_stack = stacked
 
     try:
         if level == "loss":
             _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
                         keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
         else:
-            _gradient_level(tg, names, raw, obj, obj_scaled, feats, shared, heads, sal_regs, param_regs,
+            _gradient_level(tg, names, raw, obj, obj_scaled, feats, shared, tg.task_params, sal_regs, param_regs,
                             transform, jacobian, scale, dist, retain_graph, saliency_graph)
     except _NonFinitePenalty as exc:  # a regulariser's penalty: the step's policy decides (skip or raise)
         tg.problem, tg.overflow = str(exc), scale != 1.0

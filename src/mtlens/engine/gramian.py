@@ -65,49 +65,76 @@ def gramian_from_blocks(blocks: Sequence[Tensor], dtype: torch.dtype = torch.flo
     return _symmetric(G)
 
 
+BUFFER_BYTES = 4 * 2**20
+"""Size of the reused buffer :func:`gramian_from_rows` copies column chunks of the T rows into (a few
+MiB: stays in the last-level cache, and below glibc's mmap threshold, so it never page-faults)."""
+
+
 def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = torch.float64) -> Tensor:
     """``G`` from per-task lists of per-parameter gradients, with the precision of
     :func:`gramian_from_blocks`.
 
-    Large float32 parameters are never stacked whole: each column chunk of the T rows is copied
-    into one reused T × ``CHUNK`` buffer (cache-resident, no fresh allocation) and multiplied
-    there — a T × P stack would cost a fresh T·P allocation and a pass through memory per step."""
+    Large float32 parameters are never stacked whole (a T × n stack is a fresh allocation per step,
+    and one above 32 MiB — glibc's largest mmap threshold — page-faults all its pages every step):
+    the T rows' columns are copied, several :data:`CHUNK`-column chunks at a time, into one reused
+    buffer of about :data:`BUFFER_BYTES`, and each copy's chunks are multiplied by one batched
+    sgemm, every chunk's T×T product summed in float64 (the same products as
+    :func:`gramian_from_blocks`). Parameters under :data:`CHUNK` columns and the chunks' tails are
+    gathered into one float64 matrix and multiplied once (exact products). Other dtypes (float64,
+    half precision) or a non-float64 ``dtype``: per parameter, as :func:`gramian_from_blocks`."""
     T = len(rows)
     G = torch.zeros(T, T, dtype=dtype, device=rows[0][0].device)
-    buf: Tensor | None = None
+    buf: Tensor | None = None  # flat: T × (columns of one copy), contiguous
     g32: Tensor | None = None
+    rest_rows: list[list[Tensor]] = [[] for _ in range(T)]
+    per_copy = max(1, BUFFER_BYTES // (4 * T * CHUNK)) * CHUNK  # columns per copy: whole chunks
     for j in range(len(rows[0])):
         flat = [r[j].reshape(-1) for r in rows]
         n = flat[0].numel()
-        if flat[0].dtype != torch.float32 or dtype != torch.float64 or n < CHUNK:
+        if flat[0].dtype != torch.float32 or dtype != torch.float64:
             _accumulate_gram(G, torch.stack(flat))
             continue
-        if buf is None or g32 is None:
-            buf = torch.empty(T, CHUNK, dtype=torch.float32, device=G.device)
-            g32 = torch.empty(T, T, dtype=torch.float32, device=G.device)
         full = n - n % CHUNK
-        for start in range(0, full, CHUNK):
-            torch.stack([f[start:start + CHUNK] for f in flat], out=buf)
-            torch.mm(buf, buf.T, out=g32)
-            G.add_(g32)
+        if full:
+            if buf is None or buf.numel() < T * min(per_copy, full):
+                buf = torch.empty(T * min(per_copy, full), dtype=torch.float32, device=G.device)
+            for start in range(0, full, per_copy):
+                stop = min(start + per_copy, full)
+                x = buf[: T * (stop - start)].view(T, stop - start)  # contiguous
+                torch.stack([f[start:stop] for f in flat], out=x)
+                c = (stop - start) // CHUNK
+                if c == 1:
+                    if g32 is None:
+                        g32 = torch.empty(T, T, dtype=torch.float32, device=G.device)
+                    G.add_(torch.mm(x, x.T, out=g32))
+                else:
+                    y = x.reshape(T, c, CHUNK).transpose(0, 1)  # (c, T, CHUNK) view of the copy
+                    G.add_(torch.bmm(y, y.transpose(1, 2)).sum(0, dtype=G.dtype))
         if full < n:
-            tail = torch.stack([f[full:] for f in flat])
-            G.add_(tail @ tail.T)
+            for t in range(T):
+                rest_rows[t].append(flat[t][full:])
+    if rest_rows[0]:  # per task: the small parameters and the tails, in order
+        m = torch.stack([torch.cat(r) for r in rest_rows]).to(G.dtype)  # float32 products are exact in float64
+        G.addmm_(m, m.T)
     return _symmetric(G)
 
 
 def combine_rows(weights: Tensor, rows: Sequence[Sequence[Tensor]], inplace: bool = False) -> list[Tensor]:
     """``Σ_t w_t g_t[p]`` for every parameter, from per-task lists of per-parameter gradients.
 
-    ``inplace=True`` accumulates into the first task's tensors (no allocation; they are lost)."""
+    One multi-tensor (``torch._foreach_*``) op per task over all parameters: the same
+    ``acc = w_0 g_0; acc += w_t g_t`` per element as one op per parameter and task, without
+    T × (number of parameters) op dispatches. ``inplace=True`` accumulates into the first task's
+    tensors (no allocation; they are lost)."""
     w = weights.tolist()
-    out = []
-    for j in range(len(rows[0])):
-        acc = rows[0][j].mul_(w[0]) if inplace else rows[0][j] * w[0]
-        for t in range(1, len(rows)):
-            acc.add_(rows[t][j], alpha=w[t])
-        out.append(acc)
-    return out
+    if inplace:
+        acc = list(rows[0])
+        torch._foreach_mul_(acc, w[0])
+    else:
+        acc = list(torch._foreach_mul(list(rows[0]), w[0]))
+    for t in range(1, len(rows)):
+        torch._foreach_add_(acc, list(rows[t]), alpha=w[t])
+    return acc
 
 
 def combine_blocks(weights: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:

@@ -166,7 +166,7 @@ class LearnableScalars:
         """``{f"{prefix}/{t}": value_t}``; empty before the scalars exist."""
         if self.value is None:
             return {}
-        return {f"{prefix}/{i}": float(v) for i, v in enumerate(self.value.detach().cpu())}
+        return {f"{prefix}/{i}": v for i, v in enumerate(self.value.detach().cpu().tolist())}
 
 
 def learnable_scalars(method: Method, key: str, what: str, init: float, num_tasks: int | None,

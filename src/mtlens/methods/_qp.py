@@ -5,21 +5,36 @@ For a weight vector ``u`` (T,), the projection of ``Jᵀu`` onto the dual cone
 
     v = argmin_{v ≥ u} vᵀ G v,         G = J Jᵀ.
 
-We solve it exactly: factor ``G = Q Λ Qᵀ`` (``numpy.linalg.eigh``; eigenvalues clamped at 0),
-add a ridge ``reg_eps`` to Λ, write ``vᵀGv = ‖R v‖²`` with ``R = (Λ + reg_eps)^{1/2} Qᵀ`` and
-substitute ``x = v − u ≥ 0``: ``min_{x ≥ 0} ‖R x + R u‖²`` is a non-negative least-squares
+We solve it exactly: factor a positive-semidefinite matrix ``M = Q Λ Qᵀ`` (``numpy.linalg.eigh``;
+eigenvalues clamped at 0), add the ridge, write ``vᵀMv = ‖R v‖²`` with ``R = (Λ + ridge)^{1/2} Qᵀ``
+and substitute ``x = v − u ≥ 0``: ``min_{x ≥ 0} ‖R x + R u‖²`` is a non-negative least-squares
 problem, solved by the active-set algorithm of ``scipy.optimize.nnls`` (exact up to rounding).
 
-Scaling. ``G`` is first divided by its trace (the problem's minimiser does not depend on a
-positive scale of G), so the solve is identical for gradients of norm 1e-10 and 1e10, and
-``reg_eps`` is relative to the trace. TorchJD does the same normalisation but additionally
-replaces G by 0 when ``trace(G) < norm_eps = 1e-4`` (absolute), which turns tiny gradients
-into plain averaging; we do not (only an exactly zero or sub-normal trace is treated as
-``G = 0``, where every ``v ≥ u`` gives the zero update and we return ``v = u``).
+Scaling and the ridge (``ridge=``):
 
-The ridge moves the solution by O(reg_eps): with it, ``(J d)_i ≥ −reg_eps · trace(G) · v_i``
-instead of ``≥ 0``. TorchJD uses ``reg_eps = 1e-4``; our default is ``1e-12`` because NNLS does
-not need a strongly positive-definite matrix (quadprog does: it gets the same ridge).
+* ``"relative"`` (default, ours): the problem is solved on the unit gradients. With
+  ``n_t = ‖g_t‖`` and ``y = n ⊙ v`` it reads ``min_{y ≥ n ⊙ u} yᵀ(C + reg_eps I) y`` with ``C`` the
+  cosine matrix (unit diagonal, :func:`~mtlens.methods._solvers.cosine_matrix`): every task on its
+  own scale, so gradients 1e12 apart in norm are projected as accurately as equal ones. The ridge
+  is ``reg_eps · ‖g_t‖²`` per task, and the update meets ``(J d)_t ≥ −reg_eps ‖g_t‖² v_t`` — relative
+  to each task's own scale. Zero gradients (``‖g_t‖² ≤ ZERO_REL · max‖g‖²``) cannot conflict with
+  any update: they keep ``v_t = u_t``.
+* ``"trace"`` (TorchJD's problem): ``G`` is divided by its trace and the ridge ``reg_eps`` added
+  (``vᵀ(G + reg_eps·trace(G) I)v``); the update meets ``J d ≥ −reg_eps · trace(G) · v``, which for
+  a task whose ``‖g_t‖²`` is below ``reg_eps · trace(G)`` is no guarantee at all (norms 1e6 apart
+  with ``reg_eps = 1e-12``). The eigen-decomposition of the trace-normalised G also loses such
+  tasks (round-off ``eps · trace``). Use it to reproduce TorchJD (``reg_eps=1e-4``).
+
+Either way the result is invariant to a positive scale of G. TorchJD additionally replaces G by 0
+when ``trace(G) < norm_eps = 1e-4`` (absolute), which turns tiny gradients into plain averaging;
+we do not (only an exactly zero or sub-normal trace is treated as ``G = 0``, where every
+``v ≥ u`` gives the zero update and we return ``v = u``). TorchJD uses ``reg_eps = 1e-4``; our
+default is ``1e-12`` because NNLS does not need a strongly positive-definite matrix (quadprog
+does: it gets the same ridge).
+
+Certificate (tested, not run at every call): the KKT conditions on the unit gradients,
+``v ≥ u``, ``ĝ_t·d ≥ −tol`` and ``ĝ_t·d ≤ tol`` where ``v_t > u_t``, ``tol`` relative to
+``Σ_t n_t v_t`` (tests/methods/test_solver_certificates.py, norm spreads to 1e12).
 """
 
 from __future__ import annotations
@@ -30,11 +45,14 @@ from typing import Protocol
 import numpy as np
 from torch import Tensor
 
+from ..engine.numerics import ZERO_REL
 from ..engine.numerics import check_gramian as validate_gramian
 from ..errors import SolverError, require
+from ._solvers import cosine_matrix
 from ._utils import check, in_range
 
 SOLVERS = ("nnls", "quadprog")
+RIDGES = ("relative", "trace")
 TRACE_TINY = 1e-290  # below this the Gramian is numerically zero (float64)
 
 
@@ -58,10 +76,12 @@ def dual_cone_weights(
     reg_eps: float,
     solver: str = "nnls",
     method: str = "dual cone projection",
+    ridge: str = "relative",
 ) -> np.ndarray:
     """For each row ``u`` of ``U`` (k×T) return ``v = argmin_{v ≥ u} vᵀ G v`` (k×T).
 
-    Raises :class:`SolverError` when the Gramian is not finite or a solve fails.
+    ``ridge``: ``"relative"`` (each task on its own scale) or ``"trace"`` (TorchJD's problem); see
+    the module docstring. Raises :class:`SolverError` when the Gramian is not finite or a solve fails.
     """
     Gn = _as_numpy(G)
     U = np.atleast_2d(np.asarray(U, dtype=np.float64))
@@ -70,16 +90,32 @@ def dual_cone_weights(
         raise SolverError(f"{method}: Gramian of shape {Gn.shape} and weights of shape {U.shape} do not fit")
     if not np.isfinite(Gn).all():
         raise SolverError(f"{method}: the Gramian has non-finite entries; cannot project")
+    if solver not in SOLVERS:
+        raise SolverError(f"{method}: unknown solver {solver!r}; choose one of {SOLVERS}")
+    if ridge not in RIDGES:
+        raise SolverError(f"{method}: unknown ridge {ridge!r}; choose one of {RIDGES}")
     trace = float(np.trace(Gn))
     if not trace > TRACE_TINY:
         # J = 0 (every row zero): every v gives the zero update; keep the requested weights.
         return U.copy()
-    Gn = 0.5 * (Gn + Gn.T) / trace
-    if solver == "nnls":
-        return _solve_nnls(Gn, U, reg_eps, method)
-    if solver == "quadprog":
-        return _solve_quadprog(Gn, U, reg_eps, method)
-    raise SolverError(f"{method}: unknown solver {solver!r}; choose one of {SOLVERS}")
+    solve = _solve_nnls if solver == "nnls" else _solve_quadprog
+    if ridge == "trace":
+        return solve(0.5 * (Gn + Gn.T) / trace, U, reg_eps, method)
+    Gn = 0.5 * (Gn + Gn.T)
+    d = np.diag(Gn)
+    live = (d > 0) & (d > ZERO_REL * float(d.max()))  # nonzero_tasks, inlined: this runs every step
+    if live.all():
+        n = np.sqrt(d)
+        C = Gn / np.outer(n, n)  # the cosine matrix (its diagonal set to 1 below)
+        np.fill_diagonal(C, 1.0)
+        out = solve(C, U * n, reg_eps, method) / n
+    else:
+        C, n = cosine_matrix(Gn, live)
+        out = U.copy()  # zero gradients keep v_t = u_t
+        out[:, live] = solve(C, U[:, live] * n, reg_eps, method) / n
+    if not np.isfinite(out).all():
+        raise SolverError(f"{method}: the weights overflow after rescaling by the gradient norms {n.tolist()}")
+    return out
 
 
 def _solve_nnls(Gn: np.ndarray, U: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
@@ -132,13 +168,14 @@ class _DualConeMethod(Protocol):
     pref_vector: tuple[float, ...] | None
     reg_eps: float
     solver: str
+    ridge: str
 
 
 def init_dual_cone(method: _DualConeMethod, pref_vector: Sequence[float] | None, reg_eps: float,
-                   solver: str) -> None:
+                   solver: str, ridge: str = "relative") -> None:
     """Validate and store the hyper-parameters shared by UPGrad and DualProj on ``method``.
 
-    Sets ``method.pref_vector``, ``method.reg_eps`` and ``method.solver``;
+    Sets ``method.pref_vector``, ``method.reg_eps``, ``method.solver`` and ``method.ridge``;
     raises :class:`ConfigurationError` / :class:`MissingDependencyError` naming ``method.name``.
     """
     name = method.name
@@ -147,8 +184,11 @@ def init_dual_cone(method: _DualConeMethod, pref_vector: Sequence[float] | None,
     check(solver in SOLVERS, f"{name}: solver={solver!r}; choose one of {SOLVERS}")
     check(solver != "quadprog" or method.reg_eps > 0,
           f"{name}: solver='quadprog' needs reg_eps > 0 (a strictly positive-definite matrix)")
+    check(ridge in RIDGES, f"{name}: ridge={ridge!r}; choose one of {RIDGES} ('relative': reg_eps·‖g_t‖² per task, "
+          "scale-aware; 'trace': reg_eps·trace(G), TorchJD's problem)")
     require_solver(solver, name)
     method.solver = solver
+    method.ridge = ridge
 
 
 def check_pref_vector(pref_vector: Sequence[float] | None, method: str) -> tuple[float, ...] | None:

@@ -24,8 +24,10 @@ class DualProj(GramianWeighting):
     Scale convention: ``p = 1/T`` by default (the *mean* gradient is projected), as in the paper
     and TorchJD (``pref_vector=None`` → ``MeanWeighting``); pass ``pref_vector=[1]*T`` for the sum.
 
-    Hyper-parameters (defaults): ``pref_vector=None`` (uniform 1/T); ``reg_eps=1e-12`` (ridge on
-    the trace-normalised Gramian; TorchJD uses 1e-4); ``solver="nnls"`` (exact, scipy) or
+    Hyper-parameters (defaults): ``pref_vector=None`` (uniform 1/T); ``reg_eps=1e-12`` (ridge;
+    TorchJD uses 1e-4); ``ridge="relative"`` (``reg_eps·‖g_t‖²`` per task, solved on the unit
+    gradients; ``"trace"``: ``reg_eps·trace(G)``, TorchJD's problem — see
+    :mod:`mtlens.methods._qp`); ``solver="nnls"`` (exact, scipy) or
     ``"quadprog"`` (``pip install 'mtlens[qp]'``). A failed solve raises ``SolverError``.
     """
 
@@ -33,6 +35,7 @@ class DualProj(GramianWeighting):
     pref_vector: tuple[float, ...] | None  # set by init_dual_cone
     reg_eps: float
     solver: str
+    ridge: str
     reference = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv:2406.16232"
     defaults_source = "pref_vector = mean as in the paper and TorchJD; reg_eps: ours (TorchJD 1e-4)"
 
@@ -44,12 +47,12 @@ class DualProj(GramianWeighting):
     }
 
     def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-12,
-                 solver: str = "nnls") -> None:
-        init_dual_cone(self, pref_vector, reg_eps, solver)
+                 solver: str = "nnls", ridge: str = "relative") -> None:
+        init_dual_cone(self, pref_vector, reg_eps, solver, ridge)
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         T = check_gramian(gramian, self.name)
         p = pref_weights(self.pref_vector, T, self.name)
         (w,) = dual_cone_weights(gramian, p[None, :], reg_eps=self.reg_eps, solver=self.solver,
-                                 method=self.name)
+                                 method=self.name, ridge=self.ridge)
         return torch.as_tensor(w, dtype=torch.float64, device=gramian.device)

@@ -31,16 +31,20 @@ class UPGrad(GramianWeighting):
     Pass ``pref_vector=[1, ..., 1]`` for the sum.
 
     Hyper-parameters (defaults): ``pref_vector=None`` (uniform 1/T; paper and TorchJD);
-    ``reg_eps=1e-12`` (ridge on the trace-normalised Gramian; TorchJD uses 1e-4 — see
-    :mod:`mtlens.methods._qp`); ``solver="nnls"`` (exact, scipy) or ``"quadprog"`` (needs
-    ``pip install 'mtlens[qp]'``). A failed solve raises :class:`~mtlens.errors.SolverError`.
-    The update never conflicts with a task: ``J d ≥ −reg_eps · trace(G) · w``.
+    ``reg_eps=1e-12`` (ridge; TorchJD uses 1e-4 — see :mod:`mtlens.methods._qp`);
+    ``ridge="relative"`` (ours: ridge ``reg_eps·‖g_t‖²`` per task and the projection solved on the
+    unit gradients, accurate for gradient norms 1e12 apart; ``"trace"``: ``reg_eps·trace(G)``,
+    TorchJD's problem, to reproduce it with ``reg_eps=1e-4``); ``solver="nnls"`` (exact, scipy) or
+    ``"quadprog"`` (needs ``pip install 'mtlens[qp]'``). A failed solve raises
+    :class:`~mtlens.errors.SolverError`. The update never conflicts with a task:
+    ``(J d)_t ≥ −reg_eps ‖g_t‖² w_t`` (``ridge="trace"``: ``J d ≥ −reg_eps · trace(G) · w``).
     """
 
     name = "upgrad"
     pref_vector: tuple[float, ...] | None  # set by init_dual_cone
     reg_eps: float
     solver: str
+    ridge: str
     reference = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv:2406.16232"
     defaults_source = "pref_vector = mean as in the paper and TorchJD; reg_eps: ours (TorchJD 1e-4)"
 
@@ -52,12 +56,13 @@ class UPGrad(GramianWeighting):
     }
 
     def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-12,
-                 solver: str = "nnls") -> None:
-        init_dual_cone(self, pref_vector, reg_eps, solver)
+                 solver: str = "nnls", ridge: str = "relative") -> None:
+        init_dual_cone(self, pref_vector, reg_eps, solver, ridge)
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         T = check_gramian(gramian, self.name)
         p = pref_weights(self.pref_vector, T, self.name)
-        V = dual_cone_weights(gramian, np.eye(T), reg_eps=self.reg_eps, solver=self.solver, method=self.name)
+        V = dual_cone_weights(gramian, np.eye(T), reg_eps=self.reg_eps, solver=self.solver, method=self.name,
+                               ridge=self.ridge)
         w = p @ V  # Σ_i p_i v⁽ⁱ⁾
         return torch.as_tensor(w, dtype=torch.float64, device=gramian.device)

@@ -1,0 +1,137 @@
+"""The engine's fixed per-step cost (EW / UW against a plain loop) and the FD monitor's cost.
+
+Usage::
+
+    python benchmarks/fixed_cost.py            # conv and MLP at T = 3, 11, 40; FD at T = 3, 11
+    python benchmarks/fixed_cost.py --steps 40 --kinds conv --tasks 11
+
+Rows are timed step by step, alternating (plain, EW, UW, plain, ...), so every ratio is the
+median over adjacent steps of the same round: slow drift of a shared machine cancels, per-step
+jitter does not (see docs/performance.md, "EW against a plain loop" and "Monitoring").
+
+* ``EW / plain``: a full step (forward + backward) of ``mtl_backward`` with EW at loss level
+  against ``sum(losses).backward()``; ``EW − plain`` the median paired difference in ms.
+* ``FD / MGDA step``: :func:`mtlens.diagnose.feature_disentanglement` on a feature-level MGDA
+  step's record, against that step; ``monitored / MGDA`` the step with a ``SaliencyMonitor(("fd",))``
+  call against the step without; ``logs / MGDA`` the floor: ``torch.log`` of T·|Z| numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import Workload  # noqa: E402  (the scaling study's synthetic workloads)
+
+from mtlens.diagnose import SaliencyMonitor, feature_disentanglement  # noqa: E402
+from mtlens.engine import mtl_backward  # noqa: E402
+from mtlens.methods import create  # noqa: E402
+
+BATCH = {"conv": 8, "mlp": 256}
+
+
+def alternate(rows: dict, steps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of every row, the rows called in turn ``steps`` times (after a warm-up)."""
+    out: dict[str, list[float]] = {k: [] for k in rows}
+    for i in range(warmup + steps):
+        for k, f in rows.items():
+            t0 = time.perf_counter()
+            f()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                out[k].append(dt)
+    return out
+
+
+def paired(ts: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
+    """Median ratio and median difference (ms) of adjacent calls of rows ``a`` and ``b``."""
+    return (
+        statistics.median(x / y for x, y in zip(ts[a], ts[b])),
+        statistics.median(x - y for x, y in zip(ts[a], ts[b])) * 1e3,
+    )
+
+
+def engine_rows(w: Workload) -> dict:
+    ew, uw = create("ew"), create("uw", num_tasks=w.T)
+
+    def plain():
+        w.zero()
+        _, losses = w.forward()
+        sum(losses.values()).backward()
+
+    def step(m):
+        def f():
+            w.zero()
+            z, losses = w.forward()
+            mtl_backward(losses, features=z, shared_params=w.shared, method=m)
+
+        return f
+
+    return {"plain": plain, "EW": step(ew), "UW": step(uw)}
+
+
+def monitor_rows(w: Workload) -> dict:
+    mgda, mon = create("mgda"), SaliencyMonitor(metrics=("fd",))
+
+    def step():
+        w.zero()
+        z, losses = w.forward()
+        return mtl_backward(losses, features=z, shared_params=w.shared, method=mgda, level="feature")
+
+    rec = step()
+    a = rec.saliencies.abs()  # the floor: one logarithm per element of the (T, *Z) block
+    out = torch.empty_like(a)
+    return {
+        "MGDA feature": step,
+        "MGDA feature + monitor(FD)": lambda: mon(step(), 0),
+        "FD alone": lambda: feature_disentanglement(rec),
+        "logs alone": lambda: torch.log(a, out=out),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--kinds", default="conv,mlp")
+    ap.add_argument("--tasks", default="3,11,40")
+    ap.add_argument("--fd-tasks", default="3,11")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, 1 thread, {args.steps} alternating steps per row; medians of same-round ratios")
+    print("\n| workload | plain ms | EW ms | EW / plain | EW − plain ms | UW / plain | UW − plain ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind in args.kinds.split(","):
+        for T in (int(t) for t in args.tasks.split(",")):
+            ts = alternate(engine_rows(Workload(kind, T, BATCH[kind])), args.steps)
+            (r_ew, d_ew), (r_uw, d_uw) = paired(ts, "EW", "plain"), paired(ts, "UW", "plain")
+            print(
+                f"| {kind}, T={T} | {statistics.median(ts['plain']) * 1e3:.2f} | "
+                f"{statistics.median(ts['EW']) * 1e3:.2f} | {r_ew:.3f} | {d_ew:+.3f} | {r_uw:.3f} | {d_uw:+.3f} |"
+            )
+    print(
+        "\n| workload | MGDA step ms | FD ms | FD / step | monitored / step | T·|Z| logs ms | logs / step "
+        "| step for FD ≤ 5 % (ms) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in args.kinds.split(","):
+        for T in (int(t) for t in args.fd_tasks.split(",")):
+            ts = alternate(monitor_rows(Workload(kind, T, BATCH[kind])), args.steps)
+            fd = statistics.median(ts["FD alone"]) * 1e3
+            print(
+                f"| {kind}, T={T} | {statistics.median(ts['MGDA feature']) * 1e3:.2f} | {fd:.3f} | "
+                f"{paired(ts, 'FD alone', 'MGDA feature')[0] * 100:.1f} % | "
+                f"{(paired(ts, 'MGDA feature + monitor(FD)', 'MGDA feature')[0] - 1) * 100:+.1f} % | "
+                f"{statistics.median(ts['logs alone']) * 1e3:.3f} | "
+                f"{paired(ts, 'logs alone', 'MGDA feature')[0] * 100:.1f} % | {fd / 0.05:.1f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Parameter-level UPGrad against the per-task Jacobian it is built on, step by step (A/B).
+
+    python benchmarks/param_jacobian.py                         # conv and MLP, T = 2 3 5 11 20 40
+    python benchmarks/param_jacobian.py --kinds mlp --tasks 5 --steps 60
+
+The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step each
+(``--steps`` cycles; every ratio is the median over cycles of the two rows' times in the same
+cycle, so load that comes and goes hits them alike):
+
+* ``Jacobian loop``: T calls of ``torch.autograd.grad(L_t, shared + head_t)``, the gradients discarded
+  (``run_all.py``'s ``per-task Jacobian (loop)``);
+* ``Jacobian batched``: T head backwards, then one vmapped encoder VJP (``is_grads_batched=True``),
+  as TorchJD computes it;
+* ``Jacobian loop, rows kept``: the loop, holding all T rows until the step ends (what any method
+  deciding from the whole Jacobian must hold);
+* ``UPGrad loop`` / ``UPGrad batched``: ``mtl_backward(level="param", jacobian=...)``;
+* ``TorchJD autojac``: ``torchjd.autojac.mtl_backward`` + ``jac_to_grad(shared, UPGrad())``.
+
+Each row also gives its minor page faults per step (``getrusage``): fresh allocations above glibc's
+mmap threshold (at most 32 MiB) are mapped anew and faulted in page by page on every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_all import Workload, torchjd_fns  # noqa: E402
+
+from mtlens.engine import mtl_backward  # noqa: E402
+from mtlens.methods import create  # noqa: E402
+
+
+def rows_for(w: Workload) -> dict:
+    upgrad = create("upgrad")
+    kept: list = []
+
+    def loop():
+        w.zero()
+        _, losses = w.forward()
+        for t, L in enumerate(losses.values()):
+            torch.autograd.grad(L, w.shared + list(w.heads[t].parameters()), retain_graph=True)
+
+    def loop_kept():
+        w.zero()
+        _, losses = w.forward()
+        kept[:] = [torch.autograd.grad(L, w.shared + list(w.heads[t].parameters()), retain_graph=True)
+                   for t, L in enumerate(losses.values())]
+        kept.clear()
+
+    def batched():
+        w.zero()
+        z, losses = w.forward()
+        sal = [torch.autograd.grad(L, [z] + list(w.heads[t].parameters()), retain_graph=True)[0]
+               for t, L in enumerate(losses.values())]
+        torch.autograd.grad(z, w.shared, grad_outputs=torch.stack(sal), is_grads_batched=True)
+
+    def engine(jacobian):
+        def step():
+            w.zero()
+            z, losses = w.forward()
+            mtl_backward(losses, features=z, shared_params=w.shared, method=upgrad, level="param", jacobian=jacobian)
+
+        return step
+
+    rows = {"Jacobian loop": loop, "Jacobian batched": batched, "Jacobian loop, rows kept": loop_kept,
+            "UPGrad loop": engine("loop"), "UPGrad batched": engine("batched")}
+    tjd = torchjd_fns(w, w, batched=False)
+    if "TorchJD autojac UPGrad" in tjd:
+        rows["TorchJD autojac"] = tjd["TorchJD autojac UPGrad"]
+    return rows
+
+
+def run(kind: str, T: int, steps: int) -> None:
+    w = Workload(kind, T, 8 if kind == "conv" else 256)
+    rows = rows_for(w)
+    for fn in rows.values():  # warm-up
+        fn()
+        fn()
+    times = {n: [] for n in rows}
+    faults = {n: [] for n in rows}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(steps):
+            for name, fn in rows.items():
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    finally:
+        gc.enable()
+    floor = [min(a, b) for a, b in zip(times["Jacobian loop"], times["Jacobian batched"])]
+    for name in rows:
+        r = statistics.median(x / f for x, f in zip(times[name], floor))
+        print(f"{kind:4s} T={T:2d}  {name:26s} {statistics.median(times[name]) * 1e3:8.2f} ms  "
+              f"/ floor {r:5.3f}  minor faults/step {statistics.median(faults[name]):7.0f}", flush=True)
+    if "TorchJD autojac" in times:
+        r = statistics.median(a / b for a, b in zip(times["TorchJD autojac"], times["UPGrad loop"]))
+        print(f"{kind:4s} T={T:2d}  autojac / UPGrad loop {r:.3f}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", default="conv,mlp")
+    ap.add_argument("--tasks", default="2,3,5,11,20,40")
+    ap.add_argument("--steps", type=int, default=20, help="cycles (one step of every row each)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for kind in args.kinds.split(","):
+        for T in (int(t) for t in args.tasks.split(",")):
+            run(kind, T, args.steps)
+
+
+if __name__ == "__main__":
+    main()
