@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def _run(*args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_min_norm_solver_benchmark_against_a_reference_copy():
     ref = str(ROOT / "src" / "mtlens" / "methods" / "_solvers.py")  # itself: the A/B machinery runs
     out = _run("benchmarks/min_norm_solver.py", "--reference", ref, "--families", "random,rank5,ill",
@@ -29,6 +32,7 @@ def test_min_norm_solver_benchmark_against_a_reference_copy():
         assert float(cells[9]) <= 1e-12 or cells[0] == "rank5"  # same value as the reference (rank5: ~0)
 
 
+@pytest.mark.slow
 def test_mgda_floor_benchmark_prints_the_bound():
     out = _run("benchmarks/mgda_floor.py", "--kinds", "mlp", "--tasks", "2", "--rounds", "1",
                "--min-run-time", "0.001")
