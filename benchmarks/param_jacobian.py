@@ -3,9 +3,11 @@
     python benchmarks/param_jacobian.py                         # conv and MLP, T = 2 3 5 11 20 40
     python benchmarks/param_jacobian.py --kinds mlp --tasks 5 --steps 60
 
-The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step each
-(``--steps`` cycles; every ratio is the median over cycles of the two rows' times in the same
-cycle, so load that comes and goes hits them alike):
+The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step
+each (in a fresh seeded random order every cycle; ``--steps`` cycles; every ratio is the median
+over cycles of the two rows' times in the same cycle, so load that comes and goes hits them
+alike; ``/ floor`` divides by the faster of the two Jacobian rows by median, as ``run_all.py``'s
+floor):
 
 * ``Jacobian loop``: T calls of ``torch.autograd.grad(L_t, shared + head_t)``, the gradients discarded
   (``run_all.py``'s ``per-task Jacobian (loop)``);
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
 import resource
 import statistics
 import sys
@@ -91,8 +94,12 @@ def run(kind: str, T: int, steps: int) -> None:
     gc.collect()
     gc.disable()
     try:
+        order = list(rows)
+        rng = random.Random(0)
         for _ in range(steps):
-            for name, fn in rows.items():
+            rng.shuffle(order)  # a fresh order every cycle, as run_all.measure
+            for name in order:
+                fn = rows[name]
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 fn()
@@ -100,7 +107,8 @@ def run(kind: str, T: int, steps: int) -> None:
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     finally:
         gc.enable()
-    floor = [min(a, b) for a, b in zip(times["Jacobian loop"], times["Jacobian batched"])]
+    # the floor: the faster exact way by its median (as run_all.add_floor)
+    floor = min((times["Jacobian loop"], times["Jacobian batched"]), key=statistics.median)
     for name in rows:
         r = statistics.median(x / f for x, f in zip(times[name], floor))
         print(f"{kind:4s} T={T:2d}  {name:26s} {statistics.median(times[name]) * 1e3:8.2f} ms  "

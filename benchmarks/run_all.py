@@ -20,8 +20,8 @@ Sections (``--sections``, comma list; default all):
 * ``qm9``      the QM9 MPNN (11 tasks), when ``mtlens`` provides its model/batch builder.
 * ``methods``  the all-methods table of ``benchmarks/step_time.py`` (LeNet, T = 2; ``--methods-workloads``).
 
-Timing (:func:`measure`): the rows of one table are called in turn, one step each (row 1,
-row 2, ..., row 1, ...), so the steps of the rows a ratio compares alternate and load that comes
+Timing (:func:`measure`): the rows of one table are called in turn, one step each, in a fresh
+random order every cycle (seeded), so the steps of the rows a ratio compares alternate and load that comes
 and goes within seconds hits them alike; a round gives each row at least ``--min-run-time``
 seconds of steps, a row's time for the round is the median of its steps, and a ratio is the
 median over ``--rounds`` rounds of the two rows' times *in the same round*. Memory: the peak,
@@ -42,6 +42,7 @@ import inspect
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -78,10 +79,13 @@ def measure(rows: dict[str, Callable[[], None]], rounds: int, min_run_time: floa
     a row leaves the rotation once its calls in this round add up to ``min_run_time`` (a row
     slower than that runs once per round). A row's time for the round is the median of its calls
     in that round. The calls of the rows a ratio compares thus alternate step by step (one step
-    of each per cycle), so load that comes and goes on the shared machine within seconds hits
-    them alike; measuring each row as one block of ``min_run_time`` (``torch.utils.benchmark``'s
-    ``blocked_autorange``, what this harness did before) put seconds between the two rows of a
-    ratio, and a load spike in between moved the ratio by up to 2×. The garbage collector is off
+    of each per cycle, in a fresh seeded random order every cycle: a step that leaves the
+    allocator or the caches worse for the next one — the vmapped Jacobian's large freed blocks
+    cost the next row ≈ 0.5 ms at conv T = 5 — does not always hit the same row), so load that
+    comes and goes on the shared machine within seconds hits them alike; measuring each row as
+    one block of ``min_run_time`` (``torch.utils.benchmark``'s ``blocked_autorange``, what this
+    harness did before) put seconds between the two rows of a ratio, and a load spike in between
+    moved the ratio by up to 2×. The garbage collector is off
     during each call (as ``timeit`` does)."""
     times: dict[str, list[float] | str] = {}
     for name, fn in rows.items():  # warm-up (and configuration errors)
@@ -92,6 +96,7 @@ def measure(rows: dict[str, Callable[[], None]], rounds: int, min_run_time: floa
         except Exception as exc:  # noqa: BLE001 - reported in the table, never hidden
             times[name] = f"{type(exc).__name__}: {exc}"[:120]
     live = [n for n in rows if isinstance(times[n], list)]
+    rng = random.Random(0)
     gc_was_enabled = gc.isenabled()
     try:
         for _ in range(rounds):
@@ -100,6 +105,7 @@ def measure(rows: dict[str, Callable[[], None]], rounds: int, min_run_time: floa
             todo = list(live)
             gc.collect()
             while todo:
+                rng.shuffle(todo)  # a fresh order every cycle: no row always follows the same one
                 for name in todo:
                     gc.disable()
                     t0 = time.perf_counter()
@@ -143,15 +149,18 @@ FLOOR_WAYS = ("per-task Jacobian (loop)", "per-task Jacobian (batched)")
 
 
 def add_floor(times: dict) -> dict:
-    """Insert the ``per-task Jacobian (floor)`` row after its two exact ways of computing it: per round,
-    the faster of ``T`` backward calls (loop) and one vmapped encoder VJP (batched) — the cheapest exact
-    per-task Jacobian measured, whichever it is on this machine and workload. Rows keep their order."""
-    ways = [times[r] for r in FLOOR_WAYS if isinstance(times.get(r), list) and times[r]]
+    """Insert the ``per-task Jacobian (floor)`` row after its two exact ways of computing it: the times of
+    the faster way — ``T`` backward calls (loop) or one vmapped encoder VJP (batched) — by the median over
+    the rounds, so the floor is the cheapest exact per-task Jacobian measured on this machine and workload.
+    (Not a per-round minimum of the two: the minimum of two noisy times is biased low.) Rows keep their
+    order; a way that failed (vmap without a batching rule) is left out."""
+    ways = [r for r in FLOOR_WAYS if isinstance(times.get(r), list) and times[r]]
     out: dict = {}
     for name, t in times.items():
         out[name] = t
         if name == FLOOR_WAYS[-1]:
-            out[FLOOR] = [min(v) for v in zip(*ways)] if ways else (times.get(FLOOR_WAYS[0]) or "no way measured")
+            out[FLOOR] = (list(times[min(ways, key=lambda r: statistics.median(times[r]))]) if ways
+                          else "no way of computing the Jacobian ran")
     return out
 
 
@@ -416,9 +425,10 @@ def render_scaling(res, cfg, plot_path: Path | None) -> list[str]:
              "`MGDA feature` = MGDA on the saliencies; `per-task Jacobian (loop)` = T calls of "
              "`torch.autograd.grad(L_t, shared + head_t)` and nothing else; `per-task Jacobian (batched)` = the "
              "same Jacobian as TorchJD computes it (T head backwards to `∂L_t/∂Z`, then one vmapped encoder VJP, "
-             "`is_grads_batched=True`); `per-task Jacobian (floor)` = per round the faster of the two (the cheapest "
-             "exact per-task Jacobian measured: what the `/ floor` ratios divide by); `UPGrad`/`PCGrad param` = "
-             "`mtl_backward(level=\"param\")`; `EW + Rep-MTL` = EW with the Rep-MTL regulariser; TorchJD 0.18 "
+             "`is_grads_batched=True`); `per-task Jacobian (floor)` = the faster of the two by its median over the "
+             "rounds (the cheapest exact per-task Jacobian measured: what the `/ floor` ratios divide by); "
+             "`UPGrad`/`PCGrad param` = `mtl_backward(level=\"param\")`; `EW + Rep-MTL` = EW with the Rep-MTL "
+             "regulariser; TorchJD 0.18 "
              "`autojac` = `mtl_backward(losses, features=z)` + `jac_to_grad(encoder params, UPGrad())`, "
              "`autogram` = `Engine(encoder, batch_dim=None).compute_gramian(torch.stack(losses))` + "
              "`UPGradWeighting` + `losses.backward(weights)`; `autogram batched` = `Engine(encoder, batch_dim=0)` "
@@ -1125,11 +1135,12 @@ def main(argv=None) -> dict:
             f"- **Date**: {started.strftime('%Y-%m-%d %H:%M UTC')}, {elapsed / 60:.1f} min, mtlens commit "
             f"`{git_rev()}`.",
             f"- **Machine**: {header_machine}; load average {os.getloadavg()[0]:.1f} at the end.",
-            "- **Method**: the rows of a table are called in turn, one step each, so the steps of any two rows "
-            f"alternate; {cfg.rounds} rounds in which every row runs ≥ {cfg.min_run_time} s of steps; a row's time "
-            "is the median of its steps in a round, every ratio the median over rounds of the two rows' times in "
-            "the same round (`measure` in `benchmarks/run_all.py`). Peak memory: tensor storage created during "
-            "one step and alive at once, tracked per op by a `TorchDispatchMode` with weak references to the storages "
+            "- **Method**: the rows of a table are called in turn, one step each (a fresh seeded random order "
+            f"every cycle), so the steps of any two rows alternate; {cfg.rounds} rounds in which every row runs "
+            f"≥ {cfg.min_run_time} s of steps; a row's time is the median of its steps in a round, every ratio the "
+            "median over rounds of the two rows' times in the same round (`measure` in `benchmarks/run_all.py`). "
+            "Peak memory: tensor storage created during one step and alive at once, tracked per op by a "
+            "`TorchDispatchMode` with weak references to the storages "
             "(a tracemalloc of tensor storage; see `benchmarks/run_all.py`).",
             "- **Noise**: the machine is shared: this run was made while 4 other developers' jobs (test suites, "
             "builds) ran on the same 2 cores — see the load averages above. Under such load absolute times move "

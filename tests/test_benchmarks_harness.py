@@ -61,22 +61,25 @@ def test_measure_alternates_the_rows_step_by_step(run_all):
 
     times = run_all.measure({"a": row("a"), "b": row("b"), "bad": broken}, rounds=3, min_run_time=0.0)
     assert calls[:4] == ["a", "a", "b", "b"]  # warm-up: two calls each
-    assert calls[4:] == ["a", "b"] * 3  # then one step of each row per cycle
+    cycles = [calls[i:i + 2] for i in range(4, len(calls), 2)]
+    assert len(cycles) == 3 and all(sorted(c) == ["a", "b"] for c in cycles)  # one step of each row per cycle
     assert len(times["a"]) == len(times["b"]) == 3 and all(t >= 0 for t in times["a"])
     assert times["bad"].startswith("ValueError: no such op")
     calls.clear()
     times = run_all.measure({"a": row("a"), "b": row("b")}, rounds=1, min_run_time=1e-4)
-    timed = calls[4:]  # full cycles while both rows are in the rotation, then the one left alone
+    timed = calls[4:]  # full cycles (any order) while both rows are in the rotation, then the one left alone
     n = min(timed.count("a"), timed.count("b"))
-    assert n >= 1 and timed[:2 * n] == ["a", "b"] * n and len(set(timed[2 * n:])) <= 1
+    assert n >= 1 and all(sorted(timed[i:i + 2]) == ["a", "b"] for i in range(0, 2 * n, 2))
+    assert len(set(timed[2 * n:])) <= 1
 
 
-def test_floor_is_the_faster_exact_jacobian_of_each_round(run_all):
+def test_floor_is_the_faster_exact_jacobian(run_all):
     loop, batched = "per-task Jacobian (loop)", "per-task Jacobian (batched)"
-    times = run_all.add_floor({"EW": [1.0, 1.0], loop: [3.0, 2.0], batched: [2.5, 4.0], "UPGrad param": [3.3, 2.2]})
+    times = run_all.add_floor({"EW": [1.0, 1.0, 1.0], loop: [3.0, 2.0, 2.2], batched: [2.5, 4.0, 2.4],
+                               "UPGrad param": [3.3, 2.2, 2.2]})
     assert list(times) == ["EW", loop, batched, run_all.FLOOR, "UPGrad param"]  # inserted after its two ways
-    assert times[run_all.FLOOR] == [2.5, 2.0]
-    assert run_all.ratio(times, "UPGrad param", run_all.FLOOR) == pytest.approx(1.21)  # rounds: 1.32, 1.1
+    assert times[run_all.FLOOR] == [3.0, 2.0, 2.2]  # the loop: median 2.2 against 2.5
+    assert run_all.ratio(times, "UPGrad param", run_all.FLOOR) == pytest.approx(1.1)  # rounds: 1.1, 1.1, 1.0
     failed = run_all.add_floor({loop: [3.0], batched: "RuntimeError: no batching rule"})
     assert failed[run_all.FLOOR] == [3.0]  # vmap could not run: the loop is the floor
 

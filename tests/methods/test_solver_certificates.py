@@ -556,3 +556,51 @@ def test_min_norm_simplex_not_converged_is_said_so():
     r = min_norm_simplex(J @ J.T, max_iter=1, strict=False)  # strict=False: the point and its gap, for callers
     assert r.iterations == 1 and r.kkt_gap > 1e-10
     assert min_norm_simplex(J @ J.T).kkt_gap <= 1e-13
+
+
+# ---------------------------------------------------------------------------------------------
+# Simplex projections (MoCo's λ step, SDMGrad/MoDo's projected steps): exact reference by Fractions
+# ---------------------------------------------------------------------------------------------
+def exact_simplex_projection(v):
+    """Π_Δ(v) in exact rational arithmetic on the float64 entries (Duchi et al.'s algorithm)."""
+    from fractions import Fraction
+
+    q = [Fraction(float(x)) for x in v]
+    u = sorted(q, reverse=True)
+    css, theta = Fraction(0), Fraction(0)
+    for i, ui in enumerate(u):
+        css += ui
+        if ui - (css - 1) / (i + 1) > 0:  # the last index that passes sets θ
+            theta = (css - 1) / (i + 1)
+    return np.array([float(max(x - theta, 0)) for x in q])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(T=st.integers(1, 40), log_spread=st.floats(0, 12), log_offset=st.floats(-3, 17),
+       seed=st.integers(0, 2**31 - 1))
+def test_simplex_projections_exact_for_entries_1e12_apart_and_offsets_to_1e17(T, log_spread, log_offset, seed):
+    """Both simplex projections (numpy: SDMGrad/MoDo; torch: MoCo) against the exact projection: on
+    the simplex to 4T·eps and within 4T·eps of it, for entries whose magnitudes spread over 1e12 plus a
+    common offset up to 1e17 (the unshifted sort-based projection raised IndexError on [1e17, 3, 1])."""
+    from mtlens.methods._cross import project_simplex as project_np
+    from mtlens.methods.moco import project_simplex as project_torch
+
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(T) * np.logspace(0, log_spread, T)[rng.permutation(T)] + 10.0**log_offset
+    ref = exact_simplex_projection(v)
+    tol = 4 * T * np.finfo(np.float64).eps
+    for w in (project_np(v), project_torch(torch.tensor(v)).numpy()):
+        assert np.all(w >= 0) and abs(float(w.sum()) - 1.0) <= tol
+        np.testing.assert_allclose(w, ref, rtol=0, atol=tol)
+
+
+def test_simplex_projection_of_a_non_finite_vector_is_an_mtlens_error():
+    from mtlens.errors import NonFiniteError
+    from mtlens.methods._cross import project_simplex as project_np
+    from mtlens.methods.moco import project_simplex as project_torch
+
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        project_np(np.array([1.0, np.nan]))
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        project_torch(torch.tensor([np.inf, 1.0], dtype=F64))
+    np.testing.assert_array_equal(project_np(np.array([1e308, -1e308])), [1.0, 0.0])

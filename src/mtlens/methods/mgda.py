@@ -77,9 +77,9 @@ class MGDA(GramianWeighting):
 
     def _normalizers(self, G: np.ndarray, L: np.ndarray) -> np.ndarray:
         T = G.shape[0]
-        norms = np.sqrt(np.clip(np.diag(G), 0.0, None))
         if self.normalization == "none":
             return np.ones(T)
+        norms = np.sqrt(np.clip(np.diag(G), 0.0, None))
         if self.normalization in ("loss", "loss+") and not np.all(L > 0):
             raise ConfigurationError(
                 f"mgda: normalization='{self.normalization}' divides by the task losses and needs them "
@@ -94,11 +94,13 @@ class MGDA(GramianWeighting):
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G, L = check_gramian(gramian, losses, self.name)
-        n = self._normalizers(G, L)
-        Gt = G / np.outer(n, n)
-        res = min_norm_simplex(Gt, relative=True)
-        lam = res.weights
-        w = lam / n if self.apply_to == "normalized" else lam
+        if self.normalization == "none":  # G̃ = G, w = λ: no arithmetic
+            res = min_norm_simplex(G, relative=True)
+            w = res.weights
+        else:
+            n = self._normalizers(G, L)
+            res = min_norm_simplex(G / np.outer(n, n), relative=True)
+            w = res.weights / n if self.apply_to == "normalized" else res.weights
         self._log = {"min_norm_sq": float(res.value), "solver_iterations": float(res.iterations),
                      "kkt_gap": float(res.kkt_gap), "clipped_eigenvalue": float(res.clipped_eigenvalue)}
         return to_weights(w, gramian)
