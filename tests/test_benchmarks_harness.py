@@ -84,6 +84,7 @@ def test_floor_is_the_faster_exact_jacobian(run_all):
     assert failed[run_all.FLOOR] == [3.0]  # vmap could not run: the loop is the floor
 
 
+@pytest.mark.slow
 def test_fixed_cost_script_prints_both_tables(capsys):
     """benchmarks/fixed_cost.py (EW against a plain loop, the FD monitor against its floor) runs end to end."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
