@@ -18,7 +18,8 @@ from ._utils import check, in_range
 
 INFEASIBLE = ("primary", "raise")
 EIG_RTOL = 1e-13
-"""Eigenvalues of the normalised Gramian below ``EIG_RTOL · λ_max`` are dropped from the coordinates."""
+"""Eigenvalues of the cosine matrix of the normalised gradients below ``EIG_RTOL · λ_max`` are dropped from the
+coordinates."""
 
 
 @register
@@ -37,11 +38,13 @@ class PCD(GramianWeighting):
     and the update is d̃ rescaled to ‖g_1‖. By the KKT conditions ``d̃ = g̃_1 + Σ_j μ_j g̃_j``
     (μ ≥ 0), so the weights are ``w = (1, μ) ⊙ s · ‖g_1‖/‖d̃‖``.
 
-    Solver (ours): the QP is solved exactly in the coordinates of the Gramian's eigenbasis
-    (``G̃ = R Rᵀ``, R's rows are the gradients in an r-dimensional orthonormal basis of their
-    span) with the Goldfarb–Idnani dual active-set method of ``quadprog`` (identity Hessian, so
-    strictly convex); its Lagrange multipliers are μ. TorchJD solves the same QP with its own
-    dual active-set iteration written on G; the reference code enumerates working sets.
+    Solver (ours): the QP is solved exactly on the unit gradients ``ĝ_j = g̃_j/‖g̃_j‖`` (constraint
+    ``ĝ_jᵀd ≥ τ_j‖g̃_j‖``, so each task is on its own scale), in the coordinates of their cosine
+    matrix's eigenbasis (``R Rᵀ``, R's rows the unit gradients in an r-dimensional orthonormal basis
+    of their span), with the Goldfarb–Idnani dual active-set method of ``quadprog`` (identity
+    Hessian, so strictly convex); its Lagrange multipliers divided by ``‖g̃_j‖`` are μ. TorchJD
+    solves the same QP with its own dual active-set iteration written on G; the reference code
+    enumerates working sets.
 
     The task order matters: put the primary task first. Special cases (as TorchJD): ``g_1 = 0``
     gives a zero update; a zero secondary gradient's constraint ``0 ≥ 0`` always holds (μ = 0);
@@ -139,15 +142,22 @@ class PCD(GramianWeighting):
         sec = [j for j in range(1, T) if diag[j] > ZERO_REL * diag.max()]
         if not sec:
             return mult
-        lam, V = np.linalg.eigh(0.5 * (Gn + Gn.T))
+        # on the unit gradients ĝ_j = g̃_j/n_j (n_j = ‖g̃_j‖): the constraint j reads ĝ_jᵀd ≥ τ_j n_j and
+        # its multiplier λ_j gives μ_j = λ_j/n_j; every task on its own scale, so norms 1e12 apart (a
+        # gradient below 1e-4, where eps sets its scale) are solved as accurately as equal ones
+        live = [0, *sec]
+        n = np.sqrt(diag[live])
+        Cn = Gn[np.ix_(live, live)] / np.outer(n, n)
+        lam, V = np.linalg.eigh(0.5 * (Cn + Cn.T))
         keep = lam > EIG_RTOL * lam.max()
-        R = V[:, keep] * np.sqrt(lam[keep])  # rows: the gradients in an orthonormal basis of their span
-        C = R[sec].T
-        b = taus[[j - 1 for j in sec]] * diag[sec]
-        if bool((C.T @ R[0] >= b).all()):
+        R = V[:, keep] * np.sqrt(lam[keep])  # rows: the unit gradients in an orthonormal basis of their span
+        C = R[1:].T
+        b = taus[[j - 1 for j in sec]] * n[1:]
+        a = n[0] * R[0]  # g̃_1
+        if bool((C.T @ a >= b).all()):
             return mult  # g̃_1 already satisfies every constraint
         try:
-            _, _, _, _, lagr, _ = quadprog.solve_qp(np.eye(R.shape[1]), R[0].copy(), C.copy(), b.copy(), 0)
+            _, _, _, _, lagr, _ = quadprog.solve_qp(np.eye(R.shape[1]), a.copy(), C.copy(), b.copy(), 0)
         except ValueError as exc:  # "constraints are inconsistent, no solution"
             if self.infeasible == "raise":
                 raise SolverError(
@@ -155,7 +165,7 @@ class PCD(GramianWeighting):
                     "the primary gradient in that case (TorchJD's behaviour)") from exc
             self._log["pcd/infeasible"] = 1.0
             return mult
-        mult[sec] = np.clip(lagr, 0.0, None)
+        mult[sec] = np.clip(lagr, 0.0, None) / n[1:]
         return mult
 
     def log_values(self) -> dict[str, float]:
