@@ -56,8 +56,13 @@ def stack(tensors: Sequence[Tensor]) -> Tensor:
     first = tensors[0]
     n = len(tensors)
     nbytes = n * first.numel() * first.element_size()
-    if (_use_count is None or first.device.type != "cpu" or nbytes < MIN_BYTES or first.requires_grad
-            or any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for t in tensors)):
+    if (
+        _use_count is None
+        or first.device.type != "cpu"
+        or nbytes < MIN_BYTES
+        or first.requires_grad
+        or any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for t in tensors)
+    ):
         return torch.stack(list(tensors))
     key = (n, tuple(first.shape), first.dtype)
     out: Tensor | None = None
