@@ -7,7 +7,10 @@ Usage::
 
 Rows are timed step by step, alternating (plain, EW, UW, plain, ...), so every ratio is the
 median over adjacent steps of the same round: slow drift of a shared machine cancels, per-step
-jitter does not (see docs/performance.md, "EW against a plain loop" and "Monitoring").
+jitter does not (see docs/performance.md, "EW against a plain loop" and "Monitoring"). The
+clock is the compute thread's CPU time by default (``--clock cpu``; torch runs one thread), which
+leaves out the time other processes hold the core — on a shared machine the wall clock
+(``--clock wall``) moves by 2× between rounds.
 
 * ``EW / plain``: a full step (forward + backward) of ``mtl_backward`` with EW at loss level
   against ``sum(losses).backward()``; ``EW − plain`` the median paired difference in ms.
@@ -36,14 +39,17 @@ from mtlens.methods import create  # noqa: E402
 BATCH = {"conv": 8, "mlp": 256}
 
 
-def alternate(rows: dict, steps: int, warmup: int = 3) -> dict[str, list[float]]:
+CLOCK = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
+def alternate(rows: dict, steps: int, clock=time.thread_time, warmup: int = 3) -> dict[str, list[float]]:
     """Seconds per call of every row, the rows called in turn ``steps`` times (after a warm-up)."""
     out: dict[str, list[float]] = {k: [] for k in rows}
     for i in range(warmup + steps):
         for k, f in rows.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if i >= warmup:
                 out[k].append(dt)
     return out
@@ -101,15 +107,20 @@ def main(argv=None) -> None:
     ap.add_argument("--kinds", default="conv,mlp")
     ap.add_argument("--tasks", default="3,11,40")
     ap.add_argument("--fd-tasks", default="3,11")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu", help="thread CPU time (default) or wall clock")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, 1 thread, {args.steps} alternating steps per row; medians of same-round ratios")
+    clock = CLOCK[args.clock]
+    print(
+        f"torch {torch.__version__}, 1 thread, {args.clock} clock, {args.steps} alternating steps per row; "
+        "medians of same-round ratios"
+    )
     print("\n| workload | plain ms | EW ms | EW / plain | EW − plain ms | UW / plain | UW − plain ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for kind in args.kinds.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
-            ts = alternate(engine_rows(Workload(kind, T, BATCH[kind])), args.steps)
+            ts = alternate(engine_rows(Workload(kind, T, BATCH[kind])), args.steps, clock)
             (r_ew, d_ew), (r_uw, d_uw) = paired(ts, "EW", "plain"), paired(ts, "UW", "plain")
             print(
                 f"| {kind}, T={T} | {statistics.median(ts['plain']) * 1e3:.2f} | "
@@ -122,7 +133,7 @@ def main(argv=None) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in args.kinds.split(","):
         for T in (int(t) for t in args.fd_tasks.split(",")):
-            ts = alternate(monitor_rows(Workload(kind, T, BATCH[kind])), args.steps)
+            ts = alternate(monitor_rows(Workload(kind, T, BATCH[kind])), args.steps, clock)
             fd = statistics.median(ts["FD alone"]) * 1e3
             print(
                 f"| {kind}, T={T} | {statistics.median(ts['MGDA feature']) * 1e3:.2f} | {fd:.3f} | "

@@ -1076,7 +1076,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run, not a measurement")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
-    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds per table (default 5, QM9 2; quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per table (default 5, QM9 2; quick 1)")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="seconds of steps per row and round (default 0.1; quick 0.01)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared, loaded machine)")

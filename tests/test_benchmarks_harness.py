@@ -82,3 +82,19 @@ def test_floor_is_the_faster_exact_jacobian(run_all):
     assert run_all.ratio(times, "UPGrad param", run_all.FLOOR) == pytest.approx(1.1)  # rounds: 1.1, 1.1, 1.0
     failed = run_all.add_floor({loop: [3.0], batched: "RuntimeError: no batching rule"})
     assert failed[run_all.FLOOR] == [3.0]  # vmap could not run: the loop is the floor
+
+
+@pytest.mark.slow
+def test_fixed_cost_script_prints_both_tables(capsys):
+    """benchmarks/fixed_cost.py (EW against a plain loop, the FD monitor against its floor) runs end to end."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("fixed_cost", ROOT / "benchmarks" / "fixed_cost.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.main(["--steps", "1", "--kinds", "conv", "--tasks", "2", "--fd-tasks", "2"])
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = capsys.readouterr().out
+    assert "| conv, T=2 |" in out and "EW / plain" in out and "FD / step" in out
+    assert "nan" not in out

@@ -9,6 +9,7 @@ Both read the task saliencies ``S_t = ∂L_t/∂Z`` — one heads backward, no e
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -59,11 +60,15 @@ def feature_disentanglement(
         if temperature != 0:
             return _fd_softmax(flat, float(temperature))
         tiny = torch.finfo(flat.dtype).tiny
+        width = min(flat.shape[1], max(1024, _FD_CHUNK_ELEMENTS // T))  # columns per chunk
+        a_buf, l_buf = _scratch(2 * T * width, flat.dtype, flat.device).split(T * width)
         totals: list[Tensor] = []  # per chunk: Σ_j Σ_t p log p (≤ 0), as 0-dim tensors (no sync per chunk)
         counts: list[Tensor] = []  # per chunk: the number of active elements
-        # column chunks of ~2 MiB: the temporaries stay in cache and are reused by the allocator
-        for chunk in flat.split(max(1024, _FD_CHUNK_ELEMENTS // T), dim=1):
-            a = chunk.abs()
+        # column chunks of ~2 MiB, written into the same two scratch blocks: they stay in cache, and no
+        # fresh memory is touched per chunk or per call (in a training loop, the page faults of fresh
+        # temporaries cost about as much as FD's arithmetic)
+        for chunk in flat.split(width, dim=1):
+            a = torch.abs(chunk, out=a_buf[: chunk.numel()].view(chunk.shape))
             s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
             active = s > 0
             counts.append(active.sum())
@@ -76,7 +81,7 @@ def feature_disentanglement(
             # Σ p·log p with 0·log 0 = 0: log of p clamped at the smallest normal number (for p below it
             # the change is < 1e-36 per term); torch.special.xlogy / entr are ~3× slower on CPU (not
             # vectorised). These T·|Z| logarithms are FD's floor (docs/performance.md, "Monitoring").
-            lg = p.clamp_min(tiny).log_()
+            lg = torch.clamp_min(p, tiny, out=l_buf[: chunk.numel()].view(chunk.shape)).log_()
             totals.append(lg.mul_(p).sum())  # torch's cascade sum: ~1e-8 relative on 2^18 terms
         n = int(torch.stack(counts).sum()) if len(counts) > 1 else int(counts[0])
         if n == 0:
@@ -108,6 +113,25 @@ def _fd_softmax(flat: Tensor, temperature: float) -> float:
     if T == 1:
         return 0.0
     return -total / (n * math.log(T)) + 0.0
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused 1-D scratch tensor of ``numel`` elements (per thread, dtype and device; grown when needed).
+
+    FD's two chunk temporaries (≤ 2 × 2 MiB) are written here on every call instead of freshly
+    allocated memory, which the allocator returns to the system between training steps and whose
+    pages then fault again on first touch. Only FD writes it; nothing it returns aliases it."""
+    cache = getattr(_scratch_local, "buffers", None)
+    if cache is None:
+        cache = _scratch_local.buffers = {}
+    key = (dtype, device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 def tsr_entropy(saliencies: StepRecord | Tensor | Sequence[Tensor], normalize: bool = False) -> float:

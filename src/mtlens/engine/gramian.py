@@ -66,8 +66,9 @@ def gramian_from_blocks(blocks: Sequence[Tensor], dtype: torch.dtype = torch.flo
 
 
 BUFFER_BYTES = 4 * 2**20
-"""Size of the reused buffer :func:`gramian_from_rows` copies column chunks of the T rows into (a few
-MiB: stays in the last-level cache, and below glibc's mmap threshold, so it never page-faults)."""
+"""Size of the buffer :func:`gramian_from_rows` copies column chunks of the T rows into, reused for every
+copy of one call: a few MiB stay in the last-level cache (and, unlike a T × n stack of a large parameter,
+never exceed glibc's largest mmap threshold, 32 MiB, above which every step maps and faults in anew)."""
 
 
 def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = torch.float64) -> Tensor:

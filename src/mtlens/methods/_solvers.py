@@ -23,19 +23,19 @@ convert from/to torch at their boundary (``G`` is tiny, T×T).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import overload
 
 import numpy as np
 import torch
-from scipy.linalg import get_lapack_funcs
+from scipy.linalg.lapack import dposv as _dposv
+from scipy.linalg.lapack import dpotrs as _dpotrs
 from torch import Tensor
 
 from ..engine.numerics import ZERO_REL
 from ..engine.numerics import check_gramian as validate_gramian
 from ..errors import NonFiniteError, ShapeError, SolverError
-
-_dposv, _dpotrs = get_lapack_funcs(("posv", "potrs"), dtype=np.float64)
 
 ZERO_ROW_RTOL = ZERO_REL
 """The zero tolerance of :mod:`mtlens.engine.numerics` (:data:`~mtlens.engine.numerics.ZERO_REL`)."""
@@ -383,8 +383,8 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     return MinNormResult(w, x2 * s, it, gap_task if relative else gap_abs, gap_task)
 
 
-def _minor_cycles(S: np.ndarray, wS: np.ndarray, v: np.ndarray, affine, pos_eps: float,
-                  T: int) -> tuple[np.ndarray, np.ndarray]:
+def _minor_cycles(S: np.ndarray, wS: np.ndarray, v: np.ndarray, affine: Callable[[np.ndarray], np.ndarray],
+                  pos_eps: float, T: int) -> tuple[np.ndarray, np.ndarray]:
     """Wolfe's minor cycles: from the feasible ``wS`` (on support ``S``) towards the affine minimiser
     ``v`` of ``S`` until an entry reaches 0, drop it, repeat until the affine minimiser lies inside
     the simplex. Each cycle drops at least one index (the blocking one is set to exactly 0, so a

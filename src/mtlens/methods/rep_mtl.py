@@ -1,8 +1,8 @@
 """Rep-MTL: regularising the representation-level task saliencies ``S_t = ∂L_t/∂Z``.
 
 Wang, Li, Xu, "Rep-MTL: Unleashing the Power of Representation-level Task Saliency for
-Multi-Task Learning", ICCV 2025, arXiv:2507.21049. Equations, and every ambiguity of the paper with how mtlens resolves it (marked [choice]):
-``docs/rep_mtl.md``.
+Multi-Task Learning", ICCV 2025, arXiv:2507.21049. Equations, and every ambiguity of the paper
+with how mtlens resolves it (marked [choice]): ``docs/rep_mtl.md``.
 
 Two penalties on the stacked saliencies ``S`` of shape ``(T, B, C, *spatial)`` (vector
 features ``(T, B, C)`` are treated as ``H = W = 1``):
