@@ -62,3 +62,21 @@ def test_identical_tasks_give_a_psd_gramian_equal_to_float32_round_off():
     torch.testing.assert_close(G[0, 1], G[0, 0], rtol=1e-6, atol=0)
     torch.testing.assert_close(G[0, 2], G[1, 2], rtol=1e-6, atol=1e-6 * float(G[0, 0]))
     assert float(torch.linalg.eigvalsh(G).min()) >= -1e-6 * float(G.trace())
+
+
+@pytest.mark.parametrize("T", [3, 40])
+def test_rows_copied_several_times_through_a_growing_buffer(T):
+    """gramian_from_rows' copy buffer: a small parameter first (a one-chunk buffer), then one that needs
+    a larger buffer and several copies of it (T = 40: 6 chunks per copy of ~4 MiB, 8 chunks + a tail),
+    then small ones — against the float64 product, and equal to the blocks' result."""
+    from mtlens.engine import gramian
+
+    g = torch.Generator().manual_seed(T)
+    per_copy = max(1, gramian.BUFFER_BYTES // (4 * T * CHUNK))
+    blocks = [torch.randn(T, CHUNK + 3, generator=g), torch.randn(T, (per_copy + 2) * CHUNK + 5, generator=g),
+              torch.randn(T, 7, generator=g), torch.randn(T, 2 * CHUNK, generator=g)]
+    ref = _reference(blocks)
+    scale = float(ref.diagonal().max())
+    Gr = gramian_from_rows([[b[t] for b in blocks] for t in range(T)])
+    assert torch.equal(Gr, Gr.T) and float((Gr - ref).abs().max()) / scale < 1e-6
+    torch.testing.assert_close(Gr, gramian_from_blocks(blocks), rtol=1e-6, atol=1e-7 * scale)
