@@ -28,6 +28,17 @@ def test_all_finite_is_exact_for_large_small_and_mixed_tensors():
     assert not all_finite([torch.tensor([float("inf")]), torch.tensor([-float("inf")])])
 
 
+def test_all_finite_judges_sparse_gradients():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    g = emb.weight.grad.coalesce()
+    assert g.is_sparse and all_finite([g]) and all_finite([g, torch.randn(3)])
+    nan = torch.sparse_coo_tensor(g.indices(), g.values() * float("nan"), g.shape)
+    assert not all_finite([nan, torch.randn(3)]) and not all_finite([nan])
+    huge = torch.sparse_coo_tensor(g.indices(), g.values() * 1e38, g.shape)  # finite, its sum overflows
+    assert all_finite([huge])
+
+
 def test_loss_level_walks_the_heads_only_when_asked():
     net = TinyNet(3)
     z, losses = net(torch.randn(4, 5))

@@ -218,7 +218,7 @@ def check_cagrad(G, c):
     g0sq = float(g0 @ G @ g0)
     assert dist2 <= (c**2) * g0sq * (1 + 1e-7) + 1e-14 * np.max(np.diag(G))
     if log["stationary"] == 0.0:  # the certificate is honest: the exact-arithmetic gap is within it
-        assert exact_cagrad_gap(G, d_coef, c) <= 1e-8 + 2 * log["dual_gap_allowed"]
+        assert exact_cagrad_gap(G, d_coef, c) <= log["dual_gap_allowed"]
     ref = cagrad_reference(G, c)
     if ref is not None:
         scale = math.sqrt(np.max(np.diag(G))) * math.sqrt(g0sq) * (1 + c)
@@ -248,7 +248,7 @@ def exact_cagrad_gap(G, d_coef, c):
 
 @pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(J=cagrad_gramians, c=st.sampled_from([0.1, 0.4, 0.5, 1.0]))
+@given(J=cagrad_gramians, c=st.sampled_from([0.1, 0.4, 0.5, 1.0, 3.0]))
 def test_cagrad_solves_and_matches_the_cvxpy_primal(J, c):
     check_cagrad(J @ J.T, c)
 
@@ -291,6 +291,20 @@ def test_cagrad_norms_1e6_to_1e11_apart_are_certified(args, c):
     # exact-arithmetic gap of the weights as returned (w_t = 1 + Tλx_t rounds λx_t of the large tasks
     # against 1: that, not the solver, bounds it; the certificate's allowance accounts for it)
     assert exact_cagrad_gap(J @ J.T, w / J.shape[0], c) <= 1e-5
+
+
+def test_cagrad_allowance_covers_a_large_task_that_may_be_the_exact_minimiser():
+    """Norms 1e12 apart, c = 10 (λ = 1.5e13): the large task's g_1·d = 1.7e-12 is a cancellation of
+    terms of size 19, so in float64 it cannot be told from the small task's. The computed gap is
+    6.5e-16, the exact gap of the weights 3.6e-4: the allowance (then counting only the computed
+    minimiser) said 1e-8. It now counts every task that could be the exact minimiser and covers it."""
+    J = random_jacobian(2, 2, 2.061784989911448, 11.874825190105241, 0.1327956395613299, 1934877020)
+    G = J @ J.T
+    m = create("cagrad", c=10.0, rescale=0)
+    w = m.weights(torch.tensor(G), torch.ones(2)).numpy()
+    log = m.log_values()
+    exact = exact_cagrad_gap(G, w / 2, 10.0)
+    assert log["dual_gap"] <= 1e-8 < exact <= log["dual_gap_allowed"]
 
 
 def test_cagrad_certificate_counts_only_the_round_off_of_the_tasks_in_the_gap():
@@ -645,3 +659,39 @@ def test_pcd_qp_kkt_and_cvxpy_to_spreads_1e12(J, tau):
         return  # cvxpy's answer is not feasible on the small tasks' scale: no reference
     val = 0.5 * float(np.sum((d - J[0]) ** 2))
     assert val <= prob.value + 1e-6 * max(val, 0.5 * n[0] ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# FORUM's QP (problem (14) of the paper), by cvxpy with Clarabel
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(T=st.integers(2, 8), extra=st.integers(0, 9), log_cond=st.floats(0, 5), shared=st.floats(0, 3),
+       log_scale=st.floats(-6, 6), q_extra=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+def test_forum_qp_solves_every_problem_and_matches_a_tight_reference(T, extra, log_cond, shared, log_scale,
+                                                                     q_extra, seed):
+    """FORUM's upper-level QP on T unit gradients ĝ_t and a lower-level gradient 1e-6 to 1e6 times
+    larger (condition numbers to 1e10): always solved (before, cvxpy's default OSQP reported
+    'unbounded' or 'user_limit' on 4 of 150 such solvable problems) and within 1e-5 (relative
+    objective) of Clarabel run to 1e-12 tolerances."""
+    J = random_jacobian(T + 1, extra, log_cond, 0.0, shared, seed)
+    J[T] *= 10.0**log_scale
+    M = J @ J.T
+    M[T, T] *= 1.0 + q_extra  # ‖∇q‖² ≥ ‖∇_ω f‖² (the α part)
+    q2 = M[T, T]
+    pi = 0.1 - (J[:T] @ J[T]) / (q2 + 1e-8)
+    c = 0.1 * (q2 + 1e-8)
+    w = create("forum")._solve(M, pi, c)
+    assert np.all(w >= 0) and abs(w[:T].sum() - 1.0) <= 1e-6
+    lam, V = np.linalg.eigh(M)
+    R = (V * np.sqrt(np.clip(lam, 0, None))) @ V.T
+    x = cp.Variable(T + 1, nonneg=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(R @ x) - c * x[T]), [cp.sum(x[:T]) == 1, x[T] >= pi @ x[:T]])
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    if prob.status != "optimal":
+        return
+
+    def obj(z):
+        return float(z @ M @ z - c * z[T])
+
+    assert obj(w) - obj(x.value) <= 1e-5 * (abs(obj(x.value)) + c * abs(float(x.value[T])))

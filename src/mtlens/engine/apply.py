@@ -81,6 +81,7 @@ def check_decision(decision: Decision, grads: TaskGradients, name: str) -> Decis
     if range_weights or decision.head_weights is not None:
         dtypes = {p.dtype for p in grads.shared_params + grads.task_params}
         if range_weights:
+            assert decision.weights is not None  # range_weights says so
             _check_range(decision.weights, dtypes, "weights", name)
         if decision.head_weights is not None:
             _check_range(decision.head_weights, dtypes, "head weights", name)

@@ -162,15 +162,16 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
         else:
             sums.append(_sum_for_check(t))
     if len(small) > 1:
-        try:  # torch.cat promotes mixed dtypes; tensors on several devices are summed one by one
+        try:  # torch.cat promotes mixed dtypes; several devices (or sparse tensors): summed one by one
             sums.append(_sum_for_check(_flatten_dense_tensors(small)))
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError):
             sums.extend(_sum_for_check(t) for t in small)
     elif small:
         sums.append(_sum_for_check(small[0]))
     if bool(torch.isfinite(torch.stack(sums) if len(sums) > 1 else sums[0]).all()):
         return True
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    # the exact verdict (rare path); a sparse gradient is judged by its dense values (duplicates summed)
+    return all(bool(torch.isfinite(t if t.layout == torch.strided else t.to_dense()).all()) for t in ts)
 
 
 def _grads(

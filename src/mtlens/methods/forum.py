@@ -67,7 +67,10 @@ class FORUM(LossWeighting):
     3. ``π_t = ρ − ⟨∇q, ĝ_t⟩ / (‖∇q‖² + 1e-8)``; ``w`` solves the paper's problem (14):
        ``min wᵀAAᵀw − w_{T+1} ρ(‖∇q‖² + 1e-8)`` over ``w ≥ 0``, ``Σ_{t≤T} w_t = 1``,
        ``w_{T+1} ≥ Σ_t w_t π_t``, with ``A`` the rows ``(0, ĝ_t)`` and ``∇q`` (solved with cvxpy, as
-       the authors);
+       the authors, with its Clarabel interior-point solver named explicitly and tolerances relative
+       to the objective (1e-10; absolute gap 1e-14): cvxpy's default for this QP, OSQP, reported
+       'unbounded' or 'user_limit' on 4 of 150 random solvable problems, and Clarabel's default
+       absolute tolerance left it 1e-4 off when ``∇q`` is small; docs/reliability.md, section 3);
     4. ``λ ← λ + β (w_{1..T} − λ)``, ``β = (e + 1)^{-3/4}`` with ``e`` the number of finished epochs
        (the authors' code indexes the decay by the epoch; ``λ`` starts at 0);
        ``ν = max(Σ_t λ_t π_t, 0)``.
@@ -203,7 +206,7 @@ class FORUM(LossWeighting):
         prob = cp.Problem(cp.Minimize(cp.sum_squares(R @ w) - c * w[T]),
                           [cp.sum(w[:T]) == 1, w[T] >= pi @ w[:T]])
         try:
-            prob.solve()
+            prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-14, tol_gap_rel=1e-10, tol_feas=1e-10)
         except cp.error.SolverError as exc:
             raise SolverError(f"forum: the QP of the upper-level weights failed ({exc}); Gram diagonal "
                               f"{np.diag(M).tolist()}") from exc
