@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..engine.numerics import ZERO_REL
 from ..engine.numerics import check_gramian as validate_gramian
-from ..errors import SolverError, require
+from ..errors import NonFiniteError, SolverError, require
 from ._solvers import cosine_matrix
 from ._utils import check, in_range
 
@@ -100,8 +100,8 @@ def dual_cone_weights(
         return U.copy()
     solve = _solve_nnls if solver == "nnls" else _solve_quadprog
     if ridge == "trace":
-        return solve(0.5 * (Gn + Gn.T) / trace, U, reg_eps, method)
-    Gn = 0.5 * (Gn + Gn.T)
+        return solve((0.5 * Gn + 0.5 * Gn.T) / trace, U, reg_eps, method)
+    Gn = 0.5 * Gn + 0.5 * Gn.T  # not 0.5 * (Gn + Gnᵀ): the sum overflows for entries above ~9e307
     d = np.diag(Gn)
     live = (d > 0) & (d > ZERO_REL * float(d.max()))  # nonzero_tasks, inlined: this runs every step
     if live.all():
@@ -121,6 +121,8 @@ def dual_cone_weights(
 def _solve_nnls(Gn: np.ndarray, U: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
     from scipy.optimize import nnls
 
+    if not np.isfinite(Gn).all():  # scipy's nnls aborts the process (double free) on inf/NaN
+        raise NonFiniteError(f"{method}: the scaled Gramian has non-finite entries (entries near the float64 limit?)")
     try:
         lam, Q = np.linalg.eigh(Gn)
     except np.linalg.LinAlgError as exc:
