@@ -413,6 +413,17 @@ def test_dual_cone_projection_kkt_and_cvxpy_to_spreads_1e12(solver, J, k):
         assert float(y @ C @ y) <= ref + 1e-7 * float(np.sum(np.abs(y))) ** 2
 
 
+def test_dual_cone_projection_not_certified_is_an_error(monkeypatch):
+    """A solver answer that fails the KKT certificate on the unit gradients is refused ("not converged",
+    with the residual), never returned: here a solver that returns the lower bound unchanged."""
+    from mtlens.methods import _qp
+
+    monkeypatch.setattr(_qp, "_solve_nnls", lambda C, U, reg_eps, method: U.copy())
+    J = np.array([[1.0, 0.0], [-0.5, 1.0]])  # conflicting: the projection must move
+    with pytest.raises(SolverError, match=r"upgrad: not converged: .* relative KKT residual"):
+        create("upgrad").weights(torch.tensor(J @ J.T))
+
+
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_dual_cone_methods_do_not_conflict_with_a_gradient_1e9_below_the_others(name):
     """Norms 1e9 apart: the default (ridge="relative", solved on the unit gradients) never conflicts
