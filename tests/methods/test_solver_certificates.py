@@ -218,7 +218,7 @@ def check_cagrad(G, c):
     g0sq = float(g0 @ G @ g0)
     assert dist2 <= (c**2) * g0sq * (1 + 1e-7) + 1e-14 * np.max(np.diag(G))
     if log["stationary"] == 0.0:  # the certificate is honest: the exact-arithmetic gap is within it
-        assert exact_cagrad_gap(G, d_coef, c) <= 1e-8 + 2 * log["dual_gap_allowed"]
+        assert exact_cagrad_gap(G, d_coef, c) <= log["dual_gap_allowed"]
     ref = cagrad_reference(G, c)
     if ref is not None:
         scale = math.sqrt(np.max(np.diag(G))) * math.sqrt(g0sq) * (1 + c)
@@ -248,7 +248,7 @@ def exact_cagrad_gap(G, d_coef, c):
 
 @pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(J=cagrad_gramians, c=st.sampled_from([0.1, 0.4, 0.5, 1.0]))
+@given(J=cagrad_gramians, c=st.sampled_from([0.1, 0.4, 0.5, 1.0, 3.0]))
 def test_cagrad_solves_and_matches_the_cvxpy_primal(J, c):
     check_cagrad(J @ J.T, c)
 
@@ -291,6 +291,20 @@ def test_cagrad_norms_1e6_to_1e11_apart_are_certified(args, c):
     # exact-arithmetic gap of the weights as returned (w_t = 1 + Tλx_t rounds λx_t of the large tasks
     # against 1: that, not the solver, bounds it; the certificate's allowance accounts for it)
     assert exact_cagrad_gap(J @ J.T, w / J.shape[0], c) <= 1e-5
+
+
+def test_cagrad_allowance_covers_a_large_task_that_may_be_the_exact_minimiser():
+    """Norms 1e12 apart, c = 10 (λ = 1.5e13): the large task's g_1·d = 1.7e-12 is a cancellation of
+    terms of size 19, so in float64 it cannot be told from the small task's. The computed gap is
+    6.5e-16, the exact gap of the weights 3.6e-4: the allowance (then counting only the computed
+    minimiser) said 1e-8. It now counts every task that could be the exact minimiser and covers it."""
+    J = random_jacobian(2, 2, 2.061784989911448, 11.874825190105241, 0.1327956395613299, 1934877020)
+    G = J @ J.T
+    m = create("cagrad", c=10.0, rescale=0)
+    w = m.weights(torch.tensor(G), torch.ones(2)).numpy()
+    log = m.log_values()
+    exact = exact_cagrad_gap(G, w / 2, 10.0)
+    assert log["dual_gap"] <= 1e-8 < exact <= log["dual_gap_allowed"]
 
 
 def test_cagrad_certificate_counts_only_the_round_off_of_the_tasks_in_the_gap():
@@ -397,6 +411,17 @@ def test_dual_cone_projection_kkt_and_cvxpy_to_spreads_1e12(solver, J, k):
         C, n = cosine_matrix(G)
         y = n * v
         assert float(y @ C @ y) <= ref + 1e-7 * float(np.sum(np.abs(y))) ** 2
+
+
+def test_dual_cone_projection_not_certified_is_an_error(monkeypatch):
+    """A solver answer that fails the KKT certificate on the unit gradients is refused ("not converged",
+    with the residual), never returned: here a solver that returns the lower bound unchanged."""
+    from mtlens.methods import _qp
+
+    monkeypatch.setattr(_qp, "_solve_nnls", lambda C, U, reg_eps, method: U.copy())
+    J = np.array([[1.0, 0.0], [-0.5, 1.0]])  # conflicting: the projection must move
+    with pytest.raises(SolverError, match=r"upgrad: not converged: .* relative KKT residual"):
+        create("upgrad").weights(torch.tensor(J @ J.T))
 
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])

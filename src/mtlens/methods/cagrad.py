@@ -218,7 +218,12 @@ class CAGrad(GramianWeighting):
             tau = hi
         else:
             span = max(abs(lo), abs(hi))
-            tau = brentq(sp.excess, lo, hi, xtol=1e-30 * span, rtol=4 * _EPS, maxiter=500)
+            try:
+                tau = brentq(sp.excess, lo, hi, xtol=1e-30 * span, rtol=4 * _EPS, maxiter=500)
+            except (RuntimeError, ValueError) as exc:  # out of iterations, or a bracket lost to rounding
+                raise SolverError(f"cagrad: not converged: the root search on the primal value stopped ({exc}); "
+                                  f"task gradient norms {sp.n.tolist()} (Gramian units). Please report this "
+                                  "Gramian.") from exc
         mu = sp.project(tau)
         info = {"solver_iterations": float(sp.evaluations), "dual_gap": float("inf"),
                 "primal_value": tau * sp.unit}
@@ -252,11 +257,12 @@ class CAGrad(GramianWeighting):
         ``d = 0`` optimal)
         plus the round-off bound of computing it from the Gramian: ``g_iᵀd = a_i + λ(Gx)_i`` is
         a sum of terms of size at most ``E_i = n_i(a_scale + λ Σ_j x_j n_j)`` (``n_i = ‖g_i‖``,
-        ``a_scale = Σ_j n_j / T`` over all tasks, the terms of ``a_i``; default ``|a_i|/n_i``), so
-        the bound is ``2 (T + 2) eps (Σ_i x_i E_i + E_{i*})`` with ``i*`` the minimising task —
-        only the tasks that enter the gap, never the largest gradient's scale (twice the worst-case
-        bound (T + 2) eps of these sums: the exact gap of ``x`` is then at most ``_GAP_RTOL`` plus
-        twice this bound). Returns
+        ``a_scale = Σ_j n_j / T`` over all tasks, the terms of ``a_i``; default ``|a_i|/n_i``); with
+        ``err_i = 2 (T + 2) eps E_i`` (twice the worst-case round-off of these sums) the bound is
+        ``Σ_i x_i err_i + (min_i g_i·d − min_i (g_i·d − err_i))`` — the tasks in the gap and those
+        that could be the exact minimiser, never the largest gradient's scale as such. The exact
+        gap of ``x`` (and of the weights built from it, whose rounding is of the same size) is then
+        at most the computed gap plus this bound. Returns
         ``(gap/scale, ok, bound/scale)``; ok iff the first ≤ ``_GAP_RTOL`` + the last.
 
         The bound is not slack: where a task i of the support is far larger than ‖g_w‖, ``g_i·d``
@@ -274,7 +280,10 @@ class CAGrad(GramianWeighting):
         gap = max(float(x @ Jd - Jd[i_min]), 0.0)
         n = np.sqrt(np.clip(np.diag(Gn), 0.0, None))
         terms = (np.full(T, a_scale) * n if a_scale is not None else np.abs(a)) + lam * n * float(x @ n)
-        noise = 2 * (T + 2) * _EPS * (float(x @ terms) + float(terms[i_min]))
+        err = 2 * (T + 2) * _EPS * terms  # twice the worst-case round-off of each computed g_i·d
+        # the exact gap is at most the computed one + Σ x_i err_i + (computed min − min_i(g_i·d − err_i)):
+        # a task whose g_i·d is a large cancellation may be the exact minimiser without being the computed one
+        noise = float(x @ err) + float(Jd[i_min] - np.min(Jd - err))
         scale = gw * (math.sqrt(g0_sq) + sqrt_phi)  # ≥ ‖g_w‖‖d‖, and never 0 where d = 0 is optimal
         if not scale > 0:
             return float("inf"), False, 0.0
