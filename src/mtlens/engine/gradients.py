@@ -21,6 +21,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets use
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from . import pool
 from .distributed import Dist
 from .gramian import gramian_from_blocks, gramian_from_rows, jacobian_workspace, stack_rows
 from .graph import find_leaves
@@ -937,7 +938,8 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         if feats.multi_input:
             G = torch.diag(torch.stack([S[t][0].double().pow(2).sum() for t in range(T)]))
         else:  # one T×|Z| stack per map, shared by the Gramian, the blocks and (below) the record
-            feature_blocks = [torch.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))]
+            # written into a reused block where no one holds the last one (engine/pool.py: no page faults)
+            feature_blocks = [pool.stack([S[t][m] for t in range(T)]) for m in range(len(feats.maps))]
             tg._blocks = feature_blocks
             G = gramian_from_blocks(feature_blocks)
         if dist is not None:

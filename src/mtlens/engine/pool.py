@@ -1,0 +1,92 @@
+"""Reused CPU blocks for the feature level's (T, *Z) stack of saliencies.
+
+A fresh T·|Z| block every step is, on CPU, a fresh mapping of memory most steps: glibc serves a
+large request by ``mmap`` (above its dynamic threshold, always above 32 MiB) or from a heap it
+trims back after the step, and every page is then faulted in (and zeroed by the kernel) anew.
+Measured on the synthetic conv encoder of ``benchmarks/run_all.py`` (B = 8, Z 64×8×8, T = 11):
+≈ 550 minor page faults per feature-level step, ≈ 20 % of the step (docs/performance.md,
+"Feature-level Gramian methods against EW").
+
+:func:`stack` writes the T tensors into a block kept from an earlier step instead, but only into
+one nobody else holds any more: the engine hands out views of the pooled tensor, and a pooled block
+is reused only when no tensor other than the pool's own shares its storage (the storage's use
+count, which counts every tensor and view on it: the record's ``saliencies``, a method's saved
+copy, a NumPy or DLPack export of one of them) and its storage object is not held either.
+A block still held is never written: a new one is allocated (at most :data:`PER_KEY` per shape,
+then plain ``torch.stack``). The values are those of ``torch.stack`` exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+MIN_BYTES = 128 * 1024
+"""Smaller blocks are served from glibc's heap bins without faults: plain ``torch.stack``."""
+MAX_BYTES = 256 * 2**20
+"""At most this many bytes stay pooled between steps (all shapes together); beyond it, plain ``torch.stack``."""
+PER_KEY = 2
+"""Blocks per (shape, dtype): two let a training loop keep the last step's record while the next step runs."""
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_lock = threading.Lock()
+_pool: OrderedDict[tuple, list[tuple[Tensor, tuple[int, int]]]] = OrderedDict()
+
+
+def _holders(buf: Tensor) -> tuple[int, int]:
+    st = buf.untyped_storage()
+    return int(_use_count(st._cdata)), sys.getrefcount(st)  # type: ignore[misc]
+
+
+def _pooled_bytes() -> int:
+    return sum(b.numel() * b.element_size() for entries in _pool.values() for b, _ in entries)
+
+
+def stack(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)`` (same values, shape, dtype, contiguous), into a reused block where possible.
+
+    CPU tensors of equal shape and dtype whose stack is at least :data:`MIN_BYTES`: the result is a
+    view of a pooled block that no live tensor shares (see the module docstring); anything else, or a
+    block nobody has released: a fresh ``torch.stack``. Never returns memory another tensor still uses."""
+    first = tensors[0]
+    n = len(tensors)
+    nbytes = n * first.numel() * first.element_size()
+    if (
+        _use_count is None
+        or first.device.type != "cpu"
+        or nbytes < MIN_BYTES
+        or first.requires_grad
+        or any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for t in tensors)
+    ):
+        return torch.stack(list(tensors))
+    key = (n, tuple(first.shape), first.dtype)
+    out: Tensor | None = None
+    with _lock:
+        entries = _pool.get(key)
+        if entries is not None:
+            _pool.move_to_end(key)
+            for buf, base in entries:
+                if _holders(buf) == base:
+                    out = buf.view(buf.shape)  # a new tensor on the storage: the block is taken until it dies
+                    break
+        if out is None and (entries is None or len(entries) < PER_KEY):
+            while _pool and _pooled_bytes() + nbytes > MAX_BYTES:
+                _pool.popitem(last=False)  # the least recently used shapes go first
+            if _pooled_bytes() + nbytes <= MAX_BYTES:
+                buf = torch.empty((n, *first.shape), dtype=first.dtype)
+                _pool.setdefault(key, []).append((buf, _holders(buf)))
+                out = buf.view(buf.shape)
+    if out is None:
+        return torch.stack(list(tensors))
+    return torch.stack(list(tensors), out=out)
+
+
+def clear() -> None:
+    """Release every pooled block (their memory returns to the allocator once no view of them is alive)."""
+    with _lock:
+        _pool.clear()

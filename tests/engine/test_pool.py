@@ -1,0 +1,112 @@
+"""The reused (T, *Z) saliency blocks: torch.stack's values, never memory someone still holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtlens.engine import mtl_backward, pool
+from mtlens.methods import create
+
+pytestmark = pytest.mark.skipif(pool._use_count is None, reason="this torch exposes no storage use count")
+
+
+@pytest.fixture(autouse=True)
+def _empty_pool():
+    pool.clear()
+    yield
+    pool.clear()
+
+
+def _rows(seed: int, T: int = 3, shape=(64, 256)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(T)]
+
+
+def test_values_are_torch_stack():
+    rows = _rows(0)
+    out = pool.stack(rows)
+    assert out.is_contiguous() and out.dtype == rows[0].dtype
+    assert torch.equal(out, torch.stack(rows))
+
+
+def test_released_block_is_reused_held_block_is_not():
+    a = pool.stack(_rows(0))
+    ptr = a.data_ptr()
+    b = pool.stack(_rows(1))  # a is held: another block
+    assert b.data_ptr() != ptr
+    kept = a.clone()
+    c = pool.stack(_rows(2))  # both held (PER_KEY = 2): a fresh torch.stack
+    assert c.data_ptr() not in (ptr, b.data_ptr())
+    assert torch.equal(a, kept)
+    del a
+    d = pool.stack(_rows(3))
+    assert d.data_ptr() == ptr  # released: reused
+    assert torch.equal(d, torch.stack(_rows(3)))
+
+
+@pytest.mark.parametrize("hold", ["slice", "numpy", "view", "storage"])
+def test_any_remaining_holder_prevents_reuse(hold):
+    a = pool.stack(_rows(0))
+    ptr = a.data_ptr()
+    if hold == "slice":
+        held = a[1]
+    elif hold == "numpy":
+        held = a.numpy()
+    elif hold == "view":
+        held = a.reshape(-1)
+    else:
+        held = a.untyped_storage()
+    kept = a.clone()
+    del a
+    for seed in (1, 2, 3):
+        assert pool.stack(_rows(seed)).data_ptr() != ptr
+    if hold == "storage":
+        assert torch.equal(torch.tensor([], dtype=torch.float32).set_(held).reshape(kept.shape), kept)
+    else:
+        assert torch.equal(
+            torch.as_tensor(held).reshape(-1), kept[1].reshape(-1) if hold == "slice" else kept.reshape(-1)
+        )
+
+
+def test_small_or_mixed_inputs_are_plain_stacks():
+    small = pool.stack(_rows(0, shape=(4, 4)))
+    assert torch.equal(small, torch.stack(_rows(0, shape=(4, 4))))
+    assert not pool._pool
+
+
+def test_records_of_earlier_steps_keep_their_saliencies():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, 256), nn.ReLU())
+    heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(3))
+    method = create("mgda")
+    records, copies = [], []
+    for _ in range(4):
+        x = torch.randn(64, 16)
+        z = enc(x)
+        losses = {f"t{t}": (h(z) - t).pow(2).mean() for t, h in enumerate(heads)}
+        expect = torch.stack([torch.autograd.grad(L, z, retain_graph=True)[0] for L in losses.values()])
+        rec = mtl_backward(losses, features=z, shared_params=list(enc.parameters()), method=method, level="feature")
+        assert rec.saliencies is not None
+        torch.testing.assert_close(rec.saliencies, expect, rtol=0, atol=0)
+        records.append(rec)
+        copies.append(rec.saliencies.clone())
+    for rec, kept in zip(records, copies):
+        assert torch.equal(rec.saliencies, kept)  # no later step wrote into an earlier record's block
+    assert len({r.saliencies.data_ptr() for r in records}) == 4
+
+
+def test_engine_reuses_the_block_once_the_record_is_dropped():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, 256), nn.ReLU())
+    heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(3))
+    method = create("upgrad")
+    ptrs = []
+    for _ in range(3):
+        z = enc(torch.randn(64, 16))
+        losses = [h(z).pow(2).mean() for h in heads]
+        rec = mtl_backward(losses, features=z, shared_params=list(enc.parameters()), method=method, level="feature")
+        ptrs.append(rec.saliencies.data_ptr())
+        del rec
+    assert len(set(ptrs)) == 1
