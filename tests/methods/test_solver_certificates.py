@@ -413,6 +413,17 @@ def test_dual_cone_projection_kkt_and_cvxpy_to_spreads_1e12(solver, J, k):
         assert float(y @ C @ y) <= ref + 1e-7 * float(np.sum(np.abs(y))) ** 2
 
 
+def test_dual_cone_projection_not_certified_is_an_error(monkeypatch):
+    """A solver answer that fails the KKT certificate on the unit gradients is refused ("not converged",
+    with the residual), never returned: here a solver that returns the lower bound unchanged."""
+    from mtlens.methods import _qp
+
+    monkeypatch.setattr(_qp, "_solve_nnls", lambda C, U, reg_eps, method: U.copy())
+    J = np.array([[1.0, 0.0], [-0.5, 1.0]])  # conflicting: the projection must move
+    with pytest.raises(SolverError, match=r"upgrad: not converged: .* relative KKT residual"):
+        create("upgrad").weights(torch.tensor(J @ J.T))
+
+
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_dual_cone_methods_do_not_conflict_with_a_gradient_1e9_below_the_others(name):
     """Norms 1e9 apart: the default (ridge="relative", solved on the unit gradients) never conflicts
@@ -695,3 +706,41 @@ def test_forum_qp_solves_every_problem_and_matches_a_tight_reference(T, extra, l
         return float(z @ M @ z - c * z[T])
 
     assert obj(w) - obj(x.value) <= 1e-5 * (abs(obj(x.value)) + c * abs(float(x.value[T])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile inputs (helper "breaker"): each test names the input that failed before its fix
+# ---------------------------------------------------------------------------------------------
+@given(log_c=st.floats(-300, math.log10(np.finfo(np.float64).eps)), T=st.integers(1, 6), seed=st.integers(0, 2**16),
+       rescale=st.sampled_from([0, 1, 2]))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_cagrad_tiny_radius_is_gradient_descent_on_the_mean(log_c, T, seed, rescale):
+    """Broke on c = 1e-18 (any Gramian, e.g. 3 random tasks in R⁵): SolverError "relative duality gap inf"
+    (the root search's interval, of width c‖g0‖, is below round-off); c = 1e-300 with norms 1e-6 and 1e6
+    raised scipy's raw ValueError "f(a) and f(b) must have different signs". For c ≤ eps, ‖d − g0‖ = c‖g0‖
+    is below g0's rounding: d = g0, weights 1/divisor (what c = 1e-17 already returned)."""
+    rng = np.random.default_rng(seed)
+    J = rng.standard_normal((T, 5)) * 10.0 ** rng.uniform(-6, 6, size=(T, 1))
+    m = create("cagrad", c=10.0**log_c, rescale=rescale)
+    w = m.weights(torch.tensor(J @ J.T), torch.ones(T))
+    assert torch.allclose(w, torch.full((T,), 1.0 / m._divisor(), dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c", [1e155, 1e200, 1.7e308])
+def test_cagrad_radius_whose_square_overflows_is_refused_at_construction(c):
+    """Broke on c = 1e160: accepted, then every step raised a raw OverflowError from ``1 + c**2``."""
+    from mtlens.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="c must be"):
+        create("cagrad", c=c)
+
+
+@pytest.mark.parametrize("c", [1e-12, 1.0, 10.0, 1e6, 1e150])
+def test_cagrad_radius_across_its_range_gives_finite_certified_weights(c):
+    """Not a former failure: c from 1e-12 to the new limit 1e150, duplicated, opposite and zero tasks."""
+    rng = np.random.default_rng(0)
+    J = rng.standard_normal((3, 5))
+    for Jc in (J, np.vstack([J[0], J[0], J[1]]), np.vstack([J[0], -J[0], J[1]]), np.vstack([J[0], 0 * J[1], J[2]])):
+        for rescale in (0, 1, 2):
+            w = create("cagrad", c=c, rescale=rescale).weights(torch.tensor(Jc @ Jc.T), torch.ones(3))
+            assert torch.isfinite(w).all()

@@ -54,4 +54,4 @@ def check_gramian(gramian: Any, what: str = "gramian") -> Tensor:
             f"{what}: the Gramian has non-finite entries (NaN/inf; diagonal {torch.diagonal(G).tolist()}): "
             "a task gradient is not finite"
         )
-    return 0.5 * (G + G.T)
+    return 0.5 * G + 0.5 * G.T  # not 0.5 * (G + Gᵀ): the sum overflows for entries above ~9e307

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..engine.numerics import ZERO_REL
 from ..engine.numerics import check_gramian as validate_gramian
-from ..errors import SolverError, require
+from ..errors import NonFiniteError, SolverError, require
 from ._solvers import cosine_matrix
 from ._utils import check, in_range
 
@@ -100,27 +100,58 @@ def dual_cone_weights(
         return U.copy()
     solve = _solve_nnls if solver == "nnls" else _solve_quadprog
     if ridge == "trace":
-        return solve(0.5 * (Gn + Gn.T) / trace, U, reg_eps, method)
-    Gn = 0.5 * (Gn + Gn.T)
+        return solve((0.5 * Gn + 0.5 * Gn.T) / trace, U, reg_eps, method)
+    Gn = 0.5 * Gn + 0.5 * Gn.T  # not 0.5 * (Gn + Gnᵀ): the sum overflows for entries above ~9e307
     d = np.diag(Gn)
     live = (d > 0) & (d > ZERO_REL * float(d.max()))  # nonzero_tasks, inlined: this runs every step
     if live.all():
         n = np.sqrt(d)
         C = Gn / np.outer(n, n)  # the cosine matrix (its diagonal set to 1 below)
         np.fill_diagonal(C, 1.0)
-        out = solve(C, U * n, reg_eps, method) / n
+        low = U * n
+        Y = solve(C, low, reg_eps, method)
+        out = Y / n
     else:
         C, n = cosine_matrix(Gn, live)
+        low = U[:, live] * n
+        Y = solve(C, low, reg_eps, method)
         out = U.copy()  # zero gradients keep v_t = u_t
-        out[:, live] = solve(C, U[:, live] * n, reg_eps, method) / n
+        out[:, live] = Y / n
+    _check_kkt(C, low, Y, reg_eps, method, solver)
     if not np.isfinite(out).all():
         raise SolverError(f"{method}: the weights overflow after rescaling by the gradient norms {n.tolist()}")
     return out
 
 
+KKT_RTOL = 1e-8
+"""Tolerance of the KKT certificate of the projection on the unit gradients (relative to ``Σ_t y_t``)."""
+
+
+def _check_kkt(C: np.ndarray, low: np.ndarray, Y: np.ndarray, reg_eps: float, method: str, solver: str) -> None:
+    """Certify each row ``y`` of ``Y`` as ``argmin_{y ≥ low} yᵀ(C + reg_eps I)y`` by its KKT conditions.
+
+    With ``g = (C + reg_eps I) y`` (``g_t`` is ``ĝ_t·d`` plus the ridge): ``y ≥ low``, ``g ≥ 0`` and
+    ``(y − low)_t g_t = 0``, each to ``KKT_RTOL`` relative to ``s = Σ_t |y_t|`` (``s²`` for the
+    products) — every task on its own scale. Raises :class:`SolverError` ("not converged") naming the
+    residual otherwise (none known: nnls reaches ~1e-16, quadprog ~1e-10 at condition numbers 1e10)."""
+    G = Y @ C + reg_eps * Y  # C is symmetric: row k is (C + reg_eps I) y_k
+    scale = np.abs(Y).sum(axis=1)
+    scale = np.where(scale > 0.0, scale, 1.0)  # y = 0: nothing to certify (every term below is 0)
+    res = float(np.max(np.maximum(np.maximum((low - Y).max(axis=1), -G.min(axis=1)) / scale,
+                                   np.abs((Y - low) * G).max(axis=1) / scale**2)))
+    if not res <= KKT_RTOL:
+        raise SolverError(
+            f"{method}: not converged: the {solver} solution of the dual-cone projection has a relative KKT "
+            f"residual {res:.2e} > {KKT_RTOL:.0e} on the unit gradients (cosine matrix condition number "
+            f"{np.linalg.cond(C):.1e}). Try solver='nnls' (exact active set) or a larger reg_eps."
+        )
+
+
 def _solve_nnls(Gn: np.ndarray, U: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
     from scipy.optimize import nnls
 
+    if not np.isfinite(Gn).all():  # scipy's nnls aborts the process (double free) on inf/NaN
+        raise NonFiniteError(f"{method}: the scaled Gramian has non-finite entries (entries near the float64 limit?)")
     try:
         lam, Q = np.linalg.eigh(Gn)
     except np.linalg.LinAlgError as exc:

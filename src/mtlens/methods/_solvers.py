@@ -251,6 +251,7 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     error (:class:`MinNormResult`).
 
     Raises:
+        NonFiniteError: ``G`` has a NaN or infinite entry.
         SolverError: "not converged" — Wolfe's algorithm stopped (``max_iter``, default ``50 + 20T``
             major cycles, or no further progress in floating point) with a KKT gap above ``1e3·tol``
             on a positive semi-definite Gramian; the message gives the gap, the iterations and the
@@ -258,6 +259,8 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     """
     G = np.asarray(G, dtype=np.float64)
     T = G.shape[0]
+    if not np.isfinite(G).all():  # NaN compares false everywhere below: it would give uniform weights
+        raise NonFiniteError(f"min_norm_simplex: the Gramian has non-finite entries (diagonal {np.diag(G).tolist()})")
     if T == 1:
         return MinNormResult(np.ones(1), float(G[0, 0]), 0, 0.0)
     s = max(float(G.diagonal().max()), 0.0)  # gramian_scale

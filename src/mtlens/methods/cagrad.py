@@ -27,6 +27,8 @@ RESCALES = (0, 1, 2)
 _STATIONARY = 1e-7  # ‖g_w‖ relative to Σ w_i‖g_i‖ taken as 0 (see _cancelled)
 _GAP_RTOL = 1e-8  # duality gap accepted as optimal, relative to ‖g_w‖‖d‖ (plus its round-off bound)
 _EPS = float(np.finfo(np.float64).eps)
+C_MAX = 1e150
+"""Largest ``c`` accepted: ``1 + c²`` (the default rescale divisor) overflows float64 above ~1.3e154."""
 
 
 def _cancelled(Gn: np.ndarray, x: np.ndarray) -> bool:
@@ -161,7 +163,8 @@ class CAGrad(GramianWeighting):
     primal degenerate); they still count in ``g0`` (the mean over all T tasks).
 
     Args:
-        c: radius factor c ≥ 0 (c = 0 is plain gradient descent on the mean loss). Default 0.5
+        c: radius factor 0 ≤ c ≤ :data:`C_MAX` (c = 0 is plain gradient descent on the mean loss; so is
+            c ≤ eps(float64), where ``‖d − g0‖ = c‖g0‖`` is below the rounding of g0). Default 0.5
             (official code / LibMTL default); c = 0.4 is the value for NYUv2 (paper, project spec).
         rescale: 0 → ``d``; 1 → ``d/(1+c²)`` (default, official code); 2 → ``d/(1+c)``.
 
@@ -185,8 +188,8 @@ class CAGrad(GramianWeighting):
     solver_rtol = 1e-5
 
     def __init__(self, c: float = 0.5, rescale: int = 1) -> None:
-        check(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0,
-              f"cagrad: c must be a finite number ≥ 0, got {c!r}")
+        check(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and 0 <= c <= C_MAX,
+              f"cagrad: c must be a finite number in [0, {C_MAX:.0e}] (1 + c² must be a float64), got {c!r}")
         if isinstance(rescale, bool) or rescale not in RESCALES:
             raise ConfigurationError(f"cagrad: rescale={rescale!r}; choose one of {RESCALES} "
                                      "(0: none, 1: divide by 1+c², 2: divide by 1+c)")
@@ -321,7 +324,9 @@ class CAGrad(GramianWeighting):
         Gn = G / s
         g0_sq = max(float(Gn.sum()) / (T * T), 0.0)
         sqrt_phi = self.c * math.sqrt(g0_sq)
-        if sqrt_phi <= 0.0:  # c = 0 or g0 = 0: d = g0
+        # c = 0 or g0 = 0: d = g0. So too for c ≤ eps: ‖d − g0‖ = c‖g0‖ is below g0's own rounding
+        # (and the root search's interval [lo, hi], of width ~c‖g0‖, is below lo's round-off: c = 1e-18 raised)
+        if sqrt_phi <= 0.0 or self.c <= _EPS:
             self._log = {"lambda": 0.0, "stationary": float(g0_sq <= 0.0)}
             return to_weights(np.full(T, 1.0 / div), gramian)
         idx = np.flatnonzero(nonzero_tasks(G))  # zero gradients leave the worst case (see docstring)

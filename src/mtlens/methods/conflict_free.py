@@ -67,7 +67,7 @@ class ConFIG(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         T = check_gramian(gramian, self.name)
         G = gramian.detach().to(torch.float64)
-        G = 0.5 * (G + G.T)
+        G = 0.5 * G + 0.5 * G.T  # the sum G + Gᵀ overflows for entries above ~9e307
         if self.pref_vector is None:
             p = torch.ones(T, dtype=torch.float64, device=G.device)
         else:

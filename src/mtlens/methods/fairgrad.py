@@ -86,7 +86,7 @@ class FairGrad(GramianWeighting):
         G = gramian.detach().to("cpu", torch.float64).numpy()
         if not np.isfinite(G).all():
             raise SolverError(f"{self.name}: the Gramian has non-finite entries")
-        G = 0.5 * (G + G.T)
+        G = 0.5 * G + 0.5 * G.T  # the sum G + Gᵀ overflows for entries above ~9e307
         try:
             r = solve_fair_system(G, self.alpha, rtol=self.residual_tol, max_iter=self.max_iter, method=self.name)
         except SolverError as exc:
