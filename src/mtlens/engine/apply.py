@@ -150,7 +150,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     global_shared: list[Tensor] | None = None  # already the global gradient
     if grads.level == "feature":
         w = decision.weights
-        local_shared = [torch.zeros_like(p) for p in shared]
+        # the first micro-batch's encoder gradients are fresh autograd outputs: later ones are added into them
+        # (no zero-filled accumulators: on CPU a fresh zeroed block per parameter page-faults every step)
+        local: list[Tensor | None] = [None] * len(shared)
         for k, part in enumerate(grads._parts):
             pf = part["features"]
             S = part["saliencies"]
@@ -184,9 +186,15 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             pairs = list(zip(pf.maps, dz_s))
             gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
                         retain_graph=retain_graph or grads._reg_total is not None)
-            for acc, g in zip(local_shared, gz):
+            for j, g in enumerate(gz):
                 if g is not None:
-                    acc.add_(g.detach() / scale if scale != 1.0 else g.detach())
+                    g = g.detach() / scale if scale != 1.0 else g.detach()
+                    cur = local[j]
+                    if cur is None:
+                        local[j] = g
+                    else:
+                        cur.add_(g)
+        local_shared = [g if g is not None else torch.zeros_like(p) for g, p in zip(local, shared)]
     else:
         if decision.combined is not None:
             global_shared = list(decision.combined)
