@@ -218,17 +218,20 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
 
     # ---- heads -----------------------------------------------------------------------------
     hw = decision.head_weights.tolist() if decision.head_weights is not None else [1.0] * T
-    head_g: list[Tensor | None] = []
-    for j in range(len(heads)):
-        g = None
-        for t in range(T):
-            r = grads.head_rows[t][j] if grads.head_rows else None
-            if r is not None:
-                g = r * hw[t] if g is None else g.add_(r, alpha=hw[t])
-        rh = reg_heads[j] if reg_heads is not None else None
-        if rh is not None:
-            g = rh if g is None else g + rh
-        head_g.append(g)
+    head_g: list[Tensor | None] = [None] * len(heads)
+    owned = [False] * len(heads)  # head_g[j] is a tensor of this function's own (else a head row, left unchanged)
+    for t, row in enumerate(grads.head_rows):  # per head parameter: Σ_t h_t ∇L_t in task order
+        h = hw[t]
+        for j, r in [(j, r) for j, r in enumerate(row) if r is not None]:
+            cur = head_g[j]
+            if cur is None:  # a unit weight keeps the row itself (r · 1 = r): no copy
+                head_g[j], owned[j] = (r, False) if h == 1.0 else (r * h, True)
+            elif owned[j]:
+                cur.add_(r, alpha=h)
+            else:
+                head_g[j], owned[j] = torch.add(cur, r, alpha=h), True
+    if reg_heads is not None:
+        head_g = [g if rh is None else (rh if g is None else g + rh) for g, rh in zip(head_g, reg_heads)]
 
     if dist is not None:
         n = len(shared)
