@@ -744,3 +744,18 @@ def test_cagrad_radius_across_its_range_gives_finite_certified_weights(c):
         for rescale in (0, 1, 2):
             w = create("cagrad", c=c, rescale=rescale).weights(torch.tensor(Jc @ Jc.T), torch.ones(3))
             assert torch.isfinite(w).all()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(v=st.lists(st.sampled_from([1e308, -1e308, 1.7e308, -1.7e308, 1e17, 1.0, 0.0, -1.0, 5e-324]),
+                  min_size=1, max_size=10))
+def test_simplex_projections_of_entries_near_the_float64_limit(v):
+    """Broke on v = [0, 1e17, 1, 1e308, 5e-324, 5e-324, 5e-324, −1e308] (and [1e308, 5e-324, 5e-324, −1e308]):
+    both projections returned [inf, …, nan]: the shifted cumulative sum overflowed to −inf, ``u − css/k``
+    became +inf and a far-below entry passed the threshold test (exactly, it fails there)."""
+    from mtlens.methods._cross import project_simplex as project_np
+    from mtlens.methods.moco import project_simplex as project_torch
+
+    want = exact_simplex_projection(v)
+    for got in (project_np(np.array(v)), project_torch(torch.tensor(v, dtype=torch.float64)).numpy()):
+        assert np.all(np.isfinite(got)) and np.max(np.abs(got - want)) <= 4 * len(v) * np.finfo(np.float64).eps
