@@ -2,6 +2,7 @@
 
     python benchmarks/param_jacobian.py                         # conv and MLP, T = 2 3 5 11 20 40
     python benchmarks/param_jacobian.py --kinds mlp --tasks 5 --steps 60
+    python benchmarks/param_jacobian.py --steady --tasks 2,11,40 --steps 8  # training-loop order
 
 The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step
 each (in a fresh seeded random order every cycle; ``--steps`` cycles; every ratio is the median
@@ -18,7 +19,8 @@ floor):
 * ``UPGrad loop`` / ``UPGrad batched``: ``mtl_backward(level="param", jacobian=...)``;
 * ``TorchJD autojac``: ``torchjd.autojac.mtl_backward`` + ``jac_to_grad(shared, UPGrad())``.
 
-Each row also gives its minor page faults per step (``getrusage``): fresh allocations above glibc's
+``--steady`` instead times blocks of consecutive steps of one variant (the order of a training loop;
+see :func:`steady`). Each row also gives its minor page faults per step (``getrusage``): fresh allocations above glibc's
 mmap threshold (at most 32 MiB) are mapped anew and faulted in page by page on every step.
 """
 
@@ -118,17 +120,76 @@ def run(kind: str, T: int, steps: int) -> None:
         print(f"{kind:4s} T={T:2d}  autojac / UPGrad loop {r:.3f}")
 
 
+def steady(kind: str, T: int, blocks: int, per: int) -> None:
+    """Training-loop order: blocks of ``per`` consecutive steps (each followed by ``SGD.step``) of the
+    floor, of UPGrad with the rows kept as separate autograd outputs (the engine before the reused
+    workspace) and of UPGrad as it is, the blocks alternating; medians over the steps after each block's
+    first two. Here a step follows a step of its own kind, as in training, so glibc's heap is in the
+    state a training loop leaves it in."""
+    import mtlens.engine.gradients as gradients
+
+    w = Workload(kind, T, 8 if kind == "conv" else 256)
+    upgrad = create("upgrad")
+    opt = torch.optim.SGD(w.params, lr=1e-7)
+
+    def floor():
+        w.zero()
+        _, losses = w.forward()
+        for t, L in enumerate(losses.values()):
+            torch.autograd.grad(L, w.shared + list(w.heads[t].parameters()), retain_graph=True)
+
+    def engine():
+        w.zero()
+        z, losses = w.forward()
+        mtl_backward(losses, features=z, shared_params=w.shared, method=upgrad, level="param")
+
+    def no_workspace(*_):
+        return None
+
+    workspace = gradients.jacobian_workspace
+    variants = {"floor": (floor, workspace), "UPGrad, rows kept": (engine, no_workspace),
+                "UPGrad": (engine, workspace)}
+    times: dict = {n: [] for n in variants}
+    faults: dict = {n: [] for n in variants}
+    try:
+        for _ in range(blocks):
+            for name, (fn, ws) in variants.items():
+                gradients.jacobian_workspace = ws
+                for i in range(per):
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    t0 = time.perf_counter()
+                    fn()
+                    opt.step()
+                    dt = time.perf_counter() - t0
+                    if i >= 2:
+                        times[name].append(dt)
+                        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    finally:
+        gradients.jacobian_workspace = workspace
+    fl = statistics.median(times["floor"])
+    for name in variants:
+        m = statistics.median(times[name])
+        print(f"{kind:4s} T={T:2d}  steady  {name:18s} {m * 1e3:8.2f} ms  / floor {m / fl:5.3f}  "
+              f"minor faults/step {statistics.median(faults[name]):7.0f}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="conv,mlp")
     ap.add_argument("--tasks", default="2,3,5,11,20,40")
     ap.add_argument("--steps", type=int, default=20, help="cycles (one step of every row each)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steady", action="store_true",
+                    help="training-loop order instead (blocks of consecutive steps of one variant; see steady())")
+    ap.add_argument("--blocks", type=int, default=4, help="--steady: blocks per variant")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for kind in args.kinds.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
-            run(kind, T, args.steps)
+            if args.steady:
+                steady(kind, T, args.blocks, args.steps)
+            else:
+                run(kind, T, args.steps)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,73 @@ def test_rows_copied_several_times_through_a_growing_buffer(T):
     Gr = gramian_from_rows([[b[t] for b in blocks] for t in range(T)])
     assert torch.equal(Gr, Gr.T) and float((Gr - ref).abs().max()) / scale < 1e-6
     torch.testing.assert_close(Gr, gramian_from_blocks(blocks), rtol=1e-6, atol=1e-7 * scale)
+
+
+
+def _upgrad_step(enc, heads, x, ys):
+    from mtlens.engine import mtl_backward
+    from mtlens.methods import create
+
+    for p in list(enc.parameters()) + list(heads.parameters()):
+        p.grad = None
+    z = enc(x)
+    losses = {f"t{t}": ((h(z) - ys[t]) ** 2).mean() for t, h in enumerate(heads)}
+    return mtl_backward(losses, features=z, shared_params=list(enc.parameters()), method=create("upgrad"),
+                        level="param")
+
+
+def test_parameter_level_rows_reuse_one_workspace_and_never_alias_grad():
+    """Consecutive parameter-level steps copy the per-task rows into the same CPU buffer (no fresh T·P
+    allocation for glibc to return and fault back in), give the reference result, and no .grad aliases it."""
+    from mtlens.engine import gramian
+
+    assert gramian._FREE_REFS is not None  # the storage reference count is available: reuse is on
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 80), torch.nn.ReLU(), torch.nn.Linear(80, 70))  # 6 160 weights
+    heads = torch.nn.ModuleList(torch.nn.Linear(70, 1) for _ in range(3))
+    x, ys = torch.randn(16, 6), torch.randn(3, 16, 1)
+    gramian.release_workspace()
+    rec = _upgrad_step(enc, heads, x, ys)
+    (ws,) = gramian._WORKSPACE.values()
+    first = [p.grad.clone() for p in enc.parameters()]
+    # the reference: per-task gradients by autograd, their float64 Gramian and the weighted sum
+    z = enc(x)
+    J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(((h(z) - ys[t]) ** 2).mean(),
+                                                                         list(enc.parameters()),
+                                                                         retain_graph=True)])
+                     for t, h in enumerate(heads)]).double()
+    torch.testing.assert_close(rec.gramian, J @ J.T, rtol=1e-6, atol=1e-9)
+    w = rec.weights.to(torch.float64)
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in first]).double(), w @ J, rtol=1e-5, atol=1e-7)
+    for p in enc.parameters():
+        assert p.grad.untyped_storage().data_ptr() != ws.untyped_storage().data_ptr()
+    rec2 = _upgrad_step(enc, heads, x, ys)  # same inputs: the same step, through the reused buffer
+    (ws2,) = gramian._WORKSPACE.values()
+    assert ws2.untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
+    torch.testing.assert_close(rec2.gramian, rec.gramian, rtol=0, atol=0)
+    for p, g in zip(enc.parameters(), first):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    gramian.release_workspace()
+    assert not gramian._WORKSPACE
+
+
+def test_a_block_kept_by_someone_is_never_overwritten():
+    """A Jacobian block still referenced after its step (a method keeping it, a grad that is a view of it)
+    makes the next step allocate a fresh buffer: the kept values stay as they were."""
+    from mtlens.engine import gramian
+
+    gramian.release_workspace()
+    like = [torch.empty(5, 7), torch.empty(3)]
+    kept = gramian.jacobian_workspace(2, like)
+    kept[0].fill_(1.0)
+    again = gramian.jacobian_workspace(2, like)
+    assert again[0].untyped_storage().data_ptr() != kept[0].untyped_storage().data_ptr()
+    again[0].fill_(2.0)
+    assert bool((kept[0] == 1.0).all())
+    ptr = again[0].untyped_storage().data_ptr()  # the cached buffer now
+    del kept, again
+    third = gramian.jacobian_workspace(2, like)  # nothing holds the cached buffer any more: reused
+    assert third[0].untyped_storage().data_ptr() == ptr
+    assert third[0].shape == (2, 5, 7) and third[1].shape == (2, 3)
+    assert gramian.jacobian_workspace(2, [torch.empty(2, dtype=torch.float64), torch.empty(2)]) is None
+    gramian.release_workspace()

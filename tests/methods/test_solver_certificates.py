@@ -718,12 +718,30 @@ def test_cagrad_tiny_radius_is_gradient_descent_on_the_mean(log_c, T, seed, resc
     """Broke on c = 1e-18 (any Gramian, e.g. 3 random tasks in R⁵): SolverError "relative duality gap inf"
     (the root search's interval, of width c‖g0‖, is below round-off); c = 1e-300 with norms 1e-6 and 1e6
     raised scipy's raw ValueError "f(a) and f(b) must have different signs". For c ≤ eps, ‖d − g0‖ = c‖g0‖
-    is below g0's rounding: d = g0, weights 1/divisor (what c = 1e-17 already returned)."""
+    is below g0's rounding: d = g0, weights 1/divisor (what c = 1e-17 already returned). The threshold is
+    C_MIN = 64 eps: c = 3.1e-16, just above eps, raised the same "gap inf" (test below)."""
     rng = np.random.default_rng(seed)
     J = rng.standard_normal((T, 5)) * 10.0 ** rng.uniform(-6, 6, size=(T, 1))
     m = create("cagrad", c=10.0**log_c, rescale=rescale)
     w = m.weights(torch.tensor(J @ J.T), torch.ones(T))
     assert torch.allclose(w, torch.full((T,), 1.0 / m._divisor(), dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("log_c", [-15.653559774527022, -15.51, -14.2, -13.8])
+def test_cagrad_radius_just_above_eps_is_handled(log_c):
+    """c = 10**log10(eps) (a hair above eps) and c = 3.1e-16 raised "relative duality gap inf" (the root
+    search's interval at round-off); c ≤ C_MIN = 64 eps is now d = g0, and c = 6e-15, 1.6e-14 solve."""
+    from mtlens.methods.cagrad import C_MIN
+
+    for T in range(1, 7):
+        for seed in range(15):
+            rng = np.random.default_rng(seed)
+            J = rng.standard_normal((T, 5)) * 10.0 ** rng.uniform(-6, 6, size=(T, 1))
+            m = create("cagrad", c=10.0**log_c, rescale=0)
+            w = m.weights(torch.tensor(J @ J.T), torch.ones(T))
+            assert torch.isfinite(w).all()
+            if 10.0**log_c <= C_MIN:
+                assert torch.equal(w, torch.ones(T, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("c", [1e155, 1e200, 1.7e308])

@@ -150,7 +150,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     global_shared: list[Tensor] | None = None  # already the global gradient
     if grads.level == "feature":
         w = decision.weights
-        local_shared = [torch.zeros_like(p) for p in shared]
+        # the first micro-batch's encoder gradients are fresh autograd outputs: later ones are added into them
+        # (no zero-filled accumulators: on CPU a fresh zeroed block per parameter page-faults every step)
+        local: list[Tensor | None] = [None] * len(shared)
         for k, part in enumerate(grads._parts):
             pf = part["features"]
             S = part["saliencies"]
@@ -184,9 +186,15 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             pairs = list(zip(pf.maps, dz_s))
             gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
                         retain_graph=retain_graph or grads._reg_total is not None)
-            for acc, g in zip(local_shared, gz):
+            for j, g in enumerate(gz):
                 if g is not None:
-                    acc.add_(g.detach() / scale if scale != 1.0 else g.detach())
+                    g = g.detach() / scale if scale != 1.0 else g.detach()
+                    cur = local[j]
+                    if cur is None:
+                        local[j] = g
+                    else:
+                        cur.add_(g)
+        local_shared = [g if g is not None else torch.zeros_like(p) for g, p in zip(local, shared)]
     else:
         if decision.combined is not None:
             global_shared = list(decision.combined)
@@ -210,17 +218,20 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
 
     # ---- heads -----------------------------------------------------------------------------
     hw = decision.head_weights.tolist() if decision.head_weights is not None else [1.0] * T
-    head_g: list[Tensor | None] = []
-    for j in range(len(heads)):
-        g = None
-        for t in range(T):
-            r = grads.head_rows[t][j] if grads.head_rows else None
-            if r is not None:
-                g = r * hw[t] if g is None else g.add_(r, alpha=hw[t])
-        rh = reg_heads[j] if reg_heads is not None else None
-        if rh is not None:
-            g = rh if g is None else g + rh
-        head_g.append(g)
+    head_g: list[Tensor | None] = [None] * len(heads)
+    owned = [False] * len(heads)  # head_g[j] is a tensor of this function's own (else a head row, left unchanged)
+    for t, row in enumerate(grads.head_rows):  # per head parameter: Σ_t h_t ∇L_t in task order
+        h = hw[t]
+        for j, r in [(j, r) for j, r in enumerate(row) if r is not None]:
+            cur = head_g[j]
+            if cur is None:  # a unit weight keeps the row itself (r · 1 = r): no copy
+                head_g[j], owned[j] = (r, False) if h == 1.0 else (r * h, True)
+            elif owned[j]:
+                cur.add_(r, alpha=h)
+            else:
+                head_g[j], owned[j] = torch.add(cur, r, alpha=h), True
+    if reg_heads is not None:
+        head_g = [g if rh is None else (rh if g is None else g + rh) for g, rh in zip(head_g, reg_heads)]
 
     if dist is not None:
         n = len(shared)

@@ -23,7 +23,7 @@ from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from . import pool
 from .distributed import Dist
-from .gramian import gramian_from_blocks, gramian_from_rows, stack_rows
+from .gramian import gramian_from_blocks, gramian_from_rows, jacobian_workspace, stack_rows
 from .graph import find_leaves
 from .protocols import Regularizer
 from .stacked import prune_stacked_losses
@@ -757,22 +757,34 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
 
 def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[Tensor]], create_graph: bool,
                   retain_graph: bool, jacobian: str) -> list[Any]:
-    """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t`` (rows), or blocks in batched mode."""
+    """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t``: blocks ``(T, *shape)`` per parameter in batched
+    mode and, on the CPU without ``create_graph``, in the reused workspace; else rows (per task, per parameter)."""
     T = len(sal)
     if jacobian == "batched" and len(feats.maps) == 1 and not feats.multi_input and not create_graph:
         gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
                     retain_graph=retain_graph)
         return [g if g is not None else torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device)
                 for g, p in zip(gs, shared)]
+    # values only: each task's row goes into a (T, *shape) workspace reused across steps (no page
+    # faults for the T·P floats; see jacobian_workspace) and its autograd output is freed at once
+    blocks = None if create_graph else jacobian_workspace(T, shared)
     rows = []
     for t in range(T):
         maps = feats.of_task(t)
         # multi-input: each task's encoder graph is its own; one shared map: all tasks use it
         last = (t == T - 1) or feats.multi_input
         keep = retain_graph or create_graph or not last
-        rows.append(zeros_if_none(_grads(maps, shared, grad_outputs=sal[t], retain_graph=keep,
-                                         create_graph=create_graph), shared))
-    return rows
+        gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
+        if blocks is None:
+            rows.append(zeros_if_none(gs, shared))
+            continue
+        got = [(b[t], g) for b, g in zip(blocks, gs) if g is not None]
+        if got:
+            torch._foreach_copy_([d for d, _ in got], [g for _, g in got])
+        for b, g in zip(blocks, gs):
+            if g is None:
+                b[t].zero_()
+    return rows if blocks is None else blocks
 
 
 def _raw_saliencies(sal_obj: Sequence[Tensor], raw: Tensor, transform: str, scale: float) -> list[Tensor]:

@@ -27,6 +27,8 @@ RESCALES = (0, 1, 2)
 _STATIONARY = 1e-7  # ‖g_w‖ relative to Σ w_i‖g_i‖ taken as 0 (see _cancelled)
 _GAP_RTOL = 1e-8  # duality gap accepted as optimal, relative to ‖g_w‖‖d‖ (plus its round-off bound)
 _EPS = float(np.finfo(np.float64).eps)
+C_MIN = 64 * _EPS
+"""Radii ``c ≤ C_MIN`` (1.4e-14) give ``d = g0``: the ball is at the rounding of g0."""
 C_MAX = 1e150
 """Largest ``c`` accepted: ``1 + c²`` (the default rescale divisor) overflows float64 above ~1.3e154."""
 
@@ -163,9 +165,10 @@ class CAGrad(GramianWeighting):
     primal degenerate); they still count in ``g0`` (the mean over all T tasks).
 
     Args:
-        c: radius factor 0 ≤ c ≤ :data:`C_MAX` (c = 0 is plain gradient descent on the mean loss; so is
-            c ≤ eps(float64), where ``‖d − g0‖ = c‖g0‖`` is below the rounding of g0). Default 0.5
-            (official code / LibMTL default); c = 0.4 is the value for NYUv2 (paper, project spec).
+        c: radius factor 0 ≤ c ≤ :data:`C_MAX` (c = 0 is plain gradient descent on the mean loss; so
+            is c ≤ :data:`C_MIN` = 64 eps(float64), where ``‖d − g0‖ = c‖g0‖`` is at the rounding of
+            g0). Default 0.5 (official code / LibMTL default); c = 0.4 is the value for NYUv2 (paper,
+            project spec).
         rescale: 0 → ``d``; 1 → ``d/(1+c²)`` (default, official code); 2 → ``d/(1+c)``.
 
     Raises:
@@ -324,9 +327,10 @@ class CAGrad(GramianWeighting):
         Gn = G / s
         g0_sq = max(float(Gn.sum()) / (T * T), 0.0)
         sqrt_phi = self.c * math.sqrt(g0_sq)
-        # c = 0 or g0 = 0: d = g0. So too for c ≤ eps: ‖d − g0‖ = c‖g0‖ is below g0's own rounding
-        # (and the root search's interval [lo, hi], of width ~c‖g0‖, is below lo's round-off: c = 1e-18 raised)
-        if sqrt_phi <= 0.0 or self.c <= _EPS:
+        # c = 0 or g0 = 0: d = g0. So too for c ≤ 64 eps: ‖d − g0‖ = c‖g0‖ is at g0's own rounding (and the
+        # root search's interval [lo, hi], of relative width ~c, is at lo's round-off: c = 1e-18 and
+        # c = 3.1e-16 raised "gap inf"; from 1e-15 on the solver resolves it)
+        if sqrt_phi <= 0.0 or self.c <= C_MIN:
             self._log = {"lambda": 0.0, "stationary": float(g0_sq <= 0.0)}
             return to_weights(np.full(T, 1.0 / div), gramian)
         idx = np.flatnonzero(nonzero_tasks(G))  # zero gradients leave the worst case (see docstring)
