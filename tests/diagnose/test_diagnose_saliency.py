@@ -95,3 +95,55 @@ def test_tsr_entropy_is_rep_mtl_value_and_differs_from_fd():
     assert tsr_entropy(torch.randn(1, 2, 3), normalize=True) == 0.0
     with pytest.raises(ShapeError, match="at least 3"):
         tsr_entropy(torch.randn(2, 3))
+
+
+# ---- hostile inputs (helper "breaker"): each test names the input that failed before its fix ----
+def _fd_reference(S):
+    """FD computed naively in float64 on the per-element max-scaled saliencies (no overflow)."""
+    S = S.detach().double().reshape(S.shape[0], -1)
+    a = S.abs()
+    m = a.amax(dim=0)
+    keep = m > 0
+    p = a[:, keep] / m[keep]
+    p = p / p.sum(dim=0)
+    return float(-(torch.special.xlogy(p, p)).sum(dim=0).mean() / math.log(S.shape[0]))
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 3e38), (torch.float64, 1e308)])
+def test_fd_exact_for_saliencies_whose_task_sum_overflows(dtype, big):
+    """Broke on S = 3e38 (float32) / 1e308 (float64) for every task: Σ_t |S_t| overflowed to inf,
+    p = a/inf = 0, and FD read 0.0 ("perfectly disentangled") instead of 1.0."""
+    S = torch.full((3, 2, 5), big, dtype=dtype)
+    S[1, 0] = big / 7
+    assert feature_disentanglement(S) == pytest.approx(_fd_reference(S), rel=1e-6)
+    assert feature_disentanglement(torch.full((3, 10), big, dtype=dtype)) == pytest.approx(1.0, rel=1e-6)
+    S[0, 0, 0] = float("nan")  # a non-finite input still gives NaN (not a rescaled guess)
+    assert math.isnan(feature_disentanglement(S))
+
+
+def test_fd_from_two_threads_with_changing_sizes_dtypes_and_layouts_matches_a_float64_reference():
+    """Not a former failure: the per-thread scratch block, used from 2 threads at once, with sizes growing and
+    shrinking between calls (1 to 3e5 columns, T = 2–5), float16/32/64 and non-contiguous inputs."""
+    import threading
+
+    errors = []
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        for k in range(12):
+            T = int(torch.randint(2, 6, (1,), generator=g))
+            n = int(torch.randint(1, 300_000 if k % 2 else 50, (1,), generator=g))
+            dtype = (torch.float16, torch.float32, torch.float64)[k % 3]
+            S = torch.randn(n, T, generator=g).to(dtype).t()  # non-contiguous (T, n)
+            if k % 4 == 0:
+                S = S[:, ::2]
+            got, want = feature_disentanglement(S), _fd_reference(S)
+            if not abs(got - want) <= 1e-5:
+                errors.append((seed, k, T, n, dtype, got, want))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

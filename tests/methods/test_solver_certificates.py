@@ -762,3 +762,53 @@ def test_cagrad_radius_across_its_range_gives_finite_certified_weights(c):
         for rescale in (0, 1, 2):
             w = create("cagrad", c=c, rescale=rescale).weights(torch.tensor(Jc @ Jc.T), torch.ones(3))
             assert torch.isfinite(w).all()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(v=st.lists(st.sampled_from([1e308, -1e308, 1.7e308, -1.7e308, 1e17, 1.0, 0.0, -1.0, 5e-324]),
+                  min_size=1, max_size=10))
+def test_simplex_projections_of_entries_near_the_float64_limit(v):
+    """Broke on v = [0, 1e17, 1, 1e308, 5e-324, 5e-324, 5e-324, −1e308] (and [1e308, 5e-324, 5e-324, −1e308]):
+    both projections returned [inf, …, nan]: the shifted cumulative sum overflowed to −inf, ``u − css/k``
+    became +inf and a far-below entry passed the threshold test (exactly, it fails there)."""
+    from mtlens.methods._cross import project_simplex as project_np
+    from mtlens.methods.moco import project_simplex as project_torch
+
+    want = exact_simplex_projection(v)
+    for got in (project_np(np.array(v)), project_torch(torch.tensor(v, dtype=torch.float64)).numpy()):
+        assert np.all(np.isfinite(got)) and np.max(np.abs(got - want)) <= 4 * len(v) * np.finfo(np.float64).eps
+
+
+def _forum_M(G, gf, q2):
+    T = G.shape[0]
+    M = np.zeros((T + 1, T + 1))
+    M[:T, :T], M[:T, T], M[T, :T], M[T, T] = G, gf, gf, q2
+    return M
+
+
+@pytest.mark.parametrize("q2", [1e16, 1e30])
+def test_forum_qp_never_returns_a_point_off_its_constraints(q2):
+    """Broke on M = [[I₃, 1], [1ᵀ, q2]] (unit task gradients, ‖g_f‖² = q2 ≥ 1e16), π = (0.1, 0.2, 0.3),
+    c = 0.1·q2: Clarabel said 'optimal' and FORUM used λ = (0.27, 0.23, 0.19) (Σ = 0.69; q2 = 1e30: Σ = 1.07).
+    Now a point off the simplex or below πᵀw is a SolverError "not converged"; a well-scaled one still solves."""
+    m = create("forum")
+    pi = np.array([0.1, 0.2, 0.3])
+    with pytest.raises(SolverError, match="not converged.*violating its constraints"):
+        m._solve(_forum_M(np.eye(3), np.ones(3), q2), pi, 0.1 * q2)
+    w = m._solve(_forum_M(np.eye(3), np.ones(3), 1e6), pi, 0.1 * 1e6)
+    assert abs(w[:3].sum() - 1) <= 1e-9 and w[3] >= pi @ w[:3] - 1e-9
+
+
+@pytest.mark.parametrize("where", ["M", "pi"])
+def test_forum_qp_of_non_finite_data_is_a_non_finite_error(where):
+    """Broke on a NaN in the look-ahead's Gram matrix (raw numpy LinAlgError "Eigenvalues did not converge") or
+    in π (raw cvxpy ValueError "Problem data contains NaN or Inf")."""
+    from mtlens.errors import NonFiniteError
+
+    M, pi = _forum_M(np.eye(3), np.zeros(3), 1.0), np.array([0.1, 0.2, 0.3])
+    if where == "M":
+        M[0, 3] = M[3, 0] = float("nan")
+    else:
+        pi[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="look-ahead"):
+        create("forum")._solve(M, pi, 0.1)

@@ -64,6 +64,7 @@ def feature_disentanglement(
         a_buf, l_buf = _scratch(2 * T * width, flat.dtype, flat.device).split(T * width)
         totals: list[Tensor] = []  # per chunk: Σ_j Σ_t p log p (≤ 0), as 0-dim tensors (no sync per chunk)
         counts: list[Tensor] = []  # per chunk: the number of active elements
+        sums: list[Tensor] = []  # per chunk: Σ_j s_j
         # column chunks of ~2 MiB, written into the same two scratch blocks: they stay in cache, and no
         # fresh memory is touched per chunk or per call (in a training loop, the page faults of fresh
         # temporaries cost about as much as FD's arithmetic)
@@ -72,6 +73,7 @@ def feature_disentanglement(
             s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
             active = s > 0
             counts.append(active.sum())
+            sums.append(s.sum())  # non-finite iff some s overflowed (or a non-finite input): checked at the end
             if T == 1:
                 continue
             # p = a / s: a ratio, exact at any scale. Inactive elements get p = 0 and add 0·log(tiny) = 0:
@@ -83,7 +85,13 @@ def feature_disentanglement(
             # vectorised). These T·|Z| logarithms are FD's floor (docs/performance.md, "Monitoring").
             lg = torch.clamp_min(p, tiny, out=l_buf[: chunk.numel()].view(chunk.shape)).log_()
             totals.append(lg.mul_(p).sum())  # torch's cascade sum: ~1e-8 relative on 2^18 terms
-        n = int(torch.stack(counts).sum()) if len(counts) > 1 else int(counts[0])
+        n_f, s_f = torch.stack([torch.stack(counts).sum().double(), torch.stack(sums).sum().double()]).tolist()
+        n = int(n_f)
+        if not math.isfinite(s_f) and bool(torch.isfinite(flat).all()):
+            # Σ_t |S_t[j]| overflowed (entries near the dtype's limit: p = a/inf = 0 read as FD 0): p is
+            # invariant to a per-element scale, so measure S_t[j] / max_t |S_t[j]| (≤ 1) instead (rare path)
+            m = flat.abs().amax(dim=0)
+            return feature_disentanglement(flat / torch.where(m > 0, m, 1.0))
         if n == 0:
             return float("nan")
         if T == 1:

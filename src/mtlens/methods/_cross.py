@@ -29,7 +29,9 @@ def project_simplex(v: np.ndarray) -> np.ndarray:
         u = np.sort(z)[::-1]
         css = np.cumsum(u) - 1.0
         ind = np.arange(1, n + 1)
-        rho = int(np.nonzero(u - css / ind > 0)[0][-1])  # index 0 always passes: u_0 = 0, css_0 = −1
+        # index 0 always passes: u_0 = 0, css_0 = −1. A cumulative sum that overflowed to −inf (entries ±1e308)
+        # made u − css/ind = +inf pass wrongly (weights inf/NaN); exactly, the test fails there (u_0 − u_k > 1)
+        rho = int(np.nonzero((u - css / ind > 0) & np.isfinite(css))[0][-1])
     theta = css[rho] / (rho + 1)
     return np.maximum(z - theta, 0.0)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..engine.decision import Decision
 from ..engine.protocols import LossWeighting
-from ..errors import ConfigurationError, SolverError, require
+from ..errors import ConfigurationError, NonFiniteError, SolverError, require
 from ._calls import EpochCalls
 from ._loss_common import InternalOptimizer, TaskCount, check_int, check_num_tasks, float_dtype
 from ._registry import register
@@ -200,6 +200,9 @@ class FORUM(LossWeighting):
         """Problem (14): ``min wᵀMw − c w_{T+1}`` over ``w ≥ 0``, ``Σ_{t≤T} w_t = 1``, ``w_{T+1} ≥ πᵀw_{1..T}``."""
         cp = self._cp
         T = pi.shape[0]
+        if not (np.isfinite(M).all() and np.isfinite(pi).all() and math.isfinite(c)):  # a NaN look-ahead loss/grad
+            raise NonFiniteError(f"forum: non-finite QP data (Gram diagonal {np.diag(M).tolist()}, π = {pi.tolist()}, "
+                                 f"c = {c}): a look-ahead loss or gradient is not finite")
         evals, evecs = np.linalg.eigh(0.5 * (M + M.T))
         R = (evecs * np.sqrt(np.maximum(evals, 0.0))) @ evecs.T  # M^{1/2} (the authors' matrix square root)
         w = cp.Variable(T + 1, nonneg=True)
@@ -216,6 +219,16 @@ class FORUM(LossWeighting):
         out = np.maximum(np.asarray(w.value, dtype=np.float64).reshape(-1), 0.0)
         if not np.isfinite(out).all():
             raise SolverError(f"forum: non-finite QP solution {out.tolist()}")
+        # the solver's status is not enough: with ‖g_f‖² ≥ 1e16 Clarabel returned 'optimal' points off the simplex
+        # (Σw = 0.69); the constraints are checked here (1e-6, relative to their terms)
+        sum_err = abs(float(out[:T].sum()) - 1.0)
+        pi_err = float(pi @ out[:T]) - float(out[T])
+        if not (sum_err <= 1e-6 and pi_err <= 1e-6 * (1.0 + float(np.abs(pi) @ out[:T]) + abs(float(out[T])))):
+            raise SolverError(
+                f"forum: not converged: the QP of the upper-level weights returned (status '{prob.status}') a point "
+                f"violating its constraints (|Σw − 1| = {sum_err:.1e}, πᵀw − w_(T+1) = {pi_err:.1e}); Gram diagonal "
+                f"{np.diag(M).tolist()}, π = {pi.tolist()}, c = {c:.3e}"
+            )
         return out
 
     # -- the step ----------------------------------------------------------------------------------

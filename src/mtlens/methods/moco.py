@@ -37,7 +37,7 @@ def project_simplex(v: Tensor) -> Tensor:
     u, _ = torch.sort(z, descending=True)
     css = torch.cumsum(u, 0) - 1.0
     k = torch.arange(1, T + 1, dtype=v.dtype, device=v.device)
-    cond = u - css / k > 0
+    cond = (u - css / k > 0) & torch.isfinite(css)  # an overflowed css (±1e308 entries) fails exactly, not +inf
     rho = int(torch.nonzero(cond).max())  # index 0 always passes: u_0 = 0, css_0 = −1
     theta = css[rho] / (rho + 1)
     return (z - theta).clamp_min(0.0)
