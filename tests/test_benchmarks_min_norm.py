@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,14 @@ def test_mgda_floor_benchmark_prints_the_bound():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "0.3 M" and cells[3] == "327 M"  # T²·|Z| = 4·65 536; 3 × 109 M encoder MACs
     assert float(cells[-2]) > 0 and float(cells[-1]) > 0
+
+
+@pytest.mark.slow
+def test_feature_fixed_cost_benchmark_against_a_reference_copy(tmp_path):
+    shutil.copytree(ROOT / "src" / "mtlens", tmp_path / "mtlens_ref")  # itself, renamed: the A/B machinery runs
+    out = _run("benchmarks/feature_fixed_cost.py", "--reference", str(tmp_path), "--kinds", "mlp", "--tasks", "2",
+               "--rounds", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| mlp | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 10  # EW, floor, MGDA ref/new, UPGrad ref/new, MGDA/floor, faults
+    assert all(float(c) > 0 for c in cells[2:9])

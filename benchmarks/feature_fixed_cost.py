@@ -1,0 +1,109 @@
+"""Feature-level Gramian steps of this checkout against another engine, in ONE process, round-robin.
+
+    git archive <rev> src/mtlens | tar -x -C /tmp/ref && mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
+    python benchmarks/feature_fixed_cost.py --reference /tmp/ref/src --kinds conv,mlp --tasks 2,3,5,11,20,40
+
+On the synthetic scaling workloads of ``benchmarks/run_all.py`` (conv: B = 8, Z 64×8×8; MLP: B = 256,
+Z 256) it times EW, the ``feature floor`` (T head backwards to ``∂L_t/∂Z`` and one encoder VJP, nothing
+else) and MGDA / UPGrad at ``level="feature"`` — with this checkout's ``mtlens`` and, with
+``--reference``, with a copy of another revision imported as ``mtlens_ref`` (its package renamed; mtlens
+imports itself only relatively) — rows round-robin, each sample 5 steps, in **thread CPU time**
+(``time.thread_time``: time the process spends descheduled on a shared machine is not counted; cache
+interference still is). Ratios are medians of same-round ratios. Also prints the minor page faults per
+MGDA step (``resource.getrusage().ru_minflt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run_all import Workload  # noqa: E402
+
+import mtlens.engine  # noqa: E402
+import mtlens.methods  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="2,3,5,11,20,40")
+    ap.add_argument("--kinds", default="conv,mlp")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--reference", default=None, help="a folder holding the other revision as package mtlens_ref")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    engines = {"": (mtlens.engine.mtl_backward, mtlens.methods.create)}
+    if args.reference:
+        sys.path.insert(0, args.reference)
+        ref_e, ref_m = importlib.import_module("mtlens_ref.engine"), importlib.import_module("mtlens_ref.methods")
+        engines = {" ref": (ref_e.mtl_backward, ref_m.create), **engines}
+    cols = [f"{m}{tag}" for m in ("MGDA", "UPGrad") for tag in engines]
+    print(
+        "| workload | T | EW ms | floor / EW | "
+        + " | ".join(f"{c} / EW" for c in cols)
+        + " | MGDA / floor | MGDA faults / step |"
+    )
+    print("|---|---:|---:|---:|" + "---:|" * len(cols) + "---:|---:|")
+    for kind in args.kinds.split(","):
+        for T in (int(t) for t in args.tasks.split(",")):
+            w = Workload(kind, T, 8 if kind == "conv" else 256)
+
+            def step(backward, method, level, w=w):
+                def run():
+                    w.zero()
+                    z, losses = w.forward()
+                    backward(losses, features=z, shared_params=w.shared, method=method, level=level)
+
+                return run
+
+            def floor(w=w):
+                w.zero()
+                z, losses = w.forward()
+                sal = [
+                    torch.autograd.grad(L, [z] + list(w.heads[t].parameters()), retain_graph=True)[0]
+                    for t, L in enumerate(losses.values())
+                ]
+                torch.autograd.grad(z, w.shared, grad_outputs=sum(sal))
+
+            rows = {"EW": step(mtlens.engine.mtl_backward, mtlens.methods.create("ew"), None), "floor": floor}
+            for m in ("MGDA", "UPGrad"):
+                for tag, (backward, create) in engines.items():
+                    rows[f"{m}{tag}"] = step(backward, create(m.lower()), "feature")
+            for f in rows.values():
+                for _ in range(3):
+                    f()
+            times: dict[str, list[float]] = {k: [] for k in rows}
+            faults: dict[str, list[float]] = {k: [] for k in rows}
+            for _ in range(args.rounds):
+                for k, f in rows.items():
+                    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    t0 = time.thread_time()
+                    for _ in range(5):
+                        f()
+                    times[k].append((time.thread_time() - t0) / 5 * 1e3)
+                    faults[k].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 5)
+
+            def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float:
+                return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+            flt = " → ".join(f"{statistics.median(faults[f'MGDA{tag}']):.0f}" for tag in engines)
+            print(
+                f"| {kind} | {T} | {statistics.median(times['EW']):.2f} | {ratio('floor', 'EW'):.2f} | "
+                + " | ".join(f"{ratio(c, 'EW'):.2f}" for c in cols)
+                + f" | {ratio('MGDA', 'floor'):.2f} | {flt} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
