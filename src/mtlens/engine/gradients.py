@@ -761,8 +761,13 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
     mode and, on the CPU without ``create_graph``, in the reused workspace; else rows (per task, per parameter)."""
     T = len(sal)
     if jacobian == "batched" and len(feats.maps) == 1 and not feats.multi_input and not create_graph:
-        gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
-                    retain_graph=retain_graph)
+        try:
+            gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
+                        retain_graph=retain_graph)
+        except NotImplementedError as exc:  # vmap over a sparse gradient (nn.Embedding(sparse=True))
+            raise ConfigurationError(f"jacobian='batched' could not differentiate the shared parameters ({exc}); "
+                                     "a sparse-gradient parameter (nn.Embedding(sparse=True)) needs "
+                                     "jacobian='loop'") from exc
         return [g if g is not None else torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device)
                 for g, p in zip(gs, shared)]
     # values only: each task's row goes into a (T, *shape) workspace reused across steps (no page
@@ -775,6 +780,8 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
         last = (t == T - 1) or feats.multi_input
         keep = retain_graph or create_graph or not last
         gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
+        # a sparse gradient (nn.Embedding(sparse=True)) as a dense Jacobian row (raw RuntimeError before)
+        gs = tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in gs)
         if blocks is None:
             rows.append(zeros_if_none(gs, shared))
             continue
