@@ -110,3 +110,26 @@ def test_engine_reuses_the_block_once_the_record_is_dropped():
         ptrs.append(rec.saliencies.data_ptr())
         del rec
     assert len(set(ptrs)) == 1
+
+
+def test_written_gradients_alias_nothing_the_caller_keeps():
+    """.grad after apply_decision shares memory with no tensor of the TaskGradients (head rows, saliency block):
+    a later accumulation into .grad must not change what the caller kept."""
+    from mtlens.engine import Decision, apply_decision, compute_task_gradients
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, 256), nn.ReLU())
+    heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(3))
+    shared = list(enc.parameters())
+    z = enc(torch.randn(64, 16))
+    losses = [h(z).pow(2).mean() for h in heads]
+    grads = compute_task_gradients(losses, level="feature", features=z, shared_params=shared)
+    kept_rows = [[None if r is None else r.clone() for r in row] for row in grads.head_rows]
+    kept_block = grads.saliencies.clone()
+    assert apply_decision(grads, Decision(weights=torch.ones(3, dtype=torch.float64))) == ""
+    for p in list(enc.parameters()) + list(heads.parameters()):
+        p.grad.add_(1.0)  # what the next accumulation does
+    for row, kept in zip(grads.head_rows, kept_rows):
+        for r, k in zip(row, kept):
+            assert (r is None and k is None) or torch.equal(r, k)
+    assert torch.equal(grads.saliencies, kept_block)

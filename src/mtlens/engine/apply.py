@@ -219,17 +219,13 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     # ---- heads -----------------------------------------------------------------------------
     hw = decision.head_weights.tolist() if decision.head_weights is not None else [1.0] * T
     head_g: list[Tensor | None] = [None] * len(heads)
-    owned = [False] * len(heads)  # head_g[j] is a tensor of this function's own (else a head row, left unchanged)
     for t, row in enumerate(grads.head_rows):  # per head parameter: Σ_t h_t ∇L_t in task order
         h = hw[t]
         for j, r in [(j, r) for j, r in enumerate(row) if r is not None]:
             cur = head_g[j]
-            if cur is None:  # a unit weight keeps the row itself (r · 1 = r): no copy
-                head_g[j], owned[j] = (r, False) if h == 1.0 else (r * h, True)
-            elif owned[j]:
-                cur.add_(r, alpha=h)
-            else:
-                head_g[j], owned[j] = torch.add(cur, r, alpha=h), True
+            # a copy even at h = 1: .grad must not alias grads.head_rows (a caller of apply_decision may keep
+            # the TaskGradients, and the next accumulation into .grad would write into it)
+            head_g[j] = r * h if cur is None else cur.add_(r, alpha=h)
     if reg_heads is not None:
         head_g = [g if rh is None else (rh if g is None else g + rh) for g, rh in zip(head_g, reg_heads)]
 
