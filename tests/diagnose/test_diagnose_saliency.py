@@ -147,3 +147,25 @@ def test_fd_from_two_threads_with_changing_sizes_dtypes_and_layouts_matches_a_fl
     for t in threads:
         t.join()
     assert not errors
+
+
+def _fd_softmax_reference(S, tau):
+    """The smoothened FD in float64, logits ``(a − max_t a)/mean(a)/τ`` (float32 inputs are far inside its range)."""
+    S = S.detach().double().reshape(S.shape[0], -1)
+    a = S.abs()
+    active = a.sum(dim=0) > 0
+    p = torch.softmax((a - a.amax(dim=0)) / a.mean() / tau, dim=0)[:, active]
+    return float(-(torch.special.xlogy(p, p)).sum(dim=0).mean() / math.log(S.shape[0]))
+
+
+@pytest.mark.parametrize("tau", [1e-300, 1e-40, 1e-3, 1.0])
+def test_fd_smoothened_in_float32_for_tiny_temperatures_and_subnormal_saliencies(tau):
+    """Broke on float32 saliencies with temperature = 1e-40 (and 1e-300): τ·mean(a) underflowed to 0, FD was NaN
+    (float64: 0.0); and on float32 saliencies of 1e-45 next to zeros (mean(a) underflowed: NaN at τ = 1)."""
+    torch.manual_seed(0)
+    S = torch.randn(3, 4, 100)
+    S[:, 0, :5] = 0
+    assert feature_disentanglement(S, tau) == pytest.approx(_fd_softmax_reference(S, tau), abs=1e-5)
+    S = torch.zeros(3, 1000)
+    S[0, 0], S[1, 0] = 1e-45, 2e-45  # both round to float32's smallest subnormal: equal
+    assert feature_disentanglement(S, tau) == pytest.approx(_fd_softmax_reference(S, tau), abs=1e-6)

@@ -103,7 +103,12 @@ def feature_disentanglement(
 def _fd_softmax(flat: Tensor, temperature: float) -> float:
     """FD with the smoothened distribution ``p = softmax_t(a / (τ·mean(a)))`` (see above)."""
     T = flat.shape[0]
-    scale = flat.abs().mean(dtype=torch.float64).to(flat.dtype)
+    # logits a/(τ·mean(a)) computed as ((a − max_t a)/gmax)/(mean(a)/gmax)/τ, gmax = max |S|: every factor stays
+    # in range (float32 saliencies of 1e-45 made mean(a) 0 and τ = 1e-40 made τ·mean(a) 0: NaN through 0/0)
+    gmax = float(flat.abs().amax())
+    if not math.isfinite(gmax):
+        return float("nan")  # a non-finite saliency (as with temperature = 0)
+    scale = float(flat.abs().mean(dtype=torch.float64)) / gmax if gmax > 0 else 1.0  # in [1/(T|Z|), 1]
     tiny = torch.finfo(flat.dtype).tiny
     total, n = 0.0, 0
     for chunk in flat.split(max(1024, _FD_CHUNK_ELEMENTS // T), dim=1):
@@ -112,7 +117,10 @@ def _fd_softmax(flat: Tensor, temperature: float) -> float:
         n += int(active.sum())
         if T == 1:
             continue
-        p = torch.softmax(a / (temperature * scale), dim=0)
+        # shifted by the per-element maximum (softmax is invariant to it): logits ≤ 0, no overflow; τ below the
+        # dtype's smallest normal number is taken as it (τ = 1e-300 is 0 in float32)
+        x = (a - a.amax(dim=0, keepdim=True)).div_(gmax if gmax > 0 else 1.0)
+        p = torch.softmax(x.div_(scale).div_(max(temperature, tiny)), dim=0)
         H = p.clamp_min(tiny).log_().mul_(p).sum(dim=0)  # −H[j]
         H = H * active  # inactive elements are left out of the mean (softmax made them uniform)
         total += float(H.sum(dtype=torch.float64))
