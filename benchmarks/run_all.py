@@ -1042,6 +1042,21 @@ def machine() -> str:
             f"load average {load[0]:.1f} at start, torch {torch.__version__}, Python {platform.python_version()}")
 
 
+def noise_line(load_start: float, load_end: float, cores: int) -> str:
+    """The page's noise statement, from the load averages measured around the run (not assumed)."""
+    busy = max(load_start, load_end)
+    if busy < 0.75 * cores:
+        return (f"- **Noise**: the machine was otherwise idle (load average {load_start:.1f} at the start and "
+                f"{load_end:.1f} at the end on {cores} cores, this run's own thread included). Ratios still carry "
+                "per-step jitter: `plain loop` and `EW` do the same arithmetic, and their ratio is the run's own "
+                "measure of how far a ratio can stray from 1 by noise.")
+    return (f"- **Noise**: the machine was shared during this run (load average {load_start:.1f} at the start, "
+            f"{load_end:.1f} at the end on {cores} cores). Under such load absolute times move by up to 2× between "
+            "rounds and a single same-run ratio by ±0.2–0.3 (e.g. `plain loop` and `EW` do the same work); trends "
+            "over T and differences of 2× or more are what such a run shows. Rerun on an idle machine (more "
+            "`--rounds`) for verdicts near a target.")
+
+
 def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
@@ -1096,6 +1111,7 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now(_dt.timezone.utc)
     header_machine = machine()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results: dict = {}
     body: list[str] = []
     if "scaling" in sections:
@@ -1142,11 +1158,8 @@ def main(argv=None) -> dict:
             "Peak memory: tensor storage created during one step and alive at once, tracked per op by a "
             "`TorchDispatchMode` with weak references to the storages "
             "(a tracemalloc of tensor storage; see `benchmarks/run_all.py`).",
-            "- **Noise**: the machine is shared: this run was made while 4 other developers' jobs (test suites, "
-            "builds) ran on the same 2 cores — see the load averages above. Under such load absolute times move "
-            "by up to 2× between rounds and a single same-run ratio by ±0.2–0.3 (e.g. `plain loop` and `EW` do "
-            "the same work); trends over T and differences of 2× or more are what such a run shows. Rerun on a "
-            "quiet machine (more `--rounds`) for verdicts near a target.",
+            noise_line(load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+                       os.cpu_count() or 1),
             ""]
     text = "\n".join(head + render_targets(results) + body) + "\n"
     (args.out / "benchmarks.md").write_text(text)

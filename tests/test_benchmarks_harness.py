@@ -98,3 +98,13 @@ def test_fixed_cost_script_prints_both_tables(capsys):
     out = capsys.readouterr().out
     assert "| conv, T=2 |" in out and "EW / plain" in out and "FD / step" in out
     assert "nan" not in out
+
+
+def test_noise_statement_follows_the_measured_load(run_all):
+    """The page states the load the run met, not a fixed story (it once said "4 other developers'
+    jobs" on an idle machine)."""
+    idle = run_all.noise_line(0.5, 1.0, 2)
+    busy = run_all.noise_line(3.9, 4.2, 2)
+    assert "otherwise idle" in idle and "0.5" in idle and "1.0" in idle
+    assert "shared during this run" in busy and "3.9" in busy and "4.2" in busy
+    assert "idle" not in busy.split("Rerun")[0]

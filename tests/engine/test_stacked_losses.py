@@ -104,3 +104,49 @@ def test_other_loss_vectors_warn_once_with_the_fix():
         stacked_mod._reset_warning()
         z, losses = _losses(enc, heads, x, y)
         mtl_backward(torch.stack(losses) * 2.0, method=create("ew"))
+
+
+@pytest.mark.parametrize("form", ["list", "stack", "stack_reshaped"])
+def test_each_task_asks_only_for_its_own_head_parameters(form, monkeypatch):
+    """With a stacked vector every task's loss is an output of one shared unbind/stack node, and the
+    graph walk that finds each task's own heads used to give every task all T heads (T·|heads|
+    autograd inputs per backward: the stacked input measured 2.07× EW against 1.44× for a dict,
+    conv T = 11). The walk now follows only the stack's input t."""
+    from mtlens.engine import gradients as grads_mod
+
+    T = 4
+    enc, heads, x, y = _model(T)
+    z, losses = _losses(enc, heads, x, y)
+    if form == "stack":
+        losses = torch.stack(losses)
+    elif form == "stack_reshaped":
+        losses = torch.stack([L.reshape(1) for L in losses]).reshape(2, 2)
+    asked: list[int] = []
+    real = grads_mod._grads
+
+    def spy(outputs, inputs, *args, **kwargs):
+        asked.append(len(inputs))
+        return real(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(grads_mod, "_grads", spy)
+    mtl_backward(losses, features=z, shared_params=enc.parameters(), method=create("mgda"), level="feature")
+    per_head = len(list(heads[0].parameters()))
+    # the heads pass: Z plus the task's own head parameters, once per task
+    assert asked[:T] == [1 + per_head] * T
+
+
+def test_stack_split_refuses_what_it_cannot_split_exactly():
+    enc, heads, x, y = _model(3)
+    _, losses = _losses(enc, heads, x, y)
+    from mtlens.engine.gradients import normalise_losses
+
+    stacked = torch.stack(losses)
+    _, parts = normalise_losses(stacked, None)
+    assert stacked_mod.stack_split(stacked, parts) is not None
+    vec = torch.stack([torch.stack(losses[:2]).sum(), losses[2]])  # entry 0 mixes two tasks' branches
+    _, parts = normalise_losses(vec, None)
+    split = stacked_mod.stack_split(vec, parts)
+    assert split is not None and len(split.branches) == 2  # one branch per entry, entry 0's holds both
+    other = torch.stack(losses) * 2.0  # not a stack at the top: no split
+    _, parts = normalise_losses(other, None)
+    assert stacked_mod.stack_split(other, parts) is None

@@ -26,7 +26,7 @@ from .distributed import Dist
 from .gramian import gramian_from_blocks, gramian_from_rows, jacobian_workspace, stack_rows
 from .graph import find_leaves
 from .protocols import Regularizer
-from .stacked import prune_stacked_losses
+from .stacked import StackSplit, prune_stacked_losses, stack_split
 
 LOG_EPS = 1e-8
 JACOBIAN_MODES = ("loop", "batched")
@@ -230,6 +230,7 @@ class TaskGradients:
     _gramian: Tensor | None = None
     _features: Features | None = None
     _parts: list[dict[str, Any]] = field(default_factory=list)  # per micro-batch: graph handles
+    _split: StackSplit | None = None  # a stacked loss vector's per-task branches (graph walks)
     _reg_total: Tensor | None = None
     _reg_kind: str = ""
     _attached: list[Tensor] | None = None  # loss level: attached objective losses (value = global)
@@ -489,22 +490,31 @@ def _find_heads(loss_list: Sequence[Tensor], feats: Features, shared: Sequence[T
     return [p for p in heads if id(p) not in mp_ids]
 
 
-def _node_sets(loss_list: Sequence[Tensor], stop_at: Sequence[Tensor]) -> list[set[Any]]:
+def _node_sets(loss_list: Sequence[Tensor], stop_at: Sequence[Tensor], split: StackSplit | None = None
+               ) -> list[set[Any]]:
     """The autograd nodes each loss reaches before ``stop_at`` (to free each part of the graph on
-    its last use)."""
+    its last use, and to find each task's own heads).
+
+    ``split`` (a stacked loss vector, :func:`mtlens.engine.stacked.stack_split`): reaching the unbind
+    through its output ``k`` counts the shared unbind/stack nodes and continues on the stack's input
+    ``k`` only — the branch autograd actually runs once the stack's zero gradients are pruned."""
     stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
     out = []
     for L in loss_list:
         seen: set = set()
-        stack = [L.grad_fn]
+        stack: list[tuple[Any, int]] = [(L.grad_fn, L.output_nr)]
         while stack:
-            n = stack.pop()
+            n, nr = stack.pop()
+            if split is not None and n is split.unbind:
+                seen.update(split.shared)
+                stack.append(split.branches[nr])
+                continue
             if n is None or n in seen or n in stop:
                 continue
             seen.add(n)
-            for nxt, _ in n.next_functions:
-                if nxt is not None and nxt not in seen:
-                    stack.append(nxt)
+            for nxt, k in n.next_functions:
+                if nxt is not None and (nxt not in seen or (split is not None and nxt is split.unbind)):
+                    stack.append((nxt, k))
         out.append(seen)
     return out
 
@@ -624,10 +634,11 @@ def compute_task_gradients(
         raise ConfigurationError(f"jacobian={jacobian!r}; choose one of {JACOBIAN_MODES}")
     names, loss_list = normalise_losses(losses, task_names)
     T = len(loss_list)
+    split: StackSplit | None = None
     if isinstance(losses, Tensor) and T > 1 and (
         level != "loss" or keep_saliencies or compute_gramian or regularizers or grad_norm_params is not None
     ):
-        prune_stacked_losses(losses)  # per-task backwards of a stacked vector: one head each, not T
+        split = stack_split(losses, loss_list) if prune_stacked_losses(losses) else None
     feats = normalise_features(features, names)
     if feats.multi_input and len(feats.maps) != T:
         raise ShapeError(f"multi-input features: got {len(feats.maps)} maps for {T} tasks")
@@ -659,7 +670,7 @@ def compute_task_gradients(
     if transform not in LOSS_TRANSFORMS:
         raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
     tg = TaskGradients(task_names=names, losses=raw, objective_losses=raw, level=level, shared_params=shared,
-                       _features=feats, _dist=dist, _scale=scale, _transform=transform)
+                       _features=feats, _dist=dist, _scale=scale, _transform=transform, _split=split)
     if not bool(torch.isfinite(raw).all()):
         bad = ", ".join(f"'{n}'={float(v)}" for n, v in zip(names, raw) if not torch.isfinite(v))
         tg.problem = (f"non-finite task loss: {bad}. Nothing was written into .grad. Check the inputs/targets of "
@@ -721,7 +732,8 @@ def _check_own_maps(names: Sequence[str], feats: Features, t: int, others: Seque
 
 
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
-                create_graph: bool, retain_graph: bool) -> tuple[list[list[Tensor]], list[list[Tensor | None]]]:
+                create_graph: bool, retain_graph: bool, split: StackSplit | None = None
+                ) -> tuple[list[list[Tensor]], list[list[Tensor | None]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows.
 
     Each task's backward asks only for the head parameters its loss reaches (found by the same
@@ -729,7 +741,7 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    sets = _node_sets(obj_scaled, feats.maps)
+    sets = _node_sets(obj_scaled, feats.maps, split)
     flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
     index = {id(p): i for i, p in enumerate(heads)}
     own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
@@ -878,7 +890,8 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     sal_multi: list[list[Tensor]] | None = None
     head_rows: list[list[Tensor | None]] | None = None
     if feats.maps and not dependent:
-        sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create or saliency_graph, retain_graph)
+        sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create or saliency_graph, retain_graph,
+                                             tg._split)
         if saliency_graph:  # attached through the heads, unscaled (ConsMTL differentiates them w.r.t. the heads)
             tg._sal_graph = [[s / scale if scale != 1.0 else s for s in row] for row in sal_multi]
             if not create:  # everything below uses them as values only
@@ -902,7 +915,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
             rows_or_blocks = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian)
         else:
             free = not (retain_graph or create)
-            sets = _node_sets(obj_scaled, []) if free else []
+            sets = _node_sets(obj_scaled, [], tg._split) if free else []
             flags = [True] * T if not free else _retain_flags(sets)
             rows_or_blocks, head_rows = [], []
             for t, L in enumerate(obj_scaled):

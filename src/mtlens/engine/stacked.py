@@ -20,6 +20,8 @@ A loss vector built any other way (a product, a single op over all tasks) has no
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -70,9 +72,48 @@ def prune_stacked_losses(losses: Tensor) -> bool:
     return False
 
 
+class StackSplit(NamedTuple):
+    """How the T task losses unbound from a stacked vector reach their own branches.
+
+    ``shared``: the nodes every task passes through (the unbind, the views, the stack);
+    ``branches[t]``: the edge ``(node, output_nr)`` of the stack's input ``t`` — task t's own part."""
+
+    unbind: Any
+    shared: frozenset[Any]
+    branches: list[tuple[Any, int]]
+
+
+def stack_split(losses: Tensor, loss_list: Sequence[Tensor]) -> StackSplit | None:
+    """The split of a stacked loss vector into its T tasks' branches, or ``None``.
+
+    Exact only in the case it accepts: ``loss_list[t]`` is output ``t`` of one unbind of ``losses``,
+    which is (through reshapes) a ``torch.stack`` of exactly ``T`` inputs holding one element each
+    (so element ``t`` is input ``t``). A graph walk from task t can then step from the unbind
+    straight to the stack's input ``t`` — the other tasks' branches are not task t's, although the
+    unbind and the stack nodes are shared (``mtlens.engine.gradients`` walks the graph to find each
+    task's own heads; without this every task appeared to own every head)."""
+    T = len(loss_list)
+    if T < 2 or losses.numel() != T:
+        return None
+    unbind = loss_list[0].grad_fn
+    if unbind is None or type(unbind).__name__ != "UnbindBackward0":
+        return None
+    if any(L.grad_fn is not unbind or L.output_nr != t for t, L in enumerate(loss_list)):
+        return None
+    passed = [unbind]
+    node = unbind.next_functions[0][0]
+    while node is not None and type(node).__name__ in _VIEW_NODES:
+        passed.append(node)
+        node = node.next_functions[0][0]
+    if node is None or type(node).__name__ != "StackBackward0" or len(node.next_functions) != T:
+        return None
+    passed.append(node)
+    return StackSplit(unbind, frozenset(passed), list(node.next_functions))
+
+
 def _reset_warning() -> None:  # for tests
     global _warned
     _warned = False
 
 
-__all__ = ["prune_stacked_losses"]
+__all__ = ["StackSplit", "prune_stacked_losses", "stack_split"]
