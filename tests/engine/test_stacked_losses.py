@@ -66,7 +66,7 @@ def _grads(form, method, level, regularizers=(), loss_transform=None, T=4):
 @pytest.mark.parametrize(
     "method,level,regs,transform",
     [("mgda", "feature", (), None), ("upgrad", "param", (), None), ("pcgrad", "param", (), "log"),
-     ("ew", None, ("rep_mtl",), "log")],
+     ("ew", None, ("rep_mtl",), "log"), ("mgda", "feature", ("rep_mtl",), None), ("consmtl", "feature", (), None)],
 )
 def test_stacked_input_equals_dict_input(form, method, level, regs, transform):
     ref, rec_ref = _grads("dict", method, level, regs, transform)
@@ -150,3 +150,34 @@ def test_stack_split_refuses_what_it_cannot_split_exactly():
     other = torch.stack(losses) * 2.0  # not a stack at the top: no split
     _, parts = normalise_losses(other, None)
     assert stacked_mod.stack_split(other, parts) is None
+
+
+class _CountAllBackward(torch.autograd.Function):
+    """Identity whose backward counts every call, with or without a gradient."""
+
+    calls: dict[int, int] = {}
+
+    @staticmethod
+    def forward(ctx, x, key):
+        ctx.key = key
+        ctx.set_materialize_grads(False)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _CountAllBackward.calls[ctx.key] = _CountAllBackward.calls.get(ctx.key, 0) + 1
+        return g, None
+
+
+def test_stacked_input_never_runs_another_tasks_branch_even_on_no_gradient():
+    """Pruning the stack's zero gradients still let autograd call every other task's head nodes
+    (with no gradient) on each task's backward — measured 1.89× EW against 1.42× for a dict (conv,
+    T = 11). Each task's backward now starts at the stack's input t, so a task's head is called
+    once for its saliency and never for another task."""
+    T = 4
+    enc, heads, x, y = _model(T)
+    z = enc(x)
+    losses = torch.stack([((h(_CountAllBackward.apply(z, t)) - y[t]) ** 2).mean() for t, h in enumerate(heads)])
+    _CountAllBackward.calls = {}
+    mtl_backward(losses, features=z, shared_params=enc.parameters(), method=create("mgda"), level="feature")
+    assert _CountAllBackward.calls == dict.fromkeys(range(T), 1)

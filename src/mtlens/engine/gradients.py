@@ -731,8 +731,17 @@ def _check_own_maps(names: Sequence[str], feats: Features, t: int, others: Seque
         )
 
 
+def _entry_points(tg: TaskGradients, transform: str, scale: float, like: Tensor) -> list[tuple[Any, Tensor]] | None:
+    """Where each task's backward may start on a stacked loss vector (identity transform only: the
+    objective is then ``scale · L_t``, whose gradient at the stack's input is ``scale``)."""
+    if tg._split is None or transform != "none":
+        return None
+    return tg._split.entry_points(scale, like)
+
+
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
-                create_graph: bool, retain_graph: bool, split: StackSplit | None = None
+                create_graph: bool, retain_graph: bool, split: StackSplit | None = None,
+                entries: list[tuple[Any, Tensor]] | None = None
                 ) -> tuple[list[list[Tensor]], list[list[Tensor | None]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows.
 
@@ -757,7 +766,11 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
             _check_own_maps(names, feats, t, gs[1:M])
             s = [gs[0] if gs[0] is not None else torch.zeros_like(feats.maps[t])]
         else:
-            gs = _grads(L, feats.maps + mine, retain_graph=flags[t], create_graph=create_graph)
+            if entries is not None:  # a stacked vector: start at the stack's input t (its own branch only)
+                gs = _grads(entries[t][0], feats.maps + mine, grad_outputs=entries[t][1], retain_graph=flags[t],
+                            create_graph=create_graph)
+            else:
+                gs = _grads(L, feats.maps + mine, retain_graph=flags[t], create_graph=create_graph)
             s = [g if g is not None else torch.zeros_like(z) for g, z in zip(gs[:M], feats.maps)]
         hr: list[Tensor | None] = [None] * len(heads)
         for i, g in zip(own[t], gs[M:]):
@@ -891,7 +904,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     head_rows: list[list[Tensor | None]] | None = None
     if feats.maps and not dependent:
         sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create or saliency_graph, retain_graph,
-                                             tg._split)
+                                             tg._split, _entry_points(tg, transform, scale, raw))
         if saliency_graph:  # attached through the heads, unscaled (ConsMTL differentiates them w.r.t. the heads)
             tg._sal_graph = [[s / scale if scale != 1.0 else s for s in row] for row in sal_multi]
             if not create:  # everything below uses them as values only

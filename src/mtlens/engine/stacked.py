@@ -23,7 +23,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 _VIEW_NODES = frozenset({
     "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "AliasBackward0", "SqueezeBackward0",
@@ -81,6 +83,17 @@ class StackSplit(NamedTuple):
     unbind: Any
     shared: frozenset[Any]
     branches: list[tuple[Any, int]]
+    input_shape: tuple[int, ...] | None  # the shape of each stacked input (one element), when known
+
+    def entry_points(self, scale: float, like: Tensor) -> list[tuple[GradientEdge, Tensor]] | None:
+        """Per task: where its own backward may start (the stack's input t) and the gradient to
+        start it with, ``scale`` (the objective is ``scale · L_t``: identity transform). Starting
+        there is exact — the unbind/view/stack nodes above only route the scalar — and runs no
+        other task's branch, not even on zeros. ``None`` when the inputs' shape is not known."""
+        if self.input_shape is None:
+            return None
+        g = torch.full(self.input_shape, scale, dtype=like.dtype, device=like.device)
+        return [(GradientEdge(node, nr), g) for node, nr in self.branches]
 
 
 def stack_split(losses: Tensor, loss_list: Sequence[Tensor]) -> StackSplit | None:
@@ -107,8 +120,17 @@ def stack_split(losses: Tensor, loss_list: Sequence[Tensor]) -> StackSplit | Non
         node = node.next_functions[0][0]
     if node is None or type(node).__name__ != "StackBackward0" or len(node.next_functions) != T:
         return None
+    # each input's shape: the stacked shape (saved by the view above the stack) without the stack's dim
+    shape = getattr(passed[-1], "_saved_self_sym_sizes", None) if len(passed) > 1 else None
+    dim = getattr(node, "_saved_dim", None)
+    input_shape: tuple[int, ...] | None = None
+    if shape is not None and isinstance(dim, int) and len(shape) >= 1:
+        sizes = [int(s) for s in shape]
+        d = dim % len(sizes)
+        if sizes[d] == T:
+            input_shape = tuple(sizes[:d] + sizes[d + 1:])
     passed.append(node)
-    return StackSplit(unbind, frozenset(passed), list(node.next_functions))
+    return StackSplit(unbind, frozenset(passed), list(node.next_functions), input_shape)
 
 
 def _reset_warning() -> None:  # for tests
