@@ -40,15 +40,30 @@ def random_jacobian(T, extra, log_cond, log_spread, shared, seed):
     return A * np.logspace(0, log_spread, T)[rng.permutation(T)][:, None]
 
 
-gramians = st.builds(
-    random_jacobian,
-    T=st.integers(2, 8),
-    extra=st.integers(-1, 6),
-    log_cond=st.floats(0, 5),  # singular values to 1e-5: Gramian condition numbers to 1e10
-    log_spread=st.floats(0, 12),
-    shared=st.floats(0, 3),
-    seed=st.integers(0, 2**31 - 1),
-)
+def jacobians(max_tasks: int, max_extra: int):
+    """Random Jacobians (hypothesis): 2..max_tasks tasks, singular values to 1e-5 (Gramian condition
+    numbers to 1e10), gradient norms up to 1e12 apart, a shared direction of varying weight."""
+    return st.builds(
+        random_jacobian,
+        T=st.integers(2, max_tasks),
+        extra=st.integers(-1, max_extra),
+        log_cond=st.floats(0, 5),
+        log_spread=st.floats(0, 12),
+        shared=st.floats(0, 3),
+        seed=st.integers(0, 2**31 - 1),
+    )
+
+
+def solved_value(prob):
+    """``prob``'s optimal value by Clarabel, or ``None`` when it is not solved to optimality."""
+    try:
+        prob.solve(solver=cp.CLARABEL)
+    except cp.error.SolverError:
+        return None
+    return prob.value if prob.status == "optimal" else None
+
+
+gramians = jacobians(8, 6)
 
 
 def hull_distance2(G):
@@ -185,22 +200,10 @@ def cagrad_reference(G, c):
     d = cp.Variable(R.shape[0])
     t = cp.Variable()
     prob = cp.Problem(cp.Maximize(t), [R.T @ d >= t, cp.norm(d - g0) <= c * np.linalg.norm(g0)])
-    try:
-        prob.solve(solver=cp.CLARABEL)
-    except cp.error.SolverError:
-        return None
-    return prob.value if prob.status == "optimal" else None
+    return solved_value(prob)
 
 
-cagrad_gramians = st.builds(
-    random_jacobian,
-    T=st.integers(2, 20),
-    extra=st.integers(-1, 20),
-    log_cond=st.floats(0, 5),  # Gramian condition numbers to 1e10
-    log_spread=st.floats(0, 12),  # gradient norms 1e12 apart
-    shared=st.floats(0, 3),
-    seed=st.integers(0, 2**31 - 1),
-)
+cagrad_gramians = jacobians(20, 20)
 
 
 def check_cagrad(G, c):
@@ -370,22 +373,10 @@ def dual_cone_reference(G, u):
     R = np.sqrt(np.clip(lam, 0, None))[:, None] * V.T
     y = cp.Variable(G.shape[0])
     prob = cp.Problem(cp.Minimize(cp.sum_squares(R @ y)), [y >= n * u])
-    try:
-        prob.solve(solver=cp.CLARABEL)
-    except cp.error.SolverError:
-        return None
-    return prob.value if prob.status == "optimal" else None
+    return solved_value(prob)
 
 
-dual_cone_gramians = st.builds(
-    random_jacobian,
-    T=st.integers(2, 12),
-    extra=st.integers(-1, 10),
-    log_cond=st.floats(0, 5),  # Gramian condition numbers to 1e10
-    log_spread=st.floats(0, 12),  # gradient norms 1e12 apart
-    shared=st.floats(0, 3),
-    seed=st.integers(0, 2**31 - 1),
-)
+dual_cone_gramians = jacobians(12, 10)
 
 
 @pytest.mark.slow
