@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .pool import storage_refs
+
 CHUNK = 4096
 """Columns per float32 product. Each chunk's T×T product is an sgemm over at most ``CHUNK`` terms
 (relative error ~√CHUNK·2⁻²⁴ ≈ 4e-6 at worst-typical, far below the float32 gradients' own
@@ -120,24 +122,15 @@ def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = tor
     return _symmetric(G)
 
 
-def _storage_refs(t: Tensor) -> int | None:
-    """References to ``t``'s storage (tensors and views sharing it), or ``None`` when this torch has no
-    such count (a private API: see :data:`_FREE_REFS`)."""
-    try:
-        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
-    except Exception:  # noqa: BLE001 - any failure only disables workspace reuse
-        return None
-
-
 def _calibrate_free_refs() -> int | None:
-    """The count :func:`_storage_refs` gives for a tensor nothing else shares, checked to rise with a
+    """The count :func:`~mtlens.engine.pool.storage_refs` gives for a tensor nothing else shares, checked to rise with a
     view and fall back without it; ``None`` (never reuse a workspace) when that does not hold."""
     a = torch.empty(1)
-    free = _storage_refs(a)
+    free = storage_refs(a)
     view = a[:1]
-    shared = _storage_refs(a)
+    shared = storage_refs(a)
     del view
-    if free is None or shared is None or shared <= free or _storage_refs(a) != free:
+    if free is None or shared is None or shared <= free or storage_refs(a) != free:
         return None
     return free
 
@@ -169,7 +162,7 @@ def jacobian_workspace(T: int, like: Sequence[Tensor]) -> list[Tensor] | None:
         return None
     key = (dev, dt, T, tuple(tuple(p.shape) for p in like))
     ws = _WORKSPACE.pop(key, None)  # atomic: a concurrent step finds none and allocates its own
-    if ws is None or _FREE_REFS is None or _storage_refs(ws) != _FREE_REFS:
+    if ws is None or _FREE_REFS is None or storage_refs(ws) != _FREE_REFS:
         ws = torch.empty(T * sum(p.numel() for p in like), dtype=dt, device=dev)
     blocks, off = [], 0
     for p in like:

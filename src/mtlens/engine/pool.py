@@ -34,13 +34,24 @@ PER_KEY = 2
 """Blocks per (shape, dtype): two let a training loop keep the last step's record while the next step runs."""
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+"""torch's count of the tensors and views sharing a storage (a private API: the one place mtlens reads it)."""
 _lock = threading.Lock()
-_pool: OrderedDict[tuple, list[tuple[Tensor, tuple[int, int]]]] = OrderedDict()
+_pool: OrderedDict[tuple, list[tuple[Tensor, tuple[int | None, int]]]] = OrderedDict()
 
 
-def _holders(buf: Tensor) -> tuple[int, int]:
-    st = buf.untyped_storage()
-    return int(_use_count(st._cdata)), sys.getrefcount(st)  # type: ignore[misc]
+def storage_refs(t: Tensor) -> int | None:
+    """Tensors and views sharing ``t``'s storage, or ``None`` when this torch has no such count
+    (then nothing is ever reused: this module's blocks, :func:`mtlens.engine.gramian.jacobian_workspace`)."""
+    if _use_count is None:
+        return None
+    try:
+        return int(_use_count(t.untyped_storage()._cdata))
+    except Exception:  # noqa: BLE001 - any failure only disables reuse
+        return None
+
+
+def _holders(buf: Tensor) -> tuple[int | None, int]:
+    return storage_refs(buf), sys.getrefcount(buf.untyped_storage())
 
 
 def _pooled_bytes() -> int:
@@ -71,7 +82,8 @@ def stack(tensors: Sequence[Tensor]) -> Tensor:
         if entries is not None:
             _pool.move_to_end(key)
             for buf, base in entries:
-                if _holders(buf) == base:
+                held = _holders(buf)
+                if held[0] is not None and held == base:
                     out = buf.view(buf.shape)  # a new tensor on the storage: the block is taken until it dies
                     break
         if out is None and (entries is None or len(entries) < PER_KEY):
