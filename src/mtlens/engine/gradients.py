@@ -1023,7 +1023,8 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
                 and scale == 1.0 and dist is None):
             tg.saliencies = feature_blocks[0]  # the same values (raw = objective, unscaled): no second copy
         elif len({tuple(s.shape) for s in own}) == 1:
-            tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
+            # into a reused block where no one holds the last one (engine/pool.py: no page faults every step)
+            tg.saliencies = pool.stack(_raw_saliencies(own, raw, transform, scale))
     assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
     tg.head_rows = [[None if g is None else (g.detach() / scale if scale != 1.0 else g.detach()) for g in row]
                     for row in head_rows]
