@@ -963,7 +963,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
             p_total, values = regularizer_terms(param_regs, pblocks, obj)
             tg.regularizer_values.update(values)
             reg_total = _add_penalty(reg_total, p_total)
-        S = [[s.detach() / scale if scale != 1.0 else s.detach() for s in row] for row in sal_multi]
+        S = [[_value(s, scale) for s in row] for row in sal_multi]
         # The Gramian of the saliencies. One shared map or several: Σ_m S^m S^mᵀ. Multi-input:
         # each task's representation is its own coordinate block of (Z_1, ..., Z_T), so the
         # exact Jacobian is block-diagonal and G = diag(‖S_t‖²) — invariant to permuting any
@@ -987,8 +987,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         elif len({tuple(s.shape) for s in own}) == 1:
             tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
     assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
-    tg.head_rows = [[None if g is None else (g.detach() / scale if scale != 1.0 else g.detach()) for g in row]
-                    for row in head_rows]
+    tg.head_rows = [[None if g is None else _value(g, scale) for g in row] for row in head_rows]
     tg._reg_total = reg_total
     tg._reg_kind = "param" if param_regs else "saliency"
     # diag(G) = Σ g_t² in float64 is finite iff every per-task gradient is: a free check
@@ -1002,6 +1001,13 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         tg.overflow = scale != 1.0
         return
     _warn_zero(names, diag, level)
+
+
+def _value(g: Tensor, scale: float) -> Tensor:
+    """``g`` detached and unscaled; autograd's outputs without ``create_graph`` are used as they are (no alias)."""
+    if g.requires_grad:
+        g = g.detach()
+    return g / scale if scale != 1.0 else g
 
 
 def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
