@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import ConfigurationError, NonFiniteError
 from .decision import Decision
 from .gradients import TaskGradients, _grads, all_finite, zeros_if_none
-from .gramian import combine_blocks, combine_rows
+from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
 from .graph import find_leaves
 
 
@@ -146,6 +146,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             reg_heads = [None if g is None else g.detach() / scale for g in rg[len(maps):]]
 
     # ---- shared parameters -----------------------------------------------------------------
+    flat_shared: Tensor | None = None  # parameter level from the (T, P) matrix: the combined gradient, flat
     local_shared: list[Tensor] | None = None  # computed on this rank's samples: averaged below
     global_shared: list[Tensor] | None = None  # already the global gradient
     if grads.level == "feature":
@@ -200,6 +201,11 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             global_shared = list(decision.combined)
         elif decision.weights is None:  # apply_decision may be called without check_decision
             raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
+        elif grads._flat is not None:
+            # Σ_t w_t g_t as one product over the (T, P) matrix: a fresh flat vector (never a view of the
+            # reused workspace), whose per-parameter views become the .grads
+            flat_shared = combine_matrix(decision.weights, grads._flat)
+            global_shared = split_flat(flat_shared, shared)
         elif grads._rows is not None:
             # the rows are fresh autograd outputs used nowhere else: combine them in place
             global_shared = combine_rows(decision.weights, grads._rows, inplace=True)
@@ -242,7 +248,11 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         params, gs = _with_extras(list(shared) + list(heads), list(shared_g) + head_g, decision.extra_grads, 1.0)
         shared_g, head_g = gs[:n_s], gs[n_s:n_s + n_h]
         others, other_g = params[n_s + n_h:], gs[n_s + n_h:]
-    if not all_finite(list(shared_g) + [g for g in head_g + other_g if g is not None]):
+    if flat_shared is not None and local_shared is None and not decision.extra_grads:
+        checked: list[Tensor] = [flat_shared]  # shared_g are its views: one read of the flat vector
+    else:
+        checked = list(shared_g)
+    if not all_finite(checked + [g for g in head_g + other_g if g is not None]):
         return f"non-finite combined gradient from '{name}'; nothing was written into .grad"
     _accumulate(shared, shared_g, scale)
     _accumulate(heads, head_g, scale)
