@@ -108,3 +108,38 @@ def test_noise_statement_follows_the_measured_load(run_all):
     assert "otherwise idle" in idle and "0.5" in idle and "1.0" in idle
     assert "shared during this run" in busy and "3.9" in busy and "4.2" in busy
     assert "idle" not in busy.split("Rerun")[0]
+
+
+def test_targets_classify_each_point_against_its_floor(run_all):
+    nan = float("nan")
+    assert run_all.classify([(1.02, 1.01, "a"), (1.03, 1.0, "b")], 1.03) == ("yes", "none of 2")
+    # above the target only where the same-round arithmetic floor is above it too: the maths forbids it there
+    verdict, detail = run_all.classify([(1.01, 1.0, "a"), (1.30, 1.20, "b T=40")], 1.15)
+    assert verdict == "floor" and "b T=40" in detail
+    # one point above the target with its floor below it: the engine's own cost, a miss
+    verdict, detail = run_all.classify([(1.30, 1.20, "b"), (1.20, 1.05, "c")], 1.15)
+    assert verdict == "**no**" and "engine's own cost (c)" in detail and "(b)" in detail
+    # no floor measured: every point above the target is a miss
+    assert run_all.classify([(1.2, nan, "a")], 1.1)[0] == "**no**"
+    assert run_all.classify([(nan, nan, "a")], 1.1) == ("—", "not measured")
+
+
+def test_arithmetic_floor_rows_write_the_same_gradients_as_the_engine(run_all):
+    """The floors are exact implementations of the rows they bound (not cheaper approximations)."""
+    import torch
+
+    from mtlens.methods import create
+
+    w = run_all.Workload("mlp", 3, 16)
+    methods = {n: create(n) for n in ("ew", "mgda", "upgrad", "pcgrad", "rep_mtl")}
+    methods["uw"] = create("uw", num_tasks=3)
+    rows = run_all.step_fns(w, methods, batched_autogram=False)
+    for floor, row in (("plain + finiteness check (EW floor)", "EW"),
+                       ("MGDA feature arithmetic (floor)", "MGDA feature"),
+                       ("UPGrad param arithmetic (floor)", "UPGrad param")):
+        rows[floor]()
+        a = [p.grad.clone() for p in w.params]
+        rows[row]()
+        b = [p.grad.clone() for p in w.params]
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=f"{floor} vs {row}")

@@ -131,22 +131,101 @@ def test_parameter_level_rows_reuse_one_workspace_and_never_alias_grad():
 
 
 def test_a_block_kept_by_someone_is_never_overwritten():
-    """A Jacobian block still referenced after its step (a method keeping it, a grad that is a view of it)
-    makes the next step allocate a fresh buffer: the kept values stay as they were."""
+    """A Jacobian matrix (or a block view of it) still referenced after its step (a method keeping it, a grad
+    that is a view of it) makes the next step allocate a fresh buffer: the kept values stay as they were."""
     from mtlens.engine import gramian
 
     gramian.release_workspace()
     like = [torch.empty(5, 7), torch.empty(3)]
     kept = gramian.jacobian_workspace(2, like)
-    kept[0].fill_(1.0)
+    assert kept.shape == (2, 38)
+    kept.fill_(1.0)
     again = gramian.jacobian_workspace(2, like)
-    assert again[0].untyped_storage().data_ptr() != kept[0].untyped_storage().data_ptr()
-    again[0].fill_(2.0)
-    assert bool((kept[0] == 1.0).all())
-    ptr = again[0].untyped_storage().data_ptr()  # the cached buffer now
+    assert again.untyped_storage().data_ptr() != kept.untyped_storage().data_ptr()
+    again.fill_(2.0)
+    assert bool((kept == 1.0).all())
+    ptr = again.untyped_storage().data_ptr()  # the cached buffer now
+    block = gramian.matrix_blocks(again, like)[0]  # a view of one parameter's block keeps the buffer taken
     del kept, again
+    other = gramian.jacobian_workspace(2, like)
+    assert other.untyped_storage().data_ptr() != ptr and bool((block == 2.0).all())
+    ptr = other.untyped_storage().data_ptr()
+    del block, other
     third = gramian.jacobian_workspace(2, like)  # nothing holds the cached buffer any more: reused
-    assert third[0].untyped_storage().data_ptr() == ptr
-    assert third[0].shape == (2, 5, 7) and third[1].shape == (2, 3)
+    assert third.untyped_storage().data_ptr() == ptr
+    blocks = gramian.matrix_blocks(third, like)
+    assert blocks[0].shape == (2, 5, 7) and blocks[1].shape == (2, 3)
+    third[1, 35:].copy_(torch.tensor([1.0, 2.0, 3.0]))
+    assert blocks[1][1].tolist() == [1.0, 2.0, 3.0] and blocks[0][1].reshape(-1).data_ptr() == third[1].data_ptr()
     assert gramian.jacobian_workspace(2, [torch.empty(2, dtype=torch.float64), torch.empty(2)]) is None
+    gramian.release_workspace()
+
+
+@pytest.mark.parametrize("T", [2, 11, 40])
+def test_flat_matrix_gramian_is_float64_accurate_to_1e6(T):
+    """The (T, P) workspace's Gramian: float32 products on CHUNK-column chunks that span several parameters
+    (mixed sizes: large, just above a chunk, small, tiny), summed in float64, read through the strided
+    workspace view — against the float64 product; and the per-parameter path on the same blocks."""
+    from mtlens.engine import gramian
+
+    g = torch.Generator().manual_seed(100 + T)
+    like = [torch.empty(3 * CHUNK + 17), torch.empty(CHUNK + 1), torch.empty(8, 3, 3), torch.empty(5),
+            torch.empty(64, 3, 3, 3)]
+    J = torch.randn(T, sum(p.numel() for p in like) + 9, generator=g)[:, 9:]  # row stride ≠ P: a strided view
+    J[0] *= 1e3  # tasks on different scales
+    blocks = gramian.matrix_blocks(J, like)
+    ref = _reference(blocks)
+    scale = float(ref.diagonal().max())
+    G = gramian.gramian_from_matrix(J)
+    assert G.dtype == torch.float64 and torch.equal(G, G.T)
+    rel = (G - ref).abs() / (ref.diagonal().sqrt()[:, None] * ref.diagonal().sqrt()[None, :])
+    assert float(rel.max()) < 1e-6, f"max error {float(rel.max()):.2e} of ‖g_s‖‖g_t‖"
+    torch.testing.assert_close(G, gramian_from_blocks(blocks), rtol=1e-6, atol=1e-7 * scale)
+    small = J[:, : CHUNK - 1]  # under one chunk: one float64 product of float32 values (exact)
+    torch.testing.assert_close(gramian.gramian_from_matrix(small), _reference([small]), rtol=1e-13, atol=0)
+    J64 = J.double()
+    torch.testing.assert_close(gramian.gramian_from_matrix(J64), J64 @ J64.T, rtol=1e-13, atol=0)
+
+
+def test_combine_matrix_is_the_weighted_sum_as_a_fresh_vector():
+    from mtlens.engine import gramian
+
+    g = torch.Generator().manual_seed(3)
+    like = [torch.empty(4, 5), torch.empty(7)]
+    J = torch.randn(3, 27, generator=g)
+    w = torch.tensor([0.5, -2.0, 1.25], dtype=torch.float64)
+    v = gramian.combine_matrix(w, J)
+    assert v.shape == (27,) and v.dtype == torch.float32
+    assert v.untyped_storage().data_ptr() != J.untyped_storage().data_ptr()
+    torch.testing.assert_close(v.double(), w @ J.double(), rtol=1e-6, atol=1e-6)
+    parts = gramian.split_flat(v, like)
+    assert [tuple(p.shape) for p in parts] == [(4, 5), (7,)]
+    assert torch.equal(parts[1], v[20:])
+
+
+def test_grads_are_fresh_every_step_never_views_of_the_workspace():
+    """Parameter level through the (T, P) workspace: every .grad is a view of a flat vector of its own step
+    (not of the reused Jacobian buffer), so a .grad kept from one step keeps its values through the next steps,
+    and the workspace is still reused (the .grads do not hold it)."""
+    from mtlens.engine import gramian
+
+    torch.manual_seed(1)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 80), torch.nn.ReLU(), torch.nn.Linear(80, 70))
+    heads = torch.nn.ModuleList(torch.nn.Linear(70, 1) for _ in range(3))
+    x, ys = torch.randn(16, 6), torch.randn(3, 16, 1)
+    gramian.release_workspace()
+    _upgrad_step(enc, heads, x, ys)
+    (ws,) = gramian._WORKSPACE.values()
+    kept = [p.grad for p in enc.parameters()]
+    values = [g.clone() for g in kept]
+    assert all(g.untyped_storage().data_ptr() != ws.untyped_storage().data_ptr() for g in kept)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a different second step: the workspace gets other rows
+    _upgrad_step(enc, heads, x, ys)
+    (ws2,) = gramian._WORKSPACE.values()
+    assert ws2.untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()  # reused: nothing held it
+    for g, v in zip(kept, values):
+        assert torch.equal(g, v)
+    assert not torch.equal(list(enc.parameters())[0].grad, values[0])
     gramian.release_workspace()

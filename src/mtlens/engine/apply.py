@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import ConfigurationError, NonFiniteError
 from .decision import Decision
 from .gradients import TaskGradients, _grads, all_finite, zeros_if_none
-from .gramian import combine_blocks, combine_rows
+from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
 from .graph import find_leaves
 
 
@@ -146,6 +146,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             reg_heads = [None if g is None else g.detach() / scale for g in rg[len(maps):]]
 
     # ---- shared parameters -----------------------------------------------------------------
+    flat_shared: Tensor | None = None  # parameter level from the (T, P) matrix: the combined gradient, flat
     local_shared: list[Tensor] | None = None  # computed on this rank's samples: averaged below
     global_shared: list[Tensor] | None = None  # already the global gradient
     if grads.level == "feature":
@@ -200,6 +201,11 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             global_shared = list(decision.combined)
         elif decision.weights is None:  # apply_decision may be called without check_decision
             raise ConfigurationError(f"method '{name}' decided neither weights nor combined blocks")
+        elif grads._flat is not None:
+            # Σ_t w_t g_t as one product over the (T, P) matrix: a fresh flat vector (never a view of the
+            # reused workspace), whose per-parameter views become the .grads
+            flat_shared = combine_matrix(decision.weights, grads._flat)
+            global_shared = split_flat(flat_shared, shared)
         elif grads._rows is not None:
             # the rows are fresh autograd outputs used nowhere else: combine them in place
             global_shared = combine_rows(decision.weights, grads._rows, inplace=True)
@@ -218,14 +224,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
 
     # ---- heads -----------------------------------------------------------------------------
     hw = decision.head_weights.tolist() if decision.head_weights is not None else [1.0] * T
-    head_g: list[Tensor | None] = [None] * len(heads)
-    for t, row in enumerate(grads.head_rows):  # per head parameter: Σ_t h_t ∇L_t in task order
-        h = hw[t]
-        for j, r in [(j, r) for j, r in enumerate(row) if r is not None]:
-            cur = head_g[j]
-            # a copy even at h = 1: .grad must not alias grads.head_rows (a caller of apply_decision may keep
-            # the TaskGradients, and the next accumulation into .grad would write into it)
-            head_g[j] = r * h if cur is None else cur.add_(r, alpha=h)
+    head_g = _combine_heads(grads.head_rows, hw, len(heads))
     if reg_heads is not None:
         head_g = [g if rh is None else (rh if g is None else g + rh) for g, rh in zip(head_g, reg_heads)]
 
@@ -249,12 +248,46 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         params, gs = _with_extras(list(shared) + list(heads), list(shared_g) + head_g, decision.extra_grads, 1.0)
         shared_g, head_g = gs[:n_s], gs[n_s:n_s + n_h]
         others, other_g = params[n_s + n_h:], gs[n_s + n_h:]
-    if not all_finite(list(shared_g) + [g for g in head_g + other_g if g is not None]):
+    if flat_shared is not None and local_shared is None and not decision.extra_grads:
+        checked: list[Tensor] = [flat_shared]  # shared_g are its views: one read of the flat vector
+    else:
+        checked = list(shared_g)
+    if not all_finite(checked + [g for g in head_g + other_g if g is not None]):
         return f"non-finite combined gradient from '{name}'; nothing was written into .grad"
     _accumulate(shared, shared_g, scale)
     _accumulate(heads, head_g, scale)
     _accumulate(others, other_g, scale)
     return ""
+
+
+def _combine_heads(head_rows: Sequence[Sequence[Tensor | None]], hw: Sequence[float], n: int) -> list[Tensor | None]:
+    """Per head parameter ``Σ_t h_t ∇L_t`` in task order (``None`` where no task reaches it).
+
+    Each parameter's first contribution is ``r · h`` — a copy even at ``h = 1``: ``.grad`` must not alias
+    ``head_rows`` (a caller of :func:`apply_decision` may keep the TaskGradients, and the next accumulation
+    into ``.grad`` would write into it) — all of them in one multi-tensor ``_foreach_mul`` (2T single-tensor
+    ops at T = 11 cost more than their data); later contributions are added in place, as before."""
+    head_g: list[Tensor | None] = [None] * n
+    firsts: list[tuple[int, Tensor, float]] = []
+    later: list[tuple[int, Tensor, float]] = []
+    for t, row in enumerate(head_rows):
+        for j, r in enumerate(row):
+            if r is not None:
+                (later if head_g[j] is not None else firsts).append((j, r, hw[t]))
+                head_g[j] = r  # marks j as reached; replaced by the copy below
+    if firsts:
+        dense = [(j, r, h) for j, r, h in firsts if r.layout == torch.strided]
+        for (j, _, _), g in zip(dense, torch._foreach_mul([r for _, r, _ in dense], [h for _, _, h in dense])
+                                if dense else []):
+            head_g[j] = g
+        for j, r, h in firsts:
+            if r.layout != torch.strided:  # sparse rows (nn.Embedding(sparse=True)): one op each
+                head_g[j] = r * h
+    for j, r, h in later:
+        cur = head_g[j]
+        assert cur is not None
+        head_g[j] = cur.add_(r, alpha=h)
+    return head_g
 
 
 def _with_extras(params: Sequence[Tensor], gs: Sequence[Tensor | None], extras: Sequence[tuple[Tensor, Tensor]] | None,

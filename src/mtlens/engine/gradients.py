@@ -23,7 +23,14 @@ from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from . import pool
 from .distributed import Dist
-from .gramian import gramian_from_blocks, gramian_from_rows, jacobian_workspace, stack_rows
+from .gramian import (
+    gramian_from_blocks,
+    gramian_from_matrix,
+    gramian_from_rows,
+    jacobian_workspace,
+    matrix_blocks,
+    stack_rows,
+)
 from .graph import find_leaves
 from .protocols import Regularizer
 from .stacked import StackSplit, prune_stacked_losses, stack_split
@@ -221,6 +228,7 @@ class TaskGradients:
     regularizer_values: dict[str, float] = field(default_factory=dict)
     # -- internals (used by the decision helpers and by apply_decision) ---------------------
     _rows: list[list[Tensor]] | None = None  # param level: per task, per shared parameter
+    _flat: Tensor | None = None  # param level: the Jacobian as one (T, P) matrix (the reused workspace)
     _blocks: list[Tensor] | None = None  # param level (T, *shape) / feature level per map
     _gramian: Tensor | None = None
     _features: Features | None = None
@@ -263,7 +271,9 @@ class TaskGradients:
     def gramian(self) -> Tensor:
         """``G = J Jᵀ`` (T×T, float64) of the objective losses at ``level`` (computed once)."""
         if self._gramian is None:
-            if self._rows is not None:
+            if self._flat is not None:
+                self._gramian = gramian_from_matrix(self._flat)
+            elif self._rows is not None:
                 self._gramian = gramian_from_rows(self._rows)
             elif self._blocks is not None:
                 self._gramian = gramian_from_blocks(self._blocks)
@@ -276,6 +286,8 @@ class TaskGradients:
     def jacobian_blocks(self) -> list[Tensor]:
         """The Jacobian as blocks with a leading task dimension: one per shared parameter at
         parameter level, one per shared map (T, *Z.shape) at feature level."""
+        if self._blocks is None and self._flat is not None:
+            self._blocks = matrix_blocks(self._flat, self.shared_params)
         if self._blocks is None:
             if self._rows is None:
                 raise ConfigurationError("no per-task gradients were computed for this step")
@@ -775,10 +787,30 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     return sal, rows
 
 
+def _dense(gs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """A sparse gradient (``nn.Embedding(sparse=True)``) as a dense Jacobian row."""
+    return tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in gs)
+
+
+def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[Tensor]) -> None:
+    """Row ``t`` of the ``(T, P)`` workspace from one task's per-parameter gradients (``None``: zeros):
+    one concatenation into the row, whatever the number of parameters."""
+    parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=J.dtype, device=J.device)
+             for g, p in zip(gs, shared)]
+    if len(parts) == 1:
+        J[t].copy_(parts[0])
+    else:
+        torch.cat(parts, out=J[t])
+
+
 def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[Tensor]], create_graph: bool,
-                  retain_graph: bool, jacobian: str) -> list[Any]:
-    """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t``: blocks ``(T, *shape)`` per parameter in batched
-    mode and, on the CPU without ``create_graph``, in the reused workspace; else rows (per task, per parameter)."""
+                  retain_graph: bool, jacobian: str) -> tuple[list[Any], Tensor | None]:
+    """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t``, and the ``(T, P)`` matrix they were written into.
+
+    On the CPU without ``create_graph`` (loop mode): every row goes into the reused workspace
+    (:func:`~mtlens.engine.gramian.jacobian_workspace`), returned alone (``([], J)``; per-parameter
+    views by :func:`~mtlens.engine.gramian.matrix_blocks`).
+    Batched mode: blocks ``(T, *shape)`` per parameter and no matrix. Else rows (per task, per parameter)."""
     T = len(sal)
     if jacobian == "batched" and len(feats.maps) == 1 and not feats.multi_input and not create_graph:
         try:
@@ -789,10 +821,10 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
                                      "a sparse-gradient parameter (nn.Embedding(sparse=True)) needs "
                                      "jacobian='loop'") from exc
         return [g if g is not None else torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device)
-                for g, p in zip(gs, shared)]
-    # values only: each task's row goes into a (T, *shape) workspace reused across steps (no page
+                for g, p in zip(gs, shared)], None
+    # values only: each task's row goes into a (T, P) workspace reused across steps (no page
     # faults for the T·P floats; see jacobian_workspace) and its autograd output is freed at once
-    blocks = None if create_graph else jacobian_workspace(T, shared)
+    J = None if create_graph else jacobian_workspace(T, shared)
     rows = []
     for t in range(T):
         maps = feats.of_task(t)
@@ -800,18 +832,12 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
         last = (t == T - 1) or feats.multi_input
         keep = retain_graph or create_graph or not last
         gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
-        # a sparse gradient (nn.Embedding(sparse=True)) as a dense Jacobian row (raw RuntimeError before)
-        gs = tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in gs)
-        if blocks is None:
+        gs = _dense(gs)
+        if J is None:
             rows.append(zeros_if_none(gs, shared))
-            continue
-        got = [(b[t], g) for b, g in zip(blocks, gs) if g is not None]
-        if got:
-            torch._foreach_copy_([d for d, _ in got], [g for _, g in got])
-        for b, g in zip(blocks, gs):
-            if g is None:
-                b[t].zero_()
-    return rows if blocks is None else blocks
+        else:
+            _write_row(J, t, gs, shared)
+    return (rows, None) if J is None else ([], J)
 
 
 def _raw_saliencies(sal_obj: Sequence[Tensor], raw: Tensor, transform: str, scale: float) -> list[Tensor]:
@@ -919,16 +945,21 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
 
     # ---- per-task gradients ----------------------------------------------------------------
     if level == "param":
+        J: Tensor | None = None  # the (T, P) workspace matrix the rows were written into, when they were
         if sal_multi is not None:
-            rows_or_blocks = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian)
+            rows_or_blocks, J = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian)
         else:
             free = not (retain_graph or create)
             sets = _node_sets(obj_scaled, [], tg._split) if free else []
             flags = [True] * T if not free else _retain_flags(sets)
             rows_or_blocks, head_rows = [], []
+            J = None if create else jacobian_workspace(T, shared)  # values only: rows into the reused (T, P) matrix
             for t, L in enumerate(obj_scaled):
                 gs = _grads(L, shared + heads, retain_graph=flags[t], create_graph=create)
-                rows_or_blocks.append(zeros_if_none(gs[:len(shared)], shared))
+                if J is None:
+                    rows_or_blocks.append(zeros_if_none(gs[:len(shared)], shared))
+                else:
+                    _write_row(J, t, _dense(gs[:len(shared)]), shared)
                 head_rows.append(list(gs[len(shared):]))
                 if free and flags[t]:
                     _free_exclusive(L, sets, t, heads)
@@ -938,27 +969,34 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
             p_total, values = regularizer_terms(param_regs, pblocks, obj)
             tg.regularizer_values.update(values)
             reg_total = _add_penalty(reg_total, p_total)
-        if isinstance(rows_or_blocks[0], Tensor):
-            blocks = [b.detach() / scale if scale != 1.0 else b.detach() for b in rows_or_blocks]
-            if dist is not None:
-                blocks = [dist.mean_(torch.stack([b[t] for t in range(T)]).contiguous()) for b in blocks]
-            tg._blocks = blocks
+        if J is not None and dist is None:  # the Jacobian as one (T, P) matrix: Gramian, combination, check
+            if scale != 1.0:
+                J.div_(scale)  # the engine's own workspace: nothing else reads it
+            tg._flat = J
         else:
-            rows = [[g.detach() / scale if scale != 1.0 else g.detach() for g in row] for row in rows_or_blocks]
-            if dist is not None:
-                rows = [_reduce_row(dist, row) for row in rows]
-            tg._rows = rows
+            if J is not None:  # data parallelism: per-parameter blocks, reduced as fresh copies below
+                rows_or_blocks = matrix_blocks(J, shared)
+            if isinstance(rows_or_blocks[0], Tensor):
+                blocks = [b.detach() / scale if scale != 1.0 else b.detach() for b in rows_or_blocks]
+                if dist is not None:
+                    blocks = [dist.mean_(torch.stack([b[t] for t in range(T)]).contiguous()) for b in blocks]
+                tg._blocks = blocks
+            else:
+                rows = [[g.detach() / scale if scale != 1.0 else g.detach() for g in row] for row in rows_or_blocks]
+                if dist is not None:
+                    rows = [_reduce_row(dist, row) for row in rows]
+                tg._rows = rows
     else:  # feature level
         # features are required at feature level, and dependent maps were refused above
         assert sal_multi is not None
         if param_regs:
-            enc = _encoder_rows(feats, shared, sal_multi, True, True, "loop")
+            enc, _ = _encoder_rows(feats, shared, sal_multi, True, True, "loop")
             pblocks = stack_rows(enc, shared)
             pblocks = [b / scale for b in pblocks] if scale != 1.0 else pblocks
             p_total, values = regularizer_terms(param_regs, pblocks, obj)
             tg.regularizer_values.update(values)
             reg_total = _add_penalty(reg_total, p_total)
-        S = [[s.detach() / scale if scale != 1.0 else s.detach() for s in row] for row in sal_multi]
+        S = [[_value(s, scale) for s in row] for row in sal_multi]
         # The Gramian of the saliencies. One shared map or several: Σ_m S^m S^mᵀ. Multi-input:
         # each task's representation is its own coordinate block of (Z_1, ..., Z_T), so the
         # exact Jacobian is block-diagonal and G = diag(‖S_t‖²) — invariant to permuting any
@@ -982,8 +1020,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         elif len({tuple(s.shape) for s in own}) == 1:
             tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
     assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
-    tg.head_rows = [[None if g is None else (g.detach() / scale if scale != 1.0 else g.detach()) for g in row]
-                    for row in head_rows]
+    tg.head_rows = [[None if g is None else _value(g, scale) for g in row] for row in head_rows]
     tg._reg_total = reg_total
     tg._reg_kind = "param" if param_regs else "saliency"
     # diag(G) = Σ g_t² in float64 is finite iff every per-task gradient is: a free check
@@ -997,6 +1034,13 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         tg.overflow = scale != 1.0
         return
     _warn_zero(names, diag, level)
+
+
+def _value(g: Tensor, scale: float) -> Tensor:
+    """``g`` detached and unscaled; autograd's outputs without ``create_graph`` are used as they are (no alias)."""
+    if g.requires_grad:
+        g = g.detach()
+    return g / scale if scale != 1.0 else g
 
 
 def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
@@ -1055,7 +1099,9 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
         if feats.maps:
             s_obj = [zeros_if_none(_grads(o, feats.of_task(t), create_graph=create), feats.of_task(t))
                      for t, o in enumerate(obj_items)]
-            enc = _encoder_rows(feats, shared, s_obj, create, True, "loop" if create else jacobian)
+            enc, J = _encoder_rows(feats, shared, s_obj, create, True, "loop" if create else jacobian)
+            if J is not None:
+                enc = matrix_blocks(J, shared)
         else:
             enc = [zeros_if_none(_grads(o, shared, create_graph=create), shared) for o in obj_items]
         pblocks = enc if isinstance(enc[0], Tensor) else stack_rows(enc, shared)

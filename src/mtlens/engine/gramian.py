@@ -139,40 +139,89 @@ _FREE_REFS = _calibrate_free_refs()
 _WORKSPACE: dict[tuple, Tensor] = {}
 
 
-def jacobian_workspace(T: int, like: Sequence[Tensor]) -> list[Tensor] | None:
-    """Blocks ``(T, *p.shape)`` for every parameter ``p`` of ``like``, views of one flat CPU buffer that
-    is reused from step to step; ``None`` where it does not apply (not on the CPU, mixed dtypes or
-    devices, no parameters).
+def jacobian_workspace(T: int, like: Sequence[Tensor]) -> Tensor | None:
+    """The Jacobian as one ``(T, P)`` matrix (``P = Σ_p p.numel()`` over ``like``, in order), a view of one
+    CPU buffer reused from step to step; ``None`` where it does not apply (not on the CPU, mixed dtypes or
+    devices, no parameters). Row ``t`` is task ``t``'s gradient flattened over all parameters; each
+    parameter's block is a strided view of it (:func:`matrix_blocks`).
 
-    Why: per-task gradients kept for the whole step (``T·P`` floats) are freed together at its end;
-    glibc then returns the top of its heap to the system, and the next step faults every page back
+    Why one buffer: per-task gradients kept for the whole step (``T·P`` floats) are freed together at its
+    end; glibc then returns the top of its heap to the system, and the next step faults every page back
     in (7 158 minor faults a step, ≈ 28 MiB, at the MLP benchmark's T = 11; 11 812 at T = 40). Rows
-    copied here as each task's backward returns them leave only one task's gradients to the
-    allocator, which it reuses in place. The buffer stays allocated between steps (the ``T·P``
+    copied here as each task's backward returns them leave only one task's gradients to the allocator,
+    which it reuses in place. Why one matrix: the Gramian (:func:`gramian_from_matrix`), the combination
+    (:func:`combine_matrix`) and the finiteness check are then one op each over the whole Jacobian
+    instead of one (or several) per parameter. The buffer stays allocated between steps (the ``T·P``
     floats the step holds anyway at its peak); :func:`release_workspace` frees it.
 
-    Safe against aliasing: a buffer is reused only when nothing else references its storage (a
-    method that kept a block, a ``.grad`` that is a view of it, the same step in another thread —
-    then a fresh buffer is allocated), judged by the storage's reference count, which
-    :data:`_FREE_REFS` calibrates at import (reuse is off where the count is unavailable)."""
+    Safe against aliasing: a buffer is reused only when nothing else references its storage (a method
+    that kept a block, a view of it, the same step in another thread — then a fresh buffer is
+    allocated), judged by the storage's reference count, which :data:`_FREE_REFS` calibrates at import
+    (reuse is off where the count is unavailable)."""
     if not like:
         return None
     dev, dt = like[0].device, like[0].dtype
     if dev.type != "cpu" or any(p.device != dev or p.dtype != dt for p in like):
         return None
-    key = (dev, dt, T, tuple(tuple(p.shape) for p in like))
+    P = sum(p.numel() for p in like)
+    key = (dev, dt, T, P)
     ws = _WORKSPACE.pop(key, None)  # atomic: a concurrent step finds none and allocates its own
     if ws is None or _FREE_REFS is None or storage_refs(ws) != _FREE_REFS:
-        ws = torch.empty(T * sum(p.numel() for p in like), dtype=dt, device=dev)
-    blocks, off = [], 0
-    for p in like:
-        n = T * p.numel()
-        blocks.append(ws[off:off + n].view(T, *p.shape))
-        off += n
+        ws = torch.empty(T, P, dtype=dt, device=dev)
     if _FREE_REFS is not None:
         _WORKSPACE.clear()  # one buffer: a second model or T replaces it
         _WORKSPACE[key] = ws
-    return blocks
+    return ws.view(T, P)  # a tensor of its own on the storage: the buffer is taken until it (and its views) die
+
+
+def matrix_blocks(J: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Per-parameter views ``(T, *p.shape)`` of a ``(T, P)`` Jacobian laid out as :func:`jacobian_workspace`'s
+    (columns in ``like``'s order). Each is strided (row stride ``P``): ``b.reshape(T, -1)`` and ``b[t]`` are
+    views, ``b.view(-1)`` is not possible."""
+    out, off = [], 0
+    T = J.shape[0]
+    for p in like:
+        n = p.numel()
+        out.append(J[:, off:off + n].view(T, *p.shape))
+        off += n
+    return out
+
+
+def split_flat(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views ``p.shape`` of consecutive slices of the flat vector ``v`` (``like``'s order): one
+    ``split`` and one ``view`` per parameter."""
+    return [c.view(p.shape) for c, p in zip(v.split([p.numel() for p in like]), like)]
+
+
+def gramian_from_matrix(J: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``G = J Jᵀ`` (T×T, symmetrised) of a ``(T, P)`` matrix whose rows may be strided (unit column stride),
+    with the precision contract of :func:`gramian_from_blocks` over the whole row: float32 (or half
+    precision) ``J`` into a float64 ``G``: float32 products on column chunks of :data:`CHUNK` (one batched
+    sgemm over every full chunk, read in place: no copy of J), each chunk's T×T product summed in float64;
+    the last ``P mod CHUNK`` columns, or all of them when ``P < CHUNK``, in one float64 product (exact).
+    float64 ``J`` or a non-float64 ``dtype``: one product in ``dtype``.
+
+    Errors relative to ``Σ_i |J_ti J_si|`` ~1e-6 at worst-typical (√CHUNK·2⁻²⁴), independent of P."""
+    T, n = J.shape
+    G = torch.zeros(T, T, dtype=dtype, device=J.device)
+    if J.dtype == torch.float64 or dtype != torch.float64 or n < CHUNK:
+        m = J.to(dtype)
+        G.addmm_(m, m.T)
+        return _symmetric(G)
+    if J.dtype != torch.float32:
+        J = J.float()
+    c = n // CHUNK
+    x = J[:, : c * CHUNK].unflatten(1, (c, CHUNK)).transpose(0, 1)  # (c, T, CHUNK) strided view
+    G.add_(torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=dtype))
+    if c * CHUNK < n:
+        m = J[:, c * CHUNK:].to(dtype)  # float32 products are exact in float64
+        G.addmm_(m, m.T)
+    return _symmetric(G)
+
+
+def combine_matrix(weights: Tensor, J: Tensor) -> Tensor:
+    """``Σ_t w_t J[t]``: one (T)·(T, P) product in ``J``'s dtype, a fresh flat (P,) vector."""
+    return torch.mv(J.T, weights.to(device=J.device, dtype=J.dtype))
 
 
 def release_workspace() -> None:

@@ -98,7 +98,11 @@ def dual_cone_weights(
     if not trace > TRACE_TINY:
         # J = 0 (every row zero): every v gives the zero update; keep the requested weights.
         return U.copy()
-    solve = _solve_nnls if solver == "nnls" else _solve_quadprog
+    solver_fn = _solve_nnls if solver == "nnls" else _solve_quadprog
+
+    def solve(M: np.ndarray, low: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
+        return _solve_where_needed(solver_fn, M, low, reg_eps, method)
+
     if ridge == "trace":
         return solve((0.5 * Gn + 0.5 * Gn.T) / trace, U, reg_eps, method)
     Gn = 0.5 * Gn + 0.5 * Gn.T  # not 0.5 * (Gn + Gnᵀ): the sum overflows for entries above ~9e307
@@ -120,6 +124,24 @@ def dual_cone_weights(
     _check_kkt(C, low, Y, reg_eps, method, solver)
     if not np.isfinite(out).all():
         raise SolverError(f"{method}: the weights overflow after rescaling by the gradient norms {n.tolist()}")
+    return out
+
+
+def _solve_where_needed(solve, M: np.ndarray, low: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
+    """Rows ``y = argmin_{y ≥ low} yᵀ(M + reg_eps I)y``, calling ``solve`` only for the rows whose lower bound
+    is not already the minimiser.
+
+    ``y = low`` is optimal exactly when the gradient there, ``(M + reg_eps I) low``, is ≥ 0 (the KKT conditions:
+    ``y ≥ low``, gradient ≥ 0, complementarity with ``y − low = 0``). For UPGrad's rows ``low = n_i e_i`` that
+    is: task i's gradient conflicts with no other (no negative cosine), so it is not projected. Such rows
+    cost no eigen-decomposition or NNLS; when no row needs a solve (no conflict at all) none runs."""
+    grad = low @ M + reg_eps * low  # M is symmetric: row k is (M + reg_eps I) low_k
+    need = (grad < 0.0).any(axis=1)
+    if need.all():
+        return solve(M, low, reg_eps, method)
+    out = low.copy()
+    if need.any():
+        out[need] = solve(M, low[need], reg_eps, method)
     return out
 
 

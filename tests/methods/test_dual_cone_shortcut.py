@@ -1,0 +1,48 @@
+"""The dual-cone projection skips the solver for rows whose lower bound is already optimal (no conflict)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtlens.methods import _qp
+
+
+def _gram(J: np.ndarray) -> np.ndarray:
+    return J @ J.T
+
+
+@pytest.mark.parametrize("ridge", ["relative", "trace"])
+def test_no_conflict_returns_the_bounds_without_solving(monkeypatch, ridge):
+    rng = np.random.default_rng(0)
+    J = np.abs(rng.standard_normal((4, 30)))  # non-negative rows: every cosine ≥ 0, nothing conflicts
+    calls = []
+    real = _qp._solve_nnls
+    monkeypatch.setattr(_qp, "_solve_nnls", lambda *a: calls.append(a) or real(*a))
+    V = _qp.dual_cone_weights(_gram(J), np.eye(4), reg_eps=1e-12, ridge=ridge)
+    assert not calls
+    np.testing.assert_array_equal(V, np.eye(4))
+
+
+@pytest.mark.parametrize("ridge", ["relative", "trace"])
+def test_only_conflicting_rows_are_solved_and_match_the_full_solve(monkeypatch, ridge):
+    """Tasks 0 and 1 conflict; 2 and 3 conflict with nobody: their rows keep v = e_i, the others are solved,
+    and everything equals the solver's answer on all rows."""
+    rng = np.random.default_rng(1)
+    J = np.zeros((4, 40))
+    J[0] = np.abs(rng.standard_normal(40))
+    J[1, :20] = -0.3 * J[0, :20] + 0.05 * np.abs(rng.standard_normal(20))  # conflicts with task 0 only
+    J[2:, 20:] = np.abs(rng.standard_normal((2, 20)))  # tasks 2, 3: columns task 1 does not touch
+    G = _gram(J)
+    C = G / np.sqrt(np.outer(np.diag(G), np.diag(G)))
+    assert C[0, 1] < 0 and (C[2:] >= 0).all()  # the premise
+    rows = []
+    real = _qp._solve_nnls
+    monkeypatch.setattr(_qp, "_solve_nnls", lambda M, U, *a: rows.append(len(U)) or real(M, U, *a))
+    V = _qp.dual_cone_weights(G, np.eye(4), reg_eps=1e-12, ridge=ridge)
+    assert rows == [2]  # one solve, for the two conflicting rows only
+    np.testing.assert_array_equal(V[2:], np.eye(4)[2:])
+    M = G / np.trace(G) if ridge == "trace" else C
+    n = np.ones(4) if ridge == "trace" else np.sqrt(np.diag(G))
+    full = real(M, np.eye(4) * n, 1e-12, "reference") / n
+    np.testing.assert_allclose(V, full, rtol=1e-12, atol=1e-12)
