@@ -61,3 +61,31 @@ def test_fast_path_declines_where_it_does_not_apply_and_the_general_path_answers
         assert _min_norm_all_tasks(G, float(G.diagonal().max()), 1e-13, True) is None, name
         got, ref = min_norm_simplex(G, relative=True), _general(G, relative=True)
         assert got.weights.tolist() == ref.weights.tolist(), name
+
+
+def test_mgda_weights_without_numpy_equal_the_general_route_and_raise_alike():
+    """MGDA's numpy-free route (CPU, 3–8 tasks, normalization='none') returns the weights and logs of the general
+    route (validation + min_norm_simplex), bitwise; faults still raise the general route's errors."""
+    import torch
+
+    from mtlens.errors import NonFiniteError
+    from mtlens.methods import create
+
+    rng = np.random.default_rng(0)
+    for T in (3, 5, 8):
+        G = torch.from_numpy(_interior_gramian(rng, T, 10.0))
+        G[0, 1] += 1e-9  # slightly asymmetric: symmetrised alike
+        losses = torch.rand(T, dtype=torch.float64)
+        m = create("mgda")
+        w = m.weights(G, losses)
+        ref = min_norm_simplex(_solvers.check_gramian(G, losses, "mgda")[0], relative=True)
+        assert w.dtype == torch.float64 and w.tolist() == ref.weights.tolist()
+        assert m.log_values()["min_norm_sq"] == ref.value and m.log_values()["kkt_gap"] == ref.kkt_gap
+        general = _general(_solvers.check_gramian(G, None, "mgda")[0], relative=True)  # numpy, to round-off
+        np.testing.assert_allclose(w.numpy(), general.weights, rtol=1e-10, atol=1e-14)
+        bad = G.clone()
+        bad[1, 2] = float("nan")
+        with pytest.raises(NonFiniteError):
+            m.weights(bad, losses)
+        with pytest.raises(NonFiniteError):
+            m.weights(G, torch.full((T,), float("inf"), dtype=torch.float64))

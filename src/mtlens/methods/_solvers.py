@@ -218,6 +218,16 @@ SMALL_T = 8
 
 
 def _min_norm_all_tasks(G: np.ndarray, s: float, tol: float, relative: bool) -> MinNormResult | None:
+    """:func:`_min_norm_all_tasks_floats` of a numpy Gramian, as a :class:`MinNormResult` (or ``None``)."""
+    out = _min_norm_all_tasks_floats(G.tolist(), s, tol, relative)
+    if out is None:
+        return None
+    w, value, gap, gap_task = out
+    return MinNormResult(np.array(w), value, 1, gap, gap_task)
+
+
+def _min_norm_all_tasks_floats(G: list[list[float]], s: float, tol: float, relative: bool
+                               ) -> tuple[list[float], float, float, float] | None:
     """Wolfe's algorithm on its most common path — every task in the optimal support — in plain floats.
 
     The same steps and tests as :func:`min_norm_simplex` takes on that path: ``Gn = G/s``; the vertex of
@@ -231,9 +241,12 @@ def _min_norm_all_tasks(G: np.ndarray, s: float, tol: float, relative: bool) -> 
 
     Why: for small T the numpy version's ~90 calls on T×T arrays cost more than their arithmetic, and
     inside a training step (after the backward passes) each call costs ~5 µs: 0.3–0.45 ms per decision
-    (docs/performance.md, "Feature-level Gramian methods"). Here: T² / T³ float operations in Python."""
-    T = G.shape[0]
-    g = [[x / s for x in row] for row in G.tolist()]  # Gn = G / s, entry by entry (the same IEEE divisions)
+    (docs/performance.md, "Feature-level Gramian methods"). Here: T² / T³ float operations in Python.
+
+    ``G``: the T×T Gramian as nested lists (finite, symmetric), ``s = max_t G_tt > 0``. Returns
+    ``(weights, wᵀGw, gap, per-task gap)`` (``gap`` per task with ``relative``, else absolute) or ``None``."""
+    T = len(G)
+    g = [[x / s for x in row] for row in G]  # Gn = G / s, entry by entry (the same IEEE divisions)
     dn = [g[i][i] for i in range(T)]
     norms = [math.sqrt(x) if x > 0.0 else 0.0 for x in dn]
     if min(norms) <= 0.0:
@@ -290,7 +303,7 @@ def _min_norm_all_tasks(G: np.ndarray, s: float, tol: float, relative: bool) -> 
     if gap_task > tol:
         return None
     gap_abs = max(0.0, max(x2 - gi for gi in grad))
-    return MinNormResult(np.array(w), x2 * s, 1, gap_task if relative else gap_abs, gap_task)
+    return w, x2 * s, gap_task if relative else gap_abs, gap_task
 
 
 def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = None,
