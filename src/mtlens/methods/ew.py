@@ -18,6 +18,7 @@ class EW(LossWeighting):
     """
 
     name = "ew"
+    constant_weights = True
     reference = "Equal weighting baseline (Caruana, Machine Learning 1997)"
 
     claims = {
