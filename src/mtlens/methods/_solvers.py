@@ -23,8 +23,10 @@ convert from/to torch at their boundary (``G`` is tiny, T×T).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import mul
 from typing import overload
 
 import numpy as np
@@ -211,6 +213,99 @@ def _affine_minimizer_chol_pivot(M: np.ndarray) -> tuple[np.ndarray | None, bool
     return u / su, independent
 
 
+SMALL_T = 8
+"""Up to this many tasks :func:`min_norm_simplex` first tries :func:`_min_norm_all_tasks` (plain floats)."""
+
+
+def _min_norm_all_tasks(G: np.ndarray, s: float, tol: float, relative: bool) -> MinNormResult | None:
+    """:func:`_min_norm_all_tasks_floats` of a numpy Gramian, as a :class:`MinNormResult` (or ``None``)."""
+    out = _min_norm_all_tasks_floats(G.tolist(), s, tol, relative)
+    if out is None:
+        return None
+    w, value, gap, gap_task = out
+    return MinNormResult(np.array(w), value, 1, gap, gap_task)
+
+
+def _min_norm_all_tasks_floats(G: list[list[float]], s: float, tol: float, relative: bool
+                               ) -> tuple[list[float], float, float, float] | None:
+    """Wolfe's algorithm on its most common path — every task in the optimal support — in plain floats.
+
+    The same steps and tests as :func:`min_norm_simplex` takes on that path: ``Gn = G/s``; the vertex of
+    least norm is not optimal; the whole task set's lifted Gramian ``Gn + c·11ᵀ`` (``c = min_t Gn_tt``),
+    equilibrated to a unit diagonal, has a Cholesky factor with every pivot² above ``1e-10`` (clearly
+    affinely independent: the optimal weights are unique, no tie-break applies, and no two tasks are
+    copies); its affine minimiser (one solve, one step of iterative refinement) is positive, no worse
+    than the vertex, and meets the per-task KKT condition — the one certificate, unchanged:
+    ``(Gw)_i ≥ wᵀGw − tol·‖g_i‖·Σ_k w_k‖g_k‖`` for every task. Anything else returns ``None`` and the
+    general algorithm runs from the start.
+
+    Why: for small T the numpy version's ~90 calls on T×T arrays cost more than their arithmetic, and
+    inside a training step (after the backward passes) each call costs ~5 µs: 0.3–0.45 ms per decision
+    (docs/performance.md, "Feature-level Gramian methods"). Here: T² / T³ float operations in Python.
+
+    ``G``: the T×T Gramian as nested lists (finite, symmetric), ``s = max_t G_tt > 0``. Returns
+    ``(weights, wᵀGw, gap, per-task gap)`` (``gap`` per task with ``relative``, else absolute) or ``None``."""
+    T = len(G)
+    g = [[x / s for x in row] for row in G]  # Gn = G / s, entry by entry (the same IEEE divisions)
+    dn = [g[i][i] for i in range(T)]
+    norms = [math.sqrt(x) if x > 0.0 else 0.0 for x in dn]
+    if min(norms) <= 0.0:
+        return None
+    i0 = min(range(T), key=dn.__getitem__)  # the first index of the least norm, as np.argmin
+    x2v, n0 = dn[i0], norms[i0]
+    if max(0.0, max((x2v - g[i][i0]) / (norms[i] * n0) for i in range(T))) <= tol:
+        return None  # the vertex is optimal: the general path returns it
+    # the lifted, equilibrated Gramian and its Cholesky factor (rows of the lower factor L, M = L Lᵀ)
+    c = min(dn)
+    A = [[x + c for x in row] for row in g]
+    d = [1.0 / math.sqrt(A[i][i]) for i in range(T)]
+    L = [[0.0] * T for _ in range(T)]
+    for i in range(T):
+        Ai, di, Li = A[i], d[i], L[i]
+        for j in range(i + 1):
+            Lj = L[j]
+            acc = Ai[j] * (di * d[j]) - sum(map(mul, Li[:j], Lj[:j]))
+            if j == i:
+                if not acc > 0.0:
+                    return None  # not positive definite to working precision
+                Li[i] = math.sqrt(acc)
+            else:
+                Li[j] = acc / Lj[j]
+    if min(L[i][i] for i in range(T)) ** 2 <= 1e-10:
+        return None  # not clearly independent: the tie-breaks may apply
+
+    Lt = [list(col) for col in zip(*L)]  # Lᵀ by rows
+
+    def solve(b: list[float]) -> list[float]:  # M y = b by L Lᵀ
+        y = [0.0] * T
+        for i in range(T):
+            Li = L[i]
+            y[i] = (b[i] - sum(map(mul, Li[:i], y[:i]))) / Li[i]
+        for i in range(T - 1, -1, -1):
+            y[i] = (y[i] - sum(map(mul, Lt[i][i + 1:], y[i + 1:]))) / L[i][i]
+        return y
+
+    u = [di * yi for di, yi in zip(d, solve(d))]  # (A) u = 1 through the equilibrated M
+    r = [d[i] * (1.0 - sum(map(mul, A[i], u))) for i in range(T)]
+    u = [u[i] + d[i] * dy for i, dy in enumerate(solve(r))]  # one step of iterative refinement
+    su = sum(u)
+    if not (su > 0.0 and math.isfinite(su)):
+        return None
+    w = [x / su for x in u]
+    if min(w) <= 0.0:
+        return None  # a task outside the optimal support: Wolfe's cycles decide
+    grad = [sum(map(mul, gi, w)) for gi in g]
+    x2 = sum(map(mul, w, grad))
+    if x2 > dn[i0]:
+        return None  # worse than the vertex (the general path would start from the vertex)
+    nw = sum(map(mul, norms, w))
+    gap_task = max(0.0, max((x2 - grad[i]) / (norms[i] * nw) for i in range(T)))
+    if gap_task > tol:
+        return None
+    gap_abs = max(0.0, max(x2 - gi for gi in grad))
+    return w, x2 * s, gap_task if relative else gap_abs, gap_task
+
+
 def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = None,
                      tie_break: bool = True, relative: bool = False, strict: bool = True,
                      *, _psd: bool = False) -> MinNormResult:
@@ -273,6 +368,10 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     s = max(float(G.diagonal().max()), 0.0)  # gramian_scale
     if s <= 0.0:
         return MinNormResult(np.full(T, 1.0 / T), 0.0, 0, 0.0)
+    if 3 <= T <= SMALL_T:
+        fast = _min_norm_all_tasks(G, s, tol, relative)
+        if fast is not None:
+            return fast
     Gn = G / s
     max_iter = max_iter if max_iter is not None else 50 + 20 * T
     pos_eps = 0.0  # weights are kept however small: norms 1e8 apart give optimal weights of 1e-16
