@@ -911,8 +911,8 @@ def regularizer_terms(
     return total, values
 
 
-def _warn_zero(names: Sequence[str], diag: Tensor, level: str) -> None:
-    for n, v in zip(names, diag.tolist()):
+def _warn_zero(names: Sequence[str], diag: Sequence[float], level: str) -> None:
+    for n, v in zip(names, diag):
         if v == 0.0 and n not in _warned_zero:
             _warned_zero.add(n)
             warnings.warn(
@@ -1031,11 +1031,11 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         tg._gramian = G
         tg._parts[0]["saliencies"] = S  # local, unscaled: step 3 combines them
     if sal_multi is not None and (len(feats.maps) == 1 or feats.multi_input):
-        own = [s[0].detach() for s in sal_multi]
         if (level == "feature" and not feats.multi_input and len(feats.maps) == 1 and transform == "none"
                 and scale == 1.0 and dist is None):
             tg.saliencies = feature_blocks[0]  # the same values (raw = objective, unscaled): no second copy
-        elif len({tuple(s.shape) for s in own}) == 1:
+        elif len({tuple(s[0].shape) for s in sal_multi}) == 1:
+            own = [s[0].detach() for s in sal_multi]
             tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
     assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
     tg.head_rows = [[None if g is None else _value(g, scale) for g in row] for row in head_rows]
@@ -1043,9 +1043,9 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     tg._reg_kind = "param" if param_regs else "saliency"
     # diag(G) = Σ g_t² in float64 is finite iff every per-task gradient is: a free check
     G = tg.gramian()
-    diag = G.diagonal()
-    if not bool(torch.isfinite(diag).all()):
-        bad = [n for n, v in zip(names, diag.tolist()) if not math.isfinite(v)]
+    diag = G.diagonal().tolist()  # T floats, read once (each small tensor op costs ~10 µs inside a step)
+    if not all(math.isfinite(v) for v in diag):
+        bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
         tg.problem = (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
                       "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate "
                       "or check the inputs.")
