@@ -169,3 +169,21 @@ def test_fd_smoothened_in_float32_for_tiny_temperatures_and_subnormal_saliencies
     S = torch.zeros(3, 1000)
     S[0, 0], S[1, 0] = 1e-45, 2e-45  # both round to float32's smallest subnormal: equal
     assert feature_disentanglement(S, tau) == pytest.approx(_fd_softmax_reference(S, tau), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_zero_terms_and_non_finite_inputs_across_chunks(dtype):
+    """Not a former failure: FD's ratio pass takes 0·log 0 as a skipped NaN (0/0 of an all-zero element, 0·(−inf) of
+    a zero task) instead of clamping; over several column chunks, zeros, subnormal and huge-ratio entries match a
+    float64 reference, and an inf or NaN saliency in any chunk still gives NaN."""
+    g = torch.Generator().manual_seed(3)
+    S = torch.randn(4, 400_000, generator=g).to(dtype)  # 4 chunks at T = 4
+    S[:, ::7] = 0.0  # all-zero elements (left out of the mean)
+    S[1, 1::5] = 0.0  # one task's zero next to others' saliencies (p = 0 terms)
+    S[2, 3::11] = torch.finfo(dtype).tiny * torch.finfo(dtype).eps * 3  # subnormal saliencies
+    S[0, 5::13] = 1e30  # ratios down to ~1e-30 in the other tasks
+    assert feature_disentanglement(S) == pytest.approx(_fd_reference(S), rel=1e-5)
+    for bad in (float("inf"), float("nan")):
+        T = S.clone()
+        T[3, 399_999] = bad
+        assert math.isnan(feature_disentanglement(T))

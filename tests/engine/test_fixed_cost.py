@@ -6,7 +6,7 @@ from _nets import TinyNet
 
 from mtlens.engine import compute_task_gradients, mtl_backward
 from mtlens.engine.gradients import _FUSED_BELOW, all_finite
-from mtlens.errors import ConfigurationError, NonFiniteError
+from mtlens.errors import ConfigurationError, NonFiniteError, ShapeError
 from mtlens.methods import create
 
 
@@ -109,3 +109,184 @@ def test_snapshot_restores_exactly_what_state_dict_holds():
     for k, v in ref.items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, now[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# the lean loss-level step (mtl_backward's common loop) against the engine's three steps
+# ---------------------------------------------------------------------------------------------
+_LOSS_KW = {"uw": {"num_tasks": 3}, "imtl_l": {"num_tasks": 3}, "rlw": {"seed": 0}, "stch": {"warmup_epochs": 0}}
+
+
+def _three_steps(losses, z, net, m):
+    """The documented composition, without the lean path: compute_task_gradients → decide → check → apply."""
+    from mtlens.engine.apply import apply_decision, check_decision
+    from mtlens.engine.backward import step_record
+
+    grads = compute_task_gradients(losses, level="loss", features=z, shared_params=list(net.enc.parameters()))
+    rec = step_record(grads)
+    d = m.decide(grads)
+    check_decision(d, grads, m.name)
+    assert apply_decision(grads, d, name=m.name) == ""
+    rec.weights, rec.head_weights = d.weights, d.head_weights
+    rec.method_values.update(d.values)
+    return rec
+
+
+@pytest.mark.parametrize("name", ["ew", "gls", "uw", "dwa", "rlw", "imtl_l", "stch", "famo"])
+def test_lean_loss_step_equals_the_three_engine_steps(name):
+    torch.manual_seed(0)
+    net_a = TinyNet(3, offsets=[0.1, 0.2, 0.3])
+    net_b = TinyNet(3, offsets=[0.1, 0.2, 0.3])
+    net_b.load_state_dict(net_a.state_dict())
+    m_a, m_b = create(name, **_LOSS_KW.get(name, {})), create(name, **_LOSS_KW.get(name, {}))
+    for step in range(3):
+        x = torch.randn(4, 5)
+        z, losses = net_a(x)
+        rec_a = mtl_backward(losses, features=z, shared_params=net_a.enc.parameters(), method=m_a)
+        z, losses = net_b(x)
+        rec_b = _three_steps(losses, z, net_b, m_b)
+        for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+            assert torch.equal(pa.grad, pb.grad), (name, step)
+        assert rec_a.task_names == rec_b.task_names and rec_a.level == rec_b.level == "loss"
+        assert torch.equal(rec_a.losses, rec_b.losses) and torch.equal(rec_a.objective_losses, rec_b.objective_losses)
+        assert rec_a.weights.dtype == torch.float64 and torch.equal(rec_a.weights, rec_b.weights)
+        assert rec_a.head_weights is None and rec_b.head_weights is None and rec_a.gramian is None
+        assert rec_a.method_values == rec_b.method_values and rec_a.regularizer_values == {} and not rec_a.skipped
+        assert not rec_a.losses.requires_grad and not rec_a.weights.requires_grad
+        sa, sb = m_a.state_dict(), m_b.state_dict()
+        assert list(sa) == list(sb)
+        torch.testing.assert_close(dict(sa), dict(sb), rtol=0, atol=0, equal_nan=True)
+        for m in (m_a, m_b):
+            if name == "famo":
+                m.after_step(rec_a.losses * 0.9)
+
+
+@pytest.mark.parametrize("name", ["ew", "uw"])
+def test_lean_loss_step_refuses_what_the_engine_refuses(name):
+    """Non-finite losses (each task named), a detached feature map, a non-scalar loss, a loss without graph:
+    the messages and the policy of the general path; nothing written, the method's state untouched."""
+    net = TinyNet(3)
+    m = create(name, **_LOSS_KW.get(name, {}))
+    x = torch.randn(4, 5)
+    z, losses = net(x)
+    bad = {**losses, "t1": losses["t1"] * float("nan"), "t2": losses["t2"] + float("inf")}
+    with pytest.raises(NonFiniteError, match=r"non-finite task loss: 't1'=nan, 't2'=inf\. Nothing was written"):
+        mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=m)
+    assert all(p.grad is None for p in net.parameters())
+    z, losses = net(x)
+    bad = {**losses, "t1": losses["t1"] * float("nan")}
+    with pytest.warns(RuntimeWarning, match="step skipped .*non-finite task loss: 't1'=nan"):
+        rec = mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=m, nonfinite="skip")
+    assert rec.skipped and rec.weights is None and rec.losses.shape == (3,)
+    assert all(p.grad is None for p in net.parameters())
+    z, losses = net(x)
+    with pytest.raises(ConfigurationError, match="detached copy"):
+        mtl_backward(losses, features=z.detach(), shared_params=net.enc.parameters(), method=m)
+    z, losses = net(x)
+    with pytest.raises(ShapeError, match="must be a scalar"):
+        mtl_backward({**losses, "t0": torch.stack([losses["t0"]] * 2)}, features=z, method=m)
+    with pytest.raises(ConfigurationError, match="does not require grad"):
+        mtl_backward({**losses, "t0": losses["t0"].detach()}, features=z, method=m)
+
+
+def test_constant_weights_that_are_not_finite_are_refused_after_the_fused_check():
+    """A method declaring constant_weights has its weights checked with the gradients; non-finite weights raise
+    the message of check_decision (not a gradient message), and nothing is written."""
+    from mtlens.methods.ew import EW
+
+    class Broken(EW):
+        name = "broken_ew"
+
+        def combine(self, losses, grad_norms=None):
+            return losses.sum(), torch.full_like(losses.detach(), float("nan"))
+
+    net = TinyNet(3)
+    z, losses = net(torch.randn(4, 5))
+    with pytest.raises(NonFiniteError, match=r"method 'broken_ew' returned weights \[nan, nan, nan\] for 3 tasks"):
+        mtl_backward(losses, features=z, method=Broken())
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_ew_step_reads_the_device_once_and_runs_no_isfinite_kernels():
+    """The whole non-finite guarantee of an EW step (losses, weights, every gradient) is one fused sum read
+    back once: one host synchronisation on a GPU (it was three, and ``torch.isfinite`` is four kernels)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    net = TinyNet(3)
+    z, losses = net(torch.randn(4, 5))
+    with Count() as c:
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("ew"))
+    assert c.ops["_local_scalar_dense"] == 1, c.ops
+    assert not {"isfinite", "abs", "ne", "eq", "all"} & set(c.ops), c.ops
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_a_failing_loss_step_runs_no_accumulation_hook():
+    """Nothing written before the verdict: post-accumulate-grad hooks and the AccumulateGrad node hooks
+    (where DDP's reducer listens) do not run on a failing step (nor on a passing one: the gradients are
+    captured, then assigned). Tensor hooks (``p.register_hook``) and ``retain_grad()`` tensors do see the
+    computed gradient, as under ``torch.autograd.grad`` (docs/performance.md)."""
+    net = TinyNet(3)
+    calls = []
+    w = net.heads[0].weight
+    w.register_post_accumulate_grad_hook(lambda p: calls.append("post_accumulate"))
+    acc = w.view_as(w).grad_fn.next_functions[0][0]
+    acc.register_hook(lambda gi, go: calls.append("accumulate_node"))
+    z, losses = net(torch.randn(4, 5))
+    bad = {**losses, "t2": losses["t2"] + torch.sqrt(z.sum() * 0 - 0.0)}  # finite loss, NaN gradient
+    with pytest.raises(NonFiniteError, match="non-finite gradient in the backward of 'ew'"):
+        mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=create("ew"))
+    assert calls == [] and all(p.grad is None for p in net.parameters())
+
+
+def test_find_leaves_is_a_first_reached_depth_first_walk():
+    """The iterative walk (leaves recognised by the AccumulateGrad type) against a recursive reference, on
+    random graphs with shared subgraphs, leaves that do not require grad and stop points."""
+    import random
+
+    from mtlens.engine.graph import find_leaves
+
+    def reference(roots, stop_at=()):
+        stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
+        stop_ids = {id(t) for t in stop_at if t.grad_fn is None}
+        seen, out = set(), []
+
+        def visit(node):
+            if node is None or node in seen or node in stop:
+                return
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            if var is not None:
+                if id(var) not in stop_ids and all(v is not var for v in out):
+                    out.append(var)
+                return
+            for nxt, _ in node.next_functions:
+                visit(nxt)
+
+        for r in roots:
+            visit(r.grad_fn)
+        return out
+
+    rng = random.Random(0)
+    ops = [lambda a, b: a + b, lambda a, b: a * b, lambda a, b: torch.stack([a, b]).sum(0),
+           lambda a, b: (a.exp() * b).sin(), lambda a, b: torch.cat([a, b, a])[:3]]
+    for _ in range(300):
+        nodes = [torch.randn(3, requires_grad=rng.random() < 0.8) for _ in range(6)]
+        for _ in range(rng.randint(1, 15)):
+            a, b = rng.sample(nodes, 2)
+            nodes.append(rng.choice(ops)(a, b))
+        roots = [n for n in rng.sample(nodes, 3) if n.requires_grad]
+        stops = [n for n in rng.sample(nodes, 2) if n.requires_grad]
+        for stop_at in ([], stops):
+            assert [id(t) for t in find_leaves(roots, stop_at)] == [id(t) for t in reference(roots, stop_at)]

@@ -59,45 +59,57 @@ def feature_disentanglement(
         flat = S.reshape(T, -1)
         if temperature != 0:
             return _fd_softmax(flat, float(temperature))
-        tiny = torch.finfo(flat.dtype).tiny
-        width = min(flat.shape[1], max(1024, _FD_CHUNK_ELEMENTS // T))  # columns per chunk
-        a_buf, l_buf = _scratch(2 * T * width, flat.dtype, flat.device).split(T * width)
-        totals: list[Tensor] = []  # per chunk: Σ_j Σ_t p log p (≤ 0), as 0-dim tensors (no sync per chunk)
-        counts: list[Tensor] = []  # per chunk: the number of active elements
-        sums: list[Tensor] = []  # per chunk: Σ_j s_j
-        # column chunks of ~2 MiB, written into the same two scratch blocks: they stay in cache, and no
-        # fresh memory is touched per chunk or per call (in a training loop, the page faults of fresh
-        # temporaries cost about as much as FD's arithmetic)
-        for chunk in flat.split(width, dim=1):
-            a = torch.abs(chunk, out=a_buf[: chunk.numel()].view(chunk.shape))
-            s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
-            active = s > 0
-            counts.append(active.sum())
-            sums.append(s.sum())  # non-finite iff some s overflowed (or a non-finite input): checked at the end
-            if T == 1:
-                continue
-            # p = a / s: a ratio, exact at any scale. Inactive elements get p = 0 and add 0·log(tiny) = 0:
-            # no masked copy. (Multiplying by |Z| reciprocals instead measured no faster here, and 1/s
-            # overflows for subnormal s.)
-            p = a.div_(torch.where(active, s, 1.0))
-            # Σ p·log p with 0·log 0 = 0: log of p clamped at the smallest normal number (for p below it
-            # the change is < 1e-36 per term); torch.special.xlogy / entr are ~3× slower on CPU (not
-            # vectorised). These T·|Z| logarithms are FD's floor (docs/performance.md, "Monitoring").
-            lg = torch.clamp_min(p, tiny, out=l_buf[: chunk.numel()].view(chunk.shape)).log_()
-            totals.append(lg.mul_(p).sum())  # torch's cascade sum: ~1e-8 relative on 2^18 terms
-        n_f, s_f = torch.stack([torch.stack(counts).sum().double(), torch.stack(sums).sum().double()]).tolist()
-        n = int(n_f)
-        if not math.isfinite(s_f) and bool(torch.isfinite(flat).all()):
-            # Σ_t |S_t[j]| overflowed (entries near the dtype's limit: p = a/inf = 0 read as FD 0): p is
-            # invariant to a per-element scale, so measure S_t[j] / max_t |S_t[j]| (≤ 1) instead (rare path)
-            m = flat.abs().amax(dim=0)
-            return feature_disentanglement(flat / torch.where(m > 0, m, 1.0))
-        if n == 0:
-            return float("nan")
+        return _fd_ratio(flat)
+
+
+def _fd_ratio(flat: Tensor) -> float:
+    """FD with ``p = a / Σ_t a`` of a ``(T, n)`` block (no grad), in column chunks.
+
+    Per chunk, six passes over the ``(T, chunk)`` block — ``|S|``, ``Σ_t``, the ratio, ``log``, the
+    product and one NaN-skipping sum — and four over the chunk's ``Σ_t`` row; no mask, no clamp. The
+    ratio is taken as it is: ``p = 0`` (a task with zero saliency) gives ``0·log 0 = 0·(−inf) = NaN``
+    and an element where every task is zero gives ``0/0 = NaN``, and ``nansum`` leaves both out —
+    exactly the ``0 log 0 = 0`` convention, with no clamp (the former ``log(max(p, tiny))`` changed
+    terms below 1e-36). A NaN can arise no other way from finite saliencies whose task sums are
+    finite, which the per-chunk sums of ``Σ_t`` check: a non-finite input gives NaN, an overflowing
+    sum of finite ones is measured on rescaled saliencies (rare path)."""
+    T = flat.shape[0]
+    width = min(flat.shape[1], max(1024, _FD_CHUNK_ELEMENTS // T))  # columns per chunk
+    a_buf, l_buf = _scratch(2 * T * width, flat.dtype, flat.device).split(T * width)
+    # per chunk, one 0-dim triple (Σ_j s_j, Σ_j Σ_t p log p, active elements): no synchronisation per chunk
+    parts: list[Tensor] = []
+    # column chunks of ~2 MiB, written into the same two scratch blocks: they stay in cache, and no fresh
+    # memory is touched per chunk or per call (in a training loop, the page faults of fresh temporaries
+    # cost about as much as FD's arithmetic)
+    for chunk in flat.split(width, dim=1) if width < flat.shape[1] else (flat,):
+        shape = chunk.shape
+        a = torch.abs(chunk, out=a_buf[: chunk.numel()].view(shape))
+        s = a.sum(dim=0)  # Σ_t a_t per element: 0 exactly where every task's saliency is 0
+        count = torch.count_nonzero(s).to(s.dtype)  # active elements (≤ 2^19 a chunk: exact in float32)
         if T == 1:
-            return 0.0
-        total = float(torch.stack(totals).double().sum()) if len(totals) > 1 else float(totals[0])
-        return -total / (n * math.log(T)) + 0.0  # + 0.0: a disentangled batch gives 0.0, not -0.0
+            parts.append(torch.stack([s.sum(), count, count]))
+            continue
+        # p = a / s: a ratio, exact at any scale (multiplying by |Z| reciprocals measured no faster, and
+        # 1/s overflows for subnormal s). torch.special.xlogy / entr are ~3× slower on CPU (not
+        # vectorised). These T·|Z| logarithms are FD's floor (docs/performance.md, "Monitoring").
+        p = a.div_(s)
+        lg = torch.log(p, out=l_buf[: chunk.numel()].view(shape))
+        parts.append(torch.stack([s.sum(), lg.mul_(p).nansum(), count]))  # torch's cascade sums: ~1e-8 relative
+    acc = parts[0] if len(parts) == 1 else torch.stack(parts).double().sum(dim=0)
+    s_f, total, n_f = acc.tolist()
+    if not math.isfinite(s_f):  # Σ_t |S_t[j]| is not finite somewhere
+        if not bool(torch.isfinite(flat).all()):
+            return float("nan")  # a non-finite saliency
+        # Σ_t |S_t[j]| overflowed (entries near the dtype's limit: p = a/inf = 0 read as FD 0): p is
+        # invariant to a per-element scale, so measure S_t[j] / max_t |S_t[j]| (≤ 1) instead (rare path)
+        m = flat.abs().amax(dim=0)
+        return _fd_ratio(flat / torch.where(m > 0, m, 1.0))
+    n = int(n_f)
+    if n == 0:
+        return float("nan")
+    if T == 1:
+        return 0.0
+    return -total / (n * math.log(T)) + 0.0  # + 0.0: a disentangled batch gives 0.0, not -0.0
 
 
 def _fd_softmax(flat: Tensor, temperature: float) -> float:

@@ -19,6 +19,7 @@ is committed only when the whole step succeeded). See docs/engine.md for the des
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,9 +40,12 @@ from .gradients import (
     _sum,
     all_finite,
     compute_task_gradients,
+    host_finite,
+    normalise_features,
     normalise_losses,
     transform_losses,
 )
+from .graph import find_leaves
 from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer, check_loss_transform
 from .record import StepRecord
 
@@ -201,6 +205,17 @@ def mtl_backward(
         NonFiniteError: a non-finite loss or gradient under ``nonfinite="raise"``, or a method
             that failed on this step's numbers (its state is left as before the step).
     """
+    if (getattr(type(method), "decide", None) is LossWeighting.decide and level is None and not regularizers
+            and not keep_saliencies and not compute_gramian and cache is None and grad_scaler is None
+            and loss_transform in (None, "none") and method.loss_transform is None and not method.needs_grad_norms
+            and jacobian in JACOBIAN_MODES and nonfinite in NONFINITE_POLICIES
+            and (features is not None or not method.needs_features) and resolve(distributed) is None):
+        # The common loop: a loss weighting (EW, UW, DWA, ...) with no option that needs per-task gradients.
+        # The same step as below, with every check that can fail here, without the general machinery
+        # (docs/performance.md, "EW against a plain loop").
+        check_loss_transform(method, "none")
+        record, problem = _loss_step(losses, task_names, features, method, retain_graph)
+        return record if not problem else _not_written(problem, nonfinite, record, None, None)
     if not isinstance(method, Method):
         raise ConfigurationError(
             f"method must be a method object (mtlens.methods.create(name)), got {type(method).__name__}"
@@ -269,7 +284,6 @@ def mtl_backward(
             "its share of the representation, so its decision would not be the global batch's. Use level='param' "
             "(exact: the per-task gradients are reduced first) or train in one process."
         )
-    method_params = [p for p in method.parameters() if p.requires_grad]
 
     # ---- cached decision ------------------------------------------------------------------------
     if cache is not None and method.adds_gradients:
@@ -288,6 +302,7 @@ def mtl_backward(
             return _cached_step(losses, task_names, method, cache, shared, task_params, transform,
                                 regularizers, scale, dist, retain_graph, nonfinite, grad_scaler, lvl)
 
+    method_params = [p for p in method.parameters() if p.requires_grad]
     grads = compute_task_gradients(
         losses, level=lvl, features=features, shared_params=shared, task_params=task_params,
         task_names=task_names, loss_transform=transform, jacobian=jacobian, regularizers=regularizers,
@@ -335,6 +350,86 @@ def mtl_backward(
     return record
 
 
+def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
+               features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, method: Method,
+               retain_graph: bool) -> tuple[StepRecord, str]:
+    """One loss-level step of a loss weighting whose decision is the default one (``combine`` of the
+    attached losses), without a loss transform, GradScaler, process group, cache, regulariser or
+    diagnostic: :func:`compute_task_gradients` → ``method.decide`` → :func:`check_decision` →
+    :func:`apply_decision` with only the work that step does, with the same checks, errors and
+    messages, the same record and the same transaction (the method's state is restored and nothing is
+    written into ``.grad`` unless every gradient is finite).
+
+    A method with ``constant_weights`` (EW) has its losses checked together with the gradients, in one
+    fused check after the backward (the verdict and message are those of the separate checks: a
+    non-finite loss is reported as such, before any gradient). The weights (T floats, on the host) are
+    checked element by element, before the backward.
+
+    Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why
+    nothing was (the caller applies the non-finite policy)."""
+    names, loss_list = normalise_losses(losses, task_names)
+    normalise_features(features, names)  # its checks only: the loss level reads no features
+    stacked = torch.stack(loss_list)  # its detached view is the record's losses
+    raw = stacked.detach()
+    record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="loss")
+    fused = method.constant_weights and not method.stateful
+    if not fused and not host_finite(raw):
+        return record, _loss_problem(names, raw)
+    name = method.name
+    snap = method.snapshot()
+    try:
+        try:  # LossWeighting.decide
+            objective, w = method.combine(stacked, grad_norms=None)
+            weights = w.detach() if w.requires_grad else w
+            weights = weights if weights.dtype == torch.float64 else weights.to(torch.float64)
+            weights = weights if weights.ndim == 1 else weights.reshape(-1)
+            values = method.log_values()
+        except MTLensError:
+            raise
+        except (RuntimeError, FloatingPointError, ValueError, ZeroDivisionError, ArithmeticError) as exc:
+            raise NonFiniteError(
+                f"method '{name}' failed on this step's numbers (losses {raw.tolist()}): {type(exc).__name__}: {exc}. "
+                "Its state was left as before the step."
+            ) from exc
+        if weights.device.type != "cpu":  # check_decision
+            weights = weights.cpu()
+        if weights.shape[0] != len(names) or not host_finite(weights):
+            _bad_weights(name, weights, len(names))
+        if objective is None:  # apply_decision, loss level
+            raise ConfigurationError(f"loss level needs an objective from '{name}'")
+        params = find_leaves([objective])
+        gs = torch.autograd.grad(objective, params, retain_graph=retain_graph, allow_unused=True)
+        problem = ""
+        if not all_finite([*gs, raw] if fused else gs):
+            if fused and not host_finite(raw):
+                problem = _loss_problem(names, raw)
+            else:
+                problem = (f"non-finite gradient in the backward of '{name}' (losses {raw.tolist()}); nothing was "
+                           "written into .grad")
+        else:
+            _accumulate(params, gs)
+    except BaseException:
+        method.restore(snap)
+        raise
+    if problem:
+        method.restore(snap)
+        return record, problem
+    record.weights = weights
+    record.method_values.update(values)
+    return record, ""
+
+
+def _loss_problem(names: Sequence[str], raw: Tensor) -> str:
+    bad = ", ".join(f"'{n}'={v}" for n, v in zip(names, raw.tolist()) if not math.isfinite(v))
+    return (f"non-finite task loss: {bad}. Nothing was written into .grad. Check the inputs/targets of that task, "
+            "lower the learning rate, or pass nonfinite='skip' to skip such steps with a warning.")
+
+
+def _bad_weights(name: str, weights: Tensor, T: int) -> None:
+    raise NonFiniteError(f"method '{name}' returned weights {weights.tolist()} for {T} tasks; nothing was written "
+                         "into .grad")
+
+
 def step_record(grads: TaskGradients) -> StepRecord:
     rec = StepRecord(task_names=list(grads.task_names), losses=grads.losses,
                      objective_losses=grads.objective_losses, level=grads.gramian_level or grads.level)
@@ -347,11 +442,11 @@ def step_record(grads: TaskGradients) -> StepRecord:
     return rec
 
 
-def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients,
+def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients | None,
                  grad_scaler: torch.amp.GradScaler | None, overflow: bool = False) -> StepRecord:
     record.weights = None
     record.gramian = None
-    if grad_scaler is not None and overflow:
+    if grad_scaler is not None and overflow and grads is not None:
         # The scaler's own overflow signal: inf gradients make scaler.step() skip the optimiser
         # step and scaler.update() back the scale off, exactly as after scaler.scale(loss).backward().
         for p in grads.shared_params[:1] or grads.task_params[:1]:

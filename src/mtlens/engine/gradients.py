@@ -154,32 +154,45 @@ def _sum_for_check(t: Tensor) -> Tensor:
 def all_finite(tensors: Sequence[Tensor | None]) -> bool:
     """Whether every element of every tensor is finite (``None`` entries are skipped). Exact.
 
-    One sum per large tensor and one for all small ones together (concatenated once: their
-    per-call dispatch costs more than their data): a sum propagates NaN and ±inf and is the
-    cheapest full read (an inf-norm is ~15x slower on CPU). A sum of finite values can overflow;
-    only then, on that rare path, an elementwise ``isfinite`` of each tensor decides, so the
-    answer is exact (no false alarm)."""
+    One read of the data and a handful of torch calls whatever the number of tensors: one sum per
+    tensor of ≥ 4 096 elements, then one C++ concatenation of those sums with every smaller
+    tensor (their per-call dispatch costs more than their data), one sum of that and one
+    ``.item()`` (one concatenation per dtype when dtypes differ: a promoting concatenation is
+    slow). A sum propagates NaN and ±inf (``inf − inf`` is NaN) and is the cheapest full read (an
+    inf-norm is ~15x slower on CPU; ``torch.isfinite`` is four elementwise kernels). A sum of
+    finite values can overflow; only then, on that rare path, an elementwise ``isfinite`` of each
+    tensor decides, so the answer is exact (no false alarm). Sparse tensors are judged by their
+    dense values (duplicates summed); mixed dtypes and devices are allowed."""
     ts = [t for t in tensors if t is not None]
     if not ts:
         return True
-    small: list[Tensor] = []
-    sums: list[Tensor] = []
-    for t in ts:
-        if t.numel() < _FUSED_BELOW:
-            small.append(t)
-        else:
-            sums.append(_sum_for_check(t))
-    if len(small) > 1:
-        try:  # torch.cat promotes mixed dtypes; several devices (or sparse tensors): summed one by one
-            sums.append(_sum_for_check(_flatten_dense_tensors(small)))
-        except (RuntimeError, NotImplementedError):
-            sums.extend(_sum_for_check(t) for t in small)
-    elif small:
-        sums.append(_sum_for_check(small[0]))
-    if bool(torch.isfinite(torch.stack(sums) if len(sums) > 1 else sums[0]).all()):
-        return True
+    parts = [t if t.numel() < _FUSED_BELOW else _sum_for_check(t) for t in ts]  # large ones as their sums
+    dtype = parts[0].dtype
+    groups = [parts] if all(p.dtype is dtype for p in parts) else _by_dtype(parts)
+    try:  # several devices (or sparse tensors): summed one by one below
+        total = 0.0
+        for g in groups:
+            total += _sum_for_check(g[0] if len(g) == 1 else _flatten_dense_tensors(g)).item()
+        if math.isfinite(total):
+            return True
+    except (RuntimeError, NotImplementedError):
+        if all(math.isfinite(_sum_for_check(p).item()) for p in parts):
+            return True
     # the exact verdict (rare path); a sparse gradient is judged by its dense values (duplicates summed)
     return all(bool(torch.isfinite(t if t.layout == torch.strided else t.to_dense()).all()) for t in ts)
+
+
+def _by_dtype(parts: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for p in parts:
+        groups.setdefault(p.dtype, []).append(p)
+    return list(groups.values())
+
+
+def host_finite(values: Tensor) -> bool:
+    """Whether every element of a small tensor (task losses, task weights) is finite, judged on the
+    host, element by element: one read of the values (``tolist``), no kernel. Exact."""
+    return all(map(math.isfinite, values.tolist()))
 
 
 def _grads(
@@ -898,8 +911,8 @@ def regularizer_terms(
     return total, values
 
 
-def _warn_zero(names: Sequence[str], diag: Tensor, level: str) -> None:
-    for n, v in zip(names, diag.tolist()):
+def _warn_zero(names: Sequence[str], diag: Sequence[float], level: str) -> None:
+    for n, v in zip(names, diag):
         if v == 0.0 and n not in _warned_zero:
             _warned_zero.add(n)
             warnings.warn(
@@ -1001,7 +1014,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
             p_total, values = regularizer_terms(param_regs, pblocks, obj)
             tg.regularizer_values.update(values)
             reg_total = _add_penalty(reg_total, p_total)
-        S = [[s.detach() / scale if scale != 1.0 else s.detach() for s in row] for row in sal_multi]
+        S = [[_value(s, scale) for s in row] for row in sal_multi]
         # The Gramian of the saliencies. One shared map or several: Σ_m S^m S^mᵀ. Multi-input:
         # each task's representation is its own coordinate block of (Z_1, ..., Z_T), so the
         # exact Jacobian is block-diagonal and G = diag(‖S_t‖²) — invariant to permuting any
@@ -1018,29 +1031,35 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         tg._gramian = G
         tg._parts[0]["saliencies"] = S  # local, unscaled: step 3 combines them
     if sal_multi is not None and (len(feats.maps) == 1 or feats.multi_input):
-        own = [s[0].detach() for s in sal_multi]
         if (level == "feature" and not feats.multi_input and len(feats.maps) == 1 and transform == "none"
                 and scale == 1.0 and dist is None):
             tg.saliencies = feature_blocks[0]  # the same values (raw = objective, unscaled): no second copy
-        elif len({tuple(s.shape) for s in own}) == 1:
+        elif len({tuple(s[0].shape) for s in sal_multi}) == 1:
+            own = [s[0].detach() for s in sal_multi]
             # into a reused block where no one holds the last one (engine/pool.py: no page faults every step)
             tg.saliencies = pool.stack(_raw_saliencies(own, raw, transform, scale))
     assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
-    tg.head_rows = [[None if g is None else (g.detach() / scale if scale != 1.0 else g.detach()) for g in row]
-                    for row in head_rows]
+    tg.head_rows = [[None if g is None else _value(g, scale) for g in row] for row in head_rows]
     tg._reg_total = reg_total
     tg._reg_kind = "param" if param_regs else "saliency"
     # diag(G) = Σ g_t² in float64 is finite iff every per-task gradient is: a free check
     G = tg.gramian()
-    diag = G.diagonal()
-    if not bool(torch.isfinite(diag).all()):
-        bad = [n for n, v in zip(names, diag.tolist()) if not math.isfinite(v)]
+    diag = G.diagonal().tolist()  # T floats, read once (each small tensor op costs ~10 µs inside a step)
+    if not all(math.isfinite(v) for v in diag):
+        bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
         tg.problem = (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
                       "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate "
                       "or check the inputs.")
         tg.overflow = scale != 1.0
         return
     _warn_zero(names, diag, level)
+
+
+def _value(g: Tensor, scale: float) -> Tensor:
+    """``g`` detached and unscaled; autograd's outputs without ``create_graph`` are used as they are (no alias)."""
+    if g.requires_grad:
+        g = g.detach()
+    return g / scale if scale != 1.0 else g
 
 
 def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:

@@ -442,6 +442,12 @@ class LossWeighting(Method):
     family: ClassVar[str] = "loss"
     levels: ClassVar[tuple[str, ...]] = ()
     head_rule: ClassVar[str] = "the objective's own gradient (one backward of the weighted sum)"
+    constant_weights: ClassVar[bool] = False
+    """``True`` when :meth:`combine` is a pure function of the attached losses whose weights are the same at
+    every step for a given number of tasks (EW): they read neither the loss values nor any state. The
+    engine may then check the losses for finiteness together with the gradients, after the backward and
+    before anything is written (same verdicts, messages and transaction; the graph is then freed on a
+    failing step as on a successful one)."""
 
     def decide(self, grads: TaskGradients) -> Decision:
         """Loss level: the objective from :meth:`combine` on the attached objective losses."""

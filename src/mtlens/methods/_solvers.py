@@ -23,8 +23,10 @@ convert from/to torch at their boundary (``G`` is tiny, T×T).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import mul
 from typing import overload
 
 import numpy as np
@@ -33,8 +35,7 @@ from scipy.linalg.lapack import dposv as _dposv
 from scipy.linalg.lapack import dpotrs as _dpotrs
 from torch import Tensor
 
-from ..engine.numerics import ZERO_REL
-from ..engine.numerics import check_gramian as validate_gramian
+from ..engine.numerics import ZERO_REL, check_gramian_numpy
 from ..errors import NonFiniteError, ShapeError, SolverError
 
 ZERO_ROW_RTOL = ZERO_REL
@@ -54,11 +55,11 @@ def check_gramian(
     Gramian validation: :class:`~mtlens.errors.ShapeError` / :class:`~mtlens.errors.NonFiniteError`);
     ``losses`` (optional) must be a finite vector of length T.
     """
-    G = validate_gramian(gramian, method).cpu().numpy()
+    G = check_gramian_numpy(gramian, method)
     L = None
     if losses is not None:
         lt = losses if isinstance(losses, Tensor) else torch.as_tensor(losses)
-        L = lt.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
+        L = lt.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
         if L.shape[0] != G.shape[0]:
             raise ShapeError(f"{method}: got {L.shape[0]} losses for a {G.shape[0]}×{G.shape[0]} Gramian")
         if not np.isfinite(L).all():
@@ -172,6 +173,10 @@ def _affine_minimizer(M: np.ndarray) -> np.ndarray:
 
 
 def _affine_minimizer_chol(M: np.ndarray) -> np.ndarray | None:
+    return _affine_minimizer_chol_pivot(M)[0]
+
+
+def _affine_minimizer_chol_pivot(M: np.ndarray) -> tuple[np.ndarray | None, bool]:
     """``argmin vᵀMv s.t. Σv = 1`` by one Cholesky solve (Wolfe 1976, §3), or ``None``.
 
     With ``c > 0`` the lifted Gramian ``M + c·11ᵀ`` (Gramian of the points ``(√c, p_i)``) is
@@ -183,25 +188,122 @@ def _affine_minimizer_chol(M: np.ndarray) -> np.ndarray | None:
     certificates unmet, against 2 of 300 with the minimum). Equilibrated to a unit diagonal, one step of
     iterative refinement.
     ``None`` when ``c = 0`` or LAPACK's ``dposv`` finds the lifted matrix not positive definite
-    (affinely dependent to working precision: the caller takes the SVD route)."""
+    (affinely dependent to working precision: the caller takes the SVD route).
+
+    ``_affine_minimizer_chol_pivot`` also returns :func:`_clearly_independent` of ``M``, read off the
+    same factor (the same matrix is factored; only the right-hand side differs)."""
     k = M.shape[0]
     c = float(M.diagonal().min())
     if not c > 0.0:
-        return None
+        return None, False
     A = M + c
     d = 1.0 / np.sqrt(A.diagonal())  # equilibrated: unit diagonal (norms 1e12 apart factor alike)
     ones = np.ones(k)
     fac, y, info = _dposv(A * np.outer(d, d), d, lower=0)
     if info != 0:
-        return None
+        return None, False
+    independent = float(np.min(np.abs(fac.diagonal()))) ** 2 > 1e-10  # as _clearly_independent(M)
     u = d * y
     dy, info = _dpotrs(fac, d * (ones - A @ u), lower=0)
     if info == 0:
         u = u + d * dy
     su = float(u.sum())
     if not (su > 0.0 and np.isfinite(su)):
+        return None, independent
+    return u / su, independent
+
+
+SMALL_T = 8
+"""Up to this many tasks :func:`min_norm_simplex` first tries :func:`_min_norm_all_tasks` (plain floats)."""
+
+
+def _min_norm_all_tasks(G: np.ndarray, s: float, tol: float, relative: bool) -> MinNormResult | None:
+    """:func:`_min_norm_all_tasks_floats` of a numpy Gramian, as a :class:`MinNormResult` (or ``None``)."""
+    out = _min_norm_all_tasks_floats(G.tolist(), s, tol, relative)
+    if out is None:
         return None
-    return u / su
+    w, value, gap, gap_task = out
+    return MinNormResult(np.array(w), value, 1, gap, gap_task)
+
+
+def _min_norm_all_tasks_floats(G: list[list[float]], s: float, tol: float, relative: bool
+                               ) -> tuple[list[float], float, float, float] | None:
+    """Wolfe's algorithm on its most common path — every task in the optimal support — in plain floats.
+
+    The same steps and tests as :func:`min_norm_simplex` takes on that path: ``Gn = G/s``; the vertex of
+    least norm is not optimal; the whole task set's lifted Gramian ``Gn + c·11ᵀ`` (``c = min_t Gn_tt``),
+    equilibrated to a unit diagonal, has a Cholesky factor with every pivot² above ``1e-10`` (clearly
+    affinely independent: the optimal weights are unique, no tie-break applies, and no two tasks are
+    copies); its affine minimiser (one solve, one step of iterative refinement) is positive, no worse
+    than the vertex, and meets the per-task KKT condition — the one certificate, unchanged:
+    ``(Gw)_i ≥ wᵀGw − tol·‖g_i‖·Σ_k w_k‖g_k‖`` for every task. Anything else returns ``None`` and the
+    general algorithm runs from the start.
+
+    Why: for small T the numpy version's ~90 calls on T×T arrays cost more than their arithmetic, and
+    inside a training step (after the backward passes) each call costs ~5 µs: 0.3–0.45 ms per decision
+    (docs/performance.md, "Feature-level Gramian methods"). Here: T² / T³ float operations in Python.
+
+    ``G``: the T×T Gramian as nested lists (finite, symmetric), ``s = max_t G_tt > 0``. Returns
+    ``(weights, wᵀGw, gap, per-task gap)`` (``gap`` per task with ``relative``, else absolute) or ``None``."""
+    T = len(G)
+    g = [[x / s for x in row] for row in G]  # Gn = G / s, entry by entry (the same IEEE divisions)
+    dn = [g[i][i] for i in range(T)]
+    norms = [math.sqrt(x) if x > 0.0 else 0.0 for x in dn]
+    if min(norms) <= 0.0:
+        return None
+    i0 = min(range(T), key=dn.__getitem__)  # the first index of the least norm, as np.argmin
+    x2v, n0 = dn[i0], norms[i0]
+    if max(0.0, max((x2v - g[i][i0]) / (norms[i] * n0) for i in range(T))) <= tol:
+        return None  # the vertex is optimal: the general path returns it
+    # the lifted, equilibrated Gramian and its Cholesky factor (rows of the lower factor L, M = L Lᵀ)
+    c = min(dn)
+    A = [[x + c for x in row] for row in g]
+    d = [1.0 / math.sqrt(A[i][i]) for i in range(T)]
+    L = [[0.0] * T for _ in range(T)]
+    for i in range(T):
+        Ai, di, Li = A[i], d[i], L[i]
+        for j in range(i + 1):
+            Lj = L[j]
+            acc = Ai[j] * (di * d[j]) - sum(map(mul, Li[:j], Lj[:j]))
+            if j == i:
+                if not acc > 0.0:
+                    return None  # not positive definite to working precision
+                Li[i] = math.sqrt(acc)
+            else:
+                Li[j] = acc / Lj[j]
+    if min(L[i][i] for i in range(T)) ** 2 <= 1e-10:
+        return None  # not clearly independent: the tie-breaks may apply
+
+    Lt = [list(col) for col in zip(*L)]  # Lᵀ by rows
+
+    def solve(b: list[float]) -> list[float]:  # M y = b by L Lᵀ
+        y = [0.0] * T
+        for i in range(T):
+            Li = L[i]
+            y[i] = (b[i] - sum(map(mul, Li[:i], y[:i]))) / Li[i]
+        for i in range(T - 1, -1, -1):
+            y[i] = (y[i] - sum(map(mul, Lt[i][i + 1:], y[i + 1:]))) / L[i][i]
+        return y
+
+    u = [di * yi for di, yi in zip(d, solve(d))]  # (A) u = 1 through the equilibrated M
+    r = [d[i] * (1.0 - sum(map(mul, A[i], u))) for i in range(T)]
+    u = [u[i] + d[i] * dy for i, dy in enumerate(solve(r))]  # one step of iterative refinement
+    su = sum(u)
+    if not (su > 0.0 and math.isfinite(su)):
+        return None
+    w = [x / su for x in u]
+    if min(w) <= 0.0:
+        return None  # a task outside the optimal support: Wolfe's cycles decide
+    grad = [sum(map(mul, gi, w)) for gi in g]
+    x2 = sum(map(mul, w, grad))
+    if x2 > dn[i0]:
+        return None  # worse than the vertex (the general path would start from the vertex)
+    nw = sum(map(mul, norms, w))
+    gap_task = max(0.0, max((x2 - grad[i]) / (norms[i] * nw) for i in range(T)))
+    if gap_task > tol:
+        return None
+    gap_abs = max(0.0, max(x2 - gi for gi in grad))
+    return w, x2 * s, gap_task if relative else gap_abs, gap_task
 
 
 def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = None,
@@ -266,6 +368,10 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     s = max(float(G.diagonal().max()), 0.0)  # gramian_scale
     if s <= 0.0:
         return MinNormResult(np.full(T, 1.0 / T), 0.0, 0, 0.0)
+    if 3 <= T <= SMALL_T:
+        fast = _min_norm_all_tasks(G, s, tol, relative)
+        if fast is not None:
+            return fast
     Gn = G / s
     max_iter = max_iter if max_iter is not None else 50 + 20 * T
     pos_eps = 0.0  # weights are kept however small: norms 1e8 apart give optimal weights of 1e-16
@@ -305,8 +411,9 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     wS = np.ones(1)
     w = np.zeros(T)
     w[i0] = 1.0
+    full_independent: bool | None = None  # _clearly_independent(Gn), when the whole set was factored
     if gaps(w)[2] > tol and norms.min() > 0.0:
-        v = _affine_minimizer_chol(Gn)
+        v, full_independent = _affine_minimizer_chol_pivot(Gn)
         S2, wS2 = S, wS
         if v is not None and v.min() > pos_eps:
             S2, wS2 = np.arange(T), v
@@ -327,6 +434,7 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     # one); only the certificate asked for (absolute by default) is required of the result
     it = 0
     best, stalls = np.inf, 0
+    certified: tuple[float, float, float] | None = None  # gaps(w), when the loop stopped on a certified w
     for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported
         grad = Gn @ w
         x2 = float(w @ grad)
@@ -340,6 +448,8 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
         viol = (x2 - grad) / np.where(scale > 0, scale, 1.0)
         j = int(np.argmax(viol))
         if viol[j] <= tol:
+            # gaps(w) from this cycle's own products (the same arithmetic on the same w)
+            certified = (x2, max(0.0, float(np.max(x2 - grad))), max(0.0, float(viol[j])))
             break
         if w[j] > 0.0:  # no progress possible in floating point: stop and certify below
             break
@@ -355,7 +465,7 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
         if not relative and gaps(w)[1] <= tol < gaps(w_next)[1]:
             break  # never trade a met absolute certificate for the pursuit of the per-task one
         w = w_next
-    x2, gap_abs, gap_task = gaps(w)
+    x2, gap_abs, gap_task = certified if certified is not None else gaps(w)
     gap = gap_task if relative else gap_abs
     if gap > 1e3 * tol and not _psd:
         # Wolfe's algorithm assumes a PSD G; a Gramian computed in float32 (or with cancellation) can
@@ -375,7 +485,7 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
             f"semi-definite Gramian with diagonal {np.diag(G).tolist()}. Please report this Gramian."
         )
     if tie_break:
-        for wt in (_min_norm_weights(Gn, w, x2, tol, S, norms), _share_among_copies(Gn, w)):
+        for wt in (_min_norm_weights(Gn, w, x2, tol, S, norms, full_independent), _share_among_copies(Gn, w)):
             if wt is w:
                 continue
             x2t, gap_abs_t, gap_task_t = gaps(wt)
@@ -447,7 +557,8 @@ def _share_among_copies(Gn: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _min_norm_weights(Gn: np.ndarray, w: np.ndarray, x2: float, tol: float,
-                      support: np.ndarray | None = None, norms: np.ndarray | None = None) -> np.ndarray:
+                      support: np.ndarray | None = None, norms: np.ndarray | None = None,
+                      full_independent: bool | None = None) -> np.ndarray:
     """Among the optimal weights (same min-norm point), move towards the one of least ‖w‖.
 
     The optimal set is ``{w ≥ 0, Σw = 1, G w = G w*}`` restricted to the active tasks
@@ -456,7 +567,9 @@ def _min_norm_weights(Gn: np.ndarray, w: np.ndarray, x2: float, tol: float,
     0 (still optimal: the optimal set is convex). When the active tasks are Wolfe's final
     ``support`` and clearly affinely independent, the optimal weights are unique: returned as is.
     With ``norms`` (the task-gradient norms) a task is active when its KKT condition is tight on its
-    own scale, ``(Gw)_i ≤ wᵀGw + 10·tol·‖g_i‖·Σ_k w_k‖g_k‖``, else to ``10·tol`` absolute."""
+    own scale, ``(Gw)_i ≤ wᵀGw + 10·tol·‖g_i‖·Σ_k w_k‖g_k‖``, else to ``10·tol`` absolute.
+    ``full_independent``: :func:`_clearly_independent` of the whole ``Gn`` when the caller already
+    knows it (read off the Cholesky factor of its start), used when every task is active."""
     T = Gn.shape[0]
     grad = Gn @ w
     slack = 10 * tol * (norms * float(norms @ w) if norms is not None else 1.0)
@@ -466,8 +579,13 @@ def _min_norm_weights(Gn: np.ndarray, w: np.ndarray, x2: float, tol: float,
     if support is not None and active.size <= support.size:
         in_support = np.zeros(T, dtype=bool)
         in_support[support] = True
-        if in_support[active].all() and _clearly_independent(Gn[active[:, None], active]):
-            return w
+        if in_support[active].all():
+            if active.size == T and full_independent is not None:
+                independent = full_independent  # the same matrix, already factored
+            else:
+                independent = _clearly_independent(Gn[active[:, None], active])
+            if independent:
+                return w
     A = np.vstack([np.ones((1, active.size)), Gn[:, active]])
     # null space of A (directions that keep Σw and Gw, hence the update, unchanged)
     _, sv, Vt = np.linalg.svd(A)

@@ -1,0 +1,91 @@
+"""The plain-float path of ``min_norm_simplex`` (every task in the optimal support, T ≤ SMALL_T) against the
+general numpy path: the same weights to round-off, the same certificate, and a fallback wherever it does not apply."""
+
+import numpy as np
+import pytest
+
+from mtlens.methods import _solvers
+from mtlens.methods._solvers import _min_norm_all_tasks, min_norm_simplex
+
+
+def _general(G, **kw):
+    old = _solvers.SMALL_T
+    _solvers.SMALL_T = 0
+    try:
+        return min_norm_simplex(G, **kw)
+    finally:
+        _solvers.SMALL_T = old
+
+
+def _interior_gramian(rng, T, spread):
+    """Nearly orthogonal task gradients, norms ``spread`` apart: every task is in the optimal support
+    (cosines below 0.1/spread keep the optimum, w_t ∝ 1/‖g_t‖², inside the simplex)."""
+    R = rng.uniform(-1, 1, (T, T)) * 0.1 / spread
+    C = np.eye(T) + np.triu(R, 1) + np.triu(R, 1).T
+    n = np.logspace(0, np.log10(spread), T)
+    return C * np.outer(n, n)
+
+
+@pytest.mark.parametrize("T", [3, 4, 5, 8])
+@pytest.mark.parametrize("spread", [1.0, 1e2, 1e4])
+@pytest.mark.parametrize("relative", [True, False])
+def test_fast_path_matches_the_general_path_and_is_certified(T, spread, relative):
+    rng = np.random.default_rng(T + int(np.log10(spread)))
+    for _ in range(5):
+        G = _interior_gramian(rng, T, spread)
+        s = float(G.diagonal().max())
+        fast = _min_norm_all_tasks(G, s, 1e-13, relative)
+        assert fast is not None  # the path these Gramians take
+        ref = _general(G, relative=relative)
+        np.testing.assert_allclose(fast.weights, ref.weights, rtol=1e-10, atol=1e-14)
+        assert fast.value == pytest.approx(ref.value, rel=1e-12)
+        assert fast.weights.min() > 0 and fast.weights.sum() == pytest.approx(1.0, abs=1e-15)
+        # the certificate, recomputed here: (Gw)_i >= wᵀGw − tol·‖g_i‖·Σ_k w_k‖g_k‖ on G / max G_tt
+        Gn = G / s
+        w = fast.weights
+        grad = Gn @ w
+        n = np.sqrt(np.diag(Gn))
+        assert np.all(grad >= w @ grad - 1e-13 * n * (n @ w) * (1 + 1e-9))
+        assert min_norm_simplex(G, relative=relative).weights.tolist() == fast.weights.tolist()
+
+
+def test_fast_path_declines_where_it_does_not_apply_and_the_general_path_answers():
+    base = np.array([[1.0, 0.2, 0.1], [0.2, 2.0, 0.3], [0.1, 0.3, 3.0]])
+    cases = {
+        "vertex optimal": np.array([[1.0, 2.0, 3.0], [2.0, 5.0, 6.0], [3.0, 6.0, 10.0]]),  # g_0·g_t ≥ ‖g_0‖²
+        "partial support": np.array([[1.0, 0.0, 0.9], [0.0, 1.0, 0.9], [0.9, 0.9, 4.0]]),
+        "duplicated task": np.block([[base, base[:, :1]], [base[:1, :], base[:1, :1]]]),
+        "zero task": np.diag([1.0, 2.0, 0.0]),
+    }
+    for name, G in cases.items():
+        assert _min_norm_all_tasks(G, float(G.diagonal().max()), 1e-13, True) is None, name
+        got, ref = min_norm_simplex(G, relative=True), _general(G, relative=True)
+        assert got.weights.tolist() == ref.weights.tolist(), name
+
+
+def test_mgda_weights_without_numpy_equal_the_general_route_and_raise_alike():
+    """MGDA's numpy-free route (CPU, 3–8 tasks, normalization='none') returns the weights and logs of the general
+    route (validation + min_norm_simplex), bitwise; faults still raise the general route's errors."""
+    import torch
+
+    from mtlens.errors import NonFiniteError
+    from mtlens.methods import create
+
+    rng = np.random.default_rng(0)
+    for T in (3, 5, 8):
+        G = torch.from_numpy(_interior_gramian(rng, T, 10.0))
+        G[0, 1] += 1e-9  # slightly asymmetric: symmetrised alike
+        losses = torch.rand(T, dtype=torch.float64)
+        m = create("mgda")
+        w = m.weights(G, losses)
+        ref = min_norm_simplex(_solvers.check_gramian(G, losses, "mgda")[0], relative=True)
+        assert w.dtype == torch.float64 and w.tolist() == ref.weights.tolist()
+        assert m.log_values()["min_norm_sq"] == ref.value and m.log_values()["kkt_gap"] == ref.kkt_gap
+        general = _general(_solvers.check_gramian(G, None, "mgda")[0], relative=True)  # numpy, to round-off
+        np.testing.assert_allclose(w.numpy(), general.weights, rtol=1e-10, atol=1e-14)
+        bad = G.clone()
+        bad[1, 2] = float("nan")
+        with pytest.raises(NonFiniteError):
+            m.weights(bad, losses)
+        with pytest.raises(NonFiniteError):
+            m.weights(G, torch.full((T,), float("inf"), dtype=torch.float64))
