@@ -26,6 +26,16 @@ def test_all_finite_is_exact_for_large_small_and_mixed_tensors():
     assert not all_finite([huge, torch.tensor([float("nan")])])
     # +inf and -inf in different tensors cancel to NaN in the sum: still caught
     assert not all_finite([torch.tensor([float("inf")]), torch.tensor([-float("inf")])])
+    # complex: both parts are read (a real-valued sum used to drop the imaginary part: a NaN there passed)
+    for n in (3, _FUSED_BELOW + 1):
+        for dt in (torch.complex64, torch.complex128):
+            c = torch.randn(n, dtype=dt)
+            assert all_finite([c]) and all_finite([c, torch.randn(3)])
+            for bad in (complex(1, float("nan")), complex(float("inf"), 0), complex(0, -float("inf"))):
+                c2 = c.clone()
+                c2[-1] = bad
+                assert not all_finite([c2]) and not all_finite([torch.randn(3), c2]), (n, dt, bad)
+    assert all_finite([torch.arange(5), torch.randn(3)]) and all_finite([torch.empty(0), torch.tensor(1.0)])
 
 
 def test_all_finite_judges_sparse_gradients():
