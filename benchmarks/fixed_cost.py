@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/fixed_cost.py            # conv and MLP at T = 3, 11, 40; FD at T = 3, 11
     python benchmarks/fixed_cost.py --steps 40 --kinds conv --tasks 11
+    python benchmarks/fixed_cost.py --parts --kinds conv,mlp --tasks 3,11   # EW's fixed cost, part by part
 
 Rows are timed step by step, alternating (plain, EW, UW, plain, ...), so every ratio is the
 median over adjacent steps of the same round: slow drift of a shared machine cancels, per-step
@@ -14,6 +15,9 @@ leaves out the time other processes hold the core — on a shared machine the wa
 
 * ``EW / plain``: a full step (forward + backward) of ``mtl_backward`` with EW at loss level
   against ``sum(losses).backward()``; ``EW − plain`` the median paired difference in ms.
+* ``--parts``: the EW step's own work timed part by part inside the training loop (each engine
+  function the loss-level step calls wrapped by a timer, ≈ 1 µs per wrapper), against a plain
+  loop's ``backward()`` in the same round: what each remaining microsecond buys.
 * ``FD / MGDA step``: :func:`mtlens.diagnose.feature_disentanglement` on a feature-level MGDA
   step's record, against that step; ``monitored / MGDA`` the step with a ``SaliencyMonitor(("fd",))``
   call against the step without; ``logs / MGDA`` the floor: ``torch.log`` of T·|Z| numbers.
@@ -101,6 +105,70 @@ def monitor_rows(w: Workload) -> dict:
     }
 
 
+def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
+    """Seconds per step of each part of the EW step (``mtl_backward`` at loss level), timed in place: the
+    functions ``mtlens.engine.backward`` calls are wrapped by timers for the duration of the measurement.
+    Plain steps alternate with EW steps, so both see the same machine."""
+    import mtlens.engine.backward as B
+
+    ew = create("ew")
+    out: dict[str, list[float]] = {}
+    acc: dict[str, float] = {}
+    wrapped = {  # module attribute -> what it does in the step
+        "_loss_step": "",
+        "normalise_losses": "validate the losses (names, scalars, graphs)",
+        "normalise_features": "validate the features (attached)",
+        "StepRecord": "the record",
+        "find_leaves": "graph walk: the leaves to write",
+        "all_finite": "finiteness of losses, weights and every gradient (one fused read)",
+        "_accumulate": "write .grad",
+    }
+    originals = {name: getattr(B, name) for name in wrapped}
+    steps_seen: list[tuple[dict[str, float], float, float]] = []
+
+    def timer(name, f):
+        def g(*a, **k):
+            t0 = clock()
+            r = f(*a, **k)
+            acc[name] = acc.get(name, 0.0) + clock() - t0
+            return r
+        return g
+
+    grad = torch.autograd.grad
+    for name, f in originals.items():  # installed once: plain steps call none of them
+        setattr(B, name, timer(name, f))
+    torch.autograd.grad = timer("grad", grad)
+    try:
+        for i in range(3 + steps):
+            w.zero()
+            _, losses = w.forward()
+            t0 = clock()
+            sum(losses.values()).backward()
+            plain = clock() - t0
+            w.zero()
+            z, losses = w.forward()
+            acc.clear()
+            t0 = clock()
+            mtl_backward(losses, features=z, shared_params=w.shared, method=ew)
+            total = clock() - t0
+            if i >= 3:
+                steps_seen.append((acc.copy(), plain, total))
+    finally:
+        torch.autograd.grad = grad
+        for name, f in originals.items():
+            setattr(B, name, f)
+    for acc, plain, total in steps_seen:
+        step = acc.pop("_loss_step")
+        parts = {"mtl_backward's option checks (the lean path's conditions)": total - step}
+        parts.update({wrapped[k]: v for k, v in acc.items() if k != "grad"})
+        parts["torch.autograd.grad − the plain loop's sum(losses).backward()"] = acc["grad"] - plain
+        parts["the rest: stack, EW's combine, weights, snapshot, record fields"] = step - sum(acc.values())
+        parts["EW − plain (the mtl_backward call − sum(losses).backward())"] = total - plain
+        for k, v in parts.items():
+            out.setdefault(k, []).append(v)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
@@ -108,6 +176,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", default="3,11,40")
     ap.add_argument("--fd-tasks", default="3,11")
     ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu", help="thread CPU time (default) or wall clock")
+    ap.add_argument("--parts", action="store_true", help="time EW's fixed cost part by part instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -116,6 +185,16 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, 1 thread, {args.clock} clock, {args.steps} alternating steps per row; "
         "medians of same-round ratios"
     )
+    if args.parts:
+        kinds = args.kinds.split(",")
+        tasks = [int(t) for t in args.tasks.split(",")]
+        cols = [(k, T) for k in kinds for T in tasks]
+        res = {c: ew_parts(Workload(c[0], c[1], BATCH[c[0]]), args.steps, clock) for c in cols}
+        print("\n| part (µs per step, medians) | " + " | ".join(f"{k}, T = {T}" for k, T in cols) + " |")
+        print("|---|" + "---:|" * len(cols))
+        for part in res[cols[0]]:
+            print(f"| {part} | " + " | ".join(f"{statistics.median(res[c][part]) * 1e6:.0f}" for c in cols) + " |")
+        return
     print("\n| workload | plain ms | EW ms | EW / plain | EW − plain ms | UW / plain | UW − plain ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for kind in args.kinds.split(","):

@@ -26,6 +26,16 @@ def test_all_finite_is_exact_for_large_small_and_mixed_tensors():
     assert not all_finite([huge, torch.tensor([float("nan")])])
     # +inf and -inf in different tensors cancel to NaN in the sum: still caught
     assert not all_finite([torch.tensor([float("inf")]), torch.tensor([-float("inf")])])
+    # complex: both parts are read (a real-valued sum used to drop the imaginary part: a NaN there passed)
+    for n in (3, _FUSED_BELOW + 1):
+        for dt in (torch.complex64, torch.complex128):
+            c = torch.randn(n, dtype=dt)
+            assert all_finite([c]) and all_finite([c, torch.randn(3)])
+            for bad in (complex(1, float("nan")), complex(float("inf"), 0), complex(0, -float("inf"))):
+                c2 = c.clone()
+                c2[-1] = bad
+                assert not all_finite([c2]) and not all_finite([torch.randn(3), c2]), (n, dt, bad)
+    assert all_finite([torch.arange(5), torch.randn(3)]) and all_finite([torch.empty(0), torch.tensor(1.0)])
 
 
 def test_all_finite_judges_sparse_gradients():
@@ -248,3 +258,45 @@ def test_a_failing_loss_step_runs_no_accumulation_hook():
     with pytest.raises(NonFiniteError, match="non-finite gradient in the backward of 'ew'"):
         mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=create("ew"))
     assert calls == [] and all(p.grad is None for p in net.parameters())
+
+
+def test_find_leaves_is_a_first_reached_depth_first_walk():
+    """The iterative walk (leaves recognised by the AccumulateGrad type) against a recursive reference, on
+    random graphs with shared subgraphs, leaves that do not require grad and stop points."""
+    import random
+
+    from mtlens.engine.graph import find_leaves
+
+    def reference(roots, stop_at=()):
+        stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
+        stop_ids = {id(t) for t in stop_at if t.grad_fn is None}
+        seen, out = set(), []
+
+        def visit(node):
+            if node is None or node in seen or node in stop:
+                return
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            if var is not None:
+                if id(var) not in stop_ids and all(v is not var for v in out):
+                    out.append(var)
+                return
+            for nxt, _ in node.next_functions:
+                visit(nxt)
+
+        for r in roots:
+            visit(r.grad_fn)
+        return out
+
+    rng = random.Random(0)
+    ops = [lambda a, b: a + b, lambda a, b: a * b, lambda a, b: torch.stack([a, b]).sum(0),
+           lambda a, b: (a.exp() * b).sin(), lambda a, b: torch.cat([a, b, a])[:3]]
+    for _ in range(300):
+        nodes = [torch.randn(3, requires_grad=rng.random() < 0.8) for _ in range(6)]
+        for _ in range(rng.randint(1, 15)):
+            a, b = rng.sample(nodes, 2)
+            nodes.append(rng.choice(ops)(a, b))
+        roots = [n for n in rng.sample(nodes, 3) if n.requires_grad]
+        stops = [n for n in rng.sample(nodes, 2) if n.requires_grad]
+        for stop_at in ([], stops):
+            assert [id(t) for t in find_leaves(roots, stop_at)] == [id(t) for t in reference(roots, stop_at)]

@@ -40,6 +40,7 @@ from .gradients import (
     _sum,
     all_finite,
     compute_task_gradients,
+    host_finite,
     normalise_features,
     normalise_losses,
     transform_losses,
@@ -359,9 +360,10 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     messages, the same record and the same transaction (the method's state is restored and nothing is
     written into ``.grad`` unless every gradient is finite).
 
-    A method with ``constant_weights`` (EW) has its losses and weights checked together with the
-    gradients, in one fused check after the backward (the verdicts and messages are those of the
-    separate checks, in the same order of precedence: loss, then weights, then gradients).
+    A method with ``constant_weights`` (EW) has its losses checked together with the gradients, in one
+    fused check after the backward (the verdict and message are those of the separate checks: a
+    non-finite loss is reported as such, before any gradient). The weights (T floats, on the host) are
+    checked element by element, before the backward.
 
     Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why
     nothing was (the caller applies the non-finite policy)."""
@@ -371,7 +373,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     raw = stacked.detach()
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="loss")
     fused = method.constant_weights and not method.stateful
-    if not fused and not all_finite([raw]):
+    if not fused and not host_finite(raw):
         return record, _loss_problem(names, raw)
     name = method.name
     snap = method.snapshot()
@@ -391,19 +393,17 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             ) from exc
         if weights.device.type != "cpu":  # check_decision
             weights = weights.cpu()
-        if weights.shape[0] != len(names) or (not fused and not all_finite([weights])):
+        if weights.shape[0] != len(names) or not host_finite(weights):
             _bad_weights(name, weights, len(names))
         if objective is None:  # apply_decision, loss level
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
         params = find_leaves([objective])
         gs = torch.autograd.grad(objective, params, retain_graph=retain_graph, allow_unused=True)
         problem = ""
-        if not all_finite([*gs, raw, weights] if fused else gs):
-            if fused and not all_finite([raw]):
+        if not all_finite([*gs, raw] if fused else gs):
+            if fused and not host_finite(raw):
                 problem = _loss_problem(names, raw)
             else:
-                if fused and not all_finite([weights]):
-                    _bad_weights(name, weights, len(names))
                 problem = (f"non-finite gradient in the backward of '{name}' (losses {raw.tolist()}); nothing was "
                            "written into .grad")
         else:

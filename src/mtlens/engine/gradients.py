@@ -148,6 +148,8 @@ _FUSED_BELOW = 4096  # elements: smaller tensors are summed together after one c
 
 
 def _sum_for_check(t: Tensor) -> Tensor:
+    if t.is_complex() and t.layout == torch.strided:  # both parts (a real sum of a complex tensor drops the imaginary)
+        t = torch.view_as_real(t)
     return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
@@ -157,24 +159,42 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
     One read of the data and a handful of torch calls whatever the number of tensors: one sum per
     tensor of ≥ 4 096 elements, then one C++ concatenation of those sums with every smaller
     tensor (their per-call dispatch costs more than their data), one sum of that and one
-    ``.item()``. A sum propagates NaN and ±inf (``inf − inf`` is NaN) and is the cheapest full
-    read (an inf-norm is ~15x slower on CPU; ``torch.isfinite`` is four elementwise kernels). A
-    sum of finite values can overflow; only then, on that rare path, an elementwise ``isfinite``
-    of each tensor decides, so the answer is exact (no false alarm). Sparse tensors are judged by
-    their dense values (duplicates summed); mixed dtypes and devices are allowed."""
+    ``.item()`` (one concatenation per dtype when dtypes differ: a promoting concatenation is
+    slow). A sum propagates NaN and ±inf (``inf − inf`` is NaN) and is the cheapest full read (an
+    inf-norm is ~15x slower on CPU; ``torch.isfinite`` is four elementwise kernels). A sum of
+    finite values can overflow; only then, on that rare path, an elementwise ``isfinite`` of each
+    tensor decides, so the answer is exact (no false alarm). Sparse tensors are judged by their
+    dense values (duplicates summed); mixed dtypes and devices are allowed."""
     ts = [t for t in tensors if t is not None]
     if not ts:
         return True
     parts = [t if t.numel() < _FUSED_BELOW else _sum_for_check(t) for t in ts]  # large ones as their sums
-    try:  # torch.cat promotes mixed dtypes; several devices (or sparse tensors): summed one by one
-        total = _sum_for_check(parts[0] if len(parts) == 1 else _flatten_dense_tensors(parts))
-        if math.isfinite(total.item()):
+    dtype = parts[0].dtype
+    groups = [parts] if all(p.dtype is dtype for p in parts) else _by_dtype(parts)
+    try:  # several devices (or sparse tensors): summed one by one below
+        total = 0.0
+        for g in groups:
+            total += _sum_for_check(g[0] if len(g) == 1 else _flatten_dense_tensors(g)).item()
+        if math.isfinite(total):
             return True
     except (RuntimeError, NotImplementedError):
         if all(math.isfinite(_sum_for_check(p).item()) for p in parts):
             return True
     # the exact verdict (rare path); a sparse gradient is judged by its dense values (duplicates summed)
     return all(bool(torch.isfinite(t if t.layout == torch.strided else t.to_dense()).all()) for t in ts)
+
+
+def _by_dtype(parts: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for p in parts:
+        groups.setdefault(p.dtype, []).append(p)
+    return list(groups.values())
+
+
+def host_finite(values: Tensor) -> bool:
+    """Whether every element of a small tensor (task losses, task weights) is finite, judged on the
+    host, element by element: one read of the values (``tolist``), no kernel. Exact."""
+    return all(map(math.isfinite, values.tolist()))
 
 
 def _grads(

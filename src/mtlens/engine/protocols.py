@@ -445,9 +445,9 @@ class LossWeighting(Method):
     constant_weights: ClassVar[bool] = False
     """``True`` when :meth:`combine` is a pure function of the attached losses whose weights are the same at
     every step for a given number of tasks (EW): they read neither the loss values nor any state. The
-    engine may then check the losses and weights for finiteness together with the gradients, after the
-    backward and before anything is written (same verdicts, messages and transaction; the graph is then
-    freed on a failing step as on a successful one)."""
+    engine may then check the losses for finiteness together with the gradients, after the backward and
+    before anything is written (same verdicts, messages and transaction; the graph is then freed on a
+    failing step as on a successful one)."""
 
     def decide(self, grads: TaskGradients) -> Decision:
         """Loss level: the objective from :meth:`combine` on the attached objective losses."""

@@ -30,4 +30,6 @@ class EW(LossWeighting):
         return torch.ones_like(losses)
 
     def combine(self, losses: Tensor, grad_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return losses.sum(), torch.ones_like(losses.detach())
+        """``(Σ_t L_t, ones(T))``; the weights as the engine records them (float64, on the CPU), built
+        directly: no conversion or device copy in the step."""
+        return losses.sum(), torch.ones(losses.shape[0], dtype=torch.float64)
