@@ -3,6 +3,7 @@
     python benchmarks/param_jacobian.py                         # conv and MLP, T = 2 3 5 11 20 40
     python benchmarks/param_jacobian.py --kinds mlp --tasks 5 --steps 60
     python benchmarks/param_jacobian.py --steady --tasks 2,11,40 --steps 8  # training-loop order
+    python benchmarks/param_jacobian.py --against 74a28aa --clock thread     # + the engine of another commit
 
 The workloads are ``run_all.py``'s synthetic scaling encoders. Rows, called in turn one step
 each (in a fresh seeded random order every cycle; ``--steps`` cycles; every ratio is the median
@@ -18,6 +19,11 @@ floor):
   deciding from the whole Jacobian must hold);
 * ``UPGrad loop`` / ``UPGrad batched``: ``mtl_backward(level="param", jacobian=...)``;
 * ``TorchJD autojac``: ``torchjd.autojac.mtl_backward`` + ``jac_to_grad(shared, UPGrad())``.
+
+``--against REV`` adds ``UPGrad loop`` and ``PCGrad loop`` rows run by the engine of commit ``REV`` (its
+``src/mtlens`` extracted with ``git archive`` and imported as a second package in the same process) and prints
+this tree's / REV's ratio of each. ``--clock thread`` times with ``time.thread_time`` (CPU time of the
+thread: a step preempted by another process is not charged for the wait) instead of ``perf_counter``.
 
 ``--steady`` instead times blocks of consecutive steps of one variant (the order of a training loop;
 see :func:`steady`). Each row also gives its minor page faults per step (``getrusage``): fresh allocations above glibc's
@@ -45,7 +51,29 @@ from mtlens.engine import mtl_backward  # noqa: E402
 from mtlens.methods import create  # noqa: E402
 
 
-def rows_for(w: Workload) -> dict:
+def engine_of(rev: str):
+    """``(mtl_backward, create)`` of commit ``rev``'s engine, imported as the package ``mtlens_<rev>``."""
+    import importlib
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    blob = subprocess.run(["git", "archive", "--format=tar", rev, "src/mtlens"], cwd=root, check=True,
+                          capture_output=True).stdout
+    tmp = Path(tempfile.mkdtemp(prefix="param_jacobian_"))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(tmp, filter="data")
+    name = f"mtlens_{rev.replace('-', '_').replace('.', '_')}"
+    (tmp / "src" / "mtlens").rename(tmp / name)
+    sys.path.insert(0, str(tmp))
+    engine = importlib.import_module(f"{name}.engine")
+    methods = importlib.import_module(f"{name}.methods")
+    return engine.mtl_backward, methods.create
+
+
+def rows_for(w: Workload, against: str | None = None) -> dict:
     upgrad = create("upgrad")
     kept: list = []
 
@@ -77,17 +105,30 @@ def rows_for(w: Workload) -> dict:
 
         return step
 
+    def engine_with(backward, method):
+        def step():
+            w.zero()
+            z, losses = w.forward()
+            backward(losses, features=z, shared_params=w.shared, method=method, level="param")
+
+        return step
+
     rows = {"Jacobian loop": loop, "Jacobian batched": batched, "Jacobian loop, rows kept": loop_kept,
             "UPGrad loop": engine("loop"), "UPGrad batched": engine("batched")}
+    if against is not None:
+        old_backward, old_create = engine_of(against)
+        rows["PCGrad loop"] = engine_with(mtl_backward, create("pcgrad"))
+        rows[f"UPGrad loop @{against}"] = engine_with(old_backward, old_create("upgrad"))
+        rows[f"PCGrad loop @{against}"] = engine_with(old_backward, old_create("pcgrad"))
     tjd = torchjd_fns(w, w, batched=False)
     if "TorchJD autojac UPGrad" in tjd:
         rows["TorchJD autojac"] = tjd["TorchJD autojac UPGrad"]
     return rows
 
 
-def run(kind: str, T: int, steps: int) -> None:
+def run(kind: str, T: int, steps: int, against: str | None = None, clock=time.perf_counter) -> None:
     w = Workload(kind, T, 8 if kind == "conv" else 256)
-    rows = rows_for(w)
+    rows = rows_for(w, against)
     for fn in rows.values():  # warm-up
         fn()
         fn()
@@ -103,9 +144,9 @@ def run(kind: str, T: int, steps: int) -> None:
             for name in order:
                 fn = rows[name]
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     finally:
         gc.enable()
@@ -118,6 +159,10 @@ def run(kind: str, T: int, steps: int) -> None:
     if "TorchJD autojac" in times:
         r = statistics.median(a / b for a, b in zip(times["TorchJD autojac"], times["UPGrad loop"]))
         print(f"{kind:4s} T={T:2d}  autojac / UPGrad loop {r:.3f}")
+    if against is not None:
+        for m in ("UPGrad", "PCGrad"):
+            r = statistics.median(a / b for a, b in zip(times[f"{m} loop"], times[f"{m} loop @{against}"]))
+            print(f"{kind:4s} T={T:2d}  {m} loop this tree / @{against} {r:.3f}", flush=True)
 
 
 def steady(kind: str, T: int, blocks: int, per: int) -> None:
@@ -182,14 +227,18 @@ def main(argv=None) -> None:
     ap.add_argument("--steady", action="store_true",
                     help="training-loop order instead (blocks of consecutive steps of one variant; see steady())")
     ap.add_argument("--blocks", type=int, default=4, help="--steady: blocks per variant")
+    ap.add_argument("--against", default=None, help="a git revision whose engine to time in the same process")
+    ap.add_argument("--clock", choices=("perf", "thread"), default="perf",
+                    help="perf: time.perf_counter (wall); thread: time.thread_time (this thread's CPU time)")
     args = ap.parse_args(argv)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
     for kind in args.kinds.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
             if args.steady:
                 steady(kind, T, args.blocks, args.steps)
             else:
-                run(kind, T, args.steps)
+                run(kind, T, args.steps, args.against, clock)
 
 
 if __name__ == "__main__":
