@@ -52,3 +52,12 @@ def test_feature_fixed_cost_benchmark_against_a_reference_copy(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 10  # EW, floor, MGDA ref/new, UPGrad ref/new, MGDA/floor, faults
     assert all(float(c) > 0 for c in cells[2:9])
+
+
+@pytest.mark.slow
+def test_feature_ladder_benchmark_prints_every_row():
+    out = _run("benchmarks/feature_ladder.py", "--kinds", "mlp", "--tasks", "3", "--steps", "2")
+    row = next(line for line in out.splitlines() if line.startswith("| mlp | 3 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 8 and float(cells[2]) > 0  # EW ms, then floor … mgda as "ms (ratio to EW)"
+    assert all(float(c.split()[0]) > 0 and c.split()[1].startswith("(") for c in cells[3:])

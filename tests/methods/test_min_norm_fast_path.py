@@ -5,28 +5,29 @@ import numpy as np
 import pytest
 
 from mtlens.methods import _solvers
-from mtlens.methods._solvers import _min_norm_all_tasks, min_norm_simplex
+from mtlens.methods._solvers import _min_norm_all_tasks, _min_norm_all_tasks_numpy, min_norm_simplex
 
 
 def _general(G, **kw):
-    old = _solvers.SMALL_T
+    old, old_np = _solvers.SMALL_T, _solvers._min_norm_all_tasks_numpy
     _solvers.SMALL_T = 0
+    _solvers._min_norm_all_tasks_numpy = lambda *a: None
     try:
         return min_norm_simplex(G, **kw)
     finally:
-        _solvers.SMALL_T = old
+        _solvers.SMALL_T, _solvers._min_norm_all_tasks_numpy = old, old_np
 
 
 def _interior_gramian(rng, T, spread):
     """Nearly orthogonal task gradients, norms ``spread`` apart: every task is in the optimal support
-    (cosines below 0.1/spread keep the optimum, w_t ∝ 1/‖g_t‖², inside the simplex)."""
-    R = rng.uniform(-1, 1, (T, T)) * 0.1 / spread
+    (cosines below 0.3/(spread·T) keep the optimum, w_t ∝ 1/‖g_t‖², inside the simplex)."""
+    R = rng.uniform(-1, 1, (T, T)) * 0.3 / (spread * T)
     C = np.eye(T) + np.triu(R, 1) + np.triu(R, 1).T
     n = np.logspace(0, np.log10(spread), T)
     return C * np.outer(n, n)
 
 
-@pytest.mark.parametrize("T", [3, 4, 5, 8])
+@pytest.mark.parametrize("T", [3, 4, 5, 8, 11, 20, 40])
 @pytest.mark.parametrize("spread", [1.0, 1e2, 1e4])
 @pytest.mark.parametrize("relative", [True, False])
 def test_fast_path_matches_the_general_path_and_is_certified(T, spread, relative):
@@ -34,7 +35,7 @@ def test_fast_path_matches_the_general_path_and_is_certified(T, spread, relative
     for _ in range(5):
         G = _interior_gramian(rng, T, spread)
         s = float(G.diagonal().max())
-        fast = _min_norm_all_tasks(G, s, 1e-13, relative)
+        fast = (_min_norm_all_tasks if T <= _solvers.SMALL_T else _min_norm_all_tasks_numpy)(G, s, 1e-13, relative)
         assert fast is not None  # the path these Gramians take
         ref = _general(G, relative=relative)
         np.testing.assert_allclose(fast.weights, ref.weights, rtol=1e-10, atol=1e-14)
@@ -59,6 +60,7 @@ def test_fast_path_declines_where_it_does_not_apply_and_the_general_path_answers
     }
     for name, G in cases.items():
         assert _min_norm_all_tasks(G, float(G.diagonal().max()), 1e-13, True) is None, name
+        assert _min_norm_all_tasks_numpy(G, float(G.diagonal().max()), 1e-13, True) is None, name
         got, ref = min_norm_simplex(G, relative=True), _general(G, relative=True)
         assert got.weights.tolist() == ref.weights.tolist(), name
 

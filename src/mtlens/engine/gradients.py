@@ -1038,7 +1038,8 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
             tg.saliencies = feature_blocks[0]  # the same values (raw = objective, unscaled): no second copy
         elif len({tuple(s[0].shape) for s in sal_multi}) == 1:
             own = [s[0].detach() for s in sal_multi]
-            tg.saliencies = torch.stack(_raw_saliencies(own, raw, transform, scale))
+            # into a reused block where no one holds the last one (engine/pool.py: no page faults every step)
+            tg.saliencies = pool.stack(_raw_saliencies(own, raw, transform, scale))
     assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
     tg.head_rows = [[None if g is None else _value(g, scale) for g in row] for row in head_rows]
     tg._reg_total = reg_total

@@ -226,6 +226,31 @@ def _min_norm_all_tasks(G: np.ndarray, s: float, tol: float, relative: bool) -> 
     return MinNormResult(np.array(w), value, 1, gap, gap_task)
 
 
+def _min_norm_all_tasks_numpy(G: np.ndarray, s: float, tol: float, relative: bool) -> MinNormResult | None:
+    """:func:`_min_norm_all_tasks_floats` for larger T, in numpy: the same steps and tests in ~35 array calls
+    instead of the general path's ~90 (each costs ~5 µs inside a training step)."""
+    Gn = G / s
+    dn = Gn.diagonal()
+    if not float(dn.min()) > 0.0:
+        return None
+    norms = np.sqrt(dn)
+    i0 = int(np.argmin(dn))
+    if max(0.0, float(np.max((dn[i0] - Gn[:, i0]) / (norms * norms[i0])))) <= tol:
+        return None  # the vertex is optimal: the general path returns it
+    v, independent = _affine_minimizer_chol_pivot(Gn)
+    if v is None or not independent or not float(v.min()) > 0.0:
+        return None
+    grad = Gn @ v
+    x2 = float(v @ grad)
+    if x2 > float(dn[i0]):
+        return None
+    gap_task = max(0.0, float(np.max((x2 - grad) / (norms * float(norms @ v)))))
+    if gap_task > tol:
+        return None
+    gap_abs = max(0.0, float(np.max(x2 - grad)))
+    return MinNormResult(v, x2 * s, 1, gap_task if relative else gap_abs, gap_task)
+
+
 def _min_norm_all_tasks_floats(G: list[list[float]], s: float, tol: float, relative: bool
                                ) -> tuple[list[float], float, float, float] | None:
     """Wolfe's algorithm on its most common path — every task in the optimal support — in plain floats.
@@ -368,8 +393,8 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
     s = max(float(G.diagonal().max()), 0.0)  # gramian_scale
     if s <= 0.0:
         return MinNormResult(np.full(T, 1.0 / T), 0.0, 0, 0.0)
-    if 3 <= T <= SMALL_T:
-        fast = _min_norm_all_tasks(G, s, tol, relative)
+    if T >= 3:
+        fast = (_min_norm_all_tasks if T <= SMALL_T else _min_norm_all_tasks_numpy)(G, s, tol, relative)
         if fast is not None:
             return fast
     Gn = G / s
