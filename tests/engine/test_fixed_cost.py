@@ -181,7 +181,7 @@ def test_lean_loss_step_takes_every_loss_form(form):
     z, losses = net_a(x)
     vals = list(losses.values())
     given = torch.stack(vals) if form == "stacked" else vals
-    rec_a = mtl_backward(given, task_names=list(losses), features=z, method=create("uw", num_tasks=3))
+    rec_a = mtl_backward(given, task_names=list(losses), features=z, method=create("uw", num_tasks=3), level="loss")
     z, losses = net_b(x)
     rec_b = _three_steps(losses, z, net_b, create("uw", num_tasks=3))
     assert rec_a.task_names == rec_b.task_names == ["t0", "t1", "t2"]
