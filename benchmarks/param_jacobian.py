@@ -25,6 +25,8 @@ floor):
 this tree's / REV's ratio of each. ``--clock thread`` times with ``time.thread_time`` (CPU time of the
 thread: a step preempted by another process is not charged for the wait) instead of ``perf_counter``.
 
+``--phases`` instead times UPGrad's step function by function from inside (:func:`phases`).
+
 ``--steady`` instead times blocks of consecutive steps of one variant (the order of a training loop;
 see :func:`steady`). Each row also gives its minor page faults per step (``getrusage``): fresh allocations above glibc's
 mmap threshold (at most 32 MiB) are mapped anew and faulted in page by page on every step.
@@ -218,6 +220,72 @@ def steady(kind: str, T: int, blocks: int, per: int) -> None:
               f"minor faults/step {statistics.median(faults[name]):7.0f}", flush=True)
 
 
+def phases(kind: str, T: int, steps: int, clock=time.thread_time) -> None:
+    """Where UPGrad's parameter-level step spends its time: the engine's functions timed from inside (each
+    wrapped with ``clock``), per step, next to the loop floor (``Jacobian loop``) and the forward alone,
+    alternating step by step. ``heads pass`` + ``encoder rows`` minus (floor − forward) is what the engine's
+    per-task gradients cost above the floor's backward."""
+    import collections
+
+    import mtlens.engine.backward as backward_mod
+    import mtlens.engine.gradients as gradients_mod
+
+    w = Workload(kind, T, 8 if kind == "conv" else 256)
+    upgrad = create("upgrad")
+    acc: dict = collections.defaultdict(float)
+    saved = []
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+        saved.append((owner, name, fn))
+
+        def wrapper(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[label] += clock() - t0
+
+        setattr(owner, name, wrapper)
+
+    for owner, name, label in [(gradients_mod, "_heads_pass", "heads pass"),
+                               (gradients_mod, "_encoder_rows", "encoder rows"),
+                               (gradients_mod.TaskGradients, "gramian", "Gramian"),
+                               (type(upgrad), "decide", "decision (UPGrad)"),
+                               (backward_mod, "check_decision", "check_decision"),
+                               (backward_mod, "apply_decision", "apply_decision"),
+                               (backward_mod, "compute_task_gradients", "step 1 (compute_task_gradients)")]:
+        timed(owner, name, label)
+    total: dict = collections.defaultdict(float)
+    try:
+        def floor():
+            w.zero()
+            _, losses = w.forward()
+            for t, L in enumerate(losses.values()):
+                torch.autograd.grad(L, w.shared + list(w.heads[t].parameters()), retain_graph=True)
+
+        for i in range(steps + 3):
+            if i == 3:
+                acc.clear()
+                total.clear()
+            t0 = clock()
+            floor()
+            t1 = clock()
+            w.zero()
+            z, losses = w.forward()
+            t2 = clock()
+            mtl_backward(losses, features=z, shared_params=w.shared, method=upgrad, level="param")
+            t3 = clock()
+            total["Jacobian loop (floor)"] += t1 - t0
+            total["forward"] += t2 - t1
+            total["mtl_backward"] += t3 - t2
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+    for label, v in [*total.items(), *acc.items()]:
+        print(f"{kind:4s} T={T:2d}  phases  {label:34s} {v / steps * 1e3:8.3f} ms/step", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="conv,mlp")
@@ -227,6 +295,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steady", action="store_true",
                     help="training-loop order instead (blocks of consecutive steps of one variant; see steady())")
     ap.add_argument("--blocks", type=int, default=4, help="--steady: blocks per variant")
+    ap.add_argument("--phases", action="store_true",
+                    help="instead: UPGrad's step timed function by function from inside (see phases())")
     ap.add_argument("--against", default=None, help="a git revision whose engine to time in the same process")
     ap.add_argument("--clock", choices=("perf", "thread"), default="perf",
                     help="perf: time.perf_counter (wall); thread: time.thread_time (this thread's CPU time)")
@@ -235,7 +305,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     for kind in args.kinds.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
-            if args.steady:
+            if args.phases:
+                phases(kind, T, args.steps, clock)
+            elif args.steady:
                 steady(kind, T, args.blocks, args.steps)
             else:
                 run(kind, T, args.steps, args.against, clock)

@@ -171,6 +171,25 @@ def test_lean_loss_step_equals_the_three_engine_steps(name):
                 m.after_step(rec_a.losses * 0.9)
 
 
+@pytest.mark.parametrize("form", ["stacked", "list"])
+def test_lean_loss_step_takes_every_loss_form(form):
+    """A stacked loss vector (TorchJD's and LibMTL's examples) or a list, with task_names: the same step."""
+    torch.manual_seed(0)
+    net_a, net_b = TinyNet(3, offsets=[0.1, 0.2, 0.3]), TinyNet(3, offsets=[0.1, 0.2, 0.3])
+    net_b.load_state_dict(net_a.state_dict())
+    x = torch.randn(4, 5)
+    z, losses = net_a(x)
+    vals = list(losses.values())
+    given = torch.stack(vals) if form == "stacked" else vals
+    rec_a = mtl_backward(given, task_names=list(losses), features=z, method=create("uw", num_tasks=3), level="loss")
+    z, losses = net_b(x)
+    rec_b = _three_steps(losses, z, net_b, create("uw", num_tasks=3))
+    assert rec_a.task_names == rec_b.task_names == ["t0", "t1", "t2"]
+    assert torch.equal(rec_a.losses, rec_b.losses) and torch.equal(rec_a.weights, rec_b.weights)
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+
+
 @pytest.mark.parametrize("name", ["ew", "uw"])
 def test_lean_loss_step_refuses_what_the_engine_refuses(name):
     """Non-finite losses (each task named), a detached feature map, a non-scalar loss, a loss without graph:

@@ -46,3 +46,39 @@ def test_only_conflicting_rows_are_solved_and_match_the_full_solve(monkeypatch, 
     n = np.ones(4) if ridge == "trace" else np.sqrt(np.diag(G))
     full = real(M, np.eye(4) * n, 1e-12, "reference") / n
     np.testing.assert_allclose(V, full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ridge", ["relative", "trace"])
+@pytest.mark.parametrize("pref", [None, (1.0, 2.0, 0.5, 3.0)])
+def test_upgrad_without_conflict_is_the_general_route_bit_for_bit(monkeypatch, ridge, pref):
+    """UPGrad on a Gramian with no negative entry returns p from one tolist(): the same tensor as the
+    general route (eigen-decomposition / NNLS skipped there too), which it never enters."""
+    import torch
+
+    from mtlens.methods import create
+
+    J = torch.rand(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    J[3] = 0.0  # a zero gradient: no conflict either
+    G = J @ J.T
+    up = create("upgrad", ridge=ridge, pref_vector=pref)
+    fast = up.weights(G)
+    monkeypatch.setattr(type(up), "_without_conflict", lambda self, g: None)
+    general = up.weights(G)
+    assert fast.dtype == general.dtype == torch.float64 and torch.equal(fast, general)
+
+
+def test_upgrad_fast_path_defers_conflicts_and_faults_to_the_general_route():
+    import torch
+
+    from mtlens.errors import NonFiniteError, ShapeError
+    from mtlens.methods import create
+
+    up = create("upgrad")
+    G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
+    assert up._without_conflict(G) is None
+    w = up.weights(G)
+    assert not torch.equal(w, torch.full((2,), 0.5, dtype=torch.float64))  # projected: more than the mean
+    with pytest.raises(NonFiniteError):
+        up.weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=torch.float64))
+    with pytest.raises(ShapeError):
+        up.weights(torch.ones(2, 3, dtype=torch.float64))

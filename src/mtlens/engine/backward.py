@@ -205,7 +205,7 @@ def mtl_backward(
         NonFiniteError: a non-finite loss or gradient under ``nonfinite="raise"``, or a method
             that failed on this step's numbers (its state is left as before the step).
     """
-    if (getattr(type(method), "decide", None) is LossWeighting.decide and level is None and not regularizers
+    if (getattr(type(method), "decide", None) is LossWeighting.decide and level in (None, "loss") and not regularizers
             and not keep_saliencies and not compute_gramian and cache is None and grad_scaler is None
             and loss_transform in (None, "none") and method.loss_transform is None and not method.needs_grad_norms
             and jacobian in JACOBIAN_MODES and nonfinite in NONFINITE_POLICIES
