@@ -98,6 +98,16 @@ def test_fixed_cost_script_prints_both_tables(capsys):
     out = capsys.readouterr().out
     assert "| conv, T=2 |" in out and "EW / plain" in out and "FD / step" in out
     assert "nan" not in out
+    # --parts: EW's fixed cost part by part; the engine's functions are put back afterwards
+    import torch
+
+    import mtlens.engine.backward as B
+
+    before = {k: getattr(B, k) for k in ("find_leaves", "all_finite", "_accumulate", "_loss_step")}
+    mod.main(["--parts", "--steps", "2", "--kinds", "conv", "--tasks", "2"])
+    out = capsys.readouterr().out
+    assert "| graph walk: the leaves to write |" in out and "| EW − plain" in out and "nan" not in out
+    assert all(getattr(B, k) is f for k, f in before.items()) and torch.autograd.grad.__module__ == "torch.autograd"
 
 
 def test_noise_statement_follows_the_measured_load(run_all):
