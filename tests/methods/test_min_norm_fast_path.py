@@ -66,7 +66,7 @@ def test_fast_path_declines_where_it_does_not_apply_and_the_general_path_answers
 
 
 def test_mgda_weights_without_numpy_equal_the_general_route_and_raise_alike():
-    """MGDA's numpy-free route (CPU, 3–8 tasks, normalization='none') returns the weights and logs of the general
+    """MGDA's numpy-free route (CPU, 3–12 tasks, normalization='none') returns the weights and logs of the general
     route (validation + min_norm_simplex), bitwise; faults still raise the general route's errors."""
     import torch
 

@@ -265,6 +265,7 @@ class TaskGradients:
     _task_params: list[Tensor] | None = None
     _attached_stack: Tensor | None = None  # loss level: torch.stack(_attached), when built with the raw losses
     _find_task_params: Callable[[], list[Tensor]] | None = None  # loss level: the graph walk, run when first read
+    _head_index: list[list[int]] | None = None  # per task: the head parameters it reaches (heads pass), else None
 
     @property
     def T(self) -> int:
@@ -769,8 +770,9 @@ def _entry_points(tg: TaskGradients, transform: str, scale: float, like: Tensor)
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
                 create_graph: bool, retain_graph: bool, split: StackSplit | None = None,
                 entries: list[tuple[Any, Tensor]] | None = None
-                ) -> tuple[list[list[Tensor]], list[list[Tensor | None]]]:
-    """One backward per task through its head: the saliencies ``S_t`` (per map) and head rows.
+                ) -> tuple[list[list[Tensor]], list[list[Tensor | None]], list[list[int]]]:
+    """One backward per task through its head: the saliencies ``S_t`` (per map), head rows, and per task the
+    indices of the head parameters it reaches (the only entries of its row that can be set).
 
     Each task's backward asks only for the head parameters its loss reaches (found by the same
     graph walk that decides which parts of the graph can be freed): autograd prepares one capture
@@ -804,7 +806,7 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
             hr[i] = g
         sal.append(s)
         rows.append(hr)
-    return sal, rows
+    return sal, rows, own
 
 
 def _dense(gs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
@@ -944,8 +946,9 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     sal_multi: list[list[Tensor]] | None = None
     head_rows: list[list[Tensor | None]] | None = None
     if feats.maps and not dependent:
-        sal_multi, head_rows = _heads_pass(names, obj_scaled, feats, heads, create or saliency_graph, retain_graph,
-                                             tg._split, _entry_points(tg, transform, scale, raw))
+        sal_multi, head_rows, tg._head_index = _heads_pass(
+            names, obj_scaled, feats, heads, create or saliency_graph, retain_graph, tg._split,
+            _entry_points(tg, transform, scale, raw))
         if saliency_graph:  # attached through the heads, unscaled (ConsMTL differentiates them w.r.t. the heads)
             tg._sal_graph = [[s / scale if scale != 1.0 else s for s in row] for row in sal_multi]
             if not create:  # everything below uses them as values only
@@ -1041,7 +1044,10 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
             # into a reused block where no one holds the last one (engine/pool.py: no page faults every step)
             tg.saliencies = pool.stack(_raw_saliencies(own, raw, transform, scale))
     assert head_rows is not None  # from the heads pass, or from the per-task loop when it did not run
-    tg.head_rows = [[None if g is None else _value(g, scale) for g in row] for row in head_rows]
+    if scale == 1.0 and not create and not saliency_graph:  # autograd's outputs without a graph: as they are
+        tg.head_rows = head_rows  # (a T × (head parameters) pass of Python for nothing: 3 200 entries at T = 40)
+    else:
+        tg.head_rows = [[None if g is None else _value(g, scale) for g in row] for row in head_rows]
     tg._reg_total = reg_total
     tg._reg_kind = "param" if param_regs else "saliency"
     # diag(G) = Σ g_t² in float64 is finite iff every per-task gradient is: a free check

@@ -213,7 +213,7 @@ def _affine_minimizer_chol_pivot(M: np.ndarray) -> tuple[np.ndarray | None, bool
     return u / su, independent
 
 
-SMALL_T = 8
+SMALL_T = 12
 """Up to this many tasks :func:`min_norm_simplex` first tries :func:`_min_norm_all_tasks` (plain floats)."""
 
 

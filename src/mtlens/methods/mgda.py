@@ -114,7 +114,7 @@ class MGDA(GramianWeighting):
         return to_weights(w, gramian)
 
     def _weights_all_tasks(self, gramian: Tensor, losses: Tensor) -> Tensor | None:
-        """The common case without numpy: a finite CPU Gramian of 3–8 tasks (``SMALL_T``), every task in the
+        """The common case without numpy: a finite CPU Gramian of 3–12 tasks (``SMALL_T``), every task in the
         optimal support, ``normalization="none"``: the same validation (finite, symmetrised as
         ``0.5·G + 0.5·Gᵀ``, finite losses of length T) and the solver's plain-float path with its certificate
         (:func:`mtlens.methods._solvers._min_norm_all_tasks_floats`). ``None`` — the general route, which
