@@ -82,3 +82,51 @@ def test_upgrad_fast_path_defers_conflicts_and_faults_to_the_general_route():
         up.weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=torch.float64))
     with pytest.raises(ShapeError):
         up.weights(torch.ones(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reg_eps", [0.0, 1e-12, 1e-3])
+@pytest.mark.parametrize("pref", [None, (1.0, 3.0)])
+def test_upgrad_two_conflicting_tasks_in_closed_form_match_the_nnls_route(monkeypatch, reg_eps, pref):
+    """T = 2 with a conflict: the closed form equals the eigendecomposition + NNLS route (as coefficients of
+    the unit gradients, to that route's own round-off) over cosines from -0.999999 to -1e-6 and gradient
+    norms 1e-6 to 1e6 apart, and weights() never enters that route."""
+    import torch
+
+    from mtlens.methods import create
+
+    up = create("upgrad", reg_eps=reg_eps, pref_vector=pref)
+    rng = np.random.default_rng(7)
+    cases = 0
+    for c in (-0.999999, -0.9, -0.5, -0.1, -1e-6):
+        for ratio in (1e-6, 0.3, 1.0, 7.0, 1e6):
+            n0, n1 = float(rng.uniform(0.5, 2.0)), None
+            n1 = n0 * ratio
+            G = torch.tensor([[n0 * n0, c * n0 * n1], [c * n0 * n1, n1 * n1]], dtype=torch.float64)
+            closed = up._two_tasks(G)
+            assert closed is not None
+            monkeypatch.setattr(type(up), "_two_tasks", lambda self, g: None)
+            general = up.weights(G)
+            monkeypatch.undo()
+            # compared as coefficients of the unit gradients (w ⊙ n: the update's own scale), to 1e-13 times the
+            # cosine matrix's condition number — the general route's eigh + NNLS round-off on that scale
+            cond = (1.0 + abs(c)) / (1.0 - abs(c))
+            n = torch.tensor([n0, n1], dtype=torch.float64)
+            scale = float((general * n).abs().max())
+            torch.testing.assert_close(closed * n, general * n, rtol=0, atol=1e-13 * cond * scale)
+            torch.testing.assert_close(up.weights(G), closed, rtol=0, atol=0)
+            cases += 1
+    assert cases == 25
+
+
+def test_upgrad_two_tasks_defer_degenerate_cases_to_the_general_route():
+    import torch
+
+    from mtlens.methods import create
+
+    up = create("upgrad")
+    opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    zero = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    aligned = torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    assert up._two_tasks(opposite) is None and up._two_tasks(zero) is None and up._two_tasks(aligned) is None
+    assert create("upgrad", ridge="trace")._two_tasks(torch.tensor([[1.0, -0.5], [-0.5, 1.0]])) is None
+    assert torch.isfinite(up.weights(opposite)).all()

@@ -410,7 +410,9 @@ def test_dual_cone_projection_not_certified_is_an_error(monkeypatch):
     from mtlens.methods import _qp
 
     monkeypatch.setattr(_qp, "_solve_nnls", lambda C, U, reg_eps, method: U.copy())
-    J = np.array([[1.0, 0.0], [-0.5, 1.0]])  # conflicting: the projection must move
+    # conflicting (tasks 0 and 1): the projection must move; three tasks, so UPGrad's closed form for two
+    # does not answer instead of the solver
+    J = np.array([[1.0, 0.0, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
     with pytest.raises(SolverError, match=r"upgrad: not converged: .* relative KKT residual"):
         create("upgrad").weights(torch.tensor(J @ J.T))
 
