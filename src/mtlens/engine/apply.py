@@ -261,7 +261,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     if flat_shared is not None and local_shared is None and not decision.extra_grads:
         checked: list[Tensor] = [flat_shared]  # shared_g are its views: one read of the flat vector
     else:
-        checked = list(shared_g)
+        checked = [g for g in shared_g if g is not None]
     if not all_finite(checked + [g for g in head_g + other_g if g is not None]):
         return f"non-finite combined gradient from '{name}'; nothing was written into .grad"
     _accumulate(shared, shared_g, scale)

@@ -23,7 +23,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -214,7 +214,7 @@ def mtl_backward(
         # The same step as below, with every check that can fail here, without the general machinery
         # (docs/performance.md, "EW against a plain loop").
         check_loss_transform(method, "none")
-        record, problem = _loss_step(losses, task_names, features, method, retain_graph)
+        record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph)
         return record if not problem else _not_written(problem, nonfinite, record, None, None)
     if not isinstance(method, Method):
         raise ConfigurationError(
@@ -351,7 +351,7 @@ def mtl_backward(
 
 
 def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
-               features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, method: Method,
+               features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, method: LossWeighting,
                retain_graph: bool) -> tuple[StepRecord, str]:
     """One loss-level step of a loss weighting whose decision is the default one (``combine`` of the
     attached losses), without a loss transform, GradScaler, process group, cache, regulariser or

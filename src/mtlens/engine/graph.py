@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 # The node autograd puts at each leaf that requires grad (it holds the leaf as ``.variable``).
-_ACCUMULATE_GRAD: type = torch._C._functions.AccumulateGrad
+_ACCUMULATE_GRAD: type = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
 
 
 def find_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) -> list[Tensor]:
@@ -37,7 +37,7 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) -> list
             continue
         mark(node)
         if type(node) is acc:
-            var = node.variable
+            var = node.variable  # type: ignore[attr-defined]
             if var is not None and id(var) not in seen_leaves:
                 seen_leaves.add(id(var))
                 leaves.append(var)

@@ -39,7 +39,7 @@ Certificate (tested, not run at every call): the KKT conditions on the unit grad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -127,7 +127,8 @@ def dual_cone_weights(
     return out
 
 
-def _solve_where_needed(solve, M: np.ndarray, low: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
+def _solve_where_needed(solve: Callable[..., np.ndarray], M: np.ndarray, low: np.ndarray, reg_eps: float,
+                        method: str) -> np.ndarray:
     """Rows ``y = argmin_{y ≥ low} yᵀ(M + reg_eps I)y``, calling ``solve`` only for the rows whose lower bound
     is not already the minimiser.
 
