@@ -122,16 +122,23 @@ def test_noise_statement_follows_the_measured_load(run_all):
 
 def test_targets_classify_each_point_against_its_floor(run_all):
     nan = float("nan")
-    assert run_all.classify([(1.02, 1.01, "a"), (1.03, 1.0, "b")], 1.03) == ("yes", "none of 2")
-    # above the target only where the same-round arithmetic floor is above it too: the maths forbids it there
-    verdict, detail = run_all.classify([(1.01, 1.0, "a"), (1.30, 1.20, "b T=40")], 1.15)
-    assert verdict == "floor" and "b T=40" in detail
-    # one point above the target with its floor below it: the engine's own cost, a miss
-    verdict, detail = run_all.classify([(1.30, 1.20, "b"), (1.20, 1.05, "c")], 1.15)
-    assert verdict == "**no**" and "engine's own cost (c)" in detail and "(b)" in detail
-    # no floor measured: every point above the target is a miss
-    assert run_all.classify([(1.2, nan, "a")], 1.1)[0] == "**no**"
-    assert run_all.classify([(nan, nan, "a")], 1.1) == ("—", "not measured")
+    c = run_all.classify([(1.02, 1.01, "a"), (1.03, 1.0, "b")], 1.03)
+    assert c["verdict"] == "yes" and c["met"] == ["a", "b"]
+    # beyond the target only where the same-round arithmetic floor is beyond it too: the maths forbids it there
+    c = run_all.classify([(1.01, 1.0, "a"), (1.30, 1.20, "b T=40")], 1.15)
+    assert c["verdict"] == "floor" and c["floor"] == ["b T=40"]
+    # beyond the target with its floor within it: the engine's own cost, a miss; just beyond it: noise, still a miss
+    c = run_all.classify([(1.30, 1.20, "b"), (1.20, 1.05, "c"), (1.16, 1.05, "d")], 1.15)
+    assert c["verdict"] == "**no**" and c["engine"] == ["c"] and c["floor"] == ["b"] and c["noise"] == ["d"]
+    # no floor measured: every point beyond the target is a miss
+    assert run_all.classify([(1.2, nan, "a")], 1.1)["verdict"] == "**no**"
+    # a point that failed (NaN) is never read as met
+    c = run_all.classify([(1.0, 1.0, "a"), (nan, nan, "b")], 1.15)
+    assert c["verdict"] == "**no**" and c["not measured"] == ["b"]
+    # higher is better (TorchJD's time / mtlens'): classified directly, no inversion of a median
+    c = run_all.classify([(1.19, nan, "a"), (0.99, nan, "b"), (0.9, nan, "c")], 1.0, higher_is_better=True)
+    assert c["met"] == ["a"] and c["noise"] == ["b"] and c["engine"] == ["c"] and c["verdict"] == "**no**"
+    assert "met 1" in run_all._detail(c) and "(b)" in run_all._detail(c)
 
 
 def test_arithmetic_floor_rows_write_the_same_gradients_as_the_engine(run_all):
