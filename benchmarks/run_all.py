@@ -1098,10 +1098,11 @@ def classify(points: list[tuple[float, float, str]], bound: float, higher_is_bet
     Each point is *met* (within the bound); *floor* (beyond it, and the arithmetic floor measured in the same
     round is beyond it too: no exact implementation meets the target there); *noise* (beyond it by at most
     :data:`NOISE` relative to the bound, with the floor within it); *engine* (beyond it by more, with the floor
-    within it: the engine's own cost); or *not measured* (NaN: an error or a skipped row). Returns the lists of
+    within it: the engine's own cost); *no floor* (beyond it, and the target has no floor row: the cause is not
+    measured here); or *not measured* (NaN: an error or a skipped row). Returns the lists of
     places per category and the verdict: ``yes`` (all met), ``floor`` (none *engine*/*noise*/*not measured*, at
     least one *floor*), ``**no**`` otherwise."""
-    out: dict = {"met": [], "floor": [], "noise": [], "engine": [], "not measured": []}
+    out: dict = {"met": [], "floor": [], "noise": [], "engine": [], "no floor": [], "not measured": []}
     for v, f, where in points:
         if v != v:
             out["not measured"].append(where)
@@ -1113,9 +1114,11 @@ def classify(points: list[tuple[float, float, str]], bound: float, higher_is_bet
             out["floor"].append(where)
         elif abs(v - bound) <= NOISE * bound:
             out["noise"].append(where)
+        elif f != f:  # no floor row for this target: beyond it, cause not measured here
+            out["no floor"].append(where)
         else:
             out["engine"].append(where)
-    bad = out["engine"] or out["noise"] or out["not measured"]
+    bad = out["engine"] or out["noise"] or out["no floor"] or out["not measured"]
     out["verdict"] = "**no**" if bad or not points else ("floor" if out["floor"] else "yes")
     return out
 
@@ -1123,7 +1126,8 @@ def classify(points: list[tuple[float, float, str]], bound: float, higher_is_bet
 def _detail(c: dict) -> str:
     parts = [f"met {len(c['met'])}"]
     for k, label in (("floor", "floor beyond the target"), ("noise", f"within {NOISE:.0%} (noise)"),
-                     ("engine", "engine's own cost"), ("not measured", "not measured")):
+                     ("engine", "engine's own cost"), ("no floor", "beyond it, no floor row"),
+                     ("not measured", "not measured")):
         if c[k]:
             parts.append(f"{label} {len(c[k])} ({', '.join(c[k])})")
     return "; ".join(parts)

@@ -130,15 +130,16 @@ def test_targets_classify_each_point_against_its_floor(run_all):
     # beyond the target with its floor within it: the engine's own cost, a miss; just beyond it: noise, still a miss
     c = run_all.classify([(1.30, 1.20, "b"), (1.20, 1.05, "c"), (1.16, 1.05, "d")], 1.15)
     assert c["verdict"] == "**no**" and c["engine"] == ["c"] and c["floor"] == ["b"] and c["noise"] == ["d"]
-    # no floor measured: every point beyond the target is a miss
-    assert run_all.classify([(1.2, nan, "a")], 1.1)["verdict"] == "**no**"
+    # no floor measured: every point beyond the target is a miss, not attributed to the engine
+    c = run_all.classify([(1.2, nan, "a")], 1.1)
+    assert c["verdict"] == "**no**" and c["no floor"] == ["a"] and not c["engine"]
     # a point that failed (NaN) is never read as met
     c = run_all.classify([(1.0, 1.0, "a"), (nan, nan, "b")], 1.15)
     assert c["verdict"] == "**no**" and c["not measured"] == ["b"]
     # higher is better (TorchJD's time / mtlens'): classified directly, no inversion of a median
     c = run_all.classify([(1.19, nan, "a"), (0.99, nan, "b"), (0.9, nan, "c")], 1.0, higher_is_better=True)
-    assert c["met"] == ["a"] and c["noise"] == ["b"] and c["engine"] == ["c"] and c["verdict"] == "**no**"
-    assert "met 1" in run_all._detail(c) and "(b)" in run_all._detail(c)
+    assert c["met"] == ["a"] and c["noise"] == ["b"] and c["no floor"] == ["c"] and c["verdict"] == "**no**"
+    assert run_all._detail(c) == "met 1; within 2% (noise) 1 (b); beyond it, no floor row 1 (c)"
 
 
 def test_arithmetic_floor_rows_write_the_same_gradients_as_the_engine(run_all):
