@@ -279,6 +279,40 @@ class ModelWorkload(Workload):
         return self._forward(self.encoder, self.heads)
 
 
+class JacobianFloor:
+    """The arithmetic floors' parameter-level steps: the per-task Jacobian by T backwards into one ``(T, P)``
+    buffer reused across steps (as the engine's workspace is), then a shared update ``Σ_t w_t g_t`` from its
+    rows written, with the heads' gradients, after one finiteness check of every gradient."""
+
+    def __init__(self, w):
+        self.w = w
+        self.sizes = [p.numel() for p in w.shared]
+        self.J = torch.empty(w.T, sum(self.sizes), dtype=w.shared[0].dtype)
+
+    def rows(self) -> list:
+        """A fresh forward, the Jacobian into ``J``; returns per task (head parameters, their gradients)."""
+        w, n = self.w, len(self.sizes)
+        _, losses = w.forward()
+        hg = []
+        for t, L in enumerate(losses.values()):
+            hp = list(w.heads[t].parameters())
+            gs = torch.autograd.grad(L, w.shared + hp, retain_graph=t < w.T - 1)
+            torch.cat([g.reshape(-1) for g in gs[:n]], out=self.J[t])
+            hg.append((hp, gs[n:]))
+        return hg
+
+    def write(self, shared_flat: Tensor, hg: list) -> None:
+        """Check every gradient (the engine's guarantee), then assign ``.grad``."""
+        g = shared_flat.split(self.sizes)
+        if not all_finite(list(g) + [x for _, gh in hg for x in gh]):
+            raise FloatingPointError("non-finite gradient")
+        for p, x in zip(self.w.shared, g):
+            p.grad = x.view_as(p)
+        for hp, gh in hg:
+            for p, x in zip(hp, gh):
+                p.grad = x
+
+
 def step_fns(w, methods: dict, batched_autogram: bool = True) -> dict[str, Callable[[], None]]:
     """The rows of the scaling table for one workload."""
 
@@ -340,33 +374,13 @@ def step_fns(w, methods: dict, batched_autogram: bool = True) -> dict[str, Calla
         for p, g in zip(w.shared + [p for hp in heads for p in hp], gs + hg):
             p.grad = g
 
-    sizes = [p.numel() for p in w.shared]
-    J = torch.empty(w.T, sum(sizes), dtype=w.shared[0].dtype)  # reused across steps, like the engine's workspace
-
-    def jacobian_rows():  # the per-task Jacobian into J (T backwards, one row copy each) and the heads' gradients
-        _, losses = w.forward()
-        n = len(w.shared)
-        hg = []
-        for t, L in enumerate(losses.values()):
-            hp = list(w.heads[t].parameters())
-            gs = torch.autograd.grad(L, w.shared + hp, retain_graph=t < w.T - 1)
-            torch.cat([g.reshape(-1) for g in gs[:n]], out=J[t])
-            hg.append((hp, gs[n:]))
-        return hg
+    jf = JacobianFloor(w)
 
     def upgrad_arithmetic():  # floor of UPGrad param: per-task Jacobian (T, P), Gramian, decision, Σ w_t g_t
         w.zero()
-        hg = jacobian_rows()
-        wt = methods["upgrad"].weights(gramian_from_blocks([J]))
-        g = (wt.to(J.dtype) @ J).split(sizes)
-        flat_h = [x for _, gh in hg for x in gh]
-        if not all_finite(list(g) + flat_h):
-            raise FloatingPointError("non-finite gradient")
-        for p, x in zip(w.shared, g):
-            p.grad = x.view_as(p)
-        for hp, gh in hg:
-            for p, x in zip(hp, gh):
-                p.grad = x
+        hg = jf.rows()
+        wt = methods["upgrad"].weights(gramian_from_blocks([jf.J]))
+        jf.write(wt.to(jf.J.dtype) @ jf.J, hg)
 
     def engine(name, lvl, regs=()):
         m = methods[name]
@@ -800,28 +814,13 @@ def monitor_rows(w, with_tsr: bool) -> dict[str, Callable[[], None]]:
 
     sal = rec.saliencies.detach().abs()
     scratch = torch.empty_like(sal)
-    sizes = [p.numel() for p in w.shared]
-    J = torch.empty(w.T, sum(sizes), dtype=w.shared[0].dtype)  # reused across steps
+    jf = JacobianFloor(w)
 
     def gram_floor():  # floor of EW + GDS/GMS: the per-task Jacobian, its Gramian, Σ_t g_t (EW) from its rows
         w.zero()
-        _, losses = w.forward()
-        hg = []
-        for t, L in enumerate(losses.values()):
-            hp = list(w.heads[t].parameters())
-            gs = torch.autograd.grad(L, w.shared + hp, retain_graph=t < w.T - 1)
-            torch.cat([g.reshape(-1) for g in gs[:len(sizes)]], out=J[t])
-            hg.append((hp, gs[len(sizes):]))
-        gramian_from_blocks([J])
-        g = J.sum(0).split(sizes)
-        flat_h = [x for _, gh in hg for x in gh]
-        if not all_finite(list(g) + flat_h):
-            raise FloatingPointError("non-finite gradient")
-        for p, x in zip(w.shared, g):
-            p.grad = x.view_as(p)
-        for hp, gh in hg:
-            for p, x in zip(hp, gh):
-                p.grad = x
+        hg = jf.rows()
+        gramian_from_blocks([jf.J])
+        jf.write(jf.J.sum(0), hg)
 
     def fd_logs():  # FD's arithmetic floor: the T·|Z| logarithms of its entropies (one pass, no allocation)
         torch.log(sal, out=scratch)

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def run_all():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.path.remove(str(ROOT / "benchmarks"))
+def run_all(benchmark_script):
+    return benchmark_script("run_all")
 
 
 @pytest.mark.slow
@@ -85,16 +75,10 @@ def test_floor_is_the_faster_exact_jacobian(run_all):
 
 
 @pytest.mark.slow
-def test_fixed_cost_script_prints_both_tables(capsys):
+def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script):
     """benchmarks/fixed_cost.py (EW against a plain loop, the FD monitor against its floor) runs end to end."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("fixed_cost", ROOT / "benchmarks" / "fixed_cost.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mod.main(["--steps", "1", "--kinds", "conv", "--tasks", "2", "--fd-tasks", "2"])
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    mod = benchmark_script("fixed_cost")
+    mod.main(["--steps", "1", "--kinds", "conv", "--tasks", "2", "--fd-tasks", "2"])
     out = capsys.readouterr().out
     assert "| conv, T=2 |" in out and "EW / plain" in out and "FD / step" in out
     assert "nan" not in out
