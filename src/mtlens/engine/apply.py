@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError
 from .decision import Decision
-from .gradients import TaskGradients, _grads, all_finite, zeros_if_none
+from .gradients import TaskGradients, _grads, all_finite, host_finite, zeros_if_none
 from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
 from .graph import find_leaves
 
@@ -43,10 +42,11 @@ def _check_range(w: Tensor, dtypes: set[torch.dtype], what: str, name: str) -> N
                 )
 
 
-def _finite_values(v: Tensor) -> bool:
-    """Whether every entry of a short CPU vector (T weights) is finite: one ``tolist`` and Python's
-    ``isfinite`` (torch's ``isfinite().all()`` is six small ops, ~10 µs each inside a step)."""
-    return all(math.isfinite(x) for x in v.tolist())
+def weights_error(name: str, weights: Tensor, T: int, diagonal: list[float] | None = None) -> NonFiniteError:
+    """The error for weights of the wrong length or not finite (the engine's one message for it)."""
+    return NonFiniteError(f"method '{name}' returned weights {weights.tolist()} for {T} tasks"
+                          + (f" (Gramian diagonal {diagonal})" if diagonal is not None else "")
+                          + "; nothing was written into .grad")
 
 
 def check_decision(decision: Decision, grads: TaskGradients, name: str) -> Decision:
@@ -56,16 +56,13 @@ def check_decision(decision: Decision, grads: TaskGradients, name: str) -> Decis
         raise ConfigurationError(f"method '{name}'.decide() returned {type(decision).__name__}, not a Decision")
     if decision.weights is not None:
         w = torch.as_tensor(decision.weights, dtype=torch.float64).reshape(-1).cpu()
-        if w.shape[0] != T or not _finite_values(w):
+        if w.shape[0] != T or not host_finite(w):
             diag = grads.gramian().diagonal().tolist() if grads.level != "loss" and grads._gramian is not None else None
-            raise NonFiniteError(
-                f"method '{name}' returned weights {w.tolist()} for {T} tasks"
-                + (f" (Gramian diagonal {diag})" if diag is not None else "") + "; nothing was written into .grad"
-            )
+            raise weights_error(name, w, T, diag)
         decision.weights = w
     if decision.head_weights is not None:
         hw = torch.as_tensor(decision.head_weights, dtype=torch.float64).reshape(-1).cpu()
-        if hw.shape[0] != T or not _finite_values(hw):
+        if hw.shape[0] != T or not host_finite(hw):
             raise NonFiniteError(f"method '{name}' returned head weights {hw.tolist()}; nothing was written")
         decision.head_weights = hw
     if decision.combined is not None and not all_finite(decision.combined):

@@ -19,7 +19,6 @@ is committed only when the whole step succeeded). See docs/engine.md for the des
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
-from .apply import _accumulate, apply_decision, check_decision
+from .apply import _accumulate, apply_decision, check_decision, weights_error
 from .decision import Decision
 from .distributed import Dist, resolve
 from .gradients import (
@@ -41,6 +40,7 @@ from .gradients import (
     all_finite,
     compute_task_gradients,
     host_finite,
+    loss_problem,
     normalise_features,
     normalise_losses,
     transform_losses,
@@ -374,7 +374,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="loss")
     fused = method.constant_weights and not method.stateful
     if not fused and not host_finite(raw):
-        return record, _loss_problem(names, raw)
+        return record, loss_problem(names, raw)
     name = method.name
     snap = method.snapshot()
     try:
@@ -394,7 +394,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         if weights.device.type != "cpu":  # check_decision
             weights = weights.cpu()
         if weights.shape[0] != len(names) or not host_finite(weights):
-            _bad_weights(name, weights, len(names))
+            raise weights_error(name, weights, len(names))
         if objective is None:  # apply_decision, loss level
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
         params = find_leaves([objective])
@@ -402,7 +402,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         problem = ""
         if not all_finite([*gs, raw] if fused else gs):
             if fused and not host_finite(raw):
-                problem = _loss_problem(names, raw)
+                problem = loss_problem(names, raw)
             else:
                 problem = (f"non-finite gradient in the backward of '{name}' (losses {raw.tolist()}); nothing was "
                            "written into .grad")
@@ -417,17 +417,6 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     record.weights = weights
     record.method_values.update(values)
     return record, ""
-
-
-def _loss_problem(names: Sequence[str], raw: Tensor) -> str:
-    bad = ", ".join(f"'{n}'={v}" for n, v in zip(names, raw.tolist()) if not math.isfinite(v))
-    return (f"non-finite task loss: {bad}. Nothing was written into .grad. Check the inputs/targets of that task, "
-            "lower the learning rate, or pass nonfinite='skip' to skip such steps with a warning.")
-
-
-def _bad_weights(name: str, weights: Tensor, T: int) -> None:
-    raise NonFiniteError(f"method '{name}' returned weights {weights.tolist()} for {T} tasks; nothing was written "
-                         "into .grad")
 
 
 def step_record(grads: TaskGradients) -> StepRecord:

@@ -197,6 +197,13 @@ def host_finite(values: Tensor) -> bool:
     return all(map(math.isfinite, values.tolist()))
 
 
+def loss_problem(names: Sequence[str], raw: Tensor) -> str:
+    """Why nothing was written when a task loss is not finite (the engine's one message for it)."""
+    bad = ", ".join(f"'{n}'={v}" for n, v in zip(names, raw.tolist()) if not math.isfinite(v))
+    return (f"non-finite task loss: {bad}. Nothing was written into .grad. Check the inputs/targets of that task, "
+            "lower the learning rate, or pass nonfinite='skip' to skip such steps with a warning.")
+
+
 def _grads(
     outputs: Tensor | Sequence[Tensor],
     inputs: Tensor | Sequence[Tensor],
@@ -699,11 +706,8 @@ def compute_task_gradients(
         raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
     tg = TaskGradients(task_names=names, losses=raw, objective_losses=raw, level=level, shared_params=shared,
                        _features=feats, _dist=dist, _scale=scale, _transform=transform, _split=split)
-    if not bool(torch.isfinite(raw).all()):
-        bad = ", ".join(f"'{n}'={float(v)}" for n, v in zip(names, raw) if not torch.isfinite(v))
-        tg.problem = (f"non-finite task loss: {bad}. Nothing was written into .grad. Check the inputs/targets of "
-                      "that task, lower the learning rate, or pass nonfinite='skip' to skip such steps with a "
-                      "warning.")
+    if not host_finite(raw):
+        tg.problem = loss_problem(names, raw)
         return tg
     if transform == "log" and bool((raw < 0).any()):
         raise ConfigurationError(

@@ -29,15 +29,7 @@ def _accumulate_gram(G: Tensor, m: Tensor) -> None:
         m = m.to(G.dtype)  # float64 blocks, or a small block: exact and cheap in G's dtype
         G.addmm_(m, m.T)
         return
-    if m.dtype != torch.float32:
-        m = m.float()
-    c = n // CHUNK
-    if c:
-        x = m[:, : c * CHUNK].reshape(T, c, CHUNK).transpose(0, 1)  # (c, T, CHUNK) view
-        G.add_(torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=G.dtype))
-        m = m[:, c * CHUNK:]
-    if m.shape[1]:
-        G.add_((m @ m.T).to(G.dtype))
+    G.add_(_gram_float32(m if m.dtype == torch.float32 else m.float(), G.dtype))
 
 
 def _symmetric(G: Tensor) -> Tensor:
@@ -46,9 +38,11 @@ def _symmetric(G: Tensor) -> Tensor:
 
 
 def _gram_float32(m: Tensor, dtype: torch.dtype) -> Tensor:
-    """``m mᵀ`` of one float32 block (T, n ≥ CHUNK) into a new ``dtype`` matrix: the products of
-    :func:`_accumulate_gram` (one batched sgemm over the full chunks, the tail's product), without the
-    zero matrix they would be added to (a few small ops fewer: they cost ~10 µs each inside a step)."""
+    """``m mᵀ`` of one float32 block (T, n ≥ CHUNK; rows may be strided, unit column stride) into a new
+    ``dtype`` matrix: float32 products on column chunks of :data:`CHUNK` (one batched sgemm over the full
+    chunks, read in place), each chunk's T×T product summed in ``dtype``, then the tail's float32 product.
+    The one implementation of the chunked product (:func:`_accumulate_gram`, :func:`gramian_from_blocks`,
+    :func:`gramian_from_matrix`)."""
     T, n = m.shape
     c = n // CHUNK
     x = (m if c * CHUNK == n else m[:, : c * CHUNK]).reshape(T, c, CHUNK).transpose(0, 1)  # (c, T, CHUNK)
@@ -216,25 +210,18 @@ def gramian_from_matrix(J: Tensor, dtype: torch.dtype = torch.float64) -> Tensor
     with the precision contract of :func:`gramian_from_blocks` over the whole row: float32 (or half
     precision) ``J`` into a float64 ``G``: float32 products on column chunks of :data:`CHUNK` (one batched
     sgemm over every full chunk, read in place: no copy of J), each chunk's T×T product summed in float64;
-    the last ``P mod CHUNK`` columns, or all of them when ``P < CHUNK``, in one float64 product (exact).
+    the last ``P mod CHUNK`` columns in one float32 product added in float64; all of them when ``P < CHUNK``
+    in one float64 product (exact).
     float64 ``J`` or a non-float64 ``dtype``: one product in ``dtype``.
 
     Errors relative to ``Σ_i |J_ti J_si|`` ~1e-6 at worst-typical (√CHUNK·2⁻²⁴), independent of P."""
     T, n = J.shape
-    G = torch.zeros(T, T, dtype=dtype, device=J.device)
     if J.dtype == torch.float64 or dtype != torch.float64 or n < CHUNK:
+        G = torch.zeros(T, T, dtype=dtype, device=J.device)
         m = J.to(dtype)
         G.addmm_(m, m.T)
         return _symmetric(G)
-    if J.dtype != torch.float32:
-        J = J.float()
-    c = n // CHUNK
-    x = J[:, : c * CHUNK].unflatten(1, (c, CHUNK)).transpose(0, 1)  # (c, T, CHUNK) strided view
-    G.add_(torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=dtype))
-    if c * CHUNK < n:
-        m = J[:, c * CHUNK:].to(dtype)  # float32 products are exact in float64
-        G.addmm_(m, m.T)
-    return _symmetric(G)
+    return _symmetric(_gram_float32(J if J.dtype == torch.float32 else J.float(), dtype))
 
 
 def combine_matrix(weights: Tensor, J: Tensor) -> Tensor:
