@@ -221,4 +221,7 @@ def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> N
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
+        # both ranks leave the group together: a rank tearing gloo down while its peer still sends aborted
+        # the process now and then ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
