@@ -217,3 +217,117 @@ def test_lean_feature_step_refuses_what_the_engine_refuses():
     with pytest.raises(ConfigurationError, match="does not require grad"):
         mtl_backward({**losses, "t0": losses["t0"].detach()}, features=z, shared_params=net.enc.parameters(),
                      method=create("mgda"), level="feature")
+
+
+def _walk_reference(loss_list, feats, shared, method_params):
+    from mtlens.engine.gradients import _find_heads, _node_sets
+
+    heads = _find_heads(loss_list, feats, shared, None, method_params)
+    sets = _node_sets(loss_list, feats.maps)
+    index = {id(p): i for i, p in enumerate(heads)}
+    own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index}) for st in sets]
+    return heads, sets, own
+
+
+def test_walk_heads_is_find_heads_node_sets_and_the_index_in_one_walk():
+    from mtlens.engine.gradients import _walk_heads, normalise_features
+
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(5, 6)
+    shared = list(enc.parameters())
+    h = [torch.nn.Linear(6, 1) for _ in range(3)]
+    common = torch.nn.Parameter(torch.randn(6))  # a head parameter two tasks share
+    temp = torch.nn.Parameter(torch.ones(()))  # a method's own learnable tensor (never a head)
+    x = torch.randn(4, 5)
+    z = enc(x)
+    z2 = torch.tanh(torch.randn(4, 6, requires_grad=True))  # a second map, computed from a leaf of its own
+    leaf_map = torch.randn(4, 6, requires_grad=True)  # a map that is a leaf itself
+    cases = {
+        "disjoint heads": ([(h[t](z) ** 2).mean() for t in range(3)], [z], []),
+        "a shared head parameter, a method parameter": (
+            [(h[0](z) ** 2).mean() * temp, ((z * common).sum(1) ** 2).mean() + (h[1](z) ** 2).mean(),
+             (h[2](z * common) ** 2).mean()], [z], [temp]),
+        "two maps": ([(h[0](z) + h[1](z2)).pow(2).mean(), (h[2](z2) ** 2).mean()], [z, z2], []),
+        "a leaf map": ([(h[0](leaf_map) ** 2).mean(), (h[1](leaf_map) * h[2](z)).mean()], [leaf_map, z], []),
+    }
+    for label, (losses, maps, mp) in cases.items():
+        feats = normalise_features(maps if len(maps) > 1 else maps[0], [f"t{i}" for i in range(len(losses))])
+        heads, sets, own = _walk_heads(losses, feats.maps, shared, mp)
+        ref_heads, ref_sets, ref_own = _walk_reference(losses, feats, shared, mp)
+        assert [id(p) for p in heads] == [id(p) for p in ref_heads], label
+        assert sets == ref_sets and own == ref_own, label
+    leak = [(h[0](z) ** 2).mean() + enc.weight.sum()]
+    with pytest.raises(ConfigurationError, match="1 shared parameter"):
+        _walk_heads(leak, [z], shared, [])
+
+
+class _AliasNet(torch.nn.Module):
+    """Gradients autograd returns as ONE tensor for two parameters (``a + b``), in the encoder and in a head,
+    and a head parameter two tasks share."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.randn(5, 6)), torch.nn.Parameter(torch.randn(5, 6))
+        self.h = torch.nn.ModuleList([torch.nn.Linear(6, 1) for _ in range(3)])
+        self.u, self.v = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+        self.common = torch.nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        z = torch.tanh(x @ (self.a + self.b))
+        return z, {"t0": (self.h[0](z * (self.u + self.v)) ** 2).mean(),
+                   "t1": (self.h[1](z * self.common) ** 2).mean(),
+                   "t2": ((self.h[2](z) + (z * self.common).sum(1, keepdim=True)) ** 2).mean()}
+
+
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_lean_feature_step_never_writes_one_tensor_into_two_grads(shared_head, monkeypatch):
+    torch.manual_seed(0)
+    net_a, net_b = _AliasNet(), _AliasNet()
+    net_b.load_state_dict(net_a.state_dict())
+    x = torch.randn(4, 5)
+    for net in (net_a, net_b):
+        if not shared_head:
+            net.common.requires_grad_(False)
+    for step in range(2):  # the second step accumulates: a shared .grad would take the other's addition
+        z, losses = net_b(x)
+        mtl_backward(losses, features=[z], shared_params=[net_b.a, net_b.b], method=create("mgda"), level="feature")
+        z, losses = net_a(x)
+        with monkeypatch.context() as mp:
+            _lean_only(mp)
+            mtl_backward(losses, features=z, shared_params=[net_a.a, net_a.b], method=create("mgda"), level="feature")
+        ptrs = [p.grad.data_ptr() for p in net_a.parameters() if p.grad is not None]
+        assert len(set(ptrs)) == len(ptrs), step
+        one = {n: p.grad.clone() for n, p in net_a.named_parameters() if p.grad is not None}
+    for (n, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+        if pa.grad is not None:
+            assert torch.equal(pa.grad, pb.grad) or torch.allclose(pa.grad, pb.grad, rtol=0, atol=0), n
+    net_a.zero_grad()
+    z, losses = net_a(x)
+    mtl_backward(losses, features=z, shared_params=[net_a.a, net_a.b], method=create("mgda"), level="feature")
+    for n, p in net_a.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(one[n], 2 * p.grad, rtol=1e-6, atol=1e-7), n
+
+
+@pytest.mark.parametrize(("name", "level"), [("ew", None), ("upgrad", "param"), ("mgda", "feature")])
+def test_no_step_writes_one_tensor_into_two_grads(name, level):
+    """Every path of the engine (the lean loss and feature steps, the general path) accumulates as
+    ``.backward()`` does where autograd returns one tensor for two parameters (``a + b``)."""
+    torch.manual_seed(0)
+    net = _AliasNet()
+    x = torch.randn(4, 5)
+    z, losses = net(x)
+    sum(losses.values()).backward()  # the reference for EW; for the others: distinct memory, doubled by 2 steps
+    ref = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    once: dict = {}
+    for _ in range(2):
+        z, losses = net(x)
+        mtl_backward(losses, features=z, shared_params=[net.a, net.b], method=create(name), level=level)
+        ptrs = [p.grad.data_ptr() for p in net.parameters()]
+        assert len(set(ptrs)) == len(ptrs)
+        once = once or {n: p.grad.clone() for n, p in net.named_parameters()}
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-6, atol=1e-7)
+        if name == "ew":
+            torch.testing.assert_close(once[n], ref[n], rtol=1e-6, atol=1e-7)

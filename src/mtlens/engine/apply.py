@@ -15,6 +15,12 @@ from .graph import find_leaves
 
 
 def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale: float = 1.0) -> None:
+    """``.grad += g`` for each pair, as ``backward()`` accumulates: a parameter without ``.grad`` takes ``g``
+    itself (× ``scale``, in its dtype). Every ``.grad`` gets memory of its own: autograd returns ONE tensor for
+    several inputs when a node passes its gradient on unchanged (both parameters of ``a + b``), and two
+    ``.grad`` sharing memory would each take the other's later in-place accumulation; a gradient whose data
+    pointer this call already gave to another ``.grad`` is cloned (``backward()`` copies it too)."""
+    taken: set[int] = set()
     for p, g in zip(params, grads):
         if g is None:
             continue
@@ -24,7 +30,13 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
             g = g * scale
         cur = p.grad
         if cur is None:
-            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+            g = g if g.dtype == p.dtype else g.to(p.dtype)
+            ptr = g.data_ptr()
+            if ptr in taken:
+                g = g.clone()
+            else:
+                taken.add(ptr)
+            p.grad = g
         else:
             cur.add_(g if g.dtype == cur.dtype else g.to(cur.dtype))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from .apply import _accumulate, _check_range, _combine_heads, weights_error
 from .gradients import (
     _find_heads,
     _heads_pass,
+    _walk_heads,
     _warn_zero,
     all_finite,
     host_finite,
@@ -40,7 +42,7 @@ from .gradients import (
     normalise_losses,
 )
 from .gramian import gramian_from_blocks
-from .protocols import GramianWeighting
+from .protocols import GramianWeighting, MethodState
 from .record import StepRecord
 
 _DEFAULT_HEAD_WEIGHTS = GramianWeighting.head_weights
@@ -57,7 +59,10 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
 
     Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why nothing was
     (a non-finite loss or gradient: the caller applies the non-finite policy to ``record``)."""
-    method_params = [p for p in method.parameters() if p.requires_grad]
+    if type(method).parameters is MethodState.parameters and not method._modules:  # its own tensors only
+        method_params = [p for p in method._parameters.values() if p is not None and p.requires_grad]
+    else:
+        method_params = [p for p in method.parameters() if p.requires_grad]
     names, loss_list = normalise_losses(losses, task_names)
     feats = normalise_features(features, names)
     T = len(loss_list)
@@ -65,9 +70,14 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="feature")
     if not host_finite(raw):
         return record, loss_problem(names, raw)
-    heads = _find_heads(loss_list, feats, shared, task_params, method_params)
+    walked: tuple[list[set[Any]], list[list[int]]] | None = None
+    if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
+        heads, sets, index = _walk_heads(loss_list, feats.maps, shared, method_params)
+        walked = (sets, index)
+    else:
+        heads = _find_heads(loss_list, feats, shared, task_params, method_params)
     # the heads pass of compute_task_gradients: S_t and the head rows, each task asking for its own heads only
-    sal, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph)
+    sal, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, walked=walked)
     # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
     S = pool.stack([s[0] for s in sal])
     G = gramian_from_blocks([S])
@@ -125,13 +135,15 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
         dz = torch.tensordot(w.to(S.dtype), S, dims=1)
         gz = torch.autograd.grad([features], shared, grad_outputs=[dz], retain_graph=retain_graph, allow_unused=True)
         shared_g = [g if g is not None else torch.zeros_like(p) for g, p in zip(gz, shared)]
-        head_g = _combine_heads(head_rows, hl, len(heads), own)
+        head_g = _unit_rows(head_rows, own, len(heads)) if default_heads else None
+        if head_g is None:
+            head_g = _combine_heads(head_rows, hl, len(heads), own)
         problem = ""
-        if not all_finite(shared_g + [g for g in head_g if g is not None]):
+        written = shared_g + head_g
+        if not all_finite([g for g in written if g is not None]):
             problem = f"non-finite combined gradient from '{name}'; nothing was written into .grad"
         else:
-            _accumulate(shared, shared_g)
-            _accumulate(heads, head_g)
+            _accumulate(shared + heads, written)  # one call: no two .grad share memory (see _accumulate)
     except BaseException:
         method.restore(snap)
         raise
@@ -142,3 +154,25 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
     record.head_weights = hw
     record.method_values.update(values)
     return record, ""
+
+
+def _unit_rows(head_rows: Sequence[Sequence[Tensor | None]], own: Sequence[Sequence[int]], n: int
+               ) -> list[Tensor | None] | None:
+    """Per head parameter ``Σ_t 1 · ∇_head L_t`` under the unit head rule when no head parameter is reached by
+    two tasks: its one task's row as autograd returned it (``× 1.0`` is exact; ``None`` where no task reaches
+    it). No copy is needed here: unlike a caller of :func:`~mtlens.engine.apply.apply_decision`, no one holds
+    the rows after this step. ``None`` (use :func:`~mtlens.engine.apply._combine_heads`, which copies) when a
+    parameter is shared by tasks, or a row is sparse or not contiguous (an expanded gradient would make a
+    ``.grad`` whose elements share memory)."""
+    out: list[Tensor | None] = [None] * n
+    for t, idx in enumerate(own):
+        row = head_rows[t]
+        for i in idx:
+            r = row[i]
+            if r is None:
+                continue
+            if out[i] is not None or r.layout != torch.strided or not r.is_contiguous():
+                return None
+            out[i] = r
+    return out
+

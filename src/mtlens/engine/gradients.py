@@ -31,7 +31,7 @@ from .gramian import (
     matrix_blocks,
     stack_rows,
 )
-from .graph import find_leaves
+from .graph import _ACCUMULATE_GRAD, find_leaves
 from .protocols import Regularizer
 from .stacked import StackSplit, prune_stacked_losses, stack_split
 
@@ -554,6 +554,70 @@ def _node_sets(loss_list: Sequence[Tensor], stop_at: Sequence[Tensor], split: St
     return out
 
 
+def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Sequence[Tensor],
+                method_params: Sequence[Tensor]) -> tuple[list[Tensor], list[set[Any]], list[list[int]]]:
+    """:func:`_find_heads` (heads found from the graph: ``task_params`` not given, shared ``maps``) and
+    :func:`_node_sets` ``(loss_list, maps)`` with the heads pass's index of each task's own heads, in ONE walk
+    of each loss's graph up to the maps (they walked it twice, and the index scanned the node sets a third time).
+
+    Returns ``(heads, sets, own)``: the heads in :func:`~mtlens.engine.graph.find_leaves`' order (one depth-first
+    walk per loss, in loss order, children in the order of ``next_functions``: a leaf is first reached at the
+    same point as in its single walk, since every node an earlier loss reached was explored by it whole), the
+    autograd nodes each loss reaches before the maps, and per task the sorted indices of the heads it reaches.
+    Raises what :func:`_find_heads` raises (a shared parameter reaching a loss around the maps)."""
+    stop = {z.grad_fn for z in maps if z.grad_fn is not None}
+    skip = {id(z) for z in maps if z.grad_fn is None}  # leaf maps are not heads
+    shared_ids = {id(p) for p in shared}
+    mp_ids = {id(p) for p in method_params}
+    acc = _ACCUMULATE_GRAD
+    heads: list[Tensor] = []
+    index: dict[int, int] = {}
+    leaked = 0
+    sets: list[set[Any]] = []
+    own: list[list[int]] = []
+    for L in loss_list:
+        seen: set[Any] = set()
+        mine: set[int] = set()
+        stack = [L.grad_fn] if L.grad_fn is not None else []
+        pop, push, mark = stack.pop, stack.append, seen.add
+        while stack:
+            node = pop()
+            if node in seen or node in stop:
+                continue
+            mark(node)
+            if type(node) is acc:
+                var = node.variable  # type: ignore[attr-defined]
+                if var is None:
+                    continue
+                key = id(var)
+                i = index.get(key)
+                if i is None and key not in skip:
+                    skip.add(key)  # judged once: a head, a shared parameter (leaked) or a method's parameter
+                    if key in shared_ids:
+                        leaked += 1
+                    elif key not in mp_ids:
+                        i = index[key] = len(heads)
+                        heads.append(var)
+                if i is not None:
+                    mine.add(i)
+                continue
+            nxt = node.next_functions
+            if len(nxt) == 1:
+                n = nxt[0][0]
+                if n is not None:
+                    push(n)
+            else:
+                stack.extend([n for n, _ in reversed(nxt) if n is not None])
+        sets.append(seen)
+        own.append(sorted(mine))
+    if leaked:
+        raise ConfigurationError(
+            f"{leaked} shared parameter(s) reach the losses without passing through "
+            "features: features must be the only route from the encoder to the losses"
+        )
+    return heads, sets, own
+
+
 def maps_dependent(maps: Sequence[Tensor]) -> bool:
     """Whether one of several shared maps is computed from another (``z_high = f(z_low)``)."""
     if len(maps) < 2:
@@ -773,7 +837,8 @@ def _entry_points(tg: TaskGradients, transform: str, scale: float, like: Tensor)
 
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
                 create_graph: bool, retain_graph: bool, split: StackSplit | None = None,
-                entries: list[tuple[Any, Tensor]] | None = None
+                entries: list[tuple[Any, Tensor]] | None = None,
+                walked: tuple[list[set[Any]], list[list[int]]] | None = None,
                 ) -> tuple[list[list[Tensor]], list[list[Tensor | None]], list[list[int]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map), head rows, and per task the
     indices of the head parameters it reaches (the only entries of its row that can be set).
@@ -783,11 +848,14 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    sets = _node_sets(obj_scaled, feats.maps, split)
+    if walked is not None:  # _walk_heads' node sets and index (the same walk, done once with the heads)
+        sets, own = walked
+    else:
+        sets = _node_sets(obj_scaled, feats.maps, split)
+        index = {id(p): i for i, p in enumerate(heads)}
+        own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
+               for st in sets]
     flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
-    index = {id(p): i for i, p in enumerate(heads)}
-    own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
-           for st in sets]
     sal: list[list[Tensor]] = []
     rows: list[list[Tensor | None]] = []
     M = len(feats.maps)
