@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,18 +36,23 @@ def gramian_condition_number(gramian: StepRecord | Tensor) -> float:
     ``inf`` when G is singular to float64 precision (``λ_min ≤ T·ε·λ_max``: linearly dependent
     task gradients, e.g. parallel ones, or a zero gradient) and when G = 0; 1.0 for a non-zero
     1×1 Gramian. Never NaN. (The condition number of J itself is its square root.)"""
-    G = gramian_of(gramian)
-    ev = torch.linalg.eigvalsh(G)
+    return _condition(_array(gramian_of(gramian)))
+
+
+def _array(G: Tensor) -> np.ndarray:
+    """The T×T Gramian (validated by :func:`gramian_of`) as a float64 numpy array: the identifiers below are a
+    few dozen operations on T² numbers, which numpy does in microseconds where as many torch ops cost ≈ 10 µs
+    each (GDS and GMS of a monitored step took ≈ 0.9 ms at T = 3 before; docs/performance.md, "Monitoring")."""
+    return G.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _condition(A: np.ndarray) -> float:
+    ev = np.linalg.eigvalsh(A)
     lmax, lmin = float(ev[-1]), float(ev[0])
-    T = G.shape[0]
-    if lmax <= 0 or lmin <= T * torch.finfo(torch.float64).eps * lmax:
+    T = A.shape[0]
+    if lmax <= 0 or lmin <= T * np.finfo(np.float64).eps * lmax:
         return float("inf")
     return lmax / lmin
-
-
-def _pairs(T: int) -> Tensor:
-    """The pairs ``i < j`` as a (2, T(T−1)/2) index tensor: ``i, j = _pairs(T)``."""
-    return torch.triu_indices(T, T, offset=1)
 
 
 @dataclass(frozen=True)
@@ -114,24 +120,20 @@ def gradient_direction_similarity(gramian: StepRecord | Tensor) -> DirectionSimi
         >>> gradient_direction_similarity(G).mean
         -1.0
     """
-    G = gramian_of(gramian)
-    T = G.shape[0]
-    n = G.diagonal().clamp_min(0).sqrt()
+    A = _array(gramian_of(gramian))
+    T = A.shape[0]
+    n = np.sqrt(np.clip(np.diag(A), 0.0, None))
     nz = n > 0
-    denom = torch.where(nz, n, torch.ones_like(n))
-    cos = (G / denom.unsqueeze(1) / denom.unsqueeze(0)).clamp(-1.0, 1.0)
-    keep = nz.unsqueeze(1) & nz.unsqueeze(0)
-    cos = torch.where(keep, cos, torch.zeros_like(cos))
-    cos.diagonal().copy_(nz.to(cos.dtype))  # cos(g, g) = 1; a zero gradient has no direction
+    denom = np.where(nz, n, 1.0)
+    cos = np.where(nz[:, None] & nz[None, :], np.clip(A / denom[:, None] / denom[None, :], -1.0, 1.0), 0.0)
+    np.fill_diagonal(cos, nz.astype(np.float64))  # cos(g, g) = 1; a zero gradient has no direction
     level = gramian.level if isinstance(gramian, StepRecord) else None
-    cond = gramian_condition_number(G)
+    cond = _condition(A)
     if T == 1:
-        return DirectionSimilarity(1.0, 1.0, cos, n, cond, 0, level, 0.0)
-    i, j = _pairs(T)
-    v = cos[i, j]
-    return DirectionSimilarity(
-        float(v.mean()), float(v.min()), cos, n, cond, int(v.numel()), level, float((v < 0).double().mean())
-    )
+        return DirectionSimilarity(1.0, 1.0, torch.from_numpy(cos), torch.from_numpy(n), cond, 0, level, 0.0)
+    v = cos[np.triu_indices(T, 1)]
+    return DirectionSimilarity(float(v.mean()), float(v.min()), torch.from_numpy(cos), torch.from_numpy(n), cond,
+                               int(v.size), level, float((v < 0).mean()))
 
 
 def gradient_magnitude_similarity(gramian: StepRecord | Tensor) -> MagnitudeSimilarity:
@@ -144,20 +146,20 @@ def gradient_magnitude_similarity(gramian: StepRecord | Tensor) -> MagnitudeSimi
         >>> round(gradient_magnitude_similarity(G).mean, 6)  # 2·3 / (1 + 9)
         0.6
     """
-    G = gramian_of(gramian)
-    T = G.shape[0]
-    n = G.diagonal().clamp_min(0).sqrt()
-    hi = torch.maximum(n.unsqueeze(1), n.unsqueeze(0))
-    lo = torch.minimum(n.unsqueeze(1), n.unsqueeze(0))
-    r = torch.where(hi > 0, lo / torch.where(hi > 0, hi, torch.ones_like(hi)), torch.ones_like(hi))
+    A = _array(gramian_of(gramian))
+    T = A.shape[0]
+    n = np.sqrt(np.clip(np.diag(A), 0.0, None))
+    hi = np.maximum(n[:, None], n[None, :])
+    lo = np.minimum(n[:, None], n[None, :])
+    r = np.where(hi > 0, lo / np.where(hi > 0, hi, 1.0), 1.0)
     gms = 2 * r / (1 + r * r)
     level = gramian.level if isinstance(gramian, StepRecord) else None
-    cond = gramian_condition_number(G)
+    cond = _condition(A)
     if T == 1:
-        return MagnitudeSimilarity(1.0, 1.0, gms, n, cond, 0, level)
-    i, j = _pairs(T)
-    v = gms[i, j]
-    return MagnitudeSimilarity(float(v.mean()), float(v.min()), gms, n, cond, int(v.numel()), level)
+        return MagnitudeSimilarity(1.0, 1.0, torch.from_numpy(gms), torch.from_numpy(n), cond, 0, level)
+    v = gms[np.triu_indices(T, 1)]
+    return MagnitudeSimilarity(float(v.mean()), float(v.min()), torch.from_numpy(gms), torch.from_numpy(n), cond,
+                               int(v.size), level)
 
 
 __all__ = [
