@@ -31,6 +31,7 @@ from ..errors import ConfigurationError, MTLensError, NonFiniteError
 from .apply import _accumulate, apply_decision, check_decision, weights_error
 from .decision import Decision
 from .distributed import Dist, resolve
+from .feature_step import feature_step
 from .gradients import (
     JACOBIAN_MODES,
     LOG_EPS,
@@ -223,6 +224,22 @@ def mtl_backward(
         # (docs/performance.md, "EW against a plain loop").
         check_loss_transform(method, "none")
         record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph)
+        return record if not problem else _not_written(problem, nonfinite, record, None, None)
+    if (level == "feature" and isinstance(features, Tensor) and not isinstance(losses, Tensor)
+            and getattr(type(method), "decide", None) is GramianWeighting.decide and "feature" in method.levels
+            and not regularizers and not keep_saliencies and not compute_gramian and cache is None
+            and grad_scaler is None and loss_transform in (None, "none") and method.loss_transform is None
+            and not method.needs_grad_norms and not method.needs_saliency_graph and shared_params is not None
+            and jacobian in JACOBIAN_MODES and nonfinite in NONFINITE_POLICIES and resolve(distributed) is None):
+        # The common feature-level step: a Gramian weighting (MGDA, ...) on one shared map with no option that
+        # needs the general machinery. The same step as below, with the same checks and transaction
+        # (engine/feature_step.py; docs/performance.md, "The feature path's fixed cost").
+        encoder = [p for p in shared_params if p.requires_grad]
+        if not encoder:
+            raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
+        check_loss_transform(method, "none")
+        record, problem = feature_step(losses, task_names, features, encoder, task_params,
+                                       cast(GramianWeighting, method), retain_graph)
         return record if not problem else _not_written(problem, nonfinite, record, None, None)
     if not isinstance(method, Method):
         raise ConfigurationError(
