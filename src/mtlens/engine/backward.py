@@ -47,7 +47,15 @@ from .gradients import (
     transform_losses,
 )
 from .graph import find_leaves
-from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer, check_loss_transform
+from .protocols import (
+    GramianWeighting,
+    JacobianAggregator,
+    LossWeighting,
+    Method,
+    Regularizer,
+    check_loss_transform,
+    objective_is_weighted_sum,
+)
 from .record import StepRecord
 
 __all__ = ["DecisionCache", "LOG_EPS", "counters", "mtl_backward", "resolve_level", "transform_losses"]
@@ -328,6 +336,7 @@ def mtl_backward(
                           else _default_grad_norm_params(shared, method.name)) if method.needs_grad_norms else None,
         method_params=method_params, scale=scale, dist=dist, retain_graph=retain_graph,
         saliency_graph=method.needs_saliency_graph and not is_loss,
+        weighted_sum=gramian_level == "param" and objective_is_weighted_sum(method),
     )
     record = step_record(grads)
     if not grads.ok:

@@ -273,6 +273,7 @@ class TaskGradients:
     _attached_stack: Tensor | None = None  # loss level: torch.stack(_attached), when built with the raw losses
     _find_task_params: Callable[[], list[Tensor]] | None = None  # loss level: the graph walk, run when first read
     _head_index: list[list[int]] | None = None  # per task: the head parameters it reaches (heads pass), else None
+    _objective_from_rows: bool = False  # loss level: step 3 writes Σ_t w_t g_t from the rows (no objective backward)
 
     @property
     def T(self) -> int:
@@ -694,6 +695,7 @@ def compute_task_gradients(
     dist: Dist | None = None,
     retain_graph: bool = False,
     saliency_graph: bool = False,
+    weighted_sum: bool = False,
 ) -> TaskGradients:
     """Step 1: per-task gradients of ``losses`` at ``level``, with no method involved.
 
@@ -722,6 +724,13 @@ def compute_task_gradients(
         saliency_graph: gradient levels: keep the graph of the saliencies through the heads
             (``create_graph=True`` in the heads' backward) for :meth:`TaskGradients.attached_saliencies`
             (methods declaring ``needs_saliency_graph``; needs ``features``).
+        weighted_sum: loss level with ``compute_gramian="param"``: the caller promises that the method's
+            objective will be ``Σ_t w_t L_t`` of the objective losses with ``w`` its decision's ``weights``
+            (:func:`mtlens.engine.protocols.objective_is_weighted_sum`). The per-task Jacobian is then computed
+            with the heads' gradients, and :func:`~mtlens.engine.apply.apply_decision` writes ``Σ_t w_t g_t``
+            from it instead of differentiating the objective again (one full backward fewer); the graph is freed
+            as by ``loss.backward()``. Applies with ``features``, one process, no scaler, no regulariser and no
+            leaf outside the shared parameters and heads; otherwise ignored (the objective's backward runs).
 
     Returns:
         a :class:`TaskGradients`; ``problem`` is set (and nothing else computed) when a loss or a
@@ -804,7 +813,8 @@ def compute_task_gradients(
     try:
         if level == "loss":
             _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
-                        keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
+                        keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist, weighted_sum,
+                        retain_graph)
         else:
             _gradient_level(tg, names, raw, obj, obj_scaled, feats, shared, tg.task_params, sal_regs, param_regs,
                             transform, jacobian, scale, dist, retain_graph, saliency_graph)
@@ -1154,11 +1164,43 @@ def _add_penalty(total: Tensor | None, term: Tensor | None) -> Tensor | None:
     return term if total is None else total + term
 
 
+def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor], heads: Sequence[Tensor]) -> bool:
+    """Whether every leaf the losses reach is a shared parameter or a head: then ``Σ_t w_t`` (per-task rows over
+    the shared parameters and the heads) is the whole gradient of ``Σ_t w_t L_t`` — one graph walk, the one the
+    objective's backward would have made to find its leaves."""
+    known = {id(p) for p in shared} | {id(p) for p in heads}
+    return all(id(p) in known for p in find_leaves(loss_list))
+
+
+def _objective_rows(tg: TaskGradients, names: list[str], obj_items: list[Tensor], raw: Tensor, feats: Features,
+                    shared: list[Tensor], jacobian: str, retain_graph: bool) -> None:
+    """Loss level, ``compute_gramian="param"``, an objective ``Σ_t w_t L_t``: the per-task Jacobian the Gramian
+    is measured on is computed as at parameter level — a heads pass giving each task's saliencies *and* its
+    heads' gradients, then the encoder's rows — so that step 3 writes ``Σ_t w_t g_t`` from these rows
+    (:func:`mtlens.engine.apply.apply_decision`) instead of running the objective's own backward a second time
+    over the whole network. The graph is freed by the last encoder backward unless ``retain_graph``.
+    (docs/performance.md, "Monitoring": the second backward was 18 convolution backwards a step against
+    the rows' 12 at the conv benchmark's T = 3.)"""
+    heads = tg.task_params
+    sal, head_rows, tg._head_index = _heads_pass(names, obj_items, feats, heads, False, retain_graph, tg._split,
+                                                 _entry_points(tg, tg._transform, 1.0, raw))
+    enc, J = _encoder_rows(feats, shared, sal, False, retain_graph, jacobian)
+    if J is not None:
+        tg._flat = J
+    else:
+        tg._blocks = [b.detach() for b in enc] if isinstance(enc[0], Tensor) else stack_rows(enc, shared)
+    tg.head_rows = head_rows
+    tg._objective_from_rows = True
+    tg.gramian()
+    tg.gramian_level = "param"
+    tg._reg_kind = "loss"
+
+
 def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], raw: Tensor, obj_items: list[Tensor],
                 obj: Tensor, obj_scaled: list[Tensor], feats: Features, shared: list[Tensor],
                 sal_regs: list[Regularizer], param_regs: list[Regularizer], keep_saliencies: bool,
                 compute_gramian: str | None, grad_norm_params: Sequence[Tensor] | None, jacobian: str, scale: float,
-                dist: Dist | None) -> None:
+                dist: Dist | None, weighted_sum: bool = False, retain_graph: bool = False) -> None:
     tg._attached = list(obj_items)  # under data parallelism: valued at the global mean (see above)
     if grad_norm_params is not None:
         params = list(grad_norm_params)
@@ -1193,6 +1235,11 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
         reg_total, values = regularizer_terms(sal_regs, [_reg_saliency_block(sal, names, dist)], obj)
         tg.regularizer_values.update(values)
     pblocks: list[Tensor] = []
+    if (weighted_sum and compute_gramian == "param" and not param_regs and not sal_regs and grad_norm_params is None
+            and scale == 1.0 and dist is None and feats.maps and not maps_dependent(feats.maps)
+            and _rows_cover_objective(loss_list, shared, tg.task_params)):
+        _objective_rows(tg, names, obj_items, raw, feats, shared, jacobian, retain_graph)
+        return
     if param_regs or compute_gramian == "param":
         create = bool(param_regs)
         if feats.maps:
