@@ -73,7 +73,7 @@ def objective_leaves(root: Tensor) -> list[Tensor]:
     while stack:
         for n, _ in pop().next_functions:
             if type(n) is acc:  # a leaf: recorded, never pushed
-                var = n.variable  # type: ignore[attr-defined]
+                var = n.variable  # type: ignore[union-attr]
                 if var is not None and id(var) not in seen_leaves:
                     seen_leaves.add(id(var))
                     leaves.append(var)
