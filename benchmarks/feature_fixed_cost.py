@@ -5,12 +5,13 @@
 
 On the synthetic scaling workloads of ``benchmarks/run_all.py`` (conv: B = 8, Z 64×8×8; MLP: B = 256,
 Z 256) it times EW, the ``feature floor`` (T head backwards to ``∂L_t/∂Z`` and one encoder VJP, nothing
-else) and MGDA / UPGrad at ``level="feature"`` — with this checkout's ``mtlens`` and, with
-``--reference``, with a copy of another revision imported as ``mtlens_ref`` (its package renamed; mtlens
-imports itself only relatively) — rows round-robin, each sample 5 steps, in **thread CPU time**
-(``time.thread_time``: time the process spends descheduled on a shared machine is not counted; cache
-interference still is). Ratios are medians of same-round ratios. Also prints the minor page faults per
-MGDA step (``resource.getrusage().ru_minflt``).
+else), the ``MGDA floor`` (``run_all.py``'s ``MGDA feature arithmetic (floor)``: MGDA's maths as raw
+torch calls, the target's arithmetic floor) and the ``--methods`` (default MGDA, UPGrad) at
+``level="feature"`` — with this checkout's ``mtlens`` and, with ``--reference``, with a copy of another
+revision imported as ``mtlens_ref`` (its package renamed; mtlens imports itself only relatively) — rows
+round-robin, each sample 5 steps, in **thread CPU time** (``time.thread_time``: time the process spends
+descheduled on a shared machine is not counted; cache interference still is). Ratios are medians of
+same-round ratios. Also prints the minor page faults per MGDA step (``resource.getrusage().ru_minflt``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run_all import Workload  # noqa: E402
+from run_all import Workload, step_fns  # noqa: E402
 
 import mtlens.engine  # noqa: E402
 import mtlens.methods  # noqa: E402
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="conv,mlp")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reference", default=None, help="a folder holding the other revision as package mtlens_ref")
+    ap.add_argument("--methods", default="MGDA,UPGrad", help="feature-level Gramian methods to time (registry names)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     engines = {"": (mtlens.engine.mtl_backward, mtlens.methods.create)}
@@ -47,13 +49,16 @@ def main() -> None:
         sys.path.insert(0, args.reference)
         ref_e, ref_m = importlib.import_module("mtlens_ref.engine"), importlib.import_module("mtlens_ref.methods")
         engines = {" ref": (ref_e.mtl_backward, ref_m.create), **engines}
-    cols = [f"{m}{tag}" for m in ("MGDA", "UPGrad") for tag in engines]
+    methods = args.methods.split(",")
+    cols = [f"{m}{tag}" for m in methods for tag in engines]
+    mgda = [c for c in cols if c.startswith("MGDA")]
     print(
-        "| workload | T | EW ms | floor / EW | "
+        "| workload | T | EW ms | floor / EW | MGDA floor / EW | "
         + " | ".join(f"{c} / EW" for c in cols)
-        + " | MGDA / floor | MGDA faults / step |"
+        + "".join(f" | {c} / MGDA floor" for c in mgda)
+        + " | MGDA faults / step |"
     )
-    print("|---|---:|---:|---:|" + "---:|" * len(cols) + "---:|---:|")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|" * len(mgda) + "---:|")
     for kind in args.kinds.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
             w = Workload(kind, T, 8 if kind == "conv" else 256)
@@ -75,8 +80,11 @@ def main() -> None:
                 ]
                 torch.autograd.grad(z, w.shared, grad_outputs=sum(sal))
 
-            rows = {"EW": step(mtlens.engine.mtl_backward, mtlens.methods.create("ew"), None), "floor": floor}
-            for m in ("MGDA", "UPGrad"):
+            made = {n: mtlens.methods.create(n) for n in ("mgda", "ew", "uw", "upgrad", "pcgrad", "rep_mtl")}
+            arithmetic = step_fns(w, made, False)["MGDA feature arithmetic (floor)"]
+            rows = {"EW": step(mtlens.engine.mtl_backward, mtlens.methods.create("ew"), None), "floor": floor,
+                    "MGDA floor": arithmetic}
+            for m in methods:
                 for tag, (backward, create) in engines.items():
                     rows[f"{m}{tag}"] = step(backward, create(m.lower()), "feature")
             for f in rows.values():
@@ -96,11 +104,13 @@ def main() -> None:
             def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float:
                 return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
-            flt = " → ".join(f"{statistics.median(faults[f'MGDA{tag}']):.0f}" for tag in engines)
+            flt = " → ".join(f"{statistics.median(faults[c]):.0f}" for c in mgda)
             print(
-                f"| {kind} | {T} | {statistics.median(times['EW']):.2f} | {ratio('floor', 'EW'):.2f} | "
-                + " | ".join(f"{ratio(c, 'EW'):.2f}" for c in cols)
-                + f" | {ratio('MGDA', 'floor'):.2f} | {flt} |",
+                f"| {kind} | {T} | {statistics.median(times['EW']):.2f} | {ratio('floor', 'EW'):.3f} | "
+                f"{ratio('MGDA floor', 'EW'):.3f} | "
+                + " | ".join(f"{ratio(c, 'EW'):.3f}" for c in cols)
+                + "".join(f" | {ratio(c, 'MGDA floor'):.3f}" for c in mgda)
+                + f" | {flt} |",
                 flush=True,
             )
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..engine.numerics import check_gramian
+from ..engine.numerics import check_gramian, check_gramian_rows
 from ..engine.record import StepRecord
 from ..engine.saliency import saliency_stack
 from ..errors import ConfigurationError
@@ -33,6 +33,15 @@ def saliencies_of(
 def gramian_of(x: StepRecord | Tensor, what: str = "gramian") -> Tensor:
     """The Gramian ``G = J Jᵀ`` (T×T) as a symmetric float64 tensor, from a record or a tensor
     (validated by :func:`mtlens.engine.numerics.check_gramian`)."""
+    return check_gramian(_recorded_gramian(x, what), what)
+
+
+def gramian_rows_of(x: StepRecord | Tensor, what: str = "gramian") -> list[list[float]]:
+    """:func:`gramian_of` as T lists of T Python floats (:func:`mtlens.engine.numerics.check_gramian_rows`)."""
+    return check_gramian_rows(_recorded_gramian(x, what), what)
+
+
+def _recorded_gramian(x: StepRecord | Tensor, what: str) -> Tensor:
     if isinstance(x, StepRecord):
         if x.gramian is None:
             raise ConfigurationError(
@@ -40,5 +49,5 @@ def gramian_of(x: StepRecord | Tensor, what: str = "gramian") -> Tensor:
                 "compute_gramian='param' (parameter level, the default of the diagnostics) or "
                 "compute_gramian='feature' (with features=Z) to mtl_backward on the steps you measure."
             )
-        x = x.gramian
-    return check_gramian(x, what)
+        return x.gramian
+    return x

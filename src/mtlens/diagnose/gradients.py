@@ -13,14 +13,17 @@ backward is ever needed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine.record import StepRecord
-from ._inputs import gramian_of
+from ._inputs import gramian_of, gramian_rows_of
 
 
 def gradient_norms(gramian: StepRecord | Tensor) -> Tensor:
@@ -35,18 +38,16 @@ def gramian_condition_number(gramian: StepRecord | Tensor) -> float:
     ``inf`` when G is singular to float64 precision (``λ_min ≤ T·ε·λ_max``: linearly dependent
     task gradients, e.g. parallel ones, or a zero gradient) and when G = 0; 1.0 for a non-zero
     1×1 Gramian. Never NaN. (The condition number of J itself is its square root.)"""
-    G = gramian_of(gramian)
-    ev = torch.linalg.eigvalsh(G)
+    return _condition(gramian_of(gramian).cpu().numpy())
+
+
+def _condition(A: np.ndarray | list[list[float]]) -> float:
+    ev = np.linalg.eigvalsh(np.asarray(A, dtype=np.float64))
     lmax, lmin = float(ev[-1]), float(ev[0])
-    T = G.shape[0]
-    if lmax <= 0 or lmin <= T * torch.finfo(torch.float64).eps * lmax:
+    T = len(A)
+    if lmax <= 0 or lmin <= T * np.finfo(np.float64).eps * lmax:
         return float("inf")
     return lmax / lmin
-
-
-def _pairs(T: int) -> Tensor:
-    """The pairs ``i < j`` as a (2, T(T−1)/2) index tensor: ``i, j = _pairs(T)``."""
-    return torch.triu_indices(T, T, offset=1)
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,16 @@ class _PairwiseSimilarity:
     min: float
     matrix: Tensor
     grad_norms: Tensor
-    condition_number: float
     n_pairs: int
     level: str | None = field(default=None)
+    gramian: list[list[float]] | None = field(default=None, repr=False, compare=False)  # the validated G: cond(G)
+
+    @cached_property
+    def condition_number(self) -> float:
+        """``cond(G)`` (:func:`gramian_condition_number`), computed when first read: an eigendecomposition that
+        a monitor not logging ``cond`` does not need (≈ 0.1 ms right after a step's backward)."""
+        assert self.gramian is not None
+        return _condition(self.gramian)
 
     def norms_dict(self, prefix: str = "", task_names: Sequence[str] | None = None) -> dict[str, float]:
         names = task_names or [f"task{i}" for i in range(self.grad_norms.numel())]
@@ -114,24 +122,28 @@ def gradient_direction_similarity(gramian: StepRecord | Tensor) -> DirectionSimi
         >>> gradient_direction_similarity(G).mean
         -1.0
     """
-    G = gramian_of(gramian)
-    T = G.shape[0]
-    n = G.diagonal().clamp_min(0).sqrt()
-    nz = n > 0
-    denom = torch.where(nz, n, torch.ones_like(n))
-    cos = (G / denom.unsqueeze(1) / denom.unsqueeze(0)).clamp(-1.0, 1.0)
-    keep = nz.unsqueeze(1) & nz.unsqueeze(0)
-    cos = torch.where(keep, cos, torch.zeros_like(cos))
-    cos.diagonal().copy_(nz.to(cos.dtype))  # cos(g, g) = 1; a zero gradient has no direction
-    level = gramian.level if isinstance(gramian, StepRecord) else None
-    cond = gramian_condition_number(G)
+    return _direction(gramian_rows_of(gramian), gramian.level if isinstance(gramian, StepRecord) else None)
+
+
+def _direction(A: list[list[float]], level: str | None) -> DirectionSimilarity:
+    """GDS on the validated Gramian's entries, in plain Python: a handful of float operations per pair, where
+    each numpy or torch op would cost ≈ 5–10 µs right after a step's backward (a monitored step paid
+    ≈ 0.4 ms at T = 3 for GDS and GMS in numpy, ≈ 0.9 ms in torch; docs/performance.md, "Monitoring")."""
+    T = len(A)
+    n = [math.sqrt(max(A[i][i], 0.0)) for i in range(T)]
+    cos = [[0.0] * T for _ in range(T)]
+    pairs = []
+    for i in range(T):
+        cos[i][i] = 1.0 if n[i] > 0 else 0.0  # cos(g, g) = 1; a zero gradient has no direction
+        for j in range(i + 1, T):
+            c = min(1.0, max(-1.0, A[i][j] / n[i] / n[j])) if n[i] > 0 and n[j] > 0 else 0.0
+            cos[i][j] = cos[j][i] = c
+            pairs.append(c)
+    matrix, norms = torch.tensor(cos, dtype=torch.float64), torch.tensor(n, dtype=torch.float64)
     if T == 1:
-        return DirectionSimilarity(1.0, 1.0, cos, n, cond, 0, level, 0.0)
-    i, j = _pairs(T)
-    v = cos[i, j]
-    return DirectionSimilarity(
-        float(v.mean()), float(v.min()), cos, n, cond, int(v.numel()), level, float((v < 0).double().mean())
-    )
+        return DirectionSimilarity(1.0, 1.0, matrix, norms, 0, level, A, 0.0)
+    return DirectionSimilarity(math.fsum(pairs) / len(pairs), min(pairs), matrix, norms, len(pairs), level, A,
+                               sum(1 for c in pairs if c < 0) / len(pairs))
 
 
 def gradient_magnitude_similarity(gramian: StepRecord | Tensor) -> MagnitudeSimilarity:
@@ -144,20 +156,25 @@ def gradient_magnitude_similarity(gramian: StepRecord | Tensor) -> MagnitudeSimi
         >>> round(gradient_magnitude_similarity(G).mean, 6)  # 2·3 / (1 + 9)
         0.6
     """
-    G = gramian_of(gramian)
-    T = G.shape[0]
-    n = G.diagonal().clamp_min(0).sqrt()
-    hi = torch.maximum(n.unsqueeze(1), n.unsqueeze(0))
-    lo = torch.minimum(n.unsqueeze(1), n.unsqueeze(0))
-    r = torch.where(hi > 0, lo / torch.where(hi > 0, hi, torch.ones_like(hi)), torch.ones_like(hi))
-    gms = 2 * r / (1 + r * r)
-    level = gramian.level if isinstance(gramian, StepRecord) else None
-    cond = gramian_condition_number(G)
+    return _magnitude(gramian_rows_of(gramian), gramian.level if isinstance(gramian, StepRecord) else None)
+
+
+def _magnitude(A: list[list[float]], level: str | None) -> MagnitudeSimilarity:
+    """GMS on the validated Gramian's entries, in plain Python (see :func:`_direction`)."""
+    T = len(A)
+    n = [math.sqrt(max(A[i][i], 0.0)) for i in range(T)]
+    gms = [[1.0] * T for _ in range(T)]
+    pairs = []
+    for i in range(T):
+        for j in range(i + 1, T):
+            hi, lo = max(n[i], n[j]), min(n[i], n[j])
+            r = lo / hi if hi > 0 else 1.0
+            gms[i][j] = gms[j][i] = v = 2 * r / (1 + r * r)
+            pairs.append(v)
+    matrix, norms = torch.tensor(gms, dtype=torch.float64), torch.tensor(n, dtype=torch.float64)
     if T == 1:
-        return MagnitudeSimilarity(1.0, 1.0, gms, n, cond, 0, level)
-    i, j = _pairs(T)
-    v = gms[i, j]
-    return MagnitudeSimilarity(float(v.mean()), float(v.min()), gms, n, cond, int(v.numel()), level)
+        return MagnitudeSimilarity(1.0, 1.0, matrix, norms, 0, level, A)
+    return MagnitudeSimilarity(math.fsum(pairs) / len(pairs), min(pairs), matrix, norms, len(pairs), level, A)
 
 
 __all__ = [

@@ -17,7 +17,8 @@ from typing import Any
 from ..engine.protocols import LossWeighting, Method
 from ..engine.record import StepRecord
 from ..errors import ConfigurationError
-from .gradients import gradient_direction_similarity, gradient_magnitude_similarity
+from ._inputs import gramian_rows_of
+from .gradients import _direction, _magnitude
 from .saliency import feature_disentanglement, tsr_entropy
 
 METRICS = ("fd", "tsr_entropy", "gds", "gms", "grad_norms", "cond")
@@ -150,13 +151,14 @@ class SaliencyMonitor:
             else:
                 lvl = record.level if record.level in ("param", "feature") else self.level
                 q = f"{p}{lvl}/"
-                gds = gradient_direction_similarity(record.gramian)
+                A = gramian_rows_of(record.gramian)  # validated once, for every identifier below
+                gds = _direction(A, record.level)
                 if "gds" in want:
                     out[f"{q}gds_mean"] = gds.mean
                     out[f"{q}gds_min"] = gds.min
                     out[f"{q}gds_conflict_fraction"] = gds.conflict_fraction
                 if "gms" in want:
-                    gms = gradient_magnitude_similarity(record.gramian)
+                    gms = _magnitude(A, record.level)
                     out[f"{q}gms_mean"] = gms.mean
                     out[f"{q}gms_min"] = gms.min
                 if "grad_norms" in want:

@@ -15,6 +15,12 @@ from .graph import find_leaves
 
 
 def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale: float = 1.0) -> None:
+    """``.grad += g`` for each pair, as ``backward()`` accumulates: a parameter without ``.grad`` takes ``g``
+    itself (× ``scale``, in its dtype). Every ``.grad`` gets memory of its own: autograd returns ONE tensor for
+    several inputs when a node passes its gradient on unchanged (both parameters of ``a + b``), and two
+    ``.grad`` sharing memory would each take the other's later in-place accumulation; a gradient whose data
+    pointer this call already gave to another ``.grad`` is cloned (``backward()`` copies it too)."""
+    taken: set[int] = set()
     for p, g in zip(params, grads):
         if g is None:
             continue
@@ -24,7 +30,13 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
             g = g * scale
         cur = p.grad
         if cur is None:
-            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+            g = g if g.dtype == p.dtype else g.to(p.dtype)
+            ptr = g.data_ptr()
+            if ptr in taken:
+                g = g.clone()
+            else:
+                taken.add(ptr)
+            p.grad = g
         else:
             cur.add_(g if g.dtype == cur.dtype else g.to(cur.dtype))
 
@@ -110,6 +122,8 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     if grads.level == "loss":
         if decision.objective is None:
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
+        if grads._objective_from_rows and not decision.extra_grads and grads._reg_total is None:
+            return _weighted_sum_from_rows(grads, decision, name)
         total = decision.objective
         if grads._reg_total is not None:
             total = total + grads._reg_total
@@ -264,6 +278,34 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
     _accumulate(shared, shared_g, scale)
     _accumulate(heads, head_g, scale)
     _accumulate(others, other_g, scale)
+    return ""
+
+
+def _weighted_sum_from_rows(grads: TaskGradients, decision: Decision, name: str) -> str:
+    """Loss level, objective ``Σ_t w_t L_t`` whose per-task rows step 1 computed (``compute_gramian="param"``,
+    :func:`~mtlens.engine.gradients.compute_task_gradients`'s ``weighted_sum``): its gradient written from them —
+    ``Σ_t w_t g_t`` on the shared parameters, ``Σ_t w_t ∇_head L_t`` on the heads — with the weights in the
+    dtype the objective multiplied the losses by; the same check and the same message as the objective's backward
+    (docs/performance.md, "Monitoring")."""
+    w = decision.weights
+    if w is None:
+        raise ConfigurationError(f"loss level needs weights from '{name}' to write Σ_t w_t g_t")
+    w = w.to(grads.losses.dtype)
+    shared, heads = grads.shared_params, grads.task_params
+    checked: list[Tensor]
+    if grads._flat is not None:
+        flat = combine_matrix(w, grads._flat)
+        shared_g: list[Tensor] = split_flat(flat, shared)
+        checked = [flat]
+    else:
+        shared_g = combine_blocks(w, grads.jacobian_blocks())
+        checked = list(shared_g)
+    head_g = _combine_heads(grads.head_rows, w.tolist(), len(heads), grads._head_index)
+    if not all_finite(checked + [g for g in head_g if g is not None]):
+        return (f"non-finite gradient in the backward of '{name}' (losses {grads.losses.tolist()}); nothing was "
+                "written into .grad")
+    _accumulate(shared, shared_g)
+    _accumulate(heads, head_g)
     return ""
 
 

@@ -32,6 +32,7 @@ from ..errors import ConfigurationError, MTLensError, NonFiniteError
 from .apply import _accumulate, apply_decision, check_decision, weights_error
 from .decision import Decision
 from .distributed import Dist, resolve
+from .feature_step import feature_step
 from .gradients import (
     JACOBIAN_MODES,
     LOG_EPS,
@@ -47,7 +48,15 @@ from .gradients import (
     transform_losses,
 )
 from .graph import objective_leaves
-from .protocols import GramianWeighting, JacobianAggregator, LossWeighting, Method, Regularizer, check_loss_transform
+from .protocols import (
+    GramianWeighting,
+    JacobianAggregator,
+    LossWeighting,
+    Method,
+    Regularizer,
+    check_loss_transform,
+    objective_is_weighted_sum,
+)
 from .record import StepRecord
 
 __all__ = ["DecisionCache", "LOG_EPS", "counters", "mtl_backward", "resolve_level", "transform_losses"]
@@ -223,6 +232,22 @@ def mtl_backward(
         check_loss_transform(method, "none")
         record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph)
         return record if not problem else _not_written(problem, nonfinite, record, None, None)
+    if (level == "feature" and isinstance(features, Tensor) and not isinstance(losses, Tensor)
+            and getattr(type(method), "decide", None) is GramianWeighting.decide and "feature" in method.levels
+            and not regularizers and not keep_saliencies and not compute_gramian and cache is None
+            and grad_scaler is None and loss_transform in (None, "none") and method.loss_transform is None
+            and not method.needs_grad_norms and not method.needs_saliency_graph and shared_params is not None
+            and jacobian in JACOBIAN_MODES and nonfinite in NONFINITE_POLICIES and resolve(distributed) is None):
+        # The common feature-level step: a Gramian weighting (MGDA, ...) on one shared map with no option that
+        # needs the general machinery. The same step as below, with the same checks and transaction
+        # (engine/feature_step.py; docs/performance.md, "The feature path's fixed cost").
+        encoder = [p for p in shared_params if p.requires_grad]
+        if not encoder:
+            raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
+        check_loss_transform(method, "none")
+        record, problem = feature_step(losses, task_names, features, encoder, task_params,
+                                       cast(GramianWeighting, method), retain_graph)
+        return record if not problem else _not_written(problem, nonfinite, record, None, None)
     if not isinstance(method, Method):
         raise ConfigurationError(
             f"method must be a method object (mtlens.methods.create(name)), got {type(method).__name__}"
@@ -318,6 +343,7 @@ def mtl_backward(
                           else _default_grad_norm_params(shared, method.name)) if method.needs_grad_norms else None,
         method_params=method_params, scale=scale, dist=dist, retain_graph=retain_graph,
         saliency_graph=method.needs_saliency_graph and not is_loss,
+        weighted_sum=gramian_level == "param" and objective_is_weighted_sum(method),
     )
     record = step_record(grads)
     if not grads.ok:

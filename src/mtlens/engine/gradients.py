@@ -31,7 +31,7 @@ from .gramian import (
     matrix_blocks,
     stack_rows,
 )
-from .graph import find_leaves
+from .graph import _ACCUMULATE_GRAD, find_leaves
 from .protocols import Regularizer
 from .stacked import StackSplit, prune_stacked_losses, stack_split
 
@@ -273,6 +273,7 @@ class TaskGradients:
     _attached_stack: Tensor | None = None  # loss level: torch.stack(_attached), when built with the raw losses
     _find_task_params: Callable[[], list[Tensor]] | None = None  # loss level: the graph walk, run when first read
     _head_index: list[list[int]] | None = None  # per task: the head parameters it reaches (heads pass), else None
+    _objective_from_rows: bool = False  # loss level: step 3 writes Σ_t w_t g_t from the rows (no objective backward)
 
     @property
     def T(self) -> int:
@@ -554,6 +555,70 @@ def _node_sets(loss_list: Sequence[Tensor], stop_at: Sequence[Tensor], split: St
     return out
 
 
+def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Sequence[Tensor],
+                method_params: Sequence[Tensor]) -> tuple[list[Tensor], list[set[Any]], list[list[int]]]:
+    """:func:`_find_heads` (heads found from the graph: ``task_params`` not given, shared ``maps``) and
+    :func:`_node_sets` ``(loss_list, maps)`` with the heads pass's index of each task's own heads, in ONE walk
+    of each loss's graph up to the maps (they walked it twice, and the index scanned the node sets a third time).
+
+    Returns ``(heads, sets, own)``: the heads in :func:`~mtlens.engine.graph.find_leaves`' order (one depth-first
+    walk per loss, in loss order, children in the order of ``next_functions``: a leaf is first reached at the
+    same point as in its single walk, since every node an earlier loss reached was explored by it whole), the
+    autograd nodes each loss reaches before the maps, and per task the sorted indices of the heads it reaches.
+    Raises what :func:`_find_heads` raises (a shared parameter reaching a loss around the maps)."""
+    stop = {z.grad_fn for z in maps if z.grad_fn is not None}
+    skip = {id(z) for z in maps if z.grad_fn is None}  # leaf maps are not heads
+    shared_ids = {id(p) for p in shared}
+    mp_ids = {id(p) for p in method_params}
+    acc = _ACCUMULATE_GRAD
+    heads: list[Tensor] = []
+    index: dict[int, int] = {}
+    leaked = 0
+    sets: list[set[Any]] = []
+    own: list[list[int]] = []
+    for L in loss_list:
+        seen: set[Any] = set()
+        mine: set[int] = set()
+        stack = [L.grad_fn] if L.grad_fn is not None else []
+        pop, push, mark = stack.pop, stack.append, seen.add
+        while stack:
+            node = pop()
+            if node in seen or node in stop:
+                continue
+            mark(node)
+            if type(node) is acc:
+                var = node.variable  # type: ignore[attr-defined]
+                if var is None:
+                    continue
+                key = id(var)
+                i = index.get(key)
+                if i is None and key not in skip:
+                    skip.add(key)  # judged once: a head, a shared parameter (leaked) or a method's parameter
+                    if key in shared_ids:
+                        leaked += 1
+                    elif key not in mp_ids:
+                        i = index[key] = len(heads)
+                        heads.append(var)
+                if i is not None:
+                    mine.add(i)
+                continue
+            nxt = node.next_functions
+            if len(nxt) == 1:
+                n = nxt[0][0]
+                if n is not None:
+                    push(n)
+            else:
+                stack.extend([n for n, _ in reversed(nxt) if n is not None])
+        sets.append(seen)
+        own.append(sorted(mine))
+    if leaked:
+        raise ConfigurationError(
+            f"{leaked} shared parameter(s) reach the losses without passing through "
+            "features: features must be the only route from the encoder to the losses"
+        )
+    return heads, sets, own
+
+
 def maps_dependent(maps: Sequence[Tensor]) -> bool:
     """Whether one of several shared maps is computed from another (``z_high = f(z_low)``)."""
     if len(maps) < 2:
@@ -630,6 +695,7 @@ def compute_task_gradients(
     dist: Dist | None = None,
     retain_graph: bool = False,
     saliency_graph: bool = False,
+    weighted_sum: bool = False,
 ) -> TaskGradients:
     """Step 1: per-task gradients of ``losses`` at ``level``, with no method involved.
 
@@ -658,6 +724,13 @@ def compute_task_gradients(
         saliency_graph: gradient levels: keep the graph of the saliencies through the heads
             (``create_graph=True`` in the heads' backward) for :meth:`TaskGradients.attached_saliencies`
             (methods declaring ``needs_saliency_graph``; needs ``features``).
+        weighted_sum: loss level with ``compute_gramian="param"``: the caller promises that the method's
+            objective will be ``Σ_t w_t L_t`` of the objective losses with ``w`` its decision's ``weights``
+            (:func:`mtlens.engine.protocols.objective_is_weighted_sum`). The per-task Jacobian is then computed
+            with the heads' gradients, and :func:`~mtlens.engine.apply.apply_decision` writes ``Σ_t w_t g_t``
+            from it instead of differentiating the objective again (one full backward fewer); the graph is freed
+            as by ``loss.backward()``. Applies with ``features``, one process, no scaler, no regulariser and no
+            leaf outside the shared parameters and heads; otherwise ignored (the objective's backward runs).
 
     Returns:
         a :class:`TaskGradients`; ``problem`` is set (and nothing else computed) when a loss or a
@@ -740,7 +813,8 @@ def compute_task_gradients(
     try:
         if level == "loss":
             _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
-                        keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist)
+                        keep_saliencies, compute_gramian, grad_norm_params, jacobian, scale, dist, weighted_sum,
+                        retain_graph)
         else:
             _gradient_level(tg, names, raw, obj, obj_scaled, feats, shared, tg.task_params, sal_regs, param_regs,
                             transform, jacobian, scale, dist, retain_graph, saliency_graph)
@@ -773,7 +847,8 @@ def _entry_points(tg: TaskGradients, transform: str, scale: float, like: Tensor)
 
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
                 create_graph: bool, retain_graph: bool, split: StackSplit | None = None,
-                entries: list[tuple[Any, Tensor]] | None = None
+                entries: list[tuple[Any, Tensor]] | None = None,
+                walked: tuple[list[set[Any]], list[list[int]]] | None = None,
                 ) -> tuple[list[list[Tensor]], list[list[Tensor | None]], list[list[int]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map), head rows, and per task the
     indices of the head parameters it reaches (the only entries of its row that can be set).
@@ -783,11 +858,14 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    sets = _node_sets(obj_scaled, feats.maps, split)
+    if walked is not None:  # _walk_heads' node sets and index (the same walk, done once with the heads)
+        sets, own = walked
+    else:
+        sets = _node_sets(obj_scaled, feats.maps, split)
+        index = {id(p): i for i, p in enumerate(heads)}
+        own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
+               for st in sets]
     flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
-    index = {id(p): i for i, p in enumerate(heads)}
-    own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
-           for st in sets]
     sal: list[list[Tensor]] = []
     rows: list[list[Tensor | None]] = []
     M = len(feats.maps)
@@ -1086,11 +1164,43 @@ def _add_penalty(total: Tensor | None, term: Tensor | None) -> Tensor | None:
     return term if total is None else total + term
 
 
+def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor], heads: Sequence[Tensor]) -> bool:
+    """Whether every leaf the losses reach is a shared parameter or a head: then ``Σ_t w_t`` (per-task rows over
+    the shared parameters and the heads) is the whole gradient of ``Σ_t w_t L_t`` — one graph walk, the one the
+    objective's backward would have made to find its leaves."""
+    known = {id(p) for p in shared} | {id(p) for p in heads}
+    return all(id(p) in known for p in find_leaves(loss_list))
+
+
+def _objective_rows(tg: TaskGradients, names: list[str], obj_items: list[Tensor], raw: Tensor, feats: Features,
+                    shared: list[Tensor], jacobian: str, retain_graph: bool) -> None:
+    """Loss level, ``compute_gramian="param"``, an objective ``Σ_t w_t L_t``: the per-task Jacobian the Gramian
+    is measured on is computed as at parameter level — a heads pass giving each task's saliencies *and* its
+    heads' gradients, then the encoder's rows — so that step 3 writes ``Σ_t w_t g_t`` from these rows
+    (:func:`mtlens.engine.apply.apply_decision`) instead of running the objective's own backward a second time
+    over the whole network. The graph is freed by the last encoder backward unless ``retain_graph``.
+    (docs/performance.md, "Monitoring": the second backward was 18 convolution backwards a step against
+    the rows' 12 at the conv benchmark's T = 3.)"""
+    heads = tg.task_params
+    sal, head_rows, tg._head_index = _heads_pass(names, obj_items, feats, heads, False, retain_graph, tg._split,
+                                                 _entry_points(tg, tg._transform, 1.0, raw))
+    enc, J = _encoder_rows(feats, shared, sal, False, retain_graph, jacobian)
+    if J is not None:
+        tg._flat = J
+    else:
+        tg._blocks = [b.detach() for b in enc] if isinstance(enc[0], Tensor) else stack_rows(enc, shared)
+    tg.head_rows = head_rows
+    tg._objective_from_rows = True
+    tg.gramian()
+    tg.gramian_level = "param"
+    tg._reg_kind = "loss"
+
+
 def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], raw: Tensor, obj_items: list[Tensor],
                 obj: Tensor, obj_scaled: list[Tensor], feats: Features, shared: list[Tensor],
                 sal_regs: list[Regularizer], param_regs: list[Regularizer], keep_saliencies: bool,
                 compute_gramian: str | None, grad_norm_params: Sequence[Tensor] | None, jacobian: str, scale: float,
-                dist: Dist | None) -> None:
+                dist: Dist | None, weighted_sum: bool = False, retain_graph: bool = False) -> None:
     tg._attached = list(obj_items)  # under data parallelism: valued at the global mean (see above)
     if grad_norm_params is not None:
         params = list(grad_norm_params)
@@ -1125,6 +1235,11 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
         reg_total, values = regularizer_terms(sal_regs, [_reg_saliency_block(sal, names, dist)], obj)
         tg.regularizer_values.update(values)
     pblocks: list[Tensor] = []
+    if (weighted_sum and compute_gramian == "param" and not param_regs and not sal_regs and grad_norm_params is None
+            and scale == 1.0 and dist is None and feats.maps and not maps_dependent(feats.maps)
+            and _rows_cover_objective(loss_list, shared, tg.task_params)):
+        _objective_rows(tg, names, obj_items, raw, feats, shared, jacobian, retain_graph)
+        return
     if param_regs or compute_gramian == "param":
         create = bool(param_regs)
         if feats.maps:

@@ -449,6 +449,10 @@ class LossWeighting(Method):
     before anything is written (same verdicts, messages and transaction; the graph is then freed on a
     failing step as on a successful one)."""
 
+    weighted_sum_objective: ClassVar[bool] = False
+    """``True`` when an overridden :meth:`combine` still returns exactly ``(Σ_t w_t L_t, w)`` (EW). The default
+    :meth:`combine` is such an objective whatever this says; see :func:`objective_is_weighted_sum`."""
+
     def decide(self, grads: TaskGradients) -> Decision:
         """Loss level: the objective from :meth:`combine` on the attached objective losses."""
         objective, w = self.combine(grads.attached_losses(), grad_norms=grads.grad_norms)
@@ -466,6 +470,19 @@ class LossWeighting(Method):
         from :meth:`weights` on the detached losses. Learnable weightings override this."""
         w = self.weights(losses.detach(), grad_norms=grad_norms).to(losses.dtype)
         return (w * losses).sum(), w.detach()
+
+
+def objective_is_weighted_sum(method: Method) -> bool:
+    """Whether ``method``'s loss-level objective is ``Σ_t w_t L_t`` with ``w`` its decision's ``weights``: a
+    loss weighting with the default :meth:`LossWeighting.decide` whose :meth:`~LossWeighting.combine` is the
+    default one or declares ``weighted_sum_objective``. The engine then may write ``Σ_t w_t g_t`` from per-task
+    rows it computed anyway (``compute_gramian="param"``) instead of differentiating the objective again."""
+    if not isinstance(method, LossWeighting):
+        return False
+    cls = type(method)
+    return (cls.decide is LossWeighting.decide
+            and (cls.combine is LossWeighting.combine or cls.weighted_sum_objective)
+            and not method.needs_grad_norms and not method.adds_gradients)
 
 
 class GramianWeighting(Method):

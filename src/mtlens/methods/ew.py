@@ -19,6 +19,7 @@ class EW(LossWeighting):
 
     name = "ew"
     constant_weights = True
+    weighted_sum_objective = True
     reference = "Equal weighting baseline (Caruana, Machine Learning 1997)"
 
     claims = {

@@ -1,0 +1,178 @@
+"""The common feature-level step, without the general machinery: one shared map, a Gramian weighting.
+
+:func:`mtlens.engine.mtl_backward` routes here a step that is ``level="feature"`` with ``features=Z``
+(one tensor), a :class:`~mtlens.engine.protocols.GramianWeighting` whose decision is the default one
+(``weights(G, losses)`` and its head rule: MGDA, Aligned-MTL, UPGrad, ...), the losses as a mapping or
+a sequence, and none of: a regulariser, a loss transform, a GradScaler, a process group, a
+:class:`~mtlens.engine.backward.DecisionCache`, ``compute_gramian``, ``keep_saliencies``, a method that
+needs the saliencies' graph or gradient norms. It is the step of :func:`compute_task_gradients` →
+``method.decide`` → :func:`check_decision` → :func:`apply_decision` → ``step_record`` with only the work
+that step does: the same calls for the same numbers (heads found from the graph, T head backwards,
+the pooled ``(T, *Z)`` stack, its Gramian, ``method.weights``, one contraction, one encoder VJP), the
+same checks with the same messages in the same order, the same record and the same transaction (the
+method's state restored and nothing written unless every written gradient is finite), without
+building the :class:`~mtlens.engine.gradients.TaskGradients` and :class:`~mtlens.engine.decision.Decision`
+objects that no one reads afterwards, and without the tensor conversions that leave a float64 vector
+as it is. Proved against the general path in ``tests/engine/test_feature_step.py`` (bitwise ``.grad``,
+record, method state; the errors and the skip policy). Why: docs/performance.md, "The feature path's
+fixed cost".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import MTLensError, NonFiniteError
+from . import pool
+from .apply import _accumulate, _check_range, _combine_heads, weights_error
+from .gradients import (
+    _find_heads,
+    _heads_pass,
+    _walk_heads,
+    _warn_zero,
+    all_finite,
+    host_finite,
+    loss_problem,
+    normalise_features,
+    normalise_losses,
+)
+from .gramian import gramian_from_blocks
+from .protocols import GramianWeighting, MethodState
+from .record import StepRecord
+
+_DEFAULT_HEAD_WEIGHTS = GramianWeighting.head_weights
+
+
+def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Sequence[str] | None,
+                 features: Tensor, shared: list[Tensor], task_params: Iterable[Tensor] | None,
+                 method: GramianWeighting, retain_graph: bool) -> tuple[StepRecord, str]:
+    """One feature-level step of ``method`` (a Gramian weighting with the default ``decide``) on one shared map.
+
+    ``shared``: the encoder's parameters that require grad (not empty: the caller checked). Raises what the
+    general path raises (:class:`ConfigurationError`, :class:`~mtlens.errors.ShapeError`,
+    :class:`NonFiniteError`) with the same messages, the method's state left as before the step.
+
+    Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why nothing was
+    (a non-finite loss or gradient: the caller applies the non-finite policy to ``record``)."""
+    if type(method).parameters is MethodState.parameters and not method._modules:  # its own tensors only
+        method_params = [p for p in method._parameters.values() if p is not None and p.requires_grad]
+    else:
+        method_params = [p for p in method.parameters() if p.requires_grad]
+    names, loss_list = normalise_losses(losses, task_names)
+    feats = normalise_features(features, names)
+    T = len(loss_list)
+    raw = torch.stack([v.detach() for v in loss_list])
+    record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="feature")
+    if not host_finite(raw):
+        return record, loss_problem(names, raw)
+    walked: tuple[list[set[Any]], list[list[int]]] | None = None
+    if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
+        heads, sets, index = _walk_heads(loss_list, feats.maps, shared, method_params)
+        walked = (sets, index)
+    else:
+        heads = _find_heads(loss_list, feats, shared, task_params, method_params)
+    # the heads pass of compute_task_gradients: S_t and the head rows, each task asking for its own heads only
+    sal, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, walked=walked)
+    # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
+    S = pool.stack([s[0] for s in sal])
+    G = gramian_from_blocks([S])
+    record.saliencies = S
+    diag = G.diagonal().tolist()  # diag(G) = ‖S_t‖² in float64 is finite iff every saliency is
+    if not all(math.isfinite(v) for v in diag):
+        bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
+        return record, (f"non-finite gradient of task(s) {bad} at level 'feature' (losses {raw.tolist()}); nothing "
+                        "was written into .grad. A loss may be finite while its gradient overflows: lower the "
+                        "learning rate or check the inputs.")
+    _warn_zero(names, diag, "feature")
+    record.gramian = G
+
+    # ---- decide and apply, as one transaction (mtl_backward's general path) ------------------------
+    name = method.name
+    snap = method.snapshot()
+    try:
+        try:  # GramianWeighting.decide
+            w = method.weights(G, raw)
+            w = torch.as_tensor(w)
+            if w.requires_grad:
+                w = w.detach()
+            if w.dtype != torch.float64:
+                w = w.to(torch.float64)
+            if w.ndim != 1:
+                w = w.reshape(-1)
+            default_heads = type(method).head_weights is _DEFAULT_HEAD_WEIGHTS
+            hw = torch.ones(w.shape, dtype=torch.float64) if default_heads else method.head_weights(w)
+            values = method.log_values()
+        except MTLensError:
+            raise
+        except (RuntimeError, FloatingPointError, ValueError, ZeroDivisionError, ArithmeticError) as exc:
+            raise NonFiniteError(
+                f"method '{name}' failed on this step's numbers (losses {raw.tolist()}, Gramian diagonal "
+                f"{G.diagonal().tolist()}): {type(exc).__name__}: {exc}. Its state was left as before the step."
+            ) from exc
+        # check_decision
+        if w.device.type != "cpu":
+            w = w.cpu()
+        wl = w.tolist()
+        if w.shape[0] != T or not all(map(math.isfinite, wl)):
+            raise weights_error(name, w, T, G.diagonal().tolist())
+        if default_heads:
+            hl = [1.0] * T
+        else:
+            hw = torch.as_tensor(hw, dtype=torch.float64).reshape(-1).cpu()
+            hl = hw.tolist()
+            if hw.shape[0] != T or not all(map(math.isfinite, hl)):
+                raise NonFiniteError(f"method '{name}' returned head weights {hl}; nothing was written")
+        low = {p.dtype for p in shared + heads} & {torch.float16, torch.bfloat16}
+        if low:
+            _check_range(w, low, "weights", name)
+            _check_range(hw, low, "head weights", name)
+        # apply_decision, feature level: Σ_t w_t S_t as one contraction, pushed through the encoder once
+        dz = torch.tensordot(w.to(S.dtype), S, dims=1)
+        gz = torch.autograd.grad([features], shared, grad_outputs=[dz], retain_graph=retain_graph, allow_unused=True)
+        shared_g = [g if g is not None else torch.zeros_like(p) for g, p in zip(gz, shared)]
+        head_g = _unit_rows(head_rows, own, len(heads)) if default_heads else None
+        if head_g is None:
+            head_g = _combine_heads(head_rows, hl, len(heads), own)
+        problem = ""
+        written = shared_g + head_g
+        if not all_finite([g for g in written if g is not None]):
+            problem = f"non-finite combined gradient from '{name}'; nothing was written into .grad"
+        else:
+            _accumulate(shared + heads, written)  # one call: no two .grad share memory (see _accumulate)
+    except BaseException:
+        method.restore(snap)
+        raise
+    if problem:
+        method.restore(snap)
+        return record, problem
+    record.weights = w
+    record.head_weights = hw
+    record.method_values.update(values)
+    return record, ""
+
+
+def _unit_rows(head_rows: Sequence[Sequence[Tensor | None]], own: Sequence[Sequence[int]], n: int
+               ) -> list[Tensor | None] | None:
+    """Per head parameter ``Σ_t 1 · ∇_head L_t`` under the unit head rule when no head parameter is reached by
+    two tasks: its one task's row as autograd returned it (``× 1.0`` is exact; ``None`` where no task reaches
+    it). No copy is needed here: unlike a caller of :func:`~mtlens.engine.apply.apply_decision`, no one holds
+    the rows after this step. ``None`` (use :func:`~mtlens.engine.apply._combine_heads`, which copies) when a
+    parameter is shared by tasks, or a row is sparse or not contiguous (an expanded gradient would make a
+    ``.grad`` whose elements share memory)."""
+    out: list[Tensor | None] = [None] * n
+    for t, idx in enumerate(own):
+        row = head_rows[t]
+        for i in idx:
+            r = row[i]
+            if r is None:
+                continue
+            if out[i] is not None or r.layout != torch.strided or not r.is_contiguous():
+                return None
+            out[i] = r
+    return out
+
