@@ -120,3 +120,31 @@ def test_non_finite_gradient_writes_nothing_with_the_objectives_message():
         mtl_backward(losses, features=z, shared_params=list(net.enc.parameters()), method=create("ew"),
                      compute_gramian="param")
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_loss_level_gramian_with_maps_computed_from_one_another_is_the_true_jacobians():
+    # features=[z1, z2] with z2 = f(z1): ∂L/∂z1 already holds the path through z2, so pushing both saliencies
+    # through the encoder counted that path twice (the Gramian was wrong before, by 19 % on this net)
+    torch.manual_seed(0)
+    l1, l2 = torch.nn.Linear(5, 6), torch.nn.Linear(6, 6)
+    heads = torch.nn.ModuleList([torch.nn.Linear(12, 1) for _ in range(2)])
+    shared = list(l1.parameters()) + list(l2.parameters())
+    x = torch.randn(8, 5)
+
+    def fwd():
+        z1 = torch.tanh(l1(x))
+        z2 = torch.tanh(l2(z1))
+        return [z1, z2], {f"t{i}": h(torch.cat([z1, z2], 1)).pow(2).mean() for i, h in enumerate(heads)}
+
+    _, losses = fwd()
+    J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, shared, retain_graph=True)])
+                     for L in losses.values()]).double()
+    for p in [*shared, *heads.parameters()]:
+        p.grad = None
+    zs, losses = fwd()
+    ref = [g.clone() for g in torch.autograd.grad(sum(losses.values()), [*shared, *heads.parameters()])]
+    zs, losses = fwd()
+    rec = mtl_backward(losses, features=zs, shared_params=shared, method=create("ew"), compute_gramian="param")
+    torch.testing.assert_close(rec.gramian, J @ J.T)
+    for p, r in zip([*shared, *heads.parameters()], ref):
+        torch.testing.assert_close(p.grad, r)

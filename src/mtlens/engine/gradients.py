@@ -1242,7 +1242,9 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
         return
     if param_regs or compute_gramian == "param":
         create = bool(param_regs)
-        if feats.maps:
+        # Through the maps only when they form a cut: with z_high = f(z_low), ∂L/∂z_low already holds the path
+        # through z_high, and pushing both saliencies through the encoder would count that path twice.
+        if feats.maps and (feats.multi_input or not maps_dependent(feats.maps)):
             s_obj = [zeros_if_none(_grads(o, feats.of_task(t), create_graph=create), feats.of_task(t))
                      for t, o in enumerate(obj_items)]
             enc, J = _encoder_rows(feats, shared, s_obj, create, True, "loop" if create else jacobian)
