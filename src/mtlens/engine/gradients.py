@@ -847,8 +847,7 @@ def _entry_points(tg: TaskGradients, transform: str, scale: float, like: Tensor)
 
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
                 create_graph: bool, retain_graph: bool, split: StackSplit | None = None,
-                entries: list[tuple[Any, Tensor]] | None = None,
-                walked: tuple[list[set[Any]], list[list[int]]] | None = None,
+                entries: list[tuple[Any, Tensor]] | None = None
                 ) -> tuple[list[list[Tensor]], list[list[Tensor | None]], list[list[int]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map), head rows, and per task the
     indices of the head parameters it reaches (the only entries of its row that can be set).
@@ -858,14 +857,11 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    if walked is not None:  # _walk_heads' node sets and index (the same walk, done once with the heads)
-        sets, own = walked
-    else:
-        sets = _node_sets(obj_scaled, feats.maps, split)
-        index = {id(p): i for i, p in enumerate(heads)}
-        own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
-               for st in sets]
+    sets = _node_sets(obj_scaled, feats.maps, split)
     flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
+    index = {id(p): i for i, p in enumerate(heads)}
+    own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
+           for st in sets]
     sal: list[list[Tensor]] = []
     rows: list[list[Tensor | None]] = []
     M = len(feats.maps)
