@@ -284,7 +284,7 @@ def test_find_leaves_is_a_first_reached_depth_first_walk():
     random graphs with shared subgraphs, leaves that do not require grad and stop points."""
     import random
 
-    from mtlens.engine.graph import find_leaves
+    from mtlens.engine.graph import find_leaves, objective_leaves
 
     def reference(roots, stop_at=()):
         stop = {t.grad_fn for t in stop_at if t.grad_fn is not None}
@@ -319,3 +319,8 @@ def test_find_leaves_is_a_first_reached_depth_first_walk():
         stops = [n for n in rng.sample(nodes, 2) if n.requires_grad]
         for stop_at in ([], stops):
             assert [id(t) for t in find_leaves(roots, stop_at)] == [id(t) for t in reference(roots, stop_at)]
+        for r in roots:  # the loss step's walk: the same leaves, each once, in its own (deterministic) order
+            got = [id(t) for t in objective_leaves(r)]
+            assert len(got) == len(set(got)) and set(got) == {id(t) for t in reference([r])}
+            assert got == [id(t) for t in objective_leaves(r)]
+    assert objective_leaves(torch.randn(3, requires_grad=True)) == []  # a leaf root: no backward edges

@@ -19,6 +19,7 @@ is committed only when the whole step succeeded). See docs/engine.md for the des
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from .gradients import (
     normalise_losses,
     transform_losses,
 )
-from .graph import find_leaves
+from .graph import objective_leaves
 from .protocols import (
     GramianWeighting,
     JacobianAggregator,
@@ -61,6 +62,10 @@ from .record import StepRecord
 __all__ = ["DecisionCache", "LOG_EPS", "counters", "mtl_backward", "resolve_level", "transform_losses"]
 
 NONFINITE_POLICIES = ("raise", "skip")
+
+# ``torch.distributed.is_initialized`` where torch was built with it (a build constant): ``resolve(None)``'s
+# first test, without its ``is_available`` (≈ 10 µs inside a training loop, where the code is cold)
+_dist_initialized = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 
 
 @dataclass
@@ -218,7 +223,9 @@ def mtl_backward(
             and not keep_saliencies and not compute_gramian and cache is None and grad_scaler is None
             and loss_transform in (None, "none") and method.loss_transform is None and not method.needs_grad_norms
             and jacobian in JACOBIAN_MODES and nonfinite in NONFINITE_POLICIES
-            and (features is not None or not method.needs_features) and resolve(distributed) is None):
+            and (features is not None or not method.needs_features)
+            and (distributed is False or (distributed is None and not _dist_initialized())
+                 or resolve(distributed) is None)):
         # The common loop: a loss weighting (EW, UW, DWA, ...) with no option that needs per-task gradients.
         # The same step as below, with every check that can fail here, without the general machinery
         # (docs/performance.md, "EW against a plain loop").
@@ -393,8 +400,9 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
 
     Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why
     nothing was (the caller applies the non-finite policy)."""
-    names, loss_list = normalise_losses(losses, task_names)
-    normalise_features(features, names)  # its checks only: the loss level reads no features
+    names, loss_list = _lean_losses(losses, task_names)
+    if not (isinstance(features, Tensor) and features.requires_grad):  # one attached map passes as it is
+        normalise_features(features, names)  # its checks only: the loss level reads no features
     stacked = torch.stack(loss_list)  # its detached view is the record's losses
     raw = stacked.detach()
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="loss")
@@ -417,13 +425,14 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
                 f"method '{name}' failed on this step's numbers (losses {raw.tolist()}): {type(exc).__name__}: {exc}. "
                 "Its state was left as before the step."
             ) from exc
-        if weights.device.type != "cpu":  # check_decision
+        if not weights.is_cpu:  # check_decision (``is_cpu``: ``device.type`` builds a device object, ≈ 15 µs cold)
             weights = weights.cpu()
-        if weights.shape[0] != len(names) or not host_finite(weights):
+        w_list = weights.tolist()  # one read for the length and the values (host_finite's)
+        if len(w_list) != len(names) or not all(map(math.isfinite, w_list)):
             raise weights_error(name, weights, len(names))
         if objective is None:  # apply_decision, loss level
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
-        params = find_leaves([objective])
+        params = objective_leaves(objective)
         gs = torch.autograd.grad(objective, params, retain_graph=retain_graph, allow_unused=True)
         problem = ""
         if not all_finite([*gs, raw] if fused else gs):
@@ -441,8 +450,29 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         method.restore(snap)
         return record, problem
     record.weights = weights
-    record.method_values.update(values)
+    if values:
+        record.method_values.update(values)
     return record, ""
+
+
+def _lean_losses(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
+                 task_names: Sequence[str] | None) -> tuple[list[str], list[Tensor]]:
+    """:func:`normalise_losses` for the common call, ``{name: 0-dim loss with a graph}`` without
+    ``task_names``, with its checks in one pass (the same list back); anything else goes through
+    :func:`normalise_losses` (its errors and messages)."""
+    if type(losses) is dict and task_names is None and losses:
+        values = list(losses.values())
+        for v in values:
+            if type(v) is not Tensor or v.ndim or not v.requires_grad:
+                break
+        else:
+            names = list(losses)
+            for n in names:
+                if type(n) is not str:
+                    break
+            else:
+                return names, values
+    return normalise_losses(losses, task_names)
 
 
 def step_record(grads: TaskGradients) -> StepRecord:
