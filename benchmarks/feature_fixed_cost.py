@@ -33,6 +33,7 @@ from run_all import Workload, step_fns  # noqa: E402
 
 import mtlens.engine  # noqa: E402
 import mtlens.methods  # noqa: E402
+from mtlens.engine import pool  # noqa: E402
 
 
 def main() -> None:
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reference", default=None, help="a folder holding the other revision as package mtlens_ref")
     ap.add_argument("--methods", default="MGDA,UPGrad", help="feature-level Gramian methods to time (registry names)")
+    ap.add_argument("--pool-ab", action="store_true",
+                    help="also time MGDA with the saliency pool off (mtlens.engine.pool: plain torch.stack)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     engines = {"": (mtlens.engine.mtl_backward, mtlens.methods.create)}
@@ -50,7 +53,7 @@ def main() -> None:
         ref_e, ref_m = importlib.import_module("mtlens_ref.engine"), importlib.import_module("mtlens_ref.methods")
         engines = {" ref": (ref_e.mtl_backward, ref_m.create), **engines}
     methods = args.methods.split(",")
-    cols = [f"{m}{tag}" for m in methods for tag in engines]
+    cols = [f"{m}{tag}" for m in methods for tag in engines] + (["MGDA no pool"] if args.pool_ab else [])
     mgda = [c for c in cols if c.startswith("MGDA")]
     print(
         "| workload | T | EW ms | floor / EW | MGDA floor / EW | "
@@ -87,6 +90,17 @@ def main() -> None:
             for m in methods:
                 for tag, (backward, create) in engines.items():
                     rows[f"{m}{tag}"] = step(backward, create(m.lower()), "feature")
+            if args.pool_ab:
+                pooled = step(mtlens.engine.mtl_backward, mtlens.methods.create("mgda"), "feature")
+
+                def unpooled(pooled=pooled):
+                    keep, pool.MIN_BYTES = pool.MIN_BYTES, 1 << 62  # every stack below the pool's threshold
+                    try:
+                        pooled()
+                    finally:
+                        pool.MIN_BYTES = keep
+
+                rows["MGDA no pool"] = unpooled
             for f in rows.values():
                 for _ in range(3):
                     f()

@@ -91,3 +91,70 @@ def test_mgda_weights_without_numpy_equal_the_general_route_and_raise_alike():
             m.weights(bad, losses)
         with pytest.raises(NonFiniteError):
             m.weights(G, torch.full((T,), float("inf"), dtype=torch.float64))
+
+
+def _two_task_reference(G, relative):
+    """The two-task closed form as min_norm_simplex wrote it in numpy (before the plain-float version)."""
+    s = float(G.diagonal().max())
+    Gn = G / s
+    a, b, c = float(Gn[0, 0]), float(Gn[0, 1]), float(Gn[1, 1])
+    den = a + c - 2.0 * b
+    t = min(max((a - b) / den, 0.0), 1.0) if den > 0.0 else 0.5
+    w = np.array([1.0 - t, t])
+    grad = Gn @ w
+    x2 = float(w @ grad)
+    n = np.sqrt(np.maximum(Gn.diagonal(), 0.0))
+    scale = n * float(n @ w)
+    gap_task = max(0.0, float(np.max((x2 - grad) / np.where(scale > 0, scale, 1.0))))
+    gap_abs = max(0.0, float(np.max(x2 - grad)))
+    return w, x2 * s, gap_task if relative else gap_abs
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_two_tasks_in_plain_floats_equal_the_numpy_closed_form(relative):
+    """The same weights bitwise; the value and the gap to round-off (a dot product's summation order); the
+    certificate decides alike; near-identical gradients decline (Wolfe's algorithm then runs)."""
+    rng = np.random.default_rng(2)
+    cases = [np.array([[1.0, 0.3], [0.3, 2.0]]), np.array([[1.0, -1.0], [-1.0, 1.0]]),  # opposite: ½ each
+             np.array([[4.0, 1.0], [1.0, 1.0]]), np.array([[1.0, 2.0], [2.0, 5.0]]),  # vertex optimal
+             np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 1.0], [1.0, 1.0]])]  # a zero task; identical
+    for _ in range(200):
+        J = rng.normal(size=(2, 7)) * np.array([[1.0], [10.0 ** rng.uniform(-6, 6)]])
+        cases.append(J @ J.T)
+    for G in cases:
+        s = float(G.diagonal().max())
+        got = _solvers._min_norm_two_tasks_floats(G.tolist(), s, 1e-13, relative)
+        w, value, gap = _two_task_reference(G, relative)
+        if gap <= 1e-13:
+            assert got is not None and got[0] == w.tolist()
+            assert got[1] == pytest.approx(value, rel=1e-14, abs=1e-300) and got[2] <= 1e-13
+            res = min_norm_simplex(G, relative=relative)
+            assert res.weights.tolist() == w.tolist() and res.iterations == 1
+        else:
+            assert got is None or got[2] <= 1e-13  # the float gap may certify where numpy's rounding did not
+
+
+def test_mgda_two_tasks_without_numpy_equal_the_general_route():
+    import torch
+
+    from mtlens.errors import NonFiniteError
+    from mtlens.methods import create
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        J = rng.normal(size=(2, 9))
+        G = torch.from_numpy(J @ J.T)
+        G[0, 1] += 1e-9  # slightly asymmetric: symmetrised alike
+        losses = torch.rand(2, dtype=torch.float64)
+        m = create("mgda")
+        w = m.weights(G, losses)
+        ref = min_norm_simplex(_solvers.check_gramian(G, losses, "mgda")[0], relative=True)
+        assert w.dtype == torch.float64 and w.tolist() == ref.weights.tolist()
+        assert m.log_values() == {"min_norm_sq": ref.value, "solver_iterations": 1.0, "kkt_gap": ref.kkt_gap,
+                                  "clipped_eigenvalue": 0.0}
+    bad = G.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError):
+        m.weights(bad, losses)
+    with pytest.raises(NonFiniteError):
+        m.weights(G, torch.full((2,), float("inf"), dtype=torch.float64))

@@ -251,6 +251,31 @@ def _min_norm_all_tasks_numpy(G: np.ndarray, s: float, tol: float, relative: boo
     return MinNormResult(v, x2 * s, 1, gap_task if relative else gap_abs, gap_task)
 
 
+def _min_norm_two_tasks_floats(G: list[list[float]], s: float, tol: float, relative: bool
+                               ) -> tuple[list[float], float, float, float] | None:
+    """Two tasks in closed form, in plain floats: the minimiser of ``‖(1−t)g_1 + t g_2‖²`` on ``[0, 1]``,
+    ``t = (Gn_11 − Gn_12)/‖g_1 − g_2‖²`` clipped (identical gradients: ½ each), ``Gn = G/s``, kept when it meets
+    the certificate asked for — :func:`min_norm_simplex`'s two-task step (it calls this), with the certificate of
+    its ``gaps``. Returns ``(weights, value, kkt_gap, kkt_gap_task)``, or ``None`` (near-identical gradients whose
+    closed form misses the certificate: Wolfe's algorithm decides). Each numpy call on a 2×2 matrix costs ~5 µs
+    right after a backward pass, more than this whole function."""
+    a, b, b1, c = G[0][0] / s, G[0][1] / s, G[1][0] / s, G[1][1] / s
+    den = a + c - 2.0 * b
+    t = min(max((a - b) / den, 0.0), 1.0) if den > 0.0 else 0.5
+    w0, w1 = 1.0 - t, t
+    g0, g1 = a * w0 + b * w1, b1 * w0 + c * w1
+    x2 = w0 * g0 + w1 * g1
+    n0, n1 = math.sqrt(max(a, 0.0)), math.sqrt(max(c, 0.0))
+    nw = n0 * w0 + n1 * w1
+    s0, s1 = n0 * nw, n1 * nw
+    gap_abs = max(0.0, x2 - g0, x2 - g1)
+    gap_task = max(0.0, (x2 - g0) / (s0 if s0 > 0 else 1.0), (x2 - g1) / (s1 if s1 > 0 else 1.0))
+    gap = gap_task if relative else gap_abs
+    if not gap <= tol:
+        return None
+    return [w0, w1], x2 * s, gap, gap_task
+
+
 def _min_norm_all_tasks_floats(G: list[list[float]], s: float, tol: float, relative: bool
                                ) -> tuple[list[float], float, float, float] | None:
     """Wolfe's algorithm on its most common path — every task in the optimal support — in plain floats.
@@ -417,16 +442,11 @@ def min_norm_simplex(G: np.ndarray, tol: float = 1e-13, max_iter: int | None = N
         return _affine_minimizer(GS) if v is None else v
 
     if T == 2:
-        # two tasks: the minimiser of ‖(1−t)g_1 + t g_2‖² on [0, 1] in closed form,
-        # t = (G_11 − G_12)/‖g_1 − g_2‖² clipped (identical gradients: ½ each); kept when it meets
-        # the certificate asked for (it does but for near-identical gradients), else Wolfe below
-        a, b, c = float(Gn[0, 0]), float(Gn[0, 1]), float(Gn[1, 1])
-        den = a + c - 2.0 * b
-        t = min(max((a - b) / den, 0.0), 1.0) if den > 0.0 else 0.5
-        w2 = np.array([1.0 - t, t])
-        x2, gap_abs, gap_task = gaps(w2)
-        if (gap_task if relative else gap_abs) <= tol:
-            return MinNormResult(w2, x2 * s, 1, gap_task if relative else gap_abs, gap_task)
+        # two tasks in closed form, kept when it meets the certificate asked for (it does but for
+        # near-identical gradients), else Wolfe below
+        two = _min_norm_two_tasks_floats(G.tolist(), s, tol, relative)
+        if two is not None:
+            return MinNormResult(np.array(two[0]), two[1], 1, two[2], two[3])
 
     # start: Wolfe's vertex of least norm when it is already optimal; otherwise the whole task set
     # when it is affinely independent (its affine minimiser is the answer when it lies in the

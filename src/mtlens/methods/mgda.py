@@ -114,14 +114,15 @@ class MGDA(GramianWeighting):
         return to_weights(w, gramian)
 
     def _weights_all_tasks(self, gramian: Tensor, losses: Tensor) -> Tensor | None:
-        """The common case without numpy: a finite CPU Gramian of 3–12 tasks (``SMALL_T``), every task in the
-        optimal support, ``normalization="none"``: the same validation (finite, symmetrised as
+        """The common case without numpy: a finite CPU Gramian of 2–12 tasks (``SMALL_T``), every task in the
+        optimal support (two tasks: the closed form, :func:`mtlens.methods._solvers._min_norm_two_tasks_floats`),
+        ``normalization="none"``: the same validation (finite, symmetrised as
         ``0.5·G + 0.5·Gᵀ``, finite losses of length T) and the solver's plain-float path with its certificate
         (:func:`mtlens.methods._solvers._min_norm_all_tasks_floats`). ``None`` — the general route, which
         also raises the errors — for anything else. Inside a training step each numpy call on the T×T
         arrays costs ~5 µs after the backward passes; this path makes none."""
         if not (isinstance(gramian, Tensor) and isinstance(losses, Tensor) and gramian.device.type == "cpu"
-                and gramian.ndim == 2 and 3 <= gramian.shape[0] <= _solvers.SMALL_T
+                and gramian.ndim == 2 and 2 <= gramian.shape[0] <= _solvers.SMALL_T
                 and gramian.shape[0] == gramian.shape[1]
                 and losses.numel() == gramian.shape[0] and losses.device.type == "cpu"):
             return None
@@ -135,7 +136,8 @@ class MGDA(GramianWeighting):
         s = max(G[i][i] for i in range(T))
         if not s > 0.0:
             return None
-        out = _solvers._min_norm_all_tasks_floats(G, s, 1e-13, True)
+        solve = _solvers._min_norm_two_tasks_floats if T == 2 else _solvers._min_norm_all_tasks_floats
+        out = solve(G, s, 1e-13, True)
         if out is None:
             return None
         w, value, gap, _ = out
