@@ -148,3 +148,120 @@ def test_loss_level_gramian_with_maps_computed_from_one_another_is_the_true_jaco
     torch.testing.assert_close(rec.gramian, J @ J.T)
     for p, r in zip([*shared, *heads.parameters()], ref):
         torch.testing.assert_close(p.grad, r)
+
+
+# ---- reviewer's probes: what the rows must not change against the objective's own backward ---------------------
+def _both(build, method="ew", **kw):
+    """``.grad`` of every parameter after the unmonitored step and after the monitored one (rows), same inputs."""
+    out = []
+    for cg in (None, "param"):
+        params, losses, feats, shared = build()
+        for p in params:
+            p.grad = None
+        torch.manual_seed(1)
+        mtl_backward(losses, features=feats, shared_params=shared, method=create(method), compute_gramian=cg, **kw)
+        out.append([p.grad for p in params])
+    return out
+
+
+def test_a_shared_parameter_no_loss_reaches_keeps_no_grad():
+    # the objective's backward leaves .grad = None on an encoder parameter the forward did not use (an unused
+    # layer in the encoder's parameters); the rows held zeros there and wrote them, so that weight decay and
+    # momentum then moved a parameter the plain step leaves alone (SGD/Adam skip a None .grad)
+    x = torch.randn(8, 5)
+
+    def build():
+        torch.manual_seed(0)
+        enc, unused = torch.nn.Linear(5, 6), torch.nn.Linear(3, 3)
+        heads = torch.nn.ModuleList([torch.nn.Linear(6, 1) for _ in range(2)])
+        z = torch.tanh(enc(x))
+        losses = {f"t{i}": h(z).pow(2).mean() for i, h in enumerate(heads)}
+        shared = [*enc.parameters(), *unused.parameters()]
+        return [*shared, *heads.parameters()], losses, z, shared
+
+    plain, rows = _both(build)
+    assert plain[2] is None and plain[3] is None
+    for a, b in zip(rows, plain):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class _SquaredEW(type(create("ew"))):  # a user's EW variant whose objective is not a weighted sum
+    name = "squared_ew"
+
+    def combine(self, losses, grad_norms=None):
+        return (losses ** 2).sum(), torch.ones_like(losses).detach()
+
+
+def test_a_subclass_overriding_combine_does_not_inherit_the_weighted_sum_promise():
+    # EW declares weighted_sum_objective; a subclass that overrides combine nonlinearly inherited the flag, and the
+    # rows wrote Σ_t g_t instead of the gradient of Σ_t L_t² (wrong by up to 60 % on this net)
+    assert not objective_is_weighted_sum(_SquaredEW())
+
+    class Declared(_SquaredEW):
+        weighted_sum_objective = True  # a subclass may declare it again (here wrongly, which is its promise)
+
+    assert objective_is_weighted_sum(Declared())
+    torch.manual_seed(0)
+    net, x = TinyNet(3, offsets=[0.5, 1.0, 2.0]), torch.randn(8, 5)
+    out = []
+    for cg in (None, "param"):
+        net.zero_grad(set_to_none=True)
+        z, losses = net(x)
+        mtl_backward(losses, features=z, shared_params=list(net.enc.parameters()), method=_SquaredEW(),
+                     compute_gramian=cg)
+        out.append(_grads(net))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_same_map_twice_in_features_is_a_configuration_error():
+    # features=[z, z]: each saliency was pushed through the encoder once per copy, so the rows (and the .grad
+    # written from them) were twice the objective's gradient on the encoder
+    from mtlens.errors import ConfigurationError
+
+    torch.manual_seed(0)
+    net, x = TinyNet(2), torch.randn(8, 5)
+    for kw in ({}, {"compute_gramian": "param"}):
+        z, losses = net(x)
+        with pytest.raises(ConfigurationError, match="same tensor more than once"):
+            mtl_backward(losses, features=[z, z], shared_params=list(net.enc.parameters()), method=create("ew"),
+                         **kw)
+    z, losses = net(x)
+    with pytest.raises(ConfigurationError, match="same tensor more than once"):
+        mtl_backward(losses, features=[z, z], shared_params=list(net.enc.parameters()), method=create("mgda"),
+                     level="param")
+
+
+@pytest.mark.parametrize("where", ["encoder", "head"])
+def test_sparse_gradients_are_written_as_the_objectives_backward_writes_them(where):
+    # nn.Embedding(sparse=True): every step that wrote its gradient broke in _accumulate (a sparse tensor has no
+    # data pointer: "Cannot access data pointer of Tensor that doesn't have storage"), the plain EW step too;
+    # and the monitored step's rows wrote a dense .grad on a sparse encoder embedding (SparseAdam refuses it)
+    idx = torch.tensor([1, 2, 3, 3, 4, 4, 0, 9])
+    x = torch.randn(8, 5)
+
+    def build():
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 6, sparse=True)
+        if where == "encoder":
+            lin = torch.nn.Linear(6, 6)
+            heads = torch.nn.ModuleList([torch.nn.Linear(6, 1) for _ in range(2)])
+            z = torch.tanh(lin(emb(idx)))
+            losses = {f"t{i}": h(z).pow(2).mean() for i, h in enumerate(heads)}
+            shared = [*emb.parameters(), *lin.parameters()]
+            return [*shared, *heads.parameters()], losses, z, shared
+        enc, head = torch.nn.Linear(5, 6), torch.nn.Linear(6, 1)
+        z = torch.tanh(enc(x))
+        losses = {"t0": head(z).pow(2).mean(), "t1": (z * emb(idx)).sum(1).pow(2).mean()}
+        return [*enc.parameters(), *emb.parameters(), *head.parameters()], losses, z, list(enc.parameters())
+
+    plain, rows = _both(build)
+    for a, b in zip(rows, plain):
+        assert a.layout == b.layout
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-5, atol=1e-7)
+    for method, level in (("mgda", "feature"), ("mgda", "param")):  # the lean feature step, the general path
+        params, losses, z, shared = build()
+        mtl_backward(losses, features=z, shared_params=shared, method=create(method), level=level)
+        assert all(p.grad is not None for p in params)

@@ -31,7 +31,7 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
         cur = p.grad
         if cur is None:
             g = g if g.dtype == p.dtype else g.to(p.dtype)
-            ptr = g.data_ptr()
+            ptr = _memory_of(g)
             if ptr in taken:
                 g = g.clone()
             else:
@@ -39,6 +39,14 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
             p.grad = g
         else:
             cur.add_(g if g.dtype == cur.dtype else g.to(cur.dtype))
+
+
+def _memory_of(g: Tensor) -> int:
+    """Where ``g``'s values live: its data pointer; a sparse gradient's values' (``nn.Embedding(sparse=True)``:
+    a sparse tensor has no storage of its own, and ``data_ptr()`` raises)."""
+    if g.layout == torch.strided:
+        return g.data_ptr()
+    return (g._values() if g.layout == torch.sparse_coo else g.values()).data_ptr()
 
 
 def _check_range(w: Tensor, dtypes: set[torch.dtype], what: str, name: str) -> None:
@@ -304,7 +312,10 @@ def _weighted_sum_from_rows(grads: TaskGradients, decision: Decision, name: str)
     if not all_finite(checked + [g for g in head_g if g is not None]):
         return (f"non-finite gradient in the backward of '{name}' (losses {grads.losses.tolist()}); nothing was "
                 "written into .grad")
-    _accumulate(shared, shared_g)
+    out: list[Tensor | None] = list(shared_g)
+    for i in grads._unreached:  # no loss reaches it: the backward would not touch its .grad (None stays None)
+        out[i] = None
+    _accumulate(shared, out)
     _accumulate(heads, head_g)
     return ""
 

@@ -98,6 +98,10 @@ def normalise_features(
         owner = [None] * len(maps)
         if not maps:
             raise ConfigurationError("features is an empty sequence; pass None, a tensor or several maps")
+        if len({id(z) for z in maps}) < len(maps):  # its saliency would be pushed through the encoder twice
+            raise ConfigurationError(
+                "features lists the same tensor more than once; pass each shared map once (features=[Z_1, Z_2, ...])"
+            )
     else:
         raise ConfigurationError(
             f"features must be a tensor, a sequence of shared maps or a {{task: Z}} mapping, got "
@@ -291,6 +295,7 @@ class TaskGradients:
     _find_task_params: Callable[[], list[Tensor]] | None = None  # loss level: the graph walk, run when first read
     _head_index: list[list[int]] | None = None  # per task: the head parameters it reaches (heads pass), else None
     _objective_from_rows: bool = False  # loss level: step 3 writes Σ_t w_t g_t from the rows (no objective backward)
+    _unreached: list[int] = field(default_factory=list)  # rows: shared parameters no loss reaches (.grad kept)
 
     @property
     def T(self) -> int:
@@ -746,8 +751,10 @@ def compute_task_gradients(
             (:func:`mtlens.engine.protocols.objective_is_weighted_sum`). The per-task Jacobian is then computed
             with the heads' gradients, and :func:`~mtlens.engine.apply.apply_decision` writes ``Σ_t w_t g_t``
             from it instead of differentiating the objective again (one full backward fewer); the graph is freed
-            as by ``loss.backward()``. Applies with ``features``, one process, no scaler, no regulariser and no
-            leaf outside the shared parameters and heads; otherwise ignored (the objective's backward runs).
+            as by ``loss.backward()``. Applies with ``features``, one process, no scaler, no regulariser, no
+            leaf outside the shared parameters and heads and no sparse gradient (``nn.Embedding(sparse=True)``);
+            otherwise ignored (the objective's backward runs). A shared parameter no loss reaches keeps its
+            ``.grad`` (``None`` stays ``None``), as with the objective's backward.
 
     Returns:
         a :class:`TaskGradients`; ``problem`` is set (and nothing else computed) when a loss or a
@@ -864,8 +871,7 @@ def _entry_points(tg: TaskGradients, transform: str, scale: float, like: Tensor)
 
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
                 create_graph: bool, retain_graph: bool, split: StackSplit | None = None,
-                entries: list[tuple[Any, Tensor]] | None = None,
-                walked: tuple[list[set[Any]], list[list[int]]] | None = None,
+                entries: list[tuple[Any, Tensor]] | None = None
                 ) -> tuple[list[list[Tensor]], list[list[Tensor | None]], list[list[int]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map), head rows, and per task the
     indices of the head parameters it reaches (the only entries of its row that can be set).
@@ -875,14 +881,11 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    if walked is not None:  # _walk_heads' node sets and index (the same walk, done once with the heads)
-        sets, own = walked
-    else:
-        sets = _node_sets(obj_scaled, feats.maps, split)
-        index = {id(p): i for i, p in enumerate(heads)}
-        own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
-               for st in sets]
+    sets = _node_sets(obj_scaled, feats.maps, split)
     flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
+    index = {id(p): i for i, p in enumerate(heads)}
+    own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
+           for st in sets]
     sal: list[list[Tensor]] = []
     rows: list[list[Tensor | None]] = []
     M = len(feats.maps)
@@ -1181,12 +1184,44 @@ def _add_penalty(total: Tensor | None, term: Tensor | None) -> Tensor | None:
     return term if total is None else total + term
 
 
-def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor], heads: Sequence[Tensor]) -> bool:
-    """Whether every leaf the losses reach is a shared parameter or a head: then ``Σ_t w_t`` (per-task rows over
-    the shared parameters and the heads) is the whole gradient of ``Σ_t w_t L_t`` — one graph walk, the one the
-    objective's backward would have made to find its leaves."""
+# Nodes whose backward may give a leaf a sparse gradient (when their saved flag says so): the objective's
+# backward writes a sparse .grad there (what SparseAdam needs), the per-task rows a dense one.
+_SPARSE_FLAGS: dict[type, str] = {
+    getattr(torch._C._functions, n): f for n, f in (
+        ("EmbeddingBackward0", "_saved_sparse"), ("EmbeddingBagBackward0", "_saved_sparse"),
+        ("GatherBackward0", "_saved_sparse_grad")) if hasattr(torch._C._functions, n)}
+
+
+def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor],
+                          heads: Sequence[Tensor]) -> list[int] | None:
+    """Whether ``Σ_t w_t`` (per-task rows over the shared parameters and the heads) is the whole gradient of
+    ``Σ_t w_t L_t``, as the objective's backward would write it — one graph walk, the one that backward would
+    have made to find its leaves. ``None`` when it is not: a leaf outside the shared parameters and heads, or a
+    node giving a sparse gradient (``nn.Embedding(sparse=True)``: the rows are dense, the backward's ``.grad``
+    sparse). Else the indices of the shared parameters no loss reaches: the backward leaves their ``.grad`` as
+    it was (``None``), where the rows hold zeros."""
     known = {id(p) for p in shared} | {id(p) for p in heads}
-    return all(id(p) in known for p in find_leaves(loss_list))
+    reached: set[int] = set()
+    seen: set[Any] = set()
+    stack = [L.grad_fn for L in loss_list if L.grad_fn is not None]
+    acc, sparse = _ACCUMULATE_GRAD, _SPARSE_FLAGS
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        kind = type(node)
+        if kind is acc:
+            var = node.variable  # type: ignore[attr-defined]
+            if var is not None:
+                if id(var) not in known or var.layout != torch.strided:
+                    return None
+                reached.add(id(var))
+            continue
+        if kind in sparse and getattr(node, sparse[kind], False):
+            return None
+        stack.extend([n for n, _ in node.next_functions if n is not None])
+    return [i for i, p in enumerate(shared) if id(p) not in reached]
 
 
 def _objective_rows(tg: TaskGradients, names: list[str], obj_items: list[Tensor], raw: Tensor, feats: Features,
@@ -1254,8 +1289,9 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
     pblocks: list[Tensor] = []
     if (weighted_sum and compute_gramian == "param" and not param_regs and not sal_regs and grad_norm_params is None
             and scale == 1.0 and dist is None and feats.maps and not maps_dependent(feats.maps)
-            and _rows_cover_objective(loss_list, shared, tg.task_params)):
+            and (unreached := _rows_cover_objective(loss_list, shared, tg.task_params)) is not None):
         _objective_rows(tg, names, obj_items, raw, feats, shared, jacobian, retain_graph)
+        tg._unreached = unreached
         return
     if param_regs or compute_gramian == "param":
         create = bool(param_regs)

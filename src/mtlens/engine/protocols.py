@@ -451,7 +451,8 @@ class LossWeighting(Method):
 
     weighted_sum_objective: ClassVar[bool] = False
     """``True`` when an overridden :meth:`combine` still returns exactly ``(Σ_t w_t L_t, w)`` (EW). The default
-    :meth:`combine` is such an objective whatever this says; see :func:`objective_is_weighted_sum`."""
+    :meth:`combine` is such an objective whatever this says; a subclass that overrides :meth:`combine` again must
+    declare it again (the promise is not inherited past an override); see :func:`objective_is_weighted_sum`."""
 
     def decide(self, grads: TaskGradients) -> Decision:
         """Loss level: the objective from :meth:`combine` on the attached objective losses."""
@@ -480,9 +481,22 @@ def objective_is_weighted_sum(method: Method) -> bool:
     if not isinstance(method, LossWeighting):
         return False
     cls = type(method)
-    return (cls.decide is LossWeighting.decide
-            and (cls.combine is LossWeighting.combine or cls.weighted_sum_objective)
+    return (cls.decide is LossWeighting.decide and _declares_weighted_sum(cls)
             and not method.needs_grad_norms and not method.adds_gradients)
+
+
+def _declares_weighted_sum(cls: type) -> bool:
+    """The default :meth:`LossWeighting.combine`, or ``weighted_sum_objective`` declared by the class that defines
+    the :meth:`~LossWeighting.combine` in use or by a subclass of it: a subclass of EW that overrides ``combine``
+    (nonlinearly, say) without declaring it again does not inherit EW's promise."""
+    for k in cls.__mro__:
+        if k is LossWeighting:  # neither overridden: the default combine
+            return True
+        if "weighted_sum_objective" in vars(k):
+            return bool(vars(k)["weighted_sum_objective"])
+        if "combine" in vars(k):
+            return False
+    return False
 
 
 class GramianWeighting(Method):
