@@ -5,9 +5,11 @@ Usage::
     python benchmarks/fixed_cost.py            # conv and MLP at T = 3, 11, 40; FD at T = 3, 11
     python benchmarks/fixed_cost.py --steps 40 --kinds conv --tasks 11
     python benchmarks/fixed_cost.py --parts --kinds conv,mlp --tasks 3,11   # EW's fixed cost, part by part
+    git archive <rev> src/mtlens | tar -x -C /tmp/ref && mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
+    python benchmarks/fixed_cost.py --reference /tmp/ref/src --kinds conv,mlp --tasks 11,20 --fd-tasks ""
 
-Rows are timed step by step, alternating (plain, EW, UW, plain, ...), so every ratio is the
-median over adjacent steps of the same round: slow drift of a shared machine cancels, per-step
+Rows are timed step by step, alternating (plain, floor, EW, UW, ... in a fresh seeded order every
+round), so every ratio is the median over steps of the same round: slow drift of a shared machine cancels, per-step
 jitter does not (see docs/performance.md, "EW against a plain loop" and "Monitoring"). The
 clock is the compute thread's CPU time by default (``--clock cpu``; torch runs one thread), which
 leaves out the time other processes hold the core — on a shared machine the wall clock
@@ -15,6 +17,11 @@ leaves out the time other processes hold the core — on a shared machine the wa
 
 * ``EW / plain``: a full step (forward + backward) of ``mtl_backward`` with EW at loss level
   against ``sum(losses).backward()``; ``EW − plain`` the median paired difference in ms.
+  ``EW / floor``: against ``run_all.py``'s ``plain + finiteness check (EW floor)`` (the same backward
+  through ``torch.autograd.grad``, one exact finiteness check, ``.grad`` assigned), the engine's own
+  cost; ``floor / plain`` what the guarantee costs.
+* ``--reference DIR``: also EW with another revision's engine, imported from ``DIR`` as ``mtlens_ref``
+  (its package renamed; mtlens imports itself only relatively), in the same rounds: ``EW / EW ref``.
 * ``--parts``: the EW step's own work timed part by part inside the training loop (each engine
   function the loss-level step calls wrapped by a timer, ≈ 1 µs per wrapper), against a plain
   loop's ``backward()`` in the same round: what each remaining microsecond buys.
@@ -26,6 +33,8 @@ leaves out the time other processes hold the core — on a shared machine the wa
 from __future__ import annotations
 
 import argparse
+import importlib
+import random
 import statistics
 import sys
 import time
@@ -38,6 +47,7 @@ from run_all import Workload  # noqa: E402  (the scaling study's synthetic workl
 
 from mtlens.diagnose import SaliencyMonitor, feature_disentanglement  # noqa: E402
 from mtlens.engine import mtl_backward  # noqa: E402
+from mtlens.engine.gradients import all_finite  # noqa: E402
 from mtlens.methods import create  # noqa: E402
 
 BATCH = {"conv": 8, "mlp": 256}
@@ -47,10 +57,14 @@ CLOCK = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
 def alternate(rows: dict, steps: int, clock=time.thread_time, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of every row, the rows called in turn ``steps`` times (after a warm-up)."""
+    """Seconds per call of every row, the rows called in turn ``steps`` times (after a warm-up), in a fresh
+    seeded random order every round (no row always follows the same one)."""
     out: dict[str, list[float]] = {k: [] for k in rows}
+    order, rng = list(rows), random.Random(0)
     for i in range(warmup + steps):
-        for k, f in rows.items():
+        rng.shuffle(order)
+        for k in order:
+            f = rows[k]
             t0 = clock()
             f()
             dt = clock() - t0
@@ -67,7 +81,8 @@ def paired(ts: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
     )
 
 
-def engine_rows(w: Workload) -> dict:
+def engine_rows(w: Workload, reference=None) -> dict:
+    """plain, EW floor, EW, UW (and ``EW ref`` with ``reference = (mtl_backward, create)`` of another revision)."""
     ew, uw = create("ew"), create("uw", num_tasks=w.T)
 
     def plain():
@@ -75,15 +90,27 @@ def engine_rows(w: Workload) -> dict:
         _, losses = w.forward()
         sum(losses.values()).backward()
 
-    def step(m):
+    def floor():  # run_all.py's `plain + finiteness check (EW floor)`
+        w.zero()
+        _, losses = w.forward()
+        gs = torch.autograd.grad(sum(losses.values()), w.params)
+        if not all_finite(list(gs)):
+            raise FloatingPointError("non-finite gradient")
+        for p, g in zip(w.params, gs):
+            p.grad = g
+
+    def step(m, backward=mtl_backward):
         def f():
             w.zero()
             z, losses = w.forward()
-            mtl_backward(losses, features=z, shared_params=w.shared, method=m)
+            backward(losses, features=z, shared_params=w.shared, method=m)
 
         return f
 
-    return {"plain": plain, "EW": step(ew), "UW": step(uw)}
+    rows = {"plain": plain, "floor": floor, "EW": step(ew), "UW": step(uw)}
+    if reference is not None:
+        rows["EW ref"] = step(reference[1]("ew"), reference[0])
+    return rows
 
 
 def monitor_rows(w: Workload) -> dict:
@@ -116,10 +143,9 @@ def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
     acc: dict[str, float] = {}
     wrapped = {  # module attribute -> what it does in the step
         "_loss_step": "",
-        "normalise_losses": "validate the losses (names, scalars, graphs)",
-        "normalise_features": "validate the features (attached)",
+        "_lean_losses": "validate the losses (names, scalars, graphs)",
         "StepRecord": "the record",
-        "find_leaves": "graph walk: the leaves to write",
+        "objective_leaves": "graph walk: the leaves to write",
         "all_finite": "finiteness of losses, weights and every gradient (one fused read)",
         "_accumulate": "write .grad",
     }
@@ -162,7 +188,7 @@ def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
         parts = {"mtl_backward's option checks (the lean path's conditions)": total - step}
         parts.update({wrapped[k]: v for k, v in acc.items() if k != "grad"})
         parts["torch.autograd.grad − the plain loop's sum(losses).backward()"] = acc["grad"] - plain
-        parts["the rest: stack, EW's combine, weights, snapshot, record fields"] = step - sum(acc.values())
+        parts["the rest: stack, EW's combine, weights, snapshot, record fields, features"] = step - sum(acc.values())
         parts["EW − plain (the mtl_backward call − sum(losses).backward())"] = total - plain
         for k, v in parts.items():
             out.setdefault(k, []).append(v)
@@ -177,6 +203,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fd-tasks", default="3,11")
     ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu", help="thread CPU time (default) or wall clock")
     ap.add_argument("--parts", action="store_true", help="time EW's fixed cost part by part instead")
+    ap.add_argument("--reference", default=None, help="a folder holding another revision as package mtlens_ref")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -195,15 +222,28 @@ def main(argv=None) -> None:
         for part in res[cols[0]]:
             print(f"| {part} | " + " | ".join(f"{statistics.median(res[c][part]) * 1e6:.0f}" for c in cols) + " |")
         return
-    print("\n| workload | plain ms | EW ms | EW / plain | EW − plain ms | UW / plain | UW − plain ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    reference = None
+    if args.reference:
+        sys.path.insert(0, args.reference)
+        reference = (importlib.import_module("mtlens_ref.engine").mtl_backward,
+                     importlib.import_module("mtlens_ref.methods").create)
+    ref_cols = " EW / EW ref | EW − EW ref ms |" if reference else ""
+    print("\n| workload | plain ms | EW ms | EW / plain | EW − plain ms | floor / plain | EW / floor | EW − floor ms "
+          f"| UW / plain | UW − plain ms |{ref_cols}")
+    print("|---|" + "---:|" * (9 + (2 if reference else 0)))
     for kind in args.kinds.split(","):
         for T in (int(t) for t in args.tasks.split(",")):
-            ts = alternate(engine_rows(Workload(kind, T, BATCH[kind])), args.steps, clock)
+            ts = alternate(engine_rows(Workload(kind, T, BATCH[kind]), reference), args.steps, clock)
             (r_ew, d_ew), (r_uw, d_uw) = paired(ts, "EW", "plain"), paired(ts, "UW", "plain")
+            (r_fl, _), (r_ef, d_ef) = paired(ts, "floor", "plain"), paired(ts, "EW", "floor")
+            ref = ""
+            if reference:
+                r_ref, d_ref = paired(ts, "EW", "EW ref")
+                ref = f" {r_ref:.3f} | {d_ref:+.3f} |"
             print(
                 f"| {kind}, T={T} | {statistics.median(ts['plain']) * 1e3:.2f} | "
-                f"{statistics.median(ts['EW']) * 1e3:.2f} | {r_ew:.3f} | {d_ew:+.3f} | {r_uw:.3f} | {d_uw:+.3f} |"
+                f"{statistics.median(ts['EW']) * 1e3:.2f} | {r_ew:.3f} | {d_ew:+.3f} | {r_fl:.3f} | {r_ef:.3f} | "
+                f"{d_ef:+.3f} | {r_uw:.3f} | {d_uw:+.3f} |{ref}"
             )
     print(
         "\n| workload | MGDA step ms | FD ms | FD / step | monitored / step | T·|Z| logs ms | logs / step "
@@ -211,7 +251,7 @@ def main(argv=None) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in args.kinds.split(","):
-        for T in (int(t) for t in args.fd_tasks.split(",")):
+        for T in (int(t) for t in args.fd_tasks.split(",") if t):
             ts = alternate(monitor_rows(Workload(kind, T, BATCH[kind])), args.steps, clock)
             fd = statistics.median(ts["FD alone"]) * 1e3
             print(

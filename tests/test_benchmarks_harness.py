@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,19 +76,33 @@ def test_floor_is_the_faster_exact_jacobian(run_all):
 
 
 @pytest.mark.slow
-def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script):
+def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script, tmp_path):
     """benchmarks/fixed_cost.py (EW against a plain loop, the FD monitor against its floor) runs end to end."""
     mod = benchmark_script("fixed_cost")
     mod.main(["--steps", "1", "--kinds", "conv", "--tasks", "2", "--fd-tasks", "2"])
     out = capsys.readouterr().out
-    assert "| conv, T=2 |" in out and "EW / plain" in out and "FD / step" in out
+    assert "| conv, T=2 |" in out and "EW / plain" in out and "EW / floor" in out and "FD / step" in out
     assert "nan" not in out
+    # --reference: another revision's engine (here this one, renamed) in the same rounds
+    import shutil
+    import sys
+
+    src = Path(mod.__file__).resolve().parents[1] / "src" / "mtlens"
+    shutil.copytree(src, tmp_path / "mtlens_ref", ignore=shutil.ignore_patterns("__pycache__"))
+    try:
+        mod.main(["--steps", "1", "--kinds", "mlp", "--tasks", "2", "--fd-tasks", "", "--reference", str(tmp_path)])
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m == "mtlens_ref" or m.startswith("mtlens_ref.")]:
+            del sys.modules[name]
+    out = capsys.readouterr().out
+    assert "| mlp, T=2 |" in out and "EW / EW ref" in out and "nan" not in out
     # --parts: EW's fixed cost part by part; the engine's functions are put back afterwards
     import torch
 
     import mtlens.engine.backward as B
 
-    before = {k: getattr(B, k) for k in ("find_leaves", "all_finite", "_accumulate", "_loss_step")}
+    before = {k: getattr(B, k) for k in ("objective_leaves", "_lean_losses", "all_finite", "_accumulate", "_loss_step")}
     mod.main(["--parts", "--steps", "2", "--kinds", "conv", "--tasks", "2"])
     out = capsys.readouterr().out
     assert "| graph walk: the leaves to write |" in out and "| EW − plain" in out and "nan" not in out

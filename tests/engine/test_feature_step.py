@@ -331,3 +331,31 @@ def test_no_step_writes_one_tensor_into_two_grads(name, level):
         torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-6, atol=1e-7)
         if name == "ew":
             torch.testing.assert_close(once[n], ref[n], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("given_heads", [False, True])
+def test_lean_feature_step_with_given_heads_or_a_kept_graph_equals_the_general_path(given_heads, monkeypatch):
+    net_a, net_b = _pair(3, offsets=[0.1, 0.2, 0.3])
+    x = torch.randn(4, 5)
+    kw = {"task_params": None} if not given_heads else {}
+    for retain in (True, False):
+        outs = []
+        for lean, net in ((True, net_a), (False, net_b)):
+            net.zero_grad()
+            z, losses = net(x)
+            if given_heads:
+                kw = {"task_params": list(net.heads.parameters())}
+            with monkeypatch.context() as mp:
+                if lean:
+                    _lean_only(mp)
+                rec = mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(),
+                                   method=create("mgda"), level="feature", retain_graph=retain, **kw)
+            outs.append(rec)
+            if retain:  # the graph is still there: a second backward through it works
+                sum(losses.values()).backward()
+            else:
+                with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                    sum(losses.values()).backward()
+        _assert_same_record(*outs)
+        for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+            assert torch.equal(pa.grad, pb.grad)

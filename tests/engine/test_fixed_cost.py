@@ -38,6 +38,42 @@ def test_all_finite_is_exact_for_large_small_and_mixed_tensors():
     assert all_finite([torch.arange(5), torch.randn(3)]) and all_finite([torch.empty(0), torch.tensor(1.0)])
 
 
+def test_all_finite_common_case_is_exact():
+    """One real dtype (the common case: sums in that dtype, one concatenation): every position and kind of
+    non-finite value is caught, sums that overflow are cleared exactly, sparse members are judged."""
+    for dt in (torch.float32, torch.float64):
+        ts = [torch.randn(_FUSED_BELOW + 5, dtype=dt), torch.randn(3, 4, dtype=dt), torch.randn((), dtype=dt)]
+        assert all_finite(ts) and all_finite([None, *ts, None]) and all_finite(ts[:1]) and all_finite(ts[1:2])
+        for k in range(len(ts)):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                t2 = [t.clone() for t in ts]
+                t2[k].view(-1)[0] = bad
+                assert not all_finite(t2) and not all_finite(t2[k:k + 1]), (dt, k, bad)
+        big = torch.full((_FUSED_BELOW,), torch.finfo(dt).max / 2, dtype=dt)
+        assert all_finite([big, big.clone()]) and all_finite([big[:5], big[:5].clone()])  # finite sums overflow
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    g = emb.weight.grad.coalesce()
+    assert all_finite([torch.randn(3), g]) and all_finite([torch.randn(_FUSED_BELOW), g])
+    assert not all_finite([torch.randn(3), torch.sparse_coo_tensor(g.indices(), g.values() * float("nan"), g.shape)])
+
+
+def test_ew_weights_are_a_fresh_tensor_every_step():
+    """EW copies its weights from a kept ones vector: each record gets its own tensor, and changing one
+    changes neither the kept vector nor the next step's weights."""
+    from mtlens.methods.ew import EW
+
+    ew = EW()
+    losses = torch.rand(4, requires_grad=True)
+    obj, w1 = ew.combine(losses)
+    _, w2 = ew.combine(losses)
+    assert w1 is not w2 and w1.data_ptr() != w2.data_ptr() and torch.equal(w1, torch.ones(4, dtype=torch.float64))
+    w1.mul_(float("nan"))
+    _, w3 = ew.combine(losses)
+    assert torch.equal(w3, torch.ones(4, dtype=torch.float64)) and torch.equal(w2, w3)
+    assert torch.equal(obj, losses.sum()) and ew.combine(torch.rand(2))[1].shape == (2,)
+
+
 def test_all_finite_judges_sparse_gradients():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2, 2])).sum().backward()

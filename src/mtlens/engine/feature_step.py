@@ -70,16 +70,31 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="feature")
     if not host_finite(raw):
         return record, loss_problem(names, raw)
-    walked: tuple[list[set[Any]], list[list[int]]] | None = None
     if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
-        heads, sets, index = _walk_heads(loss_list, feats.maps, shared, method_params)
-        walked = (sets, index)
+        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params)
+        # the heads pass of compute_task_gradients (gradients._heads_pass) for one map: per task S_t and the
+        # gradients of its own heads (rows[t][k]: of heads[own[t][k]]), its graph freed on its last use
+        retain = [True] * T
+        if not retain_graph:  # gradients._retain_flags
+            later: set[Any] = set()
+            for t in range(T - 1, -1, -1):
+                retain[t] = not sets[t].isdisjoint(later)
+                later |= sets[t]
+        sal: list[Tensor] = []
+        rows: list[Sequence[Tensor | None]] = []
+        for t in range(T):
+            gs = torch.autograd.grad(loss_list[t], [features, *[heads[i] for i in own[t]]], retain_graph=retain[t],
+                                     allow_unused=True)
+            sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
+            rows.append(gs[1:])
+        head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
     else:
         heads = _find_heads(loss_list, feats, shared, task_params, method_params)
-    # the heads pass of compute_task_gradients: S_t and the head rows, each task asking for its own heads only
-    sal, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, walked=walked)
+        sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph)
+        sal = [s[0] for s in sal_maps]
+        rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
     # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
-    S = pool.stack([s[0] for s in sal])
+    S = pool.stack(sal)
     G = gramian_from_blocks([S])
     record.saliencies = S
     diag = G.diagonal().tolist()  # diag(G) = ‖S_t‖² in float64 is finite iff every saliency is
@@ -88,7 +103,8 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
         return record, (f"non-finite gradient of task(s) {bad} at level 'feature' (losses {raw.tolist()}); nothing "
                         "was written into .grad. A loss may be finite while its gradient overflows: lower the "
                         "learning rate or check the inputs.")
-    _warn_zero(names, diag, "feature")
+    if 0.0 in diag:
+        _warn_zero(names, diag, "feature")
     record.gramian = G
 
     # ---- decide and apply, as one transaction (mtl_backward's general path) ------------------------
@@ -135,8 +151,13 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
         dz = torch.tensordot(w.to(S.dtype), S, dims=1)
         gz = torch.autograd.grad([features], shared, grad_outputs=[dz], retain_graph=retain_graph, allow_unused=True)
         shared_g = [g if g is not None else torch.zeros_like(p) for g, p in zip(gz, shared)]
-        head_g = _unit_rows(head_rows, own, len(heads)) if default_heads else None
-        if head_g is None:
+        head_g = _unit_rows(rows, own, len(heads)) if default_heads else None
+        if head_g is None:  # shared heads, another head rule: the general path's combination (copies)
+            if head_rows is None:
+                head_rows = [[None] * len(heads) for _ in range(T)]
+                for t in range(T):
+                    for i, r in zip(own[t], rows[t]):
+                        head_rows[t][i] = r
             head_g = _combine_heads(head_rows, hl, len(heads), own)
         problem = ""
         written = shared_g + head_g
@@ -156,19 +177,17 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
     return record, ""
 
 
-def _unit_rows(head_rows: Sequence[Sequence[Tensor | None]], own: Sequence[Sequence[int]], n: int
+def _unit_rows(rows: Sequence[Sequence[Tensor | None]], own: Sequence[Sequence[int]], n: int
                ) -> list[Tensor | None] | None:
-    """Per head parameter ``Σ_t 1 · ∇_head L_t`` under the unit head rule when no head parameter is reached by
-    two tasks: its one task's row as autograd returned it (``× 1.0`` is exact; ``None`` where no task reaches
-    it). No copy is needed here: unlike a caller of :func:`~mtlens.engine.apply.apply_decision`, no one holds
-    the rows after this step. ``None`` (use :func:`~mtlens.engine.apply._combine_heads`, which copies) when a
-    parameter is shared by tasks, or a row is sparse or not contiguous (an expanded gradient would make a
-    ``.grad`` whose elements share memory)."""
+    """Per head parameter ``Σ_t 1 · ∇_head L_t`` under the unit head rule (``rows[t][k]``: task t's gradient of
+    head ``own[t][k]``) when no head parameter is reached by two tasks: its one task's row as autograd returned
+    it (``× 1.0`` is exact; ``None`` where no task reaches it). No copy is needed here: unlike a caller of
+    :func:`~mtlens.engine.apply.apply_decision`, no one holds the rows after this step. ``None`` (use
+    :func:`~mtlens.engine.apply._combine_heads`, which copies) when a parameter is shared by tasks, or a row is
+    sparse or not contiguous (an expanded gradient would make a ``.grad`` whose elements share memory)."""
     out: list[Tensor | None] = [None] * n
-    for t, idx in enumerate(own):
-        row = head_rows[t]
-        for i in idx:
-            r = row[i]
+    for idx, row in zip(own, rows):
+        for i, r in zip(idx, row):
             if r is None:
                 continue
             if out[i] is not None or r.layout != torch.strided or not r.is_contiguous():
