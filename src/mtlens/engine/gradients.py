@@ -1222,7 +1222,7 @@ def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor],
                 own.add(node)
             kind = type(node)
             if kind is acc:
-                var = node.variable  # type: ignore[attr-defined]
+                var = node.variable
                 if var is not None:
                     if id(var) not in known or var.layout != torch.strided:
                         return None
