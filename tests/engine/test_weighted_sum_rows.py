@@ -298,3 +298,26 @@ def test_multi_input_maps_sliced_from_one_encoder_pass():
         assert len(b.calls) == backwards  # monitored: two rows (+ the objective's backward where it must run)
         for u, v in zip(rows, plain):
             torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,kw", [("ew", {"compute_gramian": "param"}), ("mgda", {"level": "param"}),
+                                       ("mgda", {"level": "feature"}), ("upgrad", {"level": "param"})])
+def test_a_parameter_listed_twice_in_shared_params_gets_its_gradient_once(method, kw):
+    # shared_params=[*enc.parameters(), enc[0].weight] (a sub-module's parameters added to its parent's): the rows
+    # wrote its gradient twice (2× the objective's backward); the gradient methods did so at every level (and
+    # counted its column twice in the Gramian)
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    out = []
+    for dup in (False, True):
+        torch.manual_seed(0)
+        net = TinyNet(2)
+        z, losses = net(x)
+        shared = list(net.enc.parameters()) + ([net.enc[0].weight] if dup else [])
+        rec = mtl_backward(losses, features=z, shared_params=shared, method=create(method), **kw)
+        out.append((_grads(net), rec.gramian))
+    (g0, G0), (g1, G1) = out
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    if G0 is not None:
+        torch.testing.assert_close(G1, G0)

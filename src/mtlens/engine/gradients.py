@@ -237,6 +237,13 @@ def _grads(
     )
 
 
+def trainable(params: Iterable[Tensor]) -> list[Tensor]:
+    """The parameters that require a gradient, each once, in first-listed order: a parameter listed twice in
+    ``shared_params`` (a sub-module's parameters added to its parent's) would get two columns in the Jacobian
+    and its gradient written twice, where ``loss.backward()`` writes it once."""
+    return list(dict.fromkeys(p for p in params if p.requires_grad))
+
+
 def zeros_if_none(gs: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, like)]
 
@@ -774,7 +781,7 @@ def compute_task_gradients(
     feats = normalise_features(features, names)
     if feats.multi_input and len(feats.maps) != T:
         raise ShapeError(f"multi-input features: got {len(feats.maps)} maps for {T} tasks")
-    shared = [p for p in shared_params if p.requires_grad] if shared_params is not None else []
+    shared = trainable(shared_params) if shared_params is not None else []
     sal_regs = [r for r in regularizers if r.uses == "saliency"]
     param_regs = [r for r in regularizers if r.uses == "param"]
     for r in regularizers:
