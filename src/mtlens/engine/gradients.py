@@ -1237,7 +1237,12 @@ def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor],
                 continue
             if kind in sparse and getattr(node, sparse[kind], False):
                 return None
-            stack.extend([n for n, _ in node.next_functions if n is not None])
+            nxt = node.next_functions  # as find_leaves: read once, no list for a single input
+            if len(nxt) == 1:
+                if nxt[0][0] is not None:
+                    stack.append(nxt[0][0])
+            else:
+                stack.extend([n for n, _ in nxt if n is not None])
         return met
 
     if feats.multi_input:  # the maps' graphs first: one meeting a node an earlier one reached shares it
