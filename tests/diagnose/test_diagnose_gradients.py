@@ -140,3 +140,48 @@ def test_from_an_engine_record_equals_explicit_per_task_gradients():
     assert gradient_magnitude_similarity(rec).mean == pytest.approx(
         float(gradient_magnitude_similarity(J @ J.T).mean)
     )
+
+
+def _torch_reference(G):
+    """GDS/GMS as torch formulas on the symmetrised float64 Gramian (the implementation before the plain-Python
+    one): cosines G_ij / n_i / n_j clamped to [-1, 1] (0 without a direction), 2r / (1 + r²) with r = min/max."""
+    G = torch.as_tensor(G).to(torch.float64)
+    G = 0.5 * G + 0.5 * G.T
+    n = G.diagonal().clamp_min(0).sqrt()
+    nz = n > 0
+    d = torch.where(nz, n, torch.ones_like(n))
+    cos = torch.where(nz[:, None] & nz[None, :], (G / d[:, None] / d[None, :]).clamp(-1, 1), torch.zeros_like(G))
+    cos.diagonal().copy_(nz.double())
+    hi, lo = torch.maximum(n[:, None], n[None, :]), torch.minimum(n[:, None], n[None, :])
+    r = torch.where(hi > 0, lo / torch.where(hi > 0, hi, torch.ones_like(hi)), torch.ones_like(hi))
+    return cos, 2 * r / (1 + r * r), n
+
+
+@pytest.mark.parametrize("case", ["random", "1e+150", "1e-150", "mixed", "asymmetric", "zero rows", "T=40"])
+def test_plain_python_identifiers_equal_the_tensor_formulas(case):
+    torch.manual_seed(0)
+    J = torch.randn(40 if case == "T=40" else 4, 9, dtype=torch.float64)
+    if case in ("1e+150", "1e-150"):
+        J = J * float(case)
+    if case == "mixed":
+        J[0] *= 1e150
+        J[2] *= 1e-150
+    if case == "zero rows":
+        J[1] = 0
+        J[3] = 0
+    G = G_of(J)
+    if case == "asymmetric":
+        G = G + 1e-3 * torch.triu(torch.ones_like(G), 1)  # round-off asymmetry: both symmetrise it
+    cos, gms_ref, n = _torch_reference(G)
+    iu = torch.triu_indices(G.shape[0], G.shape[0], 1)
+    gds, gms = gradient_direction_similarity(G), gradient_magnitude_similarity(G)
+    torch.testing.assert_close(gds.matrix, cos, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gms.matrix, gms_ref, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gds.grad_norms, n, rtol=1e-15, atol=0)
+    assert gds.mean == pytest.approx(float(cos[iu[0], iu[1]].mean()), rel=1e-12, abs=1e-15)
+    assert gds.min == float(cos[iu[0], iu[1]].min()) and gms.min == float(gms_ref[iu[0], iu[1]].min())
+    assert gms.mean == pytest.approx(float(gms_ref[iu[0], iu[1]].mean()), rel=1e-12)
+    assert gds.conflict_fraction == float((cos[iu[0], iu[1]] < 0).double().mean())
+    assert "condition_number" not in vars(gds)  # computed when first read, equal to gramian_condition_number
+    cond = gramian_condition_number(G)
+    assert gds.condition_number == cond and gms.condition_number == cond and gds.to_dict()["cond_G"] == cond

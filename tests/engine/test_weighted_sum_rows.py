@@ -265,3 +265,59 @@ def test_sparse_gradients_are_written_as_the_objectives_backward_writes_them(whe
         params, losses, z, shared = build()
         mtl_backward(losses, features=z, shared_params=shared, method=create(method), level=level)
         assert all(p.grad is not None for p in params)
+
+
+def test_multi_input_maps_sliced_from_one_encoder_pass():
+    # features={task: Z[idx_t]} (one encoder pass, one slice per task): each task's row freed its map's graph,
+    # which the next task's row needed ("Trying to backward through the graph a second time"); the objective's
+    # backward runs there. Separate passes per task keep the rows (the shared leaves' nodes are no overlap).
+    x = torch.randn(16, 5)
+
+    def build(sliced):
+        def b():
+            torch.manual_seed(0)
+            l1, l2 = torch.nn.Linear(5, 8), torch.nn.Linear(8, 8)
+            heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(2)])
+
+            def enc(v):  # residual: a node reached twice inside one map's graph is no overlap either
+                a = torch.tanh(l1(v))
+                return a + torch.tanh(l2(a))
+
+            z = enc(x) if sliced else None
+            za, zb = (z[:8], z[8:]) if sliced else (enc(x[:8]), enc(x[8:]))
+            losses = {"a": heads[0](za).pow(2).mean(), "b": heads[1](zb).pow(2).mean()}
+            shared = [*l1.parameters(), *l2.parameters()]
+            b.calls = []
+            l1.weight.register_hook(lambda g: b.calls.append(1))
+            return [*shared, *heads.parameters()], losses, {"a": za, "b": zb}, shared
+        return b
+
+    for sliced, backwards in ((True, 3), (False, 2)):
+        b = build(sliced)
+        plain, rows = _both(b)
+        assert len(b.calls) == backwards  # monitored: two rows (+ the objective's backward where it must run)
+        for u, v in zip(rows, plain):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,kw", [("ew", {"compute_gramian": "param"}), ("mgda", {"level": "param"}),
+                                       ("mgda", {"level": "feature"}), ("upgrad", {"level": "param"})])
+def test_a_parameter_listed_twice_in_shared_params_gets_its_gradient_once(method, kw):
+    # shared_params=[*enc.parameters(), enc[0].weight] (a sub-module's parameters added to its parent's): the rows
+    # wrote its gradient twice (2× the objective's backward); the gradient methods did so at every level (and
+    # counted its column twice in the Gramian)
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    out = []
+    for dup in (False, True):
+        torch.manual_seed(0)
+        net = TinyNet(2)
+        z, losses = net(x)
+        shared = list(net.enc.parameters()) + ([net.enc[0].weight] if dup else [])
+        rec = mtl_backward(losses, features=z, shared_params=shared, method=create(method), **kw)
+        out.append((_grads(net), rec.gramian))
+    (g0, G0), (g1, G1) = out
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    if G0 is not None:
+        torch.testing.assert_close(G1, G0)

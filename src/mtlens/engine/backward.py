@@ -45,6 +45,7 @@ from .gradients import (
     loss_problem,
     normalise_features,
     normalise_losses,
+    trainable,
     transform_losses,
 )
 from .graph import objective_leaves
@@ -241,7 +242,7 @@ def mtl_backward(
         # The common feature-level step: a Gramian weighting (MGDA, ...) on one shared map with no option that
         # needs the general machinery. The same step as below, with the same checks and transaction
         # (engine/feature_step.py; docs/performance.md, "The feature path's fixed cost").
-        encoder = [p for p in shared_params if p.requires_grad]
+        encoder = trainable(shared_params)
         if not encoder:
             raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
         check_loss_transform(method, "none")
@@ -280,7 +281,7 @@ def mtl_backward(
             "feature" if features is not None else "param")
         if gramian_level not in ("param", "feature"):
             raise ConfigurationError(f"compute_gramian={compute_gramian!r}; choose True, 'param' or 'feature'")
-    shared = [p for p in shared_params if p.requires_grad] if shared_params is not None else None
+    shared = trainable(shared_params) if shared_params is not None else None
     if not is_loss and not shared:
         raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
     if isinstance(method, JacobianAggregator) and lvl == "feature" and isinstance(features, Mapping):

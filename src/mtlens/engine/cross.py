@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from .distributed import resolve
+from .gradients import trainable
 
 _CHUNK = 1 << 16
 
@@ -58,7 +59,7 @@ def cross_gramian(losses_a: Mapping[str, Tensor] | Sequence[Tensor], losses_b: M
     la, lb = _as_list(losses_a), _as_list(losses_b)
     if len(la) != len(lb) or not la:
         raise ShapeError(f"cross_gramian: {len(la)} and {len(lb)} task losses; both batches need the same T ≥ 1 tasks")
-    params = [p for p in shared_params if p.requires_grad]
+    params = trainable(shared_params)
     if not params:
         raise ConfigurationError("cross_gramian: no shared parameter requires a gradient")
     for name, ls in (("first", la), ("second", lb)):

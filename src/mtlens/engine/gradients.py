@@ -237,6 +237,13 @@ def _grads(
     )
 
 
+def trainable(params: Iterable[Tensor]) -> list[Tensor]:
+    """The parameters that require a gradient, each once, in first-listed order: a parameter listed twice in
+    ``shared_params`` (a sub-module's parameters added to its parent's) would get two columns in the Jacobian
+    and its gradient written twice, where ``loss.backward()`` writes it once."""
+    return list(dict.fromkeys(p for p in params if p.requires_grad))
+
+
 def zeros_if_none(gs: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, like)]
 
@@ -774,7 +781,7 @@ def compute_task_gradients(
     feats = normalise_features(features, names)
     if feats.multi_input and len(feats.maps) != T:
         raise ShapeError(f"multi-input features: got {len(feats.maps)} maps for {T} tasks")
-    shared = [p for p in shared_params if p.requires_grad] if shared_params is not None else []
+    shared = trainable(shared_params) if shared_params is not None else []
     sal_regs = [r for r in regularizers if r.uses == "saliency"]
     param_regs = [r for r in regularizers if r.uses == "param"]
     for r in regularizers:
@@ -1192,35 +1199,58 @@ _SPARSE_FLAGS: dict[type, str] = {
         ("GatherBackward0", "_saved_sparse_grad")) if hasattr(torch._C._functions, n)}
 
 
-def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor],
-                          heads: Sequence[Tensor]) -> list[int] | None:
+def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor], heads: Sequence[Tensor],
+                          feats: Features) -> list[int] | None:
     """Whether ``Σ_t w_t`` (per-task rows over the shared parameters and the heads) is the whole gradient of
     ``Σ_t w_t L_t``, as the objective's backward would write it — one graph walk, the one that backward would
     have made to find its leaves. ``None`` when it is not: a leaf outside the shared parameters and heads, or a
     node giving a sparse gradient (``nn.Embedding(sparse=True)``: the rows are dense, the backward's ``.grad``
-    sparse). Else the indices of the shared parameters no loss reaches: the backward leaves their ``.grad`` as
-    it was (``None``), where the rows hold zeros."""
+    sparse), or multi-input maps whose graphs share nodes (sliced from one encoder pass, ``{task: Z[idx_t]}``:
+    each task's row frees its own map's graph, which a later task's row then needs — keeping them instead would
+    keep a task's part that the backward frees). Else the indices of the shared parameters no loss reaches: the
+    backward leaves their ``.grad`` as it was (``None``), where the rows hold zeros."""
     known = {id(p) for p in shared} | {id(p) for p in heads}
     reached: set[int] = set()
     seen: set[Any] = set()
-    stack = [L.grad_fn for L in loss_list if L.grad_fn is not None]
     acc, sparse = _ACCUMULATE_GRAD, _SPARSE_FLAGS
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        kind = type(node)
-        if kind is acc:
-            var = node.variable  # type: ignore[attr-defined]
-            if var is not None:
-                if id(var) not in known or var.layout != torch.strided:
-                    return None
-                reached.add(id(var))
-            continue
-        if kind in sparse and getattr(node, sparse[kind], False):
-            return None
-        stack.extend([n for n, _ in node.next_functions if n is not None])
+
+    def walk(roots: list[Any], own: set[Any] | None = None) -> bool | None:
+        """``None``: not covered; else whether a node an earlier walk reached was met (``own``: this walk's)."""
+        met = False
+        stack = roots
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                # a node of an earlier map's graph (the leaves' nodes are every map's: they hold no buffers)
+                met = met or (own is not None and node not in own and type(node) is not acc)
+                continue
+            seen.add(node)
+            if own is not None:
+                own.add(node)
+            kind = type(node)
+            if kind is acc:
+                var = node.variable
+                if var is not None:
+                    if id(var) not in known or var.layout != torch.strided:
+                        return None
+                    reached.add(id(var))
+                continue
+            if kind in sparse and getattr(node, sparse[kind], False):
+                return None
+            nxt = node.next_functions  # as find_leaves: read once, no list for a single input
+            if len(nxt) == 1:
+                if nxt[0][0] is not None:
+                    stack.append(nxt[0][0])
+            else:
+                stack.extend([n for n, _ in nxt if n is not None])
+        return met
+
+    if feats.multi_input:  # the maps' graphs first: one meeting a node an earlier one reached shares it
+        for z in feats.maps:
+            if walk([z.grad_fn] if z.grad_fn is not None else [], set()) is not False:
+                return None
+    if walk([L.grad_fn for L in loss_list if L.grad_fn is not None]) is None:
+        return None
     return [i for i, p in enumerate(shared) if id(p) not in reached]
 
 
@@ -1289,7 +1319,7 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
     pblocks: list[Tensor] = []
     if (weighted_sum and compute_gramian == "param" and not param_regs and not sal_regs and grad_norm_params is None
             and scale == 1.0 and dist is None and feats.maps and not maps_dependent(feats.maps)
-            and (unreached := _rows_cover_objective(loss_list, shared, tg.task_params)) is not None):
+            and (unreached := _rows_cover_objective(loss_list, shared, tg.task_params, feats)) is not None):
         _objective_rows(tg, names, obj_items, raw, feats, shared, jacobian, retain_graph)
         tg._unreached = unreached
         return
