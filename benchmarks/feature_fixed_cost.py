@@ -45,8 +45,13 @@ def main() -> None:
     ap.add_argument("--methods", default="MGDA,UPGrad", help="feature-level Gramian methods to time (registry names)")
     ap.add_argument("--pool-ab", action="store_true",
                     help="also time MGDA with the saliency pool off (mtlens.engine.pool: plain torch.stack)")
+    ap.add_argument("--pool-min-bytes", type=int, default=None,
+                    help="set mtlens.engine.pool.MIN_BYTES for the whole run (the allocator's state is per process: "
+                         "compare two runs, e.g. 0 and the default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.pool_min_bytes is not None:
+        pool.MIN_BYTES = args.pool_min_bytes
     engines = {"": (mtlens.engine.mtl_backward, mtlens.methods.create)}
     if args.reference:
         sys.path.insert(0, args.reference)

@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 MIN_BYTES = 1024 * 1024
-"""Smaller blocks: plain ``torch.stack``. Below this size glibc served the stack from its heap without page faults
-in every loop measured (the synthetic workloads' MGDA feature step and a training loop with an optimiser, conv
-T ≤ 5 and MLP T ≤ 11: ≤ 2 faults a step without the pool), and the fresh block — memory the allocator freed
-moments before, still in cache — is cheaper than a pooled one written a whole step ago: the pool cost 1.5–2 % of
-the conv step at T = 2–5 (engine / arithmetic floor 1.05 against 1.03–1.04 without it, same-process A/B). From
+"""Smaller blocks: plain ``torch.stack``. Below this size no step measured faulted more without the pool than with
+it (the synthetic workloads' MGDA feature step and a training loop with an optimiser, conv T ≤ 5 and MLP T ≤ 3),
+and the fresh block — memory the allocator freed moments before, still in cache — is cheaper than a pooled one
+written a whole step ago: the pool cost 1.5–2 % of the conv step at T = 2–5 (engine / arithmetic floor 1.05
+against 1.03–1.04 without it, same-process A/B). From
 conv T = 11 (1.4 MiB) up, a fresh stack faulted 16–2 100 times a step and the pool none (docs/performance.md,
 "The lean feature step")."""
 MAX_BYTES = 256 * 2**20
