@@ -13,10 +13,21 @@ pytestmark = pytest.mark.skipif(pool._use_count is None, reason="this torch expo
 
 
 @pytest.fixture(autouse=True)
-def _empty_pool():
+def _empty_pool(monkeypatch):
+    """An empty pool whose threshold the small blocks below reach (the mechanism is tested, not the size)."""
+    monkeypatch.setattr(pool, "MIN_BYTES", 128 * 1024)
     pool.clear()
     yield
     pool.clear()
+
+
+def test_blocks_below_the_threshold_are_plain_stacks(monkeypatch):
+    monkeypatch.setattr(pool, "MIN_BYTES", 1024 * 1024)
+    rows = _rows(0, T=3, shape=(256, 256))  # 768 KiB: below the default threshold
+    out = pool.stack(rows)
+    assert torch.equal(out, torch.stack(rows)) and not pool._pool
+    big = _rows(1, T=5, shape=(256, 256))  # 1.25 MiB: pooled
+    assert torch.equal(pool.stack(big), torch.stack(big)) and pool._pool
 
 
 def _rows(seed: int, T: int = 3, shape=(64, 256)) -> list[torch.Tensor]:

@@ -26,8 +26,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-MIN_BYTES = 128 * 1024
-"""Smaller blocks are served from glibc's heap bins without faults: plain ``torch.stack``."""
+MIN_BYTES = 1024 * 1024
+"""Smaller blocks: plain ``torch.stack``. Below this size glibc served the stack from its heap without page faults
+in every loop measured (the synthetic workloads' MGDA feature step and a training loop with an optimiser, conv
+T ≤ 5 and MLP T ≤ 11: ≤ 2 faults a step without the pool), and the fresh block — memory the allocator freed
+moments before, still in cache — is cheaper than a pooled one written a whole step ago: the pool cost 1.5–2 % of
+the conv step at T = 2–5 (engine / arithmetic floor 1.05 against 1.03–1.04 without it, same-process A/B). From
+conv T = 11 (1.4 MiB) up, a fresh stack faulted 16–2 100 times a step and the pool none (docs/performance.md,
+"The lean feature step")."""
 MAX_BYTES = 256 * 2**20
 """At most this many bytes stay pooled between steps (all shapes together); beyond it, plain ``torch.stack``."""
 PER_KEY = 2
