@@ -321,3 +321,33 @@ def test_a_parameter_listed_twice_in_shared_params_gets_its_gradient_once(method
         torch.testing.assert_close(a, b)
     if G0 is not None:
         torch.testing.assert_close(G1, G0)
+
+
+def _freed(loss, params):
+    try:
+        torch.autograd.grad(loss, params, allow_unused=True)
+    except RuntimeError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("method,kw", [("ew", {"compute_gramian": "param"}), ("mgda", {"level": "param"}),
+                                       ("mgda", {"level": "feature"})])
+def test_stacked_losses_free_every_tasks_graph(method, kw):
+    # torch.stack(losses): the stack/unbind nodes are in every task's node set, so every head backward but the
+    # last kept its graph (retain_graph=True), although each starts below them (at the stack's input t), and the
+    # heads' graphs outlived the step; loss.backward() frees them (and so did the monitored step when it ran the
+    # objective's backward).
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    out = []
+    for stacked in (False, True):
+        torch.manual_seed(0)
+        net = TinyNet(3, offsets=[0.5, 1.0, 2.0])
+        z, losses = net(x)
+        arg = torch.stack(list(losses.values())) if stacked else losses
+        mtl_backward(arg, features=z, shared_params=list(net.enc.parameters()), method=create(method), **kw)
+        assert all(_freed(L, list(h.parameters())) for L, h in zip(losses.values(), net.heads))
+        out.append(_grads(net))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

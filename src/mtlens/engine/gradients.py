@@ -889,7 +889,10 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
     sets = _node_sets(obj_scaled, feats.maps, split)
-    flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
+    # A stacked vector's unbind/view/stack nodes are in every task's set, but a backward started at the stack's
+    # input t (``entries``) never runs them: they must not keep task t's branch alive (it outlived the step).
+    flags = [True] * T if (retain_graph or create_graph) else _retain_flags(
+        [st - split.shared for st in sets] if split is not None and entries is not None else sets)
     index = {id(p): i for i, p in enumerate(heads)}
     own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
            for st in sets]
