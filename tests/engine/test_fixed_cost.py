@@ -226,6 +226,27 @@ def test_lean_loss_step_takes_every_loss_form(form):
         assert torch.equal(pa.grad, pb.grad)
 
 
+def test_lean_losses_fast_path_and_its_fallbacks_agree_with_normalise_losses():
+    """The one-pass check of the common call returns what normalise_losses returns; every other form (another
+    Mapping, non-string keys, 1-element non-scalar losses, task_names) goes through normalise_losses itself."""
+    from collections import OrderedDict
+
+    from mtlens.engine.backward import _lean_losses
+    from mtlens.engine.gradients import normalise_losses
+
+    a, b = torch.rand((), requires_grad=True), torch.rand((), requires_grad=True)
+    forms = [({"x": a * 2, "y": b + 1}, None), (OrderedDict(x=a * 2, y=b + 1), None), ({0: a * 2, 1: b + 1}, None),
+             ({"x": (a * 2).reshape(1), "y": b + 1}, None), ({"x": a * 2, "y": b + 1}, ["x", "y"]), ([a, b], None)]
+    for losses, names in forms:
+        got, want = _lean_losses(losses, names), normalise_losses(losses, names)
+        assert got[0] == want[0] and all(type(n) is str for n in got[0])
+        assert len(got[1]) == len(want[1]) and all(x.ndim == 0 and torch.equal(x, y) for x, y in zip(got[1], want[1]))
+    with pytest.raises(ConfigurationError, match="no losses"):
+        _lean_losses({}, None)
+    with pytest.raises(ConfigurationError, match="do not match"):
+        _lean_losses({"x": a * 2}, ["y"])
+
+
 @pytest.mark.parametrize("name", ["ew", "uw"])
 def test_lean_loss_step_refuses_what_the_engine_refuses(name):
     """Non-finite losses (each task named), a detached feature map, a non-scalar loss, a loss without graph:

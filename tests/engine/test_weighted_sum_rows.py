@@ -321,3 +321,61 @@ def test_a_parameter_listed_twice_in_shared_params_gets_its_gradient_once(method
         torch.testing.assert_close(a, b)
     if G0 is not None:
         torch.testing.assert_close(G1, G0)
+
+
+def _freed(loss, params):
+    try:
+        torch.autograd.grad(loss, params, allow_unused=True)
+    except RuntimeError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("method,kw", [("ew", {"compute_gramian": "param"}), ("mgda", {"level": "param"}),
+                                       ("mgda", {"level": "feature"})])
+def test_stacked_losses_free_every_tasks_graph(method, kw):
+    # torch.stack(losses): the stack/unbind nodes are in every task's node set, so every head backward but the
+    # last kept its graph (retain_graph=True), although each starts below them (at the stack's input t), and the
+    # heads' graphs outlived the step; loss.backward() frees them (and so did the monitored step when it ran the
+    # objective's backward).
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    out = []
+    for stacked in (False, True):
+        torch.manual_seed(0)
+        net = TinyNet(3, offsets=[0.5, 1.0, 2.0])
+        z, losses = net(x)
+        arg = torch.stack(list(losses.values())) if stacked else losses
+        mtl_backward(arg, features=z, shared_params=list(net.enc.parameters()), method=create(method), **kw)
+        assert all(_freed(L, list(h.parameters())) for L, h in zip(losses.values(), net.heads))
+        out.append(_grads(net))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_a_head_layer_two_tasks_share_leaves_no_graph_behind(stacked, shared_head):
+    # a layer between Z and the heads that every task reads: each head backward but the last kept its graph for
+    # the next task, so the part only that task uses outlived the step (the objective's backward frees it). The
+    # monitored step runs the objective's backward there (T + 1 encoder backwards); separate heads keep the rows.
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    T = 3
+    out = []
+    for cg in (None, "param"):
+        torch.manual_seed(0)
+        net = TinyNet(T, offsets=[0.5, 1.0, 2.0])
+        common = torch.nn.Linear(6, 6)
+        calls = _count_encoder_backwards(net)
+        z = net.enc(x)
+        c = torch.tanh(common(z)) if shared_head else z
+        losses = {f"t{i}": (h(c) ** 2).mean() + net.offsets[i] for i, h in enumerate(net.heads)}
+        arg = torch.stack(list(losses.values())) if stacked else losses
+        mtl_backward(arg, features=z, shared_params=list(net.enc.parameters()), method=create("ew"), compute_gramian=cg)
+        assert all(_freed(L, list(h.parameters())) for L, h in zip(losses.values(), net.heads))
+        if cg is not None:
+            assert len(calls) == (T + 1 if shared_head else T)
+        out.append(_grads(net) + [p.grad.clone() for p in common.parameters()] if shared_head else _grads(net))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -889,7 +889,10 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
     sets = _node_sets(obj_scaled, feats.maps, split)
-    flags = [True] * T if (retain_graph or create_graph) else _retain_flags(sets)
+    # A stacked vector's unbind/view/stack nodes are in every task's set, but a backward started at the stack's
+    # input t (``entries``) never runs them: they must not keep task t's branch alive (it outlived the step).
+    flags = [True] * T if (retain_graph or create_graph) else _retain_flags(
+        [st - split.shared for st in sets] if split is not None and entries is not None else sets)
     index = {id(p): i for i, p in enumerate(heads)}
     own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
            for st in sets]
@@ -1255,17 +1258,27 @@ def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor],
 
 
 def _objective_rows(tg: TaskGradients, names: list[str], obj_items: list[Tensor], raw: Tensor, feats: Features,
-                    shared: list[Tensor], jacobian: str, retain_graph: bool) -> None:
+                    shared: list[Tensor], jacobian: str, retain_graph: bool) -> bool:
     """Loss level, ``compute_gramian="param"``, an objective ``Σ_t w_t L_t``: the per-task Jacobian the Gramian
     is measured on is computed as at parameter level — a heads pass giving each task's saliencies *and* its
     heads' gradients, then the encoder's rows — so that step 3 writes ``Σ_t w_t g_t`` from these rows
     (:func:`mtlens.engine.apply.apply_decision`) instead of running the objective's own backward a second time
     over the whole network. The graph is freed by the last encoder backward unless ``retain_graph``.
     (docs/performance.md, "Monitoring": the second backward was 18 convolution backwards a step against
-    the rows' 12 at the conv benchmark's T = 3.)"""
+    the rows' 12 at the conv benchmark's T = 3.)
+
+    Returns ``False`` (nothing computed: the objective's backward runs) when tasks share nodes between their
+    losses and the maps (a head layer two tasks read): a task's head backward must then keep its graph for the
+    later task, and the part only it uses would outlive the step, where ``loss.backward()`` frees it."""
     heads = tg.task_params
-    sal, head_rows, tg._head_index = _heads_pass(names, obj_items, feats, heads, False, retain_graph, tg._split,
-                                                 _entry_points(tg, tg._transform, 1.0, raw))
+    split = tg._split
+    entries = _entry_points(tg, tg._transform, 1.0, raw)
+    sets = _node_sets(obj_items, feats.maps, split)
+    if not retain_graph and any(_retain_flags([st - split.shared for st in sets] if split is not None and entries
+                                              is not None else sets)):
+        return False
+    sal, head_rows, tg._head_index = _heads_pass(names, obj_items, feats, heads, False, retain_graph, split,
+                                                 entries)
     enc, J = _encoder_rows(feats, shared, sal, False, retain_graph, jacobian)
     if J is not None:
         tg._flat = J
@@ -1276,6 +1289,7 @@ def _objective_rows(tg: TaskGradients, names: list[str], obj_items: list[Tensor]
     tg.gramian()
     tg.gramian_level = "param"
     tg._reg_kind = "loss"
+    return True
 
 
 def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], raw: Tensor, obj_items: list[Tensor],
@@ -1319,8 +1333,8 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
     pblocks: list[Tensor] = []
     if (weighted_sum and compute_gramian == "param" and not param_regs and not sal_regs and grad_norm_params is None
             and scale == 1.0 and dist is None and feats.maps and not maps_dependent(feats.maps)
-            and (unreached := _rows_cover_objective(loss_list, shared, tg.task_params, feats)) is not None):
-        _objective_rows(tg, names, obj_items, raw, feats, shared, jacobian, retain_graph)
+            and (unreached := _rows_cover_objective(loss_list, shared, tg.task_params, feats)) is not None
+            and _objective_rows(tg, names, obj_items, raw, feats, shared, jacobian, retain_graph)):
         tg._unreached = unreached
         return
     if param_regs or compute_gramian == "param":
