@@ -158,3 +158,18 @@ def test_mgda_two_tasks_without_numpy_equal_the_general_route():
         m.weights(bad, losses)
     with pytest.raises(NonFiniteError):
         m.weights(G, torch.full((2,), float("inf"), dtype=torch.float64))
+
+
+def test_mgda_fast_route_reads_float32_and_attached_inputs_as_their_float64_values():
+    import torch
+
+    from mtlens.methods import create
+
+    rng = np.random.default_rng(3)
+    for T in (2, 3, 5):
+        G32 = torch.from_numpy(_interior_gramian(rng, T, 10.0)).float().requires_grad_()
+        L32 = torch.rand(T).requires_grad_()
+        a, b = create("mgda"), create("mgda")
+        wa = a.weights(G32, L32)
+        wb = b.weights(G32.detach().double(), L32.detach().double())
+        assert wa.dtype == torch.float64 and wa.tolist() == wb.tolist() and a.log_values() == b.log_values()

@@ -15,6 +15,7 @@ from ._registry import register
 from ._solvers import check_gramian, min_norm_simplex, to_weights
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+_FLOAT_TYPES = (torch.float32, torch.float64)
 APPLY_TO = ("normalized", "raw")
 
 
@@ -124,13 +125,15 @@ class MGDA(GramianWeighting):
         if not (isinstance(gramian, Tensor) and isinstance(losses, Tensor) and gramian.device.type == "cpu"
                 and gramian.ndim == 2 and 2 <= gramian.shape[0] <= _solvers.SMALL_T
                 and gramian.shape[0] == gramian.shape[1]
-                and losses.numel() == gramian.shape[0] and losses.device.type == "cpu"):
+                and losses.numel() == gramian.shape[0] and losses.device.type == "cpu"
+                and gramian.dtype in _FLOAT_TYPES and losses.dtype in _FLOAT_TYPES):
             return None
-        raw = gramian.detach().to(torch.float64).tolist()
+        # tolist() of a float32/float64 tensor gives exactly its float64 values (no detach or float64 copy needed)
+        raw = gramian.tolist()
         T = len(raw)
         if not all(math.isfinite(x) for row in raw for x in row):
             return None
-        if not all(math.isfinite(x) for x in losses.detach().reshape(-1).tolist()):
+        if not all(math.isfinite(x) for x in (losses.tolist() if losses.ndim == 1 else losses.reshape(-1).tolist())):
             return None
         G = [[0.5 * raw[i][j] + 0.5 * raw[j][i] for j in range(T)] for i in range(T)]
         s = max(G[i][i] for i in range(T))
