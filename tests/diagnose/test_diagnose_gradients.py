@@ -185,3 +185,13 @@ def test_plain_python_identifiers_equal_the_tensor_formulas(case):
     assert "condition_number" not in vars(gds)  # computed when first read, equal to gramian_condition_number
     cond = gramian_condition_number(G)
     assert gds.condition_number == cond and gms.condition_number == cond and gds.to_dict()["cond_G"] == cond
+
+
+def test_identifier_matrices_live_on_the_gramians_device_and_cond_needs_the_gramian():
+    G = G_of(torch.randn(3, 5))
+    for f in (gradient_direction_similarity, gradient_magnitude_similarity):
+        r = f(G)
+        assert r.matrix.device == G.device and r.grad_norms.device == G.device
+        bare = type(r)(r.mean, r.min, r.matrix, r.grad_norms, r.n_pairs)
+        with pytest.raises(ConfigurationError, match="built without its Gramian"):
+            _ = bare.condition_number

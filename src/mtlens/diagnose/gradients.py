@@ -17,12 +17,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine.record import StepRecord
+from ..errors import ConfigurationError
 from ._inputs import gramian_of, gramian_rows_of
 
 
@@ -64,7 +66,11 @@ class _PairwiseSimilarity:
     def condition_number(self) -> float:
         """``cond(G)`` (:func:`gramian_condition_number`), computed when first read: an eigendecomposition that
         a monitor not logging ``cond`` does not need (≈ 0.1 ms right after a step's backward)."""
-        assert self.gramian is not None
+        if self.gramian is None:
+            raise ConfigurationError(
+                f"{type(self).__name__} was built without its Gramian: build it with gradient_direction_similarity / "
+                "gradient_magnitude_similarity, or call gramian_condition_number(G)"
+            )
         return _condition(self.gramian)
 
     def norms_dict(self, prefix: str = "", task_names: Sequence[str] | None = None) -> dict[str, float]:
@@ -122,10 +128,17 @@ def gradient_direction_similarity(gramian: StepRecord | Tensor) -> DirectionSimi
         >>> gradient_direction_similarity(G).mean
         -1.0
     """
-    return _direction(gramian_rows_of(gramian), gramian.level if isinstance(gramian, StepRecord) else None)
+    return _direction(gramian_rows_of(gramian), gramian.level if isinstance(gramian, StepRecord) else None,
+                      _device(gramian))
 
 
-def _direction(A: list[list[float]], level: str | None) -> DirectionSimilarity:
+def _device(gramian: Any) -> torch.device:
+    """Where the identifiers' matrices go: the Gramian's device, as the tensor formulas left them."""
+    G = gramian.gramian if isinstance(gramian, StepRecord) else gramian
+    return G.device if isinstance(G, Tensor) else torch.device("cpu")
+
+
+def _direction(A: list[list[float]], level: str | None, device: torch.device | None = None) -> DirectionSimilarity:
     """GDS on the validated Gramian's entries, in plain Python: a handful of float operations per pair, where
     each numpy or torch op would cost ≈ 5–10 µs right after a step's backward (a monitored step paid
     ≈ 0.4 ms at T = 3 for GDS and GMS in numpy, ≈ 0.9 ms in torch; docs/performance.md, "Monitoring")."""
@@ -139,7 +152,8 @@ def _direction(A: list[list[float]], level: str | None) -> DirectionSimilarity:
             c = min(1.0, max(-1.0, A[i][j] / n[i] / n[j])) if n[i] > 0 and n[j] > 0 else 0.0
             cos[i][j] = cos[j][i] = c
             pairs.append(c)
-    matrix, norms = torch.tensor(cos, dtype=torch.float64), torch.tensor(n, dtype=torch.float64)
+    matrix, norms = torch.tensor(cos, dtype=torch.float64, device=device), torch.tensor(n, dtype=torch.float64,
+                                                                                       device=device)
     if T == 1:
         return DirectionSimilarity(1.0, 1.0, matrix, norms, 0, level, A, 0.0)
     return DirectionSimilarity(math.fsum(pairs) / len(pairs), min(pairs), matrix, norms, len(pairs), level, A,
@@ -156,10 +170,11 @@ def gradient_magnitude_similarity(gramian: StepRecord | Tensor) -> MagnitudeSimi
         >>> round(gradient_magnitude_similarity(G).mean, 6)  # 2·3 / (1 + 9)
         0.6
     """
-    return _magnitude(gramian_rows_of(gramian), gramian.level if isinstance(gramian, StepRecord) else None)
+    return _magnitude(gramian_rows_of(gramian), gramian.level if isinstance(gramian, StepRecord) else None,
+                      _device(gramian))
 
 
-def _magnitude(A: list[list[float]], level: str | None) -> MagnitudeSimilarity:
+def _magnitude(A: list[list[float]], level: str | None, device: torch.device | None = None) -> MagnitudeSimilarity:
     """GMS on the validated Gramian's entries, in plain Python (see :func:`_direction`)."""
     T = len(A)
     n = [math.sqrt(max(A[i][i], 0.0)) for i in range(T)]
@@ -171,7 +186,8 @@ def _magnitude(A: list[list[float]], level: str | None) -> MagnitudeSimilarity:
             r = lo / hi if hi > 0 else 1.0
             gms[i][j] = gms[j][i] = v = 2 * r / (1 + r * r)
             pairs.append(v)
-    matrix, norms = torch.tensor(gms, dtype=torch.float64), torch.tensor(n, dtype=torch.float64)
+    matrix, norms = torch.tensor(gms, dtype=torch.float64, device=device), torch.tensor(n, dtype=torch.float64,
+                                                                                       device=device)
     if T == 1:
         return MagnitudeSimilarity(1.0, 1.0, matrix, norms, 0, level, A)
     return MagnitudeSimilarity(math.fsum(pairs) / len(pairs), min(pairs), matrix, norms, len(pairs), level, A)
