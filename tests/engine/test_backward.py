@@ -246,3 +246,28 @@ def test_engine_passes_features_to_methods_that_need_them():
     assert all(torch.isfinite(p.grad).all() for p in net.enc.parameters())
     with pytest.raises(ConfigurationError, match="feature"):
         mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m, level="param")
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad"])
+def test_param_level_multi_input_maps_sliced_from_one_encoder_pass(name):
+    # {task: Z[idx_t]} from one encoder pass: the maps share the encoder's graph, which the first task's row
+    # used to free ("backward through the graph a second time"); the Jacobian is the explicit one
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh())
+    heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(3)])
+    shared, x = list(enc.parameters()), torch.randn(9, 5)
+
+    def fwd():
+        z = enc(x)
+        zs = {f"t{i}": z[3 * i:3 * i + 3] for i in range(3)}
+        return zs, {k: heads[i](zs[k]).pow(2).mean() for i, k in enumerate(zs)}
+
+    _, losses = fwd()
+    J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, shared, retain_graph=True)])
+                     for L in losses.values()]).double()
+    zs, losses = fwd()
+    rec = mtl_backward(losses, features=zs, shared_params=shared, method=create(name), level="param")
+    torch.testing.assert_close(rec.gramian, J @ J.T)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in shared)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        sum(losses.values()).backward()  # the graph was freed, as loss.backward() frees it

@@ -667,6 +667,36 @@ def maps_dependent(maps: Sequence[Tensor]) -> bool:
     return False
 
 
+
+def maps_share_graph(maps: Sequence[Tensor]) -> bool:
+    """Whether the graphs of several per-task maps share a node other than a leaf's (multi-input features sliced
+    from one encoder pass, ``{task: Z[idx_t]}``): a backward through one map then frees what another still needs.
+    Shared parameters (their ``AccumulateGrad`` nodes hold no buffers) do not count. One walk of every map's graph."""
+    seen: set[Any] = set()
+    acc = _ACCUMULATE_GRAD
+    for z in maps:
+        own: set[Any] = set()
+        stack = [z.grad_fn] if z.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node in own:
+                continue
+            if node in seen:
+                if type(node) is not acc:
+                    return True
+                continue
+            own.add(node)
+            if type(node) is acc:
+                continue
+            nxt = node.next_functions
+            if len(nxt) == 1:
+                if nxt[0][0] is not None:
+                    stack.append(nxt[0][0])
+            else:
+                stack.extend([n for n, _ in nxt if n is not None])
+        seen |= own
+    return False
+
 def _free_exclusive(L: Tensor, sets: list[set], t: int, heads: Sequence[Tensor]) -> None:
     """Free the part of task t's graph no later task uses (its head), as ``loss.backward()`` would.
 
@@ -960,10 +990,12 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
     # faults for the T·P floats; see jacobian_workspace) and its autograd output is freed at once
     J = None if create_graph else jacobian_workspace(T, shared)
     rows = []
+    # multi-input maps sliced from one encoder pass share its graph: freed by the last task's row only
+    own_graphs = feats.multi_input and (retain_graph or create_graph or not maps_share_graph(feats.maps))
     for t in range(T):
         maps = feats.of_task(t)
-        # multi-input: each task's encoder graph is its own; one shared map: all tasks use it
-        last = (t == T - 1) or feats.multi_input
+        # multi-input: each task's encoder graph is its own (unless sliced from one pass); one shared map: all use it
+        last = (t == T - 1) or own_graphs
         keep = retain_graph or create_graph or not last
         gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
         gs = _dense(gs)
