@@ -69,6 +69,12 @@ def weights_error(name: str, weights: Tensor, T: int, diagonal: list[float] | No
                           + "; nothing was written into .grad")
 
 
+def backward_problem(name: str, losses: Tensor) -> str:
+    """Why nothing was written when the gradient of a loss-level objective is not finite (the engine's one
+    message for it: the objective's backward, its rows, the lean loss step)."""
+    return f"non-finite gradient in the backward of '{name}' (losses {losses.tolist()}); nothing was written into .grad"
+
+
 def check_decision(decision: Decision, grads: TaskGradients, name: str) -> Decision:
     """Validate a method's decision (shapes, finiteness); raise :class:`NonFiniteError` naming the method."""
     T = grads.T
@@ -143,8 +149,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             gs = dist.mean_list(gs)
         params, gs = _with_extras(params, gs, decision.extra_grads, scale)
         if not all_finite(gs):
-            return (f"non-finite gradient in the backward of '{name}' (losses {grads.losses.tolist()}); nothing was "
-                    "written into .grad")
+            return backward_problem(name, grads.losses)
         _accumulate(params, gs)
         return ""
 
@@ -310,8 +315,7 @@ def _weighted_sum_from_rows(grads: TaskGradients, decision: Decision, name: str)
         checked = list(shared_g)
     head_g = _combine_heads(grads.head_rows, w.tolist(), len(heads), grads._head_index)
     if not all_finite(checked + [g for g in head_g if g is not None]):
-        return (f"non-finite gradient in the backward of '{name}' (losses {grads.losses.tolist()}); nothing was "
-                "written into .grad")
+        return backward_problem(name, grads.losses)
     out: list[Tensor | None] = list(shared_g)
     for i in grads._unreached:  # no loss reaches it: the backward would not touch its .grad (None stays None)
         out[i] = None

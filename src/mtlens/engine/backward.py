@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
-from .apply import _accumulate, apply_decision, check_decision, weights_error
+from .apply import _accumulate, apply_decision, backward_problem, check_decision, weights_error
 from .decision import Decision
 from .distributed import Dist, resolve
 from .feature_step import feature_step
@@ -440,8 +440,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             if fused and not host_finite(raw):
                 problem = loss_problem(names, raw)
             else:
-                problem = (f"non-finite gradient in the backward of '{name}' (losses {raw.tolist()}); nothing was "
-                           "written into .grad")
+                problem = backward_problem(name, raw)
         else:
             _accumulate(params, gs)
     except BaseException:

@@ -667,7 +667,6 @@ def maps_dependent(maps: Sequence[Tensor]) -> bool:
     return False
 
 
-
 def maps_share_graph(maps: Sequence[Tensor]) -> bool:
     """Whether the graphs of several per-task maps share a node other than a leaf's (multi-input features sliced
     from one encoder pass, ``{task: Z[idx_t]}``): a backward through one map then frees what another still needs.
@@ -696,6 +695,7 @@ def maps_share_graph(maps: Sequence[Tensor]) -> bool:
                 stack.extend([n for n, _ in nxt if n is not None])
         seen |= own
     return False
+
 
 def _free_exclusive(L: Tensor, sets: list[set], t: int, heads: Sequence[Tensor]) -> None:
     """Free the part of task t's graph no later task uses (its head), as ``loss.backward()`` would.
@@ -906,9 +906,17 @@ def _entry_points(tg: TaskGradients, transform: str, scale: float, like: Tensor)
     return tg._split.entry_points(scale, like)
 
 
+def _heads_flags(sets: list[set[Any]], split: StackSplit | None, entries: list[tuple[Any, Tensor]] | None
+                 ) -> list[bool]:
+    """:func:`_retain_flags` of a heads pass. A stacked vector's unbind/view/stack nodes are in every task's set,
+    but a backward started at the stack's input t (``entries``) never runs them: they must not keep task t's
+    branch alive (it outlived the step)."""
+    return _retain_flags([st - split.shared for st in sets] if split is not None and entries is not None else sets)
+
+
 def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Features, heads: list[Tensor],
                 create_graph: bool, retain_graph: bool, split: StackSplit | None = None,
-                entries: list[tuple[Any, Tensor]] | None = None
+                entries: list[tuple[Any, Tensor]] | None = None, sets: list[set[Any]] | None = None
                 ) -> tuple[list[list[Tensor]], list[list[Tensor | None]], list[list[int]]]:
     """One backward per task through its head: the saliencies ``S_t`` (per map), head rows, and per task the
     indices of the head parameters it reaches (the only entries of its row that can be set).
@@ -918,11 +926,9 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     per input, so asking every task for all T heads' parameters costs O(T²) for nothing (the
     others' gradients are ``None`` either way)."""
     T = len(obj_scaled)
-    sets = _node_sets(obj_scaled, feats.maps, split)
-    # A stacked vector's unbind/view/stack nodes are in every task's set, but a backward started at the stack's
-    # input t (``entries``) never runs them: they must not keep task t's branch alive (it outlived the step).
-    flags = [True] * T if (retain_graph or create_graph) else _retain_flags(
-        [st - split.shared for st in sets] if split is not None and entries is not None else sets)
+    if sets is None:  # ``sets``: :func:`_node_sets` ``(obj_scaled, feats.maps, split)`` when the caller has them
+        sets = _node_sets(obj_scaled, feats.maps, split)
+    flags = [True] * T if (retain_graph or create_graph) else _heads_flags(sets, split, entries)
     index = {id(p): i for i, p in enumerate(heads)}
     own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
            for st in sets]
@@ -1244,48 +1250,34 @@ def _rows_cover_objective(loss_list: Sequence[Tensor], shared: Sequence[Tensor],
     each task's row frees its own map's graph, which a later task's row then needs — keeping them instead would
     keep a task's part that the backward frees). Else the indices of the shared parameters no loss reaches: the
     backward leaves their ``.grad`` as it was (``None``), where the rows hold zeros."""
+    if feats.multi_input and maps_share_graph(feats.maps):
+        return None
     known = {id(p) for p in shared} | {id(p) for p in heads}
     reached: set[int] = set()
     seen: set[Any] = set()
     acc, sparse = _ACCUMULATE_GRAD, _SPARSE_FLAGS
-
-    def walk(roots: list[Any], own: set[Any] | None = None) -> bool | None:
-        """``None``: not covered; else whether a node an earlier walk reached was met (``own``: this walk's)."""
-        met = False
-        stack = roots
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                # a node of an earlier map's graph (the leaves' nodes are every map's: they hold no buffers)
-                met = met or (own is not None and node not in own and type(node) is not acc)
-                continue
-            seen.add(node)
-            if own is not None:
-                own.add(node)
-            kind = type(node)
-            if kind is acc:
-                var = node.variable
-                if var is not None:
-                    if id(var) not in known or var.layout != torch.strided:
-                        return None
-                    reached.add(id(var))
-                continue
-            if kind in sparse and getattr(node, sparse[kind], False):
-                return None
-            nxt = node.next_functions  # as find_leaves: read once, no list for a single input
-            if len(nxt) == 1:
-                if nxt[0][0] is not None:
-                    stack.append(nxt[0][0])
-            else:
-                stack.extend([n for n, _ in nxt if n is not None])
-        return met
-
-    if feats.multi_input:  # the maps' graphs first: one meeting a node an earlier one reached shares it
-        for z in feats.maps:
-            if walk([z.grad_fn] if z.grad_fn is not None else [], set()) is not False:
-                return None
-    if walk([L.grad_fn for L in loss_list if L.grad_fn is not None]) is None:
-        return None
+    stack = [L.grad_fn for L in loss_list if L.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        kind = type(node)
+        if kind is acc:
+            var = node.variable  # type: ignore[attr-defined]
+            if var is not None:
+                if id(var) not in known or var.layout != torch.strided:
+                    return None
+                reached.add(id(var))
+            continue
+        if kind in sparse and getattr(node, sparse[kind], False):
+            return None
+        nxt = node.next_functions  # as find_leaves: read once, no list for a single input
+        if len(nxt) == 1:
+            if nxt[0][0] is not None:
+                stack.append(nxt[0][0])
+        else:
+            stack.extend([n for n, _ in nxt if n is not None])
     return [i for i, p in enumerate(shared) if id(p) not in reached]
 
 
@@ -1306,11 +1298,10 @@ def _objective_rows(tg: TaskGradients, names: list[str], obj_items: list[Tensor]
     split = tg._split
     entries = _entry_points(tg, tg._transform, 1.0, raw)
     sets = _node_sets(obj_items, feats.maps, split)
-    if not retain_graph and any(_retain_flags([st - split.shared for st in sets] if split is not None and entries
-                                              is not None else sets)):
+    if not retain_graph and any(_heads_flags(sets, split, entries)):
         return False
     sal, head_rows, tg._head_index = _heads_pass(names, obj_items, feats, heads, False, retain_graph, split,
-                                                 entries)
+                                                 entries, sets)
     enc, J = _encoder_rows(feats, shared, sal, False, retain_graph, jacobian)
     if J is not None:
         tg._flat = J
