@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import ConfigurationError, ShapeError
@@ -79,3 +80,16 @@ class Seeded:
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "seed": self.seed}  # type: ignore[misc]
+
+
+def visiting_orders(generator: torch.Generator, T: int) -> np.ndarray:
+    """PCGrad's / GradVac's visiting orders: an int64 array (T, T-1) whose row i is a uniformly random
+    permutation of the other tasks ``j ≠ i``.
+
+    The draws are those of the papers' task-by-task loop: one ``torch.randperm(T - 1, generator=generator)``
+    per task, in task order; its permutation ``π`` indexes the other tasks in increasing order (position
+    ``k`` of ``π`` is task ``π_k + (π_k ≥ i)``). So a seeded generator gives the same orders whether the
+    projections then run task by task or all tasks at once.
+    """
+    perms = torch.stack([torch.randperm(T - 1, generator=generator) for _ in range(T)]).numpy()
+    return perms + (perms >= np.arange(T)[:, None])

@@ -1,0 +1,189 @@
+"""The fast decisions compute what the straightforward algorithms compute.
+
+PCGrad's and GradVac's projections run for all tasks at once, position by position in the visiting orders
+(and task by task in Python floats for few tasks). Each test here runs a method against a reference written
+below as the task-by-task loop of the paper's Algorithm 1 on the Gramian (the implementation of mtlens up to
+commit 6f53918), with its own generator seeded alike, over many random Gramians: T = 2 … 40, conflicting and
+aligned gradients, norms spread over 1e±6, a zero gradient, several calls on one object (the generator and
+GradVac's targets carry over). They require the same orders, the same number of projections / corrections,
+the same logged values and the same weights up to the rounding of the inner products (≤ 1e-12 relative
+per weight).
+
+Only Gramians of full row rank (zero rows aside) are compared projection by projection: on a rank-deficient
+Gramian a projected gradient can be zero up to round-off, and whether a later inner product of size
+eps·‖G‖ is negative depends on the order of a dot product's additions (the BLAS build's as much as ours).
+Those are compared on the update they give (``J^T w``, through ``w^T G w``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtlens.methods import create
+from mtlens.methods.pcgrad import SMALL_T
+
+TASK_COUNTS = (2, 3, 4, 5, 7, SMALL_T, SMALL_T + 1, 11, 16, 20, 33, 40)
+KINDS = ("conflicting", "aligned", "spread", "zero_task")
+RTOL = 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# References: the task-by-task loops, on the Gramian, with numpy inner products
+# ------------------------------------------------------------------------------------------------
+def _orders(T: int, gen: torch.Generator) -> list[list[int]]:
+    out = []
+    for i in range(T):
+        others = [j for j in range(T) if j != i]
+        out.append([others[k] for k in torch.randperm(len(others), generator=gen).tolist()])
+    return out
+
+
+def _pcgrad_reference(G: np.ndarray, gen: torch.Generator) -> tuple[np.ndarray, int, list[list[int]]]:
+    T = G.shape[0]
+    C = np.eye(T)
+    n = 0
+    orders = _orders(T, gen)
+    for i in range(T):
+        for j in orders[i]:
+            gjj = G[j, j]
+            if gjj <= 0.0:
+                continue
+            dot = float(C[i] @ G[:, j])
+            if dot < 0.0:
+                C[i, j] -= dot / gjj
+                n += 1
+    return C.sum(axis=0), n, orders
+
+
+class _GradVacReference:
+    def __init__(self, T: int, beta: float, seed: int) -> None:
+        self.phi_hat = np.zeros((T, T))
+        self.beta = beta
+        self.gen = torch.Generator()
+        self.gen.manual_seed(seed)
+
+    def step(self, G: np.ndarray) -> tuple[np.ndarray, int]:
+        T = G.shape[0]
+        C = np.eye(T)
+        n = 0
+        for i, order in enumerate(_orders(T, self.gen)):
+            cg = C[i] @ G
+            for j in order:
+                gjj = G[j, j]
+                nrm_i2 = float(cg @ C[i])
+                if gjj <= 0.0 or nrm_i2 <= 0.0:
+                    continue
+                nrm_i, nrm_j = math.sqrt(nrm_i2), math.sqrt(gjj)
+                phi = max(-1.0, min(1.0, float(cg[j]) / (nrm_i * nrm_j)))
+                target = float(self.phi_hat[i, j])
+                sin_t = math.sqrt(max(0.0, 1.0 - target * target))
+                if phi < target and sin_t > 1e-8:
+                    sin_p = math.sqrt(max(0.0, 1.0 - phi * phi))
+                    coef = nrm_i * (target * sin_p - phi * sin_t) / (nrm_j * sin_t)
+                    C[i, j] += coef
+                    cg = cg + coef * G[j]
+                    n += 1
+                self.phi_hat[i, j] = (1.0 - self.beta) * target + self.beta * phi
+        return C.sum(axis=0), n
+
+
+# ------------------------------------------------------------------------------------------------
+# Gramians
+# ------------------------------------------------------------------------------------------------
+def _jacobian(kind: str, T: int, seed: int, rank: int | None = None) -> np.ndarray:
+    rng = np.random.default_rng(1000 * seed + 7 * T + KINDS.index(kind))
+    P = T + 7 if rank is None else rank
+    J = rng.standard_normal((T, P))
+    if rank is not None:
+        J = J @ rng.standard_normal((P, T + 7))
+    base = rng.standard_normal(J.shape[1])
+    if kind == "aligned":  # a shared direction: few conflicts
+        J = J + 1.5 * base
+    if kind == "conflicting":  # a third of the tasks against a shared direction (benchmarks/decision_cost.py)
+        J = J + 2.0 * base
+        J[: max(1, T // 3)] *= -0.3
+    if kind in ("spread", "zero_task"):
+        J = J * 10.0 ** rng.uniform(-6.0, 6.0, (T, 1))
+    if kind == "zero_task":
+        J[T // 2] = 0.0
+    return J
+
+
+def _gramian(J: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(J @ J.T)
+
+
+def _symmetric(G: torch.Tensor) -> np.ndarray:
+    A = G.numpy()
+    return 0.5 * A + 0.5 * A.T  # what the methods' check_gramian hands them
+
+
+def _assert_weights(w: torch.Tensor, w_ref: np.ndarray) -> None:
+    assert w.dtype == torch.float64 and w.shape == w_ref.shape
+    np.testing.assert_allclose(w.numpy(), w_ref, rtol=RTOL, atol=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# PCGrad
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", TASK_COUNTS)
+def test_pcgrad_equals_the_task_by_task_loop(T: int, kind: str) -> None:
+    m = create("pcgrad", seed=T)
+    gen = torch.Generator()
+    gen.manual_seed(T)
+    projections = []
+    for call in range(3):  # the generator advances alike over calls
+        G = _gramian(_jacobian(kind, T, call))
+        w = m.weights(G, torch.ones(T, dtype=torch.float64))
+        w_ref, n_ref, orders_ref = _pcgrad_reference(_symmetric(G), gen)
+        assert m.last_orders == orders_ref
+        assert m.log_values() == {"projections": float(n_ref)}
+        _assert_weights(w, w_ref)
+        projections.append(n_ref)
+    if kind == "conflicting":
+        assert min(projections) > 0  # the comparison covers projections at every call
+
+
+@pytest.mark.parametrize("T", [3, SMALL_T, 11, 40])
+def test_pcgrad_comparison_sees_the_order_of_projections(T: int) -> None:
+    """The reference with every task's order reversed gives other weights on these Gramians: the test above
+    would fail if the implementation applied a task's projections in another order (or skipped one)."""
+    G = _gramian(_jacobian("conflicting", T, 0))
+    m = create("pcgrad", seed=5)
+    w = m.weights(G, torch.ones(T, dtype=torch.float64)).numpy()
+    A = _symmetric(G)
+    C = np.eye(T)
+    for i, order in enumerate(m.last_orders):
+        for j in reversed(order):
+            dot = float(C[i] @ A[:, j])
+            if dot < 0.0:
+                C[i, j] -= dot / A[j, j]
+    assert not np.allclose(w, C.sum(axis=0), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("T", [5, SMALL_T + 1, 20, 40])
+def test_pcgrad_rank_deficient_gives_the_same_update(T: int) -> None:
+    for seed in range(3):
+        J = _jacobian("spread", T, seed, rank=max(2, T // 3))
+        G = _gramian(J)
+        w = create("pcgrad", seed=seed).weights(G, torch.ones(T, dtype=torch.float64)).numpy()
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        w_ref, _, _ = _pcgrad_reference(_symmetric(G), gen)
+        d, d_ref = w @ J, w_ref @ J
+        scale = np.abs(w_ref) @ np.linalg.norm(J, axis=1)  # Σ_k |w_k| ‖g_k‖
+        assert np.linalg.norm(d - d_ref) <= 1e-10 * scale
+
+
+def test_pcgrad_single_task_and_zero_gramian() -> None:
+    m = create("pcgrad", seed=0)
+    assert m.weights(torch.ones(1, 1, dtype=torch.float64), torch.ones(1)).tolist() == [1.0]
+    assert m.last_orders == [[]] and m.log_values() == {"projections": 0.0}
+    for T in (3, 12):
+        w = m.weights(torch.zeros(T, T, dtype=torch.float64), torch.ones(T))
+        assert w.tolist() == [1.0] * T and m.log_values() == {"projections": 0.0}
