@@ -69,6 +69,7 @@ class PCGrad(Seeded, GramianWeighting):
         T = G.shape[0]
         orders = visiting_orders(self.generator, T)
         self.last_orders = orders.tolist()
+        w: list[float] | np.ndarray
         if T <= SMALL_T:
             w, n_proj = _project_task_by_task(G.tolist(), self.last_orders)
         else:
