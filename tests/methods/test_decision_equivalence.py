@@ -66,13 +66,13 @@ class _GradVacReference:
         self.gen = torch.Generator()
         self.gen.manual_seed(seed)
 
-    def step(self, G: np.ndarray) -> tuple[np.ndarray, int]:
+    def step(self, G: np.ndarray, reverse: bool = False) -> tuple[np.ndarray, int]:
         T = G.shape[0]
         C = np.eye(T)
         n = 0
         for i, order in enumerate(_orders(T, self.gen)):
             cg = C[i] @ G
-            for j in order:
+            for j in reversed(order) if reverse else order:
                 gjj = G[j, j]
                 nrm_i2 = float(cg @ C[i])
                 if gjj <= 0.0 or nrm_i2 <= 0.0:
@@ -187,3 +187,58 @@ def test_pcgrad_single_task_and_zero_gramian() -> None:
     for T in (3, 12):
         w = m.weights(torch.zeros(T, T, dtype=torch.float64), torch.ones(T))
         assert w.tolist() == [1.0] * T and m.log_values() == {"projections": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# GradVac
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", TASK_COUNTS)
+def test_gradvac_equals_the_task_by_task_loop(T: int, kind: str) -> None:
+    beta = 0.5 if T % 2 else 0.01
+    m = create("gradvac", beta=beta, seed=T)
+    ref = _GradVacReference(T, beta, seed=T)
+    corrections = []
+    for call in range(4):  # the targets move: later calls correct towards non-zero targets
+        G = _gramian(_jacobian(kind, T, call))
+        w = m.weights(G, torch.ones(T, dtype=torch.float64))
+        w_ref, n_ref = ref.step(_symmetric(G))
+        _assert_weights(w, w_ref)
+        assert m.phi_hat is not None
+        np.testing.assert_allclose(m.phi_hat.numpy(), ref.phi_hat, rtol=RTOL, atol=1e-15)
+        log = m.log_values()
+        assert log["corrections"] == float(n_ref)
+        off = ref.phi_hat[~np.eye(T, dtype=bool)]
+        assert log["mean_target"] == pytest.approx(float(off.mean()), rel=RTOL, abs=1e-15)
+        assert m.steps == call + 1
+        corrections.append(n_ref)
+    if kind == "conflicting":
+        assert min(corrections) > 0
+
+
+@pytest.mark.parametrize("T", [3, SMALL_T, 11, 40])
+def test_gradvac_comparison_sees_the_order_of_corrections(T: int) -> None:
+    """Visiting every task's others in reverse order gives other weights: the test above would fail if the
+    implementation applied a task's corrections in another order."""
+    G = _gramian(_jacobian("conflicting", T, 0))
+    m = create("gradvac", seed=5)
+    m.weights(G, torch.ones(T, dtype=torch.float64))  # non-zero targets
+    w = m.weights(G, torch.ones(T, dtype=torch.float64)).numpy()
+    ref = _GradVacReference(T, 0.5, seed=5)
+    ref.step(_symmetric(G))
+    w_ref, _ = ref.step(_symmetric(G), reverse=True)
+    assert not np.allclose(w, w_ref, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("T", [5, SMALL_T + 1, 20, 40])
+def test_gradvac_rank_deficient_gives_the_same_update(T: int) -> None:
+    m = create("gradvac", seed=1)
+    ref = _GradVacReference(T, 0.5, seed=1)
+    for call in range(3):
+        J = _jacobian("spread", T, call, rank=max(2, T // 3))
+        G = _gramian(J)
+        w = m.weights(G, torch.ones(T, dtype=torch.float64)).numpy()
+        w_ref, _ = ref.step(_symmetric(G))
+        d, d_ref = w @ J, w_ref @ J
+        scale = np.abs(w_ref) @ np.linalg.norm(J, axis=1)
+        assert np.linalg.norm(d - d_ref) <= 1e-10 * scale

@@ -124,10 +124,11 @@ def _project_position_by_position(G: np.ndarray, orders: np.ndarray) -> tuple[np
     positive = d > 0.0
     d_div = np.where(positive, d, np.inf)  # a zero gradient is never projected on: its coefficient is 0
     negative = np.empty((T - 1, T), dtype=bool)
-    rows = np.arange(T)
+    cells = np.arange(T) * T + visits  # flat indices of the entries (i, visits[p, i]) of C
+    C_flat = C.reshape(-1)  # a view
     for p in range(T - 1):
         dots = np.einsum("ik,ik->i", C, gathered[p])  # g_i^PC · g_j = C[i] @ G[:, j]
         np.less(dots, 0.0, out=negative[p])
         # (g_i^PC·g_j / ‖g_j‖²) where it is negative, else 0 (subtracting 0 leaves C[i, j] exactly as it is)
-        C[rows, visits[p]] -= np.minimum(dots, 0.0) / d_div[p]
+        C_flat[cells[p]] -= np.minimum(dots, 0.0) / d_div[p]
     return C.sum(axis=0), int(np.count_nonzero(negative & positive))
