@@ -242,3 +242,94 @@ def test_gradvac_rank_deficient_gives_the_same_update(T: int) -> None:
         d, d_ref = w @ J, w_ref @ J
         scale = np.abs(w_ref) @ np.linalg.norm(J, axis=1)
         assert np.linalg.norm(d - d_ref) <= 1e-10 * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# The fair system G x = p ⊙ x^{-1/α} (FairGrad, PIVRG, ConsMTL, Nash-MTL's exact path)
+# ------------------------------------------------------------------------------------------------
+def _fair_reference(G: np.ndarray, alpha: float, p: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """``solve_fair_system`` up to commit 6f53918 (damped Newton on the cosine-scaled system, each step by
+    ``numpy.linalg.cholesky`` and two ``numpy.linalg.solve``), feasible problems only: ``(x, residual, iterations)``."""
+    from mtlens.methods._solvers import cosine_matrix, nonzero_tasks
+
+    T = G.shape[0]
+    live = nonzero_tasks(G)
+    C, d = cosine_matrix(G, live)
+    a = float(alpha)
+    q = p[live] * np.power(d, 1.0 / a - 1.0)
+
+    def h(y):
+        return np.log(y) if a == 1.0 else np.power(y, 1.0 - 1.0 / a) / (1.0 - 1.0 / a)
+
+    def f(y):
+        return 0.5 * float(y @ C @ y) - float(q @ h(y))
+
+    def residual(y):
+        rhs = q * np.power(y, -1.0 / a)
+        return float(np.max(np.abs(C @ y - rhs) / (np.abs(C) @ y + rhs)))
+
+    y = np.power(q, a / (1.0 + a))
+    fy = f(y)
+    res = residual(y)
+    best = (res, y)
+    it = 0
+    for it in range(1, 101):  # noqa: B007
+        if res <= 1e-14:
+            break
+        rhs = q * np.power(y, -1.0 / a)
+        grad = C @ y - rhs
+        H = C + np.diag(rhs / (a * y))
+        s = 1.0 / np.sqrt(np.diag(H))
+        Hs = H * np.outer(s, s)
+        L = np.linalg.cholesky(Hs)
+        step = -s * np.linalg.solve(L.T, np.linalg.solve(L, s * grad))
+        slope = float(grad @ step)
+        if slope >= 0:
+            break
+        t = 1.0
+        neg = step < 0
+        if np.any(neg):
+            t = min(1.0, 0.99 * float(np.min(-y[neg] / step[neg])))
+        decrement = -slope
+        f_noise = 1e4 * np.finfo(np.float64).eps * (0.5 * abs(float(y @ C @ y)) + abs(float(q @ h(y))))
+        while True:
+            yn = y + t * step
+            if np.all(yn > 0):
+                fn = f(yn)
+                if decrement <= f_noise or fn <= fy + 1e-4 * t * slope:
+                    break
+            t *= 0.5
+        y, fy = yn, f(yn)
+        res = residual(y)
+        if res < best[0]:
+            best = (res, y)
+        elif best[0] <= 1e-9 and decrement <= f_noise:
+            break
+    res, y = best
+    x = np.zeros(T)
+    x[live] = y / d
+    return x, res, it
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("T", [2, 3, 5, 11, 20, 40])
+def test_fair_system_equals_the_previous_newton_steps(T: int, alpha: float) -> None:
+    """Each Newton step's linear system by one LAPACK ``dposv`` (Cholesky and triangular solves) instead of a
+    Cholesky factor and two general LU solves: the same iterates up to rounding, the same certified solution."""
+    from mtlens.methods._solvers import solve_fair_system
+
+    for kind in ("aligned", "spread", "zero_task"):  # feasible: a shared direction improves every task
+        for seed in range(2):
+            rng = np.random.default_rng(seed)
+            J = _jacobian("aligned", T, seed)
+            if kind != "aligned":
+                J = J * 10.0 ** rng.uniform(-6.0, 6.0, (T, 1))
+            if kind == "zero_task":
+                J[T // 2] = 0.0
+            p = rng.uniform(0.5, 2.0, T)
+            G = J @ J.T
+            x_ref, res_ref, it_ref = _fair_reference(G, alpha, p)
+            r = solve_fair_system(G, alpha, p)
+            np.testing.assert_allclose(r.weights, x_ref, rtol=RTOL, atol=0.0)
+            assert r.residual <= 1e-13 and res_ref <= 1e-13
+            assert r.iterations == it_ref

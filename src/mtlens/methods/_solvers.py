@@ -690,10 +690,11 @@ class FairResult:
     inactive: int
 
 
-def _fair_residual(C: np.ndarray, y: np.ndarray, q: np.ndarray, alpha: float) -> float:
-    """Componentwise backward error ``max_t |(Cy)_t − r_t| / ((|C| y)_t + r_t)``, ``r = q ⊙ y^{-1/α}``."""
+def _fair_residual(C: np.ndarray, y: np.ndarray, q: np.ndarray, alpha: float, absC: np.ndarray | None = None) -> float:
+    """Componentwise backward error ``max_t |(Cy)_t − r_t| / ((|C| y)_t + r_t)``, ``r = q ⊙ y^{-1/α}``
+    (``absC``: ``|C|`` when the caller has it)."""
     rhs = q * np.power(y, -1.0 / alpha)
-    return float(np.max(np.abs(C @ y - rhs) / (np.abs(C) @ y + rhs)))
+    return float(np.max(np.abs(C @ y - rhs) / ((np.abs(C) if absC is None else absC) @ y + rhs)))
 
 
 def solve_fair_system(
@@ -721,7 +722,9 @@ def solve_fair_system(
     and ``q_t = p_t ‖g_t‖^{1/α − 1}``; Newton's iterates do not depend on the scaling (affine
     invariance) and the scaled Hessian is well conditioned, so gradients of norm 1e-10 and 1e10, or
     tasks 1e12 apart, solve alike. Start: the solution for orthogonal gradients,
-    ``y_t = q_t^{α/(1+α)}``.
+    ``y_t = q_t^{α/(1+α)}``. Each Newton system: one LAPACK ``dposv`` (Cholesky factor and its two
+    triangular solves) on the unit-diagonal scaled Hessian; least squares where that factor does not exist
+    to working precision.
 
     Certificate: the componentwise backward error ``max_t |(Gx)_t − r_t| / ((|G| x)_t + r_t) ≤ rtol``
     with ``r = p ⊙ x^{-1/α}`` — ``x`` solves the system exactly for a Gramian whose entries are
@@ -773,7 +776,8 @@ def solve_fair_system(
     y = np.power(q, a / (1.0 + a))
     fy = f(y)
     it = 0
-    res = _fair_residual(C, y, q, a)
+    absC = np.abs(C)
+    res = _fair_residual(C, y, q, a, absC)
     best = (res, y)
     for it in range(1, max_iter + 1):  # noqa: B007 - reported
         if res <= 1e-14:  # round-off level: Newton cannot do better
@@ -783,11 +787,11 @@ def solve_fair_system(
         H = C + np.diag(rhs / (a * y))
         s = 1.0 / np.sqrt(np.diag(H))
         Hs = H * np.outer(s, s)
-        try:
-            L = np.linalg.cholesky(Hs)
-            step = -s * np.linalg.solve(L.T, np.linalg.solve(L, s * grad))
-        except np.linalg.LinAlgError:
-            step = -s * np.linalg.lstsq(Hs, s * grad, rcond=None)[0]
+        _, z, info = _dposv(Hs, s * grad, lower=1)  # Cholesky factor and its two triangular solves
+        if info < 0:
+            raise SolverError(f"{method}: LAPACK dposv rejected its argument {-info} (a bug: please report it)")
+        # info > 0: Hs not positive definite to working precision (a nearly singular C at tiny rhs)
+        step = -s * (z if info == 0 else np.linalg.lstsq(Hs, s * grad, rcond=None)[0])
         slope = float(grad @ step)
         if not np.all(np.isfinite(step)) or slope >= 0:
             break
@@ -810,8 +814,8 @@ def solve_fair_system(
                 break
         if t < 1e-20:
             break
-        y, fy = yn, f(yn)
-        res = _fair_residual(C, y, q, a)
+        y, fy = yn, fn  # the backtracking loop left only after computing fn = f(yn)
+        res = _fair_residual(C, y, q, a, absC)
         if res < best[0]:
             best = (res, y)
         elif best[0] <= rtol and newton_decrement <= f_noise:
