@@ -39,7 +39,9 @@ Certificate (tested, not run at every call): the KKT conditions on the unit grad
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from operator import mul
 from typing import Protocol
 
 import numpy as np
@@ -54,6 +56,7 @@ from ._utils import check, in_range
 SOLVERS = ("nnls", "quadprog")
 RIDGES = ("relative", "trace")
 TRACE_TINY = 1e-290  # below this the Gramian is numerically zero (float64)
+_EPS = 2.220446049250313e-16  # float64 machine epsilon
 
 
 def require_solver(solver: str, method: str) -> None:
@@ -125,6 +128,155 @@ def dual_cone_weights(
     if not np.isfinite(out).all():
         raise SolverError(f"{method}: the weights overflow after rescaling by the gradient norms {n.tolist()}")
     return out
+
+
+SMALL_T = 8
+"""Up to this many tasks, :func:`dual_cone_rows` solves the projection on Python floats (``ridge="relative"``,
+``solver="nnls"``): for T ≤ 8 its ≤ T³ operations cost less than the ≈ 15 numpy and scipy calls of the
+general route (≈ 0.2 ms warm, ≈ 0.5 ms right after a backward; docs/performance.md, "The dual-cone
+projection at few tasks")."""
+
+
+PIVOT_MIN = 1e-6
+"""The smallest squared Cholesky pivot :func:`dual_cone_rows` accepts in a free block of ``C + reg_eps I`` (unit
+diagonal): below it the block's condition number exceeds ≈ 1e6 and the normal-equations solve could lose more
+than ≈ 1e-10 of the solution, so the general route (NNLS on the square root) solves that problem instead."""
+
+
+def dual_cone_rows(G: list[list[float]], U: list[list[float]], reg_eps: float) -> list[list[float]] | None:
+    """:func:`dual_cone_weights` with ``ridge="relative"``, ``solver="nnls"`` on Python floats, or ``None``.
+
+    ``G`` is a validated symmetric Gramian (:func:`~mtlens.engine.numerics.check_gramian_rows`: T lists
+    of T finite floats), ``U`` k rows of T requested weights ``u ≥ 0``. For each row the problem on the
+    unit gradients, ``min_{y ≥ n ⊙ u} yᵀ(C + reg_eps I)y`` (``C`` the cosine matrix, ``n_t = ‖g_t‖``),
+    is solved by the active-set algorithm of Lawson & Hanson (Solving Least Squares Problems, 1974,
+    ch. 23) in the normal-equations form of Bro & De Jong (J. Chemometrics 11, 1997, "FNNLS"), which
+    works on ``C + reg_eps I`` itself — here the data — with a Cholesky solve of the free block at each
+    step; ``v = y / n``. The result is certified by the same KKT conditions as the general route
+    (:func:`_check_kkt`, ``KKT_RTOL`` relative to ``Σ_t |y_t|``).
+
+    Returns ``None`` — the caller then runs the general route (eigen-decomposition + NNLS on the square
+    root), which handles these cases and raises its errors — when: T > :data:`SMALL_T`; a zero-gradient
+    task (``‖g_t‖² ≤ ZERO_REL · max``); the trace below :data:`TRACE_TINY`; a free block that is not
+    well conditioned (a squared Cholesky pivot ≤ :data:`PIVOT_MIN`: nearly dependent gradients); no
+    convergence within ``3T + 10`` steps; or a KKT residual above ``KKT_RTOL``. Both routes solve the
+    same strictly convex problem (``reg_eps > 0``) and agree to rounding (tests/methods/test_dual_cone_rows.py).
+    """
+    T = len(G)
+    if not 0 < T <= SMALL_T or any(len(u) != T for u in U):
+        return None
+    d = [G[i][i] for i in range(T)]
+    if not sum(d) > TRACE_TINY:
+        return None
+    top = max(d)
+    if not all(x > 0.0 and x > ZERO_REL * top for x in d):
+        return None
+    n = [math.sqrt(x) for x in d]
+    # C + reg_eps I, the cosine matrix as the general route forms it (G_ij / (n_i n_j), an exact unit diagonal)
+    A = [[(1.0 + reg_eps) if i == j else G[i][j] / (n[i] * n[j]) for j in range(T)] for i in range(T)]
+    out: list[list[float]] = []
+    for u in U:
+        low = [u[t] * n[t] for t in range(T)]
+        y = _bound_qp(A, low, T)
+        if y is None or _kkt_residual(A, low, y, T) > KKT_RTOL:
+            return None
+        v = [max(y[t] / n[t], u[t]) for t in range(T)]  # v ≥ u exactly (n_t u_t / n_t can round below u_t)
+        if not all(map(math.isfinite, v)):
+            return None
+        out.append(v)
+    return out
+
+
+def _bound_qp(A: list[list[float]], low: list[float], T: int) -> list[float] | None:
+    """``argmin_{y ≥ low} yᵀ A y`` for a symmetric positive-definite ``A`` (T×T floats), or ``None``.
+
+    Lawson–Hanson on ``x = y − low ≥ 0`` with the half-gradient ``g = A y`` as the dual: a bound
+    variable with the most negative ``g_j`` is freed; the minimiser over the free set with the others at
+    their bounds (``A_FF y_F = −A_FB low_B``, Cholesky) is taken if every freed variable stays above
+    its bound, else the step is cut back to the first bound met and that variable is fixed again."""
+    y = list(low)
+    free: list[int] = []
+    g = [sum(map(mul, Ai, y)) for Ai in A]
+    for _ in range(3 * T + 10):
+        scale = sum(map(abs, y))
+        j, gj = -1, -64 * _EPS * T * (scale if scale > 0.0 else 1.0)
+        for i in range(T):
+            if g[i] < gj and i not in free:
+                j, gj = i, g[i]
+        if j < 0:
+            return y
+        free.append(j)
+        while True:
+            z = _free_minimiser(A, low, free)
+            if z is None:
+                return None
+            bad = [i for i in free if not z[i] > low[i]]
+            if not bad:
+                y = z
+                break
+            # step from y towards z, cut where the first free variable reaches its bound; that one (and any
+            # other now at its bound) is fixed again
+            alpha, first = min(((y[i] - low[i]) / (y[i] - z[i]) if y[i] > z[i] else 0.0, i) for i in bad)
+            for i in free:
+                y[i] += alpha * (z[i] - y[i])
+            left = [i for i in free if i != first and y[i] > low[i]]
+            for i in free:
+                if i not in left:
+                    y[i] = low[i]
+            free = left
+        g = [sum(map(mul, Ai, y)) for Ai in A]
+    return None
+
+
+def _free_minimiser(A: list[list[float]], low: list[float], free: list[int]) -> list[float] | None:
+    """``y`` with ``y_B = low_B`` and ``A_FF y_F = −A_FB low_B`` (Cholesky), or ``None`` if a squared pivot of
+    ``A_FF`` is ≤ :data:`PIVOT_MIN`."""
+    fixed = list(low)
+    for i in free:
+        fixed[i] = 0.0
+    b = [-sum(map(mul, A[i], fixed)) for i in free]
+    f = len(free)
+    y = list(low)
+    if f == 1:
+        (i,) = free
+        if not A[i][i] > PIVOT_MIN:
+            return None
+        y[i] = b[0] / A[i][i]
+        return y
+    L = [[0.0] * f for _ in range(f)]
+    for r in range(f):
+        Ar, Lr = A[free[r]], L[r]
+        for c in range(r + 1):
+            Lc = L[c]
+            v = Ar[free[c]] - sum(map(mul, Lr[:c], Lc[:c]))
+            if r == c:
+                if not v > PIVOT_MIN:  # A_FF near singular (nearly dependent gradients): the eigen route decides
+                    return None
+                Lr[r] = math.sqrt(v)
+            else:
+                Lr[c] = v / Lc[c]
+    w = [0.0] * f  # L w = b, then Lᵀ x = w
+    for r in range(f):
+        Lr = L[r]
+        w[r] = (b[r] - sum(map(mul, Lr[:r], w[:r]))) / Lr[r]
+    for r in range(f - 1, -1, -1):
+        x = w[r]
+        for k in range(r + 1, f):
+            x -= L[k][r] * y[free[k]]
+        y[free[r]] = x / L[r][r]
+    return y
+
+
+def _kkt_residual(A: list[list[float]], low: list[float], y: list[float], T: int) -> float:
+    """:func:`_check_kkt`'s residual of one row on Python floats (``A`` already holds the ridge)."""
+    g = [sum(map(mul, Ai, y)) for Ai in A]
+    s = sum(map(abs, y))
+    s = s if s > 0.0 else 1.0
+    feas = max(low[t] - y[t] for t in range(T))
+    dual = max(-x for x in g)
+    comp = max(abs((y[t] - low[t]) * g[t]) for t in range(T))
+    res = max(max(feas, dual) / s, comp / (s * s))
+    return res if math.isfinite(res) else math.inf
 
 
 def _solve_where_needed(solve: Callable[..., np.ndarray], M: np.ndarray, low: np.ndarray, reg_eps: float,

@@ -1,0 +1,129 @@
+"""The small-T dual-cone projection on Python floats (``_qp.dual_cone_rows``) against the general route.
+
+Both solve ``min_{v ≥ u} vᵀ(G + reg_eps·diag(‖g_t‖²))v`` on the unit gradients exactly; UPGrad and DualProj take
+the small route for T ≤ ``SMALL_T`` (``ridge="relative"``, ``solver="nnls"``) and the general route
+(eigen-decomposition + NNLS) otherwise or where the small route declines (``None``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtlens.engine.numerics import check_gramian_rows
+from mtlens.errors import NonFiniteError, ShapeError
+from mtlens.methods import _qp, create
+
+
+def _update_gap(J: np.ndarray, V1: np.ndarray, V2: np.ndarray) -> float:
+    """max over rows of ‖Jᵀ(v1 − v2)‖ / Σ_t |v2_t| ‖g_t‖: the updates' difference on the problem's own scale."""
+    n = np.linalg.norm(J, axis=1)
+    return float((np.linalg.norm((V1 - V2) @ J, axis=1) / np.maximum(np.abs(V2) @ n, 1e-300)).max())
+
+
+def _jacobians(seed: int, count: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        T = int(rng.integers(1, _qp.SMALL_T + 1))
+        P = int(rng.integers(1, 40))
+        J = rng.standard_normal((T, P)) * 10.0 ** rng.uniform(-6, 6, size=(T, 1))  # norms 1e12 apart
+        if rng.random() < 0.4:
+            J[: T // 2] *= -0.5  # conflicts
+        if rng.random() < 0.15 and T > 1:
+            J[-1] = -2.0 * J[0]  # exactly opposite gradients
+        yield rng, J
+
+
+def test_matches_the_general_route_on_random_problems():
+    solved = 0
+    for rng, J in _jacobians(0, 1500):
+        T = J.shape[0]
+        G = torch.tensor(J @ J.T)
+        for U in (np.eye(T), rng.random((2, T))):
+            eps = 1e-12 if rng.random() < 0.8 else 0.0
+            Vr = _qp.dual_cone_rows(check_gramian_rows(G), U.tolist(), eps)
+            Vg = _qp.dual_cone_weights(G, U, reg_eps=eps)
+            if Vr is None:
+                continue
+            solved += 1
+            Vr = np.asarray(Vr)
+            assert (Vr >= U).all()
+            assert _update_gap(J, Vr, Vg) < 1e-11
+    assert solved > 2500  # declining is the exception (nearly dependent gradients), not the rule
+
+
+def test_conflicting_rows_are_projected():
+    """Two tasks at 120°: each row is moved off its bound (v_other > 0) and the update conflicts with no task."""
+    J = np.array([[1.0, 0.0], [-0.5, np.sqrt(3) / 2]])
+    V = np.asarray(_qp.dual_cone_rows(check_gramian_rows(torch.tensor(J @ J.T)), np.eye(2).tolist(), 1e-12))
+    assert V[0, 1] > 0.1 and V[1, 0] > 0.1
+    assert (J @ (V.sum(axis=0) @ J) >= -1e-12).all()
+
+
+@pytest.mark.parametrize("G, why", [
+    (np.diag([1.0, 0.0, 1.0]), "a zero-gradient task"),
+    (np.zeros((2, 2)), "a zero Gramian"),
+])
+def test_declines_what_the_general_route_handles(G, why):
+    rows = check_gramian_rows(torch.tensor(G))
+    assert _qp.dual_cone_rows(rows, np.eye(len(G)).tolist(), 0.0) is None, why
+
+
+def test_declines_an_ill_conditioned_free_block(monkeypatch):
+    """Two free variables whose block has a squared pivot ≤ PIVOT_MIN: declined (the general route solves it)."""
+    J = np.array([[1.0, 0.0, 0.0], [-1.0, 1e-4, 0.0], [-1.0, -1e-4, 1e-9]])  # rows 1, 2 nearly parallel
+    rows = check_gramian_rows(torch.tensor(J @ J.T))
+    assert _qp.dual_cone_rows(rows, [[1.0, 0.0, 0.0]], 1e-12) is None
+    monkeypatch.setattr(_qp, "PIVOT_MIN", 0.0)  # accepted, it still meets the KKT certificate
+    (v,) = _qp.dual_cone_rows(rows, [[1.0, 0.0, 0.0]], 1e-12)
+    assert min(np.asarray(v) - np.array([1.0, 0.0, 0.0])) >= 0.0
+
+
+def test_declines_beyond_small_t():
+    J = np.random.default_rng(3).standard_normal((_qp.SMALL_T + 1, 50))
+    assert _qp.dual_cone_rows(check_gramian_rows(torch.tensor(J @ J.T)), np.eye(len(J)).tolist(), 1e-12) is None
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@pytest.mark.parametrize("pref", [None, (1.0, 2.0, 0.5, 3.0, 1.0)])
+def test_methods_take_the_small_route_and_agree_with_the_general_one(monkeypatch, name, pref):
+    rng = np.random.default_rng(7)
+    J = rng.standard_normal((5, 60))
+    J[:2] *= -0.7
+    G = torch.tensor(J @ J.T)
+    small = create(name, pref_vector=pref).weights(G)
+    calls = []
+    monkeypatch.setattr(_qp, "dual_cone_rows", lambda *a: calls.append(1))  # declines: the general route runs
+    import mtlens.methods.dualproj as dp
+    import mtlens.methods.upgrad as up
+
+    monkeypatch.setattr(up, "dual_cone_rows", lambda *a: calls.append(1))
+    monkeypatch.setattr(dp, "dual_cone_rows", lambda *a: calls.append(1))
+    general = create(name, pref_vector=pref).weights(G)
+    assert calls == [1]
+    assert small.dtype == general.dtype == torch.float64
+    n = np.linalg.norm(J, axis=1)
+    gap = np.linalg.norm((small - general).numpy() @ J) / (np.abs(general.numpy()) @ n)
+    assert gap < 1e-12
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_methods_raise_as_before_on_bad_gramians(name):
+    m = create(name)
+    with pytest.raises(NonFiniteError):
+        m.weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
+    with pytest.raises(ShapeError):
+        m.weights(torch.ones(3, 2, dtype=torch.float64))
+    with pytest.raises(ShapeError):
+        create(name, pref_vector=[1.0, 2.0]).weights(torch.eye(3, dtype=torch.float64) - 0.4)
+
+
+def test_an_uncertified_answer_is_declined(monkeypatch):
+    """An active-set answer that fails the KKT certificate (here: the lower bound returned unchanged on a
+    conflicting problem) is never returned: the route declines and the general route solves the problem."""
+    J = np.array([[1.0, 0.0, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    rows = check_gramian_rows(torch.tensor(J @ J.T))
+    assert _qp.dual_cone_rows(rows, np.eye(3).tolist(), 1e-12) is not None
+    monkeypatch.setattr(_qp, "_bound_qp", lambda A, low, T: list(low))
+    assert _qp.dual_cone_rows(rows, np.eye(3).tolist(), 1e-12) is None
