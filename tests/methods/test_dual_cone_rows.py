@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtlens.engine.numerics import check_gramian_rows
-from mtlens.errors import NonFiniteError, ShapeError
+from mtlens.errors import NonFiniteError, ShapeError, SolverError
 from mtlens.methods import _qp, create
 
 
@@ -127,3 +127,40 @@ def test_an_uncertified_answer_is_declined(monkeypatch):
     assert _qp.dual_cone_rows(rows, np.eye(3).tolist(), 1e-12) is not None
     monkeypatch.setattr(_qp, "_bound_qp", lambda A, low, T: list(low))
     assert _qp.dual_cone_rows(rows, np.eye(3).tolist(), 1e-12) is None
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@pytest.mark.parametrize("T", [3, _qp.SMALL_T + 2])  # the small route and the general one
+@pytest.mark.parametrize("c", [2.0**-1060, 2.0**-600, 2.0**1000])
+def test_weights_are_homogeneous_in_the_preference_scale(name, T, c):
+    """``v(c·u) = c·v(u)``: the projection is positively homogeneous in ``u``, so a preference vector scaled by a
+    power of two scales the weights exactly. Before, DualProj raised ZeroDivisionError for ``p ≤ 2^-560`` on the
+    small route (the certificate's ``s²`` underflowed), SolverError on the general one (a NaN residual), and
+    ValueError for ``p·‖g‖`` beyond the float64 range (scipy's NNLS on an infinite bound); a subnormal ``c·p``
+    lost its precision in ``u ⊙ n``."""
+    rng = np.random.default_rng(11)
+    J = rng.standard_normal((T, 20)) * 2.0**30
+    p = np.zeros(T)
+    p[[0, 2]] = [1.0, 0.75]  # zeros in the preference too
+    J[1] = -0.5 * (p @ J) + 0.3 * J[1]  # task 1 conflicts with the preferred direction
+    G = torch.tensor(J @ J.T)
+    assert (_qp.dual_cone_rows(check_gramian_rows(G), [p.tolist()], 1e-12) is None) == (T > _qp.SMALL_T)
+    w1 = create(name, pref_vector=p.tolist()).weights(G)
+    wc = create(name, pref_vector=(c * p).tolist()).weights(G)
+    assert torch.isfinite(w1).all() and (w1 - torch.tensor(p)).abs().max() > 0.01  # a real projection
+    torch.testing.assert_close(wc, c * w1, rtol=1e-12, atol=8 * 2.0**-1074)
+
+
+@pytest.mark.parametrize("T", [3, _qp.SMALL_T + 2])
+def test_weights_beyond_the_float64_range_raise_solver_error(T):
+    """A preference at the top of the float64 range whose projection overflows: SolverError on either route (the
+    small one declines; before, its ``math.ldexp`` could raise OverflowError)."""
+    rng = np.random.default_rng(12)
+    J = rng.standard_normal((T, 20))
+    J[1] = -J[0] + 0.1 * J[1]  # task 1 conflicts with task 0: v_1 > 0 ≈ u_0 ‖g_0‖ / ‖g_1‖ ≫ 1
+    J[1] *= 1e-3
+    pref = [0.0] * T
+    pref[0] = 2.0**1023
+    for ridge in ("relative", "trace"):
+        with pytest.raises(SolverError, match="overflow"):
+            create("dualproj", pref_vector=pref, ridge=ridge).weights(torch.tensor(J @ J.T))

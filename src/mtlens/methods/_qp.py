@@ -84,7 +84,10 @@ def dual_cone_weights(
     """For each row ``u`` of ``U`` (k×T) return ``v = argmin_{v ≥ u} vᵀ G v`` (k×T).
 
     ``ridge``: ``"relative"`` (each task on its own scale) or ``"trace"`` (TorchJD's problem); see
-    the module docstring. Raises :class:`SolverError` when the Gramian is not finite or a solve fails.
+    the module docstring. ``v`` is positively homogeneous in ``u`` and so is the answer: each row is solved
+    scaled by a power of two (exactly) to ``max_t |u_t|`` in [1, 2) and scaled back, ``v(c·u) = c·v(u)`` for
+    any scale of ``u`` (DualProj's ``pref_vector``). Raises :class:`SolverError` when the Gramian is not
+    finite, a solve fails or the weights overflow float64.
     """
     Gn = _as_numpy(G)
     U = np.atleast_2d(np.asarray(U, dtype=np.float64))
@@ -101,13 +104,24 @@ def dual_cone_weights(
     if not trace > TRACE_TINY:
         # J = 0 (every row zero): every v gives the zero update; keep the requested weights.
         return U.copy()
+    # v(c·u) = c·v(u): each row is solved scaled by a power of two (exact) to max_t |u_t| in [1, 2) and its answer
+    # scaled back, so that a tiny or huge u (DualProj's pref_vector) neither underflows the certificate's scale nor
+    # overflows u ⊙ n
+    top = np.abs(U).max(axis=1)
+    e = np.where(top > 0.0, np.frexp(top)[1] - 1, 0)[:, None]
+    U = np.ldexp(U, -e)
     solver_fn = _solve_nnls if solver == "nnls" else _solve_quadprog
 
     def solve(M: np.ndarray, low: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
         return _solve_where_needed(solver_fn, M, low, reg_eps, method)
 
     if ridge == "trace":
-        return solve((0.5 * Gn + 0.5 * Gn.T) / trace, U, reg_eps, method)
+        with np.errstate(over="ignore"):
+            out = np.ldexp(solve((0.5 * Gn + 0.5 * Gn.T) / trace, U, reg_eps, method), e)
+        if not np.isfinite(out).all():
+            raise SolverError(f"{method}: the weights overflow float64 (requested weights up to {np.abs(U).max():.1e} "
+                              f"times 2^{int(e.max())})")
+        return out
     Gn = 0.5 * Gn + 0.5 * Gn.T  # not 0.5 * (Gn + Gnᵀ): the sum overflows for entries above ~9e307
     d = np.diag(Gn)
     live = (d > 0) & (d > ZERO_REL * float(d.max()))  # nonzero_tasks, inlined: this runs every step
@@ -125,6 +139,8 @@ def dual_cone_weights(
         out = U.copy()  # zero gradients keep v_t = u_t
         out[:, live] = Y / n
     _check_kkt(C, low, Y, reg_eps, method, solver)
+    with np.errstate(over="ignore"):
+        out = np.ldexp(out, e)
     if not np.isfinite(out).all():
         raise SolverError(f"{method}: the weights overflow after rescaling by the gradient norms {n.tolist()}")
     return out
@@ -152,14 +168,17 @@ def dual_cone_rows(G: list[list[float]], U: list[list[float]], reg_eps: float) -
     is solved by the active-set algorithm of Lawson & Hanson (Solving Least Squares Problems, 1974,
     ch. 23) in the normal-equations form of Bro & De Jong (J. Chemometrics 11, 1997, "FNNLS"), which
     works on ``C + reg_eps I`` itself — here the data — with a Cholesky solve of the free block at each
-    step; ``v = y / n``. The result is certified by the same KKT conditions as the general route
-    (:func:`_check_kkt`, ``KKT_RTOL`` relative to ``Σ_t |y_t|``).
+    step; ``v = y / n``. Each row is solved for ``u`` scaled by a power of two to ``max_t u_t`` in [1, 2) and
+    scaled back, as in :func:`dual_cone_weights` (``v(c·u) = c·v(u)`` for any scale of ``u``). The result is
+    certified by the same KKT conditions as the general route (:func:`_check_kkt`, ``KKT_RTOL`` relative to
+    ``Σ_t |y_t|``).
 
     Returns ``None`` — the caller then runs the general route (eigen-decomposition + NNLS on the square
     root), which handles these cases and raises its errors — when: T > :data:`SMALL_T`; a zero-gradient
     task (``‖g_t‖² ≤ ZERO_REL · max``); the trace below :data:`TRACE_TINY`; a free block that is not
     well conditioned (a squared Cholesky pivot ≤ :data:`PIVOT_MIN`: nearly dependent gradients); no
-    convergence within ``3T + 10`` steps; or a KKT residual above ``KKT_RTOL``. Both routes solve the
+    convergence within ``3T + 10`` steps; a KKT residual above ``KKT_RTOL``; or weights beyond the float64
+    range. Both routes solve the
     same strictly convex problem (``reg_eps > 0``) and agree to rounding (tests/methods/test_dual_cone_rows.py).
     """
     T = len(G)
@@ -176,11 +195,18 @@ def dual_cone_rows(G: list[list[float]], U: list[list[float]], reg_eps: float) -
     A = [[(1.0 + reg_eps) if i == j else G[i][j] / (n[i] * n[j]) for j in range(T)] for i in range(T)]
     out: list[list[float]] = []
     for u in U:
-        low = [u[t] * n[t] for t in range(T)]
+        # solved for u / 2^e with max_t u_t in [1, 2) (exact) and scaled back, as in dual_cone_weights: a tiny or
+        # huge u neither underflows the certificate's scale nor overflows u ⊙ n
+        top_u = max(map(abs, u))
+        e = math.frexp(top_u)[1] - 1 if top_u > 0.0 else 0
+        low = [math.ldexp(u[t], -e) * n[t] for t in range(T)]
         y = _bound_qp(A, low, T)
         if y is None or _kkt_residual(A, low, y, T) > KKT_RTOL:
             return None
-        v = [max(y[t] / n[t], u[t]) for t in range(T)]  # v ≥ u exactly (n_t u_t / n_t can round below u_t)
+        try:  # v ≥ u exactly (u_t n_t / n_t can round below u_t)
+            v = [max(math.ldexp(y[t] / n[t], e), u[t]) for t in range(T)]
+        except OverflowError:  # the weights overflow float64: the general route raises its SolverError
+            return None
         if not all(map(math.isfinite, v)):
             return None
         out.append(v)
