@@ -130,12 +130,12 @@ def dual_cone_weights(
     return out
 
 
-SMALL_T = 8
+SMALL_T = 6
 """Up to this many tasks, :func:`dual_cone_rows` solves the projection on Python floats (``ridge="relative"``,
-``solver="nnls"``): for T ≤ 8 its ≤ T³ operations cost less than the ≈ 15 numpy and scipy calls of the
-general route (≈ 0.2 ms warm, ≈ 0.5 ms right after a backward; docs/performance.md, "The dual-cone
+``solver="nnls"``): inside a training step (the interpreter cold after the backward) its ≤ T³ operations
+cost less than the ≈ 15 numpy and scipy calls of the general route — 0.30 against 0.52 ms at T = 5, 0.44
+against 0.56 ms at T = 6; at T = 8 they are even, 0.64 and 0.61 ms (docs/performance.md, "The dual-cone
 projection at few tasks")."""
-
 
 PIVOT_MIN = 1e-6
 """The smallest squared Cholesky pivot :func:`dual_cone_rows` accepts in a free block of ``C + reg_eps I`` (unit
