@@ -8,7 +8,7 @@ from torch import Tensor
 from ..engine.protocols import SCALE_FREE, Claim, GramianWeighting
 from ._registry import register
 from ._solvers import check_gramian, to_weights
-from ._utils import Seeded, visiting_orders
+from ._utils import Seeded, visiting_order_lists, visiting_orders
 
 
 @register
@@ -67,12 +67,13 @@ class PCGrad(Seeded, GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G, _ = check_gramian(gramian, losses, self.name)
         T = G.shape[0]
-        orders = visiting_orders(self.generator, T)
-        self.last_orders = orders.tolist()
         w: list[float] | np.ndarray
         if T <= SMALL_T:
+            self.last_orders = visiting_order_lists(self.generator, T)
             w, n_proj = _project_task_by_task(G.tolist(), self.last_orders)
         else:
+            orders = visiting_orders(self.generator, T)
+            self.last_orders = orders.tolist()
             w, n_proj = _project_position_by_position(G, orders)
         self._log = {"projections": float(n_proj)}
         return to_weights(np.asarray(w), gramian)
