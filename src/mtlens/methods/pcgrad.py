@@ -36,7 +36,9 @@ class PCGrad(Seeded, GramianWeighting):
     task order: :func:`~mtlens.methods._utils.visiting_orders`), so a seeded run gives the same orders
     (``last_orders``: T lists, list i the tasks i visited in order), the same projections and the same
     weights up to the rounding of the inner products (``tests/methods/test_decision_equivalence.py``
-    checks both against the task-by-task loop).
+    checks both against the task-by-task loop). Where an inner product is zero up to round-off (a
+    projected gradient that is numerically 0, e.g. collinear gradients), whether it counts as a
+    conflict depends on the order of a dot product's additions, as it did on the BLAS build before.
 
     Args:
         seed: seed of the method's own ``torch.Generator`` for the visiting orders. ``None``
