@@ -47,6 +47,7 @@ from run_all import Workload  # noqa: E402  (the scaling study's synthetic workl
 
 from mtlens.diagnose import SaliencyMonitor, feature_disentanglement  # noqa: E402
 from mtlens.engine import mtl_backward  # noqa: E402
+from mtlens.engine._autograd import vjp  # noqa: E402
 from mtlens.engine.gradients import all_finite  # noqa: E402
 from mtlens.methods import create  # noqa: E402
 
@@ -93,7 +94,7 @@ def engine_rows(w: Workload, reference=None) -> dict:
     def floor():  # run_all.py's `plain + finiteness check (EW floor)`
         w.zero()
         _, losses = w.forward()
-        gs = torch.autograd.grad(sum(losses.values()), w.params)
+        gs = vjp(sum(losses.values()), w.params)
         if not all_finite(list(gs)):
             raise FloatingPointError("non-finite gradient")
         for p, g in zip(w.params, gs):
