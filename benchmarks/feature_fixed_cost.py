@@ -34,6 +34,7 @@ from run_all import Workload, step_fns  # noqa: E402
 import mtlens.engine  # noqa: E402
 import mtlens.methods  # noqa: E402
 from mtlens.engine import pool  # noqa: E402
+from mtlens.engine._autograd import vjp  # noqa: E402
 
 
 def main() -> None:
@@ -83,10 +84,10 @@ def main() -> None:
                 w.zero()
                 z, losses = w.forward()
                 sal = [
-                    torch.autograd.grad(L, [z] + list(w.heads[t].parameters()), retain_graph=True)[0]
+                    vjp(L, [z] + list(w.heads[t].parameters()), retain_graph=True)[0]
                     for t, L in enumerate(losses.values())
                 ]
-                torch.autograd.grad(z, w.shared, grad_outputs=sum(sal))
+                vjp(z, w.shared, grad_outputs=sum(sal))
 
             made = {n: mtlens.methods.create(n) for n in ("mgda", "ew", "uw", "upgrad", "pcgrad", "rep_mtl")}
             arithmetic = step_fns(w, made, False)["MGDA feature arithmetic (floor)"]

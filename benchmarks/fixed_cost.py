@@ -47,6 +47,7 @@ from run_all import Workload  # noqa: E402  (the scaling study's synthetic workl
 
 from mtlens.diagnose import SaliencyMonitor, feature_disentanglement  # noqa: E402
 from mtlens.engine import mtl_backward  # noqa: E402
+from mtlens.engine._autograd import vjp  # noqa: E402
 from mtlens.engine.gradients import all_finite  # noqa: E402
 from mtlens.methods import create  # noqa: E402
 
@@ -93,7 +94,7 @@ def engine_rows(w: Workload, reference=None) -> dict:
     def floor():  # run_all.py's `plain + finiteness check (EW floor)`
         w.zero()
         _, losses = w.forward()
-        gs = torch.autograd.grad(sum(losses.values()), w.params)
+        gs = vjp(sum(losses.values()), w.params)
         if not all_finite(list(gs)):
             raise FloatingPointError("non-finite gradient")
         for p, g in zip(w.params, gs):
@@ -148,6 +149,7 @@ def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
         "objective_leaves": "graph walk: the leaves to write",
         "all_finite": "finiteness of losses, weights and every gradient (one fused read)",
         "_accumulate": "write .grad",
+        "vjp": "",  # the backward itself (engine/_autograd.vjp), reported against the plain loop's below
     }
     originals = {name: getattr(B, name) for name in wrapped}
     steps_seen: list[tuple[dict[str, float], float, float]] = []
@@ -160,10 +162,8 @@ def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
             return r
         return g
 
-    grad = torch.autograd.grad
     for name, f in originals.items():  # installed once: plain steps call none of them
         setattr(B, name, timer(name, f))
-    torch.autograd.grad = timer("grad", grad)
     try:
         for i in range(3 + steps):
             w.zero()
@@ -180,14 +180,13 @@ def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
             if i >= 3:
                 steps_seen.append((acc.copy(), plain, total))
     finally:
-        torch.autograd.grad = grad
         for name, f in originals.items():
             setattr(B, name, f)
     for acc, plain, total in steps_seen:
         step = acc.pop("_loss_step")
         parts = {"mtl_backward's option checks (the lean path's conditions)": total - step}
-        parts.update({wrapped[k]: v for k, v in acc.items() if k != "grad"})
-        parts["torch.autograd.grad − the plain loop's sum(losses).backward()"] = acc["grad"] - plain
+        parts.update({wrapped[k]: v for k, v in acc.items() if k != "vjp"})
+        parts["the backward (engine/_autograd.vjp) − the plain loop's sum(losses).backward()"] = acc["vjp"] - plain
         parts["the rest: stack, EW's combine, weights, snapshot, record fields, features"] = step - sum(acc.values())
         parts["EW − plain (the mtl_backward call − sum(losses).backward())"] = total - plain
         for k, v in parts.items():

@@ -102,7 +102,8 @@ def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script, tmp_path
 
     import mtlens.engine.backward as B
 
-    before = {k: getattr(B, k) for k in ("objective_leaves", "_lean_losses", "all_finite", "_accumulate", "_loss_step")}
+    before = {k: getattr(B, k) for k in ("objective_leaves", "_lean_losses", "all_finite", "_accumulate", "_loss_step",
+                                         "vjp")}
     mod.main(["--parts", "--steps", "2", "--kinds", "conv", "--tasks", "2"])
     out = capsys.readouterr().out
     assert "| graph walk: the leaves to write |" in out and "| EW − plain" in out and "nan" not in out

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlens.engine import mtl_backward
+from mtlens.engine import _autograd, mtl_backward
 from mtlens.engine import stacked as stacked_mod
 from mtlens.methods import create
 
@@ -120,13 +120,18 @@ def test_each_task_asks_only_for_its_own_head_parameters(form, monkeypatch):
     elif form == "stack_reshaped":
         losses = torch.stack([L.reshape(1) for L in losses]).reshape(2, 2)
     asked: list[int] = []
-    real = torch.autograd.grad
+    real, real_engine = torch.autograd.grad, _autograd._run_backward
 
     def spy(outputs, inputs, *args, **kwargs):  # every backward of the step (the lean feature step's too)
         asked.append(1 if isinstance(inputs, torch.Tensor) else len(inputs))
         return real(outputs, inputs, *args, **kwargs)
 
+    def engine_spy(outputs, grads, keep, create, inputs, *args, **kwargs):  # the engine's direct calls (vjp)
+        asked.append(len(inputs))
+        return real_engine(outputs, grads, keep, create, inputs, *args, **kwargs)
+
     monkeypatch.setattr(torch.autograd, "grad", spy)
+    monkeypatch.setattr(_autograd, "_run_backward", engine_spy)
     mtl_backward(losses, features=z, shared_params=enc.parameters(), method=create("mgda"), level="feature")
     per_head = len(list(heads[0].parameters()))
     # the heads pass: Z plus the task's own head parameters, once per task

@@ -130,6 +130,17 @@ def _assert_weights(w: torch.Tensor, w_ref: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------
 # PCGrad
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [1, 2, 3, 11, 40])
+def test_visiting_orders_are_the_task_by_task_draws(T: int) -> None:
+    from mtlens.methods._utils import visiting_order_lists, visiting_orders
+
+    gens = [torch.Generator().manual_seed(3) for _ in range(3)]
+    for _ in range(2):  # consecutive calls advance the generators alike
+        ref = _orders(T, gens[0])
+        assert visiting_orders(gens[1], T).tolist() == ref == visiting_order_lists(gens[2], T)
+    assert all(sorted(o + [i]) == list(range(T)) for i, o in enumerate(ref))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T", TASK_COUNTS)
 def test_pcgrad_equals_the_task_by_task_loop(T: int, kind: str) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
+from ._autograd import vjp
 from .apply import _accumulate, apply_decision, backward_problem, check_decision, weights_error
 from .decision import Decision
 from .distributed import Dist, resolve
@@ -434,7 +435,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         if objective is None:  # apply_decision, loss level
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
         params = objective_leaves(objective)
-        gs = torch.autograd.grad(objective, params, retain_graph=retain_graph, allow_unused=True)
+        gs = vjp(objective, params, retain_graph=retain_graph)
         problem = ""
         if not all_finite([*gs, raw] if fused else gs):
             if fused and not host_finite(raw):
@@ -541,10 +542,10 @@ def _cached_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     same = hw is None or bool(torch.equal(hw, w))
     params = list(shared) + ([] if not same else heads)
     gs: list[Tensor | None] = list(
-        torch.autograd.grad(obj, params, retain_graph=retain_graph or not same, allow_unused=True))
+        vjp(obj, params, retain_graph=retain_graph or not same))
     if hw is not None and not same:
         hobj = _sum(float(hw[t]) * attached[t] for t in range(grads.T)) * scale
-        gs += list(torch.autograd.grad(hobj, heads, retain_graph=retain_graph, allow_unused=True))
+        gs += list(vjp(hobj, heads, retain_graph=retain_graph))
     if dist is not None:
         gs = dist.mean_list(gs)
     if not all_finite(gs):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from ._autograd import vjp
 from .distributed import resolve
 from .gradients import trainable
 
@@ -18,7 +19,7 @@ _CHUNK = 1 << 16
 def _rows(losses: Sequence[Tensor], params: list[Tensor]) -> list[list[Tensor]]:
     out = []
     for i, loss in enumerate(losses):
-        gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
+        gs = vjp(loss, params, retain_graph=i < len(losses) - 1)
         out.append([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)])
     return out
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import MTLensError, NonFiniteError
 from . import pool
+from ._autograd import vjp
 from .apply import _accumulate, _check_range, _combine_heads, weights_error
 from .gradients import (
     _find_heads,
@@ -83,8 +84,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
         for t in range(T):
-            gs = torch.autograd.grad(loss_list[t], [features, *[heads[i] for i in own[t]]], retain_graph=retain[t],
-                                     allow_unused=True)
+            gs = vjp(loss_list[t], [features, *[heads[i] for i in own[t]]], retain_graph=retain[t])
             sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
             rows.append(gs[1:])
         head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
@@ -149,7 +149,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
             _check_range(hw, low, "head weights", name)
         # apply_decision, feature level: Σ_t w_t S_t as one contraction, pushed through the encoder once
         dz = torch.tensordot(w.to(S.dtype), S, dims=1)
-        gz = torch.autograd.grad([features], shared, grad_outputs=[dz], retain_graph=retain_graph, allow_unused=True)
+        gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
         shared_g = [g if g is not None else torch.zeros_like(p) for g, p in zip(gz, shared)]
         head_g = _unit_rows(rows, own, len(heads)) if default_heads else None
         if head_g is None:  # shared heads, another head rule: the general path's combination (copies)

@@ -22,6 +22,7 @@ from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from . import pool
+from ._autograd import vjp
 from .distributed import Dist
 from .gramian import (
     gramian_from_blocks,
@@ -231,9 +232,11 @@ def _grads(
     grad_outputs: Tensor | Sequence[Tensor] | None = None,
     retain_graph: bool = True, create_graph: bool = False, batched: bool = False,
 ) -> tuple[Tensor | None, ...]:
+    if not batched:  # the engine's one entry into autograd (engine/_autograd.py)
+        return vjp(outputs, inputs, grad_outputs, retain_graph=retain_graph, create_graph=create_graph)
     return torch.autograd.grad(
         outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph or create_graph,
-        create_graph=create_graph, allow_unused=True, is_grads_batched=batched,
+        create_graph=create_graph, allow_unused=True, is_grads_batched=True,
     )
 
 
@@ -722,7 +725,7 @@ def _free_exclusive(L: Tensor, sets: list[set], t: int, heads: Sequence[Tensor])
             continue
         stack.extend(m for m, _ in n.next_functions if m is not None)
     if reached:
-        torch.autograd.grad(L, reached, retain_graph=False, allow_unused=True)
+        vjp(L, reached)
 
 
 def _retain_flags(node_sets: list[set]) -> list[bool]:

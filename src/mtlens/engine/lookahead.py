@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError, ShapeError
+from ._autograd import vjp
 from .distributed import resolve
 
 
@@ -77,7 +78,7 @@ class LookAhead:
     def grads(self, objective: Tensor, retain_graph: bool = False) -> list[Tensor]:
         """``∂ objective / ∂ params`` (zeros where a parameter does not reach the objective); under data
         parallelism the mean over ranks, i.e. the global batch's gradient."""
-        gs = torch.autograd.grad(objective, self.params, retain_graph=retain_graph, allow_unused=True)
+        gs = vjp(objective, self.params, retain_graph=retain_graph)
         out = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, self.params)]
         if self._dist is not None:
             out = self._dist.mean_tensors(out)

@@ -771,42 +771,54 @@ def solve_fair_system(
         return np.log(y) if a == 1.0 else np.power(y, 1.0 - 1.0 / a) / (1.0 - 1.0 / a)
 
     def f(y):
-        return 0.5 * float(y @ C @ y) - float(q @ h(y))
+        """``(f(y), yᵀCy, qᵀh(y))``: the value and its two terms (the terms give f's round-off)."""
+        quad, lin = float(y @ C @ y), float(q @ h(y))
+        return 0.5 * quad - lin, quad, lin
+
+    absC = np.abs(C)
+    inv_a = -1.0 / a
+
+    def residual(y):
+        """``(_fair_residual, r, Cy)`` with ``r = q ⊙ y^{-1/α}`` (Newton's next step needs both)."""
+        rhs = q * np.power(y, inv_a)
+        Cy = C @ y
+        return float(np.max(np.abs(Cy - rhs) / (absC @ y + rhs))), rhs, Cy
 
     y = np.power(q, a / (1.0 + a))
-    fy = f(y)
+    fy, quad, lin = f(y)
     it = 0
-    absC = np.abs(C)
-    res = _fair_residual(C, y, q, a, absC)
+    res, rhs, Cy = residual(y)
     best = (res, y)
+    eps = float(np.finfo(np.float64).eps)
+    diagonal = np.arange(k) * (k + 1)  # flat indices of a k×k matrix's diagonal
     for it in range(1, max_iter + 1):  # noqa: B007 - reported
         if res <= 1e-14:  # round-off level: Newton cannot do better
             break
-        rhs = q * np.power(y, -1.0 / a)
-        grad = C @ y - rhs
-        H = C + np.diag(rhs / (a * y))
-        s = 1.0 / np.sqrt(np.diag(H))
-        Hs = H * np.outer(s, s)
+        grad = Cy - rhs
+        H = C.copy()
+        H.flat[diagonal] += rhs / (a * y)  # C + diag(r / (α y))
+        s = 1.0 / np.sqrt(H.diagonal())
+        Hs = H * (s[:, None] * s)
         _, z, info = _dposv(Hs, s * grad, lower=1)  # Cholesky factor and its two triangular solves
         if info < 0:
             raise SolverError(f"{method}: LAPACK dposv rejected its argument {-info} (a bug: please report it)")
         # info > 0: Hs not positive definite to working precision (a nearly singular C at tiny rhs)
         step = -s * (z if info == 0 else np.linalg.lstsq(Hs, s * grad, rcond=None)[0])
         slope = float(grad @ step)
-        if not np.all(np.isfinite(step)) or slope >= 0:
+        if not np.isfinite(step).all() or slope >= 0:
             break
         t = 1.0
         neg = step < 0
-        if np.any(neg):
-            t = min(1.0, 0.99 * float(np.min(-y[neg] / step[neg])))
+        if neg.any():
+            t = min(1.0, 0.99 * float((-y[neg] / step[neg]).min()))
         newton_decrement = -slope  # λ² (affine invariant)
         # f's round-off: once λ²/2 (the predicted decrease) is below it, Armijo cannot be tested;
         # Newton is then in its quadratic region and takes the (boundary-limited) step
-        f_noise = 1e4 * np.finfo(np.float64).eps * (0.5 * abs(float(y @ C @ y)) + abs(float(q @ h(y))))
+        f_noise = 1e4 * eps * (0.5 * abs(quad) + abs(lin))
         while True:
             yn = y + t * step
-            if np.all(yn > 0):
-                fn = f(yn)
+            if (yn > 0).all():
+                fn, quad_n, lin_n = f(yn)
                 if newton_decrement <= f_noise or fn <= fy + 1e-4 * t * slope:
                     break
             t *= 0.5
@@ -814,8 +826,8 @@ def solve_fair_system(
                 break
         if t < 1e-20:
             break
-        y, fy = yn, fn  # the backtracking loop left only after computing fn = f(yn)
-        res = _fair_residual(C, y, q, a, absC)
+        y, fy, quad, lin = yn, fn, quad_n, lin_n  # the backtracking loop left only after computing f(yn)
+        res, rhs, Cy = residual(y)
         if res < best[0]:
             best = (res, y)
         elif best[0] <= rtol and newton_decrement <= f_noise:

@@ -12,7 +12,7 @@ from ..engine.protocols import SCALE_FREE, GramianWeighting
 from ..errors import ShapeError
 from ._registry import register
 from ._solvers import check_gramian, to_weights
-from ._utils import Seeded, in_range, visiting_orders
+from ._utils import Seeded, in_range, visiting_order_lists, visiting_orders
 from .pcgrad import SMALL_T
 
 _MIN_SIN = 1e-8  # a target cosine within ~5e-17 of 1 cannot be reached by a finite correction
@@ -96,12 +96,12 @@ class GradVac(Seeded, GramianWeighting):
                              "Gramian "
                              f"has {T}; build a new method object for a different task set")
         phi_hat = self.phi_hat.numpy()  # a view: the updates below write the buffer
-        orders = visiting_orders(self.generator, T)
         w: list[float] | np.ndarray
         if T <= SMALL_T:
-            w, n_corr = _vaccinate_task_by_task(G.tolist(), orders.tolist(), phi_hat, self.beta)
+            w, n_corr = _vaccinate_task_by_task(G.tolist(), visiting_order_lists(self.generator, T), phi_hat,
+                                                self.beta)
         else:
-            w, n_corr = _vaccinate_position_by_position(G, orders, phi_hat, self.beta)
+            w, n_corr = _vaccinate_position_by_position(G, visiting_orders(self.generator, T), phi_hat, self.beta)
         self.steps += 1
         off = phi_hat[~np.eye(T, dtype=bool)]
         self._log = {"corrections": float(n_corr), "mean_target": float(off.mean()) if off.size else 0.0}

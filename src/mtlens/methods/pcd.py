@@ -139,20 +139,20 @@ class PCD(GramianWeighting):
         mult = np.zeros(T)
         mult[0] = 1.0
         diag = np.clip(np.diag(Gn), 0.0, None)
-        sec = [j for j in range(1, T) if diag[j] > ZERO_REL * diag.max()]
-        if not sec:
+        sec = np.flatnonzero(diag[1:] > ZERO_REL * diag.max()) + 1  # the secondary tasks with a gradient
+        if not sec.size:
             return mult
         # on the unit gradients ĝ_j = g̃_j/n_j (n_j = ‖g̃_j‖): the constraint j reads ĝ_jᵀd ≥ τ_j n_j and
         # its multiplier λ_j gives μ_j = λ_j/n_j; every task on its own scale, so norms 1e12 apart (a
         # gradient below 1e-4, where eps sets its scale) are solved as accurately as equal ones
-        live = [0, *sec]
+        live = np.concatenate(([0], sec))
         n = np.sqrt(diag[live])
         Cn = Gn[np.ix_(live, live)] / np.outer(n, n)
         lam, V = np.linalg.eigh(0.5 * (Cn + Cn.T))
         keep = lam > EIG_RTOL * lam.max()
         R = V[:, keep] * np.sqrt(lam[keep])  # rows: the unit gradients in an orthonormal basis of their span
         C = R[1:].T
-        b = taus[[j - 1 for j in sec]] * n[1:]
+        b = taus[sec - 1] * n[1:]
         a = n[0] * R[0]  # g̃_1
         if bool((C.T @ a >= b).all()):
             return mult  # g̃_1 already satisfies every constraint

@@ -8,7 +8,7 @@ from torch import Tensor
 from ..engine.protocols import SCALE_FREE, Claim, GramianWeighting
 from ._registry import register
 from ._solvers import check_gramian, to_weights
-from ._utils import Seeded, visiting_orders
+from ._utils import Seeded, visiting_order_lists, visiting_orders
 
 
 @register
@@ -36,7 +36,9 @@ class PCGrad(Seeded, GramianWeighting):
     task order: :func:`~mtlens.methods._utils.visiting_orders`), so a seeded run gives the same orders
     (``last_orders``: T lists, list i the tasks i visited in order), the same projections and the same
     weights up to the rounding of the inner products (``tests/methods/test_decision_equivalence.py``
-    checks both against the task-by-task loop).
+    checks both against the task-by-task loop). Where an inner product is zero up to round-off (a
+    projected gradient that is numerically 0, e.g. collinear gradients), whether it counts as a
+    conflict depends on the order of a dot product's additions, as it did on the BLAS build before.
 
     Args:
         seed: seed of the method's own ``torch.Generator`` for the visiting orders. ``None``
@@ -67,12 +69,13 @@ class PCGrad(Seeded, GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         G, _ = check_gramian(gramian, losses, self.name)
         T = G.shape[0]
-        orders = visiting_orders(self.generator, T)
-        self.last_orders = orders.tolist()
         w: list[float] | np.ndarray
         if T <= SMALL_T:
+            self.last_orders = visiting_order_lists(self.generator, T)
             w, n_proj = _project_task_by_task(G.tolist(), self.last_orders)
         else:
+            orders = visiting_orders(self.generator, T)
+            self.last_orders = orders.tolist()
             w, n_proj = _project_position_by_position(G, orders)
         self._log = {"projections": float(n_proj)}
         return to_weights(np.asarray(w), gramian)
@@ -81,10 +84,12 @@ class PCGrad(Seeded, GramianWeighting):
         return dict(self._log)
 
 
-SMALL_T = 8
-"""Up to this many tasks the projections run task by task in Python floats; above it, position by position in
-numpy. The two give the same projections and weights up to rounding; the switch is where their times cross
-(≈ 0.1 ms each at T = 8 to 9 on the development machine; ``benchmarks/decision_cost.py``)."""
+SMALL_T = 10
+"""Up to this many tasks the projections (PCGrad's, GradVac's corrections) run task by task in Python floats;
+above it, position by position in numpy. The two give the same projections and weights up to rounding; the
+switch is where their times cross, measured as in ``benchmarks/decision_cost.py`` (each call between Gramian
+products, the rows alternating): PCGrad 0.16 / 0.17 ms, GradVac 0.28 / 0.30 ms (Python / numpy) at T = 10;
+0.20 / 0.18 ms and 0.37 / 0.34 ms at T = 12 (2-core development machine, shared)."""
 
 
 def _project_task_by_task(G: list[list[float]], orders: list[list[int]]) -> tuple[list[float], int]:

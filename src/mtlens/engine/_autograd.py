@@ -1,0 +1,98 @@
+"""The engine's entry into autograd: :func:`torch.autograd.grad` without its Python argument handling
+where that handling decides nothing.
+
+``torch.autograd.grad`` normalises its arguments, looks for ``__torch_function__`` overrides on every
+output and input, validates or builds each ``grad_output`` (``_make_grads``, which imports two modules
+and compares shapes symbolically on every call) and then calls ``_engine_run_backward``, which runs
+autograd's C++ engine. Inside a training step, right after the forward, that Python costs ≈ 30 µs a
+call warm and ≈ 90 µs cold (measured on the scaling study's conv workload: the same T backwards
+either way, alternating, thread CPU clock; docs/performance.md, "Autograd's Python wrapper") — and
+the engine calls autograd T to 2T + 1 times a step.
+
+:func:`vjp` calls ``_engine_run_backward`` itself when the call is the plain case — every output and
+input a tensor without a ``__torch_function__`` override (no subclass, no active mode), each
+``grad_output`` either given with the output's shape and complexness or absent for a scalar
+floating-point output that requires grad (then ``ones_like``, as ``_make_grads`` builds it) — and
+:func:`torch.autograd.grad` otherwise (its checks, errors and overrides). The C++ engine receives the
+same arguments either way, so the gradients are the same tensors, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+from torch.overrides import has_torch_function
+
+_run_backward: Callable[..., Any] | None
+try:  # torch ≥ 2.3: the function torch.autograd.grad ends in (logging hooks, the context for device threads)
+    from torch.autograd.graph import _engine_run_backward as _run_backward
+except ImportError:  # pragma: no cover - older torch: the public path only
+    _run_backward = None
+
+
+def _usable() -> bool:
+    """Whether ``_engine_run_backward`` takes torch.autograd.grad's arguments and returns its gradients (checked
+    once on a two-parameter graph; a torch whose private signature changed gets the public path)."""
+    if _run_backward is None:
+        return False
+    try:
+        a = torch.tensor([1.0, 2.0], requires_grad=True)
+        b = torch.tensor(3.0, requires_grad=True)
+        y = (a * b).sum()
+        got = _run_backward((y,), (torch.ones_like(y),), False, False, (a, b), True, accumulate_grad=False)
+        return (isinstance(got, tuple) and len(got) == 2 and torch.equal(got[0], torch.tensor([3.0, 3.0]))
+                and torch.equal(got[1], torch.tensor(3.0)))
+    except Exception:  # pragma: no cover - a changed private API: the public path
+        return False
+
+
+FAST = _usable()
+"""Whether :func:`vjp` may call autograd's engine directly on this torch (else always the public path)."""
+
+
+def vjp(
+    outputs: Tensor | GradientEdge | Sequence[Tensor | GradientEdge],
+    inputs: Tensor | GradientEdge | Sequence[Tensor | GradientEdge],
+    grad_outputs: Tensor | Sequence[Tensor | None] | None = None,
+    retain_graph: bool = False,
+    create_graph: bool = False,
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph or create_graph, create_graph,
+    allow_unused=True)``: the same gradients (a tuple, ``None`` for an input the outputs do not reach) and,
+    outside the plain case described in the module docstring (a :class:`~torch.autograd.graph.GradientEdge`
+    among the outputs or inputs is not), the same call.
+
+    Raises:
+        RuntimeError: autograd's own errors (an input that does not require grad, a freed graph, ...).
+    """
+    outs = (outputs,) if isinstance(outputs, (Tensor, GradientEdge)) else tuple(outputs)
+    ins = (inputs,) if isinstance(inputs, (Tensor, GradientEdge)) else tuple(inputs)
+    keep = retain_graph or create_graph
+    if FAST and ins and outs and all(isinstance(t, Tensor) for t in outs + ins):
+        t_outs = cast(tuple[Tensor, ...], outs)
+        t_ins = cast(tuple[Tensor, ...], ins)
+        if grad_outputs is None:
+            gos: tuple[Tensor | None, ...] = (None,) * len(outs)
+        else:
+            gos = (grad_outputs,) if isinstance(grad_outputs, Tensor) else tuple(grad_outputs)
+        if len(gos) == len(outs) and not has_torch_function(t_outs + t_ins):
+            made: list[Tensor] = []
+            for o, g in zip(t_outs, gos):
+                if g is None:
+                    if not (o.requires_grad and o.numel() == 1 and o.is_floating_point()):
+                        break
+                    made.append(torch.ones_like(o, memory_format=torch.preserve_format))
+                elif (isinstance(g, Tensor) and g.shape == o.shape and g.is_complex() == o.is_complex()
+                      and not has_torch_function((g,))):
+                    made.append(g)
+                else:
+                    break
+            else:
+                assert _run_backward is not None  # FAST
+                return tuple(_run_backward(t_outs, tuple(made), keep, create_graph, t_ins, True, accumulate_grad=False))
+    return torch.autograd.grad(cast(Any, outs), cast(Any, ins), grad_outputs=grad_outputs, retain_graph=keep,
+                               create_graph=create_graph, allow_unused=True)
