@@ -218,3 +218,47 @@ def test_property_the_small_route_is_the_general_one(problem):
     for v in Vr:
         d = v @ J
         assert ((J @ d) / n + reg_eps * n * v >= -1e-10 * (v @ n)).all()
+
+
+def _edge_jacobians():
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((4, 6))
+    yield "T = 1", g[:1]
+    yield "identical gradients", np.stack([g[0], g[0], -g[1]])
+    yield "exactly opposite gradients", np.stack([g[0], -g[0], g[1]])
+    yield "cosine -1 + 1e-16", np.stack([g[0], -g[0] + 1e-8 * g[2] / np.linalg.norm(g[2]), g[1]])
+    yield "norms 1e150 apart (a zero-gradient task)", np.stack([1e75 * g[0], -1e-75 * g[0] + 1e-76 * g[1], g[2]])
+    spread = np.stack([1e147 * g[0], -1e133 * g[1], 1e133 * g[2], 1e140 * g[3]])
+    yield "norms 1e14 apart, Gramian entries to 1e295", spread
+    yield "norms 1e14 apart, Gramian entries to 1e-280", 1e-287 * spread[:3]
+    yield "a subnormal cosine", np.stack([np.eye(6)[0], np.eye(6)[1] - 1e-310 * np.eye(6)[0], -g[0]])
+    yield "a subnormal Gramian (trace below TRACE_TINY)", 1e-155 * np.stack([g[0], -g[0] + 1e-3 * g[1], g[2]])
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@pytest.mark.parametrize("reg_eps", [0.0, 1e-12, 1.0])
+@pytest.mark.parametrize("pref", [None, "zeros"])
+def test_edge_inputs_give_the_general_routes_update(monkeypatch, name, reg_eps, pref):
+    """The edge cases of the review (T = 1, identical, opposite and nearly opposite gradients, norms 1e150
+    apart, subnormal entries; reg_eps 0 and 1; a preference with zeros): the methods' small route gives the
+    general route's update to rounding on the problem's scale (or the same error), float64, no warnings."""
+    import warnings
+
+    import mtlens.methods.dualproj as dp
+    import mtlens.methods.upgrad as up
+
+    for why, J in _edge_jacobians():
+        T = len(J)
+        p = None if pref is None else [0.0] * (T - 1) + [1.0]
+        G = torch.tensor(J @ J.T)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            small = create(name, pref_vector=p, reg_eps=reg_eps).weights(G)
+        with monkeypatch.context() as m:
+            m.setattr(up, "dual_cone_rows", lambda *a: None)
+            m.setattr(dp, "dual_cone_rows", lambda *a: None)
+            general = create(name, pref_vector=p, reg_eps=reg_eps).weights(G)
+        assert small.dtype == torch.float64, why
+        n = np.linalg.norm(J, axis=1)
+        gap = np.linalg.norm((small - general).numpy() @ J) / (np.abs(general.numpy()) @ n)
+        assert gap < 1e-12, (why, gap)
