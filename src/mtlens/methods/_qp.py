@@ -85,7 +85,7 @@ def dual_cone_weights(
 
     ``ridge``: ``"relative"`` (each task on its own scale) or ``"trace"`` (TorchJD's problem); see
     the module docstring. ``v`` is positively homogeneous in ``u`` and so is the answer: each row is solved
-    scaled by a power of two (exactly) to ``max_t |u_t|`` in [1, 2) and scaled back, ``v(c·u) = c·v(u)`` for
+    scaled by a power of two (exactly) to ``max_t u_t`` in [1, 2) and scaled back, ``v(c·u) = c·v(u)`` for
     any scale of ``u`` (DualProj's ``pref_vector``). Raises :class:`SolverError` when the Gramian is not
     finite, a solve fails or the weights overflow float64.
     """
@@ -104,23 +104,24 @@ def dual_cone_weights(
     if not trace > TRACE_TINY:
         # J = 0 (every row zero): every v gives the zero update; keep the requested weights.
         return U.copy()
-    # v(c·u) = c·v(u): each row is solved scaled by a power of two (exact) to max_t |u_t| in [1, 2) and its answer
+    # v(c·u) = c·v(u): each row is solved scaled by a power of two (exact) to max_t u_t in [1, 2) and its answer
     # scaled back, so that a tiny or huge u (DualProj's pref_vector) neither underflows the certificate's scale nor
-    # overflows u ⊙ n
-    top = np.abs(U).max(axis=1)
-    e = np.where(top > 0.0, np.frexp(top)[1] - 1, 0)[:, None]
-    U = np.ldexp(U, -e)
+    # overflows u ⊙ n (UPGrad's rows e_i need no scaling)
+    e = [math.frexp(x)[1] - 1 if x > 0.0 else 0 for x in U.max(axis=1).tolist()]
+    E = None if not any(e) else e[0] if len(e) == 1 else np.array(e)[:, None]
+    if E is not None:
+        U = np.ldexp(U, -E)
     solver_fn = _solve_nnls if solver == "nnls" else _solve_quadprog
 
     def solve(M: np.ndarray, low: np.ndarray, reg_eps: float, method: str) -> np.ndarray:
         return _solve_where_needed(solver_fn, M, low, reg_eps, method)
 
     if ridge == "trace":
-        with np.errstate(over="ignore"):
-            out = np.ldexp(solve((0.5 * Gn + 0.5 * Gn.T) / trace, U, reg_eps, method), e)
-        if not np.isfinite(out).all():
-            raise SolverError(f"{method}: the weights overflow float64 (requested weights up to {np.abs(U).max():.1e} "
-                              f"times 2^{int(e.max())})")
+        out = solve((0.5 * Gn + 0.5 * Gn.T) / trace, U, reg_eps, method)
+        if E is not None:
+            out = _scaled_back(out, E, max(e))
+            if not np.isfinite(out).all():
+                raise SolverError(f"{method}: the weights overflow float64 (requested weights up to 2^{max(e) + 1})")
         return out
     Gn = 0.5 * Gn + 0.5 * Gn.T  # not 0.5 * (Gn + Gnᵀ): the sum overflows for entries above ~9e307
     d = np.diag(Gn)
@@ -139,11 +140,19 @@ def dual_cone_weights(
         out = U.copy()  # zero gradients keep v_t = u_t
         out[:, live] = Y / n
     _check_kkt(C, low, Y, reg_eps, method, solver)
-    with np.errstate(over="ignore"):
-        out = np.ldexp(out, e)
+    if E is not None:
+        out = _scaled_back(out, E, max(e))
     if not np.isfinite(out).all():
         raise SolverError(f"{method}: the weights overflow after rescaling by the gradient norms {n.tolist()}")
     return out
+
+
+def _scaled_back(V: np.ndarray, E: np.ndarray | int, top: int) -> np.ndarray:
+    """``V · 2^E`` row by row (exact; ``top = max E``; an overflow gives inf, which the caller reports)."""
+    if top <= 0:  # scaling down cannot overflow
+        return np.ldexp(V, E)
+    with np.errstate(over="ignore"):
+        return np.ldexp(V, E)
 
 
 SMALL_T = 6
@@ -197,16 +206,24 @@ def dual_cone_rows(G: list[list[float]], U: list[list[float]], reg_eps: float) -
     for u in U:
         # solved for u / 2^e with max_t u_t in [1, 2) (exact) and scaled back, as in dual_cone_weights: a tiny or
         # huge u neither underflows the certificate's scale nor overflows u ⊙ n
-        top_u = max(map(abs, u))
+        top_u = max(u)
         e = math.frexp(top_u)[1] - 1 if top_u > 0.0 else 0
-        low = [math.ldexp(u[t], -e) * n[t] for t in range(T)]
+        if e == 0:  # UPGrad's rows e_i
+            low = [u[t] * n[t] for t in range(T)]
+        elif e >= -1022:  # 2^-e is a float: multiplying by it is exact (as ldexp)
+            f = math.ldexp(1.0, -e)
+            low = [u[t] * f * n[t] for t in range(T)]
+        else:  # a subnormal max u_t
+            low = [math.ldexp(u[t], -e) * n[t] for t in range(T)]
         y = _bound_qp(A, low, T)
         if y is None or _kkt_residual(A, low, y, T) > KKT_RTOL:
             return None
-        try:  # v ≥ u exactly (u_t n_t / n_t can round below u_t)
-            v = [max(math.ldexp(y[t] / n[t], e), u[t]) for t in range(T)]
-        except OverflowError:  # the weights overflow float64: the general route raises its SolverError
-            return None
+        # v ≥ u exactly (u_t n_t / n_t can round below u_t); 2^e (e ≥ -1074) is a float, an overflow gives inf
+        if e == 0:
+            v = [max(y[t] / n[t], u[t]) for t in range(T)]
+        else:
+            f = math.ldexp(1.0, e)
+            v = [max(y[t] / n[t] * f, u[t]) for t in range(T)]
         if not all(map(math.isfinite, v)):
             return None
         out.append(v)
