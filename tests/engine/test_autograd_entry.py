@@ -90,3 +90,21 @@ def test_torch_function_overrides_go_through_autograd_grad():
         got = vjp(L, [w1], retain_graph=True)
     assert "grad" in seen  # the mode saw torch.autograd.grad: it was not bypassed
     assert torch.equal(got[0], ref[0])
+
+
+def test_gradient_edge_output_with_its_grad_output(monkeypatch):
+    """A stacked loss vector's entry point (a GradientEdge) with a given grad_output takes the direct path and gives
+    autograd's gradients; a grad_output of the wrong shape gets autograd's own error."""
+    from torch.autograd.graph import get_gradient_edge
+
+    w1, w2, _, z = _graph()
+    h = z @ w2
+    edge = get_gradient_edge(h)
+    v = torch.randn_like(h)
+    ref = torch.autograd.grad(edge, [w1, w2], grad_outputs=v, retain_graph=True)
+    with monkeypatch.context() as m:
+        _no_public(m)
+        got = vjp(edge, [w1, w2], grad_outputs=v, retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):
+        vjp(edge, [w1], grad_outputs=torch.ones(7), retain_graph=True)

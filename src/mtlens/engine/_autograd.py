@@ -63,8 +63,9 @@ def vjp(
 ) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph or create_graph, create_graph,
     allow_unused=True)``: the same gradients (a tuple, ``None`` for an input the outputs do not reach) and,
-    outside the plain case described in the module docstring (a :class:`~torch.autograd.graph.GradientEdge`
-    among the outputs or inputs is not), the same call.
+    outside the plain case described in the module docstring, the same call. An output may be a
+    :class:`~torch.autograd.graph.GradientEdge` (a stacked loss vector's entry point) when its ``grad_output``
+    is given with the edge's shape (checked on the node's input metadata, as ``_make_grads`` does).
 
     Raises:
         RuntimeError: autograd's own errors (an input that does not require grad, a freed graph, ...).
@@ -72,17 +73,27 @@ def vjp(
     outs = (outputs,) if isinstance(outputs, (Tensor, GradientEdge)) else tuple(outputs)
     ins = (inputs,) if isinstance(inputs, (Tensor, GradientEdge)) else tuple(inputs)
     keep = retain_graph or create_graph
-    if FAST and ins and outs and all(isinstance(t, Tensor) for t in outs + ins):
-        t_outs = cast(tuple[Tensor, ...], outs)
+    if FAST and ins and outs and all(isinstance(t, Tensor) for t in ins):
         t_ins = cast(tuple[Tensor, ...], ins)
         if grad_outputs is None:
             gos: tuple[Tensor | None, ...] = (None,) * len(outs)
         else:
             gos = (grad_outputs,) if isinstance(grad_outputs, Tensor) else tuple(grad_outputs)
-        if len(gos) == len(outs) and not has_torch_function(t_outs + t_ins):
+        tensors = tuple(o for o in outs if isinstance(o, Tensor))
+        if len(gos) == len(outs) and not has_torch_function(tensors + t_ins):
             made: list[Tensor] = []
-            for o, g in zip(t_outs, gos):
-                if g is None:
+            for o, g in zip(outs, gos):
+                if isinstance(o, GradientEdge):  # a stacked loss vector's entry point: its grad_output is given
+                    if not isinstance(g, Tensor) or has_torch_function((g,)):
+                        break
+                    meta = o.node._input_metadata[o.output_nr]
+                    if meta.is_nested_tensor or torch.Size(meta.shape) != g.shape or \
+                            meta.dtype.is_complex != g.is_complex():
+                        break
+                    made.append(g)
+                elif not isinstance(o, Tensor):
+                    break
+                elif g is None:
                     if not (o.requires_grad and o.numel() == 1 and o.is_floating_point()):
                         break
                     made.append(torch.ones_like(o, memory_format=torch.preserve_format))
@@ -93,6 +104,6 @@ def vjp(
                     break
             else:
                 assert _run_backward is not None  # FAST
-                return tuple(_run_backward(t_outs, tuple(made), keep, create_graph, t_ins, True, accumulate_grad=False))
+                return tuple(_run_backward(outs, tuple(made), keep, create_graph, t_ins, True, accumulate_grad=False))
     return torch.autograd.grad(cast(Any, outs), cast(Any, ins), grad_outputs=grad_outputs, retain_graph=keep,
                                create_graph=create_graph, allow_unused=True)
