@@ -108,3 +108,28 @@ def test_gradient_edge_output_with_its_grad_output(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     with pytest.raises(RuntimeError, match="Mismatch in shape"):
         vjp(edge, [w1], grad_outputs=torch.ones(7), retain_graph=True)
+
+
+@pytest.mark.parametrize("method, level", [("ew", None), ("mgda", "feature"), ("upgrad", "param"),
+                                           ("pcgrad", "param"), ("uw", None)])
+def test_engine_steps_are_bitwise_the_same_on_the_public_path(monkeypatch, method, level):
+    """A whole mtl_backward step with the direct call and with torch.autograd.grad only (FAST off, as on a torch
+    without the private function): the same .grad, bit for bit."""
+    from mtlens.engine import mtl_backward
+    from mtlens.methods import create
+
+    def step():
+        torch.manual_seed(1)
+        enc = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
+        heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(3))
+        x, y = torch.randn(16, 6), torch.randn(3, 16, 1)
+        z = enc(x)
+        losses = {f"t{t}": torch.nn.functional.mse_loss(h(z), y[t]) for t, h in enumerate(heads)}
+        mtl_backward(losses, features=z, shared_params=enc.parameters(), method=create(method, **(
+            {"seed": 0} if method == "pcgrad" else {})), level=level)
+        return [p.grad.clone() for p in [*enc.parameters(), *heads.parameters()]]
+
+    direct = step()
+    monkeypatch.setattr(_autograd, "FAST", False)
+    public = step()
+    assert len(direct) == len(public) and all(torch.equal(a, b) for a, b in zip(direct, public))
