@@ -187,3 +187,32 @@ def test_fd_zero_terms_and_non_finite_inputs_across_chunks(dtype):
         T = S.clone()
         T[3, 399_999] = bad
         assert math.isnan(feature_disentanglement(T))
+
+
+def test_fd_scratch_blocks_are_reused_per_shape_and_bounded():
+    """FD writes its temporaries into blocks kept per (shape, dtype, device) and thread: the same storage on the
+    next call of that shape (no fresh memory per call), and at most _SCRATCH_SHAPES shapes kept."""
+    from mtlens.diagnose import saliency as sal
+
+    S = torch.randn(3, 4, 8)
+    feature_disentanglement(S)
+    a1, _ = sal._scratch(torch.Size((3, 32)), S.dtype, S.device)
+    feature_disentanglement(torch.randn(3, 4, 8))
+    a2, _ = sal._scratch(torch.Size((3, 32)), S.dtype, S.device)
+    assert a1.data_ptr() == a2.data_ptr()
+    for n in range(1, 10):
+        feature_disentanglement(torch.randn(2, n))
+    assert len(sal._scratch_local.blocks) <= sal._SCRATCH_SHAPES
+    assert feature_disentanglement(torch.tensor([[1.0, 0.0], [0.0, 2.0]])) == 0.0  # values unaffected
+
+
+def test_saliencies_of_returns_the_engine_block_itself_and_promotes_half_precision():
+    from mtlens.diagnose._inputs import saliencies_of
+
+    S = torch.randn(3, 2, 4)
+    assert saliencies_of(S) is S
+    H = S.half()
+    out = saliencies_of(H)
+    assert out.dtype == torch.float32 and torch.equal(out, H.float())
+    G = torch.randn(3, 2, 4, requires_grad=True)
+    assert not saliencies_of(G).requires_grad
