@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_all import JacobianFloor, Workload  # noqa: E402  (the scaling study's synthetic workloads)
 
-import mtlens.methods.upgrad as upgrad_module  # noqa: E402
 from mtlens.engine.gramian import gramian_from_blocks  # noqa: E402
 from mtlens.methods import _qp, create  # noqa: E402
 
@@ -43,14 +42,14 @@ def measure(kind: str, T: int, steps: int, seed: int = 0) -> dict[str, float]:
     w = Workload(kind, T, BATCH[kind])
     jf = JacobianFloor(w)
     upgrad = create("upgrad")
-    small = upgrad_module.SMALL_T
+    small = _qp.SMALL_T
 
     def general(G: torch.Tensor) -> torch.Tensor:  # UPGrad with its Python route switched off: as before it
-        upgrad_module.SMALL_T = 0
+        _qp.SMALL_T = 0
         try:
             return upgrad.weights(G)
         finally:
-            upgrad_module.SMALL_T = small
+            _qp.SMALL_T = small
 
     rows = {"UPGrad": upgrad.weights, "without the Python route": general}  # same object: same state
     times: dict[str, list[float]] = {k: [] for k in rows}

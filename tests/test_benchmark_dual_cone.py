@@ -7,11 +7,11 @@ import pytest
 
 @pytest.mark.slow
 def test_dual_cone_in_step_prints_its_table(capsys, benchmark_script):
-    import mtlens.methods.upgrad as upgrad_module
+    from mtlens.methods import _qp
 
-    before = upgrad_module.SMALL_T
+    before = _qp.SMALL_T
     mod = benchmark_script("dual_cone_in_step")
     mod.main(["--steps", "2", "--kinds", "mlp", "--tasks", "3"])
     out = capsys.readouterr().out
     assert "| mlp | 3 |" in out and "without / with" in out and "nan" not in out
-    assert upgrad_module.SMALL_T == before > 0
+    assert _qp.SMALL_T == before > 0

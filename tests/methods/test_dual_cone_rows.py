@@ -97,11 +97,6 @@ def test_methods_take_the_small_route_and_agree_with_the_general_one(monkeypatch
     small = create(name, pref_vector=pref).weights(G)
     calls = []
     monkeypatch.setattr(_qp, "dual_cone_rows", lambda *a: calls.append(1))  # declines: the general route runs
-    import mtlens.methods.dualproj as dp
-    import mtlens.methods.upgrad as up
-
-    monkeypatch.setattr(up, "dual_cone_rows", lambda *a: calls.append(1))
-    monkeypatch.setattr(dp, "dual_cone_rows", lambda *a: calls.append(1))
     general = create(name, pref_vector=pref).weights(G)
     assert calls == [1]
     assert small.dtype == general.dtype == torch.float64
@@ -244,8 +239,6 @@ def test_edge_inputs_give_the_general_routes_update(monkeypatch, name, reg_eps, 
     general route's update to rounding on the problem's scale (or the same error), float64, no warnings."""
     import warnings
 
-    import mtlens.methods.dualproj as dp
-    import mtlens.methods.upgrad as up
 
     for why, J in _edge_jacobians():
         T = len(J)
@@ -255,8 +248,7 @@ def test_edge_inputs_give_the_general_routes_update(monkeypatch, name, reg_eps, 
             warnings.simplefilter("error")
             small = create(name, pref_vector=p, reg_eps=reg_eps).weights(G)
         with monkeypatch.context() as m:
-            m.setattr(up, "dual_cone_rows", lambda *a: None)
-            m.setattr(dp, "dual_cone_rows", lambda *a: None)
+            m.setattr(_qp, "dual_cone_rows", lambda *a: None)
             general = create(name, pref_vector=p, reg_eps=reg_eps).weights(G)
         assert small.dtype == torch.float64, why
         n = np.linalg.norm(J, axis=1)

@@ -407,12 +407,11 @@ def test_dual_cone_projection_kkt_and_cvxpy_to_spreads_1e12(solver, J, k):
 def test_dual_cone_projection_not_certified_is_an_error(monkeypatch):
     """A solver answer that fails the KKT certificate on the unit gradients is refused ("not converged",
     with the residual), never returned: here a solver that returns the lower bound unchanged."""
-    import mtlens.methods.upgrad as upgrad_module
     from mtlens.methods import _qp
 
     monkeypatch.setattr(_qp, "_solve_nnls", lambda C, U, reg_eps, method: U.copy())
     # the general route (the small-T route declines, as it does for a nearly singular problem)
-    monkeypatch.setattr(upgrad_module, "dual_cone_rows", lambda *a: None)
+    monkeypatch.setattr(_qp, "dual_cone_rows", lambda *a: None)
     # conflicting (tasks 0 and 1): the projection must move; three tasks, so UPGrad's closed form for two
     # does not answer instead of the solver
     J = np.array([[1.0, 0.0, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])

@@ -47,7 +47,7 @@ from typing import Protocol
 import numpy as np
 from torch import Tensor
 
-from ..engine.numerics import ZERO_REL
+from ..engine.numerics import ZERO_REL, check_gramian_rows
 from ..engine.numerics import check_gramian as validate_gramian
 from ..errors import NonFiniteError, SolverError, require
 from ._solvers import cosine_matrix
@@ -473,3 +473,17 @@ def pref_weights(pref: tuple[float, ...] | None, T: int, method: str) -> np.ndar
 def check_gramian(gramian: Tensor, method: str) -> int:
     """T of a Gramian validated by :func:`mtlens.engine.numerics.check_gramian` (the one validation)."""
     return int(validate_gramian(gramian, method).shape[0])
+
+
+def small_route(method: _DualConeMethod, gramian: Tensor,
+                rows_of_u: Callable[[int], list[list[float]]]) -> list[list[float]] | None:
+    """UPGrad's and DualProj's entry into :func:`dual_cone_rows`: ``V`` (k lists of T floats) for the rows
+    ``rows_of_u(T)`` of ``U``, or ``None`` where the general route (:func:`dual_cone_weights`) must run — a
+    ridge or solver other than ``"relative"`` / ``"nnls"``, T > :data:`SMALL_T`, or the route declining. The
+    Gramian is validated first (:func:`~mtlens.engine.numerics.check_gramian_rows`: the general route's
+    errors); ``rows_of_u`` may raise (a ``pref_vector`` of the wrong length)."""
+    if (method.ridge != "relative" or method.solver != "nnls" or not isinstance(gramian, Tensor)
+            or gramian.ndim != 2 or gramian.shape[0] > SMALL_T):
+        return None
+    rows = check_gramian_rows(gramian, method.name)
+    return dual_cone_rows(rows, rows_of_u(len(rows)), method.reg_eps)

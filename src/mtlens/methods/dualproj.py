@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..engine.numerics import check_gramian_rows
 from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
-from ._qp import SMALL_T, check_gramian, dual_cone_rows, dual_cone_weights, init_dual_cone, pref_weights
+from ._qp import check_gramian, dual_cone_weights, init_dual_cone, pref_weights, small_route
 from ._registry import register
 
 
@@ -52,12 +51,9 @@ class DualProj(GramianWeighting):
         init_dual_cone(self, pref_vector, reg_eps, solver, ridge)
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        if (self.ridge == "relative" and self.solver == "nnls" and isinstance(gramian, Tensor) and gramian.ndim == 2
-                and gramian.shape[0] <= SMALL_T):
-            rows = check_gramian_rows(gramian, self.name)
-            Vr = dual_cone_rows(rows, [pref_weights(self.pref_vector, len(rows), self.name).tolist()], self.reg_eps)
-            if Vr is not None:  # else the general route below (docs/performance.md)
-                return torch.tensor(Vr[0], dtype=torch.float64, device=gramian.device)
+        Vr = small_route(self, gramian, lambda T: [pref_weights(self.pref_vector, T, self.name).tolist()])
+        if Vr is not None:  # else the general route below (docs/performance.md)
+            return torch.tensor(Vr[0], dtype=torch.float64, device=gramian.device)
         T = check_gramian(gramian, self.name)
         p = pref_weights(self.pref_vector, T, self.name)
         (w,) = dual_cone_weights(gramian, p[None, :], reg_eps=self.reg_eps, solver=self.solver,

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.numerics import ZERO_REL, check_gramian_rows
+from ..engine.numerics import ZERO_REL
 from ..engine.protocols import SCALE_FREE, SYMMETRIC, Claim, GramianWeighting
-from ._qp import SMALL_T, check_gramian, dual_cone_rows, dual_cone_weights, init_dual_cone, pref_weights
+from ._qp import check_gramian, dual_cone_weights, init_dual_cone, pref_weights, small_route
 from ._registry import register
 
 
@@ -67,15 +67,12 @@ class UPGrad(GramianWeighting):
             closed = self._two_tasks(gramian)
         if closed is not None:
             return closed
-        if (self.ridge == "relative" and self.solver == "nnls" and isinstance(gramian, Tensor) and gramian.ndim == 2
-                and gramian.shape[0] <= SMALL_T):
-            rows = check_gramian_rows(gramian, self.name)
-            T = len(rows)
+        Vr = small_route(self, gramian, lambda T: [[1.0 if i == t else 0.0 for i in range(T)] for t in range(T)])
+        if Vr is not None:  # else the general route below (docs/performance.md)
+            T = len(Vr)
             p = pref_weights(self.pref_vector, T, self.name).tolist()
-            Vr = dual_cone_rows(rows, [[1.0 if i == t else 0.0 for i in range(T)] for t in range(T)], self.reg_eps)
-            if Vr is not None:  # else the general route below (docs/performance.md)
-                return torch.tensor([sum(p[i] * Vr[i][t] for i in range(T)) for t in range(T)], dtype=torch.float64,
-                                    device=gramian.device)
+            return torch.tensor([sum(p[i] * Vr[i][t] for i in range(T)) for t in range(T)], dtype=torch.float64,
+                                device=gramian.device)
         T = check_gramian(gramian, self.name)
         p = pref_weights(self.pref_vector, T, self.name)
         V = dual_cone_weights(gramian, np.eye(T), reg_eps=self.reg_eps, solver=self.solver, method=self.name,
