@@ -43,12 +43,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_all import Workload  # noqa: E402  (the scaling study's synthetic workloads)
+from run_all import Workload, ew_floor_step  # noqa: E402  (the scaling study's synthetic workloads)
 
 from mtlens.diagnose import SaliencyMonitor, feature_disentanglement  # noqa: E402
 from mtlens.engine import mtl_backward  # noqa: E402
-from mtlens.engine._autograd import vjp  # noqa: E402
-from mtlens.engine.gradients import all_finite  # noqa: E402
 from mtlens.methods import create  # noqa: E402
 
 BATCH = {"conv": 8, "mlp": 256}
@@ -92,13 +90,7 @@ def engine_rows(w: Workload, reference=None) -> dict:
         sum(losses.values()).backward()
 
     def floor():  # run_all.py's `plain + finiteness check (EW floor)`
-        w.zero()
-        _, losses = w.forward()
-        gs = vjp(sum(losses.values()), w.params)
-        if not all_finite(list(gs)):
-            raise FloatingPointError("non-finite gradient")
-        for p, g in zip(w.params, gs):
-            p.grad = g
+        ew_floor_step(w)
 
     def step(m, backward=mtl_backward):
         def f():

@@ -314,6 +314,18 @@ class JacobianFloor:
                 p.grad = x
 
 
+def ew_floor_step(w) -> None:
+    """The EW floor's step (row `plain + finiteness check (EW floor)`; also fixed_cost.py's): the plain loop's
+    backward, its gradients returned, one exact finiteness check, then ``.grad`` assigned."""
+    w.zero()
+    _, losses = w.forward()
+    gs = vjp(sum(losses.values()), w.params)
+    if not all_finite(list(gs)):
+        raise FloatingPointError("non-finite gradient")
+    for p, g in zip(w.params, gs):
+        p.grad = g
+
+
 def step_fns(w, methods: dict, batched_autogram: bool = True) -> dict[str, Callable[[], None]]:
     """The rows of the scaling table for one workload."""
 
@@ -354,13 +366,7 @@ def step_fns(w, methods: dict, batched_autogram: bool = True) -> dict[str, Calla
     # of every gradient (the project's guarantee: never a non-finite update written). Each target's ratio is
     # also given against its floor: what is above it is the engine's own cost.
     def transactional_plain():  # floor of EW: plain loop + the guarantee (gradients returned, checked, written)
-        w.zero()
-        _, losses = w.forward()
-        gs = vjp(sum(losses.values()), w.params)
-        if not all_finite(list(gs)):
-            raise FloatingPointError("non-finite gradient")
-        for p, g in zip(w.params, gs):
-            p.grad = g
+        ew_floor_step(w)
 
     def mgda_arithmetic():  # floor of MGDA feature: saliencies, Gramian, decision, Σ w_t S_t, one encoder VJP
         w.zero()
