@@ -68,17 +68,25 @@ def test_lean_param_step_equals_the_general_path(name, T, monkeypatch):
         torch.testing.assert_close(dict(sa), dict(sb), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.filterwarnings("ignore:mtlens. the task losses were passed as one tensor")
 def test_lean_param_step_routes_only_the_common_case(monkeypatch):
     net = TinyNet(3)
     x = torch.randn(4, 5)
     calls = []
     real = backward.param_step
-    monkeypatch.setattr(backward, "param_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def spy(*a, **k):  # counts the steps the lean path gave (None: it declined, the general path ran)
+        out = real(*a, **k)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(backward, "param_step", spy)
     z, losses = net(x)
     mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("upgrad"), level="param")
     assert calls == [1]
     general = [
-        {"losses": lambda ls: torch.stack(list(ls.values())), "kw": {}},  # a stacked vector: its own branch logic
+        {"losses": lambda ls: torch.stack(list(ls.values())) * 2.0, "kw": {}},  # a loss vector without a split
         {"losses": None, "kw": {"jacobian": "batched"}},
         {"losses": None, "kw": {"loss_transform": "log"}},
         {"losses": None, "kw": {"compute_gramian": "param"}},
@@ -264,3 +272,63 @@ def test_lean_param_step_with_given_heads_or_a_kept_graph_equals_the_general_pat
         _assert_same_record(*outs)
         for pa, pb in zip(net_a.parameters(), net_b.parameters()):
             assert torch.equal(pa.grad, pb.grad)
+
+
+@pytest.mark.parametrize("level", ["feature", "param"])
+@pytest.mark.parametrize("form", ["stack", "stack_reshaped"])
+@pytest.mark.parametrize("given_heads", [False, True])
+def test_lean_steps_take_a_stacked_loss_vector_as_the_general_path(level, form, given_heads, monkeypatch):
+    """``torch.stack(losses)`` (TorchJD's and LibMTL's examples): the lean steps start each task's backward at the
+    stack's input t, as the general path does — the same ``.grad``, record and method state, bit for bit. (A
+    ``torch.cat`` vector has no such split, engine/stacked.py: the general path prunes its zero gradients.)"""
+    T = 4
+    net_a, net_b = _pair(T, offsets=[0.1 * (t + 1) for t in range(T)])
+    m_a, m_b = create("upgrad"), create("upgrad")
+    x = torch.randn(4, 5)
+
+    def vector(losses):
+        ls = list(losses.values())
+        if form == "stack":
+            return torch.stack(ls)
+        return torch.stack([L.reshape(1) for L in ls]).reshape(2, 2)
+
+    for step in range(2):
+        recs = []
+        for lean, net, m in ((True, net_a, m_a), (False, net_b, m_b)):
+            z, losses = net(x)
+            kw = {"task_params": list(net.heads.parameters())} if given_heads else {}
+            with monkeypatch.context() as mp:
+                if lean:
+                    _lean_only(mp)
+                recs.append(mtl_backward(vector(losses), features=z if lean else [z],
+                                         shared_params=net.enc.parameters(), method=m, level=level, **kw))
+        ra, rb = recs
+        assert ra.level == rb.level == level and ra.task_names == rb.task_names == [f"task{t}" for t in range(T)]
+        for key in ("losses", "weights", "head_weights", "gramian", "saliencies"):
+            assert torch.equal(getattr(ra, key), getattr(rb, key)), key
+        for (n, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+            assert torch.equal(pa.grad, pb.grad), (step, n)
+
+
+@pytest.mark.parametrize("level", ["feature", "param"])
+def test_lean_steps_run_each_head_once_per_task_on_a_stacked_vector(level):
+    """Each task's backward starts at the stack's input t: no other task's head node runs, not even on zeros."""
+    calls: list[int] = []
+
+    class Count(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, t):
+            ctx.t = t
+            return z.view_as(z)
+
+        @staticmethod
+        def backward(ctx, g):
+            calls.append(ctx.t)
+            return g, None
+
+    T = 3
+    net = TinyNet(T)
+    z = net.enc(torch.randn(4, 5))
+    losses = torch.stack([(h(Count.apply(z, t)) ** 2).mean() for t, h in enumerate(net.heads)])
+    mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("upgrad"), level=level)
+    assert sorted(calls) == list(range(T))

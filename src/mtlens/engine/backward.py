@@ -235,7 +235,7 @@ def mtl_backward(
         check_loss_transform(method, "none")
         record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph)
         return record if not problem else _not_written(problem, nonfinite, record, None, None)
-    if (level in ("feature", "param") and isinstance(features, Tensor) and not isinstance(losses, Tensor)
+    if (level in ("feature", "param") and isinstance(features, Tensor)
             and getattr(type(method), "decide", None) is GramianWeighting.decide and level in method.levels
             and not regularizers and not keep_saliencies and not compute_gramian and cache is None
             and grad_scaler is None and loss_transform in (None, "none") and method.loss_transform is None
@@ -250,17 +250,14 @@ def mtl_backward(
         if not encoder:
             raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
         check_loss_transform(method, "none")
-        if level == "feature":
-            record, problem = feature_step(losses, task_names, features, encoder, task_params,
-                                           cast(GramianWeighting, method), retain_graph)
-            return record if not problem else _not_written(problem, nonfinite, record, None, None)
-        done = param_step(losses, task_names, features, encoder, task_params, cast(GramianWeighting, method),
-                          retain_graph)
+        lean = feature_step if level == "feature" else param_step
+        done = lean(losses, task_names, features, encoder, task_params, cast(GramianWeighting, method), retain_graph)
         if done is not None:
             record, problem = done
             return record if not problem else _not_written(problem, nonfinite, record, None, None)
-        # None: the Jacobian workspace does not apply (not the CPU, mixed dtypes): the general path below, with
-        # the parameters already taken from shared_params (an iterator, such as ``module.parameters()``, is spent)
+        # None, before anything was computed: a loss vector without an exact split, or (parameter level) no Jacobian
+        # workspace (not the CPU, mixed dtypes). The general path below, with the parameters already taken from
+        # shared_params (an iterator, such as ``module.parameters()``, is spent)
         shared_params = encoder
     if not isinstance(method, Method):
         raise ConfigurationError(

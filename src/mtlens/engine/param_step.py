@@ -33,7 +33,7 @@ from ..errors import MTLensError, NonFiniteError
 from . import pool
 from ._autograd import vjp
 from .apply import _accumulate, _check_range, _combine_heads, weights_error
-from .feature_step import _unit_rows
+from .feature_step import _entries, _unit_rows
 from .gradients import (
     _dense,
     _find_heads,
@@ -54,13 +54,14 @@ from .record import StepRecord
 _DEFAULT_HEAD_WEIGHTS = GramianWeighting.head_weights
 
 
-def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Sequence[str] | None,
+def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
                features: Tensor, shared: list[Tensor], task_params: Iterable[Tensor] | None,
                method: GramianWeighting, retain_graph: bool) -> tuple[StepRecord, str] | None:
     """One parameter-level step of ``method`` (a Gramian weighting with the default ``decide``) through one
     shared map, or ``None`` — before anything is computed — where the Jacobian workspace does not apply (not on
-    the CPU, or the encoder's parameters in several dtypes or on several devices): the caller then runs the
-    general path.
+    the CPU, or the encoder's parameters in several dtypes or on several devices) or a loss vector has no exact
+    split (a stacked vector's tasks start at the stack's inputs, as in the general path:
+    :func:`~mtlens.engine.stacked.lean_entry_points`): the caller then runs the general path.
 
     ``shared``: the encoder's parameters that require grad (not empty: the caller checked). Raises what the
     general path raises (:class:`ConfigurationError`, :class:`~mtlens.errors.ShapeError`,
@@ -77,6 +78,9 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Sequ
     names, loss_list = normalise_losses(losses, task_names)
     feats = normalise_features(features, names)
     T = len(loss_list)
+    split, outs, gos = _entries(losses, loss_list)
+    if not outs:
+        return None
     J = jacobian_workspace(T, shared)  # the reused (T, P) matrix the rows are written into
     if J is None:
         return None
@@ -89,7 +93,8 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Sequ
     # gradients._encoder_rows, loop mode: g_t = J_Zᵀ S_t into row t, the encoder's graph freed by the last
     n = len(shared)
     if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
-        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params)
+        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params,
+                                       None if split is None else [node for node, _ in split.branches])
         retain = [True] * T
         if not retain_graph:  # gradients._retain_flags
             later: set[Any] = set()
@@ -99,21 +104,23 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Sequ
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
         for t in range(T - 1):
-            gs = vjp(loss_list[t], [features, *[heads[i] for i in own[t]]], retain_graph=retain[t])
+            gs = vjp(outs[t], [features, *[heads[i] for i in own[t]]], gos[t], retain_graph=retain[t])
             sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
             rows.append(gs[1:])
         for t in range(T - 1):
             _write_row(J, t, _dense(vjp([features], shared, grad_outputs=[sal[t]], retain_graph=True)), shared)
         # the last task in ONE backward (its head, S_T at the map, on through the encoder): the same numbers as
         # its head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer
-        gs = vjp(loss_list[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], retain_graph=retain_graph)
+        gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
+                 retain_graph=retain_graph)
         sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
         _write_row(J, T - 1, _dense(gs[1:n + 1]), shared)
         rows.append(gs[n + 1:])
         head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
     else:
         heads = _find_heads(loss_list, feats, shared, task_params, method_params)
-        sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph)
+        sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, split,
+                                               None if split is None else list(zip(outs, gos)))
         sal = [s[0] for s in sal_maps]
         rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
         for t in range(T):
