@@ -7,15 +7,19 @@ autograd graph are left (the general path frees it as ``loss.backward()`` does).
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import mtlens.engine.backward as backward
 import mtlens.engine.gradients as gradients
 from mtlens.engine import mtl_backward
+from mtlens.errors import MTLensError
 from mtlens.methods import create
 
 RECORD_FIELDS = ("losses", "objective_losses", "weights", "head_weights", "gramian", "saliencies")
@@ -195,3 +199,82 @@ def test_a_loss_reading_another_output_of_the_maps_node_gets_the_general_paths_g
     (rec_a, grads_a), (rec_b, grads_b) = results
     assert torch.equal(rec_a.gramian, rec_b.gramian)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+class _Box:  # a saved tensor, packed: alive (no reference cycle: freed at once) while a graph node holds it
+    def __init__(self, t):
+        self.t = t
+
+
+def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, method, log_hook):
+    """One step on a random small graph (see the hypothesis test), with every saved tensor of the forward packed
+    in a box whose weak reference tells whether the graph still holds it after the step."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+    heads = nn.ModuleList([nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)) for _ in range(T)])
+    shared_head = nn.Parameter(torch.randn(4))
+    boxes: list[weakref.ref] = []
+    calls: list[float] = []
+
+    def pack(t):
+        box = _Box(t)
+        boxes.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        z = enc(torch.randn(3, 5))
+        if log_hook:
+            z.register_hook(lambda g: calls.append(float(g.double().sum())))
+        per_task = []
+        for t in range(T):
+            h = heads[head_of[t]]
+            L = (h(z) ** 2).mean() if reach[t] else (h[2].bias ** 2).sum() + 0.5
+            if common:
+                L = L + torch.tanh(z * shared_head).mean()
+            per_task.append(L)
+    losses = ({f"t{t}": L for t, L in enumerate(per_task)} if form == "dict" else
+              torch.stack(per_task) if form == "stack" else per_task)
+    params = [*enc.parameters(), *heads.parameters(), shared_head]
+    try:
+        with warnings.catch_warnings(), _lean_only(lean):
+            warnings.simplefilter("ignore")
+            gradients._warned_zero.clear()
+            rec = mtl_backward(losses, features=z if lean else [z], shared_params=enc.parameters(),
+                               method=create(method), level=level, retain_graph=retain_graph)
+        err = None
+    except MTLensError as exc:
+        rec, err = None, f"{type(exc).__name__}: {exc}"
+    alive = sum(ref() is not None for ref in boxes)
+    return rec, err, [p.grad for p in params], alive, sorted(calls)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_graphs_lean_steps_equal_the_general_path(data):
+    """Random small graphs: T tasks, some losses not reading Z, heads shared between tasks, a head parameter every
+    task reaches, a dict / list / stacked vector, either level, kept graph or not, a logging hook on Z. The lean
+    step gives the general path's gradients, record and error, runs the hook as often on the same gradients, and
+    leaves the same saved tensors alive in the graph (the losses are still held: what a second backward could use)."""
+    T = data.draw(st.integers(1, 4), label="T")
+    reach = data.draw(st.lists(st.booleans(), min_size=T, max_size=T), label="reach")
+    head_of = data.draw(st.lists(st.integers(0, T - 1), min_size=T, max_size=T), label="head_of")
+    common = data.draw(st.booleans(), label="common")
+    form = data.draw(st.sampled_from(["list", "dict"] + (["stack"] if T > 1 else [])), label="form")
+    level = data.draw(st.sampled_from(["param", "feature"]), label="level")
+    retain_graph = data.draw(st.booleans(), label="retain_graph")
+    method = data.draw(st.sampled_from(["upgrad", "ntkmtl", "mgda"]), label="method")
+    log_hook = data.draw(st.booleans(), label="log_hook")
+    args = (T, reach, head_of, common, form, level, retain_graph, method, log_hook)
+    rec_a, err_a, grads_a, alive_a, calls_a = _random_step(True, *args)
+    rec_b, err_b, grads_b, alive_b, calls_b = _random_step(False, *args)
+    assert err_a == err_b
+    assert alive_a == alive_b
+    assert calls_a == calls_b
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    if rec_a is not None:
+        for key in RECORD_FIELDS:
+            va, vb = getattr(rec_a, key), getattr(rec_b, key)
+            assert (va is None) == (vb is None) and (va is None or torch.equal(va, vb)), key
