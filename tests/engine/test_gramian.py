@@ -181,10 +181,14 @@ def test_flat_matrix_gramian_is_float64_accurate_to_1e6(T):
     rel = (G - ref).abs() / (ref.diagonal().sqrt()[:, None] * ref.diagonal().sqrt()[None, :])
     assert float(rel.max()) < 1e-6, f"max error {float(rel.max()):.2e} of ‖g_s‖‖g_t‖"
     torch.testing.assert_close(G, gramian_from_blocks(blocks), rtol=1e-6, atol=1e-7 * scale)
-    small = J[:, : CHUNK - 1]  # under one chunk: one float64 product of float32 values (exact)
-    torch.testing.assert_close(gramian.gramian_from_matrix(small), _reference([small]), rtol=1e-13, atol=0)
+    # under one chunk: one float64 product of float32 values (exact products; float64 round-off in the sums,
+    # relative to ‖g_s‖‖g_t‖: an entry that nearly cancels is not accurate to 1e-13 of itself)
+    small = J[:, : CHUNK - 1]
+    ref_small = _reference([small])
+    torch.testing.assert_close(gramian.gramian_from_matrix(small), ref_small, rtol=1e-13,
+                               atol=1e-14 * float(ref_small.diagonal().max()))
     J64 = J.double()
-    torch.testing.assert_close(gramian.gramian_from_matrix(J64), J64 @ J64.T, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gramian.gramian_from_matrix(J64), J64 @ J64.T, rtol=1e-13, atol=1e-14 * scale)
 
 
 def test_combine_matrix_is_the_weighted_sum_as_a_fresh_vector():
@@ -228,4 +232,110 @@ def test_grads_are_fresh_every_step_never_views_of_the_workspace():
     for g, v in zip(kept, values):
         assert torch.equal(g, v)
     assert not torch.equal(list(enc.parameters())[0].grad, values[0])
+    gramian.release_workspace()
+
+
+def _float64_error(G, J):
+    """Largest |G − G64| over ‖g_s‖‖g_t‖ (the precision contract's scale) against float64 J Jᵀ."""
+    J64 = J.double()
+    ref = J64 @ J64.T
+    d = ref.diagonal().sqrt().clamp_min(1e-300)
+    return float(((G - ref).abs() / (d[:, None] * d[None, :])).max())
+
+
+@pytest.mark.parametrize("P", [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 3 * CHUNK, 3 * CHUNK + 5,
+                               4099 * 5,  # no equal chunks of ≤ CHUNK in ≤ 2× the fewest: the tail's product
+                               56_640])  # the conv benchmark's P: 15 equal chunks of 3 776
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 11, 40])
+def test_matrix_gramian_within_the_contract_on_every_layout(T, P):
+    """gramian_from_matrix on a contiguous matrix, a strided view (row stride ≠ P), the zero-padded workspace and
+    the per-parameter blocks path: float64, exactly symmetric, within the contract's bound of the float64 product
+    (√CHUNK·2⁻²⁴ ≈ 3.8e-6 of ‖g_s‖‖g_t‖ at worst; 2e-6 here for random rows), never reading past the row."""
+    from mtlens.engine import gramian
+
+    g = torch.Generator().manual_seed(1000 * T + P)
+    base = torch.randn(T, P + 13, generator=g)
+    base[:, P:] = float("nan")  # columns past the row: any read of them would show
+    layouts = {"contiguous": base[:, :P].contiguous(), "strided": base[:, :P]}
+    gramian.release_workspace()
+    ws = gramian.jacobian_workspace(T, [torch.empty(P)])
+    ws.copy_(layouts["contiguous"])
+    layouts["workspace"] = ws
+    for name, J in layouts.items():
+        G = gramian.gramian_from_matrix(J)
+        assert G.dtype == torch.float64 and G.shape == (T, T), name
+        assert torch.equal(G, G.T), name
+        err = _float64_error(G, J)
+        assert err < 2e-6, f"{name}: error {err:.1e}"
+    Gb = gramian_from_blocks([layouts["strided"]])  # the one-large-float32-block path (feature level's stack)
+    assert torch.equal(Gb, Gb.T) and _float64_error(Gb, layouts["contiguous"]) < 2e-6
+    gramian.release_workspace()
+
+
+def test_chunk_widths_are_at_most_chunk_and_cover_the_row():
+    from mtlens.engine.gramian import _chunk_width
+
+    for n in [CHUNK, CHUNK + 2, 3 * CHUNK + 5, 56_640, 427_264, 11_689_512, 2**20 + 7]:
+        w = _chunk_width(n)
+        assert w == 0 or (w <= CHUNK and n % w == 0 and n // w <= 2 * -(-n // CHUNK)), n
+    assert _chunk_width(56_640) == 3776 and _chunk_width(427_264) == 3338 and _chunk_width(4 * CHUNK) == CHUNK
+    assert _chunk_width(4099 * 5) == 0  # 20 495 = 5·4099: no divisor between 6 and 10 chunks
+
+
+def test_workspace_padding_is_zero_never_visible_and_the_buffer_still_reused():
+    """The float32 workspace of P > CHUNK columns is a (T, P) view of a (T, P_pad) buffer: nothing handed out
+    (the matrix, its rows, the per-parameter blocks) reaches the padding, which stays zero through steps of
+    written rows; the buffer is reused from call to call, and not while a view of it is held."""
+    from mtlens.engine import gramian
+
+    gramian.release_workspace()
+    like = [torch.empty(3 * CHUNK + 5), torch.empty(17, 31), torch.empty(2)]
+    P = sum(p.numel() for p in like)
+    J = gramian.jacobian_workspace(4, like)
+    assert J.shape == (4, P) and J.stride() == (4 * CHUNK, 1)  # rows padded to the next multiple of CHUNK
+    base = J._base
+    ptr = base.data_ptr()
+    assert base.shape == (4, 4 * CHUNK) and bool((base[:, P:] == 0).all())
+    blocks = gramian.matrix_blocks(J, like)
+    assert sum(b[0].numel() for b in blocks) == P and blocks[-1][3, -1].data_ptr() == J[3, P - 1].data_ptr()
+    g = torch.Generator().manual_seed(7)
+    for step in range(3):
+        for t in range(4):
+            J[t].copy_(torch.randn(P, generator=g))  # the engine's row writer (_write_row) writes J[t]
+        J.div_(2.0)  # the engine's loss-scale division on the matrix
+        for b in blocks:
+            b.mul_(1.0)
+        assert bool((base[:, P:] == 0).all()), step
+        G = gramian.gramian_from_matrix(J)
+        assert torch.equal(G, G.T) and _float64_error(G, J) < 2e-6
+    del blocks, b, J, base  # every view: the buffer is free again
+    again = gramian.jacobian_workspace(4, like)
+    assert again._base.data_ptr() == ptr  # nothing held it: reused, padding still zero
+    assert bool((again._base[:, P:] == 0).all())
+    kept = again[1:]  # a view held: the next call allocates a fresh buffer
+    other = gramian.jacobian_workspace(4, like)
+    assert other._base.data_ptr() != ptr and bool((other._base[:, P:] == 0).all())
+    del kept, again, other
+    # float64 and P ≤ CHUNK (or a multiple of it): no padding, the contiguous (T, P) matrix as before
+    assert gramian.jacobian_workspace(2, [torch.empty(3 * CHUNK + 5, dtype=torch.float64)]).is_contiguous()
+    assert gramian.jacobian_workspace(2, [torch.empty(CHUNK - 3)]).is_contiguous()
+    assert gramian.jacobian_workspace(2, [torch.empty(2 * CHUNK)]).is_contiguous()
+    gramian.release_workspace()
+
+
+def test_only_whole_rows_of_the_padded_workspace_take_the_padded_chunks():
+    """A sub-matrix of the workspace that is not whole rows (a column slice) must not read the columns after it:
+    it takes the general path and stays within the contract."""
+    from mtlens.engine import gramian
+
+    gramian.release_workspace()
+    P = 2 * CHUNK + 100
+    J = gramian.jacobian_workspace(3, [torch.empty(P)])
+    J.copy_(torch.randn(3, P, generator=torch.Generator().manual_seed(3)))
+    assert gramian._zero_padded(J) and gramian._zero_padded(J[1:])
+    for sub in (J[:, 50:], J[:, : P - 50], J[:, 1:-1]):
+        assert not gramian._zero_padded(sub)
+        G = gramian.gramian_from_matrix(sub)
+        assert torch.equal(G, G.T) and _float64_error(G, sub) < 2e-6
+    assert not gramian._zero_padded(J.contiguous()) and not gramian._zero_padded(torch.randn(3, P))
     gramian.release_workspace()

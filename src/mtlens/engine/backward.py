@@ -50,6 +50,7 @@ from .gradients import (
     transform_losses,
 )
 from .graph import objective_leaves
+from .param_step import param_step
 from .protocols import (
     GramianWeighting,
     JacobianAggregator,
@@ -234,22 +235,30 @@ def mtl_backward(
         check_loss_transform(method, "none")
         record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph)
         return record if not problem else _not_written(problem, nonfinite, record, None, None)
-    if (level == "feature" and isinstance(features, Tensor) and not isinstance(losses, Tensor)
-            and getattr(type(method), "decide", None) is GramianWeighting.decide and "feature" in method.levels
+    if (level in ("feature", "param") and isinstance(features, Tensor)
+            and getattr(type(method), "decide", None) is GramianWeighting.decide and level in method.levels
             and not regularizers and not keep_saliencies and not compute_gramian and cache is None
             and grad_scaler is None and loss_transform in (None, "none") and method.loss_transform is None
             and not method.needs_grad_norms and not method.needs_saliency_graph and shared_params is not None
-            and jacobian in JACOBIAN_MODES and nonfinite in NONFINITE_POLICIES and resolve(distributed) is None):
-        # The common feature-level step: a Gramian weighting (MGDA, ...) on one shared map with no option that
-        # needs the general machinery. The same step as below, with the same checks and transaction
-        # (engine/feature_step.py; docs/performance.md, "The feature path's fixed cost").
+            and (jacobian == "loop" or (level == "feature" and jacobian in JACOBIAN_MODES))
+            and nonfinite in NONFINITE_POLICIES and resolve(distributed) is None):
+        # The common feature- and parameter-level steps: a Gramian weighting (MGDA, UPGrad, ...) through one shared
+        # map with no option that needs the general machinery. The same step as below, with the same checks and
+        # transaction (engine/feature_step.py, engine/param_step.py; docs/performance.md, "The feature path's
+        # fixed cost", "The lean parameter-level step").
         encoder = trainable(shared_params)
         if not encoder:
             raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
         check_loss_transform(method, "none")
-        record, problem = feature_step(losses, task_names, features, encoder, task_params,
-                                       cast(GramianWeighting, method), retain_graph)
-        return record if not problem else _not_written(problem, nonfinite, record, None, None)
+        lean = feature_step if level == "feature" else param_step
+        done = lean(losses, task_names, features, encoder, task_params, cast(GramianWeighting, method), retain_graph)
+        if done is not None:
+            record, problem = done
+            return record if not problem else _not_written(problem, nonfinite, record, None, None)
+        # None, before anything was computed: a loss vector without an exact split, or (parameter level) no Jacobian
+        # workspace (not the CPU, mixed dtypes). The general path below, with the parameters already taken from
+        # shared_params (an iterator, such as ``module.parameters()``, is spent)
+        shared_params = encoder
     if not isinstance(method, Method):
         raise ConfigurationError(
             f"method must be a method object (mtlens.methods.create(name)), got {type(method).__name__}"

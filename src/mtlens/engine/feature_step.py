@@ -45,18 +45,23 @@ from .gradients import (
 from .gramian import gramian_from_blocks
 from .protocols import GramianWeighting, MethodState
 from .record import StepRecord
+from .stacked import StackSplit, lean_entry_points
 
 _DEFAULT_HEAD_WEIGHTS = GramianWeighting.head_weights
 
 
-def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Sequence[str] | None,
+def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
                  features: Tensor, shared: list[Tensor], task_params: Iterable[Tensor] | None,
-                 method: GramianWeighting, retain_graph: bool) -> tuple[StepRecord, str]:
+                 method: GramianWeighting, retain_graph: bool) -> tuple[StepRecord, str] | None:
     """One feature-level step of ``method`` (a Gramian weighting with the default ``decide``) on one shared map.
 
     ``shared``: the encoder's parameters that require grad (not empty: the caller checked). Raises what the
     general path raises (:class:`ConfigurationError`, :class:`~mtlens.errors.ShapeError`,
     :class:`NonFiniteError`) with the same messages, the method's state left as before the step.
+
+    A stacked loss vector (``torch.stack(losses)``) takes each task's backward from the stack's input t, as the
+    general path does (:func:`~mtlens.engine.stacked.lean_entry_points`); a vector without that exact split
+    returns ``None`` before anything is computed, and the caller runs the general path.
 
     Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why nothing was
     (a non-finite loss or gradient: the caller applies the non-finite policy to ``record``)."""
@@ -67,12 +72,16 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
     names, loss_list = normalise_losses(losses, task_names)
     feats = normalise_features(features, names)
     T = len(loss_list)
+    split, outs, gos = _entries(losses, loss_list)
+    if not outs:
+        return None
     raw = torch.stack([v.detach() for v in loss_list])
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="feature")
     if not host_finite(raw):
         return record, loss_problem(names, raw)
     if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
-        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params)
+        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params,
+                                       None if split is None else [node for node, _ in split.branches])
         # the heads pass of compute_task_gradients (gradients._heads_pass) for one map: per task S_t and the
         # gradients of its own heads (rows[t][k]: of heads[own[t][k]]), its graph freed on its last use
         retain = [True] * T
@@ -84,13 +93,14 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
         for t in range(T):
-            gs = vjp(loss_list[t], [features, *[heads[i] for i in own[t]]], retain_graph=retain[t])
+            gs = vjp(outs[t], [features, *[heads[i] for i in own[t]]], gos[t], retain_graph=retain[t])
             sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
             rows.append(gs[1:])
         head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
     else:
         heads = _find_heads(loss_list, feats, shared, task_params, method_params)
-        sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph)
+        sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, split,
+                                               None if split is None else list(zip(outs, gos)))
         sal = [s[0] for s in sal_maps]
         rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
     # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
@@ -175,6 +185,20 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor], task_names: Se
     record.head_weights = hw
     record.method_values.update(values)
     return record, ""
+
+
+def _entries(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, loss_list: list[Tensor]
+             ) -> tuple[StackSplit | None, list[Any], list[Any]]:
+    """Where each task's backward starts, with its ``grad_output``: the loss itself (``None``: autograd's unit
+    gradient), or for a stacked loss vector the stack's input t (:func:`~mtlens.engine.stacked.lean_entry_points`,
+    with the split). Empty lists when a loss vector has no exact split (the general path handles it)."""
+    if not isinstance(losses, Tensor):
+        return None, loss_list, [None] * len(loss_list)
+    found = lean_entry_points(losses, loss_list)
+    if found is None:
+        return None, [], []
+    split, entries = found
+    return split, [e for e, _ in entries], [g for _, g in entries]
 
 
 def _unit_rows(rows: Sequence[Sequence[Tensor | None]], own: Sequence[Sequence[int]], n: int

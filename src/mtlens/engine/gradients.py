@@ -588,7 +588,8 @@ def _node_sets(loss_list: Sequence[Tensor], stop_at: Sequence[Tensor], split: St
 
 
 def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Sequence[Tensor],
-                method_params: Sequence[Tensor]) -> tuple[list[Tensor], list[set[Any]], list[list[int]]]:
+                method_params: Sequence[Tensor], starts: Sequence[Any] | None = None
+                ) -> tuple[list[Tensor], list[set[Any]], list[list[int]]]:
     """:func:`_find_heads` (heads found from the graph: ``task_params`` not given, shared ``maps``) and
     :func:`_node_sets` ``(loss_list, maps)`` with the heads pass's index of each task's own heads, in ONE walk
     of each loss's graph up to the maps (they walked it twice, and the index scanned the node sets a third time).
@@ -597,6 +598,10 @@ def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Seq
     walk per loss, in loss order, children in the order of ``next_functions``: a leaf is first reached at the
     same point as in its single walk, since every node an earlier loss reached was explored by it whole), the
     autograd nodes each loss reaches before the maps, and per task the sorted indices of the heads it reaches.
+    ``starts``: per task, the node its walk starts at instead of its loss's ``grad_fn`` — the stack's input t of
+    a stacked loss vector (:meth:`~mtlens.engine.stacked.StackSplit.entry_points`): the sets are then each task's
+    own branch, without the shared unbind/stack nodes (those :func:`_node_sets` adds and :func:`_heads_flags`
+    takes away again).
     Raises what :func:`_find_heads` raises (a shared parameter reaching a loss around the maps)."""
     stop = {z.grad_fn for z in maps if z.grad_fn is not None}
     skip = {id(z) for z in maps if z.grad_fn is None}  # leaf maps are not heads
@@ -608,10 +613,11 @@ def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Seq
     leaked = 0
     sets: list[set[Any]] = []
     own: list[list[int]] = []
-    for L in loss_list:
+    for t, L in enumerate(loss_list):
         seen: set[Any] = set()
         mine: set[int] = set()
-        stack = [L.grad_fn] if L.grad_fn is not None else []
+        first = L.grad_fn if starts is None else starts[t]
+        stack = [first] if first is not None else []
         pop, push, mark = stack.pop, stack.append, seen.add
         while stack:
             node = pop()

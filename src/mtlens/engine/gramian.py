@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,23 +33,58 @@ def _accumulate_gram(G: Tensor, m: Tensor) -> None:
     G.add_(_gram_float32(m if m.dtype == torch.float32 else m.float(), G.dtype))
 
 
+_UPPER: dict[tuple[int, torch.device], Tensor] = {}
+"""Per (T, device): the boolean mask of the upper triangle (diagonal included) :func:`_symmetric` selects."""
+
+
 def _symmetric(G: Tensor) -> Tensor:
-    """``(G + Gᵀ)/2``: exact where the kernels already returned a symmetric product."""
-    return (G + G.T).mul_(0.5)
+    """``G``'s upper triangle mirrored into the lower one: exactly symmetric, in one op (``torch.where`` with a
+    cached mask; ``(G + Gᵀ)/2`` took three, each ≈ 15–25 µs cold inside a training step). The two triangles
+    differ by round-off only (the sgemm kernel may order the (i, j) and (j, i) sums differently; MKL's does
+    at T = 11)."""
+    T = G.shape[0]
+    if T == 1:
+        return G
+    key = (T, G.device)
+    mask = _UPPER.get(key)
+    if mask is None:
+        mask = _UPPER[key] = torch.ones(T, T, dtype=torch.bool, device=G.device).triu_()
+    return torch.where(mask, G, G.mT)
 
 
-def _gram_float32(m: Tensor, dtype: torch.dtype) -> Tensor:
-    """``m mᵀ`` of one float32 block (T, n ≥ CHUNK; rows may be strided, unit column stride) into a new
-    ``dtype`` matrix: float32 products on column chunks of :data:`CHUNK` (one batched sgemm over the full
-    chunks, read in place), each chunk's T×T product summed in ``dtype``, then the tail's float32 product.
-    The one implementation of the chunked product (:func:`_accumulate_gram`, :func:`gramian_from_blocks`,
-    :func:`gramian_from_matrix`)."""
+@functools.lru_cache(maxsize=64)
+def _chunk_width(n: int) -> int:
+    """The widest ``w ≤ CHUNK`` dividing ``n`` into at most twice the fewest chunks (``CHUNK`` itself for a multiple
+    of :data:`CHUNK`; the conv benchmark's P = 56 640: 15 chunks of 3 776), so that one batched product covers
+    every column with no tail; 0 where none does (e.g. a prime ``n``)."""
+    c0 = -(-n // CHUNK)
+    for c in range(c0, 2 * c0 + 1):
+        if n % c == 0:
+            return n // c
+    return 0
+
+
+def _gram_float32(m: Tensor, dtype: torch.dtype, zero_padded: bool = False) -> Tensor:
+    """``m mᵀ`` of one float32 block (T, n ≥ CHUNK; rows may be strided) into a new ``dtype`` matrix, not
+    symmetrised: float32 products on column chunks of at most :data:`CHUNK` columns (one batched sgemm, read in
+    place through a strided view: no copy), each chunk's T×T product summed in ``dtype``.
+
+    The chunks: ``CHUNK`` columns each, the last one reaching into the row's zeros, when ``zero_padded``
+    (:func:`jacobian_workspace`'s buffer, whose rows are followed by zeros up to a multiple of ``CHUNK``); else
+    equal chunks of :func:`_chunk_width` columns; else (no such width) the full chunks and the tail's own float32
+    product. The one implementation of the chunked product (:func:`_accumulate_gram`,
+    :func:`gramian_from_blocks`, :func:`gramian_from_matrix`)."""
     T, n = m.shape
-    c = n // CHUNK
-    x = (m if c * CHUNK == n else m[:, : c * CHUNK]).reshape(T, c, CHUNK).transpose(0, 1)  # (c, T, CHUNK)
-    G = torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=dtype)
-    if c * CHUNK < n:
-        tail = m[:, c * CHUNK:]
+    if m.stride(1) != 1:
+        m = m.contiguous()
+    s = m.stride(0)  # rows' stride (any value when T = 1: row 0 only)
+    w = CHUNK if zero_padded else _chunk_width(n)
+    c = -(-n // w) if w else n // CHUNK
+    w = w or CHUNK
+    x = m.as_strided((c, T, w), (w, s, 1))  # chunk k of every row, a view
+    G = torch.bmm(x, m.as_strided((c, w, T), (w, 1, s))).sum(0, dtype=dtype)
+    if c * w < n:  # no equal chunks: the tail's own product
+        tail = m[:, c * w:]
         G.add_((tail @ tail.T).to(dtype))
     return G
 
@@ -149,13 +185,28 @@ def _calibrate_free_refs() -> int | None:
 
 _FREE_REFS = _calibrate_free_refs()
 _WORKSPACE: dict[tuple, Tensor] = {}
+_PADDED = "_mtlens_zero_padded"
+"""Attribute of a :func:`jacobian_workspace` buffer whose rows are padded with zeros: ``(P, row stride)``."""
+
+
+def _zero_padded(J: Tensor) -> bool:
+    """Whether ``J`` is whole rows of a :func:`jacobian_workspace` buffer with zero padding: each row then runs on
+    in zeros up to a multiple of :data:`CHUNK` (columns nobody writes nor sees)."""
+    base = J._base
+    pad = getattr(base, _PADDED, None) if base is not None else None
+    return (pad is not None and J.dim() == 2 and J.shape[1] == pad[0] and J.stride() == (pad[1], 1)
+            and J.storage_offset() % pad[1] == 0)
 
 
 def jacobian_workspace(T: int, like: Sequence[Tensor]) -> Tensor | None:
     """The Jacobian as one ``(T, P)`` matrix (``P = Σ_p p.numel()`` over ``like``, in order), a view of one
     CPU buffer reused from step to step; ``None`` where it does not apply (not on the CPU, mixed dtypes or
     devices, no parameters). Row ``t`` is task ``t``'s gradient flattened over all parameters; each
-    parameter's block is a strided view of it (:func:`matrix_blocks`).
+    parameter's block is a strided view of it (:func:`matrix_blocks`). float32 rows of ``P > CHUNK`` columns
+    (``P`` not a multiple of :data:`CHUNK`) are strided: the buffer is ``(T, P_pad)``, ``P_pad`` the next
+    multiple of ``CHUNK``, and the matrix returned is its ``[:, :P]`` view; the padding is zeroed once, when the
+    buffer is allocated, and no view handed out reaches it (rows are written through ``J[t]``), so that
+    :func:`gramian_from_matrix` multiplies whole chunks in one batched product, with no tail.
 
     Why one buffer: per-task gradients kept for the whole step (``T·P`` floats) are freed together at its
     end; glibc then returns the top of its heap to the system, and the next step faults every page back
@@ -176,20 +227,25 @@ def jacobian_workspace(T: int, like: Sequence[Tensor]) -> Tensor | None:
     if dev.type != "cpu" or any(p.device != dev or p.dtype != dt for p in like):
         return None
     P = sum(p.numel() for p in like)
+    width = -(-P // CHUNK) * CHUNK if dt == torch.float32 and P > CHUNK else P  # rows padded with zeros
     key = (dev, dt, T, P)
     ws = _WORKSPACE.pop(key, None)  # atomic: a concurrent step finds none and allocates its own
     if ws is None or _FREE_REFS is None or storage_refs(ws) != _FREE_REFS:
-        ws = torch.empty(T, P, dtype=dt, device=dev)
+        ws = torch.empty(T, width, dtype=dt, device=dev)
+        if width > P:
+            ws[:, P:].zero_()
+            setattr(ws, _PADDED, (P, width))
     if _FREE_REFS is not None:
         _WORKSPACE.clear()  # one buffer: a second model or T replaces it
         _WORKSPACE[key] = ws
-    return ws.view(T, P)  # a tensor of its own on the storage: the buffer is taken until it (and its views) die
+    # a tensor of its own on the storage: the buffer is taken until it (and its views) die
+    return ws[:, :P] if width > P else ws.view(T, P)
 
 
 def matrix_blocks(J: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Per-parameter views ``(T, *p.shape)`` of a ``(T, P)`` Jacobian laid out as :func:`jacobian_workspace`'s
-    (columns in ``like``'s order). Each is strided (row stride ``P``): ``b.reshape(T, -1)`` and ``b[t]`` are
-    views, ``b.view(-1)`` is not possible."""
+    (columns in ``like``'s order). Each is strided (row stride ``J.stride(0)``, ``P`` or the padded width):
+    ``b.reshape(T, -1)`` and ``b[t]`` are views, ``b.view(-1)`` is not possible."""
     out, off = [], 0
     T = J.shape[0]
     for p in like:
@@ -206,22 +262,24 @@ def split_flat(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 def gramian_from_matrix(J: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``G = J Jᵀ`` (T×T, symmetrised) of a ``(T, P)`` matrix whose rows may be strided (unit column stride),
-    with the precision contract of :func:`gramian_from_blocks` over the whole row: float32 (or half
-    precision) ``J`` into a float64 ``G``: float32 products on column chunks of :data:`CHUNK` (one batched
-    sgemm over every full chunk, read in place: no copy of J), each chunk's T×T product summed in float64;
-    the last ``P mod CHUNK`` columns in one float32 product added in float64; all of them when ``P < CHUNK``
-    in one float64 product (exact).
+    """``G = J Jᵀ`` (T×T, exactly symmetric) of a ``(T, P)`` matrix whose rows may be strided, with the precision
+    contract of :func:`gramian_from_blocks` over the whole row: float32 (or half precision) ``J`` into a float64
+    ``G``: float32 products on column chunks of at most :data:`CHUNK` columns (one batched sgemm over all of
+    them, read in place: no copy of J), each chunk's T×T product summed in float64 (the chunks:
+    :func:`_gram_float32`; :func:`jacobian_workspace`'s zero-padded matrix in whole chunks of ``CHUNK``);
+    all columns when ``P < CHUNK`` in one float64 product (exact).
     float64 ``J`` or a non-float64 ``dtype``: one product in ``dtype``.
 
-    Errors relative to ``Σ_i |J_ti J_si|`` ~1e-6 at worst-typical (√CHUNK·2⁻²⁴), independent of P."""
+    Errors relative to ``Σ_i |J_ti J_si|`` ~1e-6 at worst-typical (√CHUNK·2⁻²⁴), independent of P.
+    Inside a training step (cold caches) at the conv benchmark's T = 3: three torch ops (bmm, float64 sum,
+    symmetrisation) instead of ~12 (docs/performance.md, "The Gramian inside a step")."""
     T, n = J.shape
     if J.dtype == torch.float64 or dtype != torch.float64 or n < CHUNK:
-        G = torch.zeros(T, T, dtype=dtype, device=J.device)
         m = J.to(dtype)
-        G.addmm_(m, m.T)
-        return _symmetric(G)
-    return _symmetric(_gram_float32(J if J.dtype == torch.float32 else J.float(), dtype))
+        return _symmetric(torch.mm(m, m.T))
+    if J.dtype == torch.float32:
+        return _symmetric(_gram_float32(J, dtype, _zero_padded(J)))
+    return _symmetric(_gram_float32(J.float(), dtype))
 
 
 def combine_matrix(weights: Tensor, J: Tensor) -> Tensor:

@@ -133,9 +133,25 @@ def stack_split(losses: Tensor, loss_list: Sequence[Tensor]) -> StackSplit | Non
     return StackSplit(unbind, frozenset(passed), list(node.next_functions), input_shape)
 
 
+def lean_entry_points(losses: Tensor, loss_list: Sequence[Tensor]
+                      ) -> tuple[StackSplit, list[tuple[GradientEdge, Tensor]]] | None:
+    """For the engine's lean steps (engine/feature_step.py, engine/param_step.py): the split of a stacked loss
+    vector and each task's entry point (identity transform, no scale), or ``None`` — before any side effect —
+    where the general path must handle the vector (no exact split, the inputs' shape unknown, an input without a
+    graph). When it returns them it has also hooked the stack node as :func:`prune_stacked_losses` does (the
+    general path's side effect on the user's graph, kept the same)."""
+    split = stack_split(losses, loss_list)
+    if split is None or any(node is None for node, _ in split.branches):
+        return None
+    entries = split.entry_points(1.0, loss_list[0])
+    if entries is None or not prune_stacked_losses(losses):
+        return None
+    return split, entries
+
+
 def _reset_warning() -> None:  # for tests
     global _warned
     _warned = False
 
 
-__all__ = ["StackSplit", "prune_stacked_losses", "stack_split"]
+__all__ = ["StackSplit", "lean_entry_points", "prune_stacked_losses", "stack_split"]
