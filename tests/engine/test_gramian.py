@@ -115,7 +115,9 @@ def test_parameter_level_rows_reuse_one_workspace_and_never_alias_grad():
                                                                          list(enc.parameters()),
                                                                          retain_graph=True)])
                      for t, h in enumerate(heads)]).double()
-    torch.testing.assert_close(rec.gramian, J @ J.T, rtol=1e-6, atol=1e-9)
+    # the contract's scale: ‖g_s‖‖g_t‖ (an off-diagonal entry 1/100 of it is not accurate to 1e-6 of itself)
+    assert _float64_error(rec.gramian, J) < 1e-6
+    torch.testing.assert_close(rec.gramian.diagonal(), (J * J).sum(1), rtol=1e-6, atol=0)
     w = rec.weights.to(torch.float64)
     torch.testing.assert_close(torch.cat([g.reshape(-1) for g in first]).double(), w @ J, rtol=1e-5, atol=1e-7)
     for p in enc.parameters():
@@ -289,13 +291,14 @@ def test_workspace_padding_is_zero_never_visible_and_the_buffer_still_reused():
     from mtlens.engine import gramian
 
     gramian.release_workspace()
-    like = [torch.empty(3 * CHUNK + 5), torch.empty(17, 31), torch.empty(2)]
+    like = [torch.empty(4099 * 5 - 17 * 31 - 2), torch.empty(17, 31), torch.empty(2)]
     P = sum(p.numel() for p in like)
+    assert gramian._chunk_width(P) == 0  # P = 20 495 = 5·4099: no equal chunks, the padded chunks are read
     J = gramian.jacobian_workspace(4, like)
-    assert J.shape == (4, P) and J.stride() == (4 * CHUNK, 1)  # rows padded to the next multiple of CHUNK
+    assert J.shape == (4, P) and J.stride() == (6 * CHUNK, 1)  # rows padded to the next multiple of CHUNK
     base = J._base
     ptr = base.data_ptr()
-    assert base.shape == (4, 4 * CHUNK) and bool((base[:, P:] == 0).all())
+    assert base.shape == (4, 6 * CHUNK) and bool((base[:, P:] == 0).all())
     blocks = gramian.matrix_blocks(J, like)
     assert sum(b[0].numel() for b in blocks) == P and blocks[-1][3, -1].data_ptr() == J[3, P - 1].data_ptr()
     g = torch.Generator().manual_seed(7)
@@ -308,6 +311,9 @@ def test_workspace_padding_is_zero_never_visible_and_the_buffer_still_reused():
         assert bool((base[:, P:] == 0).all()), step
         G = gramian.gramian_from_matrix(J)
         assert torch.equal(G, G.T) and _float64_error(G, J) < 2e-6
+    base[:, P:] = 1.0  # the Gramian does read the padding (so its zeros matter): ones there change G
+    assert _float64_error(gramian.gramian_from_matrix(J), J) > 1e-3
+    base[:, P:] = 0.0
     del blocks, b, J, base  # every view: the buffer is free again
     again = gramian.jacobian_workspace(4, like)
     assert again._base.data_ptr() == ptr  # nothing held it: reused, padding still zero
@@ -329,11 +335,14 @@ def test_only_whole_rows_of_the_padded_workspace_take_the_padded_chunks():
     from mtlens.engine import gramian
 
     gramian.release_workspace()
-    P = 2 * CHUNK + 100
+    P = 4099 * 5  # no equal chunks: the workspace's Gramian reads its zero padding
     J = gramian.jacobian_workspace(3, [torch.empty(P)])
     J.copy_(torch.randn(3, P, generator=torch.Generator().manual_seed(3)))
+    J._base[:, P:] = float("nan")  # stands for columns it must not read: only whole rows may
     assert gramian._zero_padded(J) and gramian._zero_padded(J[1:])
-    for sub in (J[:, 50:], J[:, : P - 50], J[:, 1:-1]):
+    assert bool(gramian.gramian_from_matrix(J).isnan().all())
+    # column slices: the tail's product (n = 20 494, 20 492: no equal chunks) or equal chunks, no padding read
+    for sub in (J[:, 1:], J[:, 3:], J[:, 50:], J[:, : P - 50], J[:, 1:-1]):
         assert not gramian._zero_padded(sub)
         G = gramian.gramian_from_matrix(sub)
         assert torch.equal(G, G.T) and _float64_error(G, sub) < 2e-6

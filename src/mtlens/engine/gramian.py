@@ -18,6 +18,9 @@ rounding in a backward pass); the chunks' products are summed in float64, so the
 grow with the number of parameters. ~3× cheaper than float64 products (no float64 copy, sgemm)."""
 
 
+_F32, _F64 = torch.float32, torch.float64
+
+
 def _accumulate_gram(G: Tensor, m: Tensor) -> None:
     """``G += m mᵀ`` for ``m`` of shape (T, n).
 
@@ -64,23 +67,26 @@ def _chunk_width(n: int) -> int:
     return 0
 
 
-def _gram_float32(m: Tensor, dtype: torch.dtype, zero_padded: bool = False) -> Tensor:
+def _gram_float32(m: Tensor, dtype: torch.dtype) -> Tensor:
     """``m mᵀ`` of one float32 block (T, n ≥ CHUNK; rows may be strided) into a new ``dtype`` matrix, not
     symmetrised: float32 products on column chunks of at most :data:`CHUNK` columns (one batched sgemm, read in
     place through a strided view: no copy), each chunk's T×T product summed in ``dtype``.
 
-    The chunks: ``CHUNK`` columns each, the last one reaching into the row's zeros, when ``zero_padded``
-    (:func:`jacobian_workspace`'s buffer, whose rows are followed by zeros up to a multiple of ``CHUNK``); else
-    equal chunks of :func:`_chunk_width` columns; else (no such width) the full chunks and the tail's own float32
-    product. The one implementation of the chunked product (:func:`_accumulate_gram`,
-    :func:`gramian_from_blocks`, :func:`gramian_from_matrix`)."""
+    The chunks: equal chunks of :func:`_chunk_width` columns; where there is no such width, ``CHUNK`` columns
+    each, the last one reaching into the row's zeros, for whole rows of :func:`jacobian_workspace`'s padded buffer
+    (:func:`_zero_padded`); else the full chunks and the tail's own float32 product. The one implementation of
+    the chunked product (:func:`_accumulate_gram`, :func:`gramian_from_blocks`, :func:`gramian_from_matrix`)."""
     T, n = m.shape
-    if m.stride(1) != 1:
+    s, one = m.stride()  # rows' stride: any value when T = 1 (row 0 only)
+    if one != 1:
         m = m.contiguous()
-    s = m.stride(0)  # rows' stride (any value when T = 1: row 0 only)
-    w = CHUNK if zero_padded else _chunk_width(n)
-    c = -(-n // w) if w else n // CHUNK
-    w = w or CHUNK
+        s = n
+    w = _chunk_width(n)
+    if w:
+        c = n // w
+    else:
+        w = CHUNK
+        c = -(-n // CHUNK) if _zero_padded(m) else n // CHUNK
     x = m.as_strided((c, T, w), (w, s, 1))  # chunk k of every row, a view
     G = torch.bmm(x, m.as_strided((c, w, T), (w, 1, s))).sum(0, dtype=dtype)
     if c * w < n:  # no equal chunks: the tail's own product
@@ -274,11 +280,11 @@ def gramian_from_matrix(J: Tensor, dtype: torch.dtype = torch.float64) -> Tensor
     Inside a training step (cold caches) at the conv benchmark's T = 3: three torch ops (bmm, float64 sum,
     symmetrisation) instead of ~12 (docs/performance.md, "The Gramian inside a step")."""
     T, n = J.shape
+    if J.dtype is _F32 and dtype is _F64 and n >= CHUNK:  # the workspace's case first: fewest Python steps
+        return _symmetric(_gram_float32(J, _F64))
     if J.dtype == torch.float64 or dtype != torch.float64 or n < CHUNK:
         m = J.to(dtype)
         return _symmetric(torch.mm(m, m.T))
-    if J.dtype == torch.float32:
-        return _symmetric(_gram_float32(J, dtype, _zero_padded(J)))
     return _symmetric(_gram_float32(J.float(), dtype))
 
 
