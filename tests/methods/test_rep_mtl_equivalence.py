@@ -1,4 +1,4 @@
-"""The one-pass Rep-MTL penalty (saliency_moments: one hand-written backward) equals the plain-autograd
+"""The one-pass Rep-MTL penalty (penalty_terms: one hand-written backward) equals the plain-autograd
 implementation it replaced (tests/methods/_rep_mtl_reference.py), values and gradients, in float64."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mtlens.methods import create
-from mtlens.methods.rep_mtl import RepMTL, csa_loss, saliency_moments, tsr_loss
+from mtlens.methods.rep_mtl import RepMTL, csa_loss, penalty_terms, tsr_loss
 
 TIGHT = {"rtol": 1e-11, "atol": 1e-12}
 
@@ -87,8 +87,7 @@ def test_through_the_second_order_path_equals_the_previous_implementation():
 
 
 def test_gradcheck_and_second_derivatives():
-    """The penalty built on the moments passes gradcheck on both routes (T ≤ L and T > L) — the moments' raw
-    outputs carry detached scales, so only the scale-free penalty is checked — and gradgradcheck: under
+    """The one-pass penalty passes gradcheck on both routes (T ≤ L and T > L) and gradgradcheck: under
     create_graph the backward is autograd's, and the second derivatives equal the previous implementation's."""
     X = torch.randn(3, 2, 4, 2, 3, dtype=torch.float64, requires_grad=True)
     V = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)  # T > L = 1
@@ -101,4 +100,7 @@ def test_gradcheck_and_second_derivatives():
         u = torch.randn_like(inp)
         torch.testing.assert_close(torch.autograd.grad((g * u).sum(), inp)[0],
                                    torch.autograd.grad((g_ref * u).sum(), inp)[0], **TIGHT)
-    assert saliency_moments(X.reshape(3, 2, 4, 6), channel_means=False).channel_means is None
+    tsr, csa = penalty_terms(X.reshape(3, 2, 4, 6), tau=0.5)
+    torch.testing.assert_close(tsr, ref.tsr_loss(X), **TIGHT)
+    torch.testing.assert_close(csa, ref.csa_loss(X, tau=0.5), **TIGHT)
+    assert float(penalty_terms(X.reshape(3, 2, 4, 6), tsr=False)[0].detach()) == 0.0
