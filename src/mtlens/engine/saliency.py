@@ -80,7 +80,7 @@ def saliency_stack(
 
 def safe_divisor(x: Tensor) -> Tensor:
     """``x`` where it is positive, 1 elsewhere (a divisor that never produces inf or NaN)."""
-    return torch.where(x > 0, x, torch.ones_like(x))
+    return torch.where(x > 0, x, 1.0)
 
 
 def normalise_over_tasks(a: Tensor, dim: int = 0) -> Tensor:

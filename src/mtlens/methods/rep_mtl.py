@@ -176,8 +176,9 @@ class _Penalty(torch.autograd.Function):
         tensors: list[Tensor] = [X, Xn, sd, sc, An, P, G, m_norm, pos_dot]
         tsr = csa = X.new_zeros(())
         if want_tsr:  # Eqs. 5–6, as tsr_from_channel_means, keeping what the backward reads
-            mx = _safe(s_hat.abs().amax(dim=0, keepdim=True))
-            r = s_hat.abs() / mx
+            a = s_hat.abs()
+            mx = _safe(a.amax(dim=0, keepdim=True))
+            r = a / mx
             tot = _safe(r.sum(dim=0, keepdim=True))
             p = r / tot
             logp = torch.log(_safe(p))
