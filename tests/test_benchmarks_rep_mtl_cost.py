@@ -20,7 +20,7 @@ def test_rows_and_operator_counts(rc, capsys):
     rc.main(["--steps", "1", "--loads", "conv:2,mlp:2", "--profile"])
     out = capsys.readouterr().out
     assert "| conv, T = 2 |" in out and "| mlp, T = 2 |" in out
-    assert "- EW + Rep-MTL:" in out and "aten operators per step, conv:2" in out
+    assert "- EW + Rep-MTL:" in out and "aten operators per step, conv:2" in out and "floor / EW" in out
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")

@@ -29,7 +29,6 @@ from torch import Tensor
 
 from ..engine.protocols import Regularizer
 from ..engine.saliency import channels_by_locations as _channels_by_locations
-from ..engine.saliency import safe_divisor as _safe
 from ..engine.saliency import saliency_stack, tsr_from_channel_means, tsr_loss
 from ..errors import ConfigurationError, ShapeError
 from ._registry import register
@@ -67,8 +66,8 @@ def anchor_gram(An: Tensor) -> Tensor:
 
 
 def _anchor_gram_parts(An: Tensor) -> tuple[Tensor, str, Tensor]:
-    """:func:`anchor_gram`'s ``K``, the form taken, and its intermediate (pairs: ``Q_bk = A_bᵀ A_k``
-    ``(B, B, T, T)``; outer: ``Â = A Aᵀ`` ``(B, C, C)``), which :func:`_anchor_gram_backward` reads."""
+    """:func:`anchor_gram`'s ``K``, the form taken, and its intermediate (pairs: the blocks ``Q_bk = A_bᵀ A_k``
+    as one ``(BT, BT)`` matrix; outer: ``Â = A Aᵀ`` ``(B, C, C)``), which :func:`_anchor_gram_backward` reads."""
     B, C, T = An.shape
     pairs = B * B * T * T * C
     outer = B * C * C * T + B * B * C * (C + 1) // 2
@@ -78,8 +77,9 @@ def _anchor_gram_parts(An: Tensor) -> tuple[Tensor, str, Tensor]:
         iu = torch.triu_indices(C, C, offset=1, device=An.device)
         u = torch.index_select(Ahat.reshape(B, C * C), 1, iu[0] * C + iu[1])  # (B, C(C−1)/2); backward: index_add
         return d @ d.T + 2 * (u @ u.T), "outer", Ahat
-    Q = torch.einsum("bcs,kcr->bksr", An, An)
-    return Q.pow(2).sum(dim=(2, 3)), "pairs", Q
+    M = An.transpose(1, 2).reshape(B * T, C)  # rows a_{b,s}
+    Q = M @ M.T  # (BT, BT): Q[(b, s), (k, r)] = ⟨a_{b,s}, a_{k,r}⟩, i.e. the blocks A_bᵀ A_k
+    return Q.square().view(B, T, B, T).sum(dim=(1, 3)), "pairs", Q
 
 
 def _anchor_gram_backward(An: Tensor, form: str, inter: Tensor, dK: Tensor) -> Tensor:
@@ -87,10 +87,17 @@ def _anchor_gram_backward(An: Tensor, form: str, inter: Tensor, dK: Tensor) -> T
     pairs ``dA_j = 2 Σ_k D_jk A_k Q_jkᵀ`` (``∂‖A_jᵀA_k‖²/∂A_j = 2 A_k Q_jkᵀ``); outer
     ``dÂ_j = Σ_k D_jk Â_k``, ``dA_j = 2 dÂ_j A_j``."""
     D = dK + dK.T
-    if form == "pairs":
-        return 2 * torch.einsum("jksr,kcr->jcs", D[:, :, None, None] * inter, An)
-    B, C, _ = An.shape
+    B, C, T = An.shape
+    if form == "pairs":  # 2 (Q ∘ D per block) M with M the rows a_{b,s}: (BT, C)
+        W = (inter.view(B, T, B, T) * D[:, None, :, None]).view(B * T, B * T)
+        return (W @ An.transpose(1, 2).reshape(B * T, C)).mul_(2).view(B, T, C).transpose(1, 2)
     return 2 * torch.bmm((D @ inter.reshape(B, C * C)).reshape(B, C, C), An)
+
+
+def _nonzero(x: Tensor) -> Tensor:
+    """:func:`~mtlens.engine.saliency.safe_divisor` for a non-negative ``x`` (maxima, norms, sums of
+    magnitudes): 1 where ``x = 0``, in two operators instead of three."""
+    return x.masked_fill(x == 0, 1.0)
 
 
 def _moments_forward(X: Tensor, want_means: bool) -> tuple[Any, ...]:
@@ -104,8 +111,8 @@ def _moments_forward(X: Tensor, want_means: bool) -> tuple[Any, ...]:
     s_hat = X.mean(dim=2) if want_means else None  # (T, B, L): TSR's signed channel means (Eq. 4)
     A = X.mean(dim=3)  # (T, B, C): a_{b,t} (Eq. 8)
     Xd = X.detach()  # max |X_{t,b}| without an X-sized |X| (vector_norm(ord=inf) is 15× slower here)
-    sd = _safe(torch.maximum(Xd.amax(dim=(2, 3), keepdim=True), Xd.amin(dim=(2, 3), keepdim=True).neg_()))
-    sc = _safe(A.detach().abs().amax(dim=(0, 2), keepdim=True))  # (1, B, 1): one scale per sample
+    sd = _nonzero(torch.maximum(Xd.amax(dim=(2, 3), keepdim=True), Xd.amin(dim=(2, 3), keepdim=True).neg_()))
+    sc = _nonzero(A.detach().abs().amax(dim=(0, 2), keepdim=True))  # (1, B, 1): one scale per sample
     Xn = X / sd
     An = (A / sc).permute(1, 2, 0)  # (B, C, T)
     wide = T <= L  # batch over (t, b), expanding the anchors (T·B·T·C ≤ |X|), else over b (einsum)
@@ -113,7 +120,7 @@ def _moments_forward(X: Tensor, want_means: bool) -> tuple[Any, ...]:
     pos_dot = P.square().sum(dim=(2, 3))  # (T, B)
     Xf = Xn.reshape(T * B, C, L)
     G = torch.bmm(Xf.transpose(1, 2), Xf) if L <= C else torch.bmm(Xf, Xf.transpose(1, 2))  # min(C, L)²
-    m_norm = _safe(torch.linalg.vector_norm(G, dim=(1, 2))).reshape(T, B)
+    m_norm = _nonzero(torch.linalg.vector_norm(G, dim=(1, 2))).reshape(T, B)
     return s_hat, An, pos_dot, m_norm, Xn, sd, sc, P, G, wide
 
 
@@ -125,7 +132,7 @@ def _csa_tail(An: Tensor, pos_dot: Tensor, m_norm: Tensor, tau: float, form: str
     T, B = pos_dot.shape
     K, ag_form, ag_inter = _anchor_gram_parts(An)  # ⟨Â_b, Â_k⟩ → (B, B); its diagonal is ‖Â_b‖²
     delta = torch.diagonal(K)
-    a = _safe(delta).sqrt()  # (B,)
+    a = _nonzero(delta).sqrt()  # (B,)
     pos = pos_dot / (a * m_norm) / tau  # (T, B)
     saved: dict[str, Any] = {"K": K, "a": a, "pos": pos, "inter": ag_inter, "form": ag_form}
     if B > 1:
@@ -177,11 +184,11 @@ class _Penalty(torch.autograd.Function):
         tsr = csa = X.new_zeros(())
         if want_tsr:  # Eqs. 5–6, as tsr_from_channel_means, keeping what the backward reads
             a = s_hat.abs()
-            mx = _safe(a.amax(dim=0, keepdim=True))
+            mx = _nonzero(a.amax(dim=0, keepdim=True))
             r = a / mx
-            tot = _safe(r.sum(dim=0, keepdim=True))
+            tot = _nonzero(r.sum(dim=0, keepdim=True))
             p = r / tot
-            logp = torch.log(_safe(p))
+            logp = torch.log(_nonzero(p))
             tsr = -(p * logp).sum(dim=0).mean()
             tensors += [s_hat, mx, tot, p, logp]
         ctx.n_moments = 9
