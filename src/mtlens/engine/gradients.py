@@ -1345,6 +1345,7 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
             tg.overflow = scale != 1.0
             return
     sal: list[Tensor] = []
+    block: Tensor | None = None
     if sal_regs or keep_saliencies or compute_gramian == "feature":
         if len(feats.maps) > 1 and not feats.multi_input:
             raise ConfigurationError(
@@ -1355,12 +1356,14 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
             maps = feats.of_task(t)
             s0 = _grads(L, maps, create_graph=bool(sal_regs))[0]
             sal.append(s0 if s0 is not None else torch.zeros_like(maps[0]))
-        own = [s.detach() for s in sal]
-        if len({tuple(s.shape) for s in own}) == 1:
-            tg.saliencies = torch.stack(own)
+        if len({tuple(s.shape) for s in sal}) == 1:
+            # one (T, B, ...) stack: the record's block is the regularisers' (one process), detached
+            block = torch.stack(sal)
+            tg.saliencies = block.detach()
     reg_total: Tensor | None = None
     if sal_regs:
-        reg_total, values = regularizer_terms(sal_regs, [_reg_saliency_block(sal, names, dist)], obj)
+        S = block if block is not None and dist is None else _reg_saliency_block(sal, names, dist)
+        reg_total, values = regularizer_terms(sal_regs, [S], obj)
         tg.regularizer_values.update(values)
     pblocks: list[Tensor] = []
     if (weighted_sum and compute_gramian == "param" and not param_regs and not sal_regs and grad_norm_params is None

@@ -31,6 +31,7 @@ __all__ = [
     "safe_divisor",
     "saliency_stack",
     "task_entropy",
+    "tsr_from_channel_means",
     "tsr_loss",
 ]
 
@@ -79,7 +80,7 @@ def saliency_stack(
 
 def safe_divisor(x: Tensor) -> Tensor:
     """``x`` where it is positive, 1 elsewhere (a divisor that never produces inf or NaN)."""
-    return torch.where(x > 0, x, torch.ones_like(x))
+    return torch.where(x > 0, x, 1.0)
 
 
 def normalise_over_tasks(a: Tensor, dim: int = 0) -> Tensor:
@@ -121,6 +122,13 @@ def tsr_loss(saliencies: Tensor | Sequence[Tensor]) -> Tensor:
         a scalar tensor in ``[0, log T]``.
     """
     S = saliency_stack(saliencies, min_ndim=3, what="tsr_loss saliencies")
-    s_hat = channels_by_locations(S).mean(dim=2)  # (T, B, L), signed channel mean (Eq. 4)
+    return tsr_from_channel_means(channels_by_locations(S).mean(dim=2))
+
+
+def tsr_from_channel_means(s_hat: Tensor) -> Tensor:
+    """``L_tsr`` from the signed channel means ``Ŝ`` of shape ``(T, B, L)`` (Eq. 4 already applied): the L1
+    distribution over tasks at every location (Eq. 5) and its mean entropy (Eq. 6). :func:`tsr_loss` is
+    ``tsr_from_channel_means(S.mean over channels)``; Rep-MTL's penalty takes the means from the pass it shares
+    with CSA (:func:`mtlens.methods.rep_mtl.saliency_moments`)."""
     p = normalise_over_tasks(s_hat.abs(), dim=0)  # Eq. 5
     return task_entropy(p, dim=0).mean()  # Eq. 6
