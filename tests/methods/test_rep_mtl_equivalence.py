@@ -104,3 +104,14 @@ def test_gradcheck_and_second_derivatives():
     torch.testing.assert_close(tsr, ref.tsr_loss(X), **TIGHT)
     torch.testing.assert_close(csa, ref.csa_loss(X, tau=0.5), **TIGHT)
     assert float(penalty_terms(X.reshape(3, 2, 4, 6), tsr=False)[0].detach()) == 0.0
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradient():
+    """The hand-written backward reads its saved tensors without changing them (gradient levels differentiate the
+    penalty with retain_graph=True)."""
+    for shape in ((3, 4, 5, 2, 3), (4, 3, 6)):
+        S = _inputs(shape, seed=7).requires_grad_(True)
+        total = RepMTL().loss([S], None)[0]
+        (g1,) = torch.autograd.grad(total, S, retain_graph=True)
+        (g2,) = torch.autograd.grad(total, S)
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)

@@ -67,7 +67,7 @@ def anchor_gram(An: Tensor) -> Tensor:
 
 def _anchor_gram_parts(An: Tensor) -> tuple[Tensor, str, Tensor]:
     """:func:`anchor_gram`'s ``K``, the form taken, and its intermediate (pairs: the blocks ``Q_bk = A_bᵀ A_k``
-    as one ``(BT, BT)`` matrix; outer: ``Â = A Aᵀ`` ``(B, C, C)``), which :func:`_anchor_gram_backward` reads."""
+    as one ``(TB, TB)`` matrix; outer: ``Â = A Aᵀ`` ``(B, C, C)``), which :func:`_anchor_gram_backward` reads."""
     B, C, T = An.shape
     pairs = B * B * T * T * C
     outer = B * C * C * T + B * B * C * (C + 1) // 2
@@ -77,9 +77,9 @@ def _anchor_gram_parts(An: Tensor) -> tuple[Tensor, str, Tensor]:
         iu = torch.triu_indices(C, C, offset=1, device=An.device)
         u = torch.index_select(Ahat.reshape(B, C * C), 1, iu[0] * C + iu[1])  # (B, C(C−1)/2); backward: index_add
         return d @ d.T + 2 * (u @ u.T), "outer", Ahat
-    M = An.transpose(1, 2).reshape(B * T, C)  # rows a_{b,s}
-    Q = M @ M.T  # (BT, BT): Q[(b, s), (k, r)] = ⟨a_{b,s}, a_{k,r}⟩, i.e. the blocks A_bᵀ A_k
-    return Q.square().view(B, T, B, T).sum(dim=(1, 3)), "pairs", Q
+    M = An.permute(2, 0, 1).reshape(T * B, C)  # rows a_{b,s}, task-major (the sum below adds whole B×B blocks)
+    Q = M @ M.T  # (TB, TB): Q[(s, b), (r, k)] = ⟨a_{b,s}, a_{k,r}⟩, i.e. the blocks A_bᵀ A_k
+    return Q.square().view(T, B, T, B).sum(dim=(0, 2)), "pairs", Q
 
 
 def _anchor_gram_backward(An: Tensor, form: str, inter: Tensor, dK: Tensor) -> Tensor:
@@ -88,9 +88,9 @@ def _anchor_gram_backward(An: Tensor, form: str, inter: Tensor, dK: Tensor) -> T
     ``dÂ_j = Σ_k D_jk Â_k``, ``dA_j = 2 dÂ_j A_j``."""
     D = dK + dK.T
     B, C, T = An.shape
-    if form == "pairs":  # 2 (Q ∘ D per block) M with M the rows a_{b,s}: (BT, C)
-        W = (inter.view(B, T, B, T) * D[:, None, :, None]).view(B * T, B * T)
-        return (W @ An.transpose(1, 2).reshape(B * T, C)).mul_(2).view(B, T, C).transpose(1, 2)
+    if form == "pairs":  # 2 (Q ∘ D per block) M with M the rows a_{b,s}: (TB, C)
+        W = (inter.view(T, B, T, B) * D[None, :, None, :]).view(T * B, T * B)
+        return (W @ An.permute(2, 0, 1).reshape(T * B, C)).mul_(2).view(T, B, C).permute(1, 2, 0)
     return 2 * torch.bmm((D @ inter.reshape(B, C * C)).reshape(B, C, C), An)
 
 
