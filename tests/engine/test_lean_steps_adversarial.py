@@ -278,3 +278,41 @@ def test_random_graphs_lean_steps_equal_the_general_path(data):
         for key in RECORD_FIELDS:
             va, vb = getattr(rec_a, key), getattr(rec_b, key)
             assert (va is None) == (vb is None) and (va is None or torch.equal(va, vb)), key
+
+
+class _KeptGradient(torch.autograd.Function):
+    """``x * w`` whose backward gives ``w`` a gradient it keeps (a fixed, straight-through-like one)."""
+
+    kept = torch.full((4,), 0.5)
+
+    @staticmethod
+    def forward(ctx, x, w):
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.0, _KeptGradient.kept
+
+
+@pytest.mark.parametrize("source", ["function", "hook"])
+@pytest.mark.parametrize("level", ["param", "feature"])
+def test_a_head_gradient_someone_keeps_is_never_made_a_grad(source, level):
+    """A custom Function's backward (or a hook on a head parameter) returns a tensor it keeps as a head parameter's
+    gradient. The lean steps made that very tensor the ``.grad`` (no copy under the unit head rule), so the next
+    step's accumulation (``.grad += g``) wrote into the kept tensor; the general path and ``loss.backward()`` copy."""
+    kept = torch.full((4,), 0.5)
+    _KeptGradient.kept = kept
+    torch.manual_seed(0)
+    net = Net(2)
+    w = nn.Parameter(torch.ones(4))
+    if source == "hook":
+        w.register_hook(lambda g: kept)
+    for _ in range(2):  # no zero_grad: the second step accumulates into the first step's .grad
+        z = net.enc(torch.randn(3, 5))
+        scaled = _KeptGradient.apply(z, w) if source == "function" else z * w
+        losses = [(net.heads[0](scaled) ** 2).mean(), (net.heads[1](z) ** 2).mean()]
+        with _lean_only():
+            mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("upgrad"), level=level)
+    assert torch.equal(kept, torch.full((4,), 0.5))
+    assert torch.equal(w.grad, torch.full((4,), 1.0))
+    assert w.grad.data_ptr() != kept.data_ptr()

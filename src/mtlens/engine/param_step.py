@@ -33,7 +33,7 @@ from ..errors import MTLensError, NonFiniteError
 from . import pool
 from ._autograd import vjp
 from .apply import _accumulate, _check_range, _combine_heads, weights_error
-from .feature_step import _entries, _unit_rows
+from .feature_step import _entries, _fresh_rows, _unit_rows
 from .gradients import (
     _dense,
     _find_heads,
@@ -131,12 +131,14 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
                 gz = vjp([features], shared, grad_outputs=[sal[T - 1]], retain_graph=retain_graph)
                 _write_row(J, T - 1, _dense(gz), shared)
         head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
+        fresh = _fresh_rows(sets, heads)  # no head gradient can be a tensor that someone else holds
     else:
         heads = _find_heads(loss_list, feats, shared, task_params, method_params)
         sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, split,
                                                None if split is None else list(zip(outs, gos)))
         sal = [s[0] for s in sal_maps]
         rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
+        fresh = False  # (the graph was not walked here: the rows are copied, as the general path does)
         for t in range(T):
             gz = vjp([features], shared, grad_outputs=[sal[t]], retain_graph=retain_graph or t < T - 1)
             _write_row(J, t, _dense(gz), shared)
@@ -196,7 +198,7 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         # (never a view of the reused workspace) whose per-parameter views become the .grads
         flat = combine_matrix(w, J)
         shared_g = split_flat(flat, shared)
-        head_g = _unit_rows(rows, own, len(heads)) if default_heads else None
+        head_g = _unit_rows(rows, own, len(heads)) if default_heads and fresh else None
         if head_g is None:  # shared heads, another head rule: the general path's combination (copies)
             if head_rows is None:
                 head_rows = [[None] * len(heads) for _ in range(T)]
