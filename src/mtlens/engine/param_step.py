@@ -101,21 +101,35 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             for t in range(T - 1, -1, -1):
                 retain[t] = not sets[t].isdisjoint(later)
                 later |= sets[t]
+        # the last task in ONE backward (its head, S_T at the map, on through the encoder): the same numbers as
+        # its head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer —
+        # unless the map has backward hooks (``Z.register_hook``, ``Z.retain_grad()``): the general path's encoder
+        # VJP from S_T runs them once more (on its root); or the last loss reads another output of the node that
+        # made the map (a chunk, an LSTM's hidden state): one call would follow that route into the encoder, which
+        # the general path's VJP from S_T does not. The last task then takes the two calls too
+        one_call = not (features._backward_hooks or features.retains_grad) and not _other_output(features, sets[-1])
+        k = T - 1 if one_call else T  # the tasks that take two calls
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
-        for t in range(T - 1):
+        for t in range(k):
             gs = vjp(outs[t], [features, *[heads[i] for i in own[t]]], gos[t], retain_graph=retain[t])
             sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
             rows.append(gs[1:])
-        for t in range(T - 1):
-            _write_row(J, t, _dense(vjp([features], shared, grad_outputs=[sal[t]], retain_graph=True)), shared)
-        # the last task in ONE backward (its head, S_T at the map, on through the encoder): the same numbers as
-        # its head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer
-        gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
-                 retain_graph=retain_graph)
-        sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
-        _write_row(J, T - 1, _dense(gs[1:n + 1]), shared)
-        rows.append(gs[n + 1:])
+        for t in range(k):
+            gz = vjp([features], shared, grad_outputs=[sal[t]], retain_graph=retain_graph or t < T - 1)
+            _write_row(J, t, _dense(gz), shared)
+        if one_call:
+            gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
+                     retain_graph=retain_graph)
+            rows.append(gs[n + 1:])
+            if gs[0] is not None:
+                sal.append(gs[0])
+                _write_row(J, T - 1, _dense(gs[1:n + 1]), shared)
+            else:  # the last loss does not reach the map: the general path's VJP of zeros, which also frees the
+                # encoder's graph (as loss.backward() would) and gives its numbers (0 · inf = NaN included)
+                sal.append(torch.zeros_like(features))
+                gz = vjp([features], shared, grad_outputs=[sal[T - 1]], retain_graph=retain_graph)
+                _write_row(J, T - 1, _dense(gz), shared)
         head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
     else:
         heads = _find_heads(loss_list, feats, shared, task_params, method_params)
@@ -205,3 +219,17 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     record.head_weights = hw
     record.method_values.update(values)
     return record, ""
+
+
+def _other_output(features: Tensor, nodes: set[Any]) -> bool:
+    """Whether a node of ``nodes`` (a loss's part of the graph, up to the map) reads an output of the map's node
+    other than the map itself (``Z, Z2 = h.chunk(2)`` with the head reading ``Z2``). Only a node with several
+    outputs is scanned (``_input_metadata``: one entry per forward output; where torch lacks it, every node)."""
+    node = features.grad_fn
+    if node is None:
+        return False
+    meta = getattr(node, "_input_metadata", None)
+    if meta is not None and len(meta) == 1:
+        return False
+    nr = features.output_nr
+    return any(n is node and k != nr for m in nodes for n, k in m.next_functions)

@@ -1,0 +1,280 @@
+"""Adversarial inputs for the lean steps (engine/param_step.py, engine/feature_step.py, engine/stacked.py): each
+case runs the same step through the lean path (``features=z``) and the general path (``features=[z]``, the same
+numbers through compute_task_gradients → decide → check_decision → apply_decision) and compares what the user can
+see: every ``.grad`` bitwise, the record, the method's state, errors, how often hooks run, and which parts of the
+autograd graph are left (the general path frees it as ``loss.backward()`` does)."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import mtlens.engine.backward as backward
+import mtlens.engine.gradients as gradients
+from mtlens.engine import mtl_backward
+from mtlens.errors import MTLensError
+from mtlens.methods import create
+
+RECORD_FIELDS = ("losses", "objective_losses", "weights", "head_weights", "gramian", "saliencies")
+
+
+class Net(nn.Module):
+    """Encoder 5 → 4 (tanh) and T linear heads 4 → 1; ``reach[t]``: whether task t's loss reads Z (else it is a
+    function of its head's bias only)."""
+
+    def __init__(self, T: int, reach: list[bool] | None = None):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(T)])
+        self.reach = [True] * T if reach is None else reach
+
+    def forward(self, x, hook=None):
+        z = self.enc(x)
+        if hook is not None:
+            hook(z)
+        losses = {}
+        for t, h in enumerate(self.heads):
+            losses[f"t{t}"] = (h(z) ** 2).mean() if self.reach[t] else (h.bias ** 2).sum() + 0.5
+        return z, losses
+
+
+@contextmanager
+def _lean_only(lean=True):
+    """Fail if the general path runs (it starts with compute_task_gradients) where the lean step must run."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general path ran")
+
+    real = backward.compute_task_gradients
+    if lean:
+        backward.compute_task_gradients = refuse
+    try:
+        yield
+    finally:
+        backward.compute_task_gradients = real
+
+
+def _step(net, method, lean, x, hook=None, level="param", **kw):
+    z, losses = net(x, hook)
+    with warnings.catch_warnings(), _lean_only(lean):
+        warnings.simplefilter("ignore")
+        rec = mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(), method=method,
+                           level=level, **kw)
+    return z, losses, rec
+
+
+def _graph_left(net, z, losses):
+    """Which parts of the graph a later backward can still run: the encoder's (Z → its parameters), each loss's."""
+    left = []
+    try:
+        torch.autograd.grad(z, list(net.enc.parameters()), torch.ones_like(z), retain_graph=True)
+        left.append("encoder")
+    except RuntimeError:
+        pass
+    for name, L in losses.items():
+        try:
+            torch.autograd.grad(L, list(net.parameters()), retain_graph=True, allow_unused=True)
+            left.append(name)
+        except RuntimeError:
+            pass
+    return left
+
+
+def _pair(T, reach=None):
+    torch.manual_seed(0)
+    a, b = Net(T, reach), Net(T, reach)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _assert_same(rec_a, rec_b, net_a, net_b):
+    for key in RECORD_FIELDS:
+        va, vb = getattr(rec_a, key), getattr(rec_b, key)
+        assert (va is None) == (vb is None), key
+        if va is not None:
+            assert va.dtype == vb.dtype and torch.equal(va, vb), key
+    assert rec_a.skipped == rec_b.skipped and rec_a.reason == rec_b.reason
+    for (n, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+        assert (pa.grad is None) == (pb.grad is None), n
+        if pa.grad is not None:
+            assert torch.equal(pa.grad, pb.grad), n
+
+
+@pytest.mark.parametrize("retain_graph", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_a_last_loss_that_misses_the_map_frees_the_encoder_as_the_general_path(T, retain_graph):
+    """The last task's loss does not read Z (only its head's bias): the lean step's one-call backward of that task
+    never reached the encoder, which then kept its graph (and saved activations) after a step without
+    ``retain_graph``, where the general path (and ``loss.backward()``) frees it."""
+    net_a, net_b = _pair(T, reach=[True] * (T - 1) + [False])
+    x = torch.randn(3, 5)
+    left = []
+    for net, lean in ((net_a, True), (net_b, False)):
+        z, losses, rec = _step(net, create("upgrad"), lean, x, retain_graph=retain_graph)
+        left.append((_graph_left(net, z, losses), rec))
+    assert left[0][0] == left[1][0]
+    assert ("encoder" in left[0][0]) == retain_graph
+    _assert_same(left[0][1], left[1][1], net_a, net_b)
+
+
+def test_a_last_loss_that_misses_the_map_gets_the_general_paths_numbers_from_a_singular_encoder():
+    """The general path pushes the last task's zero saliency through the encoder: ``0 · inf = NaN`` where the
+    encoder's derivative is infinite (``sqrt`` at 0), and the step is skipped; the lean step must not write."""
+    class SqrtNet(Net):
+        def forward(self, x, hook=None):
+            z = torch.sqrt(self.enc[0](x) * 0.0)  # d sqrt(u)/du = inf at u = 0: J_Z has infinite entries
+            return z, {"t0": (self.heads[0].bias ** 2).sum() + (self.heads[0](z) ** 2).mean() * 0.0 + 1.0,
+                       "t1": (self.heads[1].bias ** 2).sum() + 1.0}
+
+    torch.manual_seed(0)
+    net_a, net_b = SqrtNet(2), SqrtNet(2)
+    net_b.load_state_dict(net_a.state_dict())
+    x = torch.randn(3, 5)
+    recs = []
+    for net, lean in ((net_a, True), (net_b, False)):
+        gradients._warned_zero.clear()
+        recs.append(_step(net, create("upgrad"), lean, x, nonfinite="skip")[2])
+    assert recs[1].skipped and recs[0].skipped and recs[0].reason == recs[1].reason
+    _assert_same(recs[0], recs[1], net_a, net_b)
+
+
+@pytest.mark.parametrize("kind", ["double", "count", "retain_grad"])
+@pytest.mark.parametrize("level", ["param", "feature"])
+def test_hooks_on_the_map_run_as_on_the_general_path(kind, level):
+    """A backward hook on Z runs once per head backward and once more on each encoder VJP's root in the general
+    path; the lean parameter step's one call for the last task ran it once there (a hook that scales its gradient
+    then changed the last task's encoder row, and a hook that logs saw one call fewer). ``Z.retain_grad()`` alike
+    (``Z.grad`` accumulates on every one of those backwards)."""
+    T = 3
+    net_a, net_b = _pair(T)
+    x = torch.randn(3, 5)
+    calls: dict[bool, list[float]] = {True: [], False: []}
+    zs = {}
+    for net, lean in ((net_a, True), (net_b, False)):
+        def hook(z, lean=lean):
+            if kind == "retain_grad":
+                z.retain_grad()
+            else:
+                z.register_hook(lambda g: (calls[lean].append(float(g.sum())), g * 2.0 if kind == "double" else g)[1])
+        m = create("upgrad")
+        zs[lean], _, rec = _step(net, m, lean, x, hook=hook, level=level)
+        calls[lean].append(rec)
+    rec_a, rec_b = calls[True].pop(), calls[False].pop()
+    assert sorted(calls[True]) == sorted(calls[False])  # the same calls with the same gradients (order may differ)
+    _assert_same(rec_a, rec_b, net_a, net_b)
+    if kind == "retain_grad":
+        assert torch.equal(zs[True].grad, zs[False].grad)
+
+
+@pytest.mark.parametrize("encoder", ["chunk", "lstm"])
+def test_a_loss_reading_another_output_of_the_maps_node_gets_the_general_paths_gradients(encoder):
+    """Z is one output of a node with several (``Z, Z2 = h.chunk(2)``; an LSTM's output, whose node also makes its
+    hidden state) and the last task's head also reads the other output. The lean step's one backward for the last
+    task followed that route into the encoder, which the general path's VJP from ``S_T`` does not: a different
+    row of the Jacobian for that task only (see the report: the general path does not refuse this graph)."""
+    results = []
+    for lean in (True, False):
+        torch.manual_seed(0)
+        if encoder == "chunk":
+            enc: nn.Module = nn.Linear(5, 8)
+        else:
+            enc = nn.LSTM(5, 4)
+        heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(2)])
+        x = torch.randn(3, 5) if encoder == "chunk" else torch.randn(2, 3, 5)
+        if encoder == "chunk":
+            z, other = torch.tanh(enc(x)).chunk(2, dim=1)
+        else:
+            z, (other, _) = enc(x)
+        losses = [(heads[0](z) ** 2).mean(), (heads[1](z) ** 2).mean() + (other ** 2).mean()]
+        with _lean_only(lean):
+            rec = mtl_backward(losses, features=z if lean else [z], shared_params=enc.parameters(),
+                               method=create("upgrad"), level="param")
+        results.append((rec, [p.grad.clone() for p in [*enc.parameters(), *heads.parameters()]]))
+    (rec_a, grads_a), (rec_b, grads_b) = results
+    assert torch.equal(rec_a.gramian, rec_b.gramian)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+class _Box:  # a saved tensor, packed: alive (no reference cycle: freed at once) while a graph node holds it
+    def __init__(self, t):
+        self.t = t
+
+
+def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, method, log_hook):
+    """One step on a random small graph (see the hypothesis test), with every saved tensor of the forward packed
+    in a box whose weak reference tells whether the graph still holds it after the step."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+    heads = nn.ModuleList([nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)) for _ in range(T)])
+    shared_head = nn.Parameter(torch.randn(4))
+    boxes: list[weakref.ref] = []
+    calls: list[float] = []
+
+    def pack(t):
+        box = _Box(t)
+        boxes.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        z = enc(torch.randn(3, 5))
+        if log_hook:
+            z.register_hook(lambda g: calls.append(float(g.double().sum())))
+        per_task = []
+        for t in range(T):
+            h = heads[head_of[t]]
+            L = (h(z) ** 2).mean() if reach[t] else (h[2].bias ** 2).sum() + 0.5
+            if common:
+                L = L + torch.tanh(z * shared_head).mean()
+            per_task.append(L)
+    losses = ({f"t{t}": L for t, L in enumerate(per_task)} if form == "dict" else
+              torch.stack(per_task) if form == "stack" else per_task)
+    params = [*enc.parameters(), *heads.parameters(), shared_head]
+    try:
+        with warnings.catch_warnings(), _lean_only(lean):
+            warnings.simplefilter("ignore")
+            gradients._warned_zero.clear()
+            rec = mtl_backward(losses, features=z if lean else [z], shared_params=enc.parameters(),
+                               method=create(method), level=level, retain_graph=retain_graph)
+        err = None
+    except MTLensError as exc:
+        rec, err = None, f"{type(exc).__name__}: {exc}"
+    alive = sum(ref() is not None for ref in boxes)
+    return rec, err, [p.grad for p in params], alive, sorted(calls)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_graphs_lean_steps_equal_the_general_path(data):
+    """Random small graphs: T tasks, some losses not reading Z, heads shared between tasks, a head parameter every
+    task reaches, a dict / list / stacked vector, either level, kept graph or not, a logging hook on Z. The lean
+    step gives the general path's gradients, record and error, runs the hook as often on the same gradients, and
+    leaves the same saved tensors alive in the graph (the losses are still held: what a second backward could use)."""
+    T = data.draw(st.integers(1, 4), label="T")
+    reach = data.draw(st.lists(st.booleans(), min_size=T, max_size=T), label="reach")
+    head_of = data.draw(st.lists(st.integers(0, T - 1), min_size=T, max_size=T), label="head_of")
+    common = data.draw(st.booleans(), label="common")
+    form = data.draw(st.sampled_from(["list", "dict"] + (["stack"] if T > 1 else [])), label="form")
+    level = data.draw(st.sampled_from(["param", "feature"]), label="level")
+    retain_graph = data.draw(st.booleans(), label="retain_graph")
+    method = data.draw(st.sampled_from(["upgrad", "ntkmtl", "mgda"]), label="method")
+    log_hook = data.draw(st.booleans(), label="log_hook")
+    args = (T, reach, head_of, common, form, level, retain_graph, method, log_hook)
+    rec_a, err_a, grads_a, alive_a, calls_a = _random_step(True, *args)
+    rec_b, err_b, grads_b, alive_b, calls_b = _random_step(False, *args)
+    assert err_a == err_b
+    assert alive_a == alive_b
+    assert calls_a == calls_b
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    if rec_a is not None:
+        for key in RECORD_FIELDS:
+            va, vb = getattr(rec_a, key), getattr(rec_b, key)
+            assert (va is None) == (vb is None) and (va is None or torch.equal(va, vb)), key
