@@ -206,15 +206,15 @@ class _Box:  # a saved tensor, packed: alive (no reference cycle: freed at once)
         self.t = t
 
 
-def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, method, log_hook):
+def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, method, log_hook, given_heads, chunk):
     """One step on a random small graph (see the hypothesis test), with every saved tensor of the forward packed
     in a box whose weak reference tells whether the graph still holds it after the step."""
     torch.manual_seed(0)
-    enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+    enc = nn.Sequential(nn.Linear(5, 8 if chunk else 4), nn.Tanh())
     heads = nn.ModuleList([nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)) for _ in range(T)])
     shared_head = nn.Parameter(torch.randn(4))
     boxes: list[weakref.ref] = []
-    calls: list[float] = []
+    calls: list[str] = []
 
     def pack(t):
         box = _Box(t)
@@ -223,14 +223,18 @@ def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, met
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
         z = enc(torch.randn(3, 5))
+        if chunk:  # Z is one output of a node with two; the last task also reads the other
+            z, other = z.chunk(2, dim=1)
         if log_hook:
-            z.register_hook(lambda g: calls.append(float(g.double().sum())))
+            z.register_hook(lambda g: calls.append("none" if g is None else repr(float(g.double().sum()))))
         per_task = []
         for t in range(T):
             h = heads[head_of[t]]
             L = (h(z) ** 2).mean() if reach[t] else (h[2].bias ** 2).sum() + 0.5
             if common:
                 L = L + torch.tanh(z * shared_head).mean()
+            if chunk and t == T - 1:
+                L = L + (other ** 2).mean()
             per_task.append(L)
     losses = ({f"t{t}": L for t, L in enumerate(per_task)} if form == "dict" else
               torch.stack(per_task) if form == "stack" else per_task)
@@ -240,7 +244,8 @@ def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, met
             warnings.simplefilter("ignore")
             gradients._warned_zero.clear()
             rec = mtl_backward(losses, features=z if lean else [z], shared_params=enc.parameters(),
-                               method=create(method), level=level, retain_graph=retain_graph)
+                               method=create(method), level=level, retain_graph=retain_graph,
+                               task_params=[*heads.parameters(), shared_head] if given_heads else None)
         err = None
     except MTLensError as exc:
         rec, err = None, f"{type(exc).__name__}: {exc}"
@@ -248,11 +253,12 @@ def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, met
     return rec, err, [p.grad for p in params], alive, sorted(calls)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_graphs_lean_steps_equal_the_general_path(data):
     """Random small graphs: T tasks, some losses not reading Z, heads shared between tasks, a head parameter every
-    task reaches, a dict / list / stacked vector, either level, kept graph or not, a logging hook on Z. The lean
+    task reaches, a dict / list / stacked vector, either level, kept graph or not, a logging hook on Z, the heads
+    given or found, Z one output of a chunk whose other output the last task reads (pcgrad: its RNG). The lean
     step gives the general path's gradients, record and error, runs the hook as often on the same gradients, and
     leaves the same saved tensors alive in the graph (the losses are still held: what a second backward could use)."""
     T = data.draw(st.integers(1, 4), label="T")
@@ -262,9 +268,11 @@ def test_random_graphs_lean_steps_equal_the_general_path(data):
     form = data.draw(st.sampled_from(["list", "dict"] + (["stack"] if T > 1 else [])), label="form")
     level = data.draw(st.sampled_from(["param", "feature"]), label="level")
     retain_graph = data.draw(st.booleans(), label="retain_graph")
-    method = data.draw(st.sampled_from(["upgrad", "ntkmtl", "mgda"]), label="method")
+    method = data.draw(st.sampled_from(["upgrad", "ntkmtl", "mgda", "pcgrad"]), label="method")
     log_hook = data.draw(st.booleans(), label="log_hook")
-    args = (T, reach, head_of, common, form, level, retain_graph, method, log_hook)
+    given_heads = data.draw(st.booleans(), label="given_heads")
+    chunk = data.draw(st.booleans(), label="chunk")
+    args = (T, reach, head_of, common, form, level, retain_graph, method, log_hook, given_heads, chunk)
     rec_a, err_a, grads_a, alive_a, calls_a = _random_step(True, *args)
     rec_b, err_b, grads_b, alive_b, calls_b = _random_step(False, *args)
     assert err_a == err_b
