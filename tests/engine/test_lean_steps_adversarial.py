@@ -324,3 +324,23 @@ def test_a_head_gradient_someone_keeps_is_never_made_a_grad(source, level):
     assert torch.equal(kept, torch.full((4,), 0.5))
     assert torch.equal(w.grad, torch.full((4,), 1.0))
     assert w.grad.data_ptr() != kept.data_ptr()
+
+
+@pytest.mark.parametrize("step", ["param", "feature", "loss-saliencies"])
+def test_a_stacked_vector_with_a_constant_entry_steps_without_a_crash(step):
+    """``torch.stack([L_0, c])`` with ``c`` a constant (no graph): the lean steps decline it; the general path's
+    heads pass then started task 1's backward at the stack's input 1, which has no node, and autograd raised
+    ``AttributeError: 'NoneType' object has no attribute '_input_metadata'``. Each task now
+    starts at its loss (task 1's gradient is zero, and the engine warns about it once). The loss level's
+    saliencies (``keep_saliencies``) are kept as a regression case."""
+    torch.manual_seed(0)
+    net = Net(1)
+    z, losses = net(torch.randn(3, 5))
+    vector = torch.stack([losses["t0"], losses["t0"].detach() * 2.0])
+    kw = ({"method": create("ew"), "keep_saliencies": True} if step == "loss-saliencies" else
+          {"method": create("upgrad"), "level": step})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the zero gradient of task1 (warned once per process)
+        rec = mtl_backward(vector, features=z, shared_params=net.enc.parameters(), **kw)
+    assert rec.saliencies is not None and torch.equal(rec.saliencies[1], torch.zeros_like(z))
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.enc.parameters())

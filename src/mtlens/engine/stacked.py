@@ -89,8 +89,9 @@ class StackSplit(NamedTuple):
         """Per task: where its own backward may start (the stack's input t) and the gradient to
         start it with, ``scale`` (the objective is ``scale · L_t``: identity transform). Starting
         there is exact — the unbind/view/stack nodes above only route the scalar — and runs no
-        other task's branch, not even on zeros. ``None`` when the inputs' shape is not known."""
-        if self.input_shape is None:
+        other task's branch, not even on zeros. ``None`` when the inputs' shape is not known, or an input has no
+        graph (a constant stacked with the losses: no node to start at; each task then starts at its loss)."""
+        if self.input_shape is None or any(node is None for node, _ in self.branches):
             return None
         g = torch.full(self.input_shape, scale, dtype=like.dtype, device=like.device)
         return [(GradientEdge(node, nr), g) for node, nr in self.branches]
