@@ -344,3 +344,37 @@ def test_a_stacked_vector_with_a_constant_entry_steps_without_a_crash(step):
         rec = mtl_backward(vector, features=z, shared_params=net.enc.parameters(), **kw)
     assert rec.saliencies is not None and torch.equal(rec.saliencies[1], torch.zeros_like(z))
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.enc.parameters())
+
+
+@pytest.mark.parametrize("level", ["param", "feature"])
+@pytest.mark.parametrize("form", ["dim1", "column", "twice", "reversed", "restacked"])
+def test_more_stacked_vectors_equal_the_general_path(form, level):
+    """Regression: stacked vectors the lean steps take (each task from the stack's input t) beyond the plain and
+    reshaped stacks of test_param_step.py: (1,)-losses stacked along dim 1, a (T, 1) column, the same loss
+    stacked twice, the tasks in reverse, and the entries of one per-task vector (a head with T outputs) unbound
+    and stacked again (every task then reaches the one head: the general combination of its rows)."""
+    results = []
+    for lean in (True, False):
+        torch.manual_seed(0)
+        net = Net(3)
+        multi = nn.Linear(4, 3)
+        z, losses = net(torch.randn(3, 5))
+        ls = list(losses.values())
+        vector = {"dim1": lambda: torch.stack([L.reshape(1) for L in ls], dim=1),
+                  "column": lambda: torch.stack([L.reshape(1) for L in ls]),
+                  "twice": lambda: torch.stack([ls[0], ls[0], ls[1]]),
+                  "reversed": lambda: torch.stack(ls[::-1]),
+                  "restacked": lambda: torch.stack(list((multi(z) ** 2).mean(0).unbind(0)))}[form]()
+        with warnings.catch_warnings(), _lean_only(lean):
+            warnings.simplefilter("ignore")
+            rec = mtl_backward(vector, features=z if lean else [z], shared_params=net.enc.parameters(),
+                               method=create("ntkmtl"), level=level)
+        grads = [p.grad for p in [*net.parameters(), *multi.parameters()]]
+        results.append((rec, grads, _graph_left(net, z, losses)))
+    (rec_a, grads_a, left_a), (rec_b, grads_b, left_b) = results
+    assert left_a == left_b
+    for key in RECORD_FIELDS:
+        va, vb = getattr(rec_a, key), getattr(rec_b, key)
+        assert (va is None) == (vb is None) and (va is None or torch.equal(va, vb)), key
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
