@@ -360,11 +360,16 @@ def test_more_stacked_vectors_equal_the_general_path(form, level):
         multi = nn.Linear(4, 3)
         z, losses = net(torch.randn(3, 5))
         ls = list(losses.values())
-        vector = {"dim1": lambda: torch.stack([L.reshape(1) for L in ls], dim=1),
-                  "column": lambda: torch.stack([L.reshape(1) for L in ls]),
-                  "twice": lambda: torch.stack([ls[0], ls[0], ls[1]]),
-                  "reversed": lambda: torch.stack(ls[::-1]),
-                  "restacked": lambda: torch.stack(list((multi(z) ** 2).mean(0).unbind(0)))}[form]()
+        if form == "dim1":
+            vector = torch.stack([L.reshape(1) for L in ls], dim=1)
+        elif form == "column":
+            vector = torch.stack([L.reshape(1) for L in ls])
+        elif form == "twice":
+            vector = torch.stack([ls[0], ls[0], ls[1]])
+        elif form == "reversed":
+            vector = torch.stack(ls[::-1])
+        else:
+            vector = torch.stack(list((multi(z) ** 2).mean(0).unbind(0)))
         with warnings.catch_warnings(), _lean_only(lean):
             warnings.simplefilter("ignore")
             rec = mtl_backward(vector, features=z if lean else [z], shared_params=net.enc.parameters(),
