@@ -41,13 +41,14 @@ class Net(nn.Module):
             hook(z)
         losses = {}
         for t, h in enumerate(self.heads):
-            losses[f"t{t}"] = (h(z) ** 2).mean() if self.reach[t] else (h.bias ** 2).sum() + 0.5
+            losses[f"t{t}"] = (h(z) ** 2).mean() if self.reach[t] else (h.bias**2).sum() + 0.5
         return z, losses
 
 
 @contextmanager
 def _lean_only(lean=True):
     """Fail if the general path runs (it starts with compute_task_gradients) where the lean step must run."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the general path ran")
 
@@ -64,8 +65,9 @@ def _step(net, method, lean, x, hook=None, level="param", **kw):
     z, losses = net(x, hook)
     with warnings.catch_warnings(), _lean_only(lean):
         warnings.simplefilter("ignore")
-        rec = mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(), method=method,
-                           level=level, **kw)
+        rec = mtl_backward(
+            losses, features=z if lean else [z], shared_params=net.enc.parameters(), method=method, level=level, **kw
+        )
     return z, losses, rec
 
 
@@ -126,11 +128,14 @@ def test_a_last_loss_that_misses_the_map_frees_the_encoder_as_the_general_path(T
 def test_a_last_loss_that_misses_the_map_gets_the_general_paths_numbers_from_a_singular_encoder():
     """The general path pushes the last task's zero saliency through the encoder: ``0 · inf = NaN`` where the
     encoder's derivative is infinite (``sqrt`` at 0), and the step is skipped; the lean step must not write."""
+
     class SqrtNet(Net):
         def forward(self, x, hook=None):
             z = torch.sqrt(self.enc[0](x) * 0.0)  # d sqrt(u)/du = inf at u = 0: J_Z has infinite entries
-            return z, {"t0": (self.heads[0].bias ** 2).sum() + (self.heads[0](z) ** 2).mean() * 0.0 + 1.0,
-                       "t1": (self.heads[1].bias ** 2).sum() + 1.0}
+            return z, {
+                "t0": (self.heads[0].bias ** 2).sum() + (self.heads[0](z) ** 2).mean() * 0.0 + 1.0,
+                "t1": (self.heads[1].bias ** 2).sum() + 1.0,
+            }
 
     torch.manual_seed(0)
     net_a, net_b = SqrtNet(2), SqrtNet(2)
@@ -157,11 +162,13 @@ def test_hooks_on_the_map_run_as_on_the_general_path(kind, level):
     calls: dict[bool, list[float]] = {True: [], False: []}
     zs = {}
     for net, lean in ((net_a, True), (net_b, False)):
+
         def hook(z, lean=lean):
             if kind == "retain_grad":
                 z.retain_grad()
             else:
                 z.register_hook(lambda g: (calls[lean].append(float(g.sum())), g * 2.0 if kind == "double" else g)[1])
+
         m = create("upgrad")
         zs[lean], _, rec = _step(net, m, lean, x, hook=hook, level=level)
         calls[lean].append(rec)
@@ -191,10 +198,15 @@ def test_a_loss_reading_another_output_of_the_maps_node_gets_the_general_paths_g
             z, other = torch.tanh(enc(x)).chunk(2, dim=1)
         else:
             z, (other, _) = enc(x)
-        losses = [(heads[0](z) ** 2).mean(), (heads[1](z) ** 2).mean() + (other ** 2).mean()]
+        losses = [(heads[0](z) ** 2).mean(), (heads[1](z) ** 2).mean() + (other**2).mean()]
         with _lean_only(lean):
-            rec = mtl_backward(losses, features=z if lean else [z], shared_params=enc.parameters(),
-                               method=create("upgrad"), level="param")
+            rec = mtl_backward(
+                losses,
+                features=z if lean else [z],
+                shared_params=enc.parameters(),
+                method=create("upgrad"),
+                level="param",
+            )
         results.append((rec, [p.grad.clone() for p in [*enc.parameters(), *heads.parameters()]]))
     (rec_a, grads_a), (rec_b, grads_b) = results
     assert torch.equal(rec_a.gramian, rec_b.gramian)
@@ -234,18 +246,29 @@ def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, met
             if common:
                 L = L + torch.tanh(z * shared_head).mean()
             if chunk and t == T - 1:
-                L = L + (other ** 2).mean()
+                L = L + (other**2).mean()
             per_task.append(L)
-    losses = ({f"t{t}": L for t, L in enumerate(per_task)} if form == "dict" else
-              torch.stack(per_task) if form == "stack" else per_task)
+    losses = (
+        {f"t{t}": L for t, L in enumerate(per_task)}
+        if form == "dict"
+        else torch.stack(per_task)
+        if form == "stack"
+        else per_task
+    )
     params = [*enc.parameters(), *heads.parameters(), shared_head]
     try:
         with warnings.catch_warnings(), _lean_only(lean):
             warnings.simplefilter("ignore")
             gradients._warned_zero.clear()
-            rec = mtl_backward(losses, features=z if lean else [z], shared_params=enc.parameters(),
-                               method=create(method), level=level, retain_graph=retain_graph,
-                               task_params=[*heads.parameters(), shared_head] if given_heads else None)
+            rec = mtl_backward(
+                losses,
+                features=z if lean else [z],
+                shared_params=enc.parameters(),
+                method=create(method),
+                level=level,
+                retain_graph=retain_graph,
+                task_params=[*heads.parameters(), shared_head] if given_heads else None,
+            )
         err = None
     except MTLensError as exc:
         rec, err = None, f"{type(exc).__name__}: {exc}"
@@ -337,8 +360,11 @@ def test_a_stacked_vector_with_a_constant_entry_steps_without_a_crash(step):
     net = Net(1)
     z, losses = net(torch.randn(3, 5))
     vector = torch.stack([losses["t0"], losses["t0"].detach() * 2.0])
-    kw = ({"method": create("ew"), "keep_saliencies": True} if step == "loss-saliencies" else
-          {"method": create("upgrad"), "level": step})
+    kw = (
+        {"method": create("ew"), "keep_saliencies": True}
+        if step == "loss-saliencies"
+        else {"method": create("upgrad"), "level": step}
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the zero gradient of task1 (warned once per process)
         rec = mtl_backward(vector, features=z, shared_params=net.enc.parameters(), **kw)
@@ -372,8 +398,13 @@ def test_more_stacked_vectors_equal_the_general_path(form, level):
             vector = torch.stack(list((multi(z) ** 2).mean(0).unbind(0)))
         with warnings.catch_warnings(), _lean_only(lean):
             warnings.simplefilter("ignore")
-            rec = mtl_backward(vector, features=z if lean else [z], shared_params=net.enc.parameters(),
-                               method=create("ntkmtl"), level=level)
+            rec = mtl_backward(
+                vector,
+                features=z if lean else [z],
+                shared_params=net.enc.parameters(),
+                method=create("ntkmtl"),
+                level=level,
+            )
         grads = [p.grad for p in [*net.parameters(), *multi.parameters()]]
         results.append((rec, grads, _graph_left(net, z, losses)))
     (rec_a, grads_a, left_a), (rec_b, grads_b, left_b) = results
