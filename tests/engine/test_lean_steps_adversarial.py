@@ -414,3 +414,31 @@ def test_more_stacked_vectors_equal_the_general_path(form, level):
         assert (va is None) == (vb is None) and (va is None or torch.equal(va, vb)), key
     for a, b in zip(grads_a, grads_b):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+@pytest.mark.parametrize("path", ["lean", "general"])
+@pytest.mark.parametrize("level", ["feature", "param"])
+def test_a_head_module_applied_to_every_task_is_freed_as_by_backward(level, path):
+    """One head module applied to each task's branch (shared head parameters): the tasks' parts of the graph meet
+    only at the head parameters' AccumulateGrad nodes, which hold nothing and which a heads pass does not even run
+    (the parameters are its inputs). Each task's head graph is freed by its own backward, as ``loss.backward()``
+    frees it; before, the shared leaf nodes made every task but the last keep its head graph (its saved
+    activations) for as long as the caller held the losses."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+    head = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    boxes: list[weakref.ref] = []
+
+    def pack(t):
+        box = _Box(t)
+        boxes.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        z = enc(torch.randn(6, 5))
+        losses = {f"t{t}": ((head(z) - t) ** 2).mean() for t in range(3)}
+    with warnings.catch_warnings(), _lean_only(path == "lean"):
+        warnings.simplefilter("ignore")
+        mtl_backward(losses, features=z if path == "lean" else [z], shared_params=enc.parameters(),
+                     method=create("upgrad"), level=level)
+    assert boxes and sum(b() is not None for b in boxes) == 0  # the losses are still held here

@@ -35,6 +35,7 @@ from .apply import _accumulate, _check_range, _combine_heads, weights_error
 from .gradients import (
     _find_heads,
     _heads_pass,
+    _retain_flags,
     _walk_heads,
     _warn_zero,
     all_finite,
@@ -85,12 +86,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
                                        None if split is None else [node for node, _ in split.branches])
         # the heads pass of compute_task_gradients (gradients._heads_pass) for one map: per task S_t and the
         # gradients of its own heads (rows[t][k]: of heads[own[t][k]]), its graph freed on its last use
-        retain = [True] * T
-        if not retain_graph:  # gradients._retain_flags
-            later: set[Any] = set()
-            for t in range(T - 1, -1, -1):
-                retain[t] = not sets[t].isdisjoint(later)
-                later |= sets[t]
+        retain = [True] * T if retain_graph else _retain_flags(sets)
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
         for t in range(T):

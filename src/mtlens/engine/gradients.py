@@ -735,11 +735,16 @@ def _free_exclusive(L: Tensor, sets: list[set], t: int, heads: Sequence[Tensor])
 
 
 def _retain_flags(node_sets: list[set]) -> list[bool]:
-    """retain[t]: whether a later task's backward still needs a node of task t's graph."""
+    """retain[t]: whether a later task's backward still needs a node of task t's graph. A leaf's AccumulateGrad
+    node (a parameter two tasks reach: one head module applied to every task) never counts: it holds nothing to
+    free, and a backward that asks for the parameter's gradient does not run it — counting it kept every task's
+    head graph but the last alive for as long as the caller held the losses."""
     later: set = set()
     flags = [True] * len(node_sets)
+    acc = _ACCUMULATE_GRAD
     for t in range(len(node_sets) - 1, -1, -1):
-        flags[t] = bool(node_sets[t] & later)
+        common = node_sets[t] & later
+        flags[t] = bool(common) and any(type(n) is not acc for n in common)
         later |= node_sets[t]
     return flags
 

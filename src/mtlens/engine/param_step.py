@@ -38,6 +38,7 @@ from .gradients import (
     _dense,
     _find_heads,
     _heads_pass,
+    _retain_flags,
     _walk_heads,
     _warn_zero,
     _write_row,
@@ -95,12 +96,7 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
         heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params,
                                        None if split is None else [node for node, _ in split.branches])
-        retain = [True] * T
-        if not retain_graph:  # gradients._retain_flags
-            later: set[Any] = set()
-            for t in range(T - 1, -1, -1):
-                retain[t] = not sets[t].isdisjoint(later)
-                later |= sets[t]
+        retain = [True] * T if retain_graph else _retain_flags(sets)
         # the last task in ONE backward (its head, S_T at the map, on through the encoder): the same numbers as
         # its head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer —
         # unless the map has backward hooks (``Z.register_hook``, ``Z.retain_grad()``): the general path's encoder
