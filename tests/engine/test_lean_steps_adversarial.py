@@ -19,7 +19,7 @@ from torch import nn
 import mtlens.engine.backward as backward
 import mtlens.engine.gradients as gradients
 from mtlens.engine import mtl_backward
-from mtlens.errors import MTLensError
+from mtlens.errors import ConfigurationError, MTLensError
 from mtlens.methods import create
 
 RECORD_FIELDS = ("losses", "objective_losses", "weights", "head_weights", "gramian", "saliencies")
@@ -179,19 +179,17 @@ def test_hooks_on_the_map_run_as_on_the_general_path(kind, level):
         assert torch.equal(zs[True].grad, zs[False].grad)
 
 
+@pytest.mark.parametrize("level", ["param", "feature"])
 @pytest.mark.parametrize("encoder", ["chunk", "lstm"])
-def test_a_loss_reading_another_output_of_the_maps_node_gets_the_general_paths_gradients(encoder):
+def test_a_loss_reading_another_output_of_the_maps_node_is_refused_by_both_paths(encoder, level):
     """Z is one output of a node with several (``Z, Z2 = h.chunk(2)``; an LSTM's output, whose node also makes its
-    hidden state) and the last task's head also reads the other output. The lean step's one backward for the last
-    task followed that route into the encoder, which the general path's VJP from ``S_T`` does not: a different
-    row of the Jacobian for that task only (see the report: the general path does not refuse this graph)."""
-    results = []
+    hidden state) and a task's head also reads the other output: a route from the encoder around ``features``
+    whose gradient every per-task gradient would drop (both paths used to, silently). Both refuse it with the same
+    message, naming the fix; with every output given as a shared map the step runs."""
+    messages = []
     for lean in (True, False):
         torch.manual_seed(0)
-        if encoder == "chunk":
-            enc: nn.Module = nn.Linear(5, 8)
-        else:
-            enc = nn.LSTM(5, 4)
+        enc: nn.Module = nn.Linear(5, 8) if encoder == "chunk" else nn.LSTM(5, 4)
         heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(2)])
         x = torch.randn(3, 5) if encoder == "chunk" else torch.randn(2, 3, 5)
         if encoder == "chunk":
@@ -199,18 +197,19 @@ def test_a_loss_reading_another_output_of_the_maps_node_gets_the_general_paths_g
         else:
             z, (other, _) = enc(x)
         losses = [(heads[0](z) ** 2).mean(), (heads[1](z) ** 2).mean() + (other**2).mean()]
-        with _lean_only(lean):
-            rec = mtl_backward(
-                losses,
-                features=z if lean else [z],
-                shared_params=enc.parameters(),
-                method=create("upgrad"),
-                level="param",
-            )
-        results.append((rec, [p.grad.clone() for p in [*enc.parameters(), *heads.parameters()]]))
-    (rec_a, grads_a), (rec_b, grads_b) = results
-    assert torch.equal(rec_a.gramian, rec_b.gramian)
-    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+        with _lean_only(lean), pytest.raises(ConfigurationError, match="reads output") as err:
+            mtl_backward(losses, features=z if lean else [z], shared_params=enc.parameters(), method=create("upgrad"),
+                         level=level)
+        messages.append(str(err.value))
+        assert all(p.grad is None for p in [*enc.parameters(), *heads.parameters()])
+        assert "task(s) ['task1']" in messages[-1] and "features=[z, z_other]" in messages[-1]
+    assert messages[0] == messages[1]
+    if encoder == "chunk":  # the fix the message names: every output the heads read as a shared map
+        z, other = torch.tanh(enc(x)).chunk(2, dim=1)
+        losses = [(heads[0](z) ** 2).mean(), (heads[1](z) ** 2).mean() + (other**2).mean()]
+        mtl_backward(losses, features=[z, other], shared_params=enc.parameters(), method=create("upgrad"),
+                     level="param")
+        assert all(p.grad is not None for p in enc.parameters())
 
 
 class _Box:  # a saved tensor, packed: alive (no reference cycle: freed at once) while a graph node holds it

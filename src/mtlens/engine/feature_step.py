@@ -39,6 +39,7 @@ from .gradients import (
     _walk_heads,
     _warn_zero,
     all_finite,
+    check_only_route,
     host_finite,
     loss_problem,
     normalise_features,
@@ -86,6 +87,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
                                        None if split is None else [node for node, _ in split.branches])
         # the heads pass of compute_task_gradients (gradients._heads_pass) for one map: per task S_t and the
         # gradients of its own heads (rows[t][k]: of heads[own[t][k]]), its graph freed on its last use
+        check_only_route(names, feats.maps, sets)
         retain = [True] * T if retain_graph else _retain_flags(sets)
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []

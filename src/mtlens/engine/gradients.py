@@ -734,6 +734,37 @@ def _free_exclusive(L: Tensor, sets: list[set], t: int, heads: Sequence[Tensor])
         vjp(L, reached)
 
 
+def check_only_route(names: Sequence[str], maps: Sequence[Tensor], sets: Sequence[set[Any]]) -> None:
+    """Raise :class:`ConfigurationError` when a task's part of the graph (``sets[t]``: the nodes its loss reaches
+    before the maps) reads an output of a map's autograd node that is not itself a map — the other half of
+    ``z, z2 = h.chunk(2)``, an LSTM's hidden state next to its output. That is a route from the encoder to the
+    losses around ``features``: its gradient would be dropped from every per-task gradient (the walks stop at the
+    map's node; the encoder is differentiated from the maps only). Only a node with several outputs is scanned
+    (``_input_metadata``: one entry per forward output; where torch lacks it, every such node)."""
+    by_node: dict[Any, set[int]] = {}
+    for z in maps:
+        if z.grad_fn is not None:
+            by_node.setdefault(z.grad_fn, set()).add(z.output_nr)
+    for node, nrs in by_node.items():
+        meta = getattr(node, "_input_metadata", None)
+        if meta is not None and len(meta) <= len(nrs):
+            continue
+        bad: list[str] = []
+        other: set[int] = set()
+        for name, st in zip(names, sets):
+            read = {k for n in st for m, k in n.next_functions if m is node and k not in nrs}
+            if read:
+                bad.append(name)
+                other |= read
+        if bad:
+            raise ConfigurationError(
+                f"the loss of task(s) {bad} reads output(s) {sorted(other)} of the node that made features "
+                f"({node.name()}; features: output(s) {sorted(nrs)}): a route from the encoder to the losses around "
+                "features, whose gradient would be dropped. features must be the only route from the encoder to the "
+                "losses: pass every output the heads read as a shared map, features=[z, z_other]"
+            )
+
+
 def _retain_flags(node_sets: list[set]) -> list[bool]:
     """retain[t]: whether a later task's backward still needs a node of task t's graph. A leaf's AccumulateGrad
     node (a parameter two tasks reach: one head module applied to every task) never counts: it holds nothing to
@@ -942,6 +973,8 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     T = len(obj_scaled)
     if sets is None:  # ``sets``: :func:`_node_sets` ``(obj_scaled, feats.maps, split)`` when the caller has them
         sets = _node_sets(obj_scaled, feats.maps, split)
+    if not feats.multi_input:
+        check_only_route(names, feats.maps, sets)
     flags = [True] * T if (retain_graph or create_graph) else _heads_flags(sets, split, entries)
     index = {id(p): i for i, p in enumerate(heads)}
     own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})

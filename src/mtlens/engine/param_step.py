@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +42,7 @@ from .gradients import (
     _warn_zero,
     _write_row,
     all_finite,
+    check_only_route,
     host_finite,
     loss_problem,
     normalise_features,
@@ -97,13 +97,12 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params,
                                        None if split is None else [node for node, _ in split.branches])
         retain = [True] * T if retain_graph else _retain_flags(sets)
+        check_only_route(names, feats.maps, sets)
         # the last task in ONE backward (its head, S_T at the map, on through the encoder): the same numbers as
         # its head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer —
         # unless the map has backward hooks (``Z.register_hook``, ``Z.retain_grad()``): the general path's encoder
-        # VJP from S_T runs them once more (on its root); or the last loss reads another output of the node that
-        # made the map (a chunk, an LSTM's hidden state): one call would follow that route into the encoder, which
-        # the general path's VJP from S_T does not. The last task then takes the two calls too
-        one_call = not (features._backward_hooks or features.retains_grad) and not _other_output(features, sets[-1])
+        # VJP from S_T runs them once more (on its root). The last task then takes the two calls too
+        one_call = not (features._backward_hooks or features.retains_grad)
         k = T - 1 if one_call else T  # the tasks that take two calls
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
@@ -217,17 +216,3 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     record.head_weights = hw
     record.method_values.update(values)
     return record, ""
-
-
-def _other_output(features: Tensor, nodes: set[Any]) -> bool:
-    """Whether a node of ``nodes`` (a loss's part of the graph, up to the map) reads an output of the map's node
-    other than the map itself (``Z, Z2 = h.chunk(2)`` with the head reading ``Z2``). Only a node with several
-    outputs is scanned (``_input_metadata``: one entry per forward output; where torch lacks it, every node)."""
-    node = features.grad_fn
-    if node is None:
-        return False
-    meta = getattr(node, "_input_metadata", None)
-    if meta is not None and len(meta) == 1:
-        return False
-    nr = features.output_nr
-    return any(n is node and k != nr for m in nodes for n, k in m.next_functions)
