@@ -1,4 +1,5 @@
-"""The lean feature-level step (engine/feature_step.py) is the general path's step, bit for bit.
+"""The lean feature- and parameter-level steps (engine/feature_step.py, engine/param_step.py) are the general
+path's steps, bit for bit.
 
 The general path is reached with ``features=[z]`` (one shared map given as a sequence: the same numbers,
 through compute_task_gradients → decide → check_decision → apply_decision → step_record)."""
@@ -32,8 +33,8 @@ def _lean_only(monkeypatch):
     monkeypatch.setattr(backward, "compute_task_gradients", refuse)
 
 
-def _assert_same_record(ra, rb):
-    assert ra.task_names == rb.task_names and ra.level == rb.level == "feature"
+def _assert_same_record(ra, rb, level="feature"):
+    assert ra.task_names == rb.task_names and ra.level == rb.level == level
     for key in ("losses", "objective_losses", "weights", "head_weights", "gramian", "saliencies"):
         va, vb = getattr(ra, key), getattr(rb, key)
         assert (va is None) == (vb is None), key
@@ -44,10 +45,11 @@ def _assert_same_record(ra, rb):
     assert ra.skipped == rb.skipped and ra.reason == rb.reason
 
 
+@pytest.mark.parametrize("level", ["feature", "param"])
 @pytest.mark.filterwarnings("ignore:mtlens. 'pivrg'")
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("T", [2, 3])
-def test_lean_feature_step_equals_the_general_path(name, T, monkeypatch):
+def test_lean_step_equals_the_general_path(level, name, T, monkeypatch):
     net_a, net_b = _pair(T, offsets=[0.1 * (t + 1) for t in range(T)])
     m_a, m_b = create(name), create(name)
     m_b.load_state_dict(m_a.state_dict())  # the same RNG state (pcgrad)
@@ -58,27 +60,50 @@ def test_lean_feature_step_equals_the_general_path(name, T, monkeypatch):
             net_a.zero_grad()
             net_b.zero_grad()
         z, losses = net_b(x)
-        rec_b = mtl_backward(losses, features=[z], shared_params=net_b.enc.parameters(), method=m_b, level="feature")
+        rec_b = mtl_backward(losses, features=[z], shared_params=net_b.enc.parameters(), method=m_b, level=level)
         z, losses = net_a(x)
         with monkeypatch.context() as mp:
             _lean_only(mp)
             rec_a = mtl_backward(losses if step else list(losses.values()), task_names=None if step else list(losses),
-                                 features=z, shared_params=net_a.enc.parameters(), method=m_a, level="feature")
+                                 features=z, shared_params=net_a.enc.parameters(), method=m_a, level=level)
         for (n, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
             assert pa.grad is not None and torch.equal(pa.grad, pb.grad), (name, step, n)
             assert pa.grad.data_ptr() != pb.grad.data_ptr()
-        _assert_same_record(rec_a, rec_b)
+        _assert_same_record(rec_a, rec_b, level=level)
         sa, sb = m_a.state_dict(), m_b.state_dict()
         assert list(sa) == list(sb)
         torch.testing.assert_close(dict(sa), dict(sb), rtol=0, atol=0, equal_nan=True)
 
 
+# per level: the lean step's name in engine/backward.py, a method it takes, a Jacobian aggregator (never lean) and
+# calls that need the general path (each must not reach the lean step)
+ROUTES = {
+    "feature": ("feature_step", "mgda", "graddrop", [
+        {"losses": lambda ls: torch.stack(list(ls.values())) * 2.0, "kw": {}},  # a loss vector without a split
+        {"losses": None, "kw": {"regularizers": [create("rep_mtl")]}},
+        {"losses": None, "kw": {"loss_transform": "log"}},
+        {"losses": None, "kw": {"distributed": False, "retain_graph": True, "level": "param"}},
+    ]),
+    "param": ("param_step", "upgrad", "excess_mtl", [
+        {"losses": lambda ls: torch.stack(list(ls.values())) * 2.0, "kw": {}},
+        {"losses": None, "kw": {"jacobian": "batched"}},
+        {"losses": None, "kw": {"loss_transform": "log"}},
+        {"losses": None, "kw": {"compute_gramian": "param"}},
+        {"losses": None, "kw": {"regularizers": [create("rep_mtl")]}},
+        {"losses": None, "kw": {"features": None}},
+        {"losses": None, "kw": {"level": "feature"}},
+    ]),
+}
+
+
 @pytest.mark.filterwarnings("ignore:mtlens. the task losses were passed as one tensor")
-def test_lean_feature_step_routes_only_the_common_case(monkeypatch):
+@pytest.mark.parametrize("level", ["feature", "param"])
+def test_lean_step_routes_only_the_common_case(level, monkeypatch):
+    step, method, aggregator, general = ROUTES[level]
     net = TinyNet(3)
     x = torch.randn(4, 5)
     calls = []
-    real = backward.feature_step
+    real = getattr(backward, step)
 
     def spy(*a, **k):  # counts the steps the lean path gave (None: it declined, the general path ran)
         out = real(*a, **k)
@@ -86,21 +111,18 @@ def test_lean_feature_step_routes_only_the_common_case(monkeypatch):
             calls.append(1)
         return out
 
-    monkeypatch.setattr(backward, "feature_step", spy)
+    monkeypatch.setattr(backward, step, spy)
     z, losses = net(x)
-    mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("mgda"), level="feature")
+    mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create(method), level=level)
     assert calls == [1]
-    general = [
-        {"losses": lambda ls: torch.stack(list(ls.values())) * 2.0, "kw": {}},  # a loss vector without a split
-        {"losses": None, "kw": {"regularizers": [create("rep_mtl")]}},
-        {"losses": None, "kw": {"loss_transform": "log"}},
-        {"losses": None, "kw": {"distributed": False, "retain_graph": True, "level": "param"}},
-    ]
     for case in general:
         z, losses = net(x)
         given = case["losses"](losses) if case["losses"] else losses
-        kw = {"level": "feature", **case["kw"]}
-        mtl_backward(given, features=z, shared_params=net.enc.parameters(), method=create("mgda"), **kw)
+        kw = {"level": level, "features": z, **case["kw"]}
+        mtl_backward(given, shared_params=net.enc.parameters(), method=create(method), **kw)
+    assert calls == [1]
+    z, losses = net(x)  # a Jacobian aggregator is not a Gramian weighting
+    mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create(aggregator), level=level)
     assert calls == [1]
 
 
@@ -116,8 +138,9 @@ def _sqrt_head_net():
     return net, fwd
 
 
+@pytest.mark.parametrize("level", ["feature", "param"])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_lean_feature_step_fails_as_the_general_path(policy, monkeypatch):
+def test_lean_step_fails_as_the_general_path(level, policy, monkeypatch):
     """Non-finite loss, non-finite saliency: the same message, policy, record; nothing written."""
     x = torch.randn(4, 5)
     net = TinyNet(3)
@@ -132,12 +155,12 @@ def test_lean_feature_step_fails_as_the_general_path(policy, monkeypatch):
             if policy == "raise":
                 with pytest.raises(NonFiniteError) as e:
                     mtl_backward(bad, features=f, shared_params=net.enc.parameters(), method=create("mgda"),
-                                 level="feature")
+                                 level=level)
                 msgs.append(str(e.value))
             else:
                 with pytest.warns(RuntimeWarning, match="step skipped") as rec_w:
                     rec = mtl_backward(bad, features=f, shared_params=net.enc.parameters(), method=create("mgda"),
-                                       level="feature", nonfinite="skip")
+                                       level=level, nonfinite="skip")
                 assert rec.skipped and rec.weights is None and rec.gramian is None and rec.saliencies is None
                 msgs.append((rec.reason, str(rec_w[0].message).split("so far): ", 1)[1]))
         assert all(p.grad is None for p in net.parameters())
@@ -152,17 +175,17 @@ def test_lean_feature_step_fails_as_the_general_path(policy, monkeypatch):
             if policy == "raise":
                 with pytest.raises(NonFiniteError) as e:
                     mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(),
-                                 method=create("mgda"), level="feature")
+                                 method=create("mgda"), level=level)
                 msgs.append(str(e.value))
             else:
                 with pytest.warns(RuntimeWarning, match="step skipped"):
                     rec = mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(),
-                                       method=create("mgda"), level="feature", nonfinite="skip")
+                                       method=create("mgda"), level=level, nonfinite="skip")
                 assert rec.skipped and rec.weights is None and rec.gramian is None
                 assert rec.saliencies is not None and rec.saliencies.shape == (3, 4, 6)
                 msgs.append(rec.reason)
         assert all(p.grad is None for p in net.parameters())
-    assert msgs[0] == msgs[1] and "non-finite gradient of task(s) ['t1'] at level 'feature'" in msgs[0]
+    assert msgs[0] == msgs[1] and f"non-finite gradient of task(s) ['t1'] at level '{level}'" in msgs[0]
 
 
 class _Broken(GramianWeighting):
@@ -185,8 +208,9 @@ class _Broken(GramianWeighting):
         return torch.ones(gramian.shape[0], dtype=torch.float32) / gramian.shape[0]  # float32: converted
 
 
+@pytest.mark.parametrize("level", ["feature", "param"])
 @pytest.mark.parametrize("mode", ["raise", "nan", "short", "ok"])
-def test_lean_feature_step_checks_the_decision_as_the_general_path(mode, monkeypatch):
+def test_lean_step_checks_the_decision_as_the_general_path(level, mode, monkeypatch):
     x = torch.randn(4, 5)
     net_a, net_b = _pair(3)
     out = []
@@ -198,7 +222,7 @@ def test_lean_feature_step_checks_the_decision_as_the_general_path(mode, monkeyp
                 _lean_only(mp)
             try:
                 rec = mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(), method=m,
-                                   level="feature")
+                                   level=level)
                 out.append((rec, float(m.calls)))
             except NonFiniteError as e:
                 out.append((str(e), float(m.calls)))
@@ -206,7 +230,7 @@ def test_lean_feature_step_checks_the_decision_as_the_general_path(mode, monkeyp
     (a, ca), (b, cb) = out
     assert ca == cb == (1.0 if mode == "ok" else 0.0)  # committed only when the whole step succeeded
     if mode == "ok":
-        _assert_same_record(a, b)
+        _assert_same_record(a, b, level=level)
         assert a.weights.dtype == torch.float64
         for pa, pb in zip(net_a.parameters(), net_b.parameters()):
             assert torch.equal(pa.grad, pb.grad)
@@ -214,17 +238,18 @@ def test_lean_feature_step_checks_the_decision_as_the_general_path(mode, monkeyp
         assert a == b and ("failed on this step's numbers" in a or "returned weights" in a)
 
 
-def test_lean_feature_step_refuses_what_the_engine_refuses():
+@pytest.mark.parametrize("level", ["feature", "param"])
+def test_lean_step_refuses_what_the_engine_refuses(level):
     net = TinyNet(3)
     z, losses = net(torch.randn(4, 5))
     with pytest.raises(ConfigurationError, match="needs shared_params"):
-        mtl_backward(losses, features=z, shared_params=[], method=create("mgda"), level="feature")
+        mtl_backward(losses, features=z, shared_params=[], method=create("mgda"), level=level)
     with pytest.raises(ConfigurationError, match="detached copy"):
         mtl_backward(losses, features=z.detach(), shared_params=net.enc.parameters(), method=create("mgda"),
-                     level="feature")
+                     level=level)
     with pytest.raises(ConfigurationError, match="does not require grad"):
         mtl_backward({**losses, "t0": losses["t0"].detach()}, features=z, shared_params=net.enc.parameters(),
-                     method=create("mgda"), level="feature")
+                     method=create("mgda"), level=level)
 
 
 def _walk_reference(loss_list, feats, shared, method_params):
@@ -287,8 +312,9 @@ class _AliasNet(torch.nn.Module):
                    "t2": ((self.h[2](z) + (z * self.common).sum(1, keepdim=True)) ** 2).mean()}
 
 
+@pytest.mark.parametrize("level", ["feature", "param"])
 @pytest.mark.parametrize("shared_head", [False, True])
-def test_lean_feature_step_never_writes_one_tensor_into_two_grads(shared_head, monkeypatch):
+def test_lean_step_never_writes_one_tensor_into_two_grads(level, shared_head, monkeypatch):
     torch.manual_seed(0)
     net_a, net_b = _AliasNet(), _AliasNet()
     net_b.load_state_dict(net_a.state_dict())
@@ -298,11 +324,11 @@ def test_lean_feature_step_never_writes_one_tensor_into_two_grads(shared_head, m
             net.common.requires_grad_(False)
     for step in range(2):  # the second step accumulates: a shared .grad would take the other's addition
         z, losses = net_b(x)
-        mtl_backward(losses, features=[z], shared_params=[net_b.a, net_b.b], method=create("mgda"), level="feature")
+        mtl_backward(losses, features=[z], shared_params=[net_b.a, net_b.b], method=create("mgda"), level=level)
         z, losses = net_a(x)
         with monkeypatch.context() as mp:
             _lean_only(mp)
-            mtl_backward(losses, features=z, shared_params=[net_a.a, net_a.b], method=create("mgda"), level="feature")
+            mtl_backward(losses, features=z, shared_params=[net_a.a, net_a.b], method=create("mgda"), level=level)
         ptrs = [p.grad.data_ptr() for p in net_a.parameters() if p.grad is not None]
         assert len(set(ptrs)) == len(ptrs), step
         one = {n: p.grad.clone() for n, p in net_a.named_parameters() if p.grad is not None}
@@ -311,7 +337,7 @@ def test_lean_feature_step_never_writes_one_tensor_into_two_grads(shared_head, m
             assert torch.equal(pa.grad, pb.grad) or torch.allclose(pa.grad, pb.grad, rtol=0, atol=0), n
     net_a.zero_grad()
     z, losses = net_a(x)
-    mtl_backward(losses, features=z, shared_params=[net_a.a, net_a.b], method=create("mgda"), level="feature")
+    mtl_backward(losses, features=z, shared_params=[net_a.a, net_a.b], method=create("mgda"), level=level)
     for n, p in net_a.named_parameters():
         if p.grad is not None:
             assert torch.allclose(one[n], 2 * p.grad, rtol=1e-6, atol=1e-7), n
@@ -341,8 +367,9 @@ def test_no_step_writes_one_tensor_into_two_grads(name, level):
             torch.testing.assert_close(once[n], ref[n], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("level", ["feature", "param"])
 @pytest.mark.parametrize("given_heads", [False, True])
-def test_lean_feature_step_with_given_heads_or_a_kept_graph_equals_the_general_path(given_heads, monkeypatch):
+def test_lean_step_with_given_heads_or_a_kept_graph_equals_the_general_path(level, given_heads, monkeypatch):
     net_a, net_b = _pair(3, offsets=[0.1, 0.2, 0.3])
     x = torch.randn(4, 5)
     kw = {"task_params": None} if not given_heads else {}
@@ -357,13 +384,13 @@ def test_lean_feature_step_with_given_heads_or_a_kept_graph_equals_the_general_p
                 if lean:
                     _lean_only(mp)
                 rec = mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(),
-                                   method=create("mgda"), level="feature", retain_graph=retain, **kw)
+                                   method=create("mgda"), level=level, retain_graph=retain, **kw)
             outs.append(rec)
             if retain:  # the graph is still there: a second backward through it works
                 sum(losses.values()).backward()
             else:
                 with pytest.raises(RuntimeError, match="backward through the graph a second time"):
                     sum(losses.values()).backward()
-        _assert_same_record(*outs)
+        _assert_same_record(*outs, level=level)
         for pa, pb in zip(net_a.parameters(), net_b.parameters()):
             assert torch.equal(pa.grad, pb.grad)

@@ -217,6 +217,18 @@ class _Box:  # a saved tensor, packed: alive (no reference cycle: freed at once)
         self.t = t
 
 
+def _boxed_saved_tensors(boxes: list) -> torch.autograd.graph.saved_tensors_hooks:
+    """Hooks that pack every tensor the forward saves into a :class:`_Box` whose weak reference goes into ``boxes``:
+    after a step, the boxes still alive are the saved tensors the graph still holds."""
+
+    def pack(t):
+        box = _Box(t)
+        boxes.append(weakref.ref(box))
+        return box
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t)
+
+
 def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, method, log_hook, given_heads, chunk):
     """One step on a random small graph (see the hypothesis test), with every saved tensor of the forward packed
     in a box whose weak reference tells whether the graph still holds it after the step."""
@@ -227,12 +239,7 @@ def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, met
     boxes: list[weakref.ref] = []
     calls: list[str] = []
 
-    def pack(t):
-        box = _Box(t)
-        boxes.append(weakref.ref(box))
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+    with _boxed_saved_tensors(boxes):
         z = enc(torch.randn(3, 5))
         if chunk:  # Z is one output of a node with two; the last task also reads the other
             z, other = z.chunk(2, dim=1)
@@ -428,12 +435,7 @@ def test_a_head_module_applied_to_every_task_is_freed_as_by_backward(level, path
     head = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
     boxes: list[weakref.ref] = []
 
-    def pack(t):
-        box = _Box(t)
-        boxes.append(weakref.ref(box))
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+    with _boxed_saved_tensors(boxes):
         z = enc(torch.randn(6, 5))
         losses = {f"t{t}": ((head(z) - t) ** 2).mean() for t in range(3)}
     with warnings.catch_warnings(), _lean_only(path == "lean"):

@@ -21,8 +21,8 @@ fixed cost".
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ from . import pool
 from ._autograd import vjp
 from .apply import _accumulate, _check_range, _combine_heads, weights_error
 from .gradients import (
+    Features,
     _find_heads,
     _heads_pass,
     _retain_flags,
@@ -68,58 +69,131 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
 
     Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why nothing was
     (a non-finite loss or gradient: the caller applies the non-finite policy to ``record``)."""
+    start = lean_start(losses, task_names, features, method, "feature")
+    if start is None:
+        return None
+    names, T, raw, record = start.names, start.T, start.raw, start.record
+    if not host_finite(raw):
+        return record, loss_problem(names, raw)
+    heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, T)
+    # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
+    S = pool.stack(sal)
+    G = gramian_from_blocks([S])
+    record.saliencies = S
+    problem = gramian_problem(names, G, raw, "feature")  # diag(G) = ‖S_t‖²: finite iff every saliency is
+    if problem:
+        return record, problem
+    record.gramian = G
+
+    # ---- decide and apply, as one transaction (mtl_backward's general path) ------------------------
+    def through_encoder(w: Tensor) -> tuple[list[Tensor | None], list[Tensor]]:
+        # apply_decision, feature level: Σ_t w_t S_t as one contraction, pushed through the encoder once
+        dz = torch.tensordot(w.to(S.dtype), S, dims=1)
+        gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
+        shared_g = [g if g is not None else torch.zeros_like(p) for g, p in zip(gz, shared)]
+        return list(shared_g), shared_g
+
+    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, through_encoder)
+
+
+class LeanStart(NamedTuple):
+    """What both lean steps (this module's, :mod:`~mtlens.engine.param_step`'s) have before their backwards."""
+
+    names: list[str]
+    loss_list: list[Tensor]
+    feats: Features  # the normalised features (one map here)
+    T: int
+    split: StackSplit | None
+    outs: list[Any]  # where each task's backward starts: its loss, or a stacked vector's entry point
+    gos: list[Any]  # its grad_output (None: autograd's unit gradient)
+    raw: Tensor  # (T,) the losses, detached
+    record: StepRecord
+    method_params: Sequence[Tensor]
+
+
+def lean_start(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
+               features: Tensor, method: GramianWeighting, level: str) -> LeanStart | None:
+    """The general path's first checks (``normalise_losses``, ``normalise_features``: the same errors and
+    messages), the method's own learnable tensors (never heads), each task's entry point and the record; ``None``
+    for a loss vector without an exact split (the general path handles it; nothing was computed)."""
     if type(method).parameters is MethodState.parameters and not method._modules:  # its own tensors only
         method_params = [p for p in method._parameters.values() if p is not None and p.requires_grad]
     else:
         method_params = [p for p in method.parameters() if p.requires_grad]
     names, loss_list = normalise_losses(losses, task_names)
     feats = normalise_features(features, names)
-    T = len(loss_list)
     split, outs, gos = _entries(losses, loss_list)
     if not outs:
         return None
     raw = torch.stack([v.detach() for v in loss_list])
-    record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="feature")
-    if not host_finite(raw):
-        return record, loss_problem(names, raw)
+    record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level=level)
+    return LeanStart(names, loss_list, feats, len(loss_list), split, outs, gos, raw, record, method_params)
+
+
+def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], task_params: Iterable[Tensor] | None,
+                    retain_graph: bool, n: int) -> tuple[list[Tensor], list[list[int]], list[Tensor],
+                                                         list[Sequence[Tensor | None]],
+                                                         list[list[Tensor | None]] | None, bool]:
+    """The heads pass of ``compute_task_gradients`` (``gradients._heads_pass``) for one map: per task ``S_t`` and
+    the gradients of its own heads, each task's head graph freed on its last use. Heads found from the graph (one
+    walk: the heads, each task's part of the graph, its own heads) run the first ``n`` tasks only (the caller
+    runs the others); given heads (``task_params``) run ``_heads_pass`` for every task.
+
+    Returns ``(heads, own, sal, rows, head_rows, fresh)``: ``own[t]`` the indices of task t's heads, ``rows[t][k]``
+    its gradient of ``heads[own[t][k]]``, ``head_rows`` the general path's full rows (``None`` when walked: built
+    if the general combination runs), ``fresh`` whether every head gradient is a tensor of its own
+    (:func:`_fresh_rows`: the given-heads path always copies, as the general path does)."""
+    names, loss_list, feats, T, split, outs, gos = (start.names, start.loss_list, start.feats, start.T, start.split,
+                                                   start.outs, start.gos)
     if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
-        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params,
+        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, start.method_params,
                                        None if split is None else [node for node, _ in split.branches])
-        # the heads pass of compute_task_gradients (gradients._heads_pass) for one map: per task S_t and the
-        # gradients of its own heads (rows[t][k]: of heads[own[t][k]]), its graph freed on its last use
         check_only_route(names, feats.maps, sets)
         retain = [True] * T if retain_graph else _retain_flags(sets)
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
-        for t in range(T):
+        for t in range(n):
             gs = vjp(outs[t], [features, *[heads[i] for i in own[t]]], gos[t], retain_graph=retain[t])
             sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
             rows.append(gs[1:])
-        head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
-        fresh = _fresh_rows(sets, heads)  # no head gradient can be a tensor that someone else holds
-    else:
-        heads = _find_heads(loss_list, feats, shared, task_params, method_params)
-        sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, split,
-                                               None if split is None else list(zip(outs, gos)))
-        sal = [s[0] for s in sal_maps]
-        rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
-        fresh = False  # (the graph was not walked here: the rows are copied, as the general path does)
-    # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
-    S = pool.stack(sal)
-    G = gramian_from_blocks([S])
-    record.saliencies = S
-    diag = G.diagonal().tolist()  # diag(G) = ‖S_t‖² in float64 is finite iff every saliency is
+        return heads, own, sal, rows, None, _fresh_rows(sets, heads)
+    heads = _find_heads(loss_list, feats, shared, task_params, start.method_params)
+    sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, split,
+                                           None if split is None else list(zip(outs, gos)))
+    rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
+    return heads, own, [s[0] for s in sal_maps], rows, head_rows, False
+
+
+def gramian_problem(names: Sequence[str], G: Tensor, raw: Tensor, level: str) -> str:
+    """Why nothing may be written when a per-task gradient is not finite (``diag(G)`` in float64 is finite iff
+    every per-task gradient is: the general path's check and message), else ``""`` after its warning for a
+    zero gradient."""
+    diag = G.diagonal().tolist()  # T floats, read once
     if not all(math.isfinite(v) for v in diag):
         bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
-        return record, (f"non-finite gradient of task(s) {bad} at level 'feature' (losses {raw.tolist()}); nothing "
-                        "was written into .grad. A loss may be finite while its gradient overflows: lower the "
-                        "learning rate or check the inputs.")
+        return (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
+                "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate or "
+                "check the inputs.")
     if 0.0 in diag:
-        _warn_zero(names, diag, "feature")
-    record.gramian = G
+        _warn_zero(names, diag, level)
+    return ""
 
-    # ---- decide and apply, as one transaction (mtl_backward's general path) ------------------------
+
+def decide_and_write(method: GramianWeighting, G: Tensor, raw: Tensor, record: StepRecord, shared: list[Tensor],
+                     heads: list[Tensor], rows: Sequence[Sequence[Tensor | None]], own: Sequence[Sequence[int]],
+                     head_rows: list[list[Tensor | None]] | None, fresh: bool,
+                     shared_update: Callable[[Tensor], tuple[list[Tensor | None], list[Tensor]]]
+                     ) -> tuple[StepRecord, str]:
+    """The transaction of a lean Gramian step (this module's and :mod:`~mtlens.engine.param_step`'s), as
+    ``mtl_backward``'s general path runs it: ``method.snapshot()``; ``GramianWeighting.decide`` (``weights(G,
+    losses)`` as float64, the head rule) with its errors wrapped as :class:`NonFiniteError`; ``check_decision``'s
+    checks and messages (length, finiteness, the range of half-precision parameters); the shared parameters'
+    gradients from ``shared_update(w)`` (returns them and the tensors whose finiteness stands for theirs) and the
+    heads' (``rows[t][k]``: task t's gradient of ``heads[own[t][k]]``; :func:`_unit_rows` without a copy where
+    ``fresh`` allows it, else ``_combine_heads``); one finiteness check, then every ``.grad`` written; the state
+    restored on any failure. Returns ``(record, problem)`` as the steps do."""
     name = method.name
+    T = len(rows)
     snap = method.snapshot()
     try:
         try:  # GramianWeighting.decide
@@ -158,10 +232,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
         if low:
             _check_range(w, low, "weights", name)
             _check_range(hw, low, "head weights", name)
-        # apply_decision, feature level: Σ_t w_t S_t as one contraction, pushed through the encoder once
-        dz = torch.tensordot(w.to(S.dtype), S, dims=1)
-        gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
-        shared_g = [g if g is not None else torch.zeros_like(p) for g, p in zip(gz, shared)]
+        shared_g, checked = shared_update(w)
         head_g = _unit_rows(rows, own, len(heads)) if default_heads and fresh else None
         if head_g is None:  # shared heads, another head rule: the general path's combination (copies)
             if head_rows is None:
@@ -171,11 +242,10 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
                         head_rows[t][i] = r
             head_g = _combine_heads(head_rows, hl, len(heads), own)
         problem = ""
-        written = shared_g + head_g
-        if not all_finite([g for g in written if g is not None]):
+        if not all_finite([*checked, *[g for g in head_g if g is not None]]):
             problem = f"non-finite combined gradient from '{name}'; nothing was written into .grad"
         else:
-            _accumulate(shared + heads, written)  # one call: no two .grad share memory (see _accumulate)
+            _accumulate([*shared, *heads], [*shared_g, *head_g])  # one call: no two .grad share memory
     except BaseException:
         method.restore(snap)
         raise

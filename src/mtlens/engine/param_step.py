@@ -22,34 +22,22 @@ parameter-level step".
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..errors import MTLensError, NonFiniteError
 from . import pool
 from ._autograd import vjp
-from .apply import _accumulate, _check_range, _combine_heads, weights_error
-from .feature_step import _entries, _fresh_rows, _unit_rows
+from .feature_step import decide_and_write, gramian_problem, lean_heads_pass, lean_start
 from .gradients import (
     _dense,
-    _find_heads,
-    _heads_pass,
-    _retain_flags,
-    _walk_heads,
-    _warn_zero,
     _write_row,
-    all_finite,
-    check_only_route,
     host_finite,
     loss_problem,
-    normalise_features,
-    normalise_losses,
 )
 from .gramian import combine_matrix, gramian_from_matrix, jacobian_workspace, split_flat
-from .protocols import GramianWeighting, MethodState
+from .protocols import GramianWeighting
 from .record import StepRecord
 
 _DEFAULT_HEAD_WEIGHTS = GramianWeighting.head_weights
@@ -72,147 +60,51 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     (a non-finite loss or gradient: the caller applies the non-finite policy to ``record``)."""
     if features.device.type != "cpu" or any(p.device != features.device for p in shared):
         return None
-    if type(method).parameters is MethodState.parameters and not method._modules:  # its own tensors only
-        method_params = [p for p in method._parameters.values() if p is not None and p.requires_grad]
-    else:
-        method_params = [p for p in method.parameters() if p.requires_grad]
-    names, loss_list = normalise_losses(losses, task_names)
-    feats = normalise_features(features, names)
-    T = len(loss_list)
-    split, outs, gos = _entries(losses, loss_list)
-    if not outs:
+    start = lean_start(losses, task_names, features, method, "param")
+    if start is None:
         return None
+    names, T, outs, gos, raw, record = start.names, start.T, start.outs, start.gos, start.raw, start.record
     J = jacobian_workspace(T, shared)  # the reused (T, P) matrix the rows are written into
     if J is None:
         return None
-    raw = torch.stack([v.detach() for v in loss_list])
-    record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="param")
     if not host_finite(raw):
         return record, loss_problem(names, raw)
-    # the heads pass of compute_task_gradients (gradients._heads_pass) for one map: per task S_t and the
-    # gradients of its own heads, each task's head graph freed on its last use (as feature_step does); then
-    # gradients._encoder_rows, loop mode: g_t = J_Zᵀ S_t into row t, the encoder's graph freed by the last
-    n = len(shared)
-    if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
-        heads, sets, own = _walk_heads(loss_list, feats.maps, shared, method_params,
-                                       None if split is None else [node for node, _ in split.branches])
-        retain = [True] * T if retain_graph else _retain_flags(sets)
-        check_only_route(names, feats.maps, sets)
-        # the last task in ONE backward (its head, S_T at the map, on through the encoder): the same numbers as
-        # its head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer —
-        # unless the map has backward hooks (``Z.register_hook``, ``Z.retain_grad()``): the general path's encoder
-        # VJP from S_T runs them once more (on its root). The last task then takes the two calls too
-        one_call = not (features._backward_hooks or features.retains_grad)
-        k = T - 1 if one_call else T  # the tasks that take two calls
-        sal: list[Tensor] = []
-        rows: list[Sequence[Tensor | None]] = []
-        for t in range(k):
-            gs = vjp(outs[t], [features, *[heads[i] for i in own[t]]], gos[t], retain_graph=retain[t])
-            sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
-            rows.append(gs[1:])
-        for t in range(k):
-            gz = vjp([features], shared, grad_outputs=[sal[t]], retain_graph=retain_graph or t < T - 1)
-            _write_row(J, t, _dense(gz), shared)
-        if one_call:
-            gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
-                     retain_graph=retain_graph)
-            rows.append(gs[n + 1:])
-            if gs[0] is not None:
-                sal.append(gs[0])
-                _write_row(J, T - 1, _dense(gs[1:n + 1]), shared)
-            else:  # the last loss does not reach the map: the general path's VJP of zeros, which also frees the
-                # encoder's graph (as loss.backward() would) and gives its numbers (0 · inf = NaN included)
-                sal.append(torch.zeros_like(features))
-                gz = vjp([features], shared, grad_outputs=[sal[T - 1]], retain_graph=retain_graph)
-                _write_row(J, T - 1, _dense(gz), shared)
-        head_rows: list[list[Tensor | None]] | None = None  # full rows: built if the general combination runs
-        fresh = _fresh_rows(sets, heads)  # no head gradient can be a tensor that someone else holds
-    else:
-        heads = _find_heads(loss_list, feats, shared, task_params, method_params)
-        sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, split,
-                                               None if split is None else list(zip(outs, gos)))
-        sal = [s[0] for s in sal_maps]
-        rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
-        fresh = False  # (the graph was not walked here: the rows are copied, as the general path does)
-        for t in range(T):
-            gz = vjp([features], shared, grad_outputs=[sal[t]], retain_graph=retain_graph or t < T - 1)
-            _write_row(J, t, _dense(gz), shared)
+    # the last task in ONE backward (its head, S_T at the map, on through the encoder): the same numbers as its
+    # head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer — with the
+    # heads found from the graph, and unless the map has backward hooks (``Z.register_hook``, ``Z.retain_grad()``):
+    # the general path's encoder VJP from S_T runs them once more (on its root)
+    one_call = task_params is None and not (features._backward_hooks or features.retains_grad)
+    k = T - 1 if one_call else T  # the tasks that take two calls: a head backward, then an encoder VJP
+    heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, k)
+    # gradients._encoder_rows, loop mode: g_t = J_Zᵀ S_t into row t; the encoder's graph freed by the last
+    for t in range(k):
+        gz = vjp([features], shared, grad_outputs=[sal[t]], retain_graph=retain_graph or t < T - 1)
+        _write_row(J, t, _dense(gz), shared)
+    if one_call:
+        n = len(shared)
+        gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
+                 retain_graph=retain_graph)
+        rows.append(gs[n + 1:])
+        if gs[0] is not None:
+            sal.append(gs[0])
+            _write_row(J, T - 1, _dense(gs[1:n + 1]), shared)
+        else:  # the last loss does not reach the map: the general path's VJP of zeros, which also frees the
+            # encoder's graph (as loss.backward() would) and gives its numbers (0 · inf = NaN included)
+            sal.append(torch.zeros_like(features))
+            gz = vjp([features], shared, grad_outputs=[sal[T - 1]], retain_graph=retain_graph)
+            _write_row(J, T - 1, _dense(gz), shared)
     record.saliencies = pool.stack(sal)  # the record's (T, *Z) saliencies, in a reused block (engine/pool.py)
     G = gramian_from_matrix(J)
-    diag = G.diagonal().tolist()  # diag(G) = ‖g_t‖² in float64 is finite iff every per-task gradient is
-    if not all(math.isfinite(v) for v in diag):
-        bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
-        return record, (f"non-finite gradient of task(s) {bad} at level 'param' (losses {raw.tolist()}); nothing "
-                        "was written into .grad. A loss may be finite while its gradient overflows: lower the "
-                        "learning rate or check the inputs.")
-    if 0.0 in diag:
-        _warn_zero(names, diag, "param")
+    problem = gramian_problem(names, G, raw, "param")  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is
+    if problem:
+        return record, problem
     record.gramian = G
 
     # ---- decide and apply, as one transaction (mtl_backward's general path) ------------------------
-    name = method.name
-    snap = method.snapshot()
-    try:
-        try:  # GramianWeighting.decide
-            w = method.weights(G, raw)
-            w = torch.as_tensor(w)
-            if w.requires_grad:
-                w = w.detach()
-            if w.dtype != torch.float64:
-                w = w.to(torch.float64)
-            if w.ndim != 1:
-                w = w.reshape(-1)
-            default_heads = type(method).head_weights is _DEFAULT_HEAD_WEIGHTS
-            hw = torch.ones(w.shape, dtype=torch.float64) if default_heads else method.head_weights(w)
-            values = method.log_values()
-        except MTLensError:
-            raise
-        except (RuntimeError, FloatingPointError, ValueError, ZeroDivisionError, ArithmeticError) as exc:
-            raise NonFiniteError(
-                f"method '{name}' failed on this step's numbers (losses {raw.tolist()}, Gramian diagonal "
-                f"{G.diagonal().tolist()}): {type(exc).__name__}: {exc}. Its state was left as before the step."
-            ) from exc
-        # check_decision
-        if w.device.type != "cpu":
-            w = w.cpu()
-        wl = w.tolist()
-        if w.shape[0] != T or not all(map(math.isfinite, wl)):
-            raise weights_error(name, w, T, G.diagonal().tolist())
-        if default_heads:
-            hl = [1.0] * T
-        else:
-            hw = torch.as_tensor(hw, dtype=torch.float64).reshape(-1).cpu()
-            hl = hw.tolist()
-            if hw.shape[0] != T or not all(map(math.isfinite, hl)):
-                raise NonFiniteError(f"method '{name}' returned head weights {hl}; nothing was written")
-        low = {p.dtype for p in shared + heads} & {torch.float16, torch.bfloat16}
-        if low:
-            _check_range(w, low, "weights", name)
-            _check_range(hw, low, "head weights", name)
+    def from_the_matrix(w: Tensor) -> tuple[list[Tensor | None], list[Tensor]]:
         # apply_decision, parameter level from the (T, P) matrix: Σ_t w_t g_t as one product, a fresh flat vector
         # (never a view of the reused workspace) whose per-parameter views become the .grads
         flat = combine_matrix(w, J)
-        shared_g = split_flat(flat, shared)
-        head_g = _unit_rows(rows, own, len(heads)) if default_heads and fresh else None
-        if head_g is None:  # shared heads, another head rule: the general path's combination (copies)
-            if head_rows is None:
-                head_rows = [[None] * len(heads) for _ in range(T)]
-                for t in range(T):
-                    for i, r in zip(own[t], rows[t]):
-                        head_rows[t][i] = r
-            head_g = _combine_heads(head_rows, hl, len(heads), own)
-        problem = ""
-        if not all_finite([flat, *[g for g in head_g if g is not None]]):
-            problem = f"non-finite combined gradient from '{name}'; nothing was written into .grad"
-        else:
-            _accumulate([*shared, *heads], [*shared_g, *head_g])  # one call: no two .grad share memory
-    except BaseException:
-        method.restore(snap)
-        raise
-    if problem:
-        method.restore(snap)
-        return record, problem
-    record.weights = w
-    record.head_weights = hw
-    record.method_values.update(values)
-    return record, ""
+        return list(split_flat(flat, shared)), [flat]
+
+    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, from_the_matrix)
