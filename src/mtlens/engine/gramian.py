@@ -209,10 +209,10 @@ def jacobian_workspace(T: int, like: Sequence[Tensor]) -> Tensor | None:
     CPU buffer reused from step to step; ``None`` where it does not apply (not on the CPU, mixed dtypes or
     devices, no parameters). Row ``t`` is task ``t``'s gradient flattened over all parameters; each
     parameter's block is a strided view of it (:func:`matrix_blocks`). float32 rows of ``P > CHUNK`` columns
-    (``P`` not a multiple of :data:`CHUNK`) are strided: the buffer is ``(T, P_pad)``, ``P_pad`` the next
-    multiple of ``CHUNK``, and the matrix returned is its ``[:, :P]`` view; the padding is zeroed once, when the
-    buffer is allocated, and no view handed out reaches it (rows are written through ``J[t]``), so that
-    :func:`gramian_from_matrix` multiplies whole chunks in one batched product, with no tail.
+    that no equal chunk width divides (:func:`_chunk_width` is 0) are strided: the buffer is ``(T, P_pad)``,
+    ``P_pad`` the next multiple of ``CHUNK``, and the matrix returned is its ``[:, :P]`` view; the padding is
+    zeroed once, when the buffer is allocated, and no view handed out reaches it (rows are written through
+    ``J[t]``), so that :func:`gramian_from_matrix` multiplies whole chunks in one batched product, with no tail.
 
     Why one buffer: per-task gradients kept for the whole step (``T·P`` floats) are freed together at its
     end; glibc then returns the top of its heap to the system, and the next step faults every page back
@@ -233,7 +233,8 @@ def jacobian_workspace(T: int, like: Sequence[Tensor]) -> Tensor | None:
     if dev.type != "cpu" or any(p.device != dev or p.dtype != dt for p in like):
         return None
     P = sum(p.numel() for p in like)
-    width = -(-P // CHUNK) * CHUNK if dt == torch.float32 and P > CHUNK else P  # rows padded with zeros
+    # rows padded with zeros only where the Gramian has no equal chunks to take (_chunk_width)
+    width = -(-P // CHUNK) * CHUNK if dt == torch.float32 and P > CHUNK and not _chunk_width(P) else P
     key = (dev, dt, T, P)
     ws = _WORKSPACE.pop(key, None)  # atomic: a concurrent step finds none and allocates its own
     if ws is None or _FREE_REFS is None or storage_refs(ws) != _FREE_REFS:

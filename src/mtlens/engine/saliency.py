@@ -129,6 +129,6 @@ def tsr_from_channel_means(s_hat: Tensor) -> Tensor:
     """``L_tsr`` from the signed channel means ``Ŝ`` of shape ``(T, B, L)`` (Eq. 4 already applied): the L1
     distribution over tasks at every location (Eq. 5) and its mean entropy (Eq. 6). :func:`tsr_loss` is
     ``tsr_from_channel_means(S.mean over channels)``; Rep-MTL's penalty takes the means from the pass it shares
-    with CSA (:func:`mtlens.methods.rep_mtl.saliency_moments`)."""
+    with CSA (:func:`mtlens.methods.rep_mtl.penalty_terms`)."""
     p = normalise_over_tasks(s_hat.abs(), dim=0)  # Eq. 5
     return task_entropy(p, dim=0).mean()  # Eq. 6

@@ -142,9 +142,9 @@ def lean_entry_points(losses: Tensor, loss_list: Sequence[Tensor]
     graph). When it returns them it has also hooked the stack node as :func:`prune_stacked_losses` does (the
     general path's side effect on the user's graph, kept the same)."""
     split = stack_split(losses, loss_list)
-    if split is None or any(node is None for node, _ in split.branches):
+    if split is None:
         return None
-    entries = split.entry_points(1.0, loss_list[0])
+    entries = split.entry_points(1.0, loss_list[0])  # None: the inputs' shape unknown, or an input without a graph
     if entries is None or not prune_stacked_losses(losses):
         return None
     return split, entries
