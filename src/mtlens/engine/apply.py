@@ -19,7 +19,12 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
     itself (× ``scale``, in its dtype). Every ``.grad`` gets memory of its own: autograd returns ONE tensor for
     several inputs when a node passes its gradient on unchanged (both parameters of ``a + b``), and two
     ``.grad`` sharing memory would each take the other's later in-place accumulation; a gradient whose data
-    pointer this call already gave to another ``.grad`` is cloned (``backward()`` copies it too)."""
+    pointer this call already gave to another ``.grad`` is cloned (``backward()`` copies it too).
+
+    A parameter's post-accumulate-grad hooks (``p.register_post_accumulate_grad_hook``: optimizer-in-backward,
+    gradient offloading) run right after its ``.grad`` is written, in registration order, as autograd's
+    ``AccumulateGrad`` runs them. Every caller writes only after the step's verdict, so a failing step runs
+    none (docs/reliability.md §4)."""
     taken: set[int] = set()
     for p, g in zip(params, grads):
         if g is None:
@@ -39,6 +44,10 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
             p.grad = g
         else:
             cur.add_(g if g.dtype == cur.dtype else g.to(cur.dtype))
+        hooks = p._post_accumulate_grad_hooks
+        if hooks:
+            for hook in tuple(hooks.values()):
+                hook(p)
 
 
 def _memory_of(g: Tensor) -> int:

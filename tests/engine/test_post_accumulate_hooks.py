@@ -1,0 +1,133 @@
+"""Post-accumulate-grad hooks run under ``mtl_backward`` as under ``loss.backward()``: once per written
+parameter, after its ``.grad`` is written, on every route of the engine — and never on a step that writes
+nothing (docs/reliability.md §4). The optimizer-in-backward pattern (PyTorch's tutorial "How to save memory by
+fusing the optimizer step into the backward pass") trains the same weights as a separate optimiser step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _nets import TinyNet
+
+from mtlens.engine import DecisionCache, mtl_backward
+from mtlens.errors import NonFiniteError
+from mtlens.methods import create
+
+ROUTES = [
+    # (method, level, extra options): the lean loss step, the general loss step, the lean feature and
+    # parameter steps, the general parameter and feature steps, a method with its own head rule
+    ("ew", None, {}),
+    ("uw", None, {}),
+    ("ew", None, {"keep_saliencies": True}),
+    ("mgda", "feature", {}),
+    ("upgrad", "param", {}),
+    ("upgrad", "param", {"jacobian": "batched"}),
+    ("pcgrad", "param", {"regularizers": "rep_mtl"}),
+    ("mgda", "feature", {"regularizers": "rep_mtl"}),
+    ("aligned_mtl", "param", {}),
+]
+
+
+def _hooked(net: torch.nn.Module) -> list[str]:
+    calls: list[str] = []
+    for name, p in net.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda q, name=name: calls.append((name, q.grad is not None)))
+    return calls
+
+
+@pytest.mark.parametrize("name,level,opts", ROUTES, ids=[f"{m}-{lv}-{'-'.join(o)}" for m, lv, o in ROUTES])
+def test_hooks_run_once_per_parameter_with_its_grad_written(name, level, opts):
+    torch.manual_seed(0)
+    net = TinyNet(3)
+    ref = copy.deepcopy(net)
+    calls = _hooked(net)
+    opts = dict(opts)
+    if "regularizers" in opts:
+        opts["regularizers"] = [create(opts["regularizers"])]
+    x = torch.randn(16, 5)
+    z, losses = net(x)
+    mtl_backward(losses, features=z, shared_params=list(net.enc.parameters()), method=create(name), level=level,
+                 **opts)
+    # the reference: which parameters the step writes (every one here), each exactly once
+    written = [n for n, p in net.named_parameters() if p.grad is not None]
+    assert sorted(n for n, _ in calls) == sorted(written) == sorted(n for n, _ in ref.named_parameters())
+    assert all(had for _, had in calls), calls  # .grad was already written when the hook ran
+
+
+def test_a_hook_sees_the_accumulated_grad_when_grad_already_exists():
+    torch.manual_seed(1)
+    net = TinyNet(2)
+    w = net.heads[0].weight
+    w.grad = torch.ones_like(w)
+    seen = []
+    w.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    z, losses = net(torch.randn(8, 5))
+    ref = torch.autograd.grad(sum(losses.values()), [w], retain_graph=True)[0]
+    mtl_backward(losses, features=z, shared_params=list(net.enc.parameters()), method=create("ew"))
+    assert len(seen) == 1 and torch.allclose(seen[0], 1 + ref)
+
+
+@pytest.mark.parametrize("name,level", [("ew", None), ("mgda", "feature"), ("upgrad", "param")])
+def test_no_hook_runs_on_a_step_that_writes_nothing(name, level):
+    net = TinyNet(3)
+    calls = _hooked(net)
+    z, losses = net(torch.randn(4, 5))
+    bad = {**losses, "t2": losses["t2"] + torch.sqrt(z.sum() * 0 - 0.0)}  # finite loss, NaN gradient
+    with pytest.raises(NonFiniteError):
+        mtl_backward(bad, features=z, shared_params=list(net.enc.parameters()), method=create(name), level=level)
+    assert calls == [] and all(p.grad is None for p in net.parameters())
+    z, losses = net(torch.randn(4, 5))
+    bad = {**losses, "t2": losses["t2"] + torch.sqrt(z.sum() * 0 - 0.0)}
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        rec = mtl_backward(bad, features=z, shared_params=list(net.enc.parameters()), method=create(name),
+                           level=level, nonfinite="skip")
+    assert rec.skipped and calls == []
+
+
+def test_cached_steps_run_the_hooks():
+    torch.manual_seed(2)
+    net = TinyNet(3)
+    calls = _hooked(net)
+    cache = DecisionCache(3)
+    method = create("upgrad")
+    for step in range(3):
+        calls.clear()
+        z, losses = net(torch.randn(8, 5))
+        mtl_backward(losses, features=z, shared_params=list(net.enc.parameters()), method=method, level="param",
+                     cache=cache)
+        assert sorted(n for n, _ in calls) == sorted(n for n, _ in net.named_parameters()), step
+        net.zero_grad()
+
+
+@pytest.mark.parametrize("name,level", [("ew", None), ("mgda", "feature"), ("upgrad", "param")])
+def test_optimizer_in_backward_trains_as_a_separate_optimizer_step(name, level):
+    """Each parameter's own SGD with momentum, stepped by its hook (then its .grad freed), against one optimiser
+    stepped after the backward: the same weights after three steps."""
+    torch.manual_seed(3)
+    a = TinyNet(3)
+    b = copy.deepcopy(a)
+    start = [p.detach().clone() for p in a.parameters()]
+    opts = {p: torch.optim.SGD([p], lr=0.1, momentum=0.9) for p in a.parameters()}
+
+    def hook(p):
+        opts[p].step()
+        opts[p].zero_grad()
+
+    for p in a.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    ma, mb = create(name), create(name)
+    for _ in range(3):
+        x = torch.randn(16, 5)
+        za, la = a(x)
+        mtl_backward(la, features=za, shared_params=list(a.enc.parameters()), method=ma, level=level)
+        assert all(p.grad is None for p in a.parameters())  # the hooks stepped and freed every gradient
+        opt_b.zero_grad()
+        zb, lb = b(x)
+        mtl_backward(lb, features=zb, shared_params=list(b.enc.parameters()), method=mb, level=level)
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(pa, p0) for pa, p0 in zip(a.parameters(), start))  # every parameter trained
