@@ -322,7 +322,8 @@ def test_a_failing_loss_step_runs_no_accumulation_hook():
     """Nothing written before the verdict: post-accumulate-grad hooks and the AccumulateGrad node hooks
     (where DDP's reducer listens) do not run on a failing step (a passing one runs the former after each
     ``.grad`` is written: tests/engine/test_post_accumulate_hooks.py; the latter never). Tensor hooks
-    (``p.register_hook``) and ``retain_grad()`` tensors do see the computed gradient, as under ``torch.autograd.grad`` (docs/performance.md)."""
+    (``p.register_hook``) and ``retain_grad()`` tensors do see the computed gradient, as under
+    ``torch.autograd.grad`` (docs/performance.md)."""
     net = TinyNet(3)
     calls = []
     w = net.heads[0].weight
