@@ -19,7 +19,9 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
     itself (× ``scale``, in its dtype). Every ``.grad`` gets memory of its own: autograd returns ONE tensor for
     several inputs when a node passes its gradient on unchanged (both parameters of ``a + b``), and two
     ``.grad`` sharing memory would each take the other's later in-place accumulation; a gradient whose data
-    pointer this call already gave to another ``.grad`` is cloned (``backward()`` copies it too).
+    pointer this call already gave to another ``.grad`` is cloned (``backward()`` copies it too), and one whose
+    strides are not its parameter's (an expanded gradient) is copied into the parameter's layout, as autograd's
+    ``AccumulateGrad`` does.
 
     A parameter's post-accumulate-grad hooks (``p.register_post_accumulate_grad_hook``: optimizer-in-backward,
     gradient offloading) run right after its ``.grad`` is written, in registration order, as autograd's
@@ -35,7 +37,13 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
             g = g * scale
         cur = p.grad
         if cur is None:
-            g = g if g.dtype == p.dtype else g.to(p.dtype)
+            if g.layout == torch.strided and (not g.is_contiguous() if p.is_contiguous() else g.stride() != p.stride()):
+                # autograd's layout contract (AccumulateGrad): a .grad has its parameter's strides. An expanded
+                # gradient (a sum's unit gradient passed on unchanged by an addition: ``(z + b).sum()``) would make
+                # a .grad whose elements share memory, which the next accumulation and clip_grad_norm_ refuse
+                g = torch.empty_like(p).copy_(g)
+            elif g.dtype != p.dtype:
+                g = g.to(p.dtype)
             ptr = _memory_of(g)
             if ptr in taken:
                 g = g.clone()
