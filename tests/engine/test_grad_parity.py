@@ -128,7 +128,7 @@ def unreached(T: int) -> Built:
     net = nn.ModuleDict({"enc": enc, "unused": unused, "heads": heads, "spare": spare})
 
     def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        z = enc(_x(i, 4, 5))
+        z = enc(_x(i, 4, 2, 5))  # (B, C, L): Rep-MTL applies
         return z, _mse(heads, z)
 
     return Built(net, step, lambda: [*enc.parameters(), *unused.parameters()])
@@ -417,7 +417,7 @@ CASES: dict[str, Callable[[int], Built]] = {
         kept_hook,
     )
 }
-THREE_D = {"tied", "lstm", "gru", "attention", "channels_last"}  # Z of ≥ 3 dimensions: Rep-MTL applies
+THREE_D = {"unreached", "tied", "lstm", "gru", "attention", "channels_last"}  # Z of ≥ 3 dimensions: Rep-MTL applies
 
 
 # ---- the routes ------------------------------------------------------------------------------------------------
@@ -429,6 +429,7 @@ class Route:
     jacobian: str = "loop"
     rep_mtl: bool = False
     keep_saliencies: bool = False
+    features: bool = True  # False: the parameter level's per-task backwards through the heads (no features=Z)
 
     def run(self, built: Built, method) -> None:
         opts: dict = {"jacobian": self.jacobian}
@@ -439,7 +440,12 @@ class Route:
         for i in range(MICRO_BATCHES):
             z, losses = built.step(i)
             rec = mtl_backward(
-                losses, features=z, shared_params=built.shared(), method=method, level=self.level, **opts
+                losses,
+                features=z if self.features else None,
+                shared_params=built.shared(),
+                method=method,
+                level=self.level,
+                **opts,
             )
             built.held += [z, *losses.values(), *(t for t in (rec.saliencies, rec.gramian) if t is not None)]
 
@@ -450,7 +456,9 @@ MGDA_FEATURE = Route("mgda-feature", "mgda", "feature")
 UPGRAD_PARAM = Route("upgrad-param", "upgrad", "param")
 UPGRAD_BATCHED = Route("upgrad-param-batched", "upgrad", "param", jacobian="batched")
 UPGRAD_REP = Route("upgrad-param-rep_mtl", "upgrad", "param", rep_mtl=True)
-GRADIENT_ROUTES = [MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_REP]
+MGDA_REP = Route("mgda-feature-rep_mtl", "mgda", "feature", rep_mtl=True)  # the general feature-level path
+UPGRAD_NO_FEATURES = Route("upgrad-param-no-features", "upgrad", "param", features=False)
+GRADIENT_ROUTES = [MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_REP, MGDA_REP, UPGRAD_NO_FEATURES]
 
 # Where a route refuses a construct by design: (case, route id or "*" for every gradient route) -> the message's
 # pattern. Each is asserted, not skipped.
@@ -459,9 +467,13 @@ REFUSED: dict[tuple[str, str], str] = {
     ("checkpointed_reentrant", "ew"): "use_reentrant=False",
     ("checkpointed_reentrant", "*"): "use_reentrant=False",
     # a tied output layer reads the encoder's embedding around Z: the engine cannot split that parameter's gradient
-    # into a part through Z and a part around it (docs/engine.md); the lean EW step reads no features and matches
-    ("tied", "*"): r"1 shared parameter\(s\) reach the losses without passing through features: features must be the "
-    "only route from the encoder to the losses",
+    # into a part through Z and a part around it (docs/engine.md); the lean EW step reads no features and matches,
+    # and so does the parameter level without features= (per-task backwards through the whole graph)
+    **{
+        ("tied", r.id): r"1 shared parameter\(s\) reach the losses without passing through features: features must be "
+        "the only route from the encoder to the losses"
+        for r in (MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_REP, MGDA_REP)
+    },
     ("tied", "ew-loss-saliencies"): "features must be the only route",
     # vmap has no sparse kernels (docs/reliability.md §4)
     ("sparse_embedding", "upgrad-param-batched"): r"a sparse-gradient parameter \(nn.Embedding\(sparse=True\)\) "
@@ -565,10 +577,9 @@ def _refused(case: str, route: Route) -> str | None:
 
 # Divergences from loss.backward() found by this harness, fixed in the engine (the test was written first)
 DIVERGED: set[tuple[str, str]] = {
-    # a shared parameter no loss reaches got a .grad of zeros at the gradient levels (backward leaves it None)
-    *(("unreached", r.id) for r in (MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED)),
     # nn.Embedding(sparse=True) at parameter level got a dense .grad (backward: sparse; SparseAdam refuses dense)
     ("sparse_embedding", UPGRAD_PARAM.id),
+    ("sparse_embedding", UPGRAD_NO_FEATURES.id),
 }
 
 

@@ -195,7 +195,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
 
     # ---- shared parameters -----------------------------------------------------------------
     flat_shared: Tensor | None = None  # parameter level from the (T, P) matrix: the combined gradient, flat
-    local_shared: list[Tensor] | None = None  # computed on this rank's samples: averaged below
+    local_shared: list[Tensor | None] | None = None  # computed on this rank's samples: averaged below
     global_shared: list[Tensor] | None = None  # already the global gradient
     if grads.level == "feature":
         w = decision.weights
@@ -246,7 +246,10 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                         local[j] = g
                     else:
                         cur.add_(g)
-        local_shared = [g if g is not None else torch.zeros_like(p) for g, p in zip(local, shared)]
+        # a parameter no micro-batch reaches keeps its .grad, as after loss.backward() (zeros would be a gradient:
+        # AdamW decays such a parameter, momentum moves it); under data parallelism every rank reduces every one
+        local_shared = local if dist is None else [g if g is not None else torch.zeros_like(p)
+                                                   for g, p in zip(local, shared)]
     else:
         if decision.combined is not None:
             global_shared = list(decision.combined)
@@ -271,7 +274,8 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                             retain_graph=retain_graph)
                 local_shared = zeros_if_none(gr, shared)
         if reg_shared is not None:
-            local_shared = reg_shared if local_shared is None else [a + b for a, b in zip(local_shared, reg_shared)]
+            local_shared = (list(reg_shared) if local_shared is None
+                            else [a + b for a, b in zip(local_shared, reg_shared)])  # type: ignore[operator]
 
     # ---- heads -----------------------------------------------------------------------------
     hw = decision.head_weights.tolist() if decision.head_weights is not None else [1.0] * T
@@ -287,11 +291,13 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         head_g = reduced[n:]
     shared_g: list[Tensor | None]
     if global_shared is not None and local_shared is not None:
-        shared_g = [a + b for a, b in zip(global_shared, local_shared)]
+        shared_g = [a + b for a, b in zip(global_shared, local_shared)]  # type: ignore[operator]
     else:
         chosen = global_shared if global_shared is not None else local_shared
         assert chosen is not None  # the parameter level sets global_shared, the feature level local_shared
         shared_g = list(chosen)
+    for i in grads._unreached:  # parameter level: no loss reaches it (zeros in the Jacobian); .grad left as it was
+        shared_g[i] = None
     others: list[Tensor] = []
     other_g: list[Tensor | None] = []
     if decision.extra_grads:  # global, unscaled gradients the method computed itself (adds_gradients)

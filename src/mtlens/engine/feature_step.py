@@ -90,8 +90,8 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
         # apply_decision, feature level: Σ_t w_t S_t as one contraction, pushed through the encoder once
         dz = torch.tensordot(w.to(S.dtype), S, dims=1)
         gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
-        shared_g = [g if g is not None else torch.zeros_like(p) for g, p in zip(gz, shared)]
-        return list(shared_g), shared_g
+        # a parameter the map does not depend on keeps its .grad (None stays None), as after loss.backward()
+        return list(gz), [g for g in gz if g is not None]
 
     return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, through_encoder)
 

@@ -247,8 +247,29 @@ def trainable(params: Iterable[Tensor]) -> list[Tensor]:
     return list(dict.fromkeys(p for p in params if p.requires_grad))
 
 
-def zeros_if_none(gs: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
-    return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, like)]
+def zeros_if_none(gs: Sequence[Tensor | None], like: Sequence[Tensor], missed: list[Tensor] | None = None
+                  ) -> list[Tensor]:
+    """``gs`` with zeros for ``None``; each parameter of ``like`` given zeros appended to ``missed`` (when given)."""
+    if missed is None:
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, like)]
+    return [g if g is not None else _missed(missed, p, torch.zeros_like(p)) for g, p in zip(gs, like)]
+
+
+def _missed(missed: list[Tensor], p: Tensor, zeros: Tensor) -> Tensor:
+    """Record that no gradient reached ``p`` (its row or block is ``zeros``): evaluated only for a ``None``."""
+    missed.append(p)
+    return zeros
+
+
+def unreached_by_all(missed: Sequence[Sequence[Tensor]], shared: Sequence[Tensor]) -> list[int]:
+    """Indices in ``shared`` of the parameters that every task's VJP returned ``None`` for (``missed[t]``: task t's):
+    no loss reaches them, so ``loss.backward()`` leaves their ``.grad`` as it was (``None`` stays ``None``; AdamW
+    would decay a parameter given a zero ``.grad``), where the Jacobian holds zeros. Costs nothing while every
+    task reaches every parameter (one truth test per task)."""
+    if not missed or not all(missed):
+        return []
+    common = set.intersection(*({id(p) for p in m} for m in missed))
+    return [i for i, p in enumerate(shared) if id(p) in common] if common else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +496,7 @@ class TaskGradients:
                 blocks = [[b * c[k].to(b.dtype).reshape(-1, *([1] * (b.ndim - 1))) for b in bl]
                           for k, bl in enumerate(blocks)]
             out._blocks = [_sum(bs) / K for bs in zip(*blocks)]
+            out._unreached = sorted(set.intersection(*(set(s._unreached) for s in steps)))
         elif first.level == "feature":
             G = _sum(s.gramian() * torch.outer(c[k], c[k]).to(s.gramian().device) for k, s in enumerate(steps))
             if scaled:
@@ -1009,10 +1031,14 @@ def _dense(gs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
     return tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in gs)
 
 
-def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[Tensor]) -> None:
-    """Row ``t`` of the ``(T, P)`` workspace from one task's per-parameter gradients (``None``: zeros):
-    one concatenation into the row, whatever the number of parameters."""
-    parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=J.dtype, device=J.device)
+def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[Tensor],
+               missed: list[Tensor] | None = None) -> None:
+    """Row ``t`` of the ``(T, P)`` workspace from one task's per-parameter gradients (``None``: zeros, the parameter
+    appended to ``missed`` when given): one concatenation into the row, whatever the number of parameters."""
+    if missed is None:
+        missed = []
+    parts = [g.reshape(-1) if g is not None
+             else _missed(missed, p, torch.zeros(p.numel(), dtype=J.dtype, device=J.device))
              for g, p in zip(gs, shared)]
     if len(parts) == 1:
         J[t].copy_(parts[0])
@@ -1021,8 +1047,10 @@ def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[
 
 
 def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[Tensor]], create_graph: bool,
-                  retain_graph: bool, jacobian: str) -> tuple[list[Any], Tensor | None]:
-    """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t``, and the ``(T, P)`` matrix they were written into.
+                  retain_graph: bool, jacobian: str, unreached: list[int] | None = None
+                  ) -> tuple[list[Any], Tensor | None]:
+    """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t``, and the ``(T, P)`` matrix they were written into;
+    the indices of the parameters no task reaches (zeros in the Jacobian) appended to ``unreached`` when given.
 
     On the CPU without ``create_graph`` (loop mode): every row goes into the reused workspace
     (:func:`~mtlens.engine.gramian.jacobian_workspace`), returned alone (``([], J)``; per-parameter
@@ -1037,12 +1065,17 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
             raise ConfigurationError(f"jacobian='batched' could not differentiate the shared parameters ({exc}); "
                                      "a sparse-gradient parameter (nn.Embedding(sparse=True)) needs "
                                      "jacobian='loop'") from exc
-        return [g if g is not None else torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device)
-                for g, p in zip(gs, shared)], None
+        missed: list[Tensor] = []
+        blocks = [g if g is not None else _missed(missed, p, torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device))
+                  for g, p in zip(gs, shared)]
+        if missed and unreached is not None:
+            unreached.extend(unreached_by_all([missed], shared))
+        return blocks, None
     # values only: each task's row goes into a (T, P) workspace reused across steps (no page
     # faults for the T·P floats; see jacobian_workspace) and its autograd output is freed at once
     J = None if create_graph else jacobian_workspace(T, shared)
     rows = []
+    misses: list[list[Tensor]] = []
     # multi-input maps sliced from one encoder pass share its graph: freed by the last task's row only
     own_graphs = feats.multi_input and (retain_graph or create_graph or not maps_share_graph(feats.maps))
     for t in range(T):
@@ -1052,10 +1085,14 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
         keep = retain_graph or create_graph or not last
         gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
         gs = _dense(gs)
+        missed: list[Tensor] = []
+        misses.append(missed)
         if J is None:
-            rows.append(zeros_if_none(gs, shared))
+            rows.append(zeros_if_none(gs, shared, missed))
         else:
-            _write_row(J, t, gs, shared)
+            _write_row(J, t, gs, shared, missed)
+    if unreached is not None:
+        unreached.extend(unreached_by_all(misses, shared))
     return (rows, None) if J is None else ([], J)
 
 
@@ -1167,22 +1204,26 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     if level == "param":
         J: Tensor | None = None  # the (T, P) workspace matrix the rows were written into, when they were
         if sal_multi is not None:
-            rows_or_blocks, J = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian)
+            rows_or_blocks, J = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian,
+                                              unreached=tg._unreached)
         else:
             free = not (retain_graph or create)
             sets = _node_sets(obj_scaled, [], tg._split) if free else []
             flags = [True] * T if not free else _retain_flags(sets)
             rows_or_blocks, head_rows = [], []
             J = None if create else jacobian_workspace(T, shared)  # values only: rows into the reused (T, P) matrix
+            misses: list[list[Tensor]] = []
             for t, L in enumerate(obj_scaled):
                 gs = _grads(L, shared + heads, retain_graph=flags[t], create_graph=create)
+                misses.append([])
                 if J is None:
-                    rows_or_blocks.append(zeros_if_none(gs[:len(shared)], shared))
+                    rows_or_blocks.append(zeros_if_none(gs[:len(shared)], shared, misses[-1]))
                 else:
-                    _write_row(J, t, _dense(gs[:len(shared)]), shared)
+                    _write_row(J, t, _dense(gs[:len(shared)]), shared, misses[-1])
                 head_rows.append(list(gs[len(shared):]))
                 if free and flags[t]:
                     _free_exclusive(L, sets, t, heads)
+            tg._unreached = unreached_by_all(misses, shared)
         if param_regs:
             blocks = rows_or_blocks if isinstance(rows_or_blocks[0], Tensor) else stack_rows(rows_or_blocks, shared)
             pblocks = [b / scale for b in blocks] if scale != 1.0 else blocks
