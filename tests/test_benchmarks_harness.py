@@ -154,7 +154,8 @@ def test_arithmetic_floor_rows_write_the_same_gradients_as_the_engine(run_all):
     rows = run_all.step_fns(w, methods, batched_autogram=False)
     for floor, row in (("plain + finiteness check (EW floor)", "EW"),
                        ("MGDA feature arithmetic (floor)", "MGDA feature"),
-                       ("UPGrad param arithmetic (floor)", "UPGrad param")):
+                       ("UPGrad param arithmetic (floor)", "UPGrad param"),
+                       ("EW + Rep-MTL arithmetic (floor)", "EW + Rep-MTL")):
         rows[floor]()
         a = [p.grad.clone() for p in w.params]
         rows[row]()
