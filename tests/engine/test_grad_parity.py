@@ -576,11 +576,7 @@ def _refused(case: str, route: Route) -> str | None:
 
 
 # Divergences from loss.backward() found by this harness, fixed in the engine (the test was written first)
-DIVERGED: set[tuple[str, str]] = {
-    # nn.Embedding(sparse=True) at parameter level got a dense .grad (backward: sparse; SparseAdam refuses dense)
-    ("sparse_embedding", UPGRAD_PARAM.id),
-    ("sparse_embedding", UPGRAD_NO_FEATURES.id),
-}
+DIVERGED: set[tuple[str, str]] = set()  # none left; the fixes: docs/reliability.md, "What `.grad` looks like"
 
 
 # Known divergences, left by design (docs/reliability.md, "What `.grad` looks like after a step"): a gradient that a
@@ -675,3 +671,24 @@ def test_the_harness_sees_a_divergence():
                 b.grad = a.grad
 
         assert_same_grads_as_backward(plain, Aliased("aliased", "ew"))
+
+
+SPARSE_ROUTES = [EW, MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_NO_FEATURES]
+
+
+@pytest.mark.parametrize("route", SPARSE_ROUTES, ids=[r.id for r in SPARSE_ROUTES])
+def test_sparse_adam_steps_an_embedding_on_every_route(route):
+    """``nn.Embedding(sparse=True)`` trained by ``torch.optim.SparseAdam``: the parameter level wrote a dense
+    ``.grad`` (its per-task rows are densified into the Jacobian), which SparseAdam refuses ("SparseAdam does not
+    support dense gradients"); it writes a sparse one again, with the rows the batches touched."""
+    torch.manual_seed(0)
+    built = sparse_embedding(2)
+    emb = built.net["enc"][0].weight
+    before = emb.detach().clone()
+    opt = torch.optim.SparseAdam([emb], lr=0.1)
+    route.run(built, create(route.method))
+    assert emb.grad.layout == torch.sparse_coo
+    opt.step()
+    touched = torch.unique(torch.cat([_tokens(i, 4) for i in range(MICRO_BATCHES)]))
+    moved = (emb.detach() != before).any(1).nonzero().flatten()
+    assert set(moved.tolist()) <= set(touched.tolist()) and len(moved) > 0

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError
 from .decision import Decision
-from .gradients import TaskGradients, _grads, all_finite, host_finite, zeros_if_none
+from .gradients import TaskGradients, _grads, all_finite, host_finite, sparse_again, zeros_if_none
 from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
 from .graph import find_leaves
 
@@ -298,6 +298,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         shared_g = list(chosen)
     for i in grads._unreached:  # parameter level: no loss reaches it (zeros in the Jacobian); .grad left as it was
         shared_g[i] = None
+    sparse_again(shared_g, shared, grads._sparse)  # parameter level: sparse per-task gradients, a sparse .grad
     others: list[Tensor] = []
     other_g: list[Tensor | None] = []
     if decision.extra_grads:  # global, unscaled gradients the method computed itself (adds_gradients)

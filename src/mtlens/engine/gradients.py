@@ -327,6 +327,7 @@ class TaskGradients:
     _head_index: list[list[int]] | None = None  # per task: the head parameters it reaches (heads pass), else None
     _objective_from_rows: bool = False  # loss level: step 3 writes Σ_t w_t g_t from the rows (no objective backward)
     _unreached: list[int] = field(default_factory=list)  # rows: shared parameters no loss reaches (.grad kept)
+    _sparse: dict[int, int] = field(default_factory=dict)  # id of a shared parameter with sparse gradients: sparse_dim
 
     @property
     def T(self) -> int:
@@ -497,6 +498,7 @@ class TaskGradients:
                           for k, bl in enumerate(blocks)]
             out._blocks = [_sum(bs) / K for bs in zip(*blocks)]
             out._unreached = sorted(set.intersection(*(set(s._unreached) for s in steps)))
+            out._sparse = {k: v for s in steps for k, v in s._sparse.items()}
         elif first.level == "feature":
             G = _sum(s.gramian() * torch.outer(c[k], c[k]).to(s.gramian().device) for k, s in enumerate(steps))
             if scaled:
@@ -1026,9 +1028,35 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     return sal, rows, own
 
 
-def _dense(gs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
-    """A sparse gradient (``nn.Embedding(sparse=True)``) as a dense Jacobian row."""
-    return tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in gs)
+def _dense(gs: Sequence[Tensor | None], shared: Sequence[Tensor] | None = None,
+           sparse: dict[int, int] | None = None) -> tuple[Tensor | None, ...]:
+    """A sparse gradient (``nn.Embedding(sparse=True)``) as a dense Jacobian row; with ``sparse`` given, the
+    parameter's ``id`` (``shared`` in ``gs``'s order) recorded there with the gradient's ``sparse_dim``, so that
+    its ``.grad`` is written sparse, as ``loss.backward()`` writes it (:func:`sparse_again`)."""
+    if sparse is None or shared is None:
+        return tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in gs)
+    return tuple(g if g is None or g.layout == torch.strided else _densify(g, p, sparse) for g, p in zip(gs, shared))
+
+
+def _densify(g: Tensor, p: Tensor, sparse: dict[int, int]) -> Tensor:
+    sparse[id(p)] = g.sparse_dim()
+    return g.to_dense()
+
+
+def sparse_again(gs: list[Tensor | None], shared: Sequence[Tensor], sparse: dict[int, int]) -> None:
+    """The combined gradients of the parameters whose per-task gradients were sparse (``sparse``, from
+    :func:`_dense`) as sparse COO tensors again, in place in ``gs``: ``loss.backward()`` gives
+    ``nn.Embedding(sparse=True)`` a sparse ``.grad``, which ``torch.optim.SparseAdam`` requires (it refuses a
+    dense one) and which holds only the rows a batch touched. The same values; the indices are the nonzero rows
+    (a touched row whose combined gradient is exactly zero is left out). A loop over the parameters only when
+    some gradient was sparse."""
+    if not sparse:
+        return
+    for i, p in enumerate(shared):
+        sd = sparse.get(id(p))
+        g = gs[i]
+        if sd is not None and g is not None and g.layout == torch.strided:
+            gs[i] = g.to_sparse(sd)
 
 
 def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[Tensor],
@@ -1047,10 +1075,11 @@ def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[
 
 
 def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[Tensor]], create_graph: bool,
-                  retain_graph: bool, jacobian: str, unreached: list[int] | None = None
-                  ) -> tuple[list[Any], Tensor | None]:
+                  retain_graph: bool, jacobian: str, unreached: list[int] | None = None,
+                  sparse: dict[int, int] | None = None) -> tuple[list[Any], Tensor | None]:
     """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t``, and the ``(T, P)`` matrix they were written into;
-    the indices of the parameters no task reaches (zeros in the Jacobian) appended to ``unreached`` when given.
+    the indices of the parameters no task reaches (zeros in the Jacobian) appended to ``unreached`` when given, the
+    parameters with sparse gradients recorded in ``sparse`` when given (:func:`_dense`).
 
     On the CPU without ``create_graph`` (loop mode): every row goes into the reused workspace
     (:func:`~mtlens.engine.gramian.jacobian_workspace`), returned alone (``([], J)``; per-parameter
@@ -1084,7 +1113,7 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
         last = (t == T - 1) or own_graphs
         keep = retain_graph or create_graph or not last
         gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
-        gs = _dense(gs)
+        gs = _dense(gs, shared, sparse)
         missed: list[Tensor] = []
         misses.append(missed)
         if J is None:
@@ -1205,7 +1234,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
         J: Tensor | None = None  # the (T, P) workspace matrix the rows were written into, when they were
         if sal_multi is not None:
             rows_or_blocks, J = _encoder_rows(feats, shared, sal_multi, create, retain_graph, jacobian,
-                                              unreached=tg._unreached)
+                                              unreached=tg._unreached, sparse=tg._sparse)
         else:
             free = not (retain_graph or create)
             sets = _node_sets(obj_scaled, [], tg._split) if free else []
@@ -1219,7 +1248,7 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
                 if J is None:
                     rows_or_blocks.append(zeros_if_none(gs[:len(shared)], shared, misses[-1]))
                 else:
-                    _write_row(J, t, _dense(gs[:len(shared)]), shared, misses[-1])
+                    _write_row(J, t, _dense(gs[:len(shared)], shared, tg._sparse), shared, misses[-1])
                 head_rows.append(list(gs[len(shared):]))
                 if free and flags[t]:
                     _free_exclusive(L, sets, t, heads)

@@ -35,6 +35,7 @@ from .gradients import (
     _write_row,
     host_finite,
     loss_problem,
+    sparse_again,
     unreached_by_all,
 )
 from .gramian import combine_matrix, gramian_from_matrix, jacobian_workspace, split_flat
@@ -79,9 +80,10 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, k)
     # gradients._encoder_rows, loop mode: g_t = J_Zᵀ S_t into row t; the encoder's graph freed by the last
     misses: list[list[Tensor]] = [[] for _ in range(T)]  # per task, the parameters its VJP did not reach
+    sparse: dict[int, int] = {}  # the parameters with sparse gradients (nn.Embedding(sparse=True)): a sparse .grad
     for t in range(k):
         gz = vjp([features], shared, grad_outputs=[sal[t]], retain_graph=retain_graph or t < T - 1)
-        _write_row(J, t, _dense(gz), shared, misses[t])
+        _write_row(J, t, _dense(gz, shared, sparse), shared, misses[t])
     if one_call:
         n = len(shared)
         gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
@@ -89,12 +91,12 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         rows.append(gs[n + 1:])
         if gs[0] is not None:
             sal.append(gs[0])
-            _write_row(J, T - 1, _dense(gs[1:n + 1]), shared, misses[T - 1])
+            _write_row(J, T - 1, _dense(gs[1:n + 1], shared, sparse), shared, misses[T - 1])
         else:  # the last loss does not reach the map: the general path's VJP of zeros, which also frees the
             # encoder's graph (as loss.backward() would) and gives its numbers (0 · inf = NaN included)
             sal.append(torch.zeros_like(features))
             gz = vjp([features], shared, grad_outputs=[sal[T - 1]], retain_graph=retain_graph)
-            _write_row(J, T - 1, _dense(gz), shared, misses[T - 1])
+            _write_row(J, T - 1, _dense(gz, shared, sparse), shared, misses[T - 1])
     unreached = unreached_by_all(misses, shared)
     record.saliencies = pool.stack(sal)  # the record's (T, *Z) saliencies, in a reused block (engine/pool.py)
     G = gramian_from_matrix(J)
@@ -111,6 +113,7 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         out: list[Tensor | None] = list(split_flat(flat, shared))
         for i in unreached:  # no loss reaches it: .grad left as it was (None stays None), as after loss.backward()
             out[i] = None
+        sparse_again(out, shared, sparse)
         return out, [flat]
 
     return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, from_the_matrix)
