@@ -23,6 +23,7 @@ float64 1e-7, 1e-7).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -692,3 +693,34 @@ def test_sparse_adam_steps_an_embedding_on_every_route(route):
     touched = torch.unique(torch.cat([_tokens(i, 4) for i in range(MICRO_BATCHES)]))
     moved = (emb.detach() != before).any(1).nonzero().flatten()
     assert set(moved.tolist()) <= set(touched.tolist()) and len(moved) > 0
+
+
+COMPLEX_ROUTES = [UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_NO_FEATURES]
+
+
+@pytest.mark.parametrize("route", COMPLEX_ROUTES, ids=[r.id for r in COMPLEX_ROUTES])
+def test_a_complex_parameter_gets_the_gramian_of_its_real_gradients(route):
+    """A complex weight at the parameter level: autograd's gradient of a real loss is ``∂L/∂Re w + i ∂L/∂Im w``, a
+    vector of ``R^{2n}``, so the Gramian is ``Re(g_s^H g_t)``, the inner product of the real views. The engine cast
+    the complex Jacobian to float64, dropping the imaginary parts ("Casting complex values to real discards the
+    imaginary part"), and decided on ``Re(g_s)·Re(g_t)``."""
+    torch.manual_seed(0)
+    twin = complex_param(3)
+    _, losses = twin.step(0)
+    rows = [torch.autograd.grad(L, twin.shared(), retain_graph=True)[0] for L in losses.values()]
+    J = torch.stack([torch.view_as_real(g).reshape(-1) for g in rows]).double()
+    torch.manual_seed(0)
+    built = complex_param(3)
+    z, losses = built.step(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cast's UserWarning
+        rec = mtl_backward(
+            losses,
+            features=z if route.features else None,
+            shared_params=built.shared(),
+            method=create("upgrad"),
+            level="param",
+            jacobian=route.jacobian,
+        )
+    torch.testing.assert_close(rec.gramian, J @ J.T)
+    assert built.shared()[0].grad.dtype == torch.complex64

@@ -28,6 +28,8 @@ def _accumulate_gram(G: Tensor, m: Tensor) -> None:
     one product in ``G``'s dtype (exact: float32 products fit in float64). Larger float32 /
     float16 / bfloat16 blocks into a float64 ``G``: products in float32 on column chunks of
     ``CHUNK`` (one batched sgemm for all full chunks), each chunk's T×T result added in float64."""
+    if m.is_complex():  # a complex parameter's gradients are vectors of R^2n: Re(g_s^H g_t) from the real views
+        m = torch.view_as_real(m).reshape(m.shape[0], -1)
     T, n = m.shape
     if m.dtype == torch.float64 or (G.dtype != torch.float64 and m.dtype == G.dtype) or n < CHUNK:
         m = m.to(G.dtype)  # float64 blocks, or a small block: exact and cheap in G's dtype
@@ -283,6 +285,8 @@ def gramian_from_matrix(J: Tensor, dtype: torch.dtype = torch.float64) -> Tensor
     T, n = J.shape
     if J.dtype is _F32 and dtype is _F64 and n >= CHUNK:  # the workspace's case first: fewest Python steps
         return _symmetric(_gram_float32(J, _F64))
+    if J.is_complex():  # a complex parameter's gradients are vectors of R^2P: Re(J J^H) from the real view
+        return gramian_from_matrix(torch.view_as_real(J).reshape(T, 2 * n), dtype)
     if J.dtype == torch.float64 or dtype != torch.float64 or n < CHUNK:
         m = J.to(dtype)
         return _symmetric(torch.mm(m, m.T))
