@@ -472,7 +472,8 @@ REFUSED: dict[tuple[str, str], str] = {
     # and so does the parameter level without features= (per-task backwards through the whole graph)
     **{
         ("tied", r.id): r"1 shared parameter\(s\) reach the losses without passing through features: features must be "
-        "the only route from the encoder to the losses"
+        r"the only route from the encoder to the losses \(shapes \[\(11, 6\)\]\)\. A head that reads an encoder "
+        r"parameter itself \(a tied output layer.*untie it"
         for r in (MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_REP, MGDA_REP)
     },
     ("tied", "ew-loss-saliencies"): "features must be the only route",

@@ -572,10 +572,7 @@ def _find_heads(loss_list: Sequence[Tensor], feats: Features, shared: Sequence[T
         heads = find_leaves(loss_list, stop_at=feats.maps)
         leaked = [p for p in heads if id(p) in shared_ids]
         if leaked:
-            raise ConfigurationError(
-                f"{len(leaked)} shared parameter(s) reach the losses without passing through "
-                "features: features must be the only route from the encoder to the losses"
-            )
+            raise _leak_error(leaked)
     else:
         heads = [p for p in find_leaves(loss_list) if id(p) not in shared_ids]
     mp_ids = {id(p) for p in method_params}
@@ -634,7 +631,7 @@ def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Seq
     acc = _ACCUMULATE_GRAD
     heads: list[Tensor] = []
     index: dict[int, int] = {}
-    leaked = 0
+    leaked: list[Tensor] = []
     sets: list[set[Any]] = []
     own: list[list[int]] = []
     for t, L in enumerate(loss_list):
@@ -657,7 +654,7 @@ def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Seq
                 if i is None and key not in skip:
                     skip.add(key)  # judged once: a head, a shared parameter (leaked) or a method's parameter
                     if key in shared_ids:
-                        leaked += 1
+                        leaked.append(var)
                     elif key not in mp_ids:
                         i = index[key] = len(heads)
                         heads.append(var)
@@ -674,11 +671,20 @@ def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Seq
         sets.append(seen)
         own.append(sorted(mine))
     if leaked:
-        raise ConfigurationError(
-            f"{leaked} shared parameter(s) reach the losses without passing through "
-            "features: features must be the only route from the encoder to the losses"
-        )
+        raise _leak_error(leaked)
     return heads, sets, own
+
+
+def _leak_error(leaked: Sequence[Tensor]) -> ConfigurationError:
+    """The one message for shared parameters that a loss reads around ``features`` (a tied output layer)."""
+    return ConfigurationError(
+        f"{len(leaked)} shared parameter(s) reach the losses without passing through features: features must be "
+        f"the only route from the encoder to the losses (shapes {[tuple(p.shape) for p in leaked]}). A head that "
+        "reads an encoder parameter itself (a tied output layer, logits = Z @ E.T) makes that parameter's "
+        "gradient impossible to split at Z: untie it, or step without that split (a loss weighting at level='loss' "
+        "without keep_saliencies or saliency regularisers, or a gradient method at level='param' without "
+        "features=: per-task backwards through the whole graph)"
+    )
 
 
 def maps_dependent(maps: Sequence[Tensor]) -> bool:
