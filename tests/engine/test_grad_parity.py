@@ -172,7 +172,8 @@ def parametrized(T: int) -> Built:
     torch.manual_seed(0)
     a = parametrizations.weight_norm(nn.Linear(5, 6))
     b = parametrizations.orthogonal(nn.Linear(6, 6))
-    return _simple(nn.Sequential(a, nn.Tanh(), b, nn.Tanh()), _mlp_heads(T), lambda i: _x(i, 4, 5))
+    c = parametrizations.spectral_norm(nn.Linear(6, 6))  # its power iteration updates buffers in each forward
+    return _simple(nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), c, nn.Tanh()), _mlp_heads(T), lambda i: _x(i, 4, 5))
 
 
 class _Checkpointed(nn.Module):
@@ -338,6 +339,21 @@ def grad_hook(T: int) -> Built:
     return b
 
 
+def module_hooks(T: int) -> Built:
+    """``register_full_backward_hook`` on an encoder layer and a head (a custom Function wraps their outputs and
+    inputs: BackwardHookFunction) and a forward pre-hook that rescales the input; the backward hooks scale
+    ``grad_input`` by 0.5 (linear: every route's combination sees it too)."""
+    b = plain(T)
+
+    def halve(module, grad_input, grad_output):
+        return tuple(None if g is None else g * 0.5 for g in grad_input)
+
+    b.net["enc"][2].register_full_backward_hook(halve)
+    b.net["heads"][0].register_full_backward_hook(halve)
+    b.net["enc"][0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    return b
+
+
 class _Scale(torch.autograd.Function):
     """A well-behaved custom Function: ``x * w`` with a hand-written backward that returns fresh tensors."""
 
@@ -443,6 +459,7 @@ CASES: dict[str, Callable[[int], Built]] = {
         inplace,
         broadcast,
         grad_hook,
+        module_hooks,
         custom_function,
         kept_function,
         kept_hook,
