@@ -777,3 +777,18 @@ def test_a_complex_parameter_gets_the_gramian_of_its_real_gradients(route):
         )
     torch.testing.assert_close(rec.gramian, J @ J.T)
     assert built.shared()[0].grad.dtype == torch.complex64
+
+
+def test_retain_grad_on_features_with_the_batched_jacobian_is_refused():
+    """``Z.retain_grad()`` with ``jacobian="batched"``: the vmapped encoder VJP runs Z's retain-grad hook on the
+    batched gradient, which left a vmap-internal BatchedTensor in ``Z.grad`` (any use of it then raised "Batching
+    rule not implemented for aten::item"). Refused with the fix named; nothing is written into ``.grad``."""
+    torch.manual_seed(0)
+    built = plain(3)
+    z, losses = built.step(0)
+    z.retain_grad()
+    with pytest.raises(ConfigurationError, match=r"retain_grad\(\).*jacobian='loop'"):
+        mtl_backward(
+            losses, features=z, shared_params=built.shared(), method=create("upgrad"), level="param", jacobian="batched"
+        )
+    assert all(p.grad is None for p in built.net.parameters())

@@ -1093,6 +1093,11 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
     Batched mode: blocks ``(T, *shape)`` per parameter and no matrix. Else rows (per task, per parameter)."""
     T = len(sal)
     if jacobian == "batched" and len(feats.maps) == 1 and not feats.multi_input and not create_graph:
+        if feats.maps[0].retains_grad:  # its hook would store vmap's batched gradient, a BatchedTensor, as Z.grad
+            raise ConfigurationError(
+                "jacobian='batched' with features.retain_grad(): the vmapped VJP would leave a batched tensor in the "
+                "features' .grad; use jacobian='loop', or read the saliencies from the step's record "
+                "(record.saliencies) instead of retaining Z's gradient")
         try:
             gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
                         retain_graph=retain_graph)
