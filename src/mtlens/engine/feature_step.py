@@ -78,6 +78,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, T)
     # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
     S = pool.stack(sal)
+    sal.clear()  # the per-task maps are in S now: freed here, not held through the encoder VJP
     G = gramian_from_blocks([S])
     record.saliencies = S
     problem = gramian_problem(names, G, raw, "feature")  # diag(G) = ‖S_t‖²: finite iff every saliency is

@@ -99,6 +99,7 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             _write_row(J, T - 1, _dense(gz, shared, sparse), shared, misses[T - 1])
     unreached = unreached_by_all(misses, shared)
     record.saliencies = pool.stack(sal)  # the record's (T, *Z) saliencies, in a reused block (engine/pool.py)
+    sal.clear()  # the per-task maps are in the block now: freed here, not held through the rest of the step
     G = gramian_from_matrix(J)
     problem = gramian_problem(names, G, raw, "param")  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is
     if problem:
