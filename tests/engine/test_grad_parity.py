@@ -263,6 +263,23 @@ def bfloat16(T: int) -> Built:
     )
 
 
+class _Mixed(nn.Module):
+    """An encoder with a float64 layer before a float32 one (no single-dtype Jacobian workspace: the general path's
+    per-parameter blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 8).double()
+        self.second = nn.Linear(8, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.second(torch.tanh(self.first(x.double())).float()))
+
+
+def mixed_dtypes(T: int) -> Built:
+    return _simple(_Mixed(), _mlp_heads(T), lambda i: _x(i, 4, 5))
+
+
 class _Odd(nn.Module):
     """A parameter stored transposed (strides (1, 5): autograd's layout contract gives its .grad those strides) and
     an empty one (0 elements, still read by the forward)."""
@@ -461,6 +478,7 @@ CASES: dict[str, Callable[[int], Built]] = {
         float64,
         complex_param,
         bfloat16,
+        mixed_dtypes,
         odd_layouts,
         inplace,
         broadcast,
@@ -577,9 +595,19 @@ def _clip(built: Built) -> None:
         assert torch.isfinite(norm)
 
 
-def _reference(build: Callable[[int], Built], T: int) -> tuple[Built, dict[str, int]]:
+def _preset(built: Built) -> None:
+    """``.grad`` already there before the first micro-batch: zeros in the parameter's layout (as
+    ``zero_grad(set_to_none=False)`` leaves them), so every write is an accumulation."""
+    for p in built.net.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+
+def _reference(build: Callable[[int], Built], T: int, preset: bool = False) -> tuple[Built, dict[str, int]]:
     torch.manual_seed(0)
     ref = build(T)
+    if preset:
+        _preset(ref)
     calls = _hooked(ref.net)
     for i in range(MICRO_BATCHES):
         _, losses = ref.step(i)
@@ -589,15 +617,18 @@ def _reference(build: Callable[[int], Built], T: int) -> tuple[Built, dict[str, 
 
 
 def assert_same_grads_as_backward(
-    build: Callable[[int], Built], route: Route, T: int = 3, values: bool | str = False
+    build: Callable[[int], Built], route: Route, T: int = 3, values: bool | str = False, preset: bool = False
 ) -> None:
     """``route`` on one model, ``sum(losses).backward()`` on its twin, each over two accumulated micro-batches then
     ``clip_grad_norm_``: the same ``.grad`` None-ness, dtype, layout, strides (the parameter's), memory of its own,
     post-accumulate hooks once per written parameter and micro-batch; with ``values`` the same values
-    (``"exact"``: bit for bit; ``True``: to the dtype's rounding, see the module docstring)."""
-    ref, ref_calls = _reference(build, T)
+    (``"exact"``: bit for bit; ``True``: to the dtype's rounding, see the module docstring). ``preset``: every
+    ``.grad`` starts as zeros (:func:`_preset`) instead of ``None``."""
+    ref, ref_calls = _reference(build, T, preset)
     torch.manual_seed(0)
     got = build(T)
+    if preset:
+        _preset(got)
     calls = _hooked(got.net)
     route.run(got, create(route.method))
     _clip(got)
@@ -799,3 +830,18 @@ def test_retain_grad_on_features_with_the_batched_jacobian_is_refused():
             losses, features=z, shared_params=built.shared(), method=create("upgrad"), level="param", jacobian="batched"
         )
     assert all(p.grad is None for p in built.net.parameters())
+
+
+PRESET_ROUTES = [EW, MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_NO_FEATURES]
+
+
+@pytest.mark.parametrize("route", PRESET_ROUTES, ids=[r.id for r in PRESET_ROUTES])
+@pytest.mark.parametrize("case", ["plain", "sparse_embedding", "unreached", "channels_last", "odd_layouts", "bfloat16"])
+def test_accumulating_onto_existing_grads_is_as_backward(case, route, request):
+    """Every ``.grad`` already there (zeros, as ``zero_grad(set_to_none=False)`` leaves them): each write is an
+    accumulation, which keeps the existing ``.grad``'s layout (a sparse gradient added into a dense ``.grad`` makes it
+    dense, as ``backward()`` does); EW's values bit for bit."""
+    pattern = _refused(case, route)
+    if pattern:
+        pytest.skip("refused by design (asserted above)")
+    assert_same_grads_as_backward(CASES[case], route, values="exact" if route is EW else False, preset=True)
