@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mtlens.engine import DecisionCache, mtl_backward
 from mtlens.errors import ConfigurationError
-from mtlens.methods import create
+from mtlens.methods import GramianWeighting, JacobianAggregator, available, create
 
 MICRO_BATCHES = 2
 CLIP = 0.05  # below every case's gradient norm: clip_grad_norm_ rescales every .grad in place
@@ -524,6 +524,25 @@ class Route:
             )
             kept = (rec.saliencies, rec.gramian, rec.losses, rec.objective_losses, rec.weights, rec.head_weights)
             built.held += [z, *losses.values(), *(t for t in kept if isinstance(t, Tensor))]
+        built.held += list(_tensors_in(method))  # a method's state (MoCo's y, GradVac's targets, ...)
+
+
+def _tensors_in(obj: object, depth: int = 0, seen: set[int] | None = None) -> Iterator[Tensor]:
+    """Every tensor reachable from ``obj`` through attributes, dicts, lists and tuples (a few levels deep)."""
+    seen = set() if seen is None else seen
+    if depth > 4 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        yield from _tensors_in(vars(obj), depth + 1, seen)
 
 
 EW = Route("ew-loss", "ew")
@@ -845,3 +864,19 @@ def test_accumulating_onto_existing_grads_is_as_backward(case, route, request):
     if pattern:
         pytest.skip("refused by design (asserted above)")
     assert_same_grads_as_backward(CASES[case], route, values="exact" if route is EW else False, preset=True)
+
+
+GRADIENT_METHODS = [
+    (name, level)
+    for name in available()
+    if isinstance(m := create(name), (GramianWeighting, JacobianAggregator))
+    for level in m.levels
+]
+
+
+@pytest.mark.parametrize("name,level", GRADIENT_METHODS, ids=[f"{n}-{lv}" for n, lv in GRADIENT_METHODS])
+def test_every_gradient_method_writes_grads_like_backward(name, level):
+    """Every Gramian weighting and Jacobian aggregator, at each of its levels, on the plain model: the properties
+    that do not depend on the method's values — and no ``.grad`` shares memory with the method's state (a method
+    that kept the combined update it returned would see the next accumulation, and ``clip_grad_norm_``, in it)."""
+    assert_same_grads_as_backward(plain, Route(f"{name}-{level}", name, level))
