@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 from torch.utils.checkpoint import checkpoint
 
-from mtlens.engine import DecisionCache, mtl_backward
+from mtlens.engine import DecisionCache, TaskGradients, apply_decision, compute_task_gradients, mtl_backward
 from mtlens.errors import ConfigurationError
 from mtlens.methods import GramianWeighting, JacobianAggregator, available, create
 
@@ -880,3 +880,20 @@ def test_every_gradient_method_writes_grads_like_backward(name, level):
     that do not depend on the method's values — and no ``.grad`` shares memory with the method's state (a method
     that kept the combined update it returned would see the next accumulation, and ``clip_grad_norm_``, in it)."""
     assert_same_grads_as_backward(plain, Route(f"{name}-{level}", name, level))
+
+
+@pytest.mark.parametrize("level", ["param", "feature"])
+def test_accumulated_micro_batches_leave_an_unreached_parameter_alone(level):
+    """README's gradient accumulation (``TaskGradients.accumulate`` of K micro-batches, then ``apply_decision``): a
+    shared parameter no loss reaches keeps ``.grad is None``, and the others get what the one-step route writes."""
+    torch.manual_seed(0)
+    built = unreached(3)
+    method = create("upgrad")
+    parts = []
+    for i in range(2):
+        z, losses = built.step(i)
+        parts.append(compute_task_gradients(losses, level=level, features=z, shared_params=built.shared()))
+    grads = TaskGradients.accumulate(parts)
+    assert apply_decision(grads, method.decide(grads)) == ""
+    assert built.net["unused"].weight.grad is None and built.net["unused"].bias.grad is None
+    assert all(p.grad is not None for p in built.net["enc"].parameters())
