@@ -75,6 +75,39 @@ def test_lean_step_equals_the_general_path(level, name, T, monkeypatch):
         torch.testing.assert_close(dict(sa), dict(sb), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("T", [9, 17])  # beyond feature_step.GROUP: S_t written into the block during the heads pass
+@pytest.mark.parametrize("level", ["feature", "param"])
+@pytest.mark.parametrize("device_like", ["cpu", "other"])
+def test_lean_step_writing_the_saliencies_as_it_goes_equals_the_general_path(T, level, device_like, monkeypatch):
+    """The saliency block written in groups of GROUP maps (CPU) or one map at a time (``other``: the rule for every
+    device but the CPU, forced here), with a task whose loss does not reach Z in the middle of a group: the same
+    record, .grad and state as the general path, bit for bit."""
+    import mtlens.engine.feature_step as fs
+
+    if device_like == "other":
+        monkeypatch.setattr(fs, "GROUP", 1)
+    net_a, net_b = _pair(T, offsets=[0.1 * (t + 1) for t in range(T)])
+    m_a, m_b = create("upgrad"), create("upgrad")
+    x = torch.randn(4, 5)
+    outs = []
+    for net, lean in ((net_b, False), (net_a, True)):
+        z, losses = net(x)
+        losses = dict(losses)
+        losses["t3"] = net.heads[3].bias.sum() ** 2 + 0.5  # reaches no map: S_3 = 0
+        with monkeypatch.context() as mp:
+            if lean:
+                _lean_only(mp)
+            outs.append(mtl_backward(losses, features=z if lean else [z], shared_params=net.enc.parameters(),
+                                     method=m_a if lean else m_b, level=level))
+    rec_b, rec_a = outs
+    _assert_same_record(rec_a, rec_b, level=level)
+    assert rec_a.saliencies[3].abs().sum() == 0 and rec_a.saliencies[4].abs().sum() > 0
+    for (n, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+        assert (pa.grad is None) == (pb.grad is None), n
+        if pa.grad is not None:
+            assert torch.equal(pa.grad, pb.grad), n
+
+
 # per level: the lean step's name in engine/backward.py, a method it takes, a Jacobian aggregator (never lean) and
 # calls that need the general path (each must not reach the lean step)
 ROUTES = {

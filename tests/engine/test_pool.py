@@ -144,3 +144,23 @@ def test_written_gradients_alias_nothing_the_caller_keeps():
         for r, k in zip(row, kept):
             assert (r is None and k is None) or torch.equal(r, k)
     assert torch.equal(grads.saliencies, kept_block)
+
+
+def test_block_is_a_free_pooled_block_or_a_fresh_one():
+    """``pool.block``: the (n, *shape) block to be filled row by row; a held block is never handed out again, a
+    released one is; below the threshold (or off the CPU) a fresh ``torch.empty``."""
+    a = pool.block(3, (64, 256), torch.float32, torch.device("cpu"))
+    assert a.shape == (3, 64, 256) and a.dtype == torch.float32 and a.is_contiguous()
+    ptr = a.data_ptr()
+    b = pool.block(3, (64, 256), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() != ptr  # a is held
+    rows = _rows(0)
+    a[:] = torch.stack(rows)
+    c = pool.stack(_rows(1))  # the key's two blocks are held: a fresh stack, a untouched
+    assert c.data_ptr() not in (ptr, b.data_ptr()) and torch.equal(a, torch.stack(rows))
+    del a
+    assert pool.block(3, (64, 256), torch.float32, torch.device("cpu")).data_ptr() == ptr  # released: reused
+    small = pool.block(2, (4, 4), torch.float64, torch.device("cpu"))
+    assert small.shape == (2, 4, 4) and small.dtype == torch.float64 and (2, (4, 4), torch.float64) not in pool._pool
+    meta = pool.block(3, (64, 256), torch.float32, torch.device("meta"))
+    assert meta.device.type == "meta" and meta.shape == (3, 64, 256)

@@ -75,9 +75,14 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     names, T, raw, record = start.names, start.T, start.raw, start.record
     if not host_finite(raw):
         return record, loss_problem(names, raw)
-    heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, T)
-    # the (T, *Z) stack in a reused block where no one holds the last one (engine/pool.py), its Gramian
-    S = pool.stack(sal)
+    # the (T, *Z) block of the saliencies, reused where no one holds the last one (engine/pool.py); beyond GROUP
+    # tasks (or off the CPU) written while the heads pass runs, so that at most GROUP per-task maps are alive besides
+    # it — not all T, then the stack (at T ≤ GROUP on the CPU one stack is cheaper, and saves as much)
+    into = pool.block(T, features.shape, features.dtype, features.device) if (
+        T > GROUP or features.device.type != "cpu") else None
+    heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, T,
+                                                              into=into)
+    S = into if into is not None else pool.stack(sal)
     sal.clear()  # the per-task maps are in S now: freed here, not held through the encoder VJP
     G = gramian_from_blocks([S])
     record.saliencies = S
@@ -131,14 +136,24 @@ def lean_start(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     return LeanStart(names, loss_list, feats, len(loss_list), split, outs, gos, raw, record, method_params)
 
 
+GROUP = 8
+"""CPU: the saliency maps :func:`lean_heads_pass` writes into the caller's block per ``torch.stack`` (one op per
+``GROUP`` tasks instead of one copy each — a copy's dispatch costs ≈ 5 µs inside a step — with at most ``GROUP`` maps
+alive besides the block). Other devices write each map as it comes (a copy is a kernel launch there; memory is
+what counts)."""
+
+
 def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], task_params: Iterable[Tensor] | None,
-                    retain_graph: bool, n: int) -> tuple[list[Tensor], list[list[int]], list[Tensor],
-                                                         list[Sequence[Tensor | None]],
-                                                         list[list[Tensor | None]] | None, bool]:
+                    retain_graph: bool, n: int, into: Tensor | None = None
+                    ) -> tuple[list[Tensor], list[list[int]], list[Tensor], list[Sequence[Tensor | None]],
+                               list[list[Tensor | None]] | None, bool]:
     """The heads pass of ``compute_task_gradients`` (``gradients._heads_pass``) for one map: per task ``S_t`` and
     the gradients of its own heads, each task's head graph freed on its last use. Heads found from the graph (one
     walk: the heads, each task's part of the graph, its own heads) run the first ``n`` tasks only (the caller
     runs the others); given heads (``task_params``) run ``_heads_pass`` for every task.
+
+    ``into``: a ``(T, *Z)`` block to write ``S_t`` into (row t, the values of ``torch.stack``) as the pass goes, so
+    that the T maps are never all alive beside it (:data:`GROUP`); ``sal`` is then empty.
 
     Returns ``(heads, own, sal, rows, head_rows, fresh)``: ``own[t]`` the indices of task t's heads, ``rows[t][k]``
     its gradient of ``heads[own[t][k]]``, ``head_rows`` the general path's full rows (``None`` when walked: built
@@ -153,16 +168,35 @@ def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], ta
         retain = [True] * T if retain_graph else _retain_flags(sets)
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
+        group = (GROUP if into.device.type == "cpu" else 1) if into is not None else 0
+        first = 0  # the first task whose map is not in ``into`` yet
         for t in range(n):
             gs = vjp(outs[t], [features, *[heads[i] for i in own[t]]], gos[t], retain_graph=retain[t])
             sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
             rows.append(gs[1:])
+            if into is not None and (len(sal) == group or t == n - 1):
+                del gs
+                _write_rows(into, first, sal)
+                first = t + 1
         return heads, own, sal, rows, None, _fresh_rows(sets, heads)
     heads = _find_heads(loss_list, feats, shared, task_params, start.method_params)
     sal_maps, head_rows, own = _heads_pass(names, loss_list, feats, heads, False, retain_graph, split,
                                            None if split is None else list(zip(outs, gos)))
     rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
-    return heads, own, [s[0] for s in sal_maps], rows, head_rows, False
+    sal = [s[0] for s in sal_maps]
+    if into is not None:
+        _write_rows(into, 0, sal)
+    return heads, own, sal, rows, head_rows, False
+
+
+def _write_rows(into: Tensor, first: int, maps: list[Tensor]) -> None:
+    """Rows ``first …`` of the block ``into`` ← ``maps`` (``torch.stack``'s values; one copy for one map), then the
+    list emptied: the maps are freed unless someone else holds them."""
+    if len(maps) == 1:
+        into[first].copy_(maps[0])
+    else:
+        torch.stack(maps, out=into[first:first + len(maps)])
+    maps.clear()
 
 
 def gramian_problem(names: Sequence[str], G: Tensor, raw: Tensor, level: str) -> str:

@@ -64,25 +64,25 @@ def _pooled_bytes() -> int:
     return sum(b.numel() * b.element_size() for entries in _pool.values() for b, _ in entries)
 
 
-def stack(tensors: Sequence[Tensor]) -> Tensor:
-    """``torch.stack(tensors)`` (same values, shape, dtype, contiguous), into a reused block where possible.
+def block(n: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised contiguous ``(n, *shape)`` tensor to be filled row by row: a view of a pooled block that no
+    live tensor shares (see the module docstring) for CPU blocks of at least :data:`MIN_BYTES`, else a fresh
+    ``torch.empty``. Never returns memory another tensor still uses."""
+    out = _take(n, tuple(shape), dtype) if device.type == "cpu" else None
+    return out if out is not None else torch.empty((n, *shape), dtype=dtype, device=device)
 
-    CPU tensors of equal shape and dtype whose stack is at least :data:`MIN_BYTES`: the result is a
-    view of a pooled block that no live tensor shares (see the module docstring); anything else, or a
-    block nobody has released: a fresh ``torch.stack``. Never returns memory another tensor still uses."""
-    first = tensors[0]
-    n = len(tensors)
-    nbytes = n * first.numel() * first.element_size()
-    if (
-        _use_count is None
-        or first.device.type != "cpu"
-        or nbytes < MIN_BYTES
-        or first.requires_grad
-        or any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for t in tensors)
-    ):
-        return torch.stack(list(tensors))
-    key = (n, tuple(first.shape), first.dtype)
-    out: Tensor | None = None
+
+def _take(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """A view of a free pooled CPU block ``(n, *shape)`` (a new one while the key has fewer than :data:`PER_KEY` and
+    :data:`MAX_BYTES` allows), or ``None``: below :data:`MIN_BYTES`, no use count on this torch, or every block of
+    the key still held."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = n * numel * dtype.itemsize
+    if _use_count is None or nbytes < MIN_BYTES:
+        return None
+    key = (n, shape, dtype)
     with _lock:
         entries = _pool.get(key)
         if entries is not None:
@@ -90,15 +90,32 @@ def stack(tensors: Sequence[Tensor]) -> Tensor:
             for buf, base in entries:
                 held = _holders(buf)
                 if held[0] is not None and held == base:
-                    out = buf.view(buf.shape)  # a new tensor on the storage: the block is taken until it dies
-                    break
-        if out is None and (entries is None or len(entries) < PER_KEY):
+                    return buf.view(buf.shape)  # a new tensor on the storage: the block is taken until it dies
+        if entries is None or len(entries) < PER_KEY:
             while _pool and _pooled_bytes() + nbytes > MAX_BYTES:
                 _pool.popitem(last=False)  # the least recently used shapes go first
             if _pooled_bytes() + nbytes <= MAX_BYTES:
-                buf = torch.empty((n, *first.shape), dtype=first.dtype)
+                buf = torch.empty((n, *shape), dtype=dtype)
                 _pool.setdefault(key, []).append((buf, _holders(buf)))
-                out = buf.view(buf.shape)
+                return buf.view(buf.shape)
+    return None
+
+
+def stack(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)`` (same values, shape, dtype, contiguous), into a reused block where possible.
+
+    CPU tensors of equal shape and dtype whose stack is at least :data:`MIN_BYTES`: the result is a
+    view of a pooled block that no live tensor shares (see the module docstring); anything else, or a
+    block nobody has released: a fresh ``torch.stack``. Never returns memory another tensor still uses."""
+    first = tensors[0]
+    if (
+        _use_count is None
+        or first.device.type != "cpu"
+        or first.requires_grad
+        or any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for t in tensors)
+    ):
+        return torch.stack(list(tensors))
+    out = _take(len(tensors), tuple(first.shape), first.dtype)
     if out is None:
         return torch.stack(list(tensors))
     return torch.stack(list(tensors), out=out)
