@@ -144,7 +144,8 @@ what counts)."""
 
 
 def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], task_params: Iterable[Tensor] | None,
-                    retain_graph: bool, n: int, into: Tensor | None = None
+                    retain_graph: bool, n: int, into: Tensor | None = None,
+                    each: Callable[[int, Tensor], None] | None = None, group: int = GROUP
                     ) -> tuple[list[Tensor], list[list[int]], list[Tensor], list[Sequence[Tensor | None]],
                                list[list[Tensor | None]] | None, bool]:
     """The heads pass of ``compute_task_gradients`` (``gradients._heads_pass``) for one map: per task ``S_t`` and
@@ -153,7 +154,10 @@ def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], ta
     runs the others); given heads (``task_params``) run ``_heads_pass`` for every task.
 
     ``into``: a ``(T, *Z)`` block to write ``S_t`` into (row t, the values of ``torch.stack``) as the pass goes, so
-    that the T maps are never all alive beside it (:data:`GROUP`); ``sal`` is then empty.
+    that the T maps are never all alive beside it: ``group`` maps per ``torch.stack`` on the CPU, one copy each on
+    other devices (:data:`GROUP`); ``sal`` is then empty. ``each(t, S_t)``: called
+    with each task's map as soon as it is known (heads found from the graph: right after the task's head backward;
+    given heads: after the pass), before it goes into ``into`` (the parameter-level step's encoder VJP).
 
     Returns ``(heads, own, sal, rows, head_rows, fresh)``: ``own[t]`` the indices of task t's heads, ``rows[t][k]``
     its gradient of ``heads[own[t][k]]``, ``head_rows`` the general path's full rows (``None`` when walked: built
@@ -168,12 +172,14 @@ def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], ta
         retain = [True] * T if retain_graph else _retain_flags(sets)
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []
-        group = (GROUP if into.device.type == "cpu" else 1) if into is not None else 0
+        group = (group if into.device.type == "cpu" else 1) if into is not None else 0
         first = 0  # the first task whose map is not in ``into`` yet
         for t in range(n):
             gs = vjp(outs[t], [features, *[heads[i] for i in own[t]]], gos[t], retain_graph=retain[t])
             sal.append(gs[0] if gs[0] is not None else torch.zeros_like(features))
             rows.append(gs[1:])
+            if each is not None:
+                each(t, sal[-1])
             if into is not None and (len(sal) == group or t == n - 1):
                 del gs
                 _write_rows(into, first, sal)
@@ -184,6 +190,10 @@ def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], ta
                                            None if split is None else list(zip(outs, gos)))
     rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
     sal = [s[0] for s in sal_maps]
+    if each is not None:
+        for t in range(n):
+            each(t, sal[t])
+        del sal[n:]  # the caller's own tasks (none: given heads take no one-call task)
     if into is not None:
         _write_rows(into, 0, sal)
     return heads, own, sal, rows, head_rows, False

@@ -75,31 +75,43 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     # head backward then its encoder VJP from S_T (the same nodes on the same values), one call fewer — with the
     # heads found from the graph, and unless the map has backward hooks (``Z.register_hook``, ``Z.retain_grad()``):
     # the general path's encoder VJP from S_T runs them once more (on its root)
-    one_call = task_params is None and not (features._backward_hooks or features.retains_grad)
+    hooked = bool(features._backward_hooks or features.retains_grad)
+    one_call = task_params is None and not hooked
     k = T - 1 if one_call else T  # the tasks that take two calls: a head backward, then an encoder VJP
-    heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, k)
-    # gradients._encoder_rows, loop mode: g_t = J_Zᵀ S_t into row t; the encoder's graph freed by the last
+    # the record's (T, *Z) saliencies, in a reused block (engine/pool.py) written as the tasks go: each task's head
+    # backward, then at once its encoder VJP g_t = J_Zᵀ S_t into row t of the workspace (gradients._encoder_rows,
+    # loop mode; the encoder's graph freed by the last), then S_t into the block (one copy: ≈ 5 µs against a
+    # millisecond VJP) — so one map is alive beside it, not all T and then their stack
+    S = pool.block(T, features.shape, features.dtype, features.device)
     misses: list[list[Tensor]] = [[] for _ in range(T)]  # per task, the parameters its VJP did not reach
     sparse: dict[int, int] = {}  # the parameters with sparse gradients (nn.Embedding(sparse=True)): a sparse .grad
-    for t in range(k):
-        gz = vjp([features], shared, grad_outputs=[sal[t]], retain_graph=retain_graph or t < T - 1)
+
+    def encoder_row(t: int, s: Tensor) -> None:
+        gz = vjp([features], shared, grad_outputs=[s], retain_graph=retain_graph or t < T - 1)
         _write_row(J, t, _dense(gz, shared, sparse), shared, misses[t])
+
+    heads, own, _, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, k,
+                                                            into=S, each=None if hooked else encoder_row, group=1)
+    if hooked:  # hooks on the map see the general path's order of backwards (``Z.grad`` sums in that order)
+        for t in range(k):
+            encoder_row(t, S[t])
     if one_call:
         n = len(shared)
         gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
                  retain_graph=retain_graph)
         rows.append(gs[n + 1:])
         if gs[0] is not None:
-            sal.append(gs[0])
+            S[T - 1].copy_(gs[0])
             _write_row(J, T - 1, _dense(gs[1:n + 1], shared, sparse), shared, misses[T - 1])
         else:  # the last loss does not reach the map: the general path's VJP of zeros, which also frees the
             # encoder's graph (as loss.backward() would) and gives its numbers (0 · inf = NaN included)
-            sal.append(torch.zeros_like(features))
-            gz = vjp([features], shared, grad_outputs=[sal[T - 1]], retain_graph=retain_graph)
+            zero = torch.zeros_like(features)
+            S[T - 1].copy_(zero)
+            gz = vjp([features], shared, grad_outputs=[zero], retain_graph=retain_graph)
             _write_row(J, T - 1, _dense(gz, shared, sparse), shared, misses[T - 1])
+        del gs
     unreached = unreached_by_all(misses, shared)
-    record.saliencies = pool.stack(sal)  # the record's (T, *Z) saliencies, in a reused block (engine/pool.py)
-    sal.clear()  # the per-task maps are in the block now: freed here, not held through the rest of the step
+    record.saliencies = S
     G = gramian_from_matrix(J)
     problem = gramian_problem(names, G, raw, "param")  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is
     if problem:
