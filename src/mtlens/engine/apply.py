@@ -272,7 +272,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             if reg_pairs:
                 gr = _grads([z for z, _ in reg_pairs], shared, grad_outputs=[g for _, g in reg_pairs],
                             retain_graph=retain_graph)
-                local_shared = zeros_if_none(gr, shared)
+                local_shared = list(zeros_if_none(gr, shared))
         if reg_shared is not None:
             local_shared = (list(reg_shared) if local_shared is None
                             else [a + b for a, b in zip(local_shared, reg_shared)])  # type: ignore[operator]

@@ -1105,11 +1105,11 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
             raise ConfigurationError(f"jacobian='batched' could not differentiate the shared parameters ({exc}); "
                                      "a sparse-gradient parameter (nn.Embedding(sparse=True)) needs "
                                      "jacobian='loop'") from exc
-        missed: list[Tensor] = []
-        blocks = [g if g is not None else _missed(missed, p, torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device))
+        lost: list[Tensor] = []
+        blocks = [g if g is not None else _missed(lost, p, torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device))
                   for g, p in zip(gs, shared)]
-        if missed and unreached is not None:
-            unreached.extend(unreached_by_all([missed], shared))
+        if lost and unreached is not None:
+            unreached.extend(unreached_by_all([lost], shared))
         return blocks, None
     # values only: each task's row goes into a (T, P) workspace reused across steps (no page
     # faults for the T·P floats; see jacobian_workspace) and its autograd output is freed at once
