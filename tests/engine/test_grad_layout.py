@@ -71,3 +71,21 @@ def test_channels_last_parameters_get_channels_last_grads(name, level, opts):
                  **_opts(opts))
     for p in [*enc.parameters(), *heads.parameters()]:
         assert p.grad is not None and p.grad.stride() == p.stride(), (p.shape, p.grad.stride(), p.stride())
+
+
+@pytest.mark.parametrize("name,level,opts", ROUTES[:-1], ids=IDS[:-1])
+def test_an_expanded_gradient_of_a_one_element_parameter_gets_the_parameters_strides(name, level, opts):
+    """``b.sum()`` for ``b`` of shape (1,): its gradient is the unit gradient expanded, stride (0,) — contiguous
+    by ``is_contiguous()`` (one element), yet not autograd's layout (``AccumulateGrad`` copies a size-1 dimension of
+    stride 0 too). The lean steps wrote it as the .grad (stride 0) where the general path wrote stride 1."""
+    torch.manual_seed(0)
+    enc = nn.Parameter(torch.randn(3))
+    h1, h2, h3 = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(1)), nn.Parameter(torch.randn(3))
+    ref = h2.detach().clone().requires_grad_(True)
+    (ref.sum() ** 2).backward()
+    assert ref.grad.stride() == (1,)  # autograd's own copy
+    z = enc * 2
+    losses = {"a": (z * h1).pow(2).sum(), "b": (z * h3).pow(2).sum() + h2.sum() ** 2}
+    mtl_backward(losses, features=z, shared_params=[enc], method=create(name), level=level, **_opts(opts))
+    for p in (enc, h1, h2, h3):
+        assert p.grad.stride() == p.stride(), (p.shape, p.grad.stride())

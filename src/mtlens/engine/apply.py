@@ -37,10 +37,13 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
             g = g * scale
         cur = p.grad
         if cur is None:
-            if g.layout == torch.strided and (not g.is_contiguous() if p.is_contiguous() else g.stride() != p.stride()):
+            if g.layout == torch.strided and g.stride() != p.stride() and (
+                    not p.is_contiguous() or not g.is_contiguous() or 0 in g.stride()):
                 # autograd's layout contract (AccumulateGrad): a .grad has its parameter's strides. An expanded
                 # gradient (a sum's unit gradient passed on unchanged by an addition: ``(z + b).sum()``) would make
-                # a .grad whose elements share memory, which the next accumulation and clip_grad_norm_ refuse
+                # a .grad whose elements share memory, which the next accumulation and clip_grad_norm_ refuse; a
+                # size-1 dimension of stride 0 is copied too, as AccumulateGrad does (``b.sum()`` for a one-element
+                # ``b``: "contiguous", stride (0,)). Strides compared first: the common case reads no more
                 g = torch.empty_like(p).copy_(g)
             elif g.dtype != p.dtype:
                 g = g.to(p.dtype)
