@@ -6,6 +6,7 @@ autograd graph are left (the general path frees it as ``loss.backward()`` does).
 
 from __future__ import annotations
 
+import copy
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -443,3 +444,42 @@ def test_a_head_module_applied_to_every_task_is_freed_as_by_backward(level, path
         mtl_backward(losses, features=z if path == "lean" else [z], shared_params=enc.parameters(),
                      method=create("upgrad"), level=level)
     assert boxes and sum(b() is not None for b in boxes) == 0  # the losses are still held here
+
+
+@pytest.mark.parametrize("kind", ["count", "retain_grad", "in_place"])
+@pytest.mark.parametrize("T", [3, 9])
+def test_hooks_on_a_transposed_map_leave_the_param_step_bitwise_the_general_path(kind, T):
+    """With a hook on Z (or ``Z.retain_grad()``) the lean parameter step keeps the general path's order: every head
+    backward, then each encoder VJP. It ran those VJPs from the record's block rows (contiguous) instead of the maps
+    autograd returned: for a transposed Z (the maps' strides are not the block's) the VJP's matrix products then
+    round differently, and the Gramian, the weights and the .grads were not the general path's bit for bit. A hook
+    that scales its gradient in place sees (and changes) the same tensors on both paths."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(5, 256)
+    heads = torch.nn.ModuleList(torch.nn.Linear(256, 1) for _ in range(T))
+    x = torch.randn(64, 5)
+    out = {}
+    for lean in (False, True):
+        e, hs = copy.deepcopy(enc), copy.deepcopy(heads)
+        z = torch.tanh(e(x)).t()  # (256, 64), strides (1, 256)
+        seen: list[torch.Tensor] = []
+        if kind == "retain_grad":
+            z.retain_grad()
+        else:
+            z.register_hook(lambda g, seen=seen: (seen.append(g.clone()), g.mul_(2.0) if kind == "in_place" else g)[1])
+        losses = {f"t{i}": (h(z.t()) ** 2).mean() + 0.1 * i for i, h in enumerate(hs)}
+        with _lean_only(lean):
+            rec = mtl_backward(losses, features=z if lean else [z], shared_params=e.parameters(),
+                               method=create("upgrad"), level="param")
+        out[lean] = (rec, e, hs, seen, z)
+    (rec_a, e_a, hs_a, seen_a, z_a), (rec_b, e_b, hs_b, seen_b, z_b) = out[True], out[False]
+    for key in RECORD_FIELDS:
+        va, vb = getattr(rec_a, key), getattr(rec_b, key)
+        assert (va is None) == (vb is None), key
+        if va is not None:
+            assert va.dtype == vb.dtype and torch.equal(va, vb), key
+    for pa, pb in zip([*e_a.parameters(), *hs_a.parameters()], [*e_b.parameters(), *hs_b.parameters()]):
+        assert torch.equal(pa.grad, pb.grad)
+    assert len(seen_a) == len(seen_b) and all(torch.equal(a, b) for a, b in zip(seen_a, seen_b))
+    if kind == "retain_grad":
+        assert torch.equal(z_a.grad, z_b.grad)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import pool
 from ._autograd import vjp
-from .feature_step import decide_and_write, gramian_problem, lean_heads_pass, lean_start
+from .feature_step import _write_rows, decide_and_write, gramian_problem, lean_heads_pass, lean_start
 from .gradients import (
     _dense,
     _write_row,
@@ -90,11 +90,15 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         gz = vjp([features], shared, grad_outputs=[s], retain_graph=retain_graph or t < T - 1)
         _write_row(J, t, _dense(gz, shared, sparse), shared, misses[t])
 
-    heads, own, _, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph, k,
-                                                            into=S, each=None if hooked else encoder_row, group=1)
-    if hooked:  # hooks on the map see the general path's order of backwards (``Z.grad`` sums in that order)
+    heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph,
+                                                              k, into=None if hooked else S,
+                                                              each=None if hooked else encoder_row, group=1)
+    if hooked:  # hooks on the map see the general path's order of backwards (``Z.grad`` sums in that order), each
+        # encoder VJP from the map autograd returned (its strides, not the block's: the VJP's products round by
+        # them; an in-place hook changes it), then the record's copies
         for t in range(k):
-            encoder_row(t, S[t])
+            encoder_row(t, sal[t])
+        _write_rows(S, 0, sal)
     if one_call:
         n = len(shared)
         gs = vjp(outs[T - 1], [features, *shared, *[heads[i] for i in own[T - 1]]], gos[T - 1],
