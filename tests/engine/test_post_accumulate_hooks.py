@@ -12,7 +12,7 @@ import torch
 from _nets import TinyNet
 
 from mtlens.engine import DecisionCache, mtl_backward
-from mtlens.errors import NonFiniteError
+from mtlens.errors import ConfigurationError, NonFiniteError
 from mtlens.methods import create
 
 ROUTES = [
@@ -131,3 +131,21 @@ def test_optimizer_in_backward_trains_as_a_separate_optimizer_step(name, level):
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
     assert all(not torch.equal(pa, p0) for pa, p0 in zip(a.parameters(), start))  # every parameter trained
+
+
+@pytest.mark.parametrize("name,level,opts", ROUTES[:5], ids=[f"{m}-{lv}-{'-'.join(o)}" for m, lv, o in ROUTES[:5]])
+def test_a_hook_that_returns_a_value_is_refused_as_by_backward(name, level, opts):
+    """``loss.backward()`` raises "Tensor post accumulate grad hooks should return None." for a hook that returns a
+    tensor (one that meant to replace the gradient: a post-accumulate hook cannot); the engine ignored the value
+    silently, so the hook's intended change never happened."""
+    torch.manual_seed(3)
+    ref = TinyNet(2)
+    ref.heads[0].weight.register_post_accumulate_grad_hook(lambda p: p.grad * 2)
+    with pytest.raises(RuntimeError, match="should return None"):
+        sum(ref(torch.randn(4, 5))[1].values()).backward()
+    net = TinyNet(2)
+    net.heads[0].weight.register_post_accumulate_grad_hook(lambda p: p.grad * 2)
+    z, losses = net(torch.randn(4, 5))
+    with pytest.raises(ConfigurationError, match="should return None"):
+        mtl_backward(losses, features=z, shared_params=list(net.enc.parameters()), method=create(name), level=level,
+                     **opts)

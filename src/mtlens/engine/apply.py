@@ -26,7 +26,8 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
     A parameter's post-accumulate-grad hooks (``p.register_post_accumulate_grad_hook``: optimizer-in-backward,
     gradient offloading) run right after its ``.grad`` is written, in registration order, as autograd's
     ``AccumulateGrad`` runs them. Every caller writes only after the step's verdict, so a failing step runs
-    none (docs/reliability.md §4)."""
+    none (docs/reliability.md §4). A hook that returns a value raises :class:`ConfigurationError`, as
+    ``backward()`` refuses it ("should return None")."""
     taken: set[int] = set()
     for p, g in zip(params, grads):
         if g is None:
@@ -58,7 +59,11 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
         hooks = p._post_accumulate_grad_hooks
         if hooks:
             for hook in tuple(hooks.values()):
-                hook(p)
+                if hook(p) is not None:  # autograd's own refusal: such a hook cannot replace the gradient
+                    raise ConfigurationError(
+                        f"a post-accumulate-grad hook on a parameter of shape {tuple(p.shape)} returned a value; "
+                        "Tensor post accumulate grad hooks should return None (change p.grad in place, or use "
+                        "p.register_hook to replace a gradient)")
 
 
 def _memory_of(g: Tensor) -> int:
