@@ -291,7 +291,8 @@ def test_random_graphs_lean_steps_equal_the_general_path(data):
     given or found, Z one output of a chunk whose other output the last task reads (pcgrad: its RNG). The lean
     step gives the general path's gradients, record and error, runs the hook as often on the same gradients, and
     leaves the same saved tensors alive in the graph (the losses are still held: what a second backward could use)."""
-    T = data.draw(st.integers(1, 4), label="T")
+    # small T, and T across feature_step.GROUP (the saliency block written in groups during the heads pass)
+    T = data.draw(st.one_of(st.integers(1, 4), st.integers(8, 10)), label="T")
     reach = data.draw(st.lists(st.booleans(), min_size=T, max_size=T), label="reach")
     head_of = data.draw(st.lists(st.integers(0, T - 1), min_size=T, max_size=T), label="head_of")
     common = data.draw(st.booleans(), label="common")
