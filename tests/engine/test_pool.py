@@ -164,3 +164,16 @@ def test_block_is_a_free_pooled_block_or_a_fresh_one():
     assert small.shape == (2, 4, 4) and small.dtype == torch.float64 and (2, (4, 4), torch.float64) not in pool._pool
     meta = pool.block(3, (64, 256), torch.float32, torch.device("meta"))
     assert meta.device.type == "meta" and meta.shape == (3, 64, 256)
+
+
+def test_a_block_beyond_the_cap_leaves_the_pool_alone(monkeypatch):
+    """A block larger than MAX_BYTES is a plain one, and the pooled shapes stay pooled (it used to evict them all
+    before falling back)."""
+    kept = pool.stack(_rows(0))
+    del kept
+    assert pool._pool
+    monkeypatch.setattr(pool, "MAX_BYTES", 256 * 1024)
+    big = pool.block(5, (64, 256), torch.float32, torch.device("cpu"))  # 320 KiB > the cap
+    assert big.shape == (5, 64, 256) and (3, (64, 256), torch.float32) in pool._pool
+    assert torch.equal(pool.stack(_rows(1, T=5)), torch.stack(_rows(1, T=5)))
+    assert (3, (64, 256), torch.float32) in pool._pool

@@ -80,7 +80,7 @@ def _take(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
     for d in shape:
         numel *= d
     nbytes = n * numel * dtype.itemsize
-    if _use_count is None or nbytes < MIN_BYTES:
+    if _use_count is None or nbytes < MIN_BYTES or nbytes > MAX_BYTES:  # a block beyond the cap evicts nothing
         return None
     key = (n, shape, dtype)
     with _lock:
