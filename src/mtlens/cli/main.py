@@ -120,7 +120,7 @@ def train(
     ] = False,
 ) -> None:
     """Train a multi-task model (or single-task baselines), test the best epoch, write results.json."""
-    from ..train import load_config, run
+    from ..train import interrupt, load_config, run
     from ..train.build import default_out_dir
 
     def go():
@@ -147,7 +147,8 @@ def train(
                 "no diagnostics)[/]"
             )
         try:
-            results = run(cfg, resume=resume, quiet=quiet, console=err)
+            with interrupt.catching():  # a Ctrl-C Python drops (inside an import's callback) still stops the run
+                results = run(cfg, resume=resume, quiet=quiet, console=err)
         except KeyboardInterrupt:
             _interrupted(run_dir, cfg.stl_task == "all")
         if results.get("kind") == "stl-baseline":

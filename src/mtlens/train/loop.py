@@ -51,6 +51,7 @@ from ..errors import CheckpointError, ConfigurationError, DataError
 from ..methods import create
 from ..storage import read_json, write_json
 from ..tasks.spec import get_benchmark
+from . import interrupt
 from .build import (
     build_model,
     build_optimizer,
@@ -397,6 +398,7 @@ class TrainingLoop:
                 epoch = self.epoch
                 display.start_epoch(epoch, self.step_in_epoch)
                 for step, batch in self.train_stream.epoch(epoch, self.step_in_epoch):
+                    interrupt.check()  # a Ctrl-C whose KeyboardInterrupt Python dropped (train/interrupt.py)
                     monitored = self.monitor is not None and self.monitor.due(self.global_step)
                     t0 = time.perf_counter()
                     record = self._train_step(batch, monitored)

@@ -1,0 +1,62 @@
+"""A Ctrl-C is never lost: a SIGINT whose KeyboardInterrupt Python drops (raised inside a callback Python calls on
+its own, e.g. the import machinery's weakref callback) still stops the training loop at its next step."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import pytest
+
+from mtlens.train import interrupt, load_config
+from mtlens.train.trainer import Trainer
+
+
+def _dropped_sigint() -> None:
+    """Deliver SIGINT where its KeyboardInterrupt is swallowed, as Python does inside a weakref callback."""
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_a_dropped_sigint_is_raised_by_check_once():
+    with interrupt.catching():
+        interrupt.check()  # nothing pending
+        _dropped_sigint()
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+        interrupt.check()  # acted on: cleared
+
+
+def test_outside_catching_nothing_is_remembered_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt.catching():
+        assert signal.getsignal(signal.SIGINT) is not before
+        _dropped_sigint()
+    assert signal.getsignal(signal.SIGINT) is before
+    interrupt.check()  # forgotten on exit
+    with pytest.raises(KeyboardInterrupt):  # Python's own handler again
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt.catching():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            interrupt.check()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_the_training_loop_stops_at_its_next_step_on_a_dropped_sigint(tmp_path):
+    cfg = load_config(preset="quick-multimnist", overrides=[
+        "method.name=ew", "regularizers=[]", "loss_transform=null", "train.epochs=1",
+        "train.max_steps_per_epoch=3", "train.batch_size=8", "baseline=null", "train.device=cpu",
+    ], out_dir=tmp_path / "run")
+    trainer = Trainer(cfg, quiet=True, tensorboard=False)
+    with interrupt.catching():
+        _dropped_sigint()  # e.g. while the run imported its modules
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    assert trainer.global_step == 0
