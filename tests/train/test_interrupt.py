@@ -60,3 +60,39 @@ def test_the_training_loop_stops_at_its_next_step_on_a_dropped_sigint(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             trainer.fit()
     assert trainer.global_step == 0
+
+
+def test_the_dropped_raise_prints_no_traceback(monkeypatch):
+    """Python reports an exception raised in a callback it runs itself through ``sys.unraisablehook`` ("Exception
+    ignored in ..." and a traceback); a dropped Ctrl-C is acted on, so its report is not passed on. Others are."""
+    import gc
+    import sys
+    import weakref
+
+    seen: list[type] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(info.exc_type))
+
+    class Box:
+        pass
+
+    def drop(callback) -> None:
+        box = Box()
+        ref = weakref.ref(box, callback)
+        del box
+        gc.collect()
+        assert ref() is None
+
+    def interrupting(_ref) -> None:
+        signal.raise_signal(signal.SIGINT)  # its KeyboardInterrupt is raised inside a weakref callback: dropped
+
+    def failing(_ref) -> None:
+        raise ValueError("not a Ctrl-C")
+
+    with interrupt.catching():
+        drop(interrupting)
+        drop(failing)
+        assert seen == [ValueError]
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+    drop(interrupting)  # outside: Python's own report, as before
+    assert seen == [ValueError, KeyboardInterrupt]

@@ -5,12 +5,14 @@ boundary is inside a callback Python calls on its own — a weakref callback of 
 (``_get_module_lock.<locals>.cb``), a ``__del__`` — the exception is printed as "Exception ignored in ..." and
 dropped, and the run goes on as if the key had not been pressed (seen on a run interrupted while it imported its
 modules). :func:`catching` installs a handler that records the signal *and* raises as usual; :func:`check`, called by
-the training loop before every step, raises ``KeyboardInterrupt`` for a signal whose first raise was dropped.
+the training loop before every step, raises ``KeyboardInterrupt`` for a signal whose first raise was dropped (and
+the "Exception ignored" traceback of that dropped raise is not printed: it is acted on).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,10 +48,19 @@ def catching() -> Iterator[None]:
         _pending.set()
         raise KeyboardInterrupt
 
+    hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:  # the dropped KeyboardInterrupt: acted on by check(), not a traceback
+        if info.exc_type is KeyboardInterrupt and _pending.is_set():
+            return
+        hook(info)
+
     _pending.clear()
     signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
         _pending.clear()
