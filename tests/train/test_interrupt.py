@@ -12,6 +12,15 @@ from mtlens.train import interrupt, load_config
 from mtlens.train.trainer import Trainer
 
 
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Python's own SIGINT handler, as in a terminal: a test run started in the background (``cmd &`` in a script,
+    some CI runners) inherits an ignored SIGINT, which ``catching()`` deliberately leaves alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _dropped_sigint() -> None:
     """Deliver SIGINT where its KeyboardInterrupt is swallowed, as Python does inside a weakref callback."""
     with contextlib.suppress(KeyboardInterrupt):
