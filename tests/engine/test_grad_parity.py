@@ -707,28 +707,27 @@ def _xfail(request: pytest.FixtureRequest, case: str, route: Route) -> None:
 
 
 # ---- the tests -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", list(CASES))
-def test_ew_writes_the_grads_of_backward(case, request):
-    """EW at loss level (the lean loss step): its gradient IS the plain backward's, so everything matches."""
-    pattern = _refused(case, EW)
+def _ew_route_is_backward(case: str, route: Route, request: pytest.FixtureRequest) -> None:
+    """EW's gradient IS the plain backward's: everything matches, values bit for bit (or the refusal by design)."""
+    pattern = _refused(case, route)
     if pattern:
         with pytest.raises((ConfigurationError, RuntimeError), match=pattern):
-            assert_same_grads_as_backward(CASES[case], EW, values="exact")
+            assert_same_grads_as_backward(CASES[case], route, values="exact")
         return
-    _xfail(request, case, EW)
-    assert_same_grads_as_backward(CASES[case], EW, values="exact")
+    _xfail(request, case, route)
+    assert_same_grads_as_backward(CASES[case], route, values="exact")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ew_writes_the_grads_of_backward(case, request):
+    """EW at loss level (the lean loss step)."""
+    _ew_route_is_backward(case, EW, request)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_general_loss_path_writes_the_grads_of_backward(case, request):
     """EW with ``keep_saliencies`` (the general loss-level path: compute_task_gradients, apply_decision)."""
-    pattern = _refused(case, EW_GENERAL)
-    if pattern:
-        with pytest.raises((ConfigurationError, RuntimeError), match=pattern):
-            assert_same_grads_as_backward(CASES[case], EW_GENERAL, values="exact")
-        return
-    _xfail(request, case, EW_GENERAL)
-    assert_same_grads_as_backward(CASES[case], EW_GENERAL, values="exact")
+    _ew_route_is_backward(case, EW_GENERAL, request)
 
 
 @pytest.mark.parametrize("route", GRADIENT_ROUTES, ids=[r.id for r in GRADIENT_ROUTES])

@@ -190,10 +190,9 @@ def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], ta
                                            None if split is None else list(zip(outs, gos)))
     rows = [[head_rows[t][i] for i in own[t]] for t in range(T)]
     sal = [s[0] for s in sal_maps]
-    if each is not None:
+    if each is not None:  # given heads: n == T (the one-call task needs heads found from the graph)
         for t in range(n):
             each(t, sal[t])
-        del sal[n:]  # the caller's own tasks (none: given heads take no one-call task)
     if into is not None:
         _write_rows(into, 0, sal)
     return heads, own, sal, rows, head_rows, False

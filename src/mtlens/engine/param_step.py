@@ -110,7 +110,7 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         else:  # the last loss does not reach the map: the general path's VJP of zeros, which also frees the
             # encoder's graph (as loss.backward() would) and gives its numbers (0 · inf = NaN included)
             zero = torch.zeros_like(features)
-            S[T - 1].copy_(zero)
+            S[T - 1].zero_()
             gz = vjp([features], shared, grad_outputs=[zero], retain_graph=retain_graph)
             _write_row(J, T - 1, _dense(gz, shared, sparse), shared, misses[T - 1])
         del gs

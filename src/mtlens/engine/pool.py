@@ -18,6 +18,7 @@ then plain ``torch.stack``). The values are those of ``torch.stack`` exactly.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections import OrderedDict
@@ -76,10 +77,7 @@ def _take(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
     """A view of a free pooled CPU block ``(n, *shape)`` (a new one while the key has fewer than :data:`PER_KEY` and
     :data:`MAX_BYTES` allows), or ``None``: below :data:`MIN_BYTES`, no use count on this torch, or every block of
     the key still held."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    nbytes = n * numel * dtype.itemsize
+    nbytes = n * math.prod(shape) * dtype.itemsize
     if _use_count is None or nbytes < MIN_BYTES or nbytes > MAX_BYTES:  # a block beyond the cap evicts nothing
         return None
     key = (n, shape, dtype)
@@ -92,12 +90,11 @@ def _take(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
                 if held[0] is not None and held == base:
                     return buf.view(buf.shape)  # a new tensor on the storage: the block is taken until it dies
         if entries is None or len(entries) < PER_KEY:
-            while _pool and _pooled_bytes() + nbytes > MAX_BYTES:
+            while _pool and _pooled_bytes() + nbytes > MAX_BYTES:  # nbytes ≤ MAX_BYTES: ends with room for it
                 _pool.popitem(last=False)  # the least recently used shapes go first
-            if _pooled_bytes() + nbytes <= MAX_BYTES:
-                buf = torch.empty((n, *shape), dtype=dtype)
-                _pool.setdefault(key, []).append((buf, _holders(buf)))
-                return buf.view(buf.shape)
+            buf = torch.empty((n, *shape), dtype=dtype)
+            _pool.setdefault(key, []).append((buf, _holders(buf)))
+            return buf.view(buf.shape)
     return None
 
 
