@@ -8,7 +8,7 @@ from _nets import TinyNet
 
 from mtlens.engine import DecisionCache, GramianWeighting, mtl_backward
 from mtlens.errors import ConfigurationError, MTLensError, NonFiniteError
-from mtlens.methods import create
+from mtlens.methods import available, create, defaults
 
 
 def Net(T=3):
@@ -292,3 +292,112 @@ def test_a_bad_decision_is_refused_and_the_state_restored():
     with pytest.raises(NonFiniteError, match="_bad_stateful_test"):
         mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m)
     assert m.calls == 0 and all(p.grad is None for p in net.parameters())
+
+
+# ---- a failed FIRST step leaves every method exactly as a fresh one -------------------------------
+# What a failed step may leave behind, each for a reason (everything else must be as in a fresh method):
+NOT_STATE = {
+    # the last call's diagnostics (log_values, solver reports) and a warm start overwritten before any use
+    "_log", "_last", "last_weights", "last_orders", "_last_er", "_last_lgrad", "_kept", "_x",
+    "_problems",  # Nash-MTL's cache of compiled cvxpy problems, one per task count
+    # checks of the user's calls (after_step, meta_step, on_epoch_end, the optimiser's steps): a missed call is
+    # the user's, whatever the step's fate, and a warning already given stays given
+    "_calls", "_meta_calls", "_watch",
+}
+# UW's and IMTL-L's learnable scalars created on the first call stay created (the user's optimiser may hold them
+# already; they hold their initial values): MethodState.restore's documented exception
+CREATED_PARAMETERS = {"uw": "log_vars", "imtl_l": "log_scales"}
+
+
+def _observable(m):
+    """Everything a method object holds that a later step can read: its state_dict, and every plain attribute
+    (those its helpers hold too), walked recursively, whether or not ``state_attrs`` names it; a lazily set
+    attribute (a task count bound on the first call) that a failed step leaves behind shows up here."""
+    out, seen = [], set()
+    skip = {"_init_args", "training", "_method", *NOT_STATE}
+
+    def walk(path, v):
+        if isinstance(v, torch.Tensor):
+            out.append((path, v.detach().clone()))
+        elif isinstance(v, torch.Generator):
+            out.append((path, v.get_state()))
+        elif isinstance(v, torch.optim.Optimizer):
+            walk(path + ".opt", v.state_dict())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                walk(f"{path}[{k}]", v[k])
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            out.append((path + ".len", len(v)))
+            for i, u in enumerate(sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v):
+                walk(f"{path}[{i}]", u)
+        elif callable(v) and not hasattr(v, "__dict__"):
+            out.append((path, type(v).__name__))
+        elif hasattr(v, "__dict__") and type(v).__module__.startswith("mtlens"):
+            if id(v) in seen:
+                return
+            seen.add(id(v))
+            for k in sorted(vars(v)):
+                if k not in skip and not (k.startswith("_") and k.endswith("hooks")) and k not in (
+                        "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+                        "_non_persistent_buffers_set", "_modules"):
+                    walk(f"{path}.{k}", vars(v)[k])
+        else:
+            out.append((path, v))
+
+    walk("state_dict", m.state_dict())
+    walk("m", m)
+    return out
+
+
+def _same_observable(a, b, name):
+    assert [p for p, _ in a] == [p for p, _ in b], name
+    for (path, x), (_, y) in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y), f"{name}: {path}"
+        else:
+            assert x == y, f"{name}: {path}: {x!r} after a failed first step, {y!r} fresh"
+
+
+@pytest.mark.parametrize("name", available())
+def test_a_failed_first_step_leaves_the_method_as_a_fresh_one(name, monkeypatch):
+    """Every registered method: a first step that fails after the method decided (the engine's transaction:
+    ``snapshot`` → decide → failure → ``restore``) leaves it exactly as a fresh instance — its state_dict and
+    every attribute set lazily on the first call (DWA's task count, bound on the first weighting)."""
+    import mtlens.engine.backward as backward_module
+
+    kw = {"seed": 0} if "seed" in defaults(name) else {}
+    if name in CREATED_PARAMETERS:
+        kw["num_tasks"] = 3
+    m, fresh = create(name, **kw), create(name, **kw)
+    expected = _observable(fresh)
+
+    def refuse(decision, grads, method_name):
+        raise NonFiniteError(f"injected failure after '{method_name}' decided")
+
+    monkeypatch.setattr(backward_module, "check_decision", refuse)
+    net = Net()
+    z, losses = net(torch.randn(4, 5))
+    if m.family == "regularizer":  # a regulariser: the step with MGDA fails
+        call = {"method": create("mgda"), "regularizers": [m], "level": "param", "jacobian": "batched"}
+    elif m.family == "loss":  # keep_saliencies: the general path (the lean loss step has no check_decision)
+        call = {"method": m, "keep_saliencies": True}
+    else:  # jacobian="batched": the general path
+        call = {"method": m, "level": m.levels[0], "jacobian": "batched" if m.levels[0] == "param" else "loop"}
+    with pytest.raises(MTLensError):
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), **call)
+    _same_observable(_observable(m), expected, name)
+
+
+def test_dwa_after_a_skipped_first_step_serves_another_task_count():
+    """DWA binds its task count on the first weighting; a first step skipped for a non-finite gradient (the lean
+    loss step) must not bind it: a retry with another number of tasks works, as with a fresh DWA."""
+    m = create("dwa", steps_per_epoch=10)
+    net = Net(3)
+    z, losses = _nan_grad_losses(net, torch.randn(4, 5))
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        assert mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=m,
+                            nonfinite="skip").skipped
+    net2 = Net(2)
+    z, losses = net2(torch.randn(4, 5))
+    rec = mtl_backward(losses, features=z, shared_params=net2.enc.parameters(), method=m)
+    assert not rec.skipped and rec.weights.shape == (2,)

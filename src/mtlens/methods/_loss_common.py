@@ -65,10 +65,15 @@ def as_vector(values: Tensor | Sequence | Mapping, method: str, what: str) -> Te
 
 
 class TaskCount:
-    """Remembers the number of tasks a stateful method was first used with and refuses another."""
+    """Remembers the number of tasks a stateful method was first used with and refuses another.
+
+    ``num_tasks`` given to the constructor binds it from the start; otherwise the first call binds it, and a
+    state saved before that call (``{"num_tasks": None}``: the engine's snapshot of a first step) unbinds it
+    again when loaded, so that a failed first step leaves the method as it was (docs/reliability.md)."""
 
     def __init__(self, method: str, num_tasks: int | None = None):
         self.method = method
+        self.given = num_tasks  # the constructor's: a loaded "not bound yet" state goes back to it
         self.T = num_tasks
 
     def bind(self, T: int) -> int:
@@ -88,8 +93,7 @@ class TaskCount:
         T = state["num_tasks"]
         if self.T is not None and T is not None and T != self.T:
             raise CheckpointError(f"{self.method}: the state is for {T} tasks, this object for {self.T}")
-        if T is not None:
-            self.T = int(T)
+        self.T = int(T) if T is not None else self.given
 
 
 def _device_of(device: str | torch.device | None, method: str) -> torch.device | None:
@@ -200,10 +204,12 @@ class InternalOptimizer:
     def value(self) -> Tensor | None:
         return self._method._buffers[self.key]
 
-    def ensure(self, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def ensure(self, T: int, device: torch.device, dtype: torch.dtype, init: float | None = None) -> Tensor:
+        """The tensor, created on the first call with every entry ``init`` (default: the constructor's)."""
         value = self.value
         if value is None:
-            value = torch.full((T,), self.init, dtype=float_dtype(dtype), device=device)
+            value = torch.full((T,), self.init if init is None else float(init), dtype=float_dtype(dtype),
+                               device=device)
             self._method.register_buffer(self.key, value)
             self._build()
         if value.shape[0] != T:

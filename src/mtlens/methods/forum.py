@@ -132,8 +132,7 @@ class FORUM(LossWeighting):
     # -- state -------------------------------------------------------------------------------------
     def _a(self, T: int, like: Tensor) -> Tensor:
         self._tasks.bind(T)
-        self._alpha.init = 1.0 / T
-        return self._alpha.ensure(T, like.device, float_dtype(like.dtype))
+        return self._alpha.ensure(T, like.device, float_dtype(like.dtype), init=1.0 / T)
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         """``softmax(α)`` (T,): the lower-level weights (the step itself also needs :meth:`meta_step`)."""

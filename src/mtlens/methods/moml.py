@@ -76,8 +76,7 @@ class MOML(LossWeighting):
 
     def _a(self, T: int, like: Tensor) -> Tensor:
         self._tasks.bind(T)
-        self._alpha.init = 1.0 / T
-        return self._alpha.ensure(T, like.device, float_dtype(like.dtype))
+        return self._alpha.ensure(T, like.device, float_dtype(like.dtype), init=1.0 / T)
 
     def weights(self, losses: Tensor, grad_norms: Tensor | None = None) -> Tensor:
         return torch.softmax(self._a(losses.shape[0], losses).detach(), dim=0).to(losses.dtype)
