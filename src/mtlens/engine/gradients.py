@@ -944,13 +944,13 @@ def compute_task_gradients(
         level != "loss" or keep_saliencies or compute_gramian or regularizers or grad_norm_params is not None
     ):
         split = stack_split(losses, loss_list) if prune_stacked_losses(losses) else None
-    given, frozen = frozen_encoder(shared_params)
+    listed, frozen = frozen_encoder(shared_params)
     sal_regs = [r for r in regularizers if r.uses == "saliency"]
     reads_features = level != "loss" or bool(sal_regs) or keep_saliencies or compute_gramian == "feature"
     feats = normalise_features(features, names, frozen=frozen and not reads_features)
     if feats.multi_input and len(feats.maps) != T:
         raise ShapeError(f"multi-input features: got {len(feats.maps)} maps for {T} tasks")
-    shared = trainable(given) if given is not None else []
+    shared = trainable(listed) if listed is not None else []
     param_regs = [r for r in regularizers if r.uses == "param"]
     for r in regularizers:
         if r.uses not in ("saliency", "param"):
