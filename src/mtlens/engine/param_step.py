@@ -133,4 +133,5 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         sparse_again(out, shared, sparse)
         return out, [flat]
 
-    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, from_the_matrix)
+    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, from_the_matrix,
+                            start.loss_list)
