@@ -27,6 +27,8 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 from torch.overrides import has_torch_function
 
+from ..errors import ConfigurationError
+
 _run_backward: Callable[..., Any] | None
 try:  # torch ≥ 2.3: the function torch.autograd.grad ends in (logging hooks, the context for device threads)
     from torch.autograd.graph import _engine_run_backward as _run_backward
@@ -50,6 +52,44 @@ def _usable() -> bool:
         return False
 
 
+_DONATED = "donated buffers"
+_DOUBLE = "does not currently support double backward"
+
+
+def compile_error(exc: BaseException) -> ConfigurationError | None:
+    """The engine's message for autograd's two refusals inside a ``torch.compile``'d module's backward, or ``None``
+    for any other error (then re-raised as it is).
+
+    * **Donated buffers** (torch ≥ 2.6, on by default): a compiled backward frees its saved tensors as it runs, so it
+      runs once per forward. The per-task Jacobian (``level="param"``), a loss-level ``compute_gramian="param"`` and
+      parameter-level regularisers differentiate the encoder once per task, with ``retain_graph=True``.
+    * **Double backward**: aot_autograd's compiled functions have no second derivative; saliency regularisers
+      (Rep-MTL) and ConsMTL differentiate ``S_t = ∂L_t/∂Z`` through the heads again (``create_graph=True``).
+
+    The fixes are in docs/engine.md, "torch.compile"."""
+    msg = str(exc)
+    if _DONATED in msg:
+        return ConfigurationError(
+            "a torch.compile'd module's backward ran twice in one step: the per-task Jacobian (level='param', "
+            "compute_gramian='param', parameter-level regularisers) differentiates the encoder once per task "
+            "(retain_graph=True), which the compiled backward's donated buffers forbid. Fix: set "
+            "torch._functorch.config.donated_buffer = False before the module's first compiled call; or pass "
+            "features=Z with jacobian='batched' (one vmapped backward through the encoder); or use level='feature' "
+            "(one backward through the encoder). See docs/engine.md, 'torch.compile'. Autograd said: "
+            + msg.splitlines()[0]
+        )
+    if _DOUBLE in msg:
+        return ConfigurationError(
+            "a second derivative was asked through a torch.compile'd module (create_graph=True), which "
+            "aot_autograd does not support: saliency regularisers (Rep-MTL) and ConsMTL differentiate "
+            "S_t = ∂L_t/∂Z through the heads again, and parameter-level regularisers through the encoder. Fix: "
+            "compile only what is differentiated once: the encoder (model.encoder = torch.compile(model.encoder)) "
+            "with features=Z and eager heads, for saliency regularisers. See docs/engine.md, 'torch.compile'. "
+            "Autograd said: " + msg.splitlines()[0]
+        )
+    return None
+
+
 FAST = _usable()
 """Whether :func:`vjp` may call autograd's engine directly on this torch (else always the public path)."""
 
@@ -68,42 +108,51 @@ def vjp(
     is given with the edge's shape (checked on the node's input metadata, as ``_make_grads`` does).
 
     Raises:
+        ConfigurationError: a ``torch.compile``'d module's backward was asked for what it cannot do (run twice with
+            its donated buffers, or a second derivative): :func:`compile_error`'s message, naming the fix.
         RuntimeError: autograd's own errors (an input that does not require grad, a freed graph, ...).
     """
-    outs = (outputs,) if isinstance(outputs, (Tensor, GradientEdge)) else tuple(outputs)
-    ins = (inputs,) if isinstance(inputs, (Tensor, GradientEdge)) else tuple(inputs)
-    keep = retain_graph or create_graph
-    if FAST and ins and outs and all(isinstance(t, Tensor) for t in ins):
-        t_ins = cast(tuple[Tensor, ...], ins)
-        if grad_outputs is None:
-            gos: tuple[Tensor | None, ...] = (None,) * len(outs)
-        else:
-            gos = (grad_outputs,) if isinstance(grad_outputs, Tensor) else tuple(grad_outputs)
-        tensors = tuple(o for o in outs if isinstance(o, Tensor))
-        if len(gos) == len(outs) and not has_torch_function(tensors + t_ins):
-            made: list[Tensor] = []
-            for o, g in zip(outs, gos):
-                if isinstance(o, GradientEdge):  # a stacked loss vector's entry point: its grad_output is given
-                    if not isinstance(g, Tensor) or has_torch_function((g,)):
-                        break
-                    meta = o.node._input_metadata[o.output_nr]
-                    if meta.is_nested_tensor or torch.Size(meta.shape) != g.shape or \
-                            meta.dtype.is_complex != g.is_complex():
-                        break
-                    made.append(g)
-                elif not isinstance(o, Tensor):
-                    break
-                elif g is None:
-                    if not (o.requires_grad and o.numel() == 1 and o.is_floating_point()):
-                        break
-                    made.append(torch.ones_like(o, memory_format=torch.preserve_format))
-                elif (isinstance(g, Tensor) and g.shape == o.shape and g.is_complex() == o.is_complex()
-                      and not has_torch_function((g,))):
-                    made.append(g)
-                else:
-                    break
+    try:  # zero cost unless autograd raises (Python ≥ 3.11)
+        outs = (outputs,) if isinstance(outputs, (Tensor, GradientEdge)) else tuple(outputs)
+        ins = (inputs,) if isinstance(inputs, (Tensor, GradientEdge)) else tuple(inputs)
+        keep = retain_graph or create_graph
+        if FAST and ins and outs and all(isinstance(t, Tensor) for t in ins):
+            t_ins = cast(tuple[Tensor, ...], ins)
+            if grad_outputs is None:
+                gos: tuple[Tensor | None, ...] = (None,) * len(outs)
             else:
-                assert _run_backward is not None  # FAST
-                return tuple(_run_backward(outs, tuple(made), keep, create_graph, t_ins, True, accumulate_grad=False))
-    return torch.autograd.grad(cast(Any, outs), cast(Any, ins), grad_outputs=grad_outputs, retain_graph=keep,
-                               create_graph=create_graph, allow_unused=True)
+                gos = (grad_outputs,) if isinstance(grad_outputs, Tensor) else tuple(grad_outputs)
+            tensors = tuple(o for o in outs if isinstance(o, Tensor))
+            if len(gos) == len(outs) and not has_torch_function(tensors + t_ins):
+                made: list[Tensor] = []
+                for o, g in zip(outs, gos):
+                    if isinstance(o, GradientEdge):  # a stacked loss vector's entry point: its grad_output is given
+                        if not isinstance(g, Tensor) or has_torch_function((g,)):
+                            break
+                        meta = o.node._input_metadata[o.output_nr]
+                        if meta.is_nested_tensor or torch.Size(meta.shape) != g.shape or \
+                                meta.dtype.is_complex != g.is_complex():
+                            break
+                        made.append(g)
+                    elif not isinstance(o, Tensor):
+                        break
+                    elif g is None:
+                        if not (o.requires_grad and o.numel() == 1 and o.is_floating_point()):
+                            break
+                        made.append(torch.ones_like(o, memory_format=torch.preserve_format))
+                    elif (isinstance(g, Tensor) and g.shape == o.shape and g.is_complex() == o.is_complex()
+                          and not has_torch_function((g,))):
+                        made.append(g)
+                    else:
+                        break
+                else:
+                    assert _run_backward is not None  # FAST
+                    return tuple(_run_backward(outs, tuple(made), keep, create_graph, t_ins, True,
+                                               accumulate_grad=False))
+        return torch.autograd.grad(cast(Any, outs), cast(Any, ins), grad_outputs=grad_outputs, retain_graph=keep,
+                                   create_graph=create_graph, allow_unused=True)
+    except RuntimeError as exc:
+        err = compile_error(exc)
+        if err is None:
+            raise
+        raise err from exc

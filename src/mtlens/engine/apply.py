@@ -307,7 +307,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             dz_s = [d * scale for d in dz] if scale != 1.0 else dz
             pairs = list(zip(pf.maps, dz_s))
             gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
-                        retain_graph=retain_graph or grads._reg_total is not None)
+                        retain_graph=retain_graph)
             for j, g in enumerate(gz):
                 if g is not None:
                     if g.requires_grad:  # autograd's outputs carry no graph here: no detach alias needed

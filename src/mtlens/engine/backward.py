@@ -182,7 +182,8 @@ def mtl_backward(
             loss reaching another task's map raises). Required at feature level and by saliency
             regularisers; at parameter level it lets the engine differentiate the heads once per
             task and the encoder by vector-Jacobian products. It must be the only route from the
-            shared parameters to the losses.
+            shared parameters to the losses (with ``torch.compile``, compile the encoder as its own
+            module: docs/engine.md, "torch.compile").
         shared_params: the encoder's parameters. Required by gradient-level methods.
         level: ``"param"`` or ``"feature"`` for gradient methods (default ``"param"``); a
             loss-level method runs at loss level (``None``).

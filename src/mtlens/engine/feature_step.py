@@ -169,7 +169,7 @@ def lean_heads_pass(start: LeanStart, features: Tensor, shared: list[Tensor], ta
     if task_params is None:  # the heads from the graph, with each task's part of it, in one walk
         heads, sets, own = _walk_heads(loss_list, feats.maps, shared, start.method_params,
                                        None if split is None else [node for node, _ in split.branches])
-        check_only_route(names, feats.maps, sets)
+        check_only_route(names, feats.maps, sets, loss_list)
         retain = [True] * T if retain_graph else _retain_flags(sets)
         sal: list[Tensor] = []
         rows: list[Sequence[Tensor | None]] = []

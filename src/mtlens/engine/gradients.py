@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from . import pool
-from ._autograd import vjp
+from ._autograd import compile_error, vjp
 from .distributed import Dist
 from .gramian import (
     gramian_from_blocks,
@@ -234,10 +234,16 @@ def _grads(
 ) -> tuple[Tensor | None, ...]:
     if not batched:  # the engine's one entry into autograd (engine/_autograd.py)
         return vjp(outputs, inputs, grad_outputs, retain_graph=retain_graph, create_graph=create_graph)
-    return torch.autograd.grad(
-        outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph or create_graph,
-        create_graph=create_graph, allow_unused=True, is_grads_batched=True,
-    )
+    try:
+        return torch.autograd.grad(
+            outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph or create_graph,
+            create_graph=create_graph, allow_unused=True, is_grads_batched=True,
+        )
+    except RuntimeError as exc:
+        err = compile_error(exc)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def trainable(params: Iterable[Tensor]) -> list[Tensor]:
@@ -767,13 +773,16 @@ def _free_exclusive(L: Tensor, sets: list[set], t: int, heads: Sequence[Tensor])
         vjp(L, reached)
 
 
-def check_only_route(names: Sequence[str], maps: Sequence[Tensor], sets: Sequence[set[Any]]) -> None:
+def check_only_route(names: Sequence[str], maps: Sequence[Tensor], sets: Sequence[set[Any]],
+                     losses: Sequence[Tensor] | None = None) -> None:
     """Raise :class:`ConfigurationError` when a task's part of the graph (``sets[t]``: the nodes its loss reaches
     before the maps) reads an output of a map's autograd node that is not itself a map — the other half of
     ``z, z2 = h.chunk(2)``, an LSTM's hidden state next to its output. That is a route from the encoder to the
     losses around ``features``: its gradient would be dropped from every per-task gradient (the walks stop at the
     map's node; the encoder is differentiated from the maps only). Only a node with several outputs is scanned
-    (``_input_metadata``: one entry per forward output; where torch lacks it, every such node)."""
+    (``_input_metadata``: one entry per forward output; where torch lacks it, every such node). A loss that is
+    itself another output of that node (``losses[t]``; its walk stops at once) is such a route too: a model
+    ``torch.compile``'d as a whole returns ``Z`` and the losses (or the heads' outputs) from one compiled node."""
     by_node: dict[Any, set[int]] = {}
     for z in maps:
         if z.grad_fn is not None:
@@ -784,18 +793,41 @@ def check_only_route(names: Sequence[str], maps: Sequence[Tensor], sets: Sequenc
             continue
         bad: list[str] = []
         other: set[int] = set()
-        for name, st in zip(names, sets):
+        for t, (name, st) in enumerate(zip(names, sets)):
             read = {k for n in st for m, k in n.next_functions if m is node and k not in nrs}
+            if losses is not None and losses[t].grad_fn is node and losses[t].output_nr not in nrs:
+                read.add(losses[t].output_nr)
             if read:
                 bad.append(name)
                 other |= read
         if bad:
+            compiled = "CompiledFunction" in node.name()
             raise ConfigurationError(
                 f"the loss of task(s) {bad} reads output(s) {sorted(other)} of the node that made features "
                 f"({node.name()}; features: output(s) {sorted(nrs)}): a route from the encoder to the losses around "
                 "features, whose gradient would be dropped. features must be the only route from the encoder to the "
-                "losses: pass every output the heads read as a shared map, features=[z, z_other]"
+                + ("losses. That node is one torch.compile'd graph that computed features and what the heads read "
+                   "(the whole model compiled): compile the encoder alone, model.encoder = "
+                   "torch.compile(model.encoder), and the heads apart if you like, so that features is the output "
+                   "of the encoder's own graph (docs/engine.md, 'torch.compile'); or step without features "
+                   "(a loss weighting at level='loss', a gradient method at level='param' without features=)"
+                   if compiled else
+                   "losses: pass every output the heads read as a shared map, features=[z, z_other]")
             )
+
+
+def _multi_output_maps(maps: Sequence[Tensor]) -> bool:
+    """Whether a map's autograd node has outputs that are not maps (where :func:`check_only_route` can find a
+    route around the maps; a node without ``_input_metadata`` counts)."""
+    nrs: dict[Any, int] = {}
+    for z in maps:
+        if z.grad_fn is not None:
+            nrs[z.grad_fn] = nrs.get(z.grad_fn, 0) + 1
+    for node, k in nrs.items():
+        meta = getattr(node, "_input_metadata", None)
+        if meta is None or len(meta) > k:
+            return True
+    return False
 
 
 def _retain_flags(node_sets: list[set]) -> list[bool]:
@@ -1007,7 +1039,7 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
     if sets is None:  # ``sets``: :func:`_node_sets` ``(obj_scaled, feats.maps, split)`` when the caller has them
         sets = _node_sets(obj_scaled, feats.maps, split)
     if not feats.multi_input:
-        check_only_route(names, feats.maps, sets)
+        check_only_route(names, feats.maps, sets, obj_scaled)
     flags = [True] * T if (retain_graph or create_graph) else _heads_flags(sets, split, entries)
     index = {id(p): i for i, p in enumerate(heads)}
     own = [sorted({index[id(v)] for v in (getattr(n, "variable", None) for n in st) if id(v) in index})
@@ -1479,6 +1511,8 @@ def _loss_level(tg: TaskGradients, names: list[str], loss_list: list[Tensor], ra
                 "saliencies (regularisers, keep_saliencies, compute_gramian='feature') need one shared map "
                 "(features=Z) or one per task (features={task: Z_task}), not several shared maps"
             )
+        if not feats.multi_input and _multi_output_maps(feats.maps):  # a route around Z leaves S_t short
+            check_only_route(names, feats.maps, _node_sets(loss_list, feats.maps), loss_list)
         for t, L in enumerate(loss_list):
             maps = feats.of_task(t)
             s0 = _grads(L, maps, create_graph=bool(sal_regs))[0]
