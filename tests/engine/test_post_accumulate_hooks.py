@@ -12,6 +12,7 @@ import torch
 from _nets import TinyNet
 
 from mtlens.engine import DecisionCache, mtl_backward
+from mtlens.engine.graph import backward_order
 from mtlens.errors import ConfigurationError, NonFiniteError
 from mtlens.methods import create
 
@@ -259,3 +260,67 @@ def test_a_grad_scaler_overflow_runs_every_hook_as_the_scaled_backward_does(name
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() < 2.0**16 and all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def _replay_matches_backward(net: torch.nn.Module, losses_of) -> None:
+    names = {id(p): n for n, p in net.named_parameters()}
+    calls = _order(net)
+    losses = losses_of(net)
+    replayed = [names[id(v)] for v in backward_order(losses)]
+    sum(losses).backward()
+    assert replayed == calls and len(calls) == len(names)
+
+
+class _ManyLeaves(torch.nn.Module):
+    """Nodes with several parameters' AccumulateGrad nodes ready at once: ``torch.addcmul(a, b, c)``, and a
+    ``torch.cat`` of eight parameters, whose hooks ``backward()`` runs as 0, 1, 2, 7, 6, 3, 5, 4 — libstdc++'s heap
+    does not hand back equal priorities in the order they were pushed."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(5, 6)
+        self.a, self.b, self.c, self.d = (torch.nn.Parameter(torch.randn(6)) for _ in range(4))
+        self.parts = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(1)) for _ in range(8))
+
+    def losses(self, x):
+        z = self.enc(x)
+        return [(torch.addcmul(self.a, self.b, self.c) * z).sum(), torch.addcmul(z, self.d, self.a).pow(2).sum(),
+                (z * self.c * self.b).sum(), (z[:, :1] * torch.cat(list(self.parts)).sum()).sum()]
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.LSTM(5, 6, num_layers=2, batch_first=True)
+        self.att = torch.nn.MultiheadAttention(6, 2, batch_first=True)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(4))
+
+    def losses(self, x):
+        z, _ = self.enc(x)
+        z, _ = self.att(z, z, z)
+        return [(h(z) ** 2).mean() for h in self.heads]
+
+
+def test_backward_order_replays_autograds_scheduler():
+    """``engine/graph.py::backward_order`` against the order ``sum(losses).backward()`` runs the post-accumulate
+    hooks: several leaves of one node, an LSTM with multi-head attention, and random MLP encoders and heads."""
+    torch.manual_seed(0)
+    _replay_matches_backward(_ManyLeaves(), lambda m: m.losses(torch.randn(4, 5)))
+    _replay_matches_backward(_Recurrent(), lambda m: m.losses(torch.randn(2, 7, 5)))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        layers, d = [], 5
+        for _ in range(int(torch.randint(1, 5, (), generator=gen))):
+            kind = int(torch.randint(0, 3, (), generator=gen))
+            if kind == 0:
+                layers.append(torch.nn.Linear(d, 6))
+                d = 6
+            else:
+                layers.append(torch.nn.LayerNorm(d) if kind == 1 else torch.nn.Tanh())
+        enc = torch.nn.Sequential(*layers)
+        heads = torch.nn.ModuleList(
+            torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(int(torch.randint(0, 3, (), generator=gen)))],
+                                torch.nn.Linear(d, 1))
+            for _ in range(int(torch.randint(1, 5, (), generator=gen))))
+        net = torch.nn.ModuleDict({"enc": enc, "heads": heads})
+        _replay_matches_backward(net, lambda m: [(h(m["enc"](torch.randn(3, 5))) ** 2).mean() for h in m["heads"]])
