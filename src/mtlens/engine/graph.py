@@ -95,8 +95,9 @@ def backward_order(roots: Sequence[Tensor]) -> list[Tensor]:
     (libstdc++'s binary heap, replayed step for step, so that equal priorities come out in the engine's order)
     ordered by ``sequence_nr``, the newest node first, ``AccumulateGrad`` above every other node (``UINT64_MAX``).
     The sum's own nodes, newer than the whole forward, run first, so each root's node enters the queue when no
-    node of the forward has run. Exact for a graph on one device; CUDA nodes run on the device's thread, with its
-    own queue. Used only when some parameter has post-accumulate-grad hooks (:func:`~mtlens.engine.apply._accumulate`).
+    node of the forward has run. Exact for a graph on one device (autograd runs each device's nodes on that
+    device's thread, from its own queue: a graph over several devices interleaves them). Used only when some
+    parameter has post-accumulate-grad hooks (:func:`~mtlens.engine.apply._accumulate`).
     """
     fns = [r.grad_fn for r in roots if r.grad_fn is not None]
     deps: dict = {}
