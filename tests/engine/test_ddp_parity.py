@@ -17,6 +17,7 @@ and a data-parallel run must raise where (and what) the single-process run raise
 
 from __future__ import annotations
 
+import copy
 import re
 import socket
 import sys
@@ -91,7 +92,11 @@ def test_data_parallel_grads_equal_the_global_batch(runs, case, route, request):
         request.applymarker(pytest.mark.xfail(strict=True, reason=KEPT[(case, route)]))
     ref_all, dps = runs
     key = f"{case}|{route}"
-    ref, got = ref_all[key], [d[key] for d in dps]
+    assert_parity(ref_all[key], [d[key] for d in dps], case, route)
+
+
+def assert_parity(ref: dict, got: list[dict], case: str, route: str) -> None:
+    """The data-parallel runs ``got`` (one per rank) against the one-process run ``ref`` (see the module docstring)."""
     if (case, route) in REFUSED_DP:
         assert ref["error"] is None, ref["error"]
         for r, g in enumerate(got):
@@ -136,12 +141,45 @@ def test_data_parallel_grads_equal_the_global_batch(runs, case, route, request):
             assert torch.equal(a.to_dense(), b.to_dense()), f"rank {r}: {name}.grad differs from rank 0's"
 
 
+@pytest.mark.slow
 def test_the_harness_sees_a_divergence(runs):
-    """The comparison can fail: a rank's .grad off by a factor, or None where one process writes one."""
+    """The comparison fails on a rank's .grad off by a factor, a .grad None where one process writes one, a sparse
+    .grad written dense, ranks that differ, a step skipped on one rank only, and a rank that raised."""
     ref_all, dps = runs
-    key = "plain|upgrad-param"
+    key, case, route = "routed|upgrad-param", "routed", "upgrad-param"
     ref = ref_all[key]
-    name = next(n for n, g in ref["grads"].items() if g is not None)
+    assert_parity(ref, [d[key] for d in dps], case, route)  # as it is: passes
+    name = "enc.b.weight"  # the expert only rank 1's share reaches
+
+    def doctored(change) -> list[dict]:
+        got = [copy.deepcopy(d[key]) for d in dps]
+        change(got)
+        return got
+
+    def double(got):
+        got[0]["grads"][name] = got[0]["grads"][name] * 2
+
+    def unset(got):
+        for g in got:
+            g["grads"][name] = None
+
+    def one_rank(got):
+        got[1]["grads"][name] = got[1]["grads"][name] + 1e-3
+
+    def skipped(got):
+        got[1]["skipped"][-1] = True
+
+    def raised(got):
+        got[0]["error"], got[0]["trace"] = "RuntimeError: boom", "boom"
+
+    for change in (double, unset, one_rank, skipped, raised):
+        with pytest.raises(AssertionError):
+            assert_parity(ref, doctored(change), case, route)
+    skey = "sparse_embedding|ew-loss"
+    dense = [copy.deepcopy(d[skey]) for d in dps]
+    for g in dense:
+        g["grads"]["enc.0.weight"] = g["grads"]["enc.0.weight"].to_dense()
+    assert ref_all[skey]["grads"]["enc.0.weight"].layout == torch.sparse_coo
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(dps[0][key]["grads"][name] * 2, ref["grads"][name])
-    assert any(ref_all[k]["skipped"] != [False] * len(ref_all[k]["skipped"]) for k in ref_all if "skip" in k)
+        assert_parity(ref_all[skey], dense, "sparse_embedding", "ew-loss")
+    assert any(any(ref_all[k]["skipped"]) for k in ref_all if "skip" in k)
