@@ -123,6 +123,8 @@ def assert_parity(ref: dict, got: list[dict], case: str, route: str) -> None:
             assert have.dtype == want.dtype, (r, name, have.dtype, want.dtype)
             assert have.layout == want.layout, (r, name, have.layout, want.layout)
             assert have.shape == want.shape, (r, name)
+            if want.layout == torch.sparse_coo:  # the rows the global batch touched, a zero-gradient one included
+                assert torch.equal(have.coalesce().indices(), want.coalesce().indices()), (r, name)
             tol = BF16_TOL if case == "bfloat16" else SCALER_TOL if W.ROUTE_BY_ID[route].scaler else {}
             torch.testing.assert_close(have.to_dense(), want.to_dense(), **tol,
                                        msg=lambda m, r=r, name=name: f"rank {r}, {name}: {m}")

@@ -666,6 +666,9 @@ def assert_same_grads_as_backward(
         assert not g.requires_grad and g.grad_fn is None, name
         if g.layout == torch.strided and p.numel():  # an empty tensor's strides describe no memory
             assert g.stride() == p.stride(), (name, g.stride(), p.stride())
+        if g.layout == torch.sparse_coo:  # the touched indices, as backward() keeps them (a zero row included)
+            gi, ri = g.coalesce().indices(), r.coalesce().indices()
+            assert gi.shape == ri.shape and torch.equal(gi, ri), (name, gi.tolist(), ri.tolist())
         if values == "exact":
             assert torch.equal(g.to_dense(), r.to_dense()), (name, (g - r).abs().max())
         elif values:
@@ -802,6 +805,92 @@ def test_sparse_adam_steps_an_embedding_on_every_route(route):
     touched = torch.unique(torch.cat([_tokens(i, 4) for i in range(MICRO_BATCHES)]))
     moved = (emb.detach() != before).any(1).nonzero().flatten()
     assert set(moved.tolist()) <= set(touched.tolist()) and len(moved) > 0
+
+
+class _Ones(GramianWeighting):
+    """Unit weights at the parameter level (the combined gradient is the plain one): EW through the Jacobian."""
+
+    name = "_ones_test"
+    levels = ("param", "feature")
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return torch.ones(gramian.shape[0], dtype=torch.float64)
+
+
+def _cancelling_rows(i: int) -> Built:
+    """``nn.Embedding(sparse=True)`` whose row 3 takes ``+a`` from task 0 and ``-a`` from task 1 in micro-batch 1 (a
+    touched row whose combined gradient is exactly 0) and a non-zero gradient in micro-batch 0; row 5 never cancels.
+    The two heads hold equal values in separate parameters."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(11, 4, sparse=True)
+    a = nn.Parameter(torch.randn(4))
+    b = nn.Parameter(a.detach().clone())
+    net = nn.ModuleDict({"emb": emb})
+    net.register_parameter("a", a)
+    net.register_parameter("b", b)
+
+    def step(k: int) -> tuple[Tensor, dict[str, Tensor]]:
+        z = emb(torch.tensor([3, 5]))
+        if k == 0:
+            return z, {"t0": (z[0] * a).sum() + (z[1] * a).sum(), "t1": 2.0 * (z[0] * b).sum()}
+        return z, {"t0": (z[0] * a).sum() + (z[1] * a).sum(), "t1": -(z[0] * b).sum()}
+
+    return Built(net, step, lambda: [emb.weight], clip=False)
+
+
+@pytest.mark.parametrize("features", [True, False], ids=["lean", "no-features"])
+def test_a_sparse_grad_keeps_a_touched_row_whose_gradient_cancels(features):
+    """The parameter level re-sparsifies the combined gradient of ``nn.Embedding(sparse=True)``: it dropped a row
+    the batch touched whose combined value is exactly 0, which ``backward()`` keeps — and ``SparseAdam`` updates its
+    moments (and moves the row) on exactly the indices present. Against ``backward()``: the same indices on every
+    step, the same SparseAdam trajectory over two steps (step 0 gives row 3 moments, step 1 cancels its
+    gradient)."""
+    ref, got = _cancelling_rows(0), _cancelling_rows(0)
+    opt_ref = torch.optim.SparseAdam([ref.net["emb"].weight], lr=0.1)
+    opt_got = torch.optim.SparseAdam([got.net["emb"].weight], lr=0.1)
+    for k in range(2):
+        _, losses = ref.step(k)
+        sum(losses.values()).backward()
+        z, losses = got.step(k)
+        mtl_backward(losses, features=z if features else None, shared_params=got.shared(), method=_Ones(),
+                     level="param")
+        r, g = ref.net["emb"].weight.grad.coalesce(), got.net["emb"].weight.grad
+        assert g.layout == torch.sparse_coo and g.is_coalesced()
+        assert torch.equal(g.indices(), r.indices()), (k, g.indices().tolist(), r.indices().tolist())
+        assert g.indices().tolist() == [[3, 5]]
+        torch.testing.assert_close(g.values(), r.values())
+        if k == 1:
+            assert bool((g.values()[0] == 0).all())  # the cancelled row: present, exactly zero
+        opt_ref.step()
+        opt_got.step()
+        opt_ref.zero_grad()
+        opt_got.zero_grad()
+    torch.testing.assert_close(got.net["emb"].weight.detach(), ref.net["emb"].weight.detach())
+
+
+def test_accumulated_micro_batches_keep_every_touched_sparse_row():
+    """:meth:`TaskGradients.accumulate` over micro-batches touching different rows (one of them cancelling): the
+    sparse ``.grad`` holds the union of the rows every micro-batch's per-task gradients touched, with the values of
+    the mean of the two micro-batches' plain gradients (``backward()`` of ``(L(0) + L(1)) / 2``)."""
+    ref, got = _cancelling_rows(0), _cancelling_rows(0)
+    emb_ref, emb_got = ref.net["emb"], got.net["emb"]
+
+    def other(built: Built) -> tuple[Tensor, dict[str, Tensor]]:  # rows 7 and 3, row 3 cancelling again
+        z = built.net["emb"](torch.tensor([7, 3]))
+        a, b = built.net.a, built.net.b
+        return z, {"t0": (z[0] * a).sum() + (z[1] * a).sum(), "t1": -(z[1] * b).sum()}
+
+    total = sum(ref.step(1)[1].values()) + sum(other(ref)[1].values())
+    (total / 2).backward()
+    parts = []
+    for z, losses in (got.step(1), other(got)):
+        parts.append(compute_task_gradients(losses, level="param", features=z, shared_params=got.shared()))
+    grads = TaskGradients.accumulate(parts)
+    apply_decision(grads, _Ones().decide(grads))
+    r, g = emb_ref.weight.grad.coalesce(), emb_got.weight.grad
+    assert g.layout == torch.sparse_coo and g.indices().tolist() == r.indices().tolist() == [[3, 5, 7]]
+    torch.testing.assert_close(g.values(), r.values())
+    assert bool((g.values()[0] == 0).all())
 
 
 COMPLEX_ROUTES = [UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_NO_FEATURES]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,10 +12,11 @@ from ..errors import ConfigurationError, NonFiniteError
 from .decision import Decision
 from .gradients import TaskGradients, _grads, all_finite, host_finite, sparse_again, zeros_if_none
 from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
-from .graph import find_leaves
+from .graph import backward_order, find_leaves
 
 
-def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale: float = 1.0) -> None:
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale: float = 1.0,
+                roots: Roots = None, _taken: set[int] | None = None, _ordered: bool = False) -> None:
     """``.grad += g`` for each pair, as ``backward()`` accumulates: a parameter without ``.grad`` takes ``g``
     itself (× ``scale``, in its dtype). Every ``.grad`` gets memory of its own: autograd returns ONE tensor for
     several inputs when a node passes its gradient on unchanged (both parameters of ``a + b``), and two
@@ -24,14 +26,27 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
     ``AccumulateGrad`` does.
 
     A parameter's post-accumulate-grad hooks (``p.register_post_accumulate_grad_hook``: optimizer-in-backward,
-    gradient offloading) run right after its ``.grad`` is written, in registration order, as autograd's
-    ``AccumulateGrad`` runs them. Every caller writes only after the step's verdict, so a failing step runs
-    none (docs/reliability.md §4). A hook that returns a value raises :class:`ConfigurationError`, as
-    ``backward()`` refuses it ("should return None")."""
-    taken: set[int] = set()
+    gradient offloading, DDP-like bucketing) run right after its ``.grad`` is written, in registration order, as
+    autograd's ``AccumulateGrad`` runs them, and in the order ``loss.backward()`` runs them: from the first
+    parameter with hooks on, the parameters are written in the order autograd's engine would run their
+    ``AccumulateGrad`` nodes for a sum of ``roots`` (the step's losses or objective: a tensor, a sequence, or a
+    callable returning one, called only then; :func:`~mtlens.engine.graph.backward_order`) — the heads before the
+    encoder, the encoder from its last layer back — each one's hooks right after its write; parameters outside
+    that graph (a method's extra gradients) last, as given. Without ``roots``, in the order given. The parameters
+    before the first hooked one (none of them hooked) are written first, as given: a hook that reads ANOTHER
+    parameter's ``.grad`` may see it written where ``backward()`` would write it later. Every caller writes only
+    after the step's verdict, so a failing step runs none (docs/reliability.md §4). A hook that returns a value
+    raises :class:`ConfigurationError`, as ``backward()`` refuses it ("should return None")."""
+    taken: set[int] = set() if _taken is None else _taken
     for p, g in zip(params, grads):
         if g is None:
             continue
+        hooks = p._post_accumulate_grad_hooks
+        if hooks and not _ordered:  # from here on in backward()'s order (the rare path: hooks are set)
+            k = next(i for i, q in enumerate(params) if q is p)
+            rest_p, rest_g = in_backward_order(params[k:], grads[k:], roots)
+            _accumulate(rest_p, rest_g, scale, None, taken, True)
+            return
         if g.requires_grad:
             g = g.detach()
         if scale != 1.0:
@@ -56,14 +71,64 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale:
             p.grad = g
         else:
             cur.add_(g if g.dtype == cur.dtype else g.to(cur.dtype))
+        if hooks:
+            run_post_accumulate_hooks(p, hooks)
+
+
+Roots = Tensor | Sequence[Tensor] | Callable[[], Sequence[Tensor]] | None
+"""The graph a step's ``.grad`` writes stand for (:func:`_accumulate`'s ``roots``)."""
+
+
+def in_backward_order(params: Sequence[Tensor], grads: Sequence[Tensor | None],
+                      roots: Roots) -> tuple[list[Tensor], list[Tensor | None]]:
+    """``params`` and their ``grads`` sorted in the order ``backward()`` of a sum of ``roots`` runs the parameters'
+    ``AccumulateGrad`` nodes (:func:`~mtlens.engine.graph.backward_order`); parameters outside that graph last, in
+    the order given; without ``roots`` unchanged."""
+    if callable(roots):
+        roots = roots()
+    if roots is None:
+        return list(params), list(grads)
+    rank = {id(v): i for i, v in enumerate(backward_order([roots] if isinstance(roots, Tensor) else roots))}
+    n = len(rank)
+    order = sorted(range(len(params)), key=lambda i: rank.get(id(params[i]), n + i))
+    return [params[i] for i in order], [grads[i] for i in order]
+
+
+def write_overflow_signal(grads: TaskGradients) -> None:
+    """GradScaler's overflow signal after a step that overflowed (nothing else written): ``inf`` in the ``.grad``
+    of every parameter the step would have written — at loss level every parameter the losses reach, at parameter
+    and feature level the shared parameters and the heads the losses reach — each one's post-accumulate-grad hooks
+    right after, in the order ``scaler.scale(loss).backward()`` runs them (:func:`in_backward_order`), as that
+    backward writes its non-finite gradients and runs every hook. ``scaler.step`` then skips the optimiser step
+    (``scaler.unscale_`` finds the ``inf``) and ``scaler.update`` backs the scale off. An existing ``.grad`` is filled
+    in place (an accumulation of ``inf``); a missing one is created. Without a graph to read (no losses kept), the
+    first shared parameter (or head) alone carries the signal."""
+    roots = step_roots(grads) or list(grads._attached or [])
+    order = backward_order(roots)
+    if grads.level != "loss":
+        mine = {id(p) for p in grads.shared_params} | {id(p) for p in grads.task_params}
+        order = [p for p in order if id(p) in mine]
+    if not order:
+        order = list(grads.shared_params[:1] or grads.task_params[:1])
+    for p in order:
+        if p.grad is None:
+            p.grad = torch.full_like(p, float("inf"))
+        else:
+            p.grad.fill_(float("inf"))
         hooks = p._post_accumulate_grad_hooks
         if hooks:
-            for hook in tuple(hooks.values()):
-                if hook(p) is not None:  # autograd's own refusal: such a hook cannot replace the gradient
-                    raise ConfigurationError(
-                        f"a post-accumulate-grad hook on a parameter of shape {tuple(p.shape)} returned a value; "
-                        "Tensor post accumulate grad hooks should return None (change p.grad in place, or use "
-                        "p.register_hook to replace a gradient)")
+            run_post_accumulate_hooks(p, hooks)
+
+
+def run_post_accumulate_hooks(p: Tensor, hooks: Any) -> None:
+    """``p``'s post-accumulate-grad hooks, in registration order, as ``AccumulateGrad`` runs them; a hook that
+    returns a value raises :class:`ConfigurationError` (``backward()``: "should return None")."""
+    for hook in tuple(hooks.values()):
+        if hook(p) is not None:  # autograd's own refusal: such a hook cannot replace the gradient
+            raise ConfigurationError(
+                f"a post-accumulate-grad hook on a parameter of shape {tuple(p.shape)} returned a value; "
+                "Tensor post accumulate grad hooks should return None (change p.grad in place, or use "
+                "p.register_hook to replace a gradient)")
 
 
 def agreed_leaves(grads: TaskGradients, total: Tensor) -> list[Tensor]:
@@ -188,7 +253,7 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         params, gs = _with_extras(params, gs, decision.extra_grads, scale)
         if not all_finite(gs):
             return backward_problem(name, grads.losses)
-        _accumulate(params, gs)
+        _accumulate(params, gs, 1.0, total)
         return ""
 
     T = grads.T
@@ -339,10 +404,18 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         checked = [g for g in shared_g if g is not None]
     if not all_finite(checked + [g for g in head_g + other_g if g is not None]):
         return f"non-finite combined gradient from '{name}'; nothing was written into .grad"
-    _accumulate(shared, shared_g, scale)
-    _accumulate(heads, head_g, scale)
-    _accumulate(others, other_g, scale)
+    # one call: no two .grad share memory, and post-accumulate hooks run in backward()'s order across the groups
+    _accumulate([*shared, *heads, *others], [*shared_g, *head_g, *other_g], scale, lambda: step_roots(grads))
     return ""
+
+
+def step_roots(grads: TaskGradients) -> list[Tensor]:
+    """The tensors a step's gradient is the gradient of: every micro-batch's task losses and the regularisers'
+    total (the graph :func:`_accumulate` orders the post-accumulate hooks by)."""
+    roots = [L for part in grads._parts for L in part.get("loss_list", ())]
+    if grads._reg_total is not None:
+        roots.append(grads._reg_total)
+    return roots
 
 
 def _weighted_sum_from_rows(grads: TaskGradients, decision: Decision, name: str) -> str:
@@ -370,8 +443,7 @@ def _weighted_sum_from_rows(grads: TaskGradients, decision: Decision, name: str)
     out: list[Tensor | None] = list(shared_g)
     for i in grads._unreached:  # no loss reaches it: the backward would not touch its .grad (None stays None)
         out[i] = None
-    _accumulate(shared, out)
-    _accumulate(heads, head_g)
+    _accumulate([*shared, *heads], [*out, *head_g], 1.0, grads._attached)
     return ""
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
 from ._autograd import vjp
-from .apply import _accumulate, apply_decision, backward_problem, check_decision, weights_error
+from .apply import _accumulate, apply_decision, backward_problem, check_decision, weights_error, write_overflow_signal
 from .decision import Decision
 from .distributed import Dist, resolve
 from .feature_step import feature_step
@@ -203,8 +203,9 @@ def mtl_backward(
             the engine scales them, decides on unscaled gradients and writes scaled gradients,
             so ``scaler.step(optimizer); scaler.update()`` work as usual. On overflow it writes
             ``inf`` gradients (the scaler's own signal: ``scaler.step`` skips the optimiser step,
-            ``scaler.update`` backs the scale off), leaves the method's state untouched and
-            returns ``skipped=True``.
+            ``scaler.update`` backs the scale off) into every parameter the step would have written,
+            running their post-accumulate-grad hooks as ``scaler.scale(loss).backward()`` would,
+            leaves the method's state untouched and returns ``skipped=True``.
         grad_norm_params: parameters on which loss-level methods that declare
             ``needs_grad_norms`` (GradNorm) measure them; default: the last shared weight with
             ndim ≥ 2.
@@ -453,7 +454,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             else:
                 problem = backward_problem(name, raw)
         else:
-            _accumulate(params, gs)
+            _accumulate(params, gs, 1.0, objective)
     except BaseException:
         method.restore(snap)
         raise
@@ -504,12 +505,9 @@ def _not_written(msg: str, policy: str, record: StepRecord, grads: TaskGradients
     record.gramian = None
     if grad_scaler is not None and overflow and grads is not None:
         # The scaler's own overflow signal: inf gradients make scaler.step() skip the optimiser
-        # step and scaler.update() back the scale off, exactly as after scaler.scale(loss).backward().
-        for p in grads.shared_params[:1] or grads.task_params[:1]:
-            if p.grad is None:
-                p.grad = torch.full_like(p, float("inf"))
-            else:
-                p.grad.fill_(float("inf"))
+        # step and scaler.update() back the scale off, exactly as after scaler.scale(loss).backward(),
+        # which also runs every written parameter's post-accumulate hooks (in its order)
+        write_overflow_signal(grads)
         record.skipped, record.reason = True, "grad_scaler overflow: " + msg
         return record
     if policy == "raise":
@@ -564,7 +562,7 @@ def _cached_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
         return _not_written(f"non-finite gradient with the cached weights of '{method.name}'", nonfinite, record,
                             grads, grad_scaler, scale != 1.0)
     gs = [None if g is None else g / scale for g in gs] if scale != 1.0 else gs
-    _accumulate(list(shared) + heads, gs, scale)
+    _accumulate(list(shared) + heads, gs, scale, attached)
     cache.step += 1
     record.weights = w
     record.method_values["cached"] = 1.0

@@ -17,6 +17,7 @@ All collectives use ``torch.distributed`` on the given process group (gloo or nc
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,11 +65,12 @@ class Dist:
         Whether an entry was set travels in the same all-reduce (one flag per entry), so every rank agrees.
         Without ``like`` a ``None`` entry must be ``None`` on every rank.
 
-        Sparse gradients (``nn.Embedding(sparse=True)``) are reduced dense and come back sparse with the rows
-        whose mean is not zero (the communication of a dense all-reduce of the table). Complex gradients travel
-        as their real views (real and imaginary parts). The buffer is float64 if any entry is float64 or
-        complex128, else float32 (float16/bfloat16 gradients summed in float32); each result has its entry's
-        dtype.
+        Sparse gradients (``nn.Embedding(sparse=True)``) are reduced dense and come back sparse on exactly the
+        rows some rank's gradient touched (:meth:`touched_union`; a second all-reduce, of one number per row, only
+        when some rank's gradient was sparse): the communication of a dense all-reduce of the table. Complex
+        gradients travel as their real views (real and imaginary parts). The buffer is float64 if any entry is
+        float64 or complex128, else float32 (float16/bfloat16 gradients summed in float32); each result has its
+        entry's dtype.
 
         Raises:
             ConfigurationError: the ranks passed lists of different sizes (caught by the all-reduce's size check
@@ -96,21 +98,31 @@ class Dist:
                 t = torch.view_as_real(t.resolve_conj())
             parts.append(t.reshape(-1).to(dtype))
         flags: Tensor | None = None
-        if like is not None:  # per entry: set here (1) and sparse here (1), summed over ranks
-            flags = torch.tensor([float(t is not None) for t in tensors]
-                                 + [float(t is not None and t.layout != torch.strided) for t in tensors],
-                                 dtype=dtype, device=device)
+        if like is not None:  # per entry, summed over ranks: set here (1), sparse here (1), its sparse_dim
+            sparse_here = [t is not None and t.layout == torch.sparse_coo for t in tensors]
+            flags = torch.tensor([float(t is not None) for t in tensors] + [float(sp) for sp in sparse_here]
+                                 + [float(t.sparse_dim()) if sp and t is not None else 0.0
+                                    for t, sp in zip(tensors, sparse_here)], dtype=dtype, device=device)
             parts.append(flags)
         flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
         torch.distributed.all_reduce(flat, group=self.group)
         got: list[float] | None = None
-        if flags is not None:
-            got = flat[flat.numel() - 2 * n:].tolist()
-            flat = flat[: flat.numel() - 2 * n]
+        touched: dict[int, Tensor] = {}
+        if flags is not None and like is not None:
+            got = flat[flat.numel() - 3 * n:].tolist()
+            flat = flat[: flat.numel() - 3 * n]
+            sparse_any = [e for e in range(n) if got[n + e] > 0]
+            if sparse_any:  # the rows every rank's sparse gradient touched, the same on every rank
+                shapes = [(tuple(like[e].shape), round(got[2 * n + e] / got[n + e])) for e in sparse_any]
+                local = [[t._indices()] if sparse_here[e] and (t := tensors[e]) is not None else []
+                         for e in sparse_any]
+                touched = dict(zip(sparse_any, self.touched_union(shapes, local)))
+        elif any(t is not None and t.layout != torch.strided for t in tensors):
+            raise ValueError("mean_list: sparse gradients need like= (the rows every rank touched are agreed on)")
         flat.div_(self.world)
         out: list[Tensor | None] = []
         i = 0
-        for e, (t, k) in enumerate(zip(tensors, kinds)):
+        for e, k in enumerate(kinds):
             if k is None:
                 out.append(None)
                 continue
@@ -124,11 +136,39 @@ class Dist:
                 g = torch.view_as_complex(piece.view(*k.shape, 2)).to(k.dtype)
             else:
                 g = piece.view(k.shape).to(k.dtype)
-            sparse = (t is not None and t.layout != torch.strided) or (got is not None and got[n + e] > 0)
-            if sparse:
-                sd = t.sparse_dim() if t is not None and t.layout == torch.sparse_coo else 1
-                g = g.to_sparse(sd)
+            idx = touched.get(e)
+            if idx is not None:
+                g = torch.sparse_coo_tensor(idx, g[tuple(idx)], g.shape, dtype=g.dtype, device=g.device,
+                                            is_coalesced=True)
             out.append(g)
+        return out
+
+    def touched_union(self, shapes: Sequence[tuple[tuple[int, ...], int]],
+                      local: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        """Per sparse parameter (``shapes[i]``: its shape and ``sparse_dim``), the indices that any rank's sparse
+        gradients touched (``local[i]``: this rank's index tensors, ``(sparse_dim, nnz)`` each), sorted as a
+        coalesced tensor's, the same on every rank: one all-reduce of a mask of the rows of every such parameter.
+        ``loss.backward()`` keeps every touched row in the sparse ``.grad`` (one whose gradient is exactly zero
+        too), which ``torch.optim.SparseAdam`` updates."""
+        sizes = [math.prod(shape[:sd]) for shape, sd in shapes]
+        mask = torch.zeros(sum(sizes), dtype=torch.float32)
+        at = 0
+        for (shape, sd), size, idx in zip(shapes, sizes, local):
+            for ix in idx:
+                if ix.numel():
+                    lin = torch.zeros(ix.shape[1], dtype=torch.int64)
+                    for d in range(sd):
+                        lin = lin * shape[d] + ix[d].cpu()
+                    mask[at + lin] = 1.0
+            at += size
+        torch.distributed.all_reduce(mask, group=self.group)
+        out: list[Tensor] = []
+        at = 0
+        for (shape, sd), size, idx in zip(shapes, sizes, local):
+            lin = torch.nonzero(mask[at:at + size]).flatten()
+            device = idx[0].device if idx else torch.device("cpu")
+            out.append(torch.stack(torch.unravel_index(lin, shape[:sd])).to(device) if sd else lin.reshape(0, -1))
+            at += size
         return out
 
     def mean_tensors(self, tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -99,7 +99,8 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
         # a parameter the map does not depend on keeps its .grad (None stays None), as after loss.backward()
         return list(gz), [g for g in gz if g is not None]
 
-    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, through_encoder)
+    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, through_encoder,
+                            start.loss_list)
 
 
 class LeanStart(NamedTuple):
@@ -226,8 +227,8 @@ def gramian_problem(names: Sequence[str], G: Tensor, raw: Tensor, level: str) ->
 def decide_and_write(method: GramianWeighting, G: Tensor, raw: Tensor, record: StepRecord, shared: list[Tensor],
                      heads: list[Tensor], rows: Sequence[Sequence[Tensor | None]], own: Sequence[Sequence[int]],
                      head_rows: list[list[Tensor | None]] | None, fresh: bool,
-                     shared_update: Callable[[Tensor], tuple[list[Tensor | None], list[Tensor]]]
-                     ) -> tuple[StepRecord, str]:
+                     shared_update: Callable[[Tensor], tuple[list[Tensor | None], list[Tensor]]],
+                     losses: Sequence[Tensor] | None = None) -> tuple[StepRecord, str]:
     """The transaction of a lean Gramian step (this module's and :mod:`~mtlens.engine.param_step`'s), as
     ``mtl_backward``'s general path runs it: ``method.snapshot()``; ``GramianWeighting.decide`` (``weights(G,
     losses)`` as float64, the head rule) with its errors wrapped as :class:`NonFiniteError`; ``check_decision``'s
@@ -235,7 +236,8 @@ def decide_and_write(method: GramianWeighting, G: Tensor, raw: Tensor, record: S
     gradients from ``shared_update(w)`` (returns them and the tensors whose finiteness stands for theirs) and the
     heads' (``rows[t][k]``: task t's gradient of ``heads[own[t][k]]``; :func:`_unit_rows` without a copy where
     ``fresh`` allows it, else ``_combine_heads``); one finiteness check, then every ``.grad`` written; the state
-    restored on any failure. Returns ``(record, problem)`` as the steps do."""
+    restored on any failure; ``losses``: the step's task losses (the post-accumulate hooks' order,
+    :func:`~mtlens.engine.apply._accumulate`). Returns ``(record, problem)`` as the steps do."""
     name = method.name
     T = len(rows)
     snap = method.snapshot()
@@ -289,7 +291,7 @@ def decide_and_write(method: GramianWeighting, G: Tensor, raw: Tensor, record: S
         if not all_finite([*checked, *[g for g in head_g if g is not None]]):
             problem = f"non-finite combined gradient from '{name}'; nothing was written into .grad"
         else:
-            _accumulate([*shared, *heads], [*shared_g, *head_g])  # one call: no two .grad share memory
+            _accumulate([*shared, *heads], [*shared_g, *head_g], 1.0, losses)  # one call: no two .grad share memory
     except BaseException:
         method.restore(snap)
         raise

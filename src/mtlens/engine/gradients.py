@@ -333,7 +333,8 @@ class TaskGradients:
     _head_index: list[list[int]] | None = None  # per task: the head parameters it reaches (heads pass), else None
     _objective_from_rows: bool = False  # loss level: step 3 writes Σ_t w_t g_t from the rows (no objective backward)
     _unreached: list[int] = field(default_factory=list)  # rows: shared parameters no loss reaches (.grad kept)
-    _sparse: dict[int, int] = field(default_factory=dict)  # id of a shared parameter with sparse gradients: sparse_dim
+    # id of a shared parameter with sparse gradients: the indices each of its per-task sparse gradients touched
+    _sparse: dict[int, list[Tensor]] = field(default_factory=dict)
     _heads_given: bool = False  # task_params passed by the caller (else found from the graph: may differ by rank)
 
     @property
@@ -506,7 +507,9 @@ class TaskGradients:
                           for k, bl in enumerate(blocks)]
             out._blocks = [_sum(bs) / K for bs in zip(*blocks)]
             out._unreached = sorted(set.intersection(*(set(s._unreached) for s in steps)))
-            out._sparse = {k: v for s in steps for k, v in s._sparse.items()}
+            for s in steps:  # the union of the rows every micro-batch touched
+                for pid, idx in s._sparse.items():
+                    out._sparse.setdefault(pid, []).extend(idx)
         elif first.level == "feature":
             G = _sum(s.gramian() * torch.outer(c[k], c[k]).to(s.gramian().device) for k, s in enumerate(steps))
             if scaled:
@@ -1070,34 +1073,39 @@ def _heads_pass(names: Sequence[str], obj_scaled: Sequence[Tensor], feats: Featu
 
 
 def _dense(gs: Sequence[Tensor | None], shared: Sequence[Tensor] | None = None,
-           sparse: dict[int, int] | None = None) -> tuple[Tensor | None, ...]:
+           sparse: dict[int, list[Tensor]] | None = None) -> tuple[Tensor | None, ...]:
     """A sparse gradient (``nn.Embedding(sparse=True)``) as a dense Jacobian row; with ``sparse`` given, the
-    parameter's ``id`` (``shared`` in ``gs``'s order) recorded there with the gradient's ``sparse_dim``, so that
-    its ``.grad`` is written sparse, as ``loss.backward()`` writes it (:func:`sparse_again`)."""
+    gradient's indices (``(sparse_dim, nnz)``, duplicates and all) appended there under the parameter's ``id``
+    (``shared`` in ``gs``'s order), so that its ``.grad`` is written sparse, on those indices, as ``loss.backward()``
+    writes it (:func:`sparse_again`)."""
     if sparse is None or shared is None:
         return tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in gs)
     return tuple(g if g is None or g.layout == torch.strided else _densify(g, p, sparse) for g, p in zip(gs, shared))
 
 
-def _densify(g: Tensor, p: Tensor, sparse: dict[int, int]) -> Tensor:
-    sparse[id(p)] = g.sparse_dim()
+def _densify(g: Tensor, p: Tensor, sparse: dict[int, list[Tensor]]) -> Tensor:
+    sparse.setdefault(id(p), []).append(g._indices())  # _indices: an uncoalesced gradient's too (no copy)
     return g.to_dense()
 
 
-def sparse_again(gs: list[Tensor | None], shared: Sequence[Tensor], sparse: dict[int, int]) -> None:
+def sparse_again(gs: list[Tensor | None], shared: Sequence[Tensor], sparse: dict[int, list[Tensor]]) -> None:
     """The combined gradients of the parameters whose per-task gradients were sparse (``sparse``, from
     :func:`_dense`) as sparse COO tensors again, in place in ``gs``: ``loss.backward()`` gives
     ``nn.Embedding(sparse=True)`` a sparse ``.grad``, which ``torch.optim.SparseAdam`` requires (it refuses a
-    dense one) and which holds only the rows a batch touched. The same values; the indices are the nonzero rows
-    (a touched row whose combined gradient is exactly zero is left out). A loop over the parameters only when
-    some gradient was sparse."""
+    dense one) and which holds only the rows a batch touched. The same values, on exactly the indices the per-task
+    sparse gradients touched (their union, coalesced: sorted, each once) — a touched row whose combined gradient
+    is exactly zero included, as ``backward()`` keeps it, since ``SparseAdam`` updates its moments (and moves the
+    row) on every index present. A loop over the parameters only when some gradient was sparse."""
     if not sparse:
         return
     for i, p in enumerate(shared):
-        sd = sparse.get(id(p))
+        touched = sparse.get(id(p))
         g = gs[i]
-        if sd is not None and g is not None and g.layout == torch.strided:
-            gs[i] = g.to_sparse(sd)
+        if touched is not None and g is not None and g.layout == torch.strided:
+            idx = touched[0] if len(touched) == 1 else torch.cat(touched, dim=1)
+            idx = torch.unique(idx, dim=1)  # sorted lexicographically: the coalesced order
+            gs[i] = torch.sparse_coo_tensor(idx, g[tuple(idx)], g.shape, dtype=g.dtype, device=g.device,
+                                            is_coalesced=True)
 
 
 def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[Tensor],
@@ -1117,7 +1125,7 @@ def _write_row(J: Tensor, t: int, gs: Sequence[Tensor | None], shared: Sequence[
 
 def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[Tensor]], create_graph: bool,
                   retain_graph: bool, jacobian: str, unreached: list[int] | None = None,
-                  sparse: dict[int, int] | None = None) -> tuple[list[Any], Tensor | None]:
+                  sparse: dict[int, list[Tensor]] | None = None) -> tuple[list[Any], Tensor | None]:
     """Per-task shared-parameter gradients ``g_t = J_Zᵀ S_t``, and the ``(T, P)`` matrix they were written into;
     the indices of the parameters no task reaches (zeros in the Jacobian) appended to ``unreached`` when given, the
     parameters with sparse gradients recorded in ``sparse`` when given (:func:`_dense`).
@@ -1387,15 +1395,18 @@ def _value(g: Tensor, scale: float) -> Tensor:
 
 def _agree_unreached(tg: TaskGradients, dist: Dist, shared: Sequence[Tensor]) -> None:
     """Data parallelism, parameter level: a shared parameter is unreached (its ``.grad`` left as it was) only when
-    no rank's share reaches it, and its ``.grad`` is sparse when some rank's gradient was — the same answer on
-    every rank, the one-process step's on the global batch (one all-reduce of 2 numbers per shared parameter)."""
+    no rank's share reaches it, and a sparse one's ``.grad`` holds the rows any rank's gradients touched — the same
+    answer on every rank, the one-process step's on the global batch (one all-reduce of 2 numbers per shared
+    parameter; one more, of a number per row, for the sparse ones)."""
     n = len(shared)
     local = set(tg._unreached)
     flags = dist.reached_anywhere([i not in local for i in range(n)] + [id(p) in tg._sparse for p in shared])
     tg._unreached = [i for i in range(n) if not flags[i]]
-    for i, p in enumerate(shared):
-        if flags[n + i] and id(p) not in tg._sparse:
-            tg._sparse[id(p)] = 1  # nn.Embedding(sparse=True)'s sparse_dim, as another rank's gradient had it
+    sparse = [p for i, p in enumerate(shared) if flags[n + i]]
+    if sparse:  # nn.Embedding(sparse=True): sparse_dim 1
+        union = dist.touched_union([(tuple(p.shape), 1) for p in sparse], [tg._sparse.get(id(p), []) for p in sparse])
+        for p, idx in zip(sparse, union):
+            tg._sparse[id(p)] = [idx]
 
 
 def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:

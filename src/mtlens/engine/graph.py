@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,3 +82,84 @@ def objective_leaves(root: Tensor) -> list[Tensor]:
                 mark(n)
                 push(n)
     return leaves
+
+
+def backward_order(roots: Sequence[Tensor]) -> list[Tensor]:
+    """The leaves whose ``AccumulateGrad`` node ``loss.backward()`` runs — for ``loss`` any sum of ``roots`` built
+    after them (``sum(losses)``, ``Σ_t w_t L_t``) — in the order it runs them, which is the order of their
+    post-accumulate-grad hooks.
+
+    A replay of autograd's CPU engine (``torch/csrc/autograd/engine.cpp``) on the graph's structure, which outlives
+    a freed graph: each node's dependencies are its incoming edges; a node is pushed on the ready queue when the
+    last of them is done, each node's outputs in ``next_functions`` order; the queue is a ``std::priority_queue``
+    (libstdc++'s binary heap, replayed step for step, so that equal priorities come out in the engine's order)
+    ordered by ``sequence_nr``, the newest node first, ``AccumulateGrad`` above every other node (``UINT64_MAX``).
+    The sum's own nodes, newer than the whole forward, run first, so each root's node enters the queue when no
+    node of the forward has run. Exact for a graph on one device (autograd runs each device's nodes on that
+    device's thread, from its own queue: a graph over several devices interleaves them). Used only when some
+    parameter has post-accumulate-grad hooks (:func:`~mtlens.engine.apply._accumulate`).
+    """
+    fns = [r.grad_fn for r in roots if r.grad_fn is not None]
+    deps: dict = {}
+    seen = set(fns)
+    stack = list(fns)
+    while stack:
+        for n, _ in stack.pop().next_functions:
+            if n is not None:
+                deps[n] = deps.get(n, 0) + 1
+                if n not in seen:
+                    seen.add(n)
+                    stack.append(n)
+    heap: list = []  # (sequence_nr, node), a libstdc++ max-heap on sequence_nr
+
+    def sift_up(hole: int, top: int, item: tuple) -> None:  # std::__push_heap
+        parent = (hole - 1) // 2
+        while hole > top and heap[parent][0] < item[0]:
+            heap[hole] = heap[parent]
+            hole = parent
+            parent = (hole - 1) // 2
+        heap[hole] = item
+
+    def push(n: object) -> None:
+        heap.append(None)
+        sift_up(len(heap) - 1, 0, (n._sequence_nr(), n))  # type: ignore[attr-defined]
+
+    def pop() -> Any:  # std::pop_heap (std::__adjust_heap), then pop_back
+        top = heap[0]
+        last = heap.pop()
+        size = len(heap)
+        if size:
+            hole = child = 0
+            while child < (size - 1) // 2:
+                child = 2 * (child + 1)
+                if heap[child][0] < heap[child - 1][0]:
+                    child -= 1
+                heap[hole] = heap[child]
+                hole = child
+            if size % 2 == 0 and child == (size - 2) // 2:
+                child = 2 * (child + 1)
+                heap[hole] = heap[child - 1]
+                hole = child - 1
+            sift_up(hole, 0, last)
+        return top[1]
+
+    for fn in fns:  # the sum's nodes have run: each root's node is ready once no other node feeds it
+        if deps.get(fn, 0) == 0:
+            deps[fn] = -1  # pushed (a root listed twice, or one root's node inside another's graph: once)
+            push(fn)
+    order: list[Tensor] = []
+    acc = _ACCUMULATE_GRAD
+    while heap:
+        fn = pop()
+        if type(fn) is acc:
+            var = fn.variable  # type: ignore[attr-defined]
+            if var is not None:
+                order.append(var)
+            continue
+        for n, _ in fn.next_functions:
+            if n is not None:
+                left = deps[n] - 1
+                deps[n] = left
+                if left == 0:
+                    push(n)
+    return order

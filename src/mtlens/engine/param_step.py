@@ -84,7 +84,7 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     # millisecond VJP) — so one map is alive beside it, not all T and then their stack
     S = pool.block(T, features.shape, features.dtype, features.device)
     misses: list[list[Tensor]] = [[] for _ in range(T)]  # per task, the parameters its VJP did not reach
-    sparse: dict[int, int] = {}  # the parameters with sparse gradients (nn.Embedding(sparse=True)): a sparse .grad
+    sparse: dict[int, list[Tensor]] = {}  # parameters with sparse gradients (nn.Embedding(sparse=True)): their indices
 
     def encoder_row(t: int, s: Tensor) -> None:
         gz = vjp([features], shared, grad_outputs=[s], retain_graph=retain_graph or t < T - 1)
@@ -133,4 +133,5 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         sparse_again(out, shared, sparse)
         return out, [flat]
 
-    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, from_the_matrix)
+    return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, from_the_matrix,
+                            start.loss_list)

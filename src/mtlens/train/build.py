@@ -25,6 +25,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "compile_encoder",
     "config_differences",
     "default_out_dir",
     "first_dim",
@@ -58,6 +59,40 @@ def build_model(model: ModelConfig, spec: Any, tasks: Sequence[str]) -> HPSModel
         weights=model.weights,
         **model.kwargs,
     )
+
+
+def compile_encoder(model: HPSModel, backend: str, device: torch.device) -> None:
+    """``torch.compile`` the model's encoder in place (``nn.Module.compile``: the state-dict keys, hence checkpoints,
+    stay those of the eager model), with ``backend``; the heads stay eager, so every method and regulariser runs
+    (saliency regularisers differentiate the heads twice, which compiled graphs cannot; docs/engine.md,
+    "torch.compile"). ``"off"`` does nothing.
+
+    Also turns off aot_autograd's donated buffers for the process (``torch._functorch.config.donated_buffer``):
+    the per-task Jacobian (parameter level, ``compute_gramian="param"`` monitors) runs the encoder's backward once
+    per task, which a backward that donates its saved tensors refuses; the cost is that memory.
+
+    Raises:
+        ConfigurationError: an unknown backend (the known ones named), or inductor on the CPU without a C++
+            compiler (its generated kernels are C++; install one, e.g. ``apt-get install g++``, or use
+            ``train.compile: aot_eager``).
+    """
+    if backend == "off":
+        return
+    import shutil
+
+    import torch._dynamo
+    import torch._functorch.config
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigurationError(f"train.compile: unknown torch.compile backend '{backend}'; use 'off' or one of "
+                                 f"{sorted(known)}")
+    if backend == "inductor" and device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise ConfigurationError("train.compile: inductor on the CPU generates C++ kernels and no C++ compiler was "
+                                 "found on PATH: install one (apt-get install g++) or set train.compile: aot_eager "
+                                 "(no generated code) or off")
+    torch._functorch.config.donated_buffer = False
+    model.encoder.compile(backend=backend)
 
 
 def build_optimizer(

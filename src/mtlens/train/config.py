@@ -157,6 +157,9 @@ class TrainConfig(_Section):
     amp: Literal["off", "bf16", "fp16"] = "off"
     max_steps_per_epoch: Int | None = Field(None, ge=1, description="cap on steps per epoch (quick runs)")
     jacobian: Literal["loop", "batched"] = "loop"
+    compile: str = Field(
+        "off", description="torch.compile the encoder with this backend ('inductor', 'aot_eager', ...; 'off': "
+        "eager); the heads stay eager (docs/engine.md, 'torch.compile')")
     nonfinite: Literal["raise", "skip"] = "raise"
     log_every: Int = Field(1, ge=1, description="write a JSONL/TensorBoard step record every k steps")
     update_every: Int = Field(

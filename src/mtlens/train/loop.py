@@ -56,6 +56,7 @@ from .build import (
     build_model,
     build_optimizer,
     build_scheduler,
+    compile_encoder,
     config_differences,
     default_out_dir,
     first_dim,
@@ -186,6 +187,7 @@ class TrainingLoop:
 
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg.model, self.spec, self.tasks).to(self.device)
+        compile_encoder(self.model, cfg.train.compile, self.device)
         self.forward = TaskForward(self.model, self.spec, self.tasks, self.multi_input, self.device, cfg.train.amp)
         T, dev, seed = len(self.tasks), str(self.device), cfg.train.seed
         spe = self.train_stream.steps_per_epoch
