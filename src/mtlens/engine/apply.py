@@ -131,6 +131,19 @@ def run_post_accumulate_hooks(p: Tensor, hooks: Any) -> None:
                 "p.register_hook to replace a gradient)")
 
 
+def agreed_leaves(grads: TaskGradients, total: Tensor) -> list[Tensor]:
+    """Data parallelism, loss level: the parameters whose gradients the ranks reduce, the same list on every rank
+    (:meth:`~mtlens.engine.distributed.Dist.check_same_params`). The shared parameters and the heads given
+    (``shared_params``, ``task_params``) come first, whether this rank's share reaches them or not; then the other
+    leaves of the objective (found from this rank's graph: a method's own parameters, heads not given)."""
+    fixed = list(grads.shared_params) + (list(grads.task_params) if grads._heads_given else [])
+    known = {id(p) for p in fixed}
+    params = fixed + [p for p in find_leaves([total]) if id(p) not in known]
+    assert grads._dist is not None
+    grads._dist.check_same_params(params, "parameters")
+    return params
+
+
 def _memory_of(g: Tensor) -> int:
     """Where ``g``'s values live: its data pointer; a sparse gradient's values' (``nn.Embedding(sparse=True)``:
     a sparse tensor has no storage of its own, and ``data_ptr()`` raises)."""
@@ -233,10 +246,10 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             total = total + grads._reg_total
         if scale != 1.0:
             total = total * scale
-        params = find_leaves([total])
+        params = find_leaves([total]) if dist is None else agreed_leaves(grads, total)
         gs: list[Tensor | None] = list(_grads(total, params, retain_graph=retain_graph))
         if dist is not None:
-            gs = dist.mean_list(gs)
+            gs = dist.mean_list(gs, like=params)
         params, gs = _with_extras(params, gs, decision.extra_grads, scale)
         if not all_finite(gs):
             return backward_problem(name, grads.losses)
@@ -320,9 +333,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                     else:
                         cur.add_(g)
         # a parameter no micro-batch reaches keeps its .grad, as after loss.backward() (zeros would be a gradient:
-        # AdamW decays such a parameter, momentum moves it); under data parallelism every rank reduces every one
-        local_shared = local if dist is None else [g if g is not None else torch.zeros_like(p)
-                                                   for g, p in zip(local, shared)]
+        # AdamW decays such a parameter, momentum moves it); under data parallelism: one no rank's share reaches
+        # (Dist.mean_list agrees on it)
+        local_shared = local
     else:
         if decision.combined is not None:
             global_shared = list(decision.combined)
@@ -358,13 +371,19 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
 
     if dist is not None:
         n = len(shared)
+        if not grads._heads_given:  # heads found from this rank's graph: the same list on every rank?
+            dist.check_same_params(heads, "task-specific parameters (heads)")
         parts: list[Tensor | None] = [*(local_shared if local_shared is not None else [None] * n), *head_g]
-        reduced = dist.mean_list(parts)
-        local_shared = [g for g in reduced[:n] if g is not None] if local_shared is not None else None
+        reduced: list[Tensor | None]
+        if local_shared is not None:  # one flag per entry: a parameter one rank's share reaches is reduced
+            reduced = dist.mean_list(parts, like=[*shared, *heads])
+        else:  # only the heads are local: the shared entries are None on every rank
+            reduced = [*parts[:n], *dist.mean_list(head_g, like=heads)]
+        local_shared = reduced[:n] if local_shared is not None else None
         head_g = reduced[n:]
     shared_g: list[Tensor | None]
     if global_shared is not None and local_shared is not None:
-        shared_g = [a + b for a, b in zip(global_shared, local_shared)]  # type: ignore[operator]
+        shared_g = [a if b is None else a + b for a, b in zip(global_shared, local_shared)]
     else:
         chosen = global_shared if global_shared is not None else local_shared
         assert chosen is not None  # the parameter level sets global_shared, the feature level local_shared

@@ -560,7 +560,9 @@ def _cached_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
         hobj = _sum(float(hw[t]) * attached[t] for t in range(grads.T)) * scale
         gs += list(vjp(hobj, heads, retain_graph=retain_graph))
     if dist is not None:
-        gs = dist.mean_list(gs)
+        if not grads._heads_given:  # heads found from this rank's graph: the same list on every rank?
+            dist.check_same_params(heads, "task-specific parameters (heads)")
+        gs = dist.mean_list(gs, like=list(shared) + heads)
     if not all_finite(gs):
         return _not_written(f"non-finite gradient with the cached weights of '{method.name}'", nonfinite, record,
                             grads, grad_scaler, scale != 1.0)

@@ -364,6 +364,7 @@ class TaskGradients:
     _unreached: list[int] = field(default_factory=list)  # rows: shared parameters no loss reaches (.grad kept)
     # id of a shared parameter with sparse gradients: the indices each of its per-task sparse gradients touched
     _sparse: dict[int, list[Tensor]] = field(default_factory=dict)
+    _heads_given: bool = False  # task_params passed by the caller (else found from the graph: may differ by rank)
 
     @property
     def T(self) -> int:
@@ -502,6 +503,7 @@ class TaskGradients:
             task_names=list(first.task_names), losses=mean, objective_losses=transform_losses(mean, transform),
             level=first.level, shared_params=first.shared_params, _task_params=first.task_params,
             _features=first._features, _dist=first._dist, _scale=first._scale, _count=K, _transform=transform,
+            _heads_given=all(s._heads_given for s in steps),
         )
         if bad is not None:
             out.problem, out.overflow = bad.problem, bad.overflow
@@ -980,7 +982,8 @@ def compute_task_gradients(
     if transform not in LOSS_TRANSFORMS:
         raise ConfigurationError(f"unknown loss_transform {transform!r}; choose one of {LOSS_TRANSFORMS}")
     tg = TaskGradients(task_names=names, losses=raw, objective_losses=raw, level=level, shared_params=shared,
-                       _features=feats, _dist=dist, _scale=scale, _transform=transform, _split=split)
+                       _features=feats, _dist=dist, _scale=scale, _transform=transform, _split=split,
+                       _heads_given=task_params is not None)
     if not host_finite(raw):
         tg.problem = loss_problem(names, raw)
         return tg
@@ -1335,6 +1338,8 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
                 if free and flags[t]:
                     _free_exclusive(L, sets, t, heads)
             tg._unreached = unreached_by_all(misses, shared)
+        if dist is not None:
+            _agree_unreached(tg, dist, shared)
         if param_regs:
             blocks = rows_or_blocks if isinstance(rows_or_blocks[0], Tensor) else stack_rows(rows_or_blocks, shared)
             pblocks = [b / scale for b in blocks] if scale != 1.0 else blocks
@@ -1417,6 +1422,22 @@ def _value(g: Tensor, scale: float) -> Tensor:
     if g.requires_grad:
         g = g.detach()
     return g / scale if scale != 1.0 else g
+
+
+def _agree_unreached(tg: TaskGradients, dist: Dist, shared: Sequence[Tensor]) -> None:
+    """Data parallelism, parameter level: a shared parameter is unreached (its ``.grad`` left as it was) only when
+    no rank's share reaches it, and a sparse one's ``.grad`` holds the rows any rank's gradients touched — the same
+    answer on every rank, the one-process step's on the global batch (one all-reduce of 2 numbers per shared
+    parameter; one more, of a number per row, for the sparse ones)."""
+    n = len(shared)
+    local = set(tg._unreached)
+    flags = dist.reached_anywhere([i not in local for i in range(n)] + [id(p) in tg._sparse for p in shared])
+    tg._unreached = [i for i in range(n) if not flags[i]]
+    sparse = [p for i, p in enumerate(shared) if flags[n + i]]
+    if sparse:  # nn.Embedding(sparse=True): sparse_dim 1
+        union = dist.touched_union([(tuple(p.shape), 1) for p in sparse], [tg._sparse.get(id(p), []) for p in sparse])
+        for p, idx in zip(sparse, union):
+            tg._sparse[id(p)] = [idx]
 
 
 def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
