@@ -678,8 +678,7 @@ CASES: dict[str, Callable[[int], Built]] = {
     )
 }
 THREE_D = {  # Z of ≥ 3 dimensions: Rep-MTL applies
-    "unreached", "tied", "lstm", "gru", "attention", "channels_last", "channels_last_autocast", "buffered",
-    "transformer", "transformer_eval",
+    "unreached", "tied", "lstm", "gru", "attention", "channels_last", "buffered", "transformer", "transformer_eval",
 }
 
 
