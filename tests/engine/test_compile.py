@@ -23,6 +23,7 @@ import shutil
 
 import pytest
 import torch
+import torch._functorch.config  # noqa: F401  (torch._functorch.config.patch below)
 from torch import nn
 
 from mtlens.engine import mtl_backward
@@ -146,15 +147,23 @@ def test_without_donated_buffers_the_per_task_jacobian_runs_through_a_compiled_e
 def _compiled_encoder_with_donated_buffers() -> Net:
     """A compiled encoder whose backward donates its buffers. On torch 2.13 the first graph dynamo compiles for
     ``Sequential.forward`` keeps them (its parameters are graph inputs); the graph it compiles for a second
-    instance (a recompilation, as in any process that builds more than one model) donates them."""
+    instance (a recompilation, as in any process that builds more than one model) donates them — where
+    ``torch._functorch.config.donated_buffer`` is on, its default (the tests below set it explicitly)."""
     first = _compiled_encoder()
     first.enc(X).sum().backward()
     return _compiled_encoder()
 
 
+@pytest.fixture
+def donating():
+    """aot_autograd's default, whatever an earlier test in the process left (``train.compile`` turns it off)."""
+    with torch._functorch.config.patch(donated_buffer=True):
+        yield
+
+
 @pytest.mark.parametrize("method,level,kw", [("upgrad", "param", {}), ("mgda", "param", {}),
                                              ("ew", None, {"compute_gramian": "param"})])
-def test_donated_buffers_refuse_the_per_task_jacobian_with_the_fix_named(method, level, kw):
+def test_donated_buffers_refuse_the_per_task_jacobian_with_the_fix_named(method, level, kw, donating):
     net = _compiled_encoder_with_donated_buffers()
     m = create(method)
     before = copy.deepcopy(m.state_dict())
@@ -168,13 +177,13 @@ def test_donated_buffers_refuse_the_per_task_jacobian_with_the_fix_named(method,
     torch.testing.assert_close(m.state_dict(), before, rtol=0, atol=0)  # the method's state as before the step
 
 
-def test_with_donated_buffers_jacobian_batched_runs_the_encoder_once():
+def test_with_donated_buffers_jacobian_batched_runs_the_encoder_once(donating):
     want = _step(_base(), "upgrad", "param")
     _assert_same(_step(_compiled_encoder_with_donated_buffers(), "upgrad", "param", jacobian="batched"), want)
 
 
 @pytest.mark.parametrize("level", [None, "feature"])
-def test_rep_mtl_runs_through_an_encoder_with_donated_buffers(level):
+def test_rep_mtl_runs_through_an_encoder_with_donated_buffers(level, donating):
     """The encoder is differentiated once a step with a saliency regulariser too: its graph is freed by that one
     backward (the feature level used to keep it, which a compiled backward with donated buffers refuses)."""
     method = "ew" if level is None else "mgda"

@@ -20,9 +20,23 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """Fresh dynamo caches, and aot_autograd's donated-buffer setting (which ``train.compile`` turns off for the
+    process) put back for the tests that follow."""
+    import torch._functorch.config as functorch_config
+
+    donated = functorch_config.donated_buffer
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+    functorch_config.donated_buffer = donated
+
+
+def test_compile_turns_off_donated_buffers(tmp_path):
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = True
+    Trainer(validate_config(tiny_config(tmp_path, train={"compile": "aot_eager"})), quiet=True)
+    assert functorch_config.donated_buffer is False
 
 
 def _run(tmp_path, name: str, compile_: str, **over):
