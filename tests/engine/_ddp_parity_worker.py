@@ -181,6 +181,22 @@ def routed_nan(T: int) -> gp.Built:
     return built
 
 
+def missing_task(T: int) -> gp.Built:
+    """A training loop that leaves out a task with no labelled sample in the batch: rank 1's share of micro-batch 1
+    has none for task ``t2`` (the global batch has), so that rank passes one loss fewer. Refused on every rank."""
+    built = gp.plain(T)
+    step = built.step
+
+    def dropping(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        z, losses = step(i)
+        if i == 1 and _SHARD["rank"] == 1:
+            del losses[f"t{T - 1}"]
+        return z, losses
+
+    built.step = dropping
+    return built
+
+
 # ---- what runs -------------------------------------------------------------------------------------------------
 # test_grad_parity's constructs left out, and why (asserted to be its whole list minus these by the test module)
 EXCLUDED = {
@@ -192,6 +208,7 @@ BUILDERS: dict[str, Callable[[int], gp.Built]] = {
     **{n: f for n, f in gp.CASES.items() if n not in EXCLUDED},
     "routed": routed,
     "routed_found": routed_found,
+    "missing_task": missing_task,
 }
 NONFINITE_CASES = {"nan_grad": nan_grad, "nan_loss": nan_loss, "routed_nan": routed_nan}
 ALL_BUILDERS = {**BUILDERS, **NONFINITE_CASES}
