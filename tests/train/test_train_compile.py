@@ -74,6 +74,21 @@ def test_the_encoder_is_compiled_in_place_and_checkpoints_keep_the_eager_keys(tm
     assert list(ck["model"]) == list(tr.model.state_dict()) and not any("_orig_mod" in k for k in ck["model"])
 
 
+def test_a_stack_of_torch_layers_is_compiled_too():
+    """An encoder made of torch's own modules only (``nn.Sequential`` of ``nn.Linear``): ``nn.Module.compile()``
+    leaves it eager on torch 2.13; ``compile_encoder`` compiles it."""
+    from mtlens.models import HPSModel
+    from mtlens.train.build import compile_encoder
+
+    model = HPSModel(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()), {"a": torch.nn.Linear(8, 1)},
+                     dense=False)
+    keys = list(model.state_dict())
+    compile_encoder(model, "aot_eager", torch.device("cpu"))
+    z = model.encode(torch.randn(3, 4))
+    assert z.grad_fn is not None and "CompiledFunction" in z.grad_fn.name()
+    assert list(model.state_dict()) == keys
+
+
 def test_an_unknown_backend_is_refused_with_the_known_ones(tmp_path):
     cfg = validate_config(tiny_config(tmp_path, train={"compile": "no_such_backend"}))
     with pytest.raises(ConfigurationError, match="unknown torch.compile backend 'no_such_backend'.*inductor"):

@@ -62,8 +62,10 @@ def build_model(model: ModelConfig, spec: Any, tasks: Sequence[str]) -> HPSModel
 
 
 def compile_encoder(model: HPSModel, backend: str, device: torch.device) -> None:
-    """``torch.compile`` the model's encoder in place (``nn.Module.compile``: the state-dict keys, hence checkpoints,
-    stay those of the eager model), with ``backend``; the heads stay eager, so every method and regulariser runs
+    """``torch.compile`` the model's encoder's ``forward`` in place, with ``backend`` (the module stays the module:
+    its state-dict keys, hence checkpoints, stay those of the eager model; ``nn.Module.compile`` would keep them too,
+    but on torch 2.13 it compiles nothing for a stack of torch's own modules, ``nn.Sequential`` of ``nn.Linear``,
+    whose frames dynamo skips); the heads stay eager, so every method and regulariser runs
     (saliency regularisers differentiate the heads twice, which compiled graphs cannot; docs/engine.md,
     "torch.compile"). ``"off"`` does nothing.
 
@@ -92,7 +94,8 @@ def compile_encoder(model: HPSModel, backend: str, device: torch.device) -> None
                                  "found on PATH: install one (apt-get install g++) or set train.compile: aot_eager "
                                  "(no generated code) or off")
     torch._functorch.config.donated_buffer = False
-    model.encoder.compile(backend=backend)
+    encoder = model.encoder
+    encoder.forward = torch.compile(encoder.forward, backend=backend)
 
 
 def build_optimizer(
