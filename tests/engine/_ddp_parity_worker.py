@@ -203,6 +203,9 @@ EXCLUDED = {
     # its task 0's loss is a SUM over the batch; data parallelism's contract is per-task losses that are MEANS over
     # each rank's share (docs/engine.md, "Data parallelism"): its gradient is 1/W of the global batch's by design
     "broadcast": "a sum loss, not a mean over the share",
+    # dropout: each rank draws the masks of its own share (same seed, half the rows), not the global batch's
+    "dropout": "dropout masks drawn per rank",
+    "compiled": "dropout masks drawn per rank (a compiled encoder with dropout)",
 }
 BUILDERS: dict[str, Callable[[int], gp.Built]] = {
     **{n: f for n, f in gp.CASES.items() if n not in EXCLUDED},

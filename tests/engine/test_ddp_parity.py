@@ -36,6 +36,7 @@ KEYS = W.plan()
 IDS = [f"{c}-{r}" for c, r in KEYS]
 # bfloat16 keeps 8 bits of mantissa: the global batch's sums and the ranks' means round differently
 BF16_TOL = {"rtol": 2e-2, "atol": 2e-2}
+BF16_CASES = {"bfloat16", "autocast_bf16", "channels_last_autocast"}  # bfloat16 parameters, or autocast's matmuls
 STATE_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 # mixed_dtypes: its float64 layer's gradient comes through float32 activations and losses (float32's rounding)
@@ -132,7 +133,7 @@ def assert_parity(ref: dict, got: list[dict], case: str, route: str) -> None:
             assert have.shape == want.shape, (r, name)
             if want.layout == torch.sparse_coo:  # the rows the global batch touched, a zero-gradient one included
                 assert torch.equal(have.coalesce().indices(), want.coalesce().indices()), (r, name)
-            tol = (BF16_TOL if case == "bfloat16" else SCALER_TOL if W.ROUTE_BY_ID[route].scaler
+            tol = (BF16_TOL if case in BF16_CASES else SCALER_TOL if W.ROUTE_BY_ID[route].scaler
                    else F32_TOL if case == "mixed_dtypes" else {})
             torch.testing.assert_close(have.to_dense(), want.to_dense(), **tol,
                                        msg=lambda m, r=r, name=name: f"rank {r}, {name}: {m}")

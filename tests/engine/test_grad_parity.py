@@ -57,6 +57,7 @@ class Built:
     shared: Callable[[], list[Tensor]]  # the encoder's parameters (shared_params)
     held: list[Tensor] = field(default_factory=list)  # tensors the caller keeps (a custom Function's, ...)
     clip: bool = True  # clip_grad_norm_ has no sparse kernel: an nn.Embedding(sparse=True) model is not clipped
+    before: dict[str, Tensor | None] = field(default_factory=dict)  # each .grad object before the first micro-batch
 
 
 def _x(i: int, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -457,6 +458,182 @@ def kept_hook(T: int) -> Built:
     return b
 
 
+# ---- real training set-ups -------------------------------------------------------------------------------------
+def _compiled(enc: nn.Module) -> nn.Module:
+    """``torch.compile(enc, backend="aot_eager")`` with a fresh dynamo (its per-code cache holds 8 entries: a full
+    cache runs the later compiles eagerly, silently) and without donated buffers (read when the backward is compiled,
+    at the first call: the per-task Jacobian differentiates the encoder once per task; with donated buffers the
+    engine refuses that, tests/engine/test_compile.py)."""
+    torch._dynamo.reset()
+    return torch.compile(enc, backend="aot_eager")
+
+
+def _assert_compiled(z: Tensor) -> Tensor:
+    assert z.grad_fn is not None and "CompiledFunctionBackward" in z.grad_fn.name(), z.grad_fn
+    return z
+
+
+def compiled(T: int) -> Built:
+    """A ``torch.compile``'d encoder (aot_eager) with BatchNorm in train mode and dropout (seeded per micro-batch)
+    inside: ``Z`` is the compiled graph's output (a ``CompiledFunctionBackward`` node)."""
+    enc = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 6), nn.Tanh())
+    heads = _mlp_heads(T)
+    net = nn.ModuleDict({"enc": enc, "heads": heads})
+    fast = _compiled(enc)
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        torch.manual_seed(3000 + i)  # the dropout masks
+        with torch._functorch.config.patch(donated_buffer=False):
+            z = _assert_compiled(fast(_x(i, 8, 5)))
+        return z, _mse(heads, z)
+
+    return Built(net, step, lambda: list(enc.parameters()))
+
+
+def dropout(T: int) -> Built:
+    """Dropout in the encoder and in a head, seeded per micro-batch (train mode)."""
+    enc = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
+    heads = nn.ModuleList(nn.Sequential(nn.Dropout(0.2), nn.Linear(6, 1)) for _ in range(T))
+    net = nn.ModuleDict({"enc": enc, "heads": heads})
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        torch.manual_seed(3000 + i)
+        z = enc(_x(i, 4, 5))
+        return z, _mse(heads, z)
+
+    return Built(net, step, lambda: list(enc.parameters()))
+
+
+def autocast_bf16(T: int) -> Built:
+    """``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward: float32 parameters, bfloat16 matmuls
+    (``Z`` and the heads' outputs in bfloat16), float32 ``.grad``."""
+    b = plain(T)
+    inner = b.step
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return inner(i)
+
+    b.step = step
+    return b
+
+
+def channels_last_autocast(T: int) -> Built:
+    """``channels_last`` convolutions with BatchNorm under bfloat16 autocast."""
+    b = channels_last(T)
+    inner = b.step
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return inner(i)
+
+    b.step = step
+    return b
+
+
+def pruned(T: int) -> Built:
+    """``torch.nn.utils.prune``: ``weight`` is ``weight_orig * weight_mask``, recomputed by a forward pre-hook (the
+    parameter is ``weight_orig``), on an encoder layer and a head."""
+    from torch.nn.utils import prune
+
+    b = plain(T)
+    prune.l1_unstructured(b.net["enc"][0], "weight", amount=0.4)
+    prune.random_unstructured(b.net["heads"][0], "weight", amount=0.5)
+    return b
+
+
+def shared_head_bias(T: int) -> Built:
+    """Heads that share a parameter (one output bias read by every task's head) beside their own weights."""
+    enc = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(6, 1, bias=False) for _ in range(T))
+    bias = nn.Parameter(torch.randn(1))
+    net = nn.ModuleDict({"enc": enc, "heads": heads})
+    net.register_parameter("bias", bias)
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        z = enc(_x(i, 4, 5))
+        return z, {f"t{t}": ((h(z) + bias) ** 2).mean() for t, h in enumerate(heads)}
+
+    return Built(net, step, lambda: list(enc.parameters()))
+
+
+class _Buffered(nn.Module):
+    """An encoder that reads a buffer (a fixed positional table, ``requires_grad=False``) and a frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 6)
+        self.register_buffer("pos", torch.randn(3, 6))
+        self.scale = nn.Parameter(torch.ones(6), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x) * self.scale + self.pos)
+
+
+def buffered(T: int) -> Built:
+    return _simple(_Buffered(), _mlp_heads(T), lambda i: _x(i, 4, 3, 5))
+
+
+class _TwoMaps(nn.Module):
+    """An encoder returning two feature maps (``features=[z1, z2]``): two branches of a trunk (a cut of the graph),
+    or (``nested``) the trunk and a branch computed from it, as a multi-scale backbone returns its stages."""
+
+    def __init__(self, nested: bool):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+        self.nested = nested
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.trunk(x)
+        z1 = h if self.nested else torch.tanh(self.a(h))
+        return z1, torch.tanh(self.b(h))
+
+
+def _maps(nested: bool, T: int) -> Built:
+    enc = _TwoMaps(nested)
+    heads = nn.ModuleList(nn.Linear(10, 1) for _ in range(T))
+    net = nn.ModuleDict({"enc": enc, "heads": heads})
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = enc(_x(i, 4, 5))
+        zz = torch.cat([z1, z2], -1)
+        return [z1, z2], {f"t{t}": (h(zz) ** 2).mean() for t, h in enumerate(heads)}  # type: ignore[return-value]
+
+    return Built(net, step, lambda: list(enc.parameters()))
+
+
+def two_maps(T: int) -> Built:
+    return _maps(False, T)
+
+
+def nested_maps(T: int) -> Built:
+    return _maps(True, T)
+
+
+class _Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(self.inp(x))
+
+
+def transformer(T: int) -> Built:
+    """``nn.TransformerEncoderLayer`` (train mode; no dropout)."""
+    return _simple(_Transformer(), _mlp_heads(T, 8), lambda i: _x(i, 3, 4, 5))
+
+
+def transformer_eval(T: int) -> Built:
+    """The same layer in eval mode (frozen statistics, as in fine-tuning): its fused fast path is eligible only
+    without autograd, so training takes the regular path."""
+    b = transformer(T)
+    b.net.eval()
+    return b
+
+
 CASES: dict[str, Callable[[int], Built]] = {
     f.__name__: f
     for f in (
@@ -487,9 +664,22 @@ CASES: dict[str, Callable[[int], Built]] = {
         custom_function,
         kept_function,
         kept_hook,
+        compiled,
+        dropout,
+        autocast_bf16,
+        channels_last_autocast,
+        pruned,
+        shared_head_bias,
+        buffered,
+        two_maps,
+        nested_maps,
+        transformer,
+        transformer_eval,
     )
 }
-THREE_D = {"unreached", "tied", "lstm", "gru", "attention", "channels_last"}  # Z of ≥ 3 dimensions: Rep-MTL applies
+THREE_D = {  # Z of ≥ 3 dimensions: Rep-MTL applies
+    "unreached", "tied", "lstm", "gru", "attention", "channels_last", "buffered", "transformer", "transformer_eval",
+}
 
 
 # ---- the routes ------------------------------------------------------------------------------------------------
@@ -523,7 +713,8 @@ class Route:
                 **opts,
             )
             kept = (rec.saliencies, rec.gramian, rec.losses, rec.objective_losses, rec.weights, rec.head_weights)
-            built.held += [z, *losses.values(), *(t for t in kept if isinstance(t, Tensor))]
+            built.held += [*(z if isinstance(z, (list, tuple)) else [z]), *losses.values()]
+            built.held += [t for t in kept if isinstance(t, Tensor)]
         built.held += list(_tensors_in(method))  # a method's state (MoCo's y, GradVac's targets, ...)
 
 
@@ -573,6 +764,13 @@ REFUSED: dict[tuple[str, str], str] = {
         for r in (MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_REP, MGDA_REP, UPGRAD_CACHED)
     },
     ("tied", "ew-loss-saliencies"): "features must be the only route",
+    # several shared maps: saliencies need one shared map (or one per task)
+    ("two_maps", "ew-loss-saliencies"): r"saliencies \(regularisers, keep_saliencies, compute_gramian='feature'\) need "
+    r"one shared map \(features=Z\) or one per task",
+    ("nested_maps", "ew-loss-saliencies"): "need one shared map",
+    # the feature-level Jacobian is not defined on maps computed one from another
+    ("nested_maps", "mgda-feature"): r"one shared map is computed from another, so their saliencies overlap .* Pass "
+    r"the maps that form a cut of the graph \(none computed from another\), or use level='param'",
     # vmap has no sparse kernels (docs/reliability.md §4)
     ("sparse_embedding", "upgrad-param-batched"): r"a sparse-gradient parameter \(nn.Embedding\(sparse=True\)\) "
     "needs jacobian='loop'",
@@ -627,6 +825,7 @@ def _reference(build: Callable[[int], Built], T: int, preset: bool = False) -> t
     ref = build(T)
     if preset:
         _preset(ref)
+    ref.before = {n: p.grad for n, p in ref.net.named_parameters()}
     calls = _hooked(ref.net)
     for i in range(MICRO_BATCHES):
         _, losses = ref.step(i)
@@ -648,6 +847,7 @@ def assert_same_grads_as_backward(
     got = build(T)
     if preset:
         _preset(got)
+    got.before = {n: p.grad for n, p in got.net.named_parameters()}
     calls = _hooked(got.net)
     route.run(got, create(route.method))
     _clip(got)
@@ -655,6 +855,15 @@ def assert_same_grads_as_backward(
     mine = dict(got.net.named_parameters())
     theirs = dict(ref.net.named_parameters())
     assert calls == ref_calls, "post-accumulate-grad hooks: once per written parameter and micro-batch"
+    # the forwards ran once each (the engine runs none): BatchNorm's running statistics, spectral norm's power
+    # iteration, a pruning mask are the reference's, bit for bit
+    ref_buffers = dict(ref.net.named_buffers())
+    for name, buf in got.net.named_buffers():
+        assert torch.equal(buf, ref_buffers[name]), f"buffer {name}: {buf} != {ref_buffers[name]}"
+    if preset:  # an accumulation adds into the user's .grad tensor (an optimizer or the user may hold it)
+        for name, p in mine.items():
+            kept, ref_kept = p.grad is got.before[name], theirs[name].grad is ref.before[name]
+            assert kept == ref_kept, f"{name}: .grad is {'still' if kept else 'no longer'} the preset tensor object"
     for name, p in mine.items():
         r = theirs[name].grad
         g = p.grad
@@ -784,6 +993,25 @@ def test_the_harness_sees_a_divergence():
                 b.grad = a.grad
 
         assert_same_grads_as_backward(plain, Aliased("aliased", "ew"))
+
+    @dataclass(frozen=True)
+    class Replaced(Route):
+        def run(self, built: Built, method) -> None:
+            super().run(built, method)
+            p = next(iter(built.net.parameters()))
+            p.grad = p.grad.clone()
+
+    with pytest.raises(AssertionError, match="no longer the preset tensor object"):
+        assert_same_grads_as_backward(plain, Replaced("replaced", "ew"), preset=True)
+
+    @dataclass(frozen=True)
+    class Reran(Route):
+        def run(self, built: Built, method) -> None:
+            super().run(built, method)
+            built.step(0)  # one forward more: BatchNorm's running statistics move again
+
+    with pytest.raises(AssertionError, match="buffer enc.1.running_mean"):
+        assert_same_grads_as_backward(batchnorm, Reran("reran", "ew"))
 
 
 SPARSE_ROUTES = [EW, MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_NO_FEATURES]
@@ -943,7 +1171,8 @@ PRESET_ROUTES = [EW, MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_NO_FEATU
 
 
 @pytest.mark.parametrize("route", PRESET_ROUTES, ids=[r.id for r in PRESET_ROUTES])
-@pytest.mark.parametrize("case", ["plain", "sparse_embedding", "unreached", "channels_last", "odd_layouts", "bfloat16"])
+@pytest.mark.parametrize("case", ["plain", "sparse_embedding", "unreached", "channels_last", "odd_layouts", "bfloat16",
+                                  "frozen", "compiled", "autocast_bf16", "pruned", "shared_head_bias", "two_maps"])
 def test_accumulating_onto_existing_grads_is_as_backward(case, route, request):
     """Every ``.grad`` already there (zeros, as ``zero_grad(set_to_none=False)`` leaves them): each write is an
     accumulation, which keeps the existing ``.grad``'s layout (a sparse gradient added into a dense ``.grad`` makes it

@@ -42,8 +42,10 @@ from .gradients import (
     _sum,
     all_finite,
     compute_task_gradients,
+    frozen_encoder,
     host_finite,
     loss_problem,
+    no_shared_error,
     normalise_features,
     normalise_losses,
     trainable,
@@ -235,7 +237,8 @@ def mtl_backward(
         # The same step as below, with every check that can fail here, without the general machinery
         # (docs/performance.md, "EW against a plain loop").
         check_loss_transform(method, "none")
-        record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph)
+        record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph,
+                                     shared_params)
         return record if not problem else _not_written(problem, nonfinite, record, None, None)
     if (level in ("feature", "param") and isinstance(features, Tensor)
             and getattr(type(method), "decide", None) is GramianWeighting.decide and level in method.levels
@@ -250,7 +253,7 @@ def mtl_backward(
         # fixed cost", "The lean parameter-level step").
         encoder = trainable(shared_params)
         if not encoder:
-            raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
+            raise no_shared_error(f"gradient method '{method.name}'")
         check_loss_transform(method, "none")
         lean = feature_step if level == "feature" else param_step
         done = lean(losses, task_names, features, encoder, task_params, cast(GramianWeighting, method), retain_graph)
@@ -293,9 +296,10 @@ def mtl_backward(
             "feature" if features is not None else "param")
         if gramian_level not in ("param", "feature"):
             raise ConfigurationError(f"compute_gramian={compute_gramian!r}; choose True, 'param' or 'feature'")
-    shared = trainable(shared_params) if shared_params is not None else None
+    given = None if shared_params is None else list(shared_params)
+    shared = trainable(given) if given is not None else None
     if not is_loss and not shared:
-        raise ConfigurationError(f"gradient method '{method.name}' needs shared_params (the encoder's parameters)")
+        raise no_shared_error(f"gradient method '{method.name}'")
     if isinstance(method, JacobianAggregator) and lvl == "feature" and isinstance(features, Mapping):
         raise ConfigurationError(
             f"'{method.name}' combines the Jacobian itself; at feature level it needs one shared "
@@ -349,7 +353,7 @@ def mtl_backward(
 
     method_params = [p for p in method.parameters() if p.requires_grad]
     grads = compute_task_gradients(
-        losses, level=lvl, features=features, shared_params=shared, task_params=task_params,
+        losses, level=lvl, features=features, shared_params=shared or given, task_params=task_params,
         task_names=task_names, loss_transform=transform, jacobian=jacobian, regularizers=regularizers,
         keep_saliencies=keep_saliencies, compute_gramian=gramian_level,
         grad_norm_params=(list(grad_norm_params) if grad_norm_params is not None
@@ -398,7 +402,7 @@ def mtl_backward(
 
 def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
                features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, method: LossWeighting,
-               retain_graph: bool) -> tuple[StepRecord, str]:
+               retain_graph: bool, shared_params: Iterable[Tensor] | None = None) -> tuple[StepRecord, str]:
     """One loss-level step of a loss weighting whose decision is the default one (``combine`` of the
     attached losses), without a loss transform, GradScaler, process group, cache, regulariser or
     diagnostic: :func:`compute_task_gradients` → ``method.decide`` → :func:`check_decision` →
@@ -415,7 +419,8 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     nothing was (the caller applies the non-finite policy)."""
     names, loss_list = _lean_losses(losses, task_names)
     if not (isinstance(features, Tensor) and features.requires_grad):  # one attached map passes as it is
-        normalise_features(features, names)  # its checks only: the loss level reads no features
+        # its checks only: the loss level reads no features (a frozen encoder's are not attached)
+        normalise_features(features, names, frozen=frozen_encoder(shared_params)[1])
     stacked = torch.stack(loss_list)  # its detached view is the record's losses
     raw = stacked.detach()
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="loss")

@@ -77,8 +77,11 @@ class Features:
 
 
 def normalise_features(
-    features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, names: Sequence[str]
+    features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, names: Sequence[str], frozen: bool = False
 ) -> Features:
+    """The step's feature maps, checked. ``frozen``: the encoder is frozen (``shared_params`` given, none requiring
+    grad) and the step reads no features (a loss weighting without saliencies): maps that do not require grad are the
+    frozen encoder's output, not a detached copy, and are left out (no features)."""
     if features is None:
         return Features([], [])
     maps: list[Tensor]
@@ -108,13 +111,39 @@ def normalise_features(
             f"features must be a tensor, a sequence of shared maps or a {{task: Z}} mapping, got "
             f"{type(features).__name__}"
         )
+    if frozen and all(isinstance(z, Tensor) and not z.requires_grad for z in maps):
+        return Features([], [])
     for z in maps:
         if not isinstance(z, Tensor) or not z.requires_grad:
-            raise ConfigurationError(
-                "features must be the encoder output the heads consumed, attached to the graph "
-                "(requires_grad=True); do not pass a detached copy"
-            )
+            raise ConfigurationError(DETACHED_FEATURES)
     return Features(maps, owner)
+
+
+DETACHED_FEATURES = (
+    "features must be the encoder output the heads consumed, attached to the graph (requires_grad=True); do not pass "
+    "a detached copy. A frozen encoder (every parameter requires_grad=False: a warm-up or linear-probe phase) gives "
+    "features that are not attached: a loss weighting (EW, UW, DWA, ...) steps through it when shared_params lists its "
+    "parameters; saliencies, saliency regularisers and gradient methods need an encoder that trains (while it is "
+    "frozen, step with method=create('ew') without keep_saliencies, compute_gramian='feature' or regularizers)"
+)
+
+
+def no_shared_error(what: str) -> ConfigurationError:
+    """The error for a gradient step without trainable shared parameters (none given, or an encoder frozen)."""
+    return ConfigurationError(
+        f"{what} needs shared_params (the encoder's trainable parameters): none was given, or every parameter in "
+        "shared_params is frozen (requires_grad=False), so there is no shared gradient to decide on. While the "
+        "encoder is frozen (a warm-up or linear-probe phase), step with a loss weighting (method=create('ew') writes "
+        "the heads' gradients as loss.backward() does) and switch back once the encoder trains"
+    )
+
+
+def frozen_encoder(shared_params: Iterable[Tensor] | None) -> tuple[list[Tensor] | None, bool]:
+    """``(shared_params as a list, whether it lists parameters none of which requires grad)``."""
+    if shared_params is None:
+        return None, False
+    given = list(shared_params)
+    return given, bool(given) and not any(p.requires_grad for p in given)
 
 
 def normalise_losses(
@@ -920,11 +949,13 @@ def compute_task_gradients(
         level != "loss" or keep_saliencies or compute_gramian or regularizers or grad_norm_params is not None
     ):
         split = stack_split(losses, loss_list) if prune_stacked_losses(losses) else None
-    feats = normalise_features(features, names)
+    listed, frozen = frozen_encoder(shared_params)
+    sal_regs = [r for r in regularizers if r.uses == "saliency"]
+    reads_features = level != "loss" or bool(sal_regs) or keep_saliencies or compute_gramian == "feature"
+    feats = normalise_features(features, names, frozen=frozen and not reads_features)
     if feats.multi_input and len(feats.maps) != T:
         raise ShapeError(f"multi-input features: got {len(feats.maps)} maps for {T} tasks")
-    shared = trainable(shared_params) if shared_params is not None else []
-    sal_regs = [r for r in regularizers if r.uses == "saliency"]
+    shared = trainable(listed) if listed is not None else []
     param_regs = [r for r in regularizers if r.uses == "param"]
     for r in regularizers:
         if r.uses not in ("saliency", "param"):
@@ -935,7 +966,7 @@ def compute_task_gradients(
                 "keep_saliencies=True" if keep_saliencies else "compute_gramian='feature'")
         raise ConfigurationError(f"{what} needs features=Z (the shared representation the heads consumed)")
     if level in ("param", "feature") and not shared:
-        raise ConfigurationError("per-task gradients need shared_params (the encoder's parameters)")
+        raise no_shared_error("per-task gradients")
     if (param_regs or compute_gramian == "param") and not shared:
         raise ConfigurationError("parameter-level per-task gradients need shared_params")
 
