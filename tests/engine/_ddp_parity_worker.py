@@ -87,12 +87,12 @@ class _Routed(nn.Module):
         return torch.tanh(out)
 
 
-def _routed_x(i: int) -> Tensor:
-    """8 samples; the flagged ones (4 and 6) all sit in rank 1's half."""
+def _routed_x_full(i: int) -> Tensor:
+    """8 samples (the global batch); the flagged ones (4 and 6) both sit in rank 1's half."""
     x = _orig_x(i, 4 * WORLD, 5).clone()
     x[:, 0] = -5.0
     x[4, 0] = x[6, 0] = 5.0
-    return _take(x)
+    return x
 
 
 def routed(T: int) -> gp.Built:
@@ -102,7 +102,7 @@ def routed(T: int) -> gp.Built:
     net = nn.ModuleDict({"enc": enc, "heads": heads, "rare": rare})
 
     def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        x = _routed_x(i)
+        x = built.inputs(i)  # type: ignore[attr-defined]
         z = enc(x)
         losses = {f"t{t}": (h(z) ** 2).mean() for t, h in enumerate(heads)}
         sel = x[:, 0] > 1.0
@@ -112,6 +112,7 @@ def routed(T: int) -> gp.Built:
 
     built = gp.Built(net, step, lambda: list(enc.parameters()))
     built.task_params = lambda: [*heads.parameters(), *rare.parameters()]  # type: ignore[attr-defined]
+    built.inputs = lambda i: _take(_routed_x_full(i))  # type: ignore[attr-defined]
     return built
 
 
@@ -153,6 +154,49 @@ def nan_loss(T: int) -> gp.Built:
     return gp._simple(nn.Sequential(nn.Linear(5, 6), nn.Tanh()), gp._mlp_heads(T), inp)
 
 
+def routed_nan(T: int) -> gp.Built:
+    """``routed`` with a non-finite gradient on rank 0's share of micro-batch 1 (a zero input row through a
+    bias-free ``sqrt|h|`` layer added to the encoder's input): the step overflows (or is skipped) where rank 0 does
+    not reach the expert ``enc.b`` and rank 1 does."""
+    built = routed(T)
+    enc = built.net["enc"]
+    gate = nn.Linear(5, 5, bias=False)
+    built.net["gate"] = gate
+    inner = enc.forward
+
+    def forward(x: Tensor) -> Tensor:
+        return inner(x + gate(x).abs().sqrt())
+
+    enc.forward = forward  # type: ignore[method-assign]
+    shared = built.shared
+    built.shared = lambda: [*gate.parameters(), *shared()]
+
+    def x_nan(i: int) -> Tensor:
+        x = _routed_x_full(i)
+        if i == 1:
+            x[1] = 0.0  # in rank 0's half, unflagged
+        return _take(x)
+
+    built.inputs = x_nan  # type: ignore[attr-defined]
+    return built
+
+
+def missing_task(T: int) -> gp.Built:
+    """A training loop that leaves out a task with no labelled sample in the batch: rank 1's share of micro-batch 1
+    has none for task ``t2`` (the global batch has), so that rank passes one loss fewer. Refused on every rank."""
+    built = gp.plain(T)
+    step = built.step
+
+    def dropping(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        z, losses = step(i)
+        if i == 1 and _SHARD["rank"] == 1:
+            del losses[f"t{T - 1}"]
+        return z, losses
+
+    built.step = dropping
+    return built
+
+
 # ---- what runs -------------------------------------------------------------------------------------------------
 # test_grad_parity's constructs left out, and why (asserted to be its whole list minus these by the test module)
 EXCLUDED = {
@@ -168,8 +212,9 @@ BUILDERS: dict[str, Callable[[int], gp.Built]] = {
     **{n: f for n, f in gp.CASES.items() if n not in EXCLUDED},
     "routed": routed,
     "routed_found": routed_found,
+    "missing_task": missing_task,
 }
-NONFINITE_CASES = {"nan_grad": nan_grad, "nan_loss": nan_loss}
+NONFINITE_CASES = {"nan_grad": nan_grad, "nan_loss": nan_loss, "routed_nan": routed_nan}
 ALL_BUILDERS = {**BUILDERS, **NONFINITE_CASES}
 
 
@@ -188,6 +233,8 @@ class Route:
     retain: bool = False  # each micro-batch: one step with retain_graph=True, then a second on the same graph
     wrap: bool = False  # data-parallel run: forward through nn.parallel.DistributedDataParallel under no_sync()
     ddp_backward: bool = False  # data-parallel run: DDP's own loss.backward() of the sum (EW), no mtl_backward
+    transform: str | None = None  # loss_transform
+    keep_saliencies: bool = False
 
 
 ROUTES = [
@@ -228,8 +275,18 @@ SCALER_ROUTES = [
     Route("mgda-feature-scaler", "mgda", "feature", scaler=True),
     Route("upgrad-param-scaler", "upgrad", "param", scaler=True),
 ]
-SCALER_CASES = ["plain", "sparse_embedding", "routed", "nan_grad"]
-ROUTE_BY_ID = {r.id: r for r in ROUTES + REP_ROUTES + DDP_ROUTES + RETAIN_ROUTES + SKIP_ROUTES + SCALER_ROUTES}
+SCALER_CASES = ["plain", "sparse_embedding", "routed", "nan_grad", "routed_nan"]
+OPTION_ROUTES = [
+    Route("ew-loss-log", "ew", transform="log"),  # the general loss-level path: losses valued at the global mean
+    Route("upgrad-param-log", "upgrad", "param", transform="log"),
+    Route("mgda-feature-log", "mgda", "feature", transform="log"),
+    Route("ew-loss-saliencies", "ew", keep_saliencies=True),
+    Route("gradnorm-loss", "gradnorm"),  # per-task gradient norms reduced over the ranks
+]
+OPTION_CASES = ["plain", "unreached", "sparse_embedding", "complex_param", "float64", "mixed_dtypes", "routed",
+                "head_two_tasks", "lstm"]
+ROUTE_BY_ID = {r.id: r for r in ROUTES + REP_ROUTES + DDP_ROUTES + RETAIN_ROUTES + SKIP_ROUTES + SCALER_ROUTES
+               + OPTION_ROUTES}
 THREE_D = set(gp.THREE_D)
 
 
@@ -241,6 +298,7 @@ def plan() -> list[tuple[str, str]]:
     keys += [(c, r.id) for c in RETAIN_CASES for r in RETAIN_ROUTES]
     keys += [(c, r.id) for c in NONFINITE_CASES for r in SKIP_ROUTES]
     keys += [(c, r.id) for c in SCALER_CASES for r in SCALER_ROUTES]
+    keys += [(c, r.id) for c in OPTION_CASES for r in OPTION_ROUTES]
     return keys
 
 
@@ -292,6 +350,10 @@ def run(case: str, route: Route, group: Any | None, rank: int) -> Outcome:
         opts: dict[str, Any] = {"jacobian": route.jacobian, "nonfinite": route.nonfinite}
         if route.rep_mtl:
             opts["regularizers"] = [create("rep_mtl")]
+        if route.transform is not None:
+            opts["loss_transform"] = route.transform
+        if route.keep_saliencies:
+            opts["keep_saliencies"] = True
         if route.update_every > 1:
             opts["cache"] = DecisionCache(route.update_every)
         if route.scaler:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError
 from .decision import Decision
+from .distributed import Dist
 from .gradients import TaskGradients, _grads, all_finite, host_finite, sparse_again, zeros_if_none
 from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
 from .graph import backward_order, find_leaves
@@ -102,12 +103,16 @@ def write_overflow_signal(grads: TaskGradients) -> None:
     backward writes its non-finite gradients and runs every hook. ``scaler.step`` then skips the optimiser step
     (``scaler.unscale_`` finds the ``inf``) and ``scaler.update`` backs the scale off. An existing ``.grad`` is filled
     in place (an accumulation of ``inf``); a missing one is created. Without a graph to read (no losses kept), the
-    first shared parameter (or head) alone carries the signal."""
+    first shared parameter (or head) alone carries the signal. Under data parallelism: every parameter some rank's
+    step would have written, on every rank (:func:`_written_anywhere`), as the one-process step on the global batch
+    and as DDP's all-reduce of the scaled backward's ``inf`` write it."""
     roots = step_roots(grads) or list(grads._attached or [])
     order = backward_order(roots)
     if grads.level != "loss":
         mine = {id(p) for p in grads.shared_params} | {id(p) for p in grads.task_params}
         order = [p for p in order if id(p) in mine]
+    if grads._dist is not None:
+        order = _written_anywhere(grads, order, grads._dist)
     if not order:
         order = list(grads.shared_params[:1] or grads.task_params[:1])
     for p in order:
@@ -118,6 +123,24 @@ def write_overflow_signal(grads: TaskGradients) -> None:
         hooks = p._post_accumulate_grad_hooks
         if hooks:
             run_post_accumulate_hooks(p, hooks)
+
+
+def _written_anywhere(grads: TaskGradients, order: list[Tensor], dist: Dist) -> list[Tensor]:
+    """``order`` (the parameters this rank's graph reaches) followed by those only another rank's reaches: the
+    candidates are the same list on every rank (:func:`agreed_leaves` at loss level; the shared parameters and the
+    heads otherwise), one flag each all-reduced."""
+    heads = list(grads.task_params)
+    if grads.level == "loss":
+        fixed = list(grads.shared_params) + (heads if grads._heads_given else [])
+        known = {id(p) for p in fixed}
+        cands = fixed + [p for p in order if id(p) not in known]
+    else:
+        cands = list(grads.shared_params) + heads
+    if grads.level == "loss" or not grads._heads_given:
+        dist.check_same_params(cands, "parameters")
+    here = {id(p) for p in order}
+    anywhere = dist.reached_anywhere([id(p) in here for p in cands])
+    return order + [p for p, a in zip(cands, anywhere) if a and id(p) not in here]
 
 
 def run_post_accumulate_hooks(p: Tensor, hooks: Any) -> None:

@@ -187,11 +187,8 @@ class Dist:
         length, shapes and dtypes (one all-reduce of 4 numbers): a list found from a rank's own graph differs
         between ranks when the graph depends on the data (an expert or a head only some samples reach), and the
         reduction that follows would pair different parameters (gloo aborts the process, NCCL may hang)."""
-        sig = zlib.crc32(";".join(f"{tuple(p.shape)}{p.dtype}" for p in params).encode())
-        v = torch.tensor([sig, -sig, len(params), -len(params)], dtype=torch.int64)
-        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        hi, lo, n_hi, n_lo = v.tolist()
-        if hi != -lo or n_hi != -n_lo:
+        same, n_lo, n_hi = self._same_everywhere(";".join(f"{tuple(p.shape)}{p.dtype}" for p in params), len(params))
+        if not same:
             raise ConfigurationError(
                 f"data parallelism: the {what} that the losses reach differ between ranks (rank {self.rank} found "
                 f"{len(params)}; between {-n_lo} and {n_hi} over the ranks): the model's graph depends on the data "
@@ -201,6 +198,31 @@ class Dist:
                 "(a parameter one rank's share does not reach is reduced as zeros there; docs/engine.md, "
                 "'Data parallelism')."
             )
+
+    def check_same_tasks(self, names: Sequence[str]) -> None:
+        """Raise :class:`ConfigurationError` on every rank together unless every rank passes the same tasks in the
+        same order (one all-reduce of 4 numbers, before the losses' own): a task left out on a rank whose share has
+        no sample for it would make the ranks reduce loss vectors of different lengths (gloo aborts the process,
+        NCCL may hang)."""
+        same, n_lo, n_hi = self._same_everywhere("\x1f".join(names), len(names))
+        if not same:
+            raise ConfigurationError(
+                f"data parallelism: the ranks passed different tasks (rank {self.rank}: {list(names)}; between "
+                f"{n_lo} and {n_hi} tasks over the ranks). Every rank must pass every task's loss, in the same order: "
+                "a task with no labelled sample in a rank's share still needs its loss there, as a mean over the "
+                "share (the masked sum divided by the share's size: zero, attached to the graph, where there is no "
+                "sample), so that the mean over the ranks is the global batch's loss (docs/engine.md, "
+                "'Data parallelism')."
+            )
+
+    def _same_everywhere(self, signature: str, count: int) -> tuple[bool, int, int]:
+        """Whether every rank passed the same ``signature`` and ``count`` (one MAX all-reduce of 4 numbers), with
+        the smallest and largest count over the ranks."""
+        sig = zlib.crc32(signature.encode())
+        v = torch.tensor([sig, -sig, count, -count], dtype=torch.int64)
+        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        hi, lo, n_hi, n_lo = v.tolist()
+        return hi == -lo and n_hi == -n_lo, -n_lo, n_hi
 
     def all_gather_with_grad(self, t: Tensor, dim: int) -> Tensor:
         """Concatenate every rank's ``t`` along ``dim`` (equal shapes), differentiably.

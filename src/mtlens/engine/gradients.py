@@ -987,6 +987,7 @@ def compute_task_gradients(
     else:
         raw = torch.stack([v.detach() for v in loss_list])
     if dist is not None:
+        dist.check_same_tasks(names)  # before the losses' all-reduce, whose length is the number of tasks
         raw = dist.mean_(raw.clone())
     transform = loss_transform or "none"
     if transform not in LOSS_TRANSFORMS:
