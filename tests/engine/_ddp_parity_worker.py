@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlens.engine import DecisionCache, mtl_backward
+from mtlens.engine import DecisionCache, TaskGradients, apply_decision, compute_task_gradients, mtl_backward
+from mtlens.engine.distributed import resolve
 from mtlens.methods import create
 
 WORLD = 2
@@ -234,6 +235,8 @@ class Route:
     wrap: bool = False  # data-parallel run: forward through nn.parallel.DistributedDataParallel under no_sync()
     ddp_backward: bool = False  # data-parallel run: DDP's own loss.backward() of the sum (EW), no mtl_backward
     transform: str | None = None  # loss_transform
+    accumulate: bool = False  # the STEPS micro-batches: compute_task_gradients each, TaskGradients.accumulate, one
+    # decision and apply_decision (docs/engine.md, "Gradient accumulation"), with the step's process group
     keep_saliencies: bool = False
 
 
@@ -283,10 +286,15 @@ OPTION_ROUTES = [
     Route("ew-loss-saliencies", "ew", keep_saliencies=True),
     Route("gradnorm-loss", "gradnorm"),  # per-task gradient norms reduced over the ranks
 ]
+ACCUMULATE_ROUTES = [
+    Route("ew-loss-accumulated", "ew", accumulate=True),
+    Route("mgda-feature-accumulated", "mgda", "feature", accumulate=True),
+    Route("upgrad-param-accumulated", "upgrad", "param", accumulate=True),
+]
 OPTION_CASES = ["plain", "unreached", "sparse_embedding", "complex_param", "float64", "mixed_dtypes", "routed",
                 "head_two_tasks", "lstm"]
 ROUTE_BY_ID = {r.id: r for r in ROUTES + REP_ROUTES + DDP_ROUTES + RETAIN_ROUTES + SKIP_ROUTES + SCALER_ROUTES
-               + OPTION_ROUTES}
+               + OPTION_ROUTES + ACCUMULATE_ROUTES}
 THREE_D = set(gp.THREE_D)
 
 
@@ -298,7 +306,7 @@ def plan() -> list[tuple[str, str]]:
     keys += [(c, r.id) for c in RETAIN_CASES for r in RETAIN_ROUTES]
     keys += [(c, r.id) for c in NONFINITE_CASES for r in SKIP_ROUTES]
     keys += [(c, r.id) for c in SCALER_CASES for r in SCALER_ROUTES]
-    keys += [(c, r.id) for c in OPTION_CASES for r in OPTION_ROUTES]
+    keys += [(c, r.id) for c in OPTION_CASES for r in OPTION_ROUTES + ACCUMULATE_ROUTES]
     return keys
 
 
@@ -358,7 +366,18 @@ def run(case: str, route: Route, group: Any | None, rank: int) -> Outcome:
             opts["cache"] = DecisionCache(route.update_every)
         if route.scaler:
             opts["grad_scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        for i in range(STEPS):
+        if route.accumulate:
+            dist_ = resolve(False if group is None else group)
+            parts = []
+            for i in range(STEPS):
+                z, losses = steps(i)
+                parts.append(compute_task_gradients(losses, level=route.level or "loss", features=z,
+                                                    shared_params=built.shared(), task_params=_task_params(built),
+                                                    dist=dist_))
+            grads = TaskGradients.accumulate(parts)
+            problem = apply_decision(grads, method.decide(grads), name=method.name)
+            out.skipped.append(bool(problem))
+        for i in range(0 if route.accumulate else STEPS):
             if route.ddp_backward and ddp is not None:
                 _, losses = steps(i)
                 sum(losses.values()).backward()

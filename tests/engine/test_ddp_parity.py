@@ -4,15 +4,17 @@ single-process step on the global batch.
 Under data parallelism each rank passes the losses of its equal share of the global batch and every rank must write
 the gradient of the whole global batch (docs/engine.md, "Data parallelism"). ``test_grad_parity.py``'s constructs
 (sparse embeddings, complex and frozen parameters, unreached ones, tied weights, checkpointing, parametrizations,
-custom Functions, hooks, ...) and three of ``_ddp_parity_worker.py``'s (data-dependent reach, a non-finite gradient
-or loss on one rank only) run through every route — EW (the lean loss step in one process), UW and DWA (loss
-weightings with state), MGDA at feature level, UPGrad at parameter level (Jacobian loop, batched, without features,
-cached decisions), PCGrad, Rep-MTL, ``retain_graph``, ``nonfinite="skip"``, a GradScaler, and
+custom Functions, hooks, ...) and ``_ddp_parity_worker.py``'s own (data-dependent reach, a non-finite gradient or
+loss on one rank only, a task left out on one rank) run through every route — EW (the lean loss step in one
+process), UW and DWA (loss weightings with state), MGDA at feature level, UPGrad at parameter level (Jacobian loop,
+batched, without features, cached decisions), PCGrad, Rep-MTL, ``retain_graph``, ``nonfinite="skip"``, a
+GradScaler, the log transform, GradNorm, accumulated micro-batches (``TaskGradients.accumulate``) and
 ``nn.parallel.DistributedDataParallel`` (its own ``loss.backward()``; the engine under ``no_sync()``) — in 2 gloo
 processes spawned once for the module. Compared per parameter: ``.grad`` None-ness, dtype, layout (a sparse
-gradient stays sparse), shape and values (``torch.testing.assert_close``'s defaults: the reductions add in another
-order); every rank must hold the same ``.grad`` bit for bit, the same method state and the same ``skipped`` flags,
-and a data-parallel run must raise where (and what) the single-process run raises.
+gradient stays sparse, on the rows the global batch touched), shape and values (``torch.testing.assert_close``'s
+defaults: the reductions add in another order); every rank must hold the same ``.grad`` bit for bit, the same method
+state and the same ``skipped`` flags, and a data-parallel run must raise where (and what) the single-process run
+raises, or refuse with the fix named where data parallelism cannot be exact (``REFUSED_DP``).
 """
 
 from __future__ import annotations
