@@ -207,6 +207,7 @@ EXCLUDED = {
     # dropout: each rank draws the masks of its own share (same seed, half the rows), not the global batch's
     "dropout": "dropout masks drawn per rank",
     "compiled": "dropout masks drawn per rank (a compiled encoder with dropout)",
+    "lstm_deep": "dropout masks drawn per rank (between the LSTM's layers)",
 }
 BUILDERS: dict[str, Callable[[int], gp.Built]] = {
     **{n: f for n, f in gp.CASES.items() if n not in EXCLUDED},

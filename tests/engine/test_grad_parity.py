@@ -611,6 +611,47 @@ def nested_maps(T: int) -> Built:
     return _maps(True, T)
 
 
+class _DeepLSTM(nn.Module):
+    """Two bidirectional LSTM layers with dropout between them (the CPU kernel's flattened weights, eight per layer),
+    ``proj_size`` projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(5, 6, num_layers=2, bidirectional=True, dropout=0.3, proj_size=3, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rnn(x)[0]  # (B, L, 2 · proj_size)
+
+
+def lstm_deep(T: int) -> Built:
+    enc = _DeepLSTM()
+    heads = _mlp_heads(T, 6)
+    net = nn.ModuleDict({"enc": enc, "heads": heads})
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        torch.manual_seed(3000 + i)  # the dropout between the layers
+        z = enc(_x(i, 3, 4, 5))
+        return z, _mse(heads, z)
+
+    return Built(net, step, lambda: list(enc.parameters()))
+
+
+def parametrized_cached(T: int) -> Built:
+    """The parametrizations' forward under ``torch.nn.utils.parametrize.cached()`` (each parametrized weight
+    computed once per forward and reused)."""
+    from torch.nn.utils import parametrize
+
+    b = parametrized(T)
+    inner = b.step
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        with parametrize.cached():
+            return inner(i)
+
+    b.step = step
+    return b
+
+
 class _Transformer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -675,10 +716,13 @@ CASES: dict[str, Callable[[int], Built]] = {
         nested_maps,
         transformer,
         transformer_eval,
+        lstm_deep,
+        parametrized_cached,
     )
 }
 THREE_D = {  # Z of ≥ 3 dimensions: Rep-MTL applies
     "unreached", "tied", "lstm", "gru", "attention", "channels_last", "buffered", "transformer", "transformer_eval",
+    "lstm_deep",
 }
 
 

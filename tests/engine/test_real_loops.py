@@ -334,3 +334,23 @@ def test_foreach_and_fused_optimisers(route, impl):
             opt.step()
         _assert_same(*nets)
         _assert_same_state(*opts)
+
+
+@pytest.mark.parametrize("method,level", [("mgda", "feature"), ("upgrad", "param")])
+def test_shared_params_listing_the_heads_is_refused_naming_the_fix(method, level):
+    """``shared_params=model.parameters()`` (the heads too), a common slip: a gradient method splitting at ``Z``
+    cannot tell the heads from the encoder. Refused naming the head parameters (the encoder's graph does not read
+    them) and the fix; nothing written. EW at loss level reads no shared parameters and steps as ``backward()``."""
+    net = _net(3)
+    z, losses = _forward(net, 0)
+    with pytest.raises(ConfigurationError, match=r"6 of them \(shapes .*\) are not read by the encoder at all: head "
+                       r"parameters listed in shared_params; pass the encoder's parameters only \(shared_params="
+                       r"model.encoder.parameters\(\), not model.parameters\(\)\)"):
+        mtl_backward(losses, method=create(method), level=level, features=z, shared_params=net.parameters())
+    assert all(p.grad is None for p in net.parameters())
+    ref, net = _net(3), _net(3)
+    zr, lr = _forward(ref, 0)
+    sum(lr.values()).backward()  # type: ignore[union-attr]
+    z, losses = _forward(net, 0)
+    mtl_backward(losses, method=create("ew"), features=z, shared_params=net.parameters())
+    _assert_same(net, ref)

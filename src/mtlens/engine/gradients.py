@@ -612,7 +612,7 @@ def _find_heads(loss_list: Sequence[Tensor], feats: Features, shared: Sequence[T
         heads = find_leaves(loss_list, stop_at=feats.maps)
         leaked = [p for p in heads if id(p) in shared_ids]
         if leaked:
-            raise _leak_error(leaked)
+            raise _leak_error(leaked, feats.maps)
     else:
         heads = [p for p in find_leaves(loss_list) if id(p) not in shared_ids]
     mp_ids = {id(p) for p in method_params}
@@ -711,16 +711,26 @@ def _walk_heads(loss_list: Sequence[Tensor], maps: Sequence[Tensor], shared: Seq
         sets.append(seen)
         own.append(sorted(mine))
     if leaked:
-        raise _leak_error(leaked)
+        raise _leak_error(leaked, maps)
     return heads, sets, own
 
 
-def _leak_error(leaked: Sequence[Tensor]) -> ConfigurationError:
-    """The one message for shared parameters that a loss reads around ``features`` (a tied output layer)."""
+def _leak_error(leaked: Sequence[Tensor], maps: Sequence[Tensor]) -> ConfigurationError:
+    """The one message for shared parameters that a loss reads around ``features`` (a tied output layer; or head
+    parameters listed in ``shared_params``: ``shared_params=model.parameters()``, told apart by the encoder's graph
+    not reading them at all)."""
+    upstream = {id(p) for p in find_leaves([z for z in maps if z.grad_fn is not None])}
+    heads = [p for p in leaked if id(p) not in upstream]
+    listed = (
+        f" {len(heads)} of them (shapes {[tuple(p.shape) for p in heads]}) are not read by the encoder at all: "
+        "head parameters listed in shared_params; pass the encoder's parameters only "
+        "(shared_params=model.encoder.parameters(), not model.parameters())."
+        if heads else ""
+    )
     return ConfigurationError(
         f"{len(leaked)} shared parameter(s) reach the losses without passing through features: features must be "
-        f"the only route from the encoder to the losses (shapes {[tuple(p.shape) for p in leaked]}). A head that "
-        "reads an encoder parameter itself (a tied output layer, logits = Z @ E.T) makes that parameter's "
+        f"the only route from the encoder to the losses (shapes {[tuple(p.shape) for p in leaked]}).{listed} A head "
+        "that reads an encoder parameter itself (a tied output layer, logits = Z @ E.T) makes that parameter's "
         "gradient impossible to split at Z: untie it, or step without that split (a loss weighting at level='loss' "
         "without keep_saliencies or saliency regularisers, or a gradient method at level='param' without "
         "features=: per-task backwards through the whole graph)"
