@@ -63,6 +63,7 @@ from .protocols import (
     objective_is_weighted_sum,
 )
 from .record import StepRecord
+from .sharded import refuse_sharded
 
 __all__ = ["DecisionCache", "LOG_EPS", "counters", "mtl_backward", "resolve_level", "transform_losses"]
 
@@ -226,6 +227,10 @@ def mtl_backward(
         NonFiniteError: a non-finite loss or gradient under ``nonfinite="raise"``, or a method
             that failed on this step's numbers (its state is left as before the step).
     """
+    if _dist_initialized():  # sharded parameters (FSDP) need a process group: refused, never a silent step
+        if shared_params is not None:
+            shared_params = list(shared_params)  # an iterator (module.parameters()) is read twice
+        refuse_sharded(shared_params)
     if (getattr(type(method), "decide", None) is LossWeighting.decide and level in (None, "loss") and not regularizers
             and not keep_saliencies and not compute_gramian and cache is None and grad_scaler is None
             and loss_transform in (None, "none") and method.loss_transform is None and not method.needs_grad_norms

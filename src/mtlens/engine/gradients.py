@@ -34,7 +34,10 @@ from .gramian import (
 )
 from .graph import _ACCUMULATE_GRAD, find_leaves
 from .protocols import Regularizer
+from .sharded import refuse_sharded
 from .stacked import StackSplit, prune_stacked_losses, stack_split
+
+_dist_initialized = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 
 LOG_EPS = 1e-8
 JACOBIAN_MODES = ("loop", "batched")
@@ -960,6 +963,8 @@ def compute_task_gradients(
     ):
         split = stack_split(losses, loss_list) if prune_stacked_losses(losses) else None
     listed, frozen = frozen_encoder(shared_params)
+    if _dist_initialized():  # sharded parameters (FSDP) need a process group: refused, never a silent step
+        refuse_sharded(listed)
     sal_regs = [r for r in regularizers if r.uses == "saliency"]
     reads_features = level != "loss" or bool(sal_regs) or keep_saliencies or compute_gramian == "feature"
     feats = normalise_features(features, names, frozen=frozen and not reads_features)

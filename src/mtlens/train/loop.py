@@ -444,6 +444,8 @@ class TrainingLoop:
             method=self.method,
             features=feats,
             shared_params=self.model.shared_parameters(),
+            # data parallelism: every rank reduces the heads in the model's order, whatever its share's graph reaches
+            task_params=self.model.task_parameters() if self.world > 1 else None,
             regularizers=self.regularizers,
             loss_transform=cfg.loss_transform,
             jacobian=cfg.train.jacobian,
