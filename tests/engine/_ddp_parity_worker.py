@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlens.engine import DecisionCache, TaskGradients, apply_decision, compute_task_gradients, mtl_backward
+from mtlens.engine import DecisionCache, LookAhead, TaskGradients, apply_decision, compute_task_gradients, mtl_backward
 from mtlens.engine.distributed import resolve
 from mtlens.methods import create
 
@@ -235,6 +235,7 @@ class Route:
     wrap: bool = False  # data-parallel run: forward through nn.parallel.DistributedDataParallel under no_sync()
     ddp_backward: bool = False  # data-parallel run: DDP's own loss.backward() of the sum (EW), no mtl_backward
     transform: str | None = None  # loss_transform
+    lookahead: bool = False  # a bilevel method: method.meta_step(LookAhead(...)) over the step's process group first
     accumulate: bool = False  # the STEPS micro-batches: compute_task_gradients each, TaskGradients.accumulate, one
     # decision and apply_decision (docs/engine.md, "Gradient accumulation"), with the step's process group
     keep_saliencies: bool = False
@@ -243,7 +244,6 @@ class Route:
 ROUTES = [
     Route("ew-loss", "ew"),
     Route("uw-loss", "uw"),
-    Route("dwa-loss", "dwa"),
     Route("mgda-feature", "mgda", "feature"),
     Route("upgrad-param", "upgrad", "param"),
     Route("upgrad-param-batched", "upgrad", "param", jacobian="batched"),
@@ -285,7 +285,9 @@ OPTION_ROUTES = [
     Route("mgda-feature-log", "mgda", "feature", transform="log"),
     Route("ew-loss-saliencies", "ew", keep_saliencies=True),
     Route("gradnorm-loss", "gradnorm"),  # per-task gradient norms reduced over the ranks
+    Route("dwa-loss", "dwa"),  # a loss weighting with a loss history (UW, with learnable weights, runs everywhere)
 ]
+LOOKAHEAD_ROUTES = [Route("auto_lambda-loss", "auto_lambda", kw=(("lr", 0.05),), lookahead=True)]
 ACCUMULATE_ROUTES = [
     Route("ew-loss-accumulated", "ew", accumulate=True),
     Route("mgda-feature-accumulated", "mgda", "feature", accumulate=True),
@@ -294,7 +296,7 @@ ACCUMULATE_ROUTES = [
 OPTION_CASES = ["plain", "unreached", "sparse_embedding", "complex_param", "float64", "mixed_dtypes", "routed",
                 "head_two_tasks", "lstm"]
 ROUTE_BY_ID = {r.id: r for r in ROUTES + REP_ROUTES + DDP_ROUTES + RETAIN_ROUTES + SKIP_ROUTES + SCALER_ROUTES
-               + OPTION_ROUTES + ACCUMULATE_ROUTES}
+               + OPTION_ROUTES + ACCUMULATE_ROUTES + LOOKAHEAD_ROUTES}
 THREE_D = set(gp.THREE_D)
 
 
@@ -306,7 +308,7 @@ def plan() -> list[tuple[str, str]]:
     keys += [(c, r.id) for c in RETAIN_CASES for r in RETAIN_ROUTES]
     keys += [(c, r.id) for c in NONFINITE_CASES for r in SKIP_ROUTES]
     keys += [(c, r.id) for c in SCALER_CASES for r in SCALER_ROUTES]
-    keys += [(c, r.id) for c in OPTION_CASES for r in OPTION_ROUTES + ACCUMULATE_ROUTES]
+    keys += [(c, r.id) for c in OPTION_CASES for r in OPTION_ROUTES + ACCUMULATE_ROUTES + LOOKAHEAD_ROUTES]
     return keys
 
 
@@ -383,6 +385,11 @@ def run(case: str, route: Route, group: Any | None, rank: int) -> Outcome:
                 sum(losses.values()).backward()
                 out.skipped.append(False)
                 continue
+            if route.lookahead:  # the look-ahead's own batches: micro-batch i (training) and i + 7 (validation)
+                la_params = [p for p in built.net.parameters() if p.requires_grad]
+                method.meta_step(LookAhead(la_params, lambda i=i: list(built.step(i)[1].values()),
+                                           lambda i=i: list(built.step(i + 7)[1].values()), lr=0.1,
+                                           distributed=False if group is None else group))
             with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
                 z, losses = steps(i)
             calls = [True, False] if route.retain else [False]

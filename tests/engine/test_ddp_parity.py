@@ -67,7 +67,7 @@ REFUSED_DP: dict[tuple[str, str], str] = {
 # loss.backward() would. A strict xfail each: if the reference stops diverging, these must pass.
 KEPT: dict[tuple[str, str], str] = {
     (c, r): "the one-process reference accumulates into a kept gradient (test_grad_parity's KNOWN)"
-    for c in ("kept_function", "kept_hook") for r in ("ew-loss", "uw-loss", "dwa-loss", "mgda-feature")
+    for c in ("kept_function", "kept_hook") for r in ("ew-loss", "uw-loss", "mgda-feature")
 }
 
 

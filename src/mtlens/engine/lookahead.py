@@ -76,10 +76,13 @@ class LookAhead:
         return self._stack(self._val(), "validation")
 
     def grads(self, objective: Tensor, retain_graph: bool = False) -> list[Tensor]:
-        """``∂ objective / ∂ params`` (zeros where a parameter does not reach the objective); under data
-        parallelism the mean over ranks, i.e. the global batch's gradient."""
+        """``∂ objective / ∂ params`` (zeros where a parameter does not reach the objective), dense (a sparse
+        gradient of ``nn.Embedding(sparse=True)`` too: the look-ahead's arithmetic, ``θ − lr (g + wd θ)``, adds
+        it to dense tensors, which a sparse tensor refuses); under data parallelism the mean over ranks, i.e. the
+        global batch's gradient."""
         gs = vjp(objective, self.params, retain_graph=retain_graph)
-        out = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, self.params)]
+        out = [torch.zeros_like(p) if g is None else g if g.layout == torch.strided else g.to_dense()
+               for g, p in zip(gs, self.params)]
         if self._dist is not None:
             out = self._dist.mean_tensors(out)
         return out
