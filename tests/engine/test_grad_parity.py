@@ -678,6 +678,23 @@ def parametrized_cached(T: int) -> Built:
     return b
 
 
+def deep_supervision(T: int) -> Built:
+    """An auxiliary task on an intermediate activation of the encoder (deep supervision): its loss reads the encoder
+    around ``Z``."""
+    first, second = nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 6), nn.Tanh())
+    aux, heads = nn.Linear(8, 1), _mlp_heads(T - 1)
+    net = nn.ModuleDict({"first": first, "second": second, "aux": aux, "heads": heads})
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        h = first(_x(i, 4, 5))
+        z = second(h)
+        losses = {"aux": (aux(h) ** 2).mean()}
+        losses.update({f"t{t}": (hd(z) ** 2).mean() for t, hd in enumerate(heads)})
+        return z, losses
+
+    return Built(net, step, lambda: [*first.parameters(), *second.parameters()])
+
+
 class _Transformer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -745,6 +762,7 @@ CASES: dict[str, Callable[[int], Built]] = {
         transformer_eval,
         lstm_deep,
         parametrized_cached,
+        deep_supervision,
     )
 }
 THREE_D = {  # Z of ≥ 3 dimensions: Rep-MTL applies
@@ -835,6 +853,13 @@ REFUSED: dict[tuple[str, str], str] = {
         for r in (MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_REP, MGDA_REP, UPGRAD_CACHED)
     },
     ("tied", "ew-loss-saliencies"): "features must be the only route",
+    # deep supervision: an auxiliary loss reads the encoder before Z, so the same split is impossible
+    **{
+        ("deep_supervision", r.id): r"2 shared parameter\(s\) reach the losses without passing through features.*"
+        r"or a loss on an activation of the encoder before Z \(deep supervision: an auxiliary head on an "
+        r"intermediate layer\)"
+        for r in (MGDA_FEATURE, UPGRAD_PARAM, UPGRAD_BATCHED, UPGRAD_CACHED, EW_GENERAL)
+    },
     # several shared maps: saliencies need one shared map (or one per task)
     ("two_maps", "ew-loss-saliencies"): r"saliencies \(regularisers, keep_saliencies, compute_gramian='feature'\) need "
     r"one shared map \(features=Z\) or one per task",

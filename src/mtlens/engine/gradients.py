@@ -733,8 +733,10 @@ def _leak_error(leaked: Sequence[Tensor], maps: Sequence[Tensor]) -> Configurati
     return ConfigurationError(
         f"{len(leaked)} shared parameter(s) reach the losses without passing through features: features must be "
         f"the only route from the encoder to the losses (shapes {[tuple(p.shape) for p in leaked]}).{listed} A head "
-        "that reads an encoder parameter itself (a tied output layer, logits = Z @ E.T) makes that parameter's "
-        "gradient impossible to split at Z: untie it, or step without that split (a loss weighting at level='loss' "
+        "that reads an encoder parameter itself (a tied output layer, logits = Z @ E.T), or a loss on an activation "
+        "of the encoder before Z (deep supervision: an auxiliary head on an intermediate layer), makes that "
+        "parameter's gradient impossible to split at Z: untie it (or read the auxiliary head from Z), or step "
+        "without that split (a loss weighting at level='loss' "
         "without keep_saliencies or saliency regularisers, or a gradient method at level='param' without "
         "features=: per-task backwards through the whole graph)"
     )
