@@ -38,7 +38,8 @@ KEYS = W.plan()
 IDS = [f"{c}-{r}" for c, r in KEYS]
 # bfloat16 keeps 8 bits of mantissa: the global batch's sums and the ranks' means round differently
 BF16_TOL = {"rtol": 2e-2, "atol": 2e-2}
-BF16_CASES = {"bfloat16", "autocast_bf16", "channels_last_autocast"}  # bfloat16 parameters, or autocast's matmuls
+# bfloat16 parameters, or autocast's bfloat16 matmuls
+BF16_CASES = {"bfloat16", "autocast_bf16", "channels_last_autocast", "compiled_ragged"}
 STATE_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 # mixed_dtypes: its float64 layer's gradient comes through float32 activations and losses (float32's rounding)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
@@ -461,11 +462,21 @@ def kept_hook(T: int) -> Built:
 # ---- real training set-ups -------------------------------------------------------------------------------------
 def _compiled(enc: nn.Module) -> nn.Module:
     """``torch.compile(enc, backend="aot_eager")`` with a fresh dynamo (its per-code cache holds 8 entries: a full
-    cache runs the later compiles eagerly, silently) and without donated buffers (read when the backward is compiled,
-    at the first call: the per-task Jacobian differentiates the encoder once per task; with donated buffers the
-    engine refuses that, tests/engine/test_compile.py)."""
+    cache runs the later compiles eagerly, silently) and without donated buffers for the process, as docs/engine.md
+    says to set it and ``train.compile`` sets it (read whenever a backward is compiled: a dynamic-shape recompile
+    compiles its backward at its first backward call; the per-task Jacobian differentiates the encoder once per task,
+    which donated buffers refuse, tests/engine/test_compile.py). :func:`_restore_donated_buffer` puts the setting
+    back after each test."""
     torch._dynamo.reset()
+    torch._functorch.config.donated_buffer = False
     return torch.compile(enc, backend="aot_eager")
+
+
+@pytest.fixture(autouse=True)
+def _restore_donated_buffer() -> Iterator[None]:
+    before = torch._functorch.config.donated_buffer
+    yield
+    torch._functorch.config.donated_buffer = before
 
 
 def _assert_compiled(z: Tensor) -> Tensor:
@@ -483,9 +494,24 @@ def compiled(T: int) -> Built:
 
     def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
         torch.manual_seed(3000 + i)  # the dropout masks
-        with torch._functorch.config.patch(donated_buffer=False):
-            z = _assert_compiled(fast(_x(i, 8, 5)))
+        z = _assert_compiled(fast(_x(i, 8, 5)))
         return z, _mse(heads, z)
+
+    return Built(net, step, lambda: list(enc.parameters()))
+
+
+def compiled_ragged(T: int) -> Built:
+    """A compiled encoder under bfloat16 autocast whose last micro-batch is smaller (a loader with
+    ``drop_last=False``): dynamo recompiles it with a dynamic batch size."""
+    enc = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh())
+    heads = _mlp_heads(T)
+    net = nn.ModuleDict({"enc": enc, "heads": heads})
+    fast = _compiled(enc)
+
+    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = _assert_compiled(fast(_x(i, 8 if i == 0 else 5, 5)))
+            return z, _mse(heads, z)
 
     return Built(net, step, lambda: list(enc.parameters()))
 
@@ -706,6 +732,7 @@ CASES: dict[str, Callable[[int], Built]] = {
         kept_function,
         kept_hook,
         compiled,
+        compiled_ragged,
         dropout,
         autocast_bf16,
         channels_last_autocast,
