@@ -197,3 +197,18 @@ def test_the_harness_sees_a_divergence(runs):
     with pytest.raises(AssertionError):
         assert_parity(ref_all[skey], dense, "sparse_embedding", "ew-loss")
     assert any(any(ref_all[k]["skipped"]) for k in ref_all if "skip" in k)
+
+
+@pytest.mark.parametrize("backend,cuda,want", [
+    ("gloo", True, "cpu"), ("cpu:gloo,cuda:nccl", True, "cpu"), ("mpi", True, "cpu"),
+    ("nccl", True, "cuda:0"), ("nccl", False, "cpu"),
+])
+def test_the_engines_own_small_tensors_go_where_the_backend_takes_them(monkeypatch, backend, cuda, want):
+    """The flags, checksums and masks the engine all-reduces itself: NCCL takes CUDA tensors only (a CPU tensor
+    raises "No backend type associated with device type cpu"), gloo CPU ones."""
+    from mtlens.engine.distributed import collective_device
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert collective_device(None) == torch.device(want)

@@ -36,6 +36,7 @@ class Dist:
     group: Any
     world: int
     rank: int
+    device: torch.device = torch.device("cpu")  # where the engine's own small tensors go (:func:`collective_device`)
 
     # -- collectives ---------------------------------------------------------------------------
     def mean_(self, t: Tensor) -> Tensor:
@@ -138,6 +139,7 @@ class Dist:
                 g = piece.view(k.shape).to(k.dtype)
             idx = touched.get(e)
             if idx is not None:
+                idx = idx.to(g.device)
                 g = torch.sparse_coo_tensor(idx, g[tuple(idx)], g.shape, dtype=g.dtype, device=g.device,
                                             is_coalesced=True)
             out.append(g)
@@ -151,7 +153,7 @@ class Dist:
         ``loss.backward()`` keeps every touched row in the sparse ``.grad`` (one whose gradient is exactly zero
         too), which ``torch.optim.SparseAdam`` updates."""
         sizes = [math.prod(shape[:sd]) for shape, sd in shapes]
-        mask = torch.zeros(sum(sizes), dtype=torch.float32)
+        mask = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
         at = 0
         for (shape, sd), size, idx in zip(shapes, sizes, local):
             for ix in idx:
@@ -159,13 +161,13 @@ class Dist:
                     lin = torch.zeros(ix.shape[1], dtype=torch.int64)
                     for d in range(sd):
                         lin = lin * shape[d] + ix[d].cpu()
-                    mask[at + lin] = 1.0
+                    mask[at + lin.to(self.device)] = 1.0
             at += size
         torch.distributed.all_reduce(mask, group=self.group)
         out: list[Tensor] = []
         at = 0
         for (shape, sd), size, idx in zip(shapes, sizes, local):
-            lin = torch.nonzero(mask[at:at + size]).flatten()
+            lin = torch.nonzero(mask[at:at + size]).flatten().cpu()
             device = idx[0].device if idx else torch.device("cpu")
             out.append(torch.stack(torch.unravel_index(lin, shape[:sd])).to(device) if sd else lin.reshape(0, -1))
             at += size
@@ -178,7 +180,7 @@ class Dist:
     def reached_anywhere(self, reached: Sequence[bool]) -> list[bool]:
         """Per entry, whether any rank's flag is set (one all-reduce of ``len(reached)`` numbers): a parameter
         reached by some rank's share is reached by the global batch."""
-        flags = torch.tensor([float(r) for r in reached], dtype=torch.float64)
+        flags = torch.tensor([float(r) for r in reached], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(flags, group=self.group)
         return [f > 0 for f in flags.tolist()]
 
@@ -219,7 +221,7 @@ class Dist:
         """Whether every rank passed the same ``signature`` and ``count`` (one MAX all-reduce of 4 numbers), with
         the smallest and largest count over the ranks."""
         sig = zlib.crc32(signature.encode())
-        v = torch.tensor([sig, -sig, count, -count], dtype=torch.int64)
+        v = torch.tensor([sig, -sig, count, -count], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX, group=self.group)
         hi, lo, n_hi, n_lo = v.tolist()
         return hi == -lo and n_hi == -n_lo, -n_lo, n_hi
@@ -274,4 +276,18 @@ def resolve(distributed: Any) -> Dist | None:
     world = torch.distributed.get_world_size(group)
     if world <= 1:
         return None
-    return Dist(group=group, world=world, rank=torch.distributed.get_rank(group))
+    return Dist(group=group, world=world, rank=torch.distributed.get_rank(group), device=collective_device(group))
+
+
+def collective_device(group: Any) -> torch.device:
+    """The device of the small tensors the engine all-reduces itself (flags, checksums, masks): the CPU where the
+    group's backend takes CPU tensors (gloo, mpi, a ``"cpu:gloo,cuda:nccl"`` pair), else the accelerator of this
+    process (NCCL takes CUDA tensors only; XCCL XPU ones)."""
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if "xccl" in backend and hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.device("xpu", torch.xpu.current_device())
+    return torch.device("cpu")

@@ -1455,7 +1455,7 @@ def _agree_unreached(tg: TaskGradients, dist: Dist, shared: Sequence[Tensor]) ->
     if sparse:  # nn.Embedding(sparse=True): sparse_dim 1
         union = dist.touched_union([(tuple(p.shape), 1) for p in sparse], [tg._sparse.get(id(p), []) for p in sparse])
         for p, idx in zip(sparse, union):
-            tg._sparse[id(p)] = [idx]
+            tg._sparse[id(p)] = [idx.to(p.device)]
 
 
 def _reduce_row(dist: Dist, row: list[Tensor]) -> list[Tensor]:
