@@ -233,6 +233,7 @@ class Route:
     scaler: bool = False
     retain: bool = False  # each micro-batch: one step with retain_graph=True, then a second on the same graph
     wrap: bool = False  # data-parallel run: forward through nn.parallel.DistributedDataParallel under no_sync()
+    sync: bool = False  # with wrap: the forward outside no_sync() (DDP prepares a reduction the engine never fires)
     ddp_backward: bool = False  # data-parallel run: DDP's own loss.backward() of the sum (EW), no mtl_backward
     transform: str | None = None  # loss_transform
     lookahead: bool = False  # a bilevel method: method.meta_step(LookAhead(...)) over the step's process group first
@@ -259,6 +260,8 @@ DDP_ROUTES = [
     Route("ddp-backward", "ew", ddp_backward=True),
     Route("ew-loss-ddp-wrap", "ew", wrap=True),
     Route("upgrad-param-ddp-wrap", "upgrad", "param", wrap=True),
+    Route("ew-loss-ddp-wrap-sync", "ew", wrap=True, sync=True),
+    Route("upgrad-param-ddp-wrap-sync", "upgrad", "param", wrap=True, sync=True),
 ]
 DDP_CASES = ["plain", "unreached", "frozen", "sparse_embedding", "float64", "routed", "routed_found"]
 RETAIN_ROUTES = [
@@ -395,7 +398,7 @@ def run(case: str, route: Route, group: Any | None, rank: int) -> Outcome:
                 method.meta_step(LookAhead(la_params, lambda i=i: list(built.step(i)[1].values()),
                                            lambda i=i: list(built.step(i + 7)[1].values()), lr=0.1,
                                            distributed=False if group is None else group))
-            with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
+            with ddp.no_sync() if ddp is not None and not route.sync else contextlib.nullcontext():
                 z, losses = steps(i)
             calls = [True, False] if route.retain else [False]
             for retain in calls:
