@@ -678,6 +678,13 @@ def parametrized_cached(T: int) -> Built:
     return b
 
 
+def frozen_heads(T: int) -> Built:
+    """Every head frozen (fine-tuning the encoder under fixed task heads): no head parameter to write."""
+    b = plain(T)
+    b.net["heads"].requires_grad_(False)
+    return b
+
+
 def deep_supervision(T: int) -> Built:
     """An auxiliary task on an intermediate activation of the encoder (deep supervision): its loss reads the encoder
     around ``Z``."""
@@ -763,6 +770,7 @@ CASES: dict[str, Callable[[int], Built]] = {
         lstm_deep,
         parametrized_cached,
         deep_supervision,
+        frozen_heads,
     )
 }
 THREE_D = {  # Z of ≥ 3 dimensions: Rep-MTL applies

@@ -559,9 +559,11 @@ def _cached_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     obj = _sum(float(w[t]) * attached[t] for t in range(grads.T)) * scale
     same = hw is None or bool(torch.equal(hw, w))
     params = list(shared) + ([] if not same else heads)
+    head_pass = not same and bool(heads)  # no head to write (every head frozen): no second backward
     gs: list[Tensor | None] = list(
-        vjp(obj, params, retain_graph=retain_graph or not same))
-    if hw is not None and not same:
+        vjp(obj, params, retain_graph=retain_graph or head_pass))
+    if head_pass:
+        assert hw is not None  # not same
         hobj = _sum(float(hw[t]) * attached[t] for t in range(grads.T)) * scale
         gs += list(vjp(hobj, heads, retain_graph=retain_graph))
     if dist is not None:
