@@ -80,7 +80,7 @@ class Dist:
         n = len(tensors)
         if like is not None and len(like) != n:
             raise ValueError(f"mean_list: {n} tensors but {len(like)} parameters")
-        if like is None and all(t is None for t in tensors):
+        if n == 0 or (like is None and all(t is None for t in tensors)):  # nothing (every head frozen): no reduction
             return list(tensors)
         kinds = [t if t is not None else (like[i] if like is not None else None) for i, t in enumerate(tensors)]
         wide = any(k is not None and k.dtype in (torch.float64, torch.complex128) for k in kinds)
