@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import test_grad_parity as gp
 import torch
 import torch.distributed as dist
+from _spawn import leave
 from torch import Tensor, nn
 
 from mtlens.engine import DecisionCache, LookAhead, TaskGradients, apply_decision, compute_task_gradients, mtl_backward
@@ -460,8 +460,4 @@ def worker(rank: int, port: int, outdir: str, keys: list[tuple[str, str]]) -> No
                 group = dist.new_group(backend="gloo", timeout=RUN_TIMEOUT)
     finally:
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as _ddp_worker: no interpreter teardown after gloo (aborts were seen there)
+    leave()  # after the results are written: both ranks leave the group, no interpreter teardown

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import traceback
 
 import torch
 import torch.distributed as dist
+from _spawn import leave
 from torch import nn
 
 from mtlens.engine import (
@@ -222,12 +222,4 @@ def worker(rank: int, world: int, port: int, outdir: str, cases: list[str]) -> N
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-        # both ranks leave the group together: a rank tearing gloo down while its peer still sends aborted
-        # the process now and then ("terminate called without an active exception", SIGABRT)
-        dist.barrier()
-        dist.destroy_process_group()
-    # leave without the interpreter's teardown: the aborts above were seen as the processes ended (a thread
-    # still joinable when its owner is destroyed), after every result was written and both ranks had left gloo
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # after the results are written: both ranks leave the group, no interpreter teardown

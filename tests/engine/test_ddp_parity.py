@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import copy
 import re
-import socket
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_parity_worker as W  # noqa: E402
 import test_grad_parity as gp  # noqa: E402
+from _spawn import free_port, spawn  # noqa: E402
 
 KEYS = W.plan()
 IDS = [f"{c}-{r}" for c, r in KEYS]
@@ -71,21 +69,10 @@ KEPT: dict[tuple[str, str], str] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_parity")
-    try:
-        mp.spawn(W.worker, args=(_free_port(), str(out), KEYS), nprocs=W.WORLD, join=True)
-    except mp.ProcessExitedException as exc:  # see test_distributed.py's fixture: an abort after the results
-        if not all((out / f"rank{r}.pt").exists() for r in range(W.WORLD)):
-            raise
-        warnings.warn(f"a data-parallel worker ended abnormally after writing its results: {exc}", stacklevel=1)
+    spawn(W.worker, (free_port(), str(out), KEYS), W.WORLD, [out / f"rank{r}.pt" for r in range(W.WORLD)])
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
     ref = {k: v for r in res for k, v in r["ref"].items()}
     return ref, [r["dp"] for r in res]

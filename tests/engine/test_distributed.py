@@ -7,39 +7,23 @@ rank and as the single-process run.
 """
 
 import json
-import socket
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker  # noqa: E402
+from _spawn import free_port, spawn  # noqa: E402
 
 TOL = 1e-9
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     cases = list(_ddp_worker.CASES) + ["accumulation", "refused", "refused_consmtl_log"]
-    try:
-        mp.spawn(_ddp_worker.worker, args=(2, _free_port(), str(out), cases), nprocs=2, join=True)
-    except mp.ProcessExitedException as exc:
-        # A rank that wrote its results had run every case; now and then, only under the whole suite, both ranks
-        # were killed by SIGABRT ("terminate called without an active exception") as the processes ended. Results
-        # written before that stand (a partial file fails json.loads below); a rank that died earlier fails here.
-        if not all((out / f"rank{r}.json").exists() for r in range(2)):
-            raise
-        warnings.warn(f"a data-parallel worker ended abnormally after writing its results: {exc}", stacklevel=1)
+    spawn(_ddp_worker.worker, (2, free_port(), str(out), cases), 2, [out / f"rank{r}.json" for r in range(2)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

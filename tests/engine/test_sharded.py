@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from _spawn import free_port, leave, spawn  # noqa: E402
 
 
 class _Net(nn.Module):
@@ -82,17 +78,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     finally:
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # after the results are written: both ranks leave the group, no interpreter teardown
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(_worker, (2, free_port(), str(out)), 2, [out / f"rank{r}.json" for r in range(2)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
