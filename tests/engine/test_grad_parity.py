@@ -678,6 +678,13 @@ def parametrized_cached(T: int) -> Built:
     return b
 
 
+def attention_eval(T: int) -> Built:
+    """``nn.MultiheadAttention`` in eval mode (its fused fast path is eligible only without autograd)."""
+    b = attention(T)
+    b.net.eval()
+    return b
+
+
 def frozen_heads(T: int) -> Built:
     """Every head frozen (fine-tuning the encoder under fixed task heads): no head parameter to write."""
     b = plain(T)
@@ -771,11 +778,12 @@ CASES: dict[str, Callable[[int], Built]] = {
         parametrized_cached,
         deep_supervision,
         frozen_heads,
+        attention_eval,
     )
 }
 THREE_D = {  # Z of ≥ 3 dimensions: Rep-MTL applies
     "unreached", "tied", "lstm", "gru", "attention", "channels_last", "buffered", "transformer", "transformer_eval",
-    "lstm_deep",
+    "lstm_deep", "attention_eval",
 }
 
 
