@@ -530,10 +530,8 @@ def dropout(T: int) -> Built:
     return Built(net, step, lambda: list(enc.parameters()))
 
 
-def autocast_bf16(T: int) -> Built:
-    """``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward: float32 parameters, bfloat16 matmuls
-    (``Z`` and the heads' outputs in bfloat16), float32 ``.grad``."""
-    b = plain(T)
+def _under_bf16_autocast(b: Built) -> Built:
+    """``b`` with every micro-batch's forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
     inner = b.step
 
     def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -542,19 +540,17 @@ def autocast_bf16(T: int) -> Built:
 
     b.step = step
     return b
+
+
+def autocast_bf16(T: int) -> Built:
+    """``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward: float32 parameters, bfloat16 matmuls
+    (``Z`` and the heads' outputs in bfloat16), float32 ``.grad``."""
+    return _under_bf16_autocast(plain(T))
 
 
 def channels_last_autocast(T: int) -> Built:
     """``channels_last`` convolutions with BatchNorm under bfloat16 autocast."""
-    b = channels_last(T)
-    inner = b.step
-
-    def step(i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return inner(i)
-
-    b.step = step
-    return b
+    return _under_bf16_autocast(channels_last(T))
 
 
 def pruned(T: int) -> Built:

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from _nets import TinyNet
+from _nets import TinyNet, poison_backward
 
 from mtlens.engine import DecisionCache, mtl_backward
 from mtlens.engine.graph import backward_order
@@ -214,20 +214,8 @@ def test_hooks_run_in_the_order_backward_runs_them(net_name, name, level, opts):
         assert mine == theirs, step
 
 
-class _InfGrad(torch.autograd.Function):
-    """The identity whose backward overflows (as float16 gradients do under a too-large loss scale)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
-
-
 def _overflowing(net: TinyNet, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    z = _InfGrad.apply(net.enc(x))
+    z = poison_backward(net.enc(x), float("inf"))  # as float16 gradients overflow
     return z, {f"t{i}": (h(z) ** 2).mean() + 0.1 for i, h in enumerate(net.heads)}
 
 

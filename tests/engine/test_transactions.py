@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from _nets import TinyNet
+from _nets import TinyNet, poison_backward
 
 from mtlens.engine import DecisionCache, GramianWeighting, mtl_backward
 from mtlens.errors import ConfigurationError, MTLensError, NonFiniteError
@@ -46,16 +46,7 @@ def _nan_grad_losses(net, x):
     """Finite losses whose gradient is NaN (a NaN injected into the backward only)."""
     z, losses = net(x)
 
-    class NaNGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, t):
-            return t.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * float("nan")
-
-    z2 = NaNGrad.apply(z)
+    z2 = poison_backward(z, float("nan"))
     losses = {f"t{i}": (h(z2) ** 2).mean() + 0.1 for i, h in enumerate(net.heads)}
     return z2, losses
 
@@ -225,16 +216,6 @@ def test_jacobian_aggregators_refuse_cached_decisions():
 
 
 # ---- fp16 + GradScaler: the documented loop survives several overflows ---------------------------
-class _InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
-
-
 @pytest.mark.parametrize("name,level", [("ew", None), ("mgda", "param"), ("upgrad", "feature"), ("db_mtl", "param")])
 def test_documented_fp16_loop_continues_after_several_overflows(name, level):
     torch.manual_seed(0)
@@ -250,7 +231,7 @@ def test_documented_fp16_loop_continues_after_several_overflows(name, level):
             z = net.enc(x)
         z = z.float()
         if step in (0, 1, 5):  # an overflow in the backward (as fp16 gradients overflow)
-            z = _InfGrad.apply(z)
+            z = poison_backward(z, float("inf"))
         losses = {f"t{i}": (h(z) ** 2).mean() + 0.1 for i, h in enumerate(net.heads)}
         before = [p.detach().clone() for p in net.parameters()]
         state = _state(m)
