@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch._functorch.config  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_all import Workload, measure  # noqa: E402
+from run_all import Workload, measure, ratio  # noqa: E402
 
 from mtlens.engine import mtl_backward  # noqa: E402
 from mtlens.methods import create  # noqa: E402
@@ -54,13 +54,6 @@ def rows_for(w: Workload, tag: str) -> dict:
 
     return {f"{tag} plain": plain, f"{tag} EW": step(ew, None), f"{tag} MGDA feature": step(mgda, "feature"),
             f"{tag} UPGrad param": step(upgrad, "param")}
-
-
-def ratio(times: dict, a: str, b: str) -> float:
-    ta, tb = times[a], times[b]
-    if isinstance(ta, str) or isinstance(tb, str):
-        return float("nan")
-    return statistics.median(x / y for x, y in zip(ta, tb))
 
 
 def main() -> None:
