@@ -56,14 +56,14 @@ def rows_for(w: Workload, tag: str) -> dict:
             f"{tag} UPGrad param": step(upgrad, "param")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default="conv,mlp")
     ap.add_argument("--tasks", default="3,11")
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-run-time", type=float, default=0.2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch._functorch.config.donated_buffer = False  # the loop Jacobian runs the encoder's backward T times
     out = []
