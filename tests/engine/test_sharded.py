@@ -103,3 +103,24 @@ def test_a_replicated_model_trains_and_the_refused_steps_write_nothing(results):
     for res in results:
         assert res["replicated"] is True
         assert all(res["grads_after"])  # every .grad of the sharded model still None
+
+
+def test_sharded_parameters_are_recognised_without_a_process_group():
+    """DTensor shards (and subclasses) and FSDP1 flat parameters are refused when given; a plain parameter is not."""
+    from mtlens.engine.sharded import _is_sharded, refuse_sharded
+    from mtlens.errors import ConfigurationError
+
+    class DTensor(torch.Tensor):  # stands for torch.distributed.tensor.DTensor (recognised by name, in the MRO)
+        pass
+
+    class Sub(DTensor):
+        pass
+
+    flat = nn.Parameter(torch.zeros(3))
+    flat._is_flat_param = True  # FSDP1's FlatParameter marks itself so
+    plain = nn.Parameter(torch.zeros(3))
+    assert not _is_sharded(plain) and not _is_sharded(torch.zeros(2))
+    assert _is_sharded(torch.zeros(2).as_subclass(Sub)) and _is_sharded(flat)
+    refuse_sharded([plain])
+    with pytest.raises(ConfigurationError, match="sharded parameter.*not supported"):
+        refuse_sharded([plain, flat])

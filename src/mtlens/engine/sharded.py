@@ -47,8 +47,7 @@ def sharded_modules() -> list[Any]:
 
 def _is_sharded(p: Tensor) -> bool:
     """A DTensor shard (FSDP2, tensor parallelism) or FSDP1's flat parameter."""
-    return getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor" or any(
-        type(c).__name__ == "DTensor" for c in type(p).__mro__)
+    return bool(getattr(p, "_is_flat_param", False)) or any(c.__name__ == "DTensor" for c in type(p).__mro__)
 
 
 def refuse_sharded(params: Iterable[Tensor] | None = None) -> None:
