@@ -11,12 +11,17 @@ import torch._functorch.config as functorch_config
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def test_rows_and_ratios(benchmark_script, capsys, monkeypatch):
-    monkeypatch.setattr(functorch_config, "donated_buffer", functorch_config.donated_buffer)  # the script sets it
+def test_rows_and_ratios(benchmark_script, capsys):
+    # the script turns donated buffers off for the process: put the setting back by hand (pytest ≥ 9.2's monkeypatch
+    # deletes an attribute that was not in the module's __dict__ on undo, and deleting a torch config entry hides it)
+    donated = functorch_config.donated_buffer
     torch._dynamo.reset()
-    benchmark_script("compiled").main(["--kinds", "mlp", "--tasks", "2", "--rounds", "1", "--min-run-time", "0.01",
-                                       "--backend", "aot_eager"])
-    torch._dynamo.reset()
+    try:
+        benchmark_script("compiled").main(["--kinds", "mlp", "--tasks", "2", "--rounds", "1", "--min-run-time",
+                                           "0.01", "--backend", "aot_eager"])
+    finally:
+        torch._dynamo.reset()
+        functorch_config.donated_buffer = donated
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| row")}
