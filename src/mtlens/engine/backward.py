@@ -39,6 +39,7 @@ from .gradients import (
     LOG_EPS,
     LOSS_TRANSFORMS,
     TaskGradients,
+    _dist_initialized,
     _sum,
     all_finite,
     compute_task_gradients,
@@ -68,11 +69,6 @@ from .sharded import refuse_sharded
 __all__ = ["DecisionCache", "LOG_EPS", "counters", "mtl_backward", "resolve_level", "transform_losses"]
 
 NONFINITE_POLICIES = ("raise", "skip")
-
-# ``torch.distributed.is_initialized`` where torch was built with it (a build constant): ``resolve(None)``'s
-# first test, without its ``is_available`` (≈ 10 µs inside a training loop, where the code is cold)
-_dist_initialized = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
-
 
 @dataclass
 class _Counters:

@@ -37,6 +37,8 @@ from .protocols import Regularizer
 from .sharded import refuse_sharded
 from .stacked import StackSplit, prune_stacked_losses, stack_split
 
+# ``torch.distributed.is_initialized`` where torch was built with it (a build constant): ``resolve(None)``'s
+# first test, without its ``is_available`` (≈ 10 µs inside a training loop, where the code is cold)
 _dist_initialized = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 
 LOG_EPS = 1e-8
@@ -829,13 +831,8 @@ def check_only_route(names: Sequence[str], maps: Sequence[Tensor], sets: Sequenc
     (``_input_metadata``: one entry per forward output; where torch lacks it, every such node). A loss that is
     itself another output of that node (``losses[t]``; its walk stops at once) is such a route too: a model
     ``torch.compile``'d as a whole returns ``Z`` and the losses (or the heads' outputs) from one compiled node."""
-    by_node: dict[Any, set[int]] = {}
-    for z in maps:
-        if z.grad_fn is not None:
-            by_node.setdefault(z.grad_fn, set()).add(z.output_nr)
-    for node, nrs in by_node.items():
-        meta = getattr(node, "_input_metadata", None)
-        if meta is not None and len(meta) <= len(nrs):
+    for node, nrs in _maps_by_node(maps).items():
+        if not _other_outputs(node, nrs):
             continue
         bad: list[str] = []
         other: set[int] = set()
@@ -862,18 +859,26 @@ def check_only_route(names: Sequence[str], maps: Sequence[Tensor], sets: Sequenc
             )
 
 
-def _multi_output_maps(maps: Sequence[Tensor]) -> bool:
-    """Whether a map's autograd node has outputs that are not maps (where :func:`check_only_route` can find a
-    route around the maps; a node without ``_input_metadata`` counts)."""
-    nrs: dict[Any, int] = {}
+def _maps_by_node(maps: Sequence[Tensor]) -> dict[Any, set[int]]:
+    """Each map's autograd node with the output numbers of the maps it made."""
+    by_node: dict[Any, set[int]] = {}
     for z in maps:
         if z.grad_fn is not None:
-            nrs[z.grad_fn] = nrs.get(z.grad_fn, 0) + 1
-    for node, k in nrs.items():
-        meta = getattr(node, "_input_metadata", None)
-        if meta is None or len(meta) > k:
-            return True
-    return False
+            by_node.setdefault(z.grad_fn, set()).add(z.output_nr)
+    return by_node
+
+
+def _other_outputs(node: Any, nrs: set[int]) -> bool:
+    """Whether ``node`` has outputs besides the maps' ``nrs`` (``_input_metadata``: one entry per forward output;
+    a node without it counts)."""
+    meta = getattr(node, "_input_metadata", None)
+    return meta is None or len(meta) > len(nrs)
+
+
+def _multi_output_maps(maps: Sequence[Tensor]) -> bool:
+    """Whether a map's autograd node has outputs that are not maps (where :func:`check_only_route` can find a
+    route around the maps)."""
+    return any(_other_outputs(node, nrs) for node, nrs in _maps_by_node(maps).items())
 
 
 def _retain_flags(node_sets: list[set]) -> list[bool]:
