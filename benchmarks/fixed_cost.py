@@ -139,10 +139,13 @@ def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
         "_lean_losses": "validate the losses (names, scalars, graphs)",
         "StepRecord": "the record",
         "objective_leaves": "graph walk: the leaves to write",
+        "objective_leaves_direct": "graph walk: the leaves to write",
         "all_finite": "finiteness of losses, weights and every gradient (one fused read)",
         "_accumulate": "write .grad",
-        "vjp": "",  # the backward itself (engine/_autograd.vjp), reported against the plain loop's below
+        "vjp": "",  # the backward itself (engine/_autograd.vjp, or backward_into_grad when it writes .grad itself),
+        "backward_into_grad": "",  # reported against the plain loop's below
     }
+    backward_parts = ("vjp", "backward_into_grad")
     originals = {name: getattr(B, name) for name in wrapped}
     steps_seen: list[tuple[dict[str, float], float, float]] = []
 
@@ -177,8 +180,11 @@ def ew_parts(w: Workload, steps: int, clock) -> dict[str, list[float]]:
     for acc, plain, total in steps_seen:
         step = acc.pop("_loss_step")
         parts = {"mtl_backward's option checks (the lean path's conditions)": total - step}
-        parts.update({wrapped[k]: v for k, v in acc.items() if k != "vjp"})
-        parts["the backward (engine/_autograd.vjp) − the plain loop's sum(losses).backward()"] = acc["vjp"] - plain
+        for k, v in acc.items():
+            if k not in backward_parts:
+                parts[wrapped[k]] = parts.get(wrapped[k], 0.0) + v
+        parts["the backward (engine/_autograd.vjp or backward_into_grad) − the plain loop's sum(losses).backward()"] = \
+            sum(acc.get(k, 0.0) for k in backward_parts) - plain
         parts["the rest: stack, EW's combine, weights, snapshot, record fields, features"] = step - sum(acc.values())
         parts["EW − plain (the mtl_backward call − sum(losses).backward())"] = total - plain
         for k, v in parts.items():

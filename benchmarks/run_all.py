@@ -61,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from mtlens.engine import mtl_backward  # noqa: E402
-from mtlens.engine._autograd import vjp  # noqa: E402  (the engine's call into autograd: floors pay no more than it)
+from mtlens.engine._autograd import backward_into_grad, vjp  # noqa: E402  (the engine's calls: floors pay no more)
 from mtlens.engine.gradients import all_finite  # noqa: E402
 from mtlens.engine.gramian import gramian_from_blocks  # noqa: E402
 from mtlens.engine.saliency import channels_by_locations  # noqa: E402
@@ -318,14 +318,16 @@ class JacobianFloor:
 
 def ew_floor_step(w) -> None:
     """The EW floor's step (row `plain + finiteness check (EW floor)`; also fixed_cost.py's): the plain loop's
-    backward, its gradients returned, one exact finiteness check, then ``.grad`` assigned."""
+    ``backward()`` writing ``.grad`` (every ``.grad`` is ``None`` at entry and no hook runs on a write), one exact
+    finiteness check of those ``.grad``, reset to ``None`` when it fails — the cheapest exact form measured
+    (docs/performance.md, "EW against a plain loop"), and the engine's own when those conditions hold."""
     w.zero()
     _, losses = w.forward()
-    gs = vjp(sum(losses.values()), w.params)
-    if not all_finite(list(gs)):
+    backward_into_grad(sum(losses.values()))
+    if not all_finite([p.grad for p in w.params]):
+        for p in w.params:
+            p.grad = None
         raise FloatingPointError("non-finite gradient")
-    for p, g in zip(w.params, gs):
-        p.grad = g
 
 
 def step_fns(w, methods: dict, batched_autogram: bool = True) -> dict[str, Callable[[], None]]:

@@ -43,8 +43,10 @@ STATE_TOL = {"rtol": 1e-5, "atol": 1e-6}
 # mixed_dtypes: its float64 layer's gradient comes through float32 activations and losses (float32's rounding)
 F32_TOL = {"rtol": 1.3e-6, "atol": 1e-5}
 # Gradient methods decide through a solver (UPGrad's QP, MGDA's min-norm): a Gramian that differs in its last bits
-# moves the weights by the solver's tolerance; under a GradScaler the compared gradients are ×1024
-SCALER_TOL = {"rtol": 1e-4, "atol": 1e-5}
+# moves the weights by the solver's tolerance; under a GradScaler the compared gradients are ×1024, and so is the
+# absolute tolerance: 1e-5 of an unscaled gradient (an element that nearly cancels, enc.1.weight of sparse_embedding
+# under EW, was 3e-5 off in scaled units on an AVX-512 CPU, whose reductions add in another order than AVX2's)
+SCALER_TOL = {"rtol": 1e-4, "atol": 1e-5 * 2**10}
 
 # Refused under data parallelism by design, with the fix named: (case, route) -> the message's pattern. Asserted.
 REFUSED_DP: dict[tuple[str, str], str] = {

@@ -320,8 +320,9 @@ def test_ew_step_reads_the_device_once_and_runs_no_isfinite_kernels():
 
 def test_a_failing_loss_step_runs_no_accumulation_hook():
     """Nothing written before the verdict: post-accumulate-grad hooks and the AccumulateGrad node hooks
-    (where DDP's reducer listens) do not run on a failing step (a passing one runs the former after each
-    ``.grad`` is written: tests/engine/test_post_accumulate_hooks.py; the latter never). Tensor hooks
+    (where DDP's reducer listens) do not run on a failing step when a post-accumulate-grad hook is set (a passing
+    one runs the former after each ``.grad`` is written: tests/engine/test_post_accumulate_hooks.py; the latter
+    never; without any post-accumulate-grad hook: the next test). Tensor hooks
     (``p.register_hook``) and ``retain_grad()`` tensors do see the computed gradient, as under
     ``torch.autograd.grad`` (docs/performance.md)."""
     net = TinyNet(3)
@@ -382,3 +383,160 @@ def test_find_leaves_is_a_first_reached_depth_first_walk():
             assert len(got) == len(set(got)) and set(got) == {id(t) for t in reference([r])}
             assert got == [id(t) for t in objective_leaves(r)]
     assert objective_leaves(torch.randn(3, requires_grad=True)) == []  # a leaf root: no backward edges
+
+
+# ---- the fused finiteness check and the EW step's direct write (docs/performance.md, "EW against a plain loop") ----
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_fused_finiteness_check_is_exact_and_leaves_every_bit_and_version(dtype):
+    """GradScaler's fused check with an inverse scale of 1 stores each element back unchanged (signed zeros,
+    subnormals even under ``torch.set_flush_denormal(True)``, where a multiplication by 1 would flush them), bumps
+    no version counter, and catches every kind and position of non-finite value."""
+    from mtlens.engine.gradients import _FUSED_CHECK, _fused_finite
+
+    assert _FUSED_CHECK  # this torch has the kernel: otherwise the tests below would test the sums only
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=g).to(dtype) for n in (1, 7, 5000)] + [torch.randn(6, 5, generator=g).to(dtype).t()]
+    ts[1][0], ts[1][1] = -0.0, torch.finfo(dtype).tiny / 4  # a subnormal (bfloat16: flushed to 0 by .to, harmless)
+    before = [(_bits(t), t._version) for t in ts]
+    torch.set_flush_denormal(True)  # where the CPU supports it (x86 with SSE3); the bits are compared either way
+    try:
+        assert _fused_finite(ts) is True and all_finite(ts)
+    finally:
+        torch.set_flush_denormal(False)
+    for t, (bits, version) in zip(ts, before):
+        assert torch.equal(_bits(t), bits) and t._version == version
+    for k in range(len(ts)):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t2 = [t.clone() for t in ts]
+            t2[k][(-1,) * t2[k].ndim] = bad
+            assert _fused_finite(t2) is False and not all_finite(t2), (k, bad)
+    # mixed floating dtypes in one call; a tensor requiring grad and a parameter are read as they are
+    p = torch.nn.Parameter(torch.randn(3))
+    assert _fused_finite([ts[0], torch.randn(4, dtype=torch.float64), p, p * 2]) is True and p._version == 0
+
+
+def test_fused_finiteness_check_hands_what_it_cannot_read_to_the_sums():
+    """Expanded (stride-0), complex, sparse and integer tensors are refused by the kernel: ``None``, and
+    ``all_finite`` judges them by the exact sums instead (tested above)."""
+    from mtlens.engine.gradients import _fused_finite
+
+    expanded = torch.ones(1).expand(5)
+    c = torch.randn(3, dtype=torch.complex64)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    for ts in ([torch.randn(3), expanded], [c], [emb.weight.grad], [torch.arange(3)]):
+        assert _fused_finite(ts) is None and all_finite(ts)
+    nan_expanded = torch.tensor([float("nan")]).expand(4)
+    assert not all_finite([torch.randn(3), nan_expanded])
+
+
+def _ew_step(net, x, **kw):
+    z, losses = net(x)
+    return mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("ew"), **kw)
+
+
+def test_ew_step_lets_backward_write_every_grad_when_nothing_can_see_a_refused_write(monkeypatch):
+    """Every ``.grad`` ``None``, no post-accumulate-grad hook, no custom ``autograd.Function``, no process group: the
+    EW step is ``backward()`` itself, then the check — the same ``.grad`` bit for bit as ``loss.backward()`` (autograd's
+    own writes), and no captured gradient (``vjp`` is not called)."""
+    import mtlens.engine.backward as B
+
+    def no_vjp(*a, **k):
+        raise AssertionError("the EW step captured its gradients instead of letting backward() write them")
+
+    monkeypatch.setattr(B, "vjp", no_vjp)
+    torch.manual_seed(0)
+    net, twin, x = TinyNet(3), TinyNet(3), torch.randn(4, 5)
+    twin.load_state_dict(net.state_dict())
+    rec = _ew_step(net, x)
+    _, losses = twin(x)
+    sum(losses.values()).backward()
+    for (n, p), q in zip(net.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad) and p.grad.stride() == q.grad.stride(), n
+    assert torch.equal(rec.weights, torch.ones(3, dtype=torch.float64)) and not rec.skipped
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_ew_direct_write_refused_leaves_every_grad_none(policy):
+    """A finite loss with a NaN gradient (built-in ops only, so the direct write is taken): the verdict after
+    ``backward()`` resets every ``.grad`` it wrote to ``None`` — the state before the step — under both policies,
+    and ``Z.retain_grad()`` still sees the computed gradient, as under ``torch.autograd.grad``."""
+    net = TinyNet(3)
+    z, losses = net(torch.randn(4, 5))
+    z.retain_grad()
+    bad = {**losses, "t2": losses["t2"] + torch.sqrt(z.sum() * 0 - 0.0)}  # sqrt(0) = 0, its gradient 0·inf = NaN
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="non-finite gradient in the backward of 'ew'"):
+            mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=create("ew"))
+    else:
+        with pytest.warns(RuntimeWarning, match="step skipped .*nothing was written"):
+            rec = mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=create("ew"),
+                               nonfinite="skip")
+        assert rec.skipped
+    assert all(p.grad is None for p in net.parameters())
+    assert z.grad is not None and not torch.isfinite(z.grad).all()
+
+
+def test_ew_step_captures_its_gradients_where_a_write_could_be_seen(monkeypatch):
+    """An existing ``.grad`` (accumulation: a refused step must leave it as it was), a custom ``autograd.Function``
+    (its backward may call ``backward()`` itself) or a post-accumulate-grad hook: the captured path, with its
+    verdict before any write — the sums of an accumulation equal ``backward()``'s."""
+    import mtlens.engine.backward as B
+
+    calls = []
+    vjp = B.vjp
+
+    def counted(*a, **k):
+        calls.append(1)
+        return vjp(*a, **k)
+
+    monkeypatch.setattr(B, "vjp", counted)
+    torch.manual_seed(0)
+    net, twin, x = TinyNet(3), TinyNet(3), torch.randn(4, 5)
+    twin.load_state_dict(net.state_dict())
+    _ew_step(net, x)
+    assert calls == []
+    _ew_step(net, x)  # accumulates into the .grad of the first step
+    assert calls == [1]
+    for _ in range(2):
+        _, losses = twin(x)
+        sum(losses.values()).backward()
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    net.zero_grad(set_to_none=True)
+    from _nets import poison_backward
+
+    z, losses = net(x)
+    _ = mtl_backward({**losses, "t0": poison_backward(losses["t0"], 1.0)}, features=z, method=create("ew"))
+    assert calls == [1, 1]
+    net.zero_grad(set_to_none=True)
+    net.heads[1].bias.register_post_accumulate_grad_hook(lambda p: None)
+    _ew_step(net, x)
+    assert calls == [1, 1, 1]
+
+
+def test_without_a_process_group_a_node_hook_runs_during_the_direct_write_as_under_backward():
+    """The documented limit of the direct write (docs/reliability.md §4): a hook on a leaf's ``AccumulateGrad`` node
+    cannot be seen from Python, so without a process group (DDP's reducer needs one, and then the step captures its
+    gradients) and without a post-accumulate-grad hook it runs during the step's ``backward()``, as under
+    ``loss.backward()`` — on a step the verdict refuses too, whose ``.grad`` are then reset to ``None``."""
+    net = TinyNet(3)
+    calls = []
+    w = net.heads[0].weight
+    acc = w.view_as(w).grad_fn.next_functions[0][0]
+    acc.register_hook(lambda gi, go: calls.append("accumulate_node"))
+    z, losses = net(torch.randn(4, 5))
+    mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("ew"))
+    assert calls == ["accumulate_node"]
+    net.zero_grad(set_to_none=True)
+    z, losses = net(torch.randn(4, 5))
+    bad = {**losses, "t2": losses["t2"] + torch.sqrt(z.sum() * 0 - 0.0)}
+    with pytest.raises(NonFiniteError):
+        mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=create("ew"))
+    assert calls == ["accumulate_node"] * 2 and all(p.grad is None for p in net.parameters())

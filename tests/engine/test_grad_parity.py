@@ -928,13 +928,14 @@ def _preset(built: Built) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def _reference(build: Callable[[int], Built], T: int, preset: bool = False) -> tuple[Built, dict[str, int]]:
+def _reference(build: Callable[[int], Built], T: int, preset: bool = False,
+               hooks: bool = True) -> tuple[Built, dict[str, int]]:
     torch.manual_seed(0)
     ref = build(T)
     if preset:
         _preset(ref)
     ref.before = {n: p.grad for n, p in ref.net.named_parameters()}
-    calls = _hooked(ref.net)
+    calls = _hooked(ref.net) if hooks else {}
     for i in range(MICRO_BATCHES):
         _, losses = ref.step(i)
         sum(losses.values()).backward()
@@ -943,20 +944,22 @@ def _reference(build: Callable[[int], Built], T: int, preset: bool = False) -> t
 
 
 def assert_same_grads_as_backward(
-    build: Callable[[int], Built], route: Route, T: int = 3, values: bool | str = False, preset: bool = False
+    build: Callable[[int], Built], route: Route, T: int = 3, values: bool | str = False, preset: bool = False,
+    hooks: bool = True,
 ) -> None:
     """``route`` on one model, ``sum(losses).backward()`` on its twin, each over two accumulated micro-batches then
     ``clip_grad_norm_``: the same ``.grad`` None-ness, dtype, layout, strides (the parameter's), memory of its own,
     post-accumulate hooks once per written parameter and micro-batch; with ``values`` the same values
     (``"exact"``: bit for bit; ``True``: to the dtype's rounding, see the module docstring). ``preset``: every
-    ``.grad`` starts as zeros (:func:`_preset`) instead of ``None``."""
-    ref, ref_calls = _reference(build, T, preset)
+    ``.grad`` starts as zeros (:func:`_preset`) instead of ``None``. ``hooks=False``: no post-accumulate-grad hook on
+    either model (a hook turns the lean loss step's direct write off, docs/reliability.md §4)."""
+    ref, ref_calls = _reference(build, T, preset, hooks)
     torch.manual_seed(0)
     got = build(T)
     if preset:
         _preset(got)
     got.before = {n: p.grad for n, p in got.net.named_parameters()}
-    calls = _hooked(got.net)
+    calls = _hooked(got.net) if hooks else {}
     route.run(got, create(route.method))
     _clip(got)
 
@@ -1042,6 +1045,50 @@ def _ew_route_is_backward(case: str, route: Route, request: pytest.FixtureReques
 def test_ew_writes_the_grads_of_backward(case, request):
     """EW at loss level (the lean loss step)."""
     _ew_route_is_backward(case, EW, request)
+
+
+def _has_custom_function(build: Callable[[int], Built]) -> bool:
+    """Whether a case's graph holds a custom ``autograd.Function`` node (the direct write's own test, written again)."""
+    torch.manual_seed(0)
+    _, losses = build(3).step(0)
+    todo, seen = [L.grad_fn for L in losses.values()], set()
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n, torch.autograd.function.BackwardCFunction):
+            return True
+        todo.extend(m for m, _ in n.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ew_direct_write_is_backward(case, request, monkeypatch):
+    """EW at loss level without post-accumulate-grad hooks, so the lean step's first micro-batch lets ``backward()``
+    write every ``.grad`` (the direct write, docs/reliability.md §4) and the second accumulates through the captured
+    path: everything matches ``loss.backward()``, values bit for bit — a kept gradient from a parameter hook too
+    (``AccumulateGrad`` copies it); a graph with a custom ``autograd.Function`` takes the captured path."""
+    import mtlens.engine.backward as B
+
+    direct: list[int] = []
+    real = B.backward_into_grad
+
+    def counted(*a, **k):
+        direct.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(B, "backward_into_grad", counted)
+    pattern = _refused(case, EW)
+    if pattern:
+        with pytest.raises((ConfigurationError, RuntimeError), match=pattern):
+            assert_same_grads_as_backward(CASES[case], EW, values="exact", hooks=False)
+        return
+    if case == "kept_function":  # a custom Function: the captured path, whose known divergence this is
+        request.applymarker(pytest.mark.xfail(strict=True, reason="a kept gradient becomes the .grad (by design)"))
+    custom = _has_custom_function(CASES[case])
+    assert_same_grads_as_backward(CASES[case], EW, values="exact", hooks=False)
+    assert direct == ([] if custom else [1]), (case, custom, direct)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -94,6 +94,30 @@ FAST = _usable()
 """Whether :func:`vjp` may call autograd's engine directly on this torch (else always the public path)."""
 
 
+def backward_into_grad(output: Tensor, retain_graph: bool = False) -> None:
+    """``output.backward(retain_graph=retain_graph)`` for a real floating-point scalar ``output``: autograd's
+    ``AccumulateGrad`` writes every leaf's ``.grad`` (its layout contract, its own copies). In the plain case
+    (see the module docstring) autograd's C++ engine is called directly, with the ``grad_output`` that
+    ``torch.autograd.backward`` would make (ones); otherwise ``torch.autograd.backward`` itself.
+
+    Raises:
+        ConfigurationError: :func:`compile_error`'s translation of a ``torch.compile``'d backward's refusal.
+        RuntimeError: autograd's own errors.
+    """
+    try:
+        if FAST and not has_torch_function((output,)):
+            assert _run_backward is not None  # FAST
+            _run_backward((output,), (torch.ones_like(output, memory_format=torch.preserve_format),), retain_graph,
+                          False, (), allow_unreachable=True, accumulate_grad=True)
+        else:
+            torch.autograd.backward(output, retain_graph=retain_graph)
+    except RuntimeError as exc:
+        err = compile_error(exc)
+        if err is None:
+            raise
+        raise err from exc
+
+
 def vjp(
     outputs: Tensor | GradientEdge | Sequence[Tensor | GradientEdge],
     inputs: Tensor | GradientEdge | Sequence[Tensor | GradientEdge],

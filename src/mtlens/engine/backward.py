@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, MTLensError, NonFiniteError
-from ._autograd import vjp
+from ._autograd import backward_into_grad, vjp
 from .apply import _accumulate, apply_decision, backward_problem, check_decision, weights_error, write_overflow_signal
 from .decision import Decision
 from .distributed import Dist, resolve
@@ -52,7 +52,7 @@ from .gradients import (
     trainable,
     transform_losses,
 )
-from .graph import objective_leaves
+from .graph import objective_leaves, objective_leaves_direct
 from .param_step import param_step
 from .protocols import (
     GramianWeighting,
@@ -451,15 +451,25 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             raise weights_error(name, weights, len(names))
         if objective is None:  # apply_decision, loss level
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
-        params = objective_leaves(objective)
-        gs = vjp(objective, params, retain_graph=retain_graph)
+        if _dist_initialized():  # a DDP reducer's hooks on the leaves' AccumulateGrad nodes: never before the verdict
+            params, direct = objective_leaves(objective), False
+        else:
+            params, direct = objective_leaves_direct(objective)
+        if direct:  # every .grad is None and nothing runs on a write: backward() writes them, a refusal unwrites them
+            backward_into_grad(objective, retain_graph)
+            gs: Sequence[Tensor | None] = [p.grad for p in params]
+        else:
+            gs = vjp(objective, params, retain_graph=retain_graph)
         problem = ""
         if not all_finite([*gs, raw] if fused else gs):
             if fused and not host_finite(raw):
                 problem = loss_problem(names, raw)
             else:
                 problem = backward_problem(name, raw)
-        else:
+            if direct:
+                for p in params:
+                    p.grad = None
+        elif not direct:
             _accumulate(params, gs, 1.0, objective)
     except BaseException:
         method.restore(snap)

@@ -84,6 +84,44 @@ def objective_leaves(root: Tensor) -> list[Tensor]:
     return leaves
 
 
+_CUSTOM_FUNCTION: type = torch.autograd.function.BackwardCFunction
+
+
+def objective_leaves_direct(root: Tensor) -> tuple[list[Tensor], bool]:
+    """:func:`objective_leaves` ``(root)`` and whether ``root``'s own ``backward()`` may write those leaves'
+    ``.grad`` before the step's finiteness verdict with nothing else seeing a value that the verdict could refuse:
+    every leaf's ``.grad`` is ``None`` (a refused step resets it to ``None``, exactly the state before) and has no
+    post-accumulate-grad hook (it would run before the verdict, docs/reliability.md §4), and no node is a custom
+    ``autograd.Function`` (one may call ``backward()`` itself — ``torch.utils.checkpoint(use_reentrant=True)`` —
+    and write leaves this walk cannot see). The same walk, in the same order (docs/performance.md, "EW against a
+    plain loop")."""
+    fn = root.grad_fn
+    if fn is None:
+        return [], False
+    leaves: list[Tensor] = []
+    seen: set = {fn}
+    seen_leaves: set[int] = set()
+    mark, acc, custom = seen.add, _ACCUMULATE_GRAD, _CUSTOM_FUNCTION
+    direct = not isinstance(fn, custom)
+    stack = [fn]
+    pop, push = stack.pop, stack.append
+    while stack:
+        for n, _ in pop().next_functions:
+            if type(n) is acc:  # a leaf: recorded, never pushed
+                var = n.variable  # type: ignore[union-attr]
+                if var is not None and id(var) not in seen_leaves:
+                    seen_leaves.add(id(var))
+                    leaves.append(var)
+                    if direct and (var.grad is not None or var._post_accumulate_grad_hooks):
+                        direct = False
+            elif n is not None and n not in seen:
+                mark(n)
+                push(n)
+                if direct and isinstance(n, custom):
+                    direct = False
+    return leaves, direct
+
+
 def backward_order(roots: Sequence[Tensor]) -> list[Tensor]:
     """The leaves whose ``AccumulateGrad`` node ``loss.backward()`` runs — for ``loss`` any sum of ``roots`` built
     after them (``sum(losses)``, ``Σ_t w_t L_t``) — in the order it runs them, which is the order of their
