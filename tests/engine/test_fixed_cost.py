@@ -540,3 +540,18 @@ def test_without_a_process_group_a_node_hook_runs_during_the_direct_write_as_und
     with pytest.raises(NonFiniteError):
         mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=create("ew"))
     assert calls == ["accumulate_node"] * 2 and all(p.grad is None for p in net.parameters())
+
+
+def test_fused_finiteness_check_works_under_another_default_dtype():
+    """The kernel's flag and inverse scale are float32 CPU tensors whatever the user's default dtype: under
+    ``torch.set_default_dtype(torch.float64)`` the fused path still decides (it would otherwise refuse every call and
+    leave every step to the slower sums, silently)."""
+    from mtlens.engine.gradients import _fused_finite
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert _fused_finite([torch.randn(5), torch.randn(3, dtype=torch.float32)]) is True
+        assert _fused_finite([torch.randn(5), torch.tensor([float("inf")])]) is False
+    finally:
+        torch.set_default_dtype(old)

@@ -196,21 +196,23 @@ def _fused_check_usable() -> bool:
     """Whether this torch has the fused non-finite check on the CPU and it leaves the values and the version
     counter as they were (checked once, on a tensor of ours)."""
     try:
-        probe = torch.tensor([1.0, -0.0, 5e-324, 3.0], dtype=torch.float64)
+        probe = torch.tensor([1.0, -0.0, 5e-324, 3.0], dtype=torch.float64, device="cpu")
         before = probe.clone()
-        found = torch.zeros(1)
-        torch._amp_foreach_non_finite_check_and_unscale_([probe], found, torch.ones(1))
+        found = torch.zeros(1, dtype=torch.float32, device="cpu")
+        torch._amp_foreach_non_finite_check_and_unscale_([probe], found, _UNIT_SCALE)
         ok = found.item() == 0.0 and torch.equal(probe.view(torch.int64), before.view(torch.int64))
         probe[0] = float("nan")
         version = probe._version
-        torch._amp_foreach_non_finite_check_and_unscale_([probe], found, torch.ones(1))
+        torch._amp_foreach_non_finite_check_and_unscale_([probe], found, _UNIT_SCALE)
         return ok and found.item() == 1.0 and probe._version == version
     except Exception:  # noqa: BLE001  (any failure: not usable, the sums below decide)
         return False
 
 
+# the fused check's inv_scale and flag dtype (float32, on the CPU, whatever the user's default dtype and device):
+# ×1 is skipped element by element, never written
+_UNIT_SCALE = torch.ones(1, dtype=torch.float32, device="cpu")
 _FUSED_CHECK = _fused_check_usable()
-_UNIT_SCALE = torch.ones(1)  # the fused check's inv_scale on the CPU: ×1 is skipped element by element, never written
 
 
 def _fused_finite(ts: list[Tensor]) -> bool | None:
@@ -221,7 +223,7 @@ def _fused_finite(ts: list[Tensor]) -> bool | None:
     the CPU, complex, sparse, integer, an expanded tensor whose elements share memory): the sums decide there."""
     if not _FUSED_CHECK or not ts[0].is_cpu:
         return None
-    found = torch.zeros(1)
+    found = torch.zeros(1, dtype=torch.float32, device="cpu")
     try:
         torch._amp_foreach_non_finite_check_and_unscale_(ts, found, _UNIT_SCALE)
     except (RuntimeError, NotImplementedError, TypeError):
@@ -234,8 +236,8 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
 
     On the CPU, for dense real floating tensors (any mix of dtypes), one C++ pass: GradScaler's fused check
     (:func:`_fused_finite`; 36–42 µs instead of 70–75 µs for the 16–17 gradients of the conv benchmark right after
-    its backward, docs/performance.md, "The finiteness check"). Elsewhere, or where that kernel refuses the tensors:
-    one read of the data and a handful of torch calls whatever the number of tensors: one sum per
+    its backward, docs/performance.md, "The direct write and the fused check"). Elsewhere, or where that kernel
+    refuses the tensors: one read of the data and a handful of torch calls whatever the number of tensors: one sum per
     tensor of ≥ 4 096 elements, then one C++ concatenation of those sums with every smaller
     tensor (their per-call dispatch costs more than their data), one sum of that and one
     ``.item()`` (one concatenation per dtype when dtypes differ: a promoting concatenation is
