@@ -555,3 +555,24 @@ def test_fused_finiteness_check_works_under_another_default_dtype():
         assert _fused_finite([torch.randn(5), torch.tensor([float("inf")])]) is False
     finally:
         torch.set_default_dtype(old)
+
+
+def test_an_error_inside_the_direct_backward_leaves_every_grad_none():
+    """Anomaly mode raising on a NaN in the middle of the backward, or a tensor hook raising: the ``.grad`` that
+    ``backward()`` had already written are put back to ``None`` before the error propagates (the captured path
+    wrote none), and the method's state is as before."""
+    net = TinyNet(3)
+    z, losses = net(torch.randn(4, 5))
+    bad = {**losses, "t2": losses["t2"] + torch.sqrt(z.sum() * 0 - 0.0)}
+    with torch.autograd.set_detect_anomaly(True), pytest.raises(RuntimeError, match="nan"):
+        mtl_backward(bad, features=z, shared_params=net.enc.parameters(), method=create("ew"))
+    assert all(p.grad is None for p in net.parameters())
+
+    def boom(g):
+        raise ValueError("hook failed")
+
+    net.enc[0].weight.register_hook(boom)  # the encoder's first layer: written last, after every head
+    z, losses = net(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="hook failed"):
+        mtl_backward(losses, features=z, shared_params=net.enc.parameters(), method=create("ew"))
+    assert all(p.grad is None for p in net.parameters())

@@ -456,7 +456,12 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         else:
             params, direct = objective_leaves_direct(objective)
         if direct:  # every .grad is None and nothing runs on a write: backward() writes them, a refusal unwrites them
-            backward_into_grad(objective, retain_graph)
+            try:
+                backward_into_grad(objective, retain_graph)
+            except BaseException:  # an error inside the backward (anomaly mode, a raising tensor hook): the .grad it
+                for p in params:  # wrote so far go back to None, as the captured path would have written none
+                    p.grad = None
+                raise
             gs: Sequence[Tensor | None] = [p.grad for p in params]
         else:
             gs = vjp(objective, params, retain_graph=retain_graph)
