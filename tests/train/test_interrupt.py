@@ -105,3 +105,44 @@ def test_the_dropped_raise_prints_no_traceback(monkeypatch):
             interrupt.check()
     drop(interrupting)  # outside: Python's own report, as before
     assert seen == [ValueError, KeyboardInterrupt]
+
+
+def test_a_sigint_during_a_checkpoint_write_lands_after_it(tmp_path):
+    """Ctrl-C in the middle of ``torch.save`` (between two writes of the file) under ``deferred()``: the file is written
+    whole and loads, then ``KeyboardInterrupt`` is raised — before, it was raised inside the zip writer's ``write``,
+    whose cleanup failed with ``RuntimeError: unexpected pos``, and the run ended with that traceback (exit status 1,
+    not 130)."""
+    import torch
+
+    from mtlens.storage import atomic_write
+
+    class SigintOnSecondWrite:
+        def __init__(self, fh):
+            self.fh, self.calls = fh, 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 2:
+                signal.raise_signal(signal.SIGINT)
+            return self.fh.write(data)
+
+        def flush(self):
+            return self.fh.flush()
+
+    state = {"w": torch.arange(1000.0), "step": 3}
+    path = tmp_path / "checkpoint.pt"
+    written = False
+    with interrupt.catching():
+        with pytest.raises(KeyboardInterrupt), interrupt.deferred():
+            atomic_write(path, "wb", lambda fh: torch.save(state, SigintOnSecondWrite(fh)))
+            written = True
+        assert written
+        interrupt.check()  # acted on: cleared
+    loaded = torch.load(path)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
+    # without deferred() the same signal raises inside the write: the atomic write leaves no file, and the save ends
+    # in KeyboardInterrupt or torch's zip-writer error chained to it
+    path2 = tmp_path / "other.pt"
+    with interrupt.catching(), pytest.raises((KeyboardInterrupt, RuntimeError)):
+        atomic_write(path2, "wb", lambda fh: torch.save(state, SigintOnSecondWrite(fh)))
+    assert not path2.exists()

@@ -361,7 +361,9 @@ class CAGrad(GramianWeighting):
                 "losses to bring their gradient norms closer may avoid it."
             )
         w[idx] += T * mu
-        self._log = {"lambda": 0.0, "stationary": 1.0, **info}
+        # the dual point's gap is logged when one was evaluated (a projection that found no support leaves it
+        # infinite, "not computed", which a logger would show as a failure: left out)
+        self._log = {"lambda": 0.0, "stationary": 1.0, **{k: v for k, v in info.items() if math.isfinite(v)}}
         return to_weights(w / div, gramian)
 
     def log_values(self) -> dict[str, float]:

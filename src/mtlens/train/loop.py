@@ -281,7 +281,8 @@ class TrainingLoop:
         }
 
     def save_checkpoint(self) -> Path:
-        return self.files.save(self.state_dict())
+        with interrupt.deferred():  # a Ctrl-C during the write lands after it (train/interrupt.py)
+            return self.files.save(self.state_dict())
 
     def load_state(self, ckpt: dict[str, Any], path: Path) -> None:
         """Restore everything a checkpoint holds (raises CheckpointError on mismatch)."""
