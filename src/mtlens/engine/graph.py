@@ -54,7 +54,8 @@ def find_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) -> list
 
 def objective_leaves(root: Tensor) -> list[Tensor]:
     """Every leaf tensor requiring grad that ``root``'s backward reaches, each once: the set
-    :func:`find_leaves` ``([root])`` returns, in another (deterministic) order.
+    :func:`find_leaves` ``([root])`` returns, in another (deterministic) order — :func:`objective_leaves_direct`'s
+    list.
 
     The loss-level step's walk (docs/performance.md, "EW against a plain loop"): every node is read
     once and a leaf is recorded when its edge is met (by its ``id``: a leaf reached by several edges
@@ -62,26 +63,7 @@ def objective_leaves(root: Tensor) -> list[Tensor]:
     :func:`find_leaves`; inside a training loop ≈ 45–65 µs for the 32–103 nodes of the benchmark's
     graphs (≈ 35 µs of it a fixed cost of cold code after the forward).
     """
-    fn = root.grad_fn
-    if fn is None:
-        return []
-    leaves: list[Tensor] = []
-    seen: set = {fn}
-    seen_leaves: set[int] = set()
-    mark, acc = seen.add, _ACCUMULATE_GRAD
-    stack = [fn]
-    pop, push = stack.pop, stack.append
-    while stack:
-        for n, _ in pop().next_functions:
-            if type(n) is acc:  # a leaf: recorded, never pushed
-                var = n.variable  # type: ignore[union-attr]
-                if var is not None and id(var) not in seen_leaves:
-                    seen_leaves.add(id(var))
-                    leaves.append(var)
-            elif n is not None and n not in seen:
-                mark(n)
-                push(n)
-    return leaves
+    return objective_leaves_direct(root)[0]
 
 
 _CUSTOM_FUNCTION: type = torch.autograd.function.BackwardCFunction
