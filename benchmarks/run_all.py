@@ -324,7 +324,7 @@ def ew_floor_step(w) -> None:
     w.zero()
     _, losses = w.forward()
     backward_into_grad(sum(losses.values()))
-    if not all_finite([p.grad for p in w.params]):
+    if not all_finite([p.grad for p in w.params], owned=True):  # autograd's own .grad: the fused check, as the engine
         for p in w.params:
             p.grad = None
         raise FloatingPointError("non-finite gradient")

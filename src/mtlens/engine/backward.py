@@ -430,6 +430,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         return record, loss_problem(names, raw)
     name = method.name
     snap = method.snapshot()
+    written: list[Tensor] = []
     try:
         try:  # LossWeighting.decide
             objective, w = method.combine(stacked, grad_norms=None)
@@ -452,21 +453,17 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         if objective is None:  # apply_decision, loss level
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
         if _dist_initialized():  # a DDP reducer's hooks on the leaves' AccumulateGrad nodes: never before the verdict
-            params, direct = objective_leaves(objective), False
+            params, direct, owned = objective_leaves(objective), False, False
         else:
-            params, direct = objective_leaves_direct(objective)
+            params, direct, owned = objective_leaves_direct(objective)
         if direct:  # every .grad is None and nothing runs on a write: backward() writes them, a refusal unwrites them
-            try:
-                backward_into_grad(objective, retain_graph)
-            except BaseException:  # an error inside the backward (anomaly mode, a raising tensor hook): the .grad it
-                for p in params:  # wrote so far go back to None, as the captured path would have written none
-                    p.grad = None
-                raise
+            written = params  # from here on a failure (below) puts them back to None
+            backward_into_grad(objective, retain_graph)
             gs: Sequence[Tensor | None] = [p.grad for p in params]
         else:
             gs = vjp(objective, params, retain_graph=retain_graph)
         problem = ""
-        if not all_finite([*gs, raw] if fused else gs):
+        if not all_finite([*gs, raw] if fused else gs, owned):
             if fused and not host_finite(raw):
                 problem = loss_problem(names, raw)
             else:
@@ -476,7 +473,9 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
                     p.grad = None
         elif not direct:
             _accumulate(params, gs, 1.0, objective)
-    except BaseException:
+    except BaseException:  # a hook that raises, anomaly mode's NaN, ^C during the backward or the check
+        for p in written:  # the direct write's leaves, some written before the failure: every .grad was None
+            p.grad = None
         method.restore(snap)
         raise
     if problem:

@@ -217,10 +217,14 @@ _FUSED_CHECK = _fused_check_usable()
 
 def _fused_finite(ts: list[Tensor]) -> bool | None:
     """The verdict of ``torch._amp_foreach_non_finite_check_and_unscale_`` (GradScaler's own check) with an
-    inverse scale of 1 — one C++ pass over every tensor, exact (``isfinite`` element by element, no overflow), the
-    values stored back unchanged bit for bit (the kernel returns the element itself when the scale is 1, even with
-    ``torch.set_flush_denormal(True)``) and no version counter bumped — or ``None`` where it does not apply (off
-    the CPU, complex, sparse, integer, an expanded tensor whose elements share memory): the sums decide there."""
+    inverse scale of 1 — one C++ pass over every tensor, exact (``isfinite`` element by element, no overflow), every
+    finite value and infinity stored back unchanged bit for bit (the kernel returns the element itself when the
+    scale is 1, even with ``torch.set_flush_denormal(True)``) and no version counter bumped — or ``None`` where it
+    does not apply (off the CPU, complex, sparse, integer, an expanded tensor whose elements share memory): the sums
+    decide there. A NaN may come back as another NaN (float16's signalling NaNs quieted; bfloat16's re-encoded,
+    sign included, ``0x7fc0`` → ``0xffff`` on the vectorised path): only in a tensor the check refuses, which the
+    engine drops (a refused step writes nothing). It stores into every tensor: only on tensors the engine owns
+    (:func:`all_finite`'s ``owned``)."""
     if not _FUSED_CHECK or not ts[0].is_cpu:
         return None
     found = torch.zeros(1, dtype=torch.float32, device="cpu")
@@ -231,13 +235,19 @@ def _fused_finite(ts: list[Tensor]) -> bool | None:
     return found.item() == 0.0
 
 
-def all_finite(tensors: Sequence[Tensor | None]) -> bool:
+def all_finite(tensors: Sequence[Tensor | None], owned: bool = False) -> bool:
     """Whether every element of every tensor is finite (``None`` entries are skipped). Exact.
 
-    On the CPU, for dense real floating tensors (any mix of dtypes), one C++ pass: GradScaler's fused check
-    (:func:`_fused_finite`; 36–42 µs instead of 70–75 µs for the 16–17 gradients of the conv benchmark right after
-    its backward, docs/performance.md, "The direct write and the fused check"). Elsewhere, or where that kernel
-    refuses the tensors: one read of the data and a handful of torch calls whatever the number of tensors: one sum per
+    ``owned``: every tensor was made in this step by autograd or by the engine's own arithmetic (never a method's
+    output, a user's tensor or a view of one). Only then, on the CPU, for dense real floating tensors (any mix of
+    dtypes), one C++ pass: GradScaler's fused check (:func:`_fused_finite`; 36–42 µs instead of 70–75 µs for the
+    16–17 gradients of the conv benchmark right after its backward, docs/performance.md, "The direct write and the fused
+    check").
+    That kernel stores every element back (the same bits): on memory mapped read-only (``np.load(mmap_mode="r")``,
+    a read-only file mapping) the store is a segmentation fault, on a copy-on-write mapping (``torch.load(mmap=True)``)
+    it copies every page, and a store racing another thread's write would undo it — so never on a tensor the
+    engine does not own. Elsewhere, or where that kernel refuses the tensors:
+    one read of the data and a handful of torch calls whatever the number of tensors: one sum per
     tensor of ≥ 4 096 elements, then one C++ concatenation of those sums with every smaller
     tensor (their per-call dispatch costs more than their data), one sum of that and one
     ``.item()`` (one concatenation per dtype when dtypes differ: a promoting concatenation is
@@ -249,9 +259,10 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
     ts = [t for t in tensors if t is not None]
     if not ts:
         return True
-    verdict = _fused_finite(ts)
-    if verdict is not None:
-        return verdict
+    if owned:
+        verdict = _fused_finite(ts)
+        if verdict is not None:
+            return verdict
     dtype = ts[0].dtype
     if (dtype is torch.float32 or dtype is torch.float64) and all(t.dtype is dtype for t in ts):
         # the common case, one real floating dtype: the same sums in that dtype (as _sum_for_check does) without a

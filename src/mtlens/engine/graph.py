@@ -69,22 +69,25 @@ def objective_leaves(root: Tensor) -> list[Tensor]:
 _CUSTOM_FUNCTION: type = torch.autograd.function.BackwardCFunction
 
 
-def objective_leaves_direct(root: Tensor) -> tuple[list[Tensor], bool]:
-    """:func:`objective_leaves` ``(root)`` and whether ``root``'s own ``backward()`` may write those leaves'
+def objective_leaves_direct(root: Tensor) -> tuple[list[Tensor], bool, bool]:
+    """:func:`objective_leaves` ``(root)``, whether ``root``'s own ``backward()`` may write those leaves'
     ``.grad`` before the step's finiteness verdict with nothing else seeing a value that the verdict could refuse:
     every leaf's ``.grad`` is ``None`` (a refused step resets it to ``None``, exactly the state before) and has no
     post-accumulate-grad hook (it would run before the verdict, docs/reliability.md §4), and no node is a custom
     ``autograd.Function`` (one may call ``backward()`` itself — ``torch.utils.checkpoint(use_reentrant=True)`` —
-    and write leaves this walk cannot see). The same walk, in the same order (docs/performance.md, "EW against a
-    plain loop")."""
+    and write leaves this walk cannot see) — and whether the leaves' gradients are autograd's own tensors (no custom
+    ``autograd.Function``, no tensor hook on a leaf: either may hand autograd a tensor of the caller's, which
+    :func:`~mtlens.engine.gradients.all_finite`'s fused check must not store into). The same walk, in the same
+    order (docs/performance.md, "EW against a plain loop")."""
     fn = root.grad_fn
     if fn is None:
-        return [], False
+        return [], False, False
     leaves: list[Tensor] = []
     seen: set = {fn}
     seen_leaves: set[int] = set()
     mark, acc, custom = seen.add, _ACCUMULATE_GRAD, _CUSTOM_FUNCTION
-    direct = not isinstance(fn, custom)
+    owned = not isinstance(fn, custom)
+    direct = owned
     stack = [fn]
     pop, push = stack.pop, stack.append
     while stack:
@@ -94,14 +97,16 @@ def objective_leaves_direct(root: Tensor) -> tuple[list[Tensor], bool]:
                 if var is not None and id(var) not in seen_leaves:
                     seen_leaves.add(id(var))
                     leaves.append(var)
+                    if owned and var._backward_hooks:
+                        owned = False
                     if direct and (var.grad is not None or var._post_accumulate_grad_hooks):
                         direct = False
             elif n is not None and n not in seen:
                 mark(n)
                 push(n)
-                if direct and isinstance(n, custom):
-                    direct = False
-    return leaves, direct
+                if (owned or direct) and isinstance(n, custom):
+                    owned = direct = False
+    return leaves, direct, owned
 
 
 def backward_order(roots: Sequence[Tensor]) -> list[Tensor]:
