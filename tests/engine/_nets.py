@@ -40,3 +40,20 @@ class TinyNet(nn.Module):
     def forward(self, x):
         z = self.enc(x)
         return z, {f"t{i}": (h(z) ** 2).mean() + self.offsets[i] for i, h in enumerate(self.heads)}
+
+
+def count_direct_writes(monkeypatch) -> list[int]:
+    """A list that gets one entry each time the lean loss step lets ``backward()`` write ``.grad`` itself (the direct
+    write, docs/reliability.md §4): ``mtlens.engine.backward.backward_into_grad`` wrapped by a counter, undone with
+    ``monkeypatch``."""
+    import mtlens.engine.backward as B
+
+    calls: list[int] = []
+    real = B.backward_into_grad
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(B, "backward_into_grad", counted)
+    return calls

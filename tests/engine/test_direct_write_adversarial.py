@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _nets import count_direct_writes
 from torch import nn
 
 from mtlens.engine import mtl_backward
@@ -32,27 +33,13 @@ class Net(nn.Module):
         return z, {f"t{t}": (h(z) ** 2).mean() for t, h in enumerate(self.heads)}
 
 
-def _took_direct(monkeypatch) -> list[int]:
-    import mtlens.engine.backward as B
-
-    calls: list[int] = []
-    real = B.backward_into_grad
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(B, "backward_into_grad", counted)
-    return calls
-
-
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_direct_write_a_hook_that_raises_mid_backward_leaves_every_grad_none(monkeypatch, exc):
     """A tensor hook on the first encoder layer raises (a user's assertion, a ^C during the backward): autograd has
     already written the heads' and the last layer's ``.grad`` when it runs. The step failed, so nothing may be
     written — under ``torch.autograd.grad`` (the captured path) nothing was; the direct write must put every
     ``.grad`` back to ``None``. (Before: every parameter autograd reached before the hook kept its new ``.grad``.)"""
-    direct = _took_direct(monkeypatch)
+    direct = count_direct_writes(monkeypatch)
     torch.manual_seed(0)
     net = Net()
     x = torch.randn(5, 4, requires_grad=True)  # an input leaf too
@@ -73,7 +60,7 @@ def test_direct_write_anomaly_mode_nan_mid_backward_leaves_every_grad_none(monke
     """``torch.autograd.set_detect_anomaly(True)`` raises in the middle of the backward at the first node that
     returns NaN — here in the encoder, after the heads' ``.grad`` are written: the failed step leaves every
     ``.grad`` ``None``, as the captured path did."""
-    direct = _took_direct(monkeypatch)
+    direct = count_direct_writes(monkeypatch)
     torch.manual_seed(0)
     net = Net()
     h = net.enc[0](torch.randn(5, 4))
@@ -88,7 +75,7 @@ def test_direct_write_anomaly_mode_nan_mid_backward_leaves_every_grad_none(monke
 def test_direct_write_refused_then_passing_step_is_backward_exactly(monkeypatch):
     """A refused step (NaN in the gradient of one head's weight only, an input leaf with ``requires_grad``) resets
     every leaf — the input's too; the next, passing step is ``loss.backward()`` bit for bit (nothing stale)."""
-    direct = _took_direct(monkeypatch)
+    direct = count_direct_writes(monkeypatch)
     torch.manual_seed(0)
     net, twin = Net(), Net()
     twin.load_state_dict(net.state_dict())
@@ -222,7 +209,7 @@ def test_direct_write_interrupted_during_the_check_leaves_every_grad_none(monkey
     never judged — the step failed, every ``.grad`` goes back to ``None``."""
     import mtlens.engine.backward as B
 
-    direct = _took_direct(monkeypatch)
+    direct = count_direct_writes(monkeypatch)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -1069,16 +1069,9 @@ def test_ew_direct_write_is_backward(case, request, monkeypatch):
     write every ``.grad`` (the direct write, docs/reliability.md §4) and the second accumulates through the captured
     path: everything matches ``loss.backward()``, values bit for bit — a kept gradient from a parameter hook too
     (``AccumulateGrad`` copies it); a graph with a custom ``autograd.Function`` takes the captured path."""
-    import mtlens.engine.backward as B
+    from _nets import count_direct_writes
 
-    direct: list[int] = []
-    real = B.backward_into_grad
-
-    def counted(*a, **k):
-        direct.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(B, "backward_into_grad", counted)
+    direct = count_direct_writes(monkeypatch)
     pattern = _refused(case, EW)
     if pattern:
         with pytest.raises((ConfigurationError, RuntimeError), match=pattern):
