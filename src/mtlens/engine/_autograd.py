@@ -20,7 +20,7 @@ same arguments either way, so the gradients are the same tensors, bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 from torch import Tensor
@@ -94,6 +94,15 @@ FAST = _usable()
 """Whether :func:`vjp` may call autograd's engine directly on this torch (else always the public path)."""
 
 
+def raise_translated(exc: RuntimeError) -> NoReturn:
+    """Raise :func:`compile_error`'s translation of ``exc`` (from it), or ``exc`` itself when it has none: the one
+    ``except RuntimeError`` body of every call into autograd (zero cost unless autograd raised)."""
+    err = compile_error(exc)
+    if err is None:
+        raise exc
+    raise err from exc
+
+
 def backward_into_grad(output: Tensor, retain_graph: bool = False) -> None:
     """``output.backward(retain_graph=retain_graph)`` for a real floating-point scalar ``output``: autograd's
     ``AccumulateGrad`` writes every leaf's ``.grad`` (its layout contract, its own copies). In the plain case
@@ -112,10 +121,7 @@ def backward_into_grad(output: Tensor, retain_graph: bool = False) -> None:
         else:
             torch.autograd.backward(output, retain_graph=retain_graph)
     except RuntimeError as exc:
-        err = compile_error(exc)
-        if err is None:
-            raise
-        raise err from exc
+        raise_translated(exc)
 
 
 def vjp(
@@ -176,7 +182,4 @@ def vjp(
         return torch.autograd.grad(cast(Any, outs), cast(Any, ins), grad_outputs=grad_outputs, retain_graph=keep,
                                    create_graph=create_graph, allow_unused=True)
     except RuntimeError as exc:
-        err = compile_error(exc)
-        if err is None:
-            raise
-        raise err from exc
+        raise_translated(exc)

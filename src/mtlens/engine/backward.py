@@ -223,7 +223,8 @@ def mtl_backward(
         NonFiniteError: a non-finite loss or gradient under ``nonfinite="raise"``, or a method
             that failed on this step's numbers (its state is left as before the step).
     """
-    if _dist_initialized():  # sharded parameters (FSDP) need a process group: refused, never a silent step
+    dist_up = _dist_initialized()
+    if dist_up:  # sharded parameters (FSDP) need a process group: refused, never a silent step
         if shared_params is not None:
             shared_params = list(shared_params)  # an iterator (module.parameters()) is read twice
         refuse_sharded(shared_params)
@@ -232,14 +233,14 @@ def mtl_backward(
             and loss_transform in (None, "none") and method.loss_transform is None and not method.needs_grad_norms
             and jacobian in JACOBIAN_MODES and nonfinite in NONFINITE_POLICIES
             and (features is not None or not method.needs_features)
-            and (distributed is False or (distributed is None and not _dist_initialized())
+            and (distributed is False or (distributed is None and not dist_up)
                  or resolve(distributed) is None)):
         # The common loop: a loss weighting (EW, UW, DWA, ...) with no option that needs per-task gradients.
         # The same step as below, with every check that can fail here, without the general machinery
         # (docs/performance.md, "EW against a plain loop").
         check_loss_transform(method, "none")
         record, problem = _loss_step(losses, task_names, features, cast(LossWeighting, method), retain_graph,
-                                     shared_params)
+                                     shared_params, dist_up)
         return record if not problem else _not_written(problem, nonfinite, record, None, None)
     if (level in ("feature", "param") and isinstance(features, Tensor)
             and getattr(type(method), "decide", None) is GramianWeighting.decide and level in method.levels
@@ -403,7 +404,8 @@ def mtl_backward(
 
 def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
                features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, method: LossWeighting,
-               retain_graph: bool, shared_params: Iterable[Tensor] | None = None) -> tuple[StepRecord, str]:
+               retain_graph: bool, shared_params: Iterable[Tensor] | None = None,
+               dist_up: bool = False) -> tuple[StepRecord, str]:
     """One loss-level step of a loss weighting whose decision is the default one (``combine`` of the
     attached losses), without a loss transform, GradScaler, process group, cache, regulariser or
     diagnostic: :func:`compute_task_gradients` → ``method.decide`` → :func:`check_decision` →
@@ -415,6 +417,9 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     fused check after the backward (the verdict and message are those of the separate checks: a
     non-finite loss is reported as such, before any gradient). The weights (T floats, on the host) are
     checked element by element, before the backward.
+
+    ``dist_up``: ``torch.distributed`` is initialised (the caller's one reading): the gradients are then captured and
+    written after the verdict, never by ``backward()`` (a DDP reducer listens on the leaves' ``AccumulateGrad`` nodes).
 
     Returns ``(record, problem)``: ``problem`` is ``""`` when the gradients were written, else why
     nothing was (the caller applies the non-finite policy)."""
@@ -452,7 +457,7 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             raise weights_error(name, weights, len(names))
         if objective is None:  # apply_decision, loss level
             raise ConfigurationError(f"loss level needs an objective from '{name}'")
-        if _dist_initialized():  # a DDP reducer's hooks on the leaves' AccumulateGrad nodes: never before the verdict
+        if dist_up:  # a DDP reducer's hooks on the leaves' AccumulateGrad nodes: never before the verdict
             params, direct, owned = objective_leaves(objective), False, False
         else:
             params, direct, owned = objective_leaves_direct(objective)
@@ -468,9 +473,8 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
                 problem = loss_problem(names, raw)
             else:
                 problem = backward_problem(name, raw)
-            if direct:
-                for p in params:
-                    p.grad = None
+            for p in written:  # the direct write's .grad go back to None, the state before the step
+                p.grad = None
         elif not direct:
             _accumulate(params, gs, 1.0, objective)
     except BaseException:  # a hook that raises, anomaly mode's NaN, ^C during the backward or the check

@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from . import pool
-from ._autograd import compile_error, vjp
+from ._autograd import raise_translated, vjp
 from .distributed import Dist
 from .gramian import (
     gramian_from_blocks,
@@ -330,10 +330,7 @@ def _grads(
             create_graph=create_graph, allow_unused=True, is_grads_batched=True,
         )
     except RuntimeError as exc:
-        err = compile_error(exc)
-        if err is None:
-            raise
-        raise err from exc
+        raise_translated(exc)
 
 
 def trainable(params: Iterable[Tensor]) -> list[Tensor]:
