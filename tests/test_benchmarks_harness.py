@@ -79,9 +79,10 @@ def test_floor_is_the_faster_exact_jacobian(run_all):
 def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script, tmp_path):
     """benchmarks/fixed_cost.py (EW against a plain loop, the FD monitor against its floor) runs end to end."""
     mod = benchmark_script("fixed_cost")
-    mod.main(["--steps", "1", "--kinds", "conv", "--tasks", "2", "--fd-tasks", "2"])
+    mod.main(["--steps", "1", "--kinds", "conv", "--tasks", "2", "--fd-tasks", "2", "--fd-fused", "aot_eager"])
     out = capsys.readouterr().out
     assert "| conv, T=2 |" in out and "EW / plain" in out and "EW / floor" in out and "FD / step" in out
+    assert "EW / contract" in out and "FD fused / step" in out  # the contract floor; FD as one compiled function
     assert "nan" not in out
     # --reference: another revision's engine (here this one, renamed) in the same rounds
     import shutil
@@ -108,6 +109,34 @@ def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script, tmp_path
     out = capsys.readouterr().out
     assert "| graph walk: the leaves to write |" in out and "| EW − plain" in out and "nan" not in out
     assert all(getattr(B, k) is f for k, f in before.items()) and torch.autograd.grad.__module__ == "torch.autograd"
+    # --lines: the lean loss step statement by statement, from an instrumented copy; the step is put back afterwards
+    mod.main(["--lines", "--steps", "2", "--kinds", "conv", "--tasks", "2"])
+    out = capsys.readouterr().out
+    assert "| 0 | `(mtl_backward: its option checks and the call)` |" in out and "objective_leaves_direct" in out
+    assert "backward_into_grad" in out and "nan" not in out and all(getattr(B, k) is f for k, f in before.items())
+
+
+def test_contract_floor_writes_the_gradients_of_ew_and_refuses_a_non_finite_loss(benchmark_script):
+    """fixed_cost.py's contract floor is an exact EW step (the same .grad) and keeps the promise it stands for."""
+    import torch
+
+    from mtlens.engine import mtl_backward
+    from mtlens.methods import create
+
+    mod = benchmark_script("fixed_cost")
+    w = mod.Workload("conv", 3, 4)
+    mod.contract_floor_step(w)
+    a = [p.grad.clone() for p in w.params]
+    w.zero()
+    z, losses = w.forward()
+    mtl_backward(losses, method=create("ew"), features=z, shared_params=w.shared)
+    for x, p in zip(a, w.params):
+        assert torch.equal(x, p.grad)
+    forward = w.forward  # an infinite loss whose gradients are finite: only the losses' check can refuse it
+    w.forward = lambda: (lambda z, ls: (z, {**ls, "task00": ls["task00"] + float("inf")}))(*forward())
+    with pytest.raises(FloatingPointError):
+        mod.contract_floor_step(w)
+    assert all(p.grad is None for p in w.params)
 
 
 def test_noise_statement_follows_the_measured_load(run_all):
