@@ -5,6 +5,8 @@ Usage::
     python benchmarks/fixed_cost.py            # conv and MLP at T = 3, 11, 40; FD at T = 3, 11
     python benchmarks/fixed_cost.py --steps 40 --kinds conv --tasks 11
     python benchmarks/fixed_cost.py --parts --kinds conv,mlp --tasks 3,11   # EW's fixed cost, part by part
+    python benchmarks/fixed_cost.py --lines --kinds conv,mlp --tasks 2      # ... statement by statement
+    python benchmarks/fixed_cost.py --fd-tasks 3,11 --fd-fused inductor      # FD also as one compiled function
     git archive <rev> src/mtlens | tar -x -C /tmp/ref && mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
     python benchmarks/fixed_cost.py --reference /tmp/ref/src --kinds conv,mlp --tasks 11,20 --fd-tasks ""
 
@@ -20,14 +22,20 @@ leaves out the time other processes hold the core — on a shared machine the wa
   ``EW / floor``: against ``run_all.py``'s ``plain + finiteness check (EW floor)`` (the same backward
   through ``torch.autograd.grad``, one exact finiteness check, ``.grad`` assigned), the engine's own
   cost; ``floor / plain`` what the guarantee costs.
+* ``contract / plain``: the contract floor (:func:`contract_floor_step`): the EW floor plus what any step handed
+  only the losses must do to keep the engine's promise — the losses as one tensor (checked with the gradients) and
+  the walk that finds the leaves and verifies that a refusal can undo the write; ``EW / contract`` is what the
+  engine's options, validation and record cost (docs/performance.md, "The contract floor").
 * ``--reference DIR``: also EW with another revision's engine, imported from ``DIR`` as ``mtlens_ref``
   (its package renamed; mtlens imports itself only relatively), in the same rounds: ``EW / EW ref``.
 * ``--parts``: the EW step's own work timed part by part inside the training loop (each engine
   function the loss-level step calls wrapped by a timer, ≈ 1 µs per wrapper), against a plain
   loop's ``backward()`` in the same round: what each remaining microsecond buys.
+* ``--lines``: the lean loss step (EW) statement by statement inside the training loop (:func:`ew_lines`).
 * ``FD / MGDA step``: :func:`mtlens.diagnose.feature_disentanglement` on a feature-level MGDA
   step's record, against that step; ``monitored / MGDA`` the step with a ``SaliencyMonitor(("fd",))``
-  call against the step without; ``logs / MGDA`` the floor: ``torch.log`` of T·|Z| numbers.
+  call against the step without; ``logs / MGDA`` the floor: ``torch.log`` of T·|Z| numbers; with
+  ``--fd-fused BACKEND`` also FD's arithmetic as one ``torch.compile``'d function (:func:`fused_fd`).
 """
 
 from __future__ import annotations
@@ -340,7 +348,8 @@ def main(argv=None) -> None:
                 print(f"\n{kind}, T = {T}: the lean loss step statement by statement (µs per step, medians)\n")
                 print("| line | statement | µs |\n|---:|---|---:|")
                 for i, text, us in rows:
-                    print(f"| {i} | `{text[:80]}` | {us:.1f} |")
+                    cell = text[:80].replace("|", "\\|")  # a pipe inside a code span still splits a Markdown cell
+                    print(f"| {i} | `{cell}` | {us:.1f} |")
                 print(f"| | sum of the medians | {sum(us for _, _, us in rows):.1f} |")
         return
     reference = None
