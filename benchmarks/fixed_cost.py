@@ -379,7 +379,7 @@ def main(argv=None) -> None:
     fused = fused_fd(args.fd_fused) if args.fd_fused else None
     fused_cols = " FD fused ms | FD fused / step |" if fused else ""
     print(
-        "\n| workload | MGDA step ms | FD ms | FD / step | monitored / step | T·|Z| logs ms | logs / step "
+        "\n| workload | MGDA step ms | FD ms | FD / step | monitored / step | T·\\|Z\\| logs ms | logs / step "
         f"| step for FD ≤ 5 % (ms) |{fused_cols}"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if fused else ""))
