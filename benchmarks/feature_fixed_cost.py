@@ -1,6 +1,6 @@
 """Feature-level Gramian steps of this checkout against another engine, in ONE process, round-robin.
 
-    mkdir -p /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
+    mkdir /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
     mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
     python benchmarks/feature_fixed_cost.py --reference /tmp/ref/src --kinds conv,mlp --tasks 2,3,5,11,20,40
 

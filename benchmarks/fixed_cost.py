@@ -7,7 +7,7 @@ Usage::
     python benchmarks/fixed_cost.py --parts --kinds conv,mlp --tasks 3,11   # EW's fixed cost, part by part
     python benchmarks/fixed_cost.py --lines --kinds conv,mlp --tasks 2      # ... statement by statement
     python benchmarks/fixed_cost.py --fd-tasks 3,11 --fd-fused inductor      # FD also as one compiled function
-    mkdir -p /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
+    mkdir /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
     mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
     python benchmarks/fixed_cost.py --reference /tmp/ref/src --kinds conv,mlp --tasks 11,20 --fd-tasks ""
 
