@@ -377,6 +377,9 @@ def main(argv=None) -> None:
                 f"{statistics.median(ts['EW']) * 1e3:.2f} | {r_ew:.3f} | {d_ew:+.3f} | {r_fl:.3f} | {r_ef:.3f} | "
                 f"{d_ef:+.3f} | {r_co:.3f} | {r_ec:.3f} | {d_ec:+.3f} | {r_uw:.3f} | {d_uw:+.3f} |{ref}"
             )
+    fd_tasks = [int(t) for t in args.fd_tasks.split(",") if t]
+    if not fd_tasks:  # --fd-tasks "": the EW table only
+        return
     fused = fused_fd(args.fd_fused) if args.fd_fused else None
     fused_cols = " FD fused ms | FD fused / step |" if fused else ""
     print(
@@ -385,7 +388,7 @@ def main(argv=None) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if fused else ""))
     for kind in args.kinds.split(","):
-        for T in (int(t) for t in args.fd_tasks.split(",") if t):
+        for T in fd_tasks:
             ts = alternate(monitor_rows(Workload(kind, T, BATCH[kind]), fused), args.steps, clock)
             fd = statistics.median(ts["FD alone"]) * 1e3
             extra = ""

@@ -121,6 +121,7 @@ def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script, tmp_path
             del sys.modules[name]
     out = capsys.readouterr().out
     assert "| mlp, T=2 |" in out and "EW / EW ref" in out and "nan" not in out
+    assert "FD / step" not in out and markdown_tables_are_rectangular(out) == 1  # --fd-tasks "": no empty FD table
     # --parts: EW's fixed cost part by part; the engine's functions are put back afterwards
     import torch
 
