@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/decision_cost.py                          # every GramianWeighting, T = 2, 3, 5, 11, 20, 40
     python benchmarks/decision_cost.py --tasks 5,40 --methods pcgrad,gradvac --rounds 50
-    git archive <rev> src/mtlens | tar -x -C /tmp/ref && mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
+    mkdir /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
+    mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
     python benchmarks/decision_cost.py --reference /tmp/ref/src  # the same decisions of revision <rev>, same rounds
 
 What is timed: one call of ``weights`` on a fixed T×T float64 Gramian with conflicts, the hot loop of a training

@@ -1,6 +1,7 @@
 """Feature-level Gramian steps of this checkout against another engine, in ONE process, round-robin.
 
-    git archive <rev> src/mtlens | tar -x -C /tmp/ref && mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
+    mkdir /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
+    mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
     python benchmarks/feature_fixed_cost.py --reference /tmp/ref/src --kinds conv,mlp --tasks 2,3,5,11,20,40
 
 On the synthetic scaling workloads of ``benchmarks/run_all.py`` (conv: B = 8, Z 64×8×8; MLP: B = 256,

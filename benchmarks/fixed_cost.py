@@ -7,7 +7,8 @@ Usage::
     python benchmarks/fixed_cost.py --parts --kinds conv,mlp --tasks 3,11   # EW's fixed cost, part by part
     python benchmarks/fixed_cost.py --lines --kinds conv,mlp --tasks 2      # ... statement by statement
     python benchmarks/fixed_cost.py --fd-tasks 3,11 --fd-fused inductor      # FD also as one compiled function
-    git archive <rev> src/mtlens | tar -x -C /tmp/ref && mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
+    mkdir /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
+    mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
     python benchmarks/fixed_cost.py --reference /tmp/ref/src --kinds conv,mlp --tasks 11,20 --fd-tasks ""
 
 Rows are timed step by step, alternating (plain, floor, EW, UW, ... in a fresh seeded order every
@@ -376,15 +377,18 @@ def main(argv=None) -> None:
                 f"{statistics.median(ts['EW']) * 1e3:.2f} | {r_ew:.3f} | {d_ew:+.3f} | {r_fl:.3f} | {r_ef:.3f} | "
                 f"{d_ef:+.3f} | {r_co:.3f} | {r_ec:.3f} | {d_ec:+.3f} | {r_uw:.3f} | {d_uw:+.3f} |{ref}"
             )
+    fd_tasks = [int(t) for t in args.fd_tasks.split(",") if t]
+    if not fd_tasks:  # --fd-tasks "": the EW table only
+        return
     fused = fused_fd(args.fd_fused) if args.fd_fused else None
     fused_cols = " FD fused ms | FD fused / step |" if fused else ""
     print(
-        "\n| workload | MGDA step ms | FD ms | FD / step | monitored / step | T·|Z| logs ms | logs / step "
+        "\n| workload | MGDA step ms | FD ms | FD / step | monitored / step | T·\\|Z\\| logs ms | logs / step "
         f"| step for FD ≤ 5 % (ms) |{fused_cols}"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if fused else ""))
     for kind in args.kinds.split(","):
-        for T in (int(t) for t in args.fd_tasks.split(",") if t):
+        for T in fd_tasks:
             ts = alternate(monitor_rows(Workload(kind, T, BATCH[kind]), fused), args.steps, clock)
             fd = statistics.median(ts["FD alone"]) * 1e3
             extra = ""

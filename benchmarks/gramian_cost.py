@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/gramian_cost.py                          # conv and MLP at T = 2, 3, 5, 11, 20, 40
     python benchmarks/gramian_cost.py --kinds conv --tasks 3 --steps 200
-    git archive <rev> src/mtlens | tar -x -C /tmp/ref && mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
+    mkdir /tmp/ref && git archive <rev> src/mtlens | tar -x -C /tmp/ref
+    mv /tmp/ref/src/mtlens /tmp/ref/src/mtlens_ref
     python benchmarks/gramian_cost.py --reference /tmp/ref/src  # revision <rev>'s Gramian in the same steps
 
 Each step runs the scaling study's workload (``run_all.Workload``: a forward, then the per-task Jacobian by T

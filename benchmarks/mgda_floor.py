@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--min-run-time", type=float, default=0.1)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print("| workload | T | Gramian MACs T²·|Z| | encoder fwd+bwd MACs | MAC ratio | EW ms | floor / EW | "
+    print("| workload | T | Gramian MACs T²·\\|Z\\| | encoder fwd+bwd MACs | MAC ratio | EW ms | floor / EW | "
           "Gramian ms | decision ms | combination ms | bound on MGDA / EW | measured MGDA / EW |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind in args.kinds.split(","):

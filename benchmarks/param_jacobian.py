@@ -304,6 +304,9 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=("perf", "thread"), default="perf",
                     help="perf: time.perf_counter (wall); thread: time.thread_time (this thread's CPU time)")
     args = ap.parse_args(argv)
+    if args.steady and not args.phases and args.steps < 3:
+        ap.error(f"--steady times each block's steps after its first two: --steps {args.steps} leaves none; "
+                 "give 3 or more")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
     for kind in args.kinds.split(","):

@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/rep_mtl_cost.py                     # conv T = 2, 3, 5, 11; MLP T = 2, 3
     python benchmarks/rep_mtl_cost.py --steps 40 --loads conv:2,conv:3
-    mkdir -p /tmp/ref_repmtl && git archive <rev> src/mtlens | tar -x -C /tmp/ref_repmtl
+    mkdir /tmp/ref_repmtl && git archive <rev> src/mtlens | tar -x -C /tmp/ref_repmtl
     mv /tmp/ref_repmtl/src/mtlens /tmp/ref_repmtl/src/mtlens_ref
     python benchmarks/rep_mtl_cost.py --reference /tmp/ref_repmtl/src   # adds `EW + Rep-MTL old`, same rounds
 

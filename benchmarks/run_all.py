@@ -1,7 +1,7 @@
 """Every table and plot of docs/benchmarks.md, from one command.
 
     python benchmarks/run_all.py                       # publication run (~20 min on a loaded 2-core machine)
-    python benchmarks/run_all.py --quick --out /tmp/b  # smoke run (tiny sizes, seconds)
+    python benchmarks/run_all.py --quick --out /tmp/b  # smoke run (tiny sizes, ≈ 1 min, most of it QM9)
 
 Sections (``--sections``, comma list; default all):
 

@@ -4,7 +4,8 @@ Every timing is a median from ``torch.utils.benchmark`` measured in the same run
 baseline (the plain loop ``sum(losses).backward()``), so ratios are comparable on a noisy,
 shared machine. Writes a markdown report (``--out``) with the exact command.
 
-    python benchmarks/step_time.py --out docs/benchmarks.md
+    python benchmarks/step_time.py --out /tmp/step_time.md   # not docs/benchmarks.md: run_all.py writes that page
+    python benchmarks/step_time.py --workloads lenet --methods ew,upgrad,mgda --no-torchjd   # the report on stdout
 
 Workloads:
   resnet18: ResNet-18 encoder (timm, random init) + 3 light dense heads (13-class segmentation,

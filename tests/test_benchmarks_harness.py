@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+
+
+def markdown_tables_are_rectangular(text: str) -> int:
+    """Every markdown table in ``text`` has as many cells in its header and in each row as in its separator (a ``|``
+    inside a cell, as in ``T·|Z|``, must be escaped or the table does not render); returns how many tables."""
+
+    def cells(line: str) -> int:
+        return len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+
+    lines, tables, i = text.splitlines(), 0, 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|[\s:|-]+\|\s*", lines[i + 1]):
+            tables, n, j = tables + 1, cells(lines[i + 1]), i + 2
+            assert cells(lines[i]) == n, lines[i]
+            while j < len(lines) and lines[j].startswith("|"):
+                assert cells(lines[j]) == n, lines[j]
+                j += 1
+            i = j
+        else:
+            i += 1
+    return tables
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +43,7 @@ def test_quick_run_writes_every_section(run_all, tmp_path):
     for header in ("## Scaling with the number of tasks", "## Monitoring cost", "## Stacked losses",
                    "## Cached decisions", "## QM9", "python benchmarks/run_all.py --quick"):
         assert header in text
+    assert markdown_tables_are_rectangular(text) >= 8
     assert (tmp_path / "benchmarks_scaling.png").stat().st_size > 1000
     stored = json.loads((tmp_path / "benchmarks.json").read_text())
     times = stored["scaling"]["conv/2"]["times"]
@@ -83,7 +106,7 @@ def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script, tmp_path
     out = capsys.readouterr().out
     assert "| conv, T=2 |" in out and "EW / plain" in out and "EW / floor" in out and "FD / step" in out
     assert "EW / contract" in out and "FD fused / step" in out  # the contract floor; FD as one compiled function
-    assert "nan" not in out
+    assert "nan" not in out and markdown_tables_are_rectangular(out) == 2  # the FD table's ``T·|Z|`` escaped
     # --reference: another revision's engine (here this one, renamed) in the same rounds
     import shutil
     import sys
@@ -98,6 +121,7 @@ def test_fixed_cost_script_prints_both_tables(capsys, benchmark_script, tmp_path
             del sys.modules[name]
     out = capsys.readouterr().out
     assert "| mlp, T=2 |" in out and "EW / EW ref" in out and "nan" not in out
+    assert "FD / step" not in out and markdown_tables_are_rectangular(out) == 1  # --fd-tasks "": no empty FD table
     # --parts: EW's fixed cost part by part; the engine's functions are put back afterwards
     import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def markdown_tables_are_rectangular(text: str) -> int:
+    """Every markdown table in ``text`` has as many cells in its header and in each row as in its separator (a ``|``
+    inside a cell, as in ``T·|Z|``, must be escaped or the table does not render); returns how many tables."""
+
+    def cells(line: str) -> int:
+        return len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+
+    lines, tables, i = text.splitlines(), 0, 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|[\s:|-]+\|\s*", lines[i + 1]):
+            tables, n, j = tables + 1, cells(lines[i + 1]), i + 2
+            assert cells(lines[i]) == n, lines[i]
+            while j < len(lines) and lines[j].startswith("|"):
+                assert cells(lines[j]) == n, lines[j]
+                j += 1
+            i = j
+        else:
+            i += 1
+    return tables
 
 
 def _run(*args: str) -> str:
@@ -26,7 +48,7 @@ def test_min_norm_solver_benchmark_against_a_reference_copy():
     out = _run("benchmarks/min_norm_solver.py", "--reference", ref, "--families", "random,rank5,ill",
                "--tasks", "2,7", "--rounds", "1", "--min-run-time", "0.001")
     rows = [line for line in out.splitlines() if line.startswith(("| random", "| rank5", "| ill"))]
-    assert len(rows) == 6
+    assert len(rows) == 6 and markdown_tables_are_rectangular(out) == 1  # the ``|value − ref|`` column escaped
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[4]) <= 1e-13  # KKT gap of the current solver
@@ -37,6 +59,7 @@ def test_min_norm_solver_benchmark_against_a_reference_copy():
 def test_mgda_floor_benchmark_prints_the_bound():
     out = _run("benchmarks/mgda_floor.py", "--kinds", "mlp", "--tasks", "2", "--rounds", "1",
                "--min-run-time", "0.001")
+    assert markdown_tables_are_rectangular(out) == 1  # the ``T²·|Z|`` column escaped
     row = next(line for line in out.splitlines() if line.startswith("| mlp | 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "0.3 M" and cells[3] == "327 M"  # T²·|Z| = 4·65 536; 3 × 109 M encoder MACs

@@ -36,3 +36,10 @@ def test_against_another_commit_runs_both_engines(pj, capsys):
     pj.run("conv", 2, 1, against="HEAD")
     out = capsys.readouterr().out
     assert "UPGrad loop @HEAD" in out and "UPGrad loop this tree / @HEAD" in out and "PCGrad loop this tree" in out
+
+
+def test_steady_with_too_few_steps_is_a_usage_error(pj, capsys):
+    """--steady drops each block's first two steps; --steps 2 used to end in StatisticsError (no median)."""
+    with pytest.raises(SystemExit) as exc:
+        pj.main(["--steady", "--kinds", "conv", "--tasks", "2", "--steps", "2", "--blocks", "1"])
+    assert exc.value.code == 2 and "give 3 or more" in capsys.readouterr().err
