@@ -3,6 +3,9 @@
     python benchmarks/run_all.py                       # publication run (~20 min on a loaded 2-core machine)
     python benchmarks/run_all.py --quick --out /tmp/b  # smoke run (tiny sizes, ≈ 1 min, most of it QM9)
 
+Only the full command writes docs/ by default; a partial run (``--quick``, ``--sections``, ``--tasks``,
+``--no-memory``) needs ``--out`` (``--out docs`` to replace the published page on purpose).
+
 Sections (``--sections``, comma list; default all):
 
 * ``scaling``  step time vs the number of tasks T on a synthetic conv encoder and an MLP with
@@ -1324,12 +1327,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods-workloads", default="lenet",
                     help="workloads of the all-methods table (step_time.py's: lenet, resnet18)")
     ap.add_argument("--tasks", default=None, help="comma list of T for the scaling study (default 2,3,5,11,20,40)")
-    ap.add_argument("--out", type=Path, default=HERE.parent / "docs", help="folder for benchmarks.md and plots")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for benchmarks.md and plots (default docs/, for the full run only: a partial run "
+                         "needs it)")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+    if args.out is None:
+        partial = [flag for flag, on in (("--quick", args.quick), ("--sections", set(sections) != set(SECTIONS)),
+                                         ("--tasks", args.tasks is not None), ("--no-memory", args.no_memory)) if on]
+        if partial:  # docs/benchmarks.md is the published page: only the full command replaces it
+            ap.error(f"{' '.join(partial)} without --out would replace the published docs/benchmarks.md with a "
+                     "partial page; pass --out DIR (e.g. --out /tmp/bench), or --out docs to replace it on purpose")
+        args.out = HERE.parent / "docs"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = config(args)

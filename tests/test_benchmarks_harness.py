@@ -35,6 +35,19 @@ def run_all(benchmark_script):
     return benchmark_script("run_all")
 
 
+@pytest.mark.parametrize("flags", [["--quick"], ["--sections", "scaling"], ["--tasks", "2"], ["--no-memory"]])
+def test_a_partial_run_without_out_is_refused_before_anything_runs(run_all, flags, capsys):
+    """docs/benchmarks.md is the published page: a smoke or partial run must not replace it unless asked to."""
+    page = Path(run_all.__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    before = page.stat().st_mtime_ns if page.exists() else None
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(flags)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flags[0] in err and "--out DIR" in err and "docs/benchmarks.md" in err
+    assert (page.stat().st_mtime_ns if page.exists() else None) == before
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_section(run_all, tmp_path):
     res = run_all.main(["--quick", "--tasks", "2", "--rounds", "1", "--min-run-time", "0.001",
