@@ -13,7 +13,7 @@ from .decision import Decision
 from .distributed import Dist
 from .gradients import TaskGradients, _grads, all_finite, host_finite, sparse_again, zeros_if_none
 from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
-from .graph import backward_order, find_leaves
+from .graph import backward_order, find_leaves, refuse_reentrant_checkpoint
 
 
 def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale: float = 1.0,
@@ -413,6 +413,8 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         shared_g = list(chosen)
     for i in grads._unreached:  # parameter level: no loss reaches it (zeros in the Jacobian); .grad left as it was
         shared_g[i] = None
+    if shared and any(g is None for g in shared_g):  # unless a reentrant checkpoint hides it from autograd.grad
+        refuse_reentrant_checkpoint(step_roots(grads))
     sparse_again(shared_g, shared, grads._sparse)  # parameter level: sparse per-task gradients, a sparse .grad
     others: list[Tensor] = []
     other_g: list[Tensor | None] = []
@@ -466,6 +468,8 @@ def _weighted_sum_from_rows(grads: TaskGradients, decision: Decision, name: str)
     out: list[Tensor | None] = list(shared_g)
     for i in grads._unreached:  # no loss reaches it: the backward would not touch its .grad (None stays None)
         out[i] = None
+    if grads._unreached:  # unless a reentrant checkpoint hides it from autograd.grad
+        refuse_reentrant_checkpoint(step_roots(grads))
     _accumulate([*shared, *heads], [*out, *head_g], 1.0, grads._attached)
     return ""
 

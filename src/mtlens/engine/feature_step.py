@@ -47,6 +47,7 @@ from .gradients import (
     normalise_losses,
 )
 from .gramian import gramian_from_blocks
+from .graph import refuse_reentrant_checkpoint
 from .protocols import GramianWeighting, MethodState
 from .record import StepRecord
 from .stacked import StackSplit, lean_entry_points
@@ -97,7 +98,10 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
         dz = torch.tensordot(w.to(S.dtype), S, dims=1)
         gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
         # a parameter the map does not depend on keeps its .grad (None stays None), as after loss.backward()
-        return list(gz), [g for g in gz if g is not None]
+        got = [g for g in gz if g is not None]
+        if len(got) < len(gz):  # unless a reentrant checkpoint hides it from autograd.grad
+            refuse_reentrant_checkpoint([features])
+        return list(gz), got
 
     return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, through_encoder,
                             start.loss_list)

@@ -39,6 +39,7 @@ from .gradients import (
     unreached_by_all,
 )
 from .gramian import combine_matrix, gramian_from_matrix, jacobian_workspace, split_flat
+from .graph import refuse_reentrant_checkpoint
 from .protocols import GramianWeighting
 from .record import StepRecord
 
@@ -115,6 +116,8 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             _write_row(J, T - 1, _dense(gz, shared, sparse), shared, misses[T - 1])
         del gs
     unreached = unreached_by_all(misses, shared)
+    if unreached:  # no loss reaches them, unless a reentrant checkpoint hides them from autograd.grad
+        refuse_reentrant_checkpoint([features])
     record.saliencies = S
     G = gramian_from_matrix(J)
     problem = gramian_problem(names, G, raw, "param")  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is

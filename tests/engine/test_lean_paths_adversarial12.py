@@ -1,0 +1,425 @@
+"""Adversarial set-ups for the engine's lean steps (the loss step's direct write, the lean feature and parameter
+steps) that the parity harness (``test_grad_parity.py``) and ``test_direct_write_adversarial.py`` do not build:
+a step called inside ``torch.autocast`` or ``torch.no_grad()``, an encoder wholly inside a reentrant checkpoint, and a
+refused step on set-ups the harness only runs finite. Each fault found here has its test (the message of its fix);
+the rest pin what was checked and found correct.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _nets import count_direct_writes, poison_backward
+from torch import nn
+from torch.nn.utils import parametrizations
+from torch.utils.checkpoint import checkpoint
+
+from mtlens.engine import mtl_backward
+from mtlens.errors import ConfigurationError, NonFiniteError
+from mtlens.methods import create
+
+ROUTES = [("ew", None), ("mgda", "feature"), ("upgrad", "param")]
+ROUTE_IDS = [m for m, _ in ROUTES]
+
+
+class Net(nn.Module):
+    """An encoder 5 → 64 → 72 (4 936 shared values: more than the Gramian's float32 chunk of 4 096 columns) and T
+    linear heads."""
+
+    def __init__(self, T: int = 3, width: int = 72):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, width))
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(T))
+
+    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"t{i}": ((h(z).float().squeeze(-1) - 0.3 * i) ** 2).mean() for i, h in enumerate(self.heads)}
+
+
+def _step(net: nn.Module, losses, z, method: str, level: str | None, **kw):
+    args = dict(method=create(method), features=z, shared_params=net.enc.parameters(), **kw)
+    if level is not None:
+        args["level"] = level
+    return mtl_backward(losses, **args)
+
+
+def _grads(net: nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+def _same(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and x.dtype == y.dtype
+                                             and x.stride() == y.stride() and torch.equal(x, y)) for x, y in zip(a, b))
+
+
+# ---- faults found, fixed ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,level", ROUTES, ids=ROUTE_IDS)
+def test_a_step_inside_autocast_writes_what_it_writes_outside(method, level):
+    """The forward's ``torch.autocast`` context left open around the step (``loss.backward()`` inside it gives the
+    same gradients as outside: autocast does not touch autograd's backward kernels). Before: the engine's own float32
+    products — the parameter level's Gramian (4 096-column chunks) and ``Σ_t w_t g_t`` — ran in bfloat16, so UPGrad's
+    weights moved in the fourth digit (0.99665 → 0.99712) and the encoder's ``.grad`` carried bfloat16 rounding
+    (3.5e-5 off); now the step runs with autocast off, bit for bit the step outside."""
+    torch.manual_seed(0)
+    x = torch.randn(33, 5)
+    got = []
+    for inside in (False, True):
+        torch.manual_seed(1)
+        net = Net()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = net.enc(x)
+            losses = net.losses(z)
+            if inside:
+                rec = _step(net, losses, z, method, level)
+        if not inside:
+            rec = _step(net, losses, z, method, level)
+        got.append((_grads(net), rec.weights))
+    assert _same(got[0][0], got[1][0])
+    assert torch.equal(got[0][1], got[1][1])
+    assert torch.is_autocast_enabled("cpu") is False
+
+
+def test_a_step_inside_autocast_leaves_autocast_on_for_the_caller():
+    """The step turns autocast off for its own arithmetic only: the caller's context is as it was afterwards."""
+    net = Net()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = net.enc(torch.randn(4, 5))
+        _step(net, net.losses(z), z, "upgrad", "param")
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert net.enc[0](torch.randn(2, 5)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method,level", ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize("general", [False, True], ids=["lean", "general"])
+def test_a_step_under_no_grad_is_the_step_with_grad_mode_on(method, level, general):
+    """``mtl_backward`` called inside ``torch.no_grad()`` (losses built with grad mode on). Before: EW (lean and
+    general) raised autograd's ``RuntimeError: `inputs` argument to `grad()` cannot be empty`` (its stacked losses
+    had no graph) while MGDA and UPGrad stepped; now every route steps as with grad mode on, bit for bit."""
+    x = torch.randn(6, 5)
+    got = []
+    for no_grad in (False, True):
+        torch.manual_seed(1)
+        net = Net(width=6)
+        z = net.enc(x)
+        losses = net.losses(z)
+        with torch.set_grad_enabled(not no_grad):
+            _step(net, losses, z, method, level, keep_saliencies=general)
+            assert torch.is_grad_enabled() is (not no_grad)
+        got.append(_grads(net))
+    assert all(g is not None for g in got[1])
+    assert _same(got[0], got[1])
+
+
+class _ReentrantEncoder(nn.Module):
+    """The whole encoder inside ``checkpoint(..., use_reentrant=True)``; the input requires grad (what
+    ``enable_input_require_grads()`` does so that a reentrant checkpoint's output is attached)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=True)
+
+
+@pytest.mark.parametrize("kw", [{"level": "feature", "method": "mgda"}, {"level": "param", "method": "upgrad"},
+                                {"level": "feature", "method": "mgda", "keep_saliencies": True},
+                                {"level": "param", "method": "upgrad", "keep_saliencies": True},
+                                {"level": "param", "method": "upgrad", "jacobian": "batched"}],
+                         ids=["mgda-feature", "upgrad-param", "mgda-feature-general", "upgrad-param-general",
+                              "upgrad-param-batched"])
+def test_an_encoder_inside_a_reentrant_checkpoint_is_refused_not_left_untrained(kw):
+    """``torch.autograd.grad`` with respect to parameters inside a reentrant checkpoint returns ``None`` without
+    running the checkpoint's node (its backward calls ``backward()`` itself; PyTorch raises its own error only when
+    the node runs), where ``loss.backward()`` writes them. Before: MGDA (feature level) and UPGrad (parameter
+    level), lean and general, wrote the heads' gradients and left every encoder ``.grad`` ``None`` — the encoder
+    silently never trained. Now ``ConfigurationError`` naming ``use_reentrant=False``, nothing written, as the loss
+    level's route already refused it (PyTorch's own error)."""
+    torch.manual_seed(0)
+    enc = _ReentrantEncoder()
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(3))
+    x = torch.randn(4, 5, requires_grad=True)
+    z = enc(x)
+    losses = {f"t{i}": (h(z) ** 2).mean() for i, h in enumerate(heads)}
+    kw = dict(kw)
+    method = create(kw.pop("method"))
+    with pytest.raises(ConfigurationError, match=r"use_reentrant=True.*Pass use_reentrant=False"):
+        mtl_backward(losses, method=method, features=z, shared_params=enc.parameters(), **kw)
+    assert all(p.grad is None for p in [*enc.parameters(), *heads.parameters()]) and x.grad is None
+    # the plain backward writes every encoder gradient
+    z = enc(x)
+    sum((h(z) ** 2).mean() for h in heads).backward()
+    assert all(p.grad is not None for p in enc.parameters())
+
+
+def test_a_non_reentrant_checkpoint_and_a_truly_unreached_parameter_still_step():
+    """The refusal is for a reentrant checkpoint only: an encoder parameter no loss reaches keeps ``None`` beside a
+    ``use_reentrant=False`` checkpoint, at both gradient levels."""
+    for method, level in ROUTES[1:]:
+        torch.manual_seed(0)
+        enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+        spare = nn.Linear(2, 2)
+        heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(2))
+        z = checkpoint(enc, torch.randn(4, 5), use_reentrant=False)
+        losses = {f"t{i}": (h(z) ** 2).mean() for i, h in enumerate(heads)}
+        mtl_backward(losses, method=create(method), level=level, features=z,
+                     shared_params=[*enc.parameters(), *spare.parameters()])
+        assert all(p.grad is not None for p in enc.parameters()) and spare.weight.grad is None
+
+
+# ---- refused steps write nothing, on set-ups the harness only runs finite ---------------------------------------
+class _Conv(nn.Module):
+    def __init__(self, T: int):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()
+                                 ).to(memory_format=torch.channels_last)
+        self.heads = nn.ModuleList(nn.Linear(100, 1) for _ in range(T))
+
+
+class _Emb(nn.Module):
+    def __init__(self, T: int):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Embedding(11, 6, sparse=True, padding_idx=0), nn.Flatten(1), nn.Linear(18, 6))
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(T))
+
+
+class _Param(nn.Module):
+    def __init__(self, T: int, kind: str):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+        if kind == "orthogonal":
+            parametrizations.orthogonal(self.enc[2])
+        elif kind == "spectral":
+            parametrizations.spectral_norm(self.enc[2])
+        elif kind == "float64":
+            self.enc.double()
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(T))
+        if kind == "float64":
+            self.heads.double()
+
+
+def _setup(kind: str, T: int):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    if kind == "channels_last":
+        net = _Conv(T)
+        x = torch.randn(4, 3, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    elif kind == "sparse_embedding":
+        net = _Emb(T)
+        x = torch.randint(0, 11, (4, 3), generator=g)
+    else:
+        net = _Param(T, kind)
+        x = torch.randn(4, 5, generator=g, dtype=torch.float64 if kind == "float64" else torch.float32)
+        if kind == "input_grad":
+            x.requires_grad_(True)
+    y = torch.randn(4, T, generator=g, dtype=x.dtype if x.is_floating_point() else torch.float32)
+    return net, x, y
+
+
+POISONS = ["nan_input", "inf_target", "times_nan", "plus_inf", "nan_grad_encoder", "nan_grad_head"]
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize("preset", [False, True], ids=["none", "accumulated"])
+@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("kind", ["channels_last", "sparse_embedding", "orthogonal", "spectral", "float64",
+                                  "input_grad"])
+@pytest.mark.parametrize("method,level", ROUTES, ids=ROUTE_IDS)
+def test_a_refused_step_writes_nothing(method, level, kind, poison, preset, policy):
+    """A NaN input row, an inf target, ``loss * nan``, ``loss + inf`` (finite gradients), a NaN in the encoder's
+    gradient only or in one head's only: ``NonFiniteError`` (``"raise"``) or a skipped record with its warning
+    (``"skip"``), and every ``.grad`` — ``None`` or an accumulated value — bit for bit as before the step."""
+    if poison == "nan_input" and kind == "sparse_embedding":
+        pytest.skip("integer input")
+    T = 3
+    net, x, y = _setup(kind, T)
+    if preset:  # an accumulated first micro-batch (sparse .grad for the embedding)
+        z = net.enc(x)
+        sum(F.mse_loss(h(z).squeeze(-1), y[:, i]) for i, h in enumerate(net.heads)).backward()
+    before = _grads(net)
+    x_before = None if x.grad is None else x.grad.clone()
+    if poison == "nan_input":
+        x = x.detach().clone()
+        x[1] = float("nan")
+    if poison == "inf_target":
+        y = y.clone()
+        y[2, 1] = float("inf")
+    z = net.enc(x)
+    losses = {f"t{i}": F.mse_loss(h(z).squeeze(-1), y[:, i]) for i, h in enumerate(net.heads)}
+    if poison == "times_nan":
+        losses["t0"] = losses["t0"] * float("nan")
+    elif poison == "plus_inf":
+        losses["t1"] = losses["t1"] + float("inf")
+    elif poison == "nan_grad_encoder":
+        losses["t0"] = losses["t0"] + poison_backward((z.float() ** 2).sum() * 0, float("nan"))
+    elif poison == "nan_grad_head":
+        losses["t2"] = losses["t2"] + poison_backward((net.heads[2].weight.float() ** 2).sum() * 0, float("nan"))
+    if policy == "raise":
+        with pytest.raises(NonFiniteError):
+            _step(net, losses, z, method, level, nonfinite=policy)
+    else:
+        with pytest.warns(RuntimeWarning, match="step skipped"):
+            rec = _step(net, losses, z, method, level, nonfinite=policy)
+        assert rec.skipped and rec.weights is None
+    after = _grads(net)
+    for b, a in zip(before, after):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.layout == b.layout and torch.equal(a.to_dense(), b.to_dense())
+    if x.requires_grad:
+        assert (x.grad is None) == (x_before is None)
+
+
+# ---- checked and correct: EW is the plain backward bit for bit ---------------------------------------------------
+def _ew_against_backward(build, steps: int = 2, preset: bool = False, monkeypatch=None) -> None:
+    outs = []
+    for plain in (True, False):
+        torch.manual_seed(0)
+        net, fwd, shared = build()
+        if preset:
+            for p in net.parameters():
+                p.grad = torch.zeros_like(p)
+        for i in range(steps):
+            z, losses = fwd(i)
+            if plain:
+                sum(losses.values()).backward()
+            else:
+                mtl_backward(losses, method=create("ew"), features=z, shared_params=shared())
+        outs.append([(n, p.grad) for n, p in net.named_parameters()])
+    for (n, r), (_, g) in zip(*outs):
+        assert (r is None) == (g is None), n
+        if r is not None:
+            assert r.dtype == g.dtype and r.layout == g.layout, n
+            if r.layout == torch.strided:
+                assert r.stride() == g.stride(), n
+            assert torch.equal(r.to_dense(), g.to_dense()), n
+
+
+def _x(i: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(100 + i), dtype=dtype)
+
+
+def _mlp() -> nn.ModuleDict:
+    return nn.ModuleDict({"enc": nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6)),
+                          "heads": nn.ModuleList(nn.Linear(6, 1) for _ in range(3))})
+
+
+def _mixed_dtype_losses():
+    """One task's head in float64 (its loss float64), the others float32: the stacked losses promote."""
+    net = _mlp()
+    net.heads[2].double()
+
+    def fwd(i):
+        z = net.enc(_x(i, 4, 5))
+        return z, {f"t{k}": (h(z if k < 2 else z.double()) ** 2).mean() for k, h in enumerate(net.heads)}
+    return net, fwd, net.enc.parameters
+
+
+def _functional_call():
+    """``torch.func.functional_call`` with a dict of parameters the module does not own."""
+    net = _mlp()
+    net.p = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v.detach().clone())
+                              for k, v in net.enc.named_parameters()})
+
+    def fwd(i):
+        params = {k: net.p[k.replace(".", "_")] for k, _ in net.enc.named_parameters()}
+        z = torch.func.functional_call(net.enc, params, (_x(i, 4, 5),))
+        return z, {f"t{k}": (h(z) ** 2).mean() for k, h in enumerate(net.heads)}
+    return net, fwd, lambda: list(net.p.values())
+
+
+def _toggled():
+    """``requires_grad_`` toggled between micro-batches on an encoder layer and on one head weight."""
+    net = _mlp()
+
+    def fwd(i):
+        net.enc[0].requires_grad_(i % 2 == 1)
+        net.heads[1].weight.requires_grad_(i != 1)
+        z = net.enc(_x(i, 4, 5))
+        return z, {f"t{k}": (h(z) ** 2).mean() for k, h in enumerate(net.heads)}
+    return net, fwd, net.enc.parameters
+
+
+def _empty_batch_and_leaf_loss():
+    """A zero-size micro-batch with ``reduction="sum"``, a loss that is a parameter itself, and the same loss tensor
+    under two task names."""
+    net = _mlp()
+    net.s = nn.Parameter(torch.tensor(0.5))
+
+    def fwd(i):
+        z = net.enc(_x(i, 4 if i != 1 else 0, 5))
+        losses = {f"t{k}": F.mse_loss(h(z).squeeze(-1), torch.zeros(z.shape[0]), reduction="sum")
+                  for k, h in enumerate(net.heads)}
+        losses["reg"] = net.s
+        losses["again"] = losses["t0"]
+        return z, losses
+    return net, fwd, net.enc.parameters
+
+
+def _sparse_embedding_bag():
+    """``nn.EmbeddingBag(sparse=True)`` and an ``nn.Embedding`` with ``padding_idx`` and ``max_norm``."""
+    net = nn.ModuleDict({"bag": nn.EmbeddingBag(11, 6, mode="sum", sparse=True),
+                         "emb": nn.Embedding(11, 6, padding_idx=0, max_norm=1.0),
+                         "heads": nn.ModuleList(nn.Linear(6, 1) for _ in range(2))})
+
+    def fwd(i):
+        ids = torch.randint(0, 11, (4, 3), generator=torch.Generator().manual_seed(i))
+        z = net.bag(ids) + net.emb(ids).mean(1)
+        return z, {f"t{k}": (h(z) ** 2).mean() for k, h in enumerate(net.heads)}
+    return net, fwd, lambda: [*net.bag.parameters(), *net.emb.parameters()]
+
+
+@pytest.mark.parametrize("build", [_mixed_dtype_losses, _functional_call, _toggled, _empty_batch_and_leaf_loss,
+                                   _sparse_embedding_bag])
+@pytest.mark.parametrize("preset", [False, True], ids=["none", "zeros"])
+def test_ew_is_backward_on_set_ups_the_harness_does_not_build(build, preset):
+    if preset and build is _sparse_embedding_bag:
+        pytest.skip("a dense preset on a sparse parameter is another test's (test_grad_parity's _preset)")
+    _ew_against_backward(build, steps=3, preset=preset)
+
+
+def test_ew_retain_graph_then_a_second_step_on_the_same_graph_is_backward_twice(monkeypatch):
+    """The first step's direct write, then an accumulation on the same (retained) graph: ``backward(retain_graph=
+    True)`` then ``backward()``; the graph freed after the second, as ``backward()`` frees it."""
+    direct = count_direct_writes(monkeypatch)
+    outs = []
+    for plain in (True, False):
+        torch.manual_seed(0)
+        net = _mlp()
+        z = net.enc(_x(0, 4, 5))
+        losses = {f"t{k}": (h(z) ** 2).mean() for k, h in enumerate(net.heads)}
+        if plain:
+            total = sum(losses.values())
+            total.backward(retain_graph=True)
+            total.backward()
+        else:
+            mtl_backward(losses, method=create("ew"), features=z, retain_graph=True)
+            mtl_backward(losses, method=create("ew"), features=z)
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                mtl_backward(losses, method=create("ew"), features=z)
+        outs.append(_grads(net))
+    assert direct == [1]
+    assert _same(*outs)
+
+
+@pytest.mark.parametrize("method,level", ROUTES[1:], ids=ROUTE_IDS[1:])
+@pytest.mark.parametrize("T", [1, 3, 10])
+def test_lean_gradient_steps_equal_the_general_path(method, level, T):
+    """The lean feature and parameter steps against the general path (``keep_saliencies=True``) on a
+    ``channels_last`` conv encoder with BatchNorm, gradients accumulated from zeros, then a second step on the same
+    retained graph: every ``.grad`` and the weights bit for bit (T = 10: the lean feature step's per-group writes)."""
+    res = []
+    for general in (False, True):
+        torch.manual_seed(0)
+        net = _Conv(T)
+        x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 0.25)
+        z = net.enc(x)
+        losses = {f"t{i}": ((h(z).squeeze(-1) - 0.3 * i) ** 2).mean() for i, h in enumerate(net.heads)}
+        _step(net, losses, z, method, level, keep_saliencies=general, retain_graph=True)
+        rec = _step(net, losses, z, method, level, keep_saliencies=general)
+        res.append((_grads(net), rec.weights))
+    assert _same(res[0][0], res[1][0])
+    assert torch.equal(res[0][1], res[1][1])
+
