@@ -167,6 +167,74 @@ def test_a_non_reentrant_checkpoint_and_a_truly_unreached_parameter_still_step()
         assert all(p.grad is not None for p in enc.parameters()) and spare.weight.grad is None
 
 
+GRADIENT_ROUTES = [({"method": "mgda", "level": "feature"}, "mgda-feature"),
+                   ({"method": "mgda", "level": "feature", "keep_saliencies": True}, "mgda-feature-general"),
+                   ({"method": "upgrad", "level": "param"}, "upgrad-param"),
+                   ({"method": "upgrad", "level": "param", "keep_saliencies": True}, "upgrad-param-general"),
+                   ({"method": "upgrad", "level": "param", "jacobian": "batched"}, "upgrad-param-batched"),
+                   ({"method": "mgda", "level": "param", "task_params": True}, "mgda-param-heads-given")]
+
+
+@pytest.mark.parametrize("kw", [k for k, _ in GRADIENT_ROUTES], ids=[i for _, i in GRADIENT_ROUTES])
+def test_a_hook_on_the_map_shapes_each_saliency_once(kw):
+    """``Z.register_hook`` changing the gradient (× 0.5: a gradient-scaling layer on the shared representation). With
+    one task a Gramian weighting's update is the task's gradient, so the step must write ``loss.backward()``'s
+    ``.grad`` (the harness's one-task property), and the hook runs once per task (the head backward that delivers
+    ``S_t`` at ``Z``). Before: the encoder VJPs from ``Z`` ran the hook again on their root, so the encoder got
+    ``h(h(S))`` — a quarter of the plain gradient instead of half — on every gradient route, lean and general."""
+    kw = dict(kw)
+    method = create(kw.pop("method"))
+    outs, calls = [], {False: 0, True: 0}
+    for plain in (True, False):
+        torch.manual_seed(0)
+        net = Net(T=1, width=6)
+        z = net.enc(torch.randn(4, 5))
+
+        def half(g, plain=plain):
+            calls[plain] += 1
+            return g * 0.5
+
+        z.register_hook(half)
+        losses = net.losses(z)
+        if plain:
+            sum(losses.values()).backward()
+        else:
+            given = {"task_params": list(net.heads.parameters())} if kw.pop("task_params", False) else {}
+            mtl_backward(losses, method=method, features=z, shared_params=net.enc.parameters(), **kw, **given)
+        outs.append(_grads(net))
+    assert calls == {True: 1, False: 1}
+    assert _same(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_a_hook_on_the_map_with_ew_and_the_per_task_rows_is_backward(T):
+    """EW at loss level with ``compute_gramian="param"`` (a diagnostic: the update must stay ``Σ_t L_t``'s gradient,
+    written from the per-task rows). Before: each row was ``J_Zᵀ h(h(S_t))``, 0.068 off the plain gradient; now
+    ``J_Zᵀ h(S_t)``, the plain gradient to float32 rounding (the rows are summed in another order than one
+    backward); the hook runs once per task."""
+    outs, calls = [], {False: 0, True: 0}
+    for plain in (True, False):
+        torch.manual_seed(0)
+        net = Net(T=T, width=6)
+        z = net.enc(torch.randn(4, 5))
+
+        def half(g, plain=plain):
+            calls[plain] += 1
+            return g * 0.5
+
+        z.register_hook(half)
+        losses = net.losses(z)
+        if plain:
+            sum(losses.values()).backward()
+        else:
+            mtl_backward(losses, method=create("ew"), features=z, shared_params=net.enc.parameters(),
+                         compute_gramian="param")
+        outs.append(_grads(net))
+    assert calls == {True: 1, False: T}
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 # ---- refused steps write nothing, on set-ups the harness only runs finite ---------------------------------------
 class _Conv(nn.Module):
     def __init__(self, T: int):

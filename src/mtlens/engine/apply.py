@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError
+from ._autograd import MapHooksHeld
 from .decision import Decision
 from .distributed import Dist
 from .gradients import TaskGradients, _grads, all_finite, host_finite, sparse_again, zeros_if_none
@@ -342,8 +343,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                 dz = [d / len(grads._parts) for d in dz]
             dz_s = [d * scale for d in dz] if scale != 1.0 else dz
             pairs = list(zip(pf.maps, dz_s))
-            gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
-                        retain_graph=retain_graph)
+            with MapHooksHeld(pf.maps):  # hooks on the maps already shaped S_t: not run again on this VJP's root
+                gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
+                            retain_graph=retain_graph)
             for j, g in enumerate(gz):
                 if g is not None:
                     if g.requires_grad:  # autograd's outputs carry no graph here: no detach alias needed
@@ -379,8 +381,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             maps = grads._parts[0]["features"].maps
             reg_pairs = [(z, g) for z, g in zip(maps, reg_dz[0]) if g is not None]
             if reg_pairs:
-                gr = _grads([z for z, _ in reg_pairs], shared, grad_outputs=[g for _, g in reg_pairs],
-                            retain_graph=retain_graph)
+                with MapHooksHeld(maps):
+                    gr = _grads([z for z, _ in reg_pairs], shared, grad_outputs=[g for _, g in reg_pairs],
+                                retain_graph=retain_graph)
                 local_shared = list(zeros_if_none(gr, shared))
         if reg_shared is not None:
             local_shared = (list(reg_shared) if local_shared is None

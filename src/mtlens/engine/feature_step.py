@@ -30,7 +30,7 @@ from torch.autograd.function import BackwardCFunction
 
 from ..errors import MTLensError, NonFiniteError
 from . import pool
-from ._autograd import vjp
+from ._autograd import MapHooksHeld, vjp
 from .apply import _accumulate, _check_range, _combine_heads, weights_error
 from .gradients import (
     Features,
@@ -96,7 +96,11 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     def through_encoder(w: Tensor) -> tuple[list[Tensor | None], list[Tensor]]:
         # apply_decision, feature level: Σ_t w_t S_t as one contraction, pushed through the encoder once
         dz = torch.tensordot(w.to(S.dtype), S, dims=1)
-        gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
+        if features._backward_hooks:  # hooks on the map already shaped S_t: not run again on this VJP's root
+            with MapHooksHeld([features]):
+                gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
+        else:
+            gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
         # a parameter the map does not depend on keeps its .grad (None stays None), as after loss.backward()
         got = [g for g in gz if g is not None]
         if len(got) < len(gz):  # unless a reentrant checkpoint hides it from autograd.grad

@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from . import pool
-from ._autograd import raise_translated, vjp
+from ._autograd import MapHooksHeld, raise_translated, vjp
 from .distributed import Dist
 from .gramian import (
     gramian_from_blocks,
@@ -1249,8 +1249,9 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
                 "features' .grad; use jacobian='loop', or read the saliencies from the step's record "
                 "(record.saliencies) instead of retaining Z's gradient")
         try:
-            gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
-                        retain_graph=retain_graph)
+            with MapHooksHeld(feats.maps):  # hooks on the map already shaped each S_t
+                gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
+                            retain_graph=retain_graph)
         except NotImplementedError as exc:  # vmap over a sparse gradient (nn.Embedding(sparse=True))
             raise ConfigurationError(f"jacobian='batched' could not differentiate the shared parameters ({exc}); "
                                      "a sparse-gradient parameter (nn.Embedding(sparse=True)) needs "
@@ -1273,7 +1274,8 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
         # multi-input: each task's encoder graph is its own (unless sliced from one pass); one shared map: all use it
         last = (t == T - 1) or own_graphs
         keep = retain_graph or create_graph or not last
-        gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
+        with MapHooksHeld(maps):  # hooks on the maps already shaped S_t: not run again on this VJP's root
+            gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
         gs = _dense(gs, shared, sparse)
         missed: list[Tensor] = []
         misses.append(missed)
