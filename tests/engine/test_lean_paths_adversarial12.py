@@ -89,12 +89,28 @@ def test_a_step_inside_autocast_leaves_autocast_on_for_the_caller():
         assert net.enc[0](torch.randn(2, 5)).dtype == torch.bfloat16
 
 
+def test_the_step_outside_the_ambient_modes_passes_every_argument_on():
+    """``mtl_backward`` inside autocast or ``no_grad`` calls itself again with every one of its arguments: a parameter
+    added to its signature must be passed on there too (else it would silently take its default in those contexts)."""
+    import inspect
+
+    from mtlens.engine import backward as B
+
+    src = inspect.getsource(B.mtl_backward)
+    call = src[src.index("with _outside_ambient_modes():"):src.index("dist_up = _dist_initialized()")]
+    names = [n for n in inspect.signature(B.mtl_backward).parameters if n != "losses"]
+    assert call.count("=") == len(names)
+    for n in names:
+        assert f"{n}={n}" in call, n
+
+
 @pytest.mark.parametrize("method,level", ROUTES, ids=ROUTE_IDS)
 @pytest.mark.parametrize("general", [False, True], ids=["lean", "general"])
 def test_a_step_under_no_grad_is_the_step_with_grad_mode_on(method, level, general):
-    """``mtl_backward`` called inside ``torch.no_grad()`` (losses built with grad mode on). Before: EW (lean and
-    general) raised autograd's ``RuntimeError: `inputs` argument to `grad()` cannot be empty`` (its stacked losses
-    had no graph) while MGDA and UPGrad stepped; now every route steps as with grad mode on, bit for bit."""
+    """``mtl_backward`` called inside ``torch.no_grad()`` or ``torch.inference_mode()`` (losses built with grad mode
+    on). Before: EW (lean and general) raised autograd's ``RuntimeError: `inputs` argument to `grad()` cannot be
+    empty`` (its stacked losses had no graph) while MGDA and UPGrad stepped; now every route steps as with grad mode
+    on, bit for bit."""
     x = torch.randn(6, 5)
     got = []
     for no_grad in (False, True):
@@ -108,6 +124,15 @@ def test_a_step_under_no_grad_is_the_step_with_grad_mode_on(method, level, gener
         got.append(_grads(net))
     assert all(g is not None for g in got[1])
     assert _same(got[0], got[1])
+    # inside torch.inference_mode() (grad mode reads off there too): the same step
+    torch.manual_seed(1)
+    net = Net(width=6)
+    z = net.enc(x)
+    losses = net.losses(z)
+    with torch.inference_mode():
+        _step(net, losses, z, method, level, keep_saliencies=general)
+        assert torch.is_inference_mode_enabled()
+    assert _same(got[0], _grads(net))
 
 
 class _ReentrantEncoder(nn.Module):
@@ -233,6 +258,32 @@ def test_a_hook_on_the_map_with_ew_and_the_per_task_rows_is_backward(T):
     assert calls == {True: 1, False: T}
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{"method": "ew"}, {"method": "ew", "keep_saliencies": True},
+                                {"method": "mgda", "level": "feature"}, {"method": "upgrad", "level": "param"},
+                                {"method": "ew", "stacked": True}],
+                         ids=["ew", "ew-general", "mgda-feature", "upgrad-param", "ew-stacked-vector"])
+def test_a_complex_task_loss_is_refused_as_backward_refuses_it(kw):
+    """A task loss left complex (a spectral model's ``(z ** 2).mean()`` without ``.abs()``): ``loss.backward()``
+    raises "grad can be implicitly created only for real scalar outputs". Before: the lean EW step differentiated
+    its real part silently (the direct write took ``ones`` as its gradient) and every other route failed with
+    ``TypeError: must be real number, not complex``; now ``ConfigurationError`` naming the task, nothing written."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, 6, dtype=torch.cfloat))
+    head = nn.Linear(6, 1).to(torch.cfloat)
+    z = torch.randn(4, 5, dtype=torch.cfloat) @ w
+    losses = {"spectral": (head(z) ** 2).mean(), "power": (head(z).abs() ** 2).mean()}
+    with pytest.raises(RuntimeError, match="only for real scalar outputs"):
+        sum(losses.values()).backward(retain_graph=True)
+    w.grad = head.weight.grad = head.bias.grad = None
+    kw = dict(kw)
+    method = create(kw.pop("method"))
+    if kw.pop("stacked", False):
+        losses = torch.stack(list(losses.values()))
+    with pytest.raises(ConfigurationError, match=r"loss of task '(spectral|task0)' is complex \(torch.complex64\)"):
+        mtl_backward(losses, method=method, features=z, shared_params=[w], **kw)
+    assert w.grad is None and all(p.grad is None for p in head.parameters())
 
 
 # ---- refused steps write nothing, on set-ups the harness only runs finite ---------------------------------------

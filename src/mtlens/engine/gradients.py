@@ -179,8 +179,20 @@ def normalise_losses(
                 f"loss of task '{n}' does not require grad: it was computed without a graph "
                 "(torch.no_grad?) or from detached tensors"
             )
+        if v.dtype.is_complex:
+            raise complex_loss_error(n, v)
         out.append(v if v.ndim == 0 else v.reshape(()))  # a 0-dim loss as it is: no view node in its graph
     return [n if isinstance(n, str) else str(n) for n in names], out
+
+
+def complex_loss_error(name: str, loss: Tensor) -> ConfigurationError:
+    """The one message for a complex task loss (``loss.backward()`` refuses one too; before, the lean loss step
+    differentiated its real part silently and the other routes failed with ``TypeError: must be real number``)."""
+    return ConfigurationError(
+        f"loss of task '{name}' is complex ({loss.dtype}): a loss must be a real scalar (loss.backward() refuses it "
+        "too: 'grad can be implicitly created only for real scalar outputs'); reduce it to a real number, e.g. "
+        "with .abs() or .real"
+    )
 
 
 _FUSED_BELOW = 4096  # elements: smaller tensors are summed together after one concatenation
