@@ -286,6 +286,65 @@ def test_a_complex_task_loss_is_refused_as_backward_refuses_it(kw):
     assert w.grad is None and all(p.grad is None for p in head.parameters())
 
 
+def _huge(T: int, scale: float, width: int = 128, d_in: int = 64, dtype=torch.float32):
+    torch.manual_seed(0)
+    net = Net(T=T, width=width)
+    net.enc[0] = nn.Linear(d_in, 64)
+    net.to(dtype)
+    z = net.enc(torch.randn(64, d_in, dtype=dtype))
+    return net, z, {f"t{i}": (h(z) ** 2).sum() * scale for i, h in enumerate(net.heads)}
+
+
+HUGE_ROUTES = [({"method": "mgda", "level": "feature"}, "mgda-feature"),
+               ({"method": "mgda", "level": "feature", "keep_saliencies": True}, "mgda-feature-general"),
+               ({"method": "upgrad", "level": "param"}, "upgrad-param"),
+               ({"method": "upgrad", "level": "param", "keep_saliencies": True}, "upgrad-param-general"),
+               ({"method": "mgda", "level": "param", "jacobian": "batched"}, "mgda-param-batched")]
+
+
+@pytest.mark.parametrize("kw", [k for k, _ in HUGE_ROUTES], ids=[i for _, i in HUGE_ROUTES])
+def test_finite_but_huge_gradients_step_instead_of_being_refused(kw):
+    """Saliencies ≈ 1e19 and per-task gradients ≈ 1e20, all finite (``loss.backward()`` writes them): the Gramian's
+    float32 products on 4 096-column chunks overflow float32 (a chunk's sum beyond 3.4e38), so its diagonal read
+    ``inf``. Before: ``NonFiniteError: non-finite gradient of task(s) ['t0'] ... A loss may be finite while its
+    gradient overflows`` — a step refused whose gradients were finite, on every gradient route with ≥ 4 096 columns
+    (|Z| = 64 × 128 here; P = 12 608). Now the Gramian is recomputed with float64 products on that rare path: with one
+    task the update is the plain gradient bit for bit; with two, MGDA's and UPGrad's weights are those of the same
+    step scaled down (scale invariant), to the float32 Gramian's rounding."""
+    kw = dict(kw)
+    method = kw.pop("method")
+    net, z, losses = _huge(1, 1e20)
+    mtl_backward(losses, method=create(method), features=z, shared_params=net.enc.parameters(), **kw)
+    ref, z, losses = _huge(1, 1e20)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in ref.parameters())
+    assert _same(_grads(net), _grads(ref))
+    weights = []
+    for scale in (1e20, 1.0):
+        net, z, losses = _huge(2, scale)
+        weights.append(mtl_backward(losses, method=create(method), features=z, shared_params=net.enc.parameters(),
+                                    **kw).weights)
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [k for k, _ in HUGE_ROUTES[:4]], ids=[i for _, i in HUGE_ROUTES[:4]])
+def test_huge_gradients_with_a_nan_task_and_beyond_float64_are_still_refused(kw):
+    """The recomputation is only for finite gradients: a NaN in one task's huge gradient is refused with the same
+    message as before (that task named), and finite float64 gradients whose squared norms exceed float64 are refused
+    with a message that says so, nothing written either way."""
+    kw = dict(kw)
+    method = kw.pop("method")
+    net, z, losses = _huge(2, 1e20)
+    losses["t1"] = losses["t1"] + poison_backward((z ** 2).sum() * 0, float("nan"))
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient of task\(s\) \['t1'\]"):
+        mtl_backward(losses, method=create(method), features=z, shared_params=net.enc.parameters(), **kw)
+    assert all(p.grad is None for p in net.parameters())
+    net, z, losses = _huge(2, 1e160, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"are finite but their squared norms exceed float64"):
+        mtl_backward(losses, method=create(method), features=z, shared_params=net.enc.parameters(), **kw)
+    assert all(p.grad is None for p in net.parameters())
+
+
 # ---- refused steps write nothing, on set-ups the harness only runs finite ---------------------------------------
 class _Conv(nn.Module):
     def __init__(self, T: int):

@@ -45,6 +45,7 @@ from .gradients import (
     loss_problem,
     normalise_features,
     normalise_losses,
+    recheck_gramian,
 )
 from .gramian import gramian_from_blocks
 from .graph import refuse_reentrant_checkpoint
@@ -87,7 +88,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     sal.clear()  # the per-task maps are in S now: freed here, not held through the encoder VJP
     G = gramian_from_blocks([S])
     record.saliencies = S
-    problem = gramian_problem(names, G, raw, "feature")  # diag(G) = ‖S_t‖²: finite iff every saliency is
+    G, problem = gramian_problem(names, G, raw, "feature", [S])  # diag(G) = ‖S_t‖²: finite iff every saliency is
     if problem:
         return record, problem
     record.gramian = G
@@ -217,19 +218,22 @@ def _write_rows(into: Tensor, first: int, maps: list[Tensor]) -> None:
     maps.clear()
 
 
-def gramian_problem(names: Sequence[str], G: Tensor, raw: Tensor, level: str) -> str:
-    """Why nothing may be written when a per-task gradient is not finite (``diag(G)`` in float64 is finite iff
-    every per-task gradient is: the general path's check and message), else ``""`` after its warning for a
-    zero gradient."""
+def gramian_problem(names: Sequence[str], G: Tensor, raw: Tensor, level: str, blocks: Sequence[Tensor]
+                    ) -> tuple[Tensor, str]:
+    """``(G, why nothing may be written)``: ``""`` when every per-task gradient is finite (after its warning for a
+    zero gradient), else the general path's message. ``diag(G)`` is finite iff every per-task gradient is, unless
+    the float32 chunk products of finite but huge gradients overflowed: only then (a non-finite diagonal, the rare
+    path) are ``blocks`` (the step's ``(T, …)`` gradients) checked, and where they are finite ``G`` is recomputed
+    with float64 products (:func:`recheck_gramian`) and returned in its place."""
     diag = G.diagonal().tolist()  # T floats, read once
     if not all(math.isfinite(v) for v in diag):
-        bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
-        return (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
-                "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate or "
-                "check the inputs.")
+        G, problem = recheck_gramian(names, diag, blocks, raw, level)
+        if problem:
+            return G, problem
+        diag = G.diagonal().tolist()
     if 0.0 in diag:
         _warn_zero(names, diag, level)
-    return ""
+    return G, ""
 
 
 def decide_and_write(method: GramianWeighting, G: Tensor, raw: Tensor, record: StepRecord, shared: list[Tensor],

@@ -125,7 +125,7 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         refuse_reentrant_checkpoint([features])
     record.saliencies = S
     G = gramian_from_matrix(J)
-    problem = gramian_problem(names, G, raw, "param")  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is
+    G, problem = gramian_problem(names, G, raw, "param", [J])  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is
     if problem:
         return record, problem
     record.gramian = G
