@@ -1269,6 +1269,14 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
             raise ConfigurationError(f"jacobian='batched' could not differentiate the shared parameters ({exc}); "
                                      "a sparse-gradient parameter (nn.Embedding(sparse=True)) needs "
                                      "jacobian='loop'") from exc
+        except RuntimeError as exc:  # a random op run inside the vmapped backward (a checkpoint's recomputed dropout)
+            if "random operations inside of vmap" not in str(exc):
+                raise
+            raise ConfigurationError(
+                "jacobian='batched' could not differentiate the shared parameters: the encoder's backward runs a "
+                "random operation, which vmap refuses — a torch.utils.checkpoint recomputing dropout (or another "
+                "random layer) inside the vmapped backward. Use jacobian='loop' (the default). PyTorch said: "
+                + str(exc).splitlines()[0]) from exc
         lost: list[Tensor] = []
         blocks = [g if g is not None else _missed(lost, p, torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device))
                   for g, p in zip(gs, shared)]
