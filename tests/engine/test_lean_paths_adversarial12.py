@@ -411,6 +411,38 @@ def test_batchnorm_inside_a_checkpoint_at_the_parameter_level_is_updated_once_pe
     assert int(enc.block[1].num_batches_tracked) == 2
 
 
+STACK_ROUTES = [({"method": "mgda", "level": "feature"}, "mgda-feature"),
+                ({"method": "upgrad", "level": "param"}, "upgrad-param"),
+                ({"method": "mgda", "level": "feature", "keep_saliencies": True}, "mgda-feature-general"),
+                ({"method": "mgda", "level": "feature", "loss_transform": "log"}, "mgda-feature-log"),
+                ({"method": "ew", "keep_saliencies": True}, "ew-general")]
+
+
+@pytest.mark.parametrize("kw", [k for k, _ in STACK_ROUTES], ids=[i for _, i in STACK_ROUTES])
+def test_a_stacked_loss_vector_leaves_the_users_graph_as_it_was(kw):
+    """``mtl_backward(torch.stack(losses), ..., retain_graph=True)``, then the user's own backward through the
+    retained graph with a task weighted exactly 0 (a per-task diagnostic): ``backward()`` writes zeros into that
+    task's head. Before: the engine left a hook on the user's stack node (its per-task backwards' pruning of
+    all-zero gradients, placed by the lean steps too, which never backward through that node), so the head's
+    ``.grad`` stayed ``None`` and the branch never ran; now the hook lives only while the engine's per-task
+    backwards run."""
+    got = []
+    for engine in (False, True):
+        torch.manual_seed(0)
+        net = Net(T=2, width=6)
+        z = net.enc(torch.randn(4, 5))
+        stacked = torch.stack([(h(z) ** 2).mean() + 1 for h in net.heads])
+        if engine:
+            kw = dict(kw)
+            mtl_backward(stacked, method=create(kw.pop("method")), features=z, shared_params=net.enc.parameters(),
+                         retain_graph=True, **kw)
+            net.zero_grad(set_to_none=True)
+        (torch.tensor([1.0, 0.0]) * stacked).sum().backward()
+        got.append(_grads(net))
+    assert got[0][-2] is not None and not got[0][-2].any()  # the zero-weight head: zeros, as backward() writes
+    assert _same(got[0], got[1])
+
+
 # ---- refused steps write nothing, on set-ups the harness only runs finite ---------------------------------------
 class _Conv(nn.Module):
     def __init__(self, T: int):

@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ from .gramian import (
 from .graph import _ACCUMULATE_GRAD, find_leaves
 from .protocols import Regularizer
 from .sharded import refuse_sharded
-from .stacked import StackSplit, prune_stacked_losses, stack_split
+from .stacked import StackSplit, prune_stacked_losses, stack_split, stacked_vector
 
 # ``torch.distributed.is_initialized`` where torch was built with it (a build constant): ``resolve(None)``'s
 # first test, without its ``is_available`` (≈ 10 µs inside a training loop, where the code is cold)
@@ -1031,10 +1031,13 @@ def compute_task_gradients(
     names, loss_list = normalise_losses(losses, task_names)
     T = len(loss_list)
     split: StackSplit | None = None
-    if isinstance(losses, Tensor) and T > 1 and (
+    prune = isinstance(losses, Tensor) and T > 1 and (
         level != "loss" or keep_saliencies or compute_gramian or regularizers or grad_norm_params is not None
-    ):
-        split = stack_split(losses, loss_list) if prune_stacked_losses(losses) else None
+    )
+    hook_stack = False  # the hook itself is placed around the per-task backwards, below
+    if prune:  # (its warning, once, for a vector that is no stack)
+        hook_stack = stacked_vector(cast(Tensor, losses))
+        split = stack_split(cast(Tensor, losses), loss_list) if hook_stack else None
     listed, frozen = frozen_encoder(shared_params)
     if _dist_initialized():  # sharded parameters (FSDP) need a process group: refused, never a silent step
         refuse_sharded(listed)
@@ -1104,6 +1107,10 @@ def compute_task_gradients(
     tg._parts = [{"features": feats, "loss_list": loss_list}]
     tg._attached_stack = stacked
 
+    hooks: list[Any] = []  # the stack node's hook: this step's per-task backwards only, then removed (the user's
+    # graph is left as it was: a later backward() through a retained graph writes zeros into a zero-weight branch)
+    if hook_stack:
+        prune_stacked_losses(cast(Tensor, losses), hooks)
     try:
         if level == "loss":
             _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
@@ -1114,6 +1121,9 @@ def compute_task_gradients(
                             transform, jacobian, scale, dist, retain_graph, saliency_graph)
     except _NonFinitePenalty as exc:  # a regulariser's penalty: the step's policy decides (skip or raise)
         tg.problem, tg.overflow = str(exc), scale != 1.0
+    finally:
+        for h in hooks:
+            h.remove()
     return tg
 
 
