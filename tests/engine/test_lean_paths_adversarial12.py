@@ -1,8 +1,11 @@
 """Adversarial set-ups for the engine's lean steps (the loss step's direct write, the lean feature and parameter
-steps) that the parity harness (``test_grad_parity.py``) and ``test_direct_write_adversarial.py`` do not build:
-a step called inside ``torch.autocast`` or ``torch.no_grad()``, an encoder wholly inside a reentrant checkpoint, and a
-refused step on set-ups the harness only runs finite. Each fault found here has its test (the message of its fix);
-the rest pin what was checked and found correct.
+steps) and their general twins that the parity harness (``test_grad_parity.py``) and
+``test_direct_write_adversarial.py`` do not build: a step called inside ``torch.autocast``, ``torch.no_grad()`` or
+``torch.inference_mode()``; an encoder wholly inside a reentrant checkpoint; a tensor hook on the features; a complex
+task loss; finite but huge gradients (the Gramian's float32 chunk products overflowing); a checkpoint recomputing
+dropout or BatchNorm; a stacked loss vector with a retained graph; and refused steps on set-ups the harness only runs
+finite. Each fault found here has its test (the docstring says what users got before); the rest pin what was checked
+and found correct (docs/reliability.md §4).
 """
 
 from __future__ import annotations
