@@ -183,3 +183,26 @@ def vjp(
                                    create_graph=create_graph, allow_unused=True)
     except RuntimeError as exc:
         raise_translated(exc)
+
+
+class MapHooksHeld:
+    """Hold back the tensor hooks of the shared maps ``Z`` (``Z.register_hook``) while a VJP starts FROM them — the
+    encoder's backward of ``Σ_t w_t S_t``, or of one task's ``S_t`` (its row of the Jacobian) — and put them back
+    after, in their order. ``S_t`` is the gradient autograd delivered at ``Z`` in task t's own backward, the hooks
+    already applied to it, as ``loss.backward()`` applies them once to the gradient arriving at ``Z``; run again on
+    the encoder VJP's root they applied twice (a hook scaling by 0.5 made MGDA's one-task update a quarter of the
+    plain gradient). ``Z.retain_grad()`` is not such a hook (it still sees every backward through ``Z``). Built only
+    where some map has hooks (one attribute read per map decides)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self, maps: Sequence[Tensor]) -> None:
+        self.held = [(h, list(h.items())) for h in (z._backward_hooks for z in maps) if h]
+
+    def __enter__(self) -> None:
+        for h, _ in self.held:
+            h.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        for h, items in self.held:
+            h.update(items)

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError
+from ._autograd import MapHooksHeld
 from .decision import Decision
 from .distributed import Dist
 from .gradients import TaskGradients, _grads, all_finite, host_finite, sparse_again, zeros_if_none
 from .gramian import combine_blocks, combine_matrix, combine_rows, split_flat
-from .graph import backward_order, find_leaves
+from .graph import backward_order, find_leaves, refuse_reentrant_checkpoint
 
 
 def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], scale: float = 1.0,
@@ -342,8 +343,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
                 dz = [d / len(grads._parts) for d in dz]
             dz_s = [d * scale for d in dz] if scale != 1.0 else dz
             pairs = list(zip(pf.maps, dz_s))
-            gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
-                        retain_graph=retain_graph)
+            with MapHooksHeld(pf.maps):  # hooks on the maps already shaped S_t: not run again on this VJP's root
+                gz = _grads([z for z, _ in pairs], shared, grad_outputs=[g for _, g in pairs],
+                            retain_graph=retain_graph)
             for j, g in enumerate(gz):
                 if g is not None:
                     if g.requires_grad:  # autograd's outputs carry no graph here: no detach alias needed
@@ -379,8 +381,9 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
             maps = grads._parts[0]["features"].maps
             reg_pairs = [(z, g) for z, g in zip(maps, reg_dz[0]) if g is not None]
             if reg_pairs:
-                gr = _grads([z for z, _ in reg_pairs], shared, grad_outputs=[g for _, g in reg_pairs],
-                            retain_graph=retain_graph)
+                with MapHooksHeld(maps):
+                    gr = _grads([z for z, _ in reg_pairs], shared, grad_outputs=[g for _, g in reg_pairs],
+                                retain_graph=retain_graph)
                 local_shared = list(zeros_if_none(gr, shared))
         if reg_shared is not None:
             local_shared = (list(reg_shared) if local_shared is None
@@ -413,6 +416,8 @@ def apply_decision(grads: TaskGradients, decision: Decision, *, retain_graph: bo
         shared_g = list(chosen)
     for i in grads._unreached:  # parameter level: no loss reaches it (zeros in the Jacobian); .grad left as it was
         shared_g[i] = None
+    if shared and any(g is None for g in shared_g):  # unless a reentrant checkpoint hides it from autograd.grad
+        refuse_reentrant_checkpoint(step_roots(grads))
     sparse_again(shared_g, shared, grads._sparse)  # parameter level: sparse per-task gradients, a sparse .grad
     others: list[Tensor] = []
     other_g: list[Tensor | None] = []
@@ -466,6 +471,8 @@ def _weighted_sum_from_rows(grads: TaskGradients, decision: Decision, name: str)
     out: list[Tensor | None] = list(shared_g)
     for i in grads._unreached:  # no loss reaches it: the backward would not touch its .grad (None stays None)
         out[i] = None
+    if grads._unreached:  # unless a reentrant checkpoint hides it from autograd.grad
+        refuse_reentrant_checkpoint(step_roots(grads))
     _accumulate([*shared, *heads], [*out, *head_g], 1.0, grads._attached)
     return ""
 

@@ -19,6 +19,7 @@ is committed only when the whole step succeeded). See docs/engine.md for the des
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ from .gradients import (
     _dist_initialized,
     _sum,
     all_finite,
+    complex_loss_error,
     compute_task_gradients,
     frozen_encoder,
     host_finite,
@@ -223,6 +225,21 @@ def mtl_backward(
         NonFiniteError: a non-finite loss or gradient under ``nonfinite="raise"``, or a method
             that failed on this step's numbers (its state is left as before the step).
     """
+    if _any_autocast() or not torch.is_grad_enabled():  # ≈ 0.1 µs: two reads of thread-local state
+        # called inside ``torch.autocast`` (the forward's context left open around the step), ``torch.no_grad()`` or
+        # ``torch.inference_mode()``: the step's own arithmetic (the stacked losses and the objective, the Gramian,
+        # the combination Σ_t w_t g_t) runs as outside them. Autocast does not change autograd's backward kernels, so
+        # ``loss.backward()`` gives the same gradients inside it as outside; it would turn the engine's float32
+        # products into bfloat16/float16 ones (before: UPGrad's weights and the encoder's .grad changed by bfloat16
+        # rounding); without grad mode the stacked losses had no graph (before: EW raised autograd's "`inputs`
+        # argument to `grad()` cannot be empty").
+        with _outside_ambient_modes():
+            return mtl_backward(
+                losses, method=method, features=features, shared_params=shared_params, level=level,
+                regularizers=regularizers, task_params=task_params, task_names=task_names,
+                loss_transform=loss_transform, jacobian=jacobian, keep_saliencies=keep_saliencies,
+                compute_gramian=compute_gramian, nonfinite=nonfinite, grad_scaler=grad_scaler,
+                grad_norm_params=grad_norm_params, retain_graph=retain_graph, distributed=distributed, cache=cache)
     dist_up = _dist_initialized()
     if dist_up:  # sharded parameters (FSDP) need a process group: refused, never a silent step
         if shared_params is not None:
@@ -402,6 +419,27 @@ def mtl_backward(
     return record
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")
+
+
+def _outside_ambient_modes() -> contextlib.ExitStack:
+    """A context with grad mode on, inference mode off and autocast off on every device type where it is on
+    (:func:`mtl_backward` called inside ``torch.no_grad()``, ``torch.inference_mode()`` or ``torch.autocast``)."""
+    stack = contextlib.ExitStack()
+    if torch.is_inference_mode_enabled():  # (grad mode reads off there too)
+        stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    for dev in (*_AUTOCAST_DEVICES, torch._C._get_privateuse1_backend_name()):
+        try:
+            on = torch.is_autocast_enabled(dev)
+        except RuntimeError:  # a device type this torch's autocast does not know
+            continue
+        if on:
+            stack.enter_context(torch.autocast(dev, enabled=False))
+    return stack
+
+
 def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_names: Sequence[str] | None,
                features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None, method: LossWeighting,
                retain_graph: bool, shared_params: Iterable[Tensor] | None = None,
@@ -428,6 +466,8 @@ def _loss_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
         # its checks only: the loss level reads no features (a frozen encoder's are not attached)
         normalise_features(features, names, frozen=frozen_encoder(shared_params)[1])
     stacked = torch.stack(loss_list)  # its detached view is the record's losses
+    if stacked.dtype.is_complex:  # one complex loss makes the stack complex
+        raise next(complex_loss_error(n, v) for n, v in zip(names, loss_list) if v.dtype.is_complex)
     raw = stacked.detach()
     record = StepRecord(task_names=names, losses=raw, objective_losses=raw, level="loss")
     fused = method.constant_weights and not method.stateful

@@ -30,7 +30,7 @@ from torch.autograd.function import BackwardCFunction
 
 from ..errors import MTLensError, NonFiniteError
 from . import pool
-from ._autograd import vjp
+from ._autograd import MapHooksHeld, vjp
 from .apply import _accumulate, _check_range, _combine_heads, weights_error
 from .gradients import (
     Features,
@@ -45,8 +45,10 @@ from .gradients import (
     loss_problem,
     normalise_features,
     normalise_losses,
+    recheck_gramian,
 )
 from .gramian import gramian_from_blocks
+from .graph import refuse_reentrant_checkpoint
 from .protocols import GramianWeighting, MethodState
 from .record import StepRecord
 from .stacked import StackSplit, lean_entry_points
@@ -86,7 +88,7 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     sal.clear()  # the per-task maps are in S now: freed here, not held through the encoder VJP
     G = gramian_from_blocks([S])
     record.saliencies = S
-    problem = gramian_problem(names, G, raw, "feature")  # diag(G) = ‖S_t‖²: finite iff every saliency is
+    G, problem = gramian_problem(names, G, raw, "feature", [S])  # diag(G) = ‖S_t‖²: finite iff every saliency is
     if problem:
         return record, problem
     record.gramian = G
@@ -95,9 +97,16 @@ def feature_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_
     def through_encoder(w: Tensor) -> tuple[list[Tensor | None], list[Tensor]]:
         # apply_decision, feature level: Σ_t w_t S_t as one contraction, pushed through the encoder once
         dz = torch.tensordot(w.to(S.dtype), S, dims=1)
-        gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
+        if features._backward_hooks:  # hooks on the map already shaped S_t: not run again on this VJP's root
+            with MapHooksHeld([features]):
+                gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
+        else:
+            gz = vjp([features], shared, grad_outputs=[dz], retain_graph=retain_graph)
         # a parameter the map does not depend on keeps its .grad (None stays None), as after loss.backward()
-        return list(gz), [g for g in gz if g is not None]
+        got = [g for g in gz if g is not None]
+        if len(got) < len(gz):  # unless a reentrant checkpoint hides it from autograd.grad
+            refuse_reentrant_checkpoint([features])
+        return list(gz), got
 
     return decide_and_write(method, G, raw, record, shared, heads, rows, own, head_rows, fresh, through_encoder,
                             start.loss_list)
@@ -209,19 +218,22 @@ def _write_rows(into: Tensor, first: int, maps: list[Tensor]) -> None:
     maps.clear()
 
 
-def gramian_problem(names: Sequence[str], G: Tensor, raw: Tensor, level: str) -> str:
-    """Why nothing may be written when a per-task gradient is not finite (``diag(G)`` in float64 is finite iff
-    every per-task gradient is: the general path's check and message), else ``""`` after its warning for a
-    zero gradient."""
+def gramian_problem(names: Sequence[str], G: Tensor, raw: Tensor, level: str, blocks: Sequence[Tensor]
+                    ) -> tuple[Tensor, str]:
+    """``(G, why nothing may be written)``: ``""`` when every per-task gradient is finite (after its warning for a
+    zero gradient), else the general path's message. ``diag(G)`` is finite iff every per-task gradient is, unless
+    the float32 chunk products of finite but huge gradients overflowed: only then (a non-finite diagonal, the rare
+    path) are ``blocks`` (the step's ``(T, …)`` gradients) checked, and where they are finite ``G`` is recomputed
+    with float64 products (:func:`recheck_gramian`) and returned in its place."""
     diag = G.diagonal().tolist()  # T floats, read once
     if not all(math.isfinite(v) for v in diag):
-        bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
-        return (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
-                "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate or "
-                "check the inputs.")
+        G, problem = recheck_gramian(names, diag, blocks, raw, level)
+        if problem:
+            return G, problem
+        diag = G.diagonal().tolist()
     if 0.0 in diag:
         _warn_zero(names, diag, level)
-    return ""
+    return G, ""
 
 
 def decide_and_write(method: GramianWeighting, G: Tensor, raw: Tensor, record: StepRecord, shared: list[Tensor],

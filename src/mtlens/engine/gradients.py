@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -22,9 +22,10 @@ from torch._utils import _flatten_dense_tensors  # the C++ flatten DDP's buckets
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 from . import pool
-from ._autograd import raise_translated, vjp
+from ._autograd import MapHooksHeld, raise_translated, vjp
 from .distributed import Dist
 from .gramian import (
+    gramian_exact,
     gramian_from_blocks,
     gramian_from_matrix,
     gramian_from_rows,
@@ -35,7 +36,7 @@ from .gramian import (
 from .graph import _ACCUMULATE_GRAD, find_leaves
 from .protocols import Regularizer
 from .sharded import refuse_sharded
-from .stacked import StackSplit, prune_stacked_losses, stack_split
+from .stacked import StackSplit, prune_stacked_losses, stack_split, stacked_vector
 
 # ``torch.distributed.is_initialized`` where torch was built with it (a build constant): ``resolve(None)``'s
 # first test, without its ``is_available`` (≈ 10 µs inside a training loop, where the code is cold)
@@ -179,8 +180,20 @@ def normalise_losses(
                 f"loss of task '{n}' does not require grad: it was computed without a graph "
                 "(torch.no_grad?) or from detached tensors"
             )
+        if v.dtype.is_complex:
+            raise complex_loss_error(n, v)
         out.append(v if v.ndim == 0 else v.reshape(()))  # a 0-dim loss as it is: no view node in its graph
     return [n if isinstance(n, str) else str(n) for n in names], out
+
+
+def complex_loss_error(name: str, loss: Tensor) -> ConfigurationError:
+    """The one message for a complex task loss (``loss.backward()`` refuses one too; before, the lean loss step
+    differentiated its real part silently and the other routes failed with ``TypeError: must be real number``)."""
+    return ConfigurationError(
+        f"loss of task '{name}' is complex ({loss.dtype}): a loss must be a real scalar (loss.backward() refuses it "
+        "too: 'grad can be implicitly created only for real scalar outputs'); reduce it to a real number, e.g. "
+        "with .abs() or .real"
+    )
 
 
 _FUSED_BELOW = 4096  # elements: smaller tensors are summed together after one concatenation
@@ -1018,10 +1031,13 @@ def compute_task_gradients(
     names, loss_list = normalise_losses(losses, task_names)
     T = len(loss_list)
     split: StackSplit | None = None
-    if isinstance(losses, Tensor) and T > 1 and (
+    prune = isinstance(losses, Tensor) and T > 1 and (
         level != "loss" or keep_saliencies or compute_gramian or regularizers or grad_norm_params is not None
-    ):
-        split = stack_split(losses, loss_list) if prune_stacked_losses(losses) else None
+    )
+    hook_stack = False  # the hook itself is placed around the per-task backwards, below
+    if prune:  # (its warning, once, for a vector that is no stack)
+        hook_stack = stacked_vector(cast(Tensor, losses))
+        split = stack_split(cast(Tensor, losses), loss_list) if hook_stack else None
     listed, frozen = frozen_encoder(shared_params)
     if _dist_initialized():  # sharded parameters (FSDP) need a process group: refused, never a silent step
         refuse_sharded(listed)
@@ -1091,6 +1107,10 @@ def compute_task_gradients(
     tg._parts = [{"features": feats, "loss_list": loss_list}]
     tg._attached_stack = stacked
 
+    hooks: list[Any] = []  # the stack node's hook: this step's per-task backwards only, then removed (the user's
+    # graph is left as it was: a later backward() through a retained graph writes zeros into a zero-weight branch)
+    if hook_stack:
+        prune_stacked_losses(cast(Tensor, losses), hooks)
     try:
         if level == "loss":
             _loss_level(tg, names, loss_list, raw, obj_items, obj, obj_scaled, feats, shared, sal_regs, param_regs,
@@ -1101,6 +1121,9 @@ def compute_task_gradients(
                             transform, jacobian, scale, dist, retain_graph, saliency_graph)
     except _NonFinitePenalty as exc:  # a regulariser's penalty: the step's policy decides (skip or raise)
         tg.problem, tg.overflow = str(exc), scale != 1.0
+    finally:
+        for h in hooks:
+            h.remove()
     return tg
 
 
@@ -1249,12 +1272,21 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
                 "features' .grad; use jacobian='loop', or read the saliencies from the step's record "
                 "(record.saliencies) instead of retaining Z's gradient")
         try:
-            gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
-                        retain_graph=retain_graph)
+            with MapHooksHeld(feats.maps):  # hooks on the map already shaped each S_t
+                gs = _grads(feats.maps[0], shared, grad_outputs=torch.stack([s[0] for s in sal]), batched=True,
+                            retain_graph=retain_graph)
         except NotImplementedError as exc:  # vmap over a sparse gradient (nn.Embedding(sparse=True))
             raise ConfigurationError(f"jacobian='batched' could not differentiate the shared parameters ({exc}); "
                                      "a sparse-gradient parameter (nn.Embedding(sparse=True)) needs "
                                      "jacobian='loop'") from exc
+        except RuntimeError as exc:  # a random op run inside the vmapped backward (a checkpoint's recomputed dropout)
+            if "random operations inside of vmap" not in str(exc):
+                raise
+            raise ConfigurationError(
+                "jacobian='batched' could not differentiate the shared parameters: the encoder's backward runs a "
+                "random operation, which vmap refuses — a torch.utils.checkpoint recomputing dropout (or another "
+                "random layer) inside the vmapped backward. Use jacobian='loop' (the default). PyTorch said: "
+                + str(exc).splitlines()[0]) from exc
         lost: list[Tensor] = []
         blocks = [g if g is not None else _missed(lost, p, torch.zeros((T, *p.shape), dtype=p.dtype, device=p.device))
                   for g, p in zip(gs, shared)]
@@ -1273,7 +1305,8 @@ def _encoder_rows(feats: Features, shared: list[Tensor], sal: Sequence[Sequence[
         # multi-input: each task's encoder graph is its own (unless sliced from one pass); one shared map: all use it
         last = (t == T - 1) or own_graphs
         keep = retain_graph or create_graph or not last
-        gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
+        with MapHooksHeld(maps):  # hooks on the maps already shaped S_t: not run again on this VJP's root
+            gs = _grads(maps, shared, grad_outputs=sal[t], retain_graph=keep, create_graph=create_graph)
         gs = _dense(gs, shared, sparse)
         missed: list[Tensor] = []
         misses.append(missed)
@@ -1484,13 +1517,45 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     G = tg.gramian()
     diag = G.diagonal().tolist()  # T floats, read once (each small tensor op costs ~10 µs inside a step)
     if not all(math.isfinite(v) for v in diag):
-        bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
-        tg.problem = (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
-                      "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate "
-                      "or check the inputs.")
-        tg.overflow = scale != 1.0
-        return
+        # finite but huge gradients whose float32 chunk products overflowed: the Gramian of float64 products (the
+        # rare path; not at the feature level under data parallelism, whose Gramian is a sum over the ranks)
+        gblocks = ([tg._flat] if tg._flat is not None else tg.jacobian_blocks()
+                   if level == "param" or dist is None else None)
+        G2, problem = (recheck_gramian(names, diag, gblocks, raw, level) if gblocks and not feats.multi_input
+                       else (G, ""))
+        if problem or G2 is G:
+            bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
+            tg.problem = problem or (
+                f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
+                "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate "
+                "or check the inputs.")
+            tg.overflow = scale != 1.0
+            return
+        tg._gramian = G = G2
+        diag = G.diagonal().tolist()
     _warn_zero(names, diag, level)
+
+
+def recheck_gramian(names: Sequence[str], diag: Sequence[float], blocks: Sequence[Tensor], raw: Tensor,
+                    level: str) -> tuple[Tensor, str]:
+    """A Gramian whose diagonal ``diag`` is not finite, judged again from its ``blocks`` (the general and the lean
+    paths' one rule): where every gradient is finite (an exact check), the Gramian of float64 products
+    (:func:`~mtlens.engine.gramian.gramian_exact`: the float32 chunk products overflowed) and ``""`` if it is
+    finite; else that Gramian (or an empty tensor) and the message: a non-finite gradient (the tasks whose gradient
+    is not finite), or finite gradients whose squared norms exceed float64."""
+    if all_finite(blocks):
+        G = gramian_exact(blocks)
+        exact = G.diagonal().tolist()
+        if all(math.isfinite(v) for v in exact):
+            return G, ""
+        bad = [n for n, v in zip(names, exact) if not math.isfinite(v)]
+        return G, (f"the gradients of task(s) {bad} at level '{level}' are finite but their squared norms exceed "
+                   f"float64 (losses {raw.tolist()}); nothing was written into .grad: lower the learning rate or "
+                   "check the inputs.")
+    bad = [n for t, n in enumerate(names) if not math.isfinite(diag[t]) and not all_finite([b[t] for b in blocks])]
+    return torch.empty(0), (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); "
+                            "nothing was written into .grad. A loss may be finite while its gradient overflows: lower "
+                            "the learning rate or check the inputs.")
 
 
 def _value(g: Tensor, scale: float) -> Tensor:

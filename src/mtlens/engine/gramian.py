@@ -129,6 +129,23 @@ copy of one call: a few MiB stay in the last-level cache (and, unlike a T × n s
 never exceed glibc's largest mmap threshold, 32 MiB, above which every step maps and faults in anew)."""
 
 
+def gramian_exact(blocks: Sequence[Tensor]) -> Tensor:
+    """``G = Σ_p J_p J_pᵀ`` (T×T, float64, symmetrised) with float64 products of every block (each converted): the
+    rare path where the float32 chunk products of :func:`gramian_from_blocks` / :func:`gramian_from_matrix`
+    overflowed — a chunk's sum of products beyond float32's 3.4e38, from finite saliencies or gradients of ~1e17
+    and more — which the callers recompute here when the Gramian's diagonal is not finite but every gradient is.
+    Before, such a step was refused as a "non-finite gradient" that ``loss.backward()`` computes finite."""
+    T = blocks[0].shape[0]
+    G = torch.zeros(T, T, dtype=_F64, device=blocks[0].device)
+    for b in blocks:
+        m = b.reshape(T, -1)
+        if m.is_complex():
+            m = torch.view_as_real(m).reshape(T, -1)
+        m = m.to(_F64)
+        G.addmm_(m, m.T)
+    return _symmetric(G)
+
+
 def gramian_from_rows(rows: Sequence[Sequence[Tensor]], dtype: torch.dtype = torch.float64) -> Tensor:
     """``G`` from per-task lists of per-parameter gradients, with the precision of
     :func:`gramian_from_blocks`.

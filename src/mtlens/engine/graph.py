@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigurationError
+
 # The node autograd puts at each leaf that requires grad (it holds the leaf as ``.variable``).
 _ACCUMULATE_GRAD: type = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
 
@@ -107,6 +109,35 @@ def objective_leaves_direct(root: Tensor) -> tuple[list[Tensor], bool, bool]:
                 if (owned or direct) and isinstance(n, custom):
                     owned = direct = False
     return leaves, direct, owned
+
+
+def refuse_reentrant_checkpoint(roots: Sequence[Tensor]) -> None:
+    """Raise :class:`ConfigurationError` if ``roots``'s graph holds a node of
+    ``torch.utils.checkpoint(..., use_reentrant=True)``. Called only where a shared parameter got no gradient from the
+    engine's ``torch.autograd.grad`` (a rare path): such a node's backward calls ``backward()`` itself on the block
+    it recomputes, so the block's parameters are not edges of the graph — ``torch.autograd.grad`` with respect to
+    them returns ``None`` without running the node (PyTorch raises its own error only when the node runs), where
+    ``loss.backward()`` writes their gradients. Before this check a gradient method stepped with the whole encoder
+    inside such a checkpoint (its input requiring grad, as ``enable_input_require_grads()`` does) trained the heads
+    only, silently."""
+    from torch.utils.checkpoint import CheckpointFunction as ckpt  # the rare path only: no import cost per step
+
+    seen: set = set()
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if getattr(n, "_forward_cls", None) is ckpt:
+            raise ConfigurationError(
+                "the encoder runs torch.utils.checkpoint(..., use_reentrant=True): its backward calls backward() "
+                "itself and writes the parameters inside the checkpoint, which torch.autograd.grad (how the engine "
+                "differentiates) cannot reach, so they would get no gradient (PyTorch: 'When use_reentrant=True, "
+                "torch.utils.checkpoint is incompatible with .grad()'). Pass use_reentrant=False, which matches "
+                "loss.backward()."
+            )
+        stack.extend(m for m, _ in n.next_functions if m is not None and m not in seen)
 
 
 def backward_order(roots: Sequence[Tensor]) -> list[Tensor]:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import pool
-from ._autograd import vjp
+from ._autograd import MapHooksHeld, vjp
 from .feature_step import _write_rows, decide_and_write, gramian_problem, lean_heads_pass, lean_start
 from .gradients import (
     _dense,
@@ -39,6 +39,7 @@ from .gradients import (
     unreached_by_all,
 )
 from .gramian import combine_matrix, gramian_from_matrix, jacobian_workspace, split_flat
+from .graph import refuse_reentrant_checkpoint
 from .protocols import GramianWeighting
 from .record import StepRecord
 
@@ -87,7 +88,11 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
     sparse: dict[int, list[Tensor]] = {}  # parameters with sparse gradients (nn.Embedding(sparse=True)): their indices
 
     def encoder_row(t: int, s: Tensor) -> None:
-        gz = vjp([features], shared, grad_outputs=[s], retain_graph=retain_graph or t < T - 1)
+        if features._backward_hooks:  # hooks on the map already shaped S_t: not run again on this VJP's root
+            with MapHooksHeld([features]):
+                gz = vjp([features], shared, grad_outputs=[s], retain_graph=retain_graph or t < T - 1)
+        else:
+            gz = vjp([features], shared, grad_outputs=[s], retain_graph=retain_graph or t < T - 1)
         _write_row(J, t, _dense(gz, shared, sparse), shared, misses[t])
 
     heads, own, sal, rows, head_rows, fresh = lean_heads_pass(start, features, shared, task_params, retain_graph,
@@ -111,13 +116,16 @@ def param_step(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, task_na
             # encoder's graph (as loss.backward() would) and gives its numbers (0 · inf = NaN included)
             zero = torch.zeros_like(features)
             S[T - 1].zero_()
-            gz = vjp([features], shared, grad_outputs=[zero], retain_graph=retain_graph)
+            with MapHooksHeld([features]):  # (no hook runs on a zero S_T: the general path's encoder VJP)
+                gz = vjp([features], shared, grad_outputs=[zero], retain_graph=retain_graph)
             _write_row(J, T - 1, _dense(gz, shared, sparse), shared, misses[T - 1])
         del gs
     unreached = unreached_by_all(misses, shared)
+    if unreached:  # no loss reaches them, unless a reentrant checkpoint hides them from autograd.grad
+        refuse_reentrant_checkpoint([features])
     record.saliencies = S
     G = gramian_from_matrix(J)
-    problem = gramian_problem(names, G, raw, "param")  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is
+    G, problem = gramian_problem(names, G, raw, "param", [J])  # diag(G) = ‖g_t‖²: finite iff every per-task gradient is
     if problem:
         return record, problem
     record.gramian = G

@@ -43,24 +43,50 @@ def _drop_zero_gradients(
     return tuple(None if g is None or not bool(g.detach().any()) else g for g in grad_inputs)
 
 
-def prune_stacked_losses(losses: Tensor) -> bool:
+def _split_node(losses: Tensor) -> Any:
+    """The ``torch.stack``/``torch.cat`` node a loss vector comes from (through reshapes), or ``None``."""
+    node = losses.grad_fn
+    while node is not None and type(node).__name__ in _VIEW_NODES:
+        node = node.next_functions[0][0]
+    return node if node is not None and type(node).__name__ in _SPLIT_NODES else None
+
+
+def prune_stacked_losses(losses: Tensor, hooks: list[Any] | None = None) -> bool:
     """Make per-entry backwards of a stacked loss vector run only that entry's branch.
 
     Args:
         losses: a loss vector (``(T,)`` or any shape with ``T`` elements) attached to a graph.
+        hooks: where the hook's handle goes: the caller removes it when its backwards are done (the engine's
+            per-task backwards; a later backward of the user's through a retained graph is then plain
+            ``backward()``'s, which writes zeros into a branch whose weight is exactly zero). ``None``: the hook
+            stays on the node.
 
     Returns:
         ``True`` when the vector comes from ``torch.stack``/``torch.cat`` (possibly through
         reshapes), whose backward node now skips branches with zero gradient; ``False``
         otherwise, after a one-time ``UserWarning`` naming the fix (pass a dict or list).
     """
-    global _warned
-    node = losses.grad_fn
-    while node is not None and type(node).__name__ in _VIEW_NODES:
-        node = node.next_functions[0][0]
-    if node is not None and type(node).__name__ in _SPLIT_NODES:
-        node.register_hook(_drop_zero_gradients)
+    node = _split_node(losses)
+    if node is not None:
+        handle = node.register_hook(_drop_zero_gradients)
+        if hooks is not None:
+            hooks.append(handle)
         return True
+    _warn_unsplit(losses)
+    return False
+
+
+def stacked_vector(losses: Tensor) -> bool:
+    """Whether a loss vector comes from ``torch.stack``/``torch.cat`` (through reshapes): the verdict and one-time
+    warning of :func:`prune_stacked_losses`, without hooking the node."""
+    if _split_node(losses) is not None:
+        return True
+    _warn_unsplit(losses)
+    return False
+
+
+def _warn_unsplit(losses: Tensor) -> None:
+    global _warned
     if not _warned and losses.numel() > 1:
         _warned = True
         origin = type(losses.grad_fn).__name__ if losses.grad_fn is not None else "a leaf"
@@ -69,9 +95,8 @@ def prune_stacked_losses(losses: Tensor) -> bool:
             "so each task's backward runs through every task's head (T heads per task instead of one). Pass a "
             "dict {task: loss} or a list of the per-task scalar losses instead (this warning is shown once).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return False
 
 
 class StackSplit(NamedTuple):
@@ -139,13 +164,14 @@ def lean_entry_points(losses: Tensor, loss_list: Sequence[Tensor]
     """For the engine's lean steps (engine/feature_step.py, engine/param_step.py): the split of a stacked loss
     vector and each task's entry point (identity transform, no scale), or ``None`` — before any side effect —
     where the general path must handle the vector (no exact split, the inputs' shape unknown, an input without a
-    graph). When it returns them it has also hooked the stack node as :func:`prune_stacked_losses` does (the
-    general path's side effect on the user's graph, kept the same)."""
+    graph). The stack node is not hooked: every backward of the lean steps starts at the entry points, below it,
+    so the user's graph is left as it was (a later ``backward()`` of the user's through a retained graph is
+    plain)."""
     split = stack_split(losses, loss_list)
     if split is None:
         return None
     entries = split.entry_points(1.0, loss_list[0])  # None: the inputs' shape unknown, or an input without a graph
-    if entries is None or not prune_stacked_losses(losses):
+    if entries is None or _split_node(losses) is None:
         return None
     return split, entries
 
@@ -155,4 +181,4 @@ def _reset_warning() -> None:  # for tests
     _warned = False
 
 
-__all__ = ["StackSplit", "lean_entry_points", "prune_stacked_losses", "stack_split"]
+__all__ = ["StackSplit", "lean_entry_points", "prune_stacked_losses", "stack_split", "stacked_vector"]
