@@ -132,6 +132,34 @@ def test_parameter_level_rows_reuse_one_workspace_and_never_alias_grad():
     assert not gramian._WORKSPACE
 
 
+def test_a_step_taking_the_buffer_while_another_puts_it_back_gets_its_own():
+    """Another thread's step may pop the cached buffer at any bytecode boundary, also at the moment the first step
+    puts it back: by then the first step's matrix must already hold the storage, or both steps write one buffer. The
+    other step is simulated at that exact moment, from the cache's own ``__setitem__``."""
+    from mtlens.engine import gramian
+
+    gramian.release_workspace()
+    like = [torch.empty(5, 7), torch.empty(3)]
+    gramian.jacobian_workspace(2, like)  # now cached and free
+    taken: list = []
+
+    class Interleaved(dict):
+        def __setitem__(self, key, ws):
+            super().__setitem__(key, ws)
+            if not taken:  # the other thread's step, exactly when the buffer is back in the cache (once)
+                taken.append(None)
+                taken[0] = gramian.jacobian_workspace(2, like)
+
+    saved = gramian._WORKSPACE
+    gramian._WORKSPACE = Interleaved(saved)
+    try:
+        mine = gramian.jacobian_workspace(2, like)
+    finally:
+        gramian._WORKSPACE = saved
+    assert taken[0] is not None and taken[0].untyped_storage().data_ptr() != mine.untyped_storage().data_ptr()
+    gramian.release_workspace()
+
+
 def test_a_block_kept_by_someone_is_never_overwritten():
     """A Jacobian matrix (or a block view of it) still referenced after its step (a method keeping it, a grad
     that is a view of it) makes the next step allocate a fresh buffer: the kept values stay as they were."""

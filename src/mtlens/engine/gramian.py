@@ -261,11 +261,13 @@ def jacobian_workspace(T: int, like: Sequence[Tensor]) -> Tensor | None:
         if width > P:
             ws[:, P:].zero_()
             setattr(ws, _PADDED, (P, width))
+    # a tensor of its own on the storage, made BEFORE the buffer goes back: the buffer is taken until it (and its
+    # views) die, so a step in another thread that pops it in between finds it referenced and allocates its own
+    out = ws[:, :P] if width > P else ws.view(T, P)
     if _FREE_REFS is not None:
         _WORKSPACE.clear()  # one buffer: a second model or T replaces it
         _WORKSPACE[key] = ws
-    # a tensor of its own on the storage: the buffer is taken until it (and its views) die
-    return ws[:, :P] if width > P else ws.view(T, P)
+    return out
 
 
 def matrix_blocks(J: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
