@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -11,28 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from _markdown import markdown_tables_are_rectangular
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def markdown_tables_are_rectangular(text: str) -> int:
-    """Every markdown table in ``text`` has as many cells in its header and in each row as in its separator (a ``|``
-    inside a cell, as in ``T·|Z|``, must be escaped or the table does not render); returns how many tables."""
-
-    def cells(line: str) -> int:
-        return len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
-
-    lines, tables, i = text.splitlines(), 0, 0
-    while i < len(lines):
-        if lines[i].startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|[\s:|-]+\|\s*", lines[i + 1]):
-            tables, n, j = tables + 1, cells(lines[i + 1]), i + 2
-            assert cells(lines[i]) == n, lines[i]
-            while j < len(lines) and lines[j].startswith("|"):
-                assert cells(lines[j]) == n, lines[j]
-                j += 1
-            i = j
-        else:
-            i += 1
-    return tables
 
 
 def _run(*args: str) -> str:

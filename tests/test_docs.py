@@ -51,10 +51,7 @@ def test_docs_do_not_point_users_to_files_outside_the_repository():
 def test_every_markdown_table_of_the_docs_renders():
     """A ``|`` inside a table cell (``T·|Z|``, ``max|S|``) must be escaped, or the row gets an extra cell and the
     table stops rendering: every table of README.md and docs/ has as many cells in each row as in its separator."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_benchmarks_harness import markdown_tables_are_rectangular
+    from _markdown import markdown_tables_are_rectangular
 
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     assert sum(markdown_tables_are_rectangular(p.read_text()) for p in pages) > 20
