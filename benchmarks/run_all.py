@@ -973,8 +973,8 @@ def render_stacked(res) -> list[str]:
              "each task's backward at the stack's input t, below its node; the general path hooks the stack's backward "
              "node for its per-task backwards (then removes the hook) so that a task's backward skips every branch "
              "that receives an exactly-zero gradient (exact; `mtlens.engine.stacked`). A loss vector made any other "
-             "way (`other vector` = `torch.stack(losses) * 1.0`) has no exact split: it runs every head for every task and warns once, "
-             "naming the fix (pass a dict or list).",
+             "way (`other vector` = `torch.stack(losses) * 1.0`) has no exact split: it runs every head for every "
+             "task and warns once, naming the fix (pass a dict or list).",
              "",
              "| workload | MGDA feature dict / EW | stack / EW | other vector / EW | UPGrad param stack / dict |",
              "|---|---:|---:|---:|---:|"]
