@@ -212,34 +212,20 @@ def test_a_hook_on_the_map_shapes_each_saliency_once(kw):
     ``h(h(S))`` — a quarter of the plain gradient instead of half — on every gradient route, lean and general."""
     kw = dict(kw)
     method = create(kw.pop("method"))
-    outs, calls = [], {False: 0, True: 0}
-    for plain in (True, False):
-        torch.manual_seed(0)
-        net = Net(T=1, width=6)
-        z = net.enc(torch.randn(4, 5))
+    heads_given = kw.pop("task_params", False)
 
-        def half(g, plain=plain):
-            calls[plain] += 1
-            return g * 0.5
+    def step(net, z, losses):
+        given = {"task_params": list(net.heads.parameters())} if heads_given else {}
+        mtl_backward(losses, method=method, features=z, shared_params=net.enc.parameters(), **kw, **given)
 
-        z.register_hook(half)
-        losses = net.losses(z)
-        if plain:
-            sum(losses.values()).backward()
-        else:
-            given = {"task_params": list(net.heads.parameters())} if kw.pop("task_params", False) else {}
-            mtl_backward(losses, method=method, features=z, shared_params=net.enc.parameters(), **kw, **given)
-        outs.append(_grads(net))
+    outs, calls = _with_a_halving_hook_on_the_map(1, step)
     assert calls == {True: 1, False: 1}
     assert _same(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("T", [2, 3])
-def test_a_hook_on_the_map_with_ew_and_the_per_task_rows_is_backward(T):
-    """EW at loss level with ``compute_gramian="param"`` (a diagnostic: the update must stay ``Σ_t L_t``'s gradient,
-    written from the per-task rows). Before: each row was ``J_Zᵀ h(h(S_t))``, 0.068 off the plain gradient; now
-    ``J_Zᵀ h(S_t)``, the plain gradient to float32 rounding (the rows are summed in another order than one
-    backward); the hook runs once per task."""
+def _with_a_halving_hook_on_the_map(T: int, step) -> tuple[list, dict[bool, int]]:
+    """The same net and batch twice, ``Z.register_hook(g ↦ g / 2)`` on its map: ``sum(losses).backward()``, then
+    ``step(net, z, losses)``; returns both runs' gradients and how often the hook ran in each (keyed by plain)."""
     outs, calls = [], {False: 0, True: 0}
     for plain in (True, False):
         torch.manual_seed(0)
@@ -255,9 +241,22 @@ def test_a_hook_on_the_map_with_ew_and_the_per_task_rows_is_backward(T):
         if plain:
             sum(losses.values()).backward()
         else:
-            mtl_backward(losses, method=create("ew"), features=z, shared_params=net.enc.parameters(),
-                         compute_gramian="param")
+            step(net, z, losses)
         outs.append(_grads(net))
+    return outs, calls
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_a_hook_on_the_map_with_ew_and_the_per_task_rows_is_backward(T):
+    """EW at loss level with ``compute_gramian="param"`` (a diagnostic: the update must stay ``Σ_t L_t``'s gradient,
+    written from the per-task rows). Before: each row was ``J_Zᵀ h(h(S_t))``, 0.068 off the plain gradient; now
+    ``J_Zᵀ h(S_t)``, the plain gradient to float32 rounding (the rows are summed in another order than one
+    backward); the hook runs once per task."""
+    def step(net, z, losses):
+        mtl_backward(losses, method=create("ew"), features=z, shared_params=net.enc.parameters(),
+                     compute_gramian="param")
+
+    outs, calls = _with_a_halving_hook_on_the_map(T, step)
     assert calls == {True: 1, False: T}
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
