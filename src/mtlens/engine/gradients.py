@@ -1519,31 +1519,26 @@ def _gradient_level(tg: TaskGradients, names: list[str], raw: Tensor, obj: Tenso
     if not all(math.isfinite(v) for v in diag):
         # finite but huge gradients whose float32 chunk products overflowed: the Gramian of float64 products (the
         # rare path; not at the feature level under data parallelism, whose Gramian is a sum over the ranks)
-        gblocks = ([tg._flat] if tg._flat is not None else tg.jacobian_blocks()
-                   if level == "param" or dist is None else None)
-        G2, problem = (recheck_gramian(names, diag, gblocks, raw, level) if gblocks and not feats.multi_input
-                       else (G, ""))
-        if problem or G2 is G:
-            bad = [n for n, v in zip(names, diag) if not math.isfinite(v)]
-            tg.problem = problem or (
-                f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); nothing was "
-                "written into .grad. A loss may be finite while its gradient overflows: lower the learning rate "
-                "or check the inputs.")
-            tg.overflow = scale != 1.0
+        gblocks = None if feats.multi_input else ([tg._flat] if tg._flat is not None else tg.jacobian_blocks()
+                                                  if level == "param" or dist is None else None)
+        G, problem = recheck_gramian(names, diag, gblocks, raw, level)
+        if problem:
+            tg.problem, tg.overflow = problem, scale != 1.0
             return
-        tg._gramian = G = G2
+        tg._gramian = G
         diag = G.diagonal().tolist()
     _warn_zero(names, diag, level)
 
 
-def recheck_gramian(names: Sequence[str], diag: Sequence[float], blocks: Sequence[Tensor], raw: Tensor,
+def recheck_gramian(names: Sequence[str], diag: Sequence[float], blocks: Sequence[Tensor] | None, raw: Tensor,
                     level: str) -> tuple[Tensor, str]:
     """A Gramian whose diagonal ``diag`` is not finite, judged again from its ``blocks`` (the general and the lean
     paths' one rule): where every gradient is finite (an exact check), the Gramian of float64 products
     (:func:`~mtlens.engine.gramian.gramian_exact`: the float32 chunk products overflowed) and ``""`` if it is
     finite; else that Gramian (or an empty tensor) and the message: a non-finite gradient (the tasks whose gradient
-    is not finite), or finite gradients whose squared norms exceed float64."""
-    if all_finite(blocks):
+    is not finite; without ``blocks`` — multi-input maps, the feature level under data parallelism — the tasks
+    whose diagonal entry is not), or finite gradients whose squared norms exceed float64."""
+    if blocks and all_finite(blocks):
         G = gramian_exact(blocks)
         exact = G.diagonal().tolist()
         if all(math.isfinite(v) for v in exact):
@@ -1552,7 +1547,8 @@ def recheck_gramian(names: Sequence[str], diag: Sequence[float], blocks: Sequenc
         return G, (f"the gradients of task(s) {bad} at level '{level}' are finite but their squared norms exceed "
                    f"float64 (losses {raw.tolist()}); nothing was written into .grad: lower the learning rate or "
                    "check the inputs.")
-    bad = [n for t, n in enumerate(names) if not math.isfinite(diag[t]) and not all_finite([b[t] for b in blocks])]
+    bad = [n for t, n in enumerate(names)
+           if not math.isfinite(diag[t]) and not (blocks and all_finite([b[t] for b in blocks]))]
     return torch.empty(0), (f"non-finite gradient of task(s) {bad} at level '{level}' (losses {raw.tolist()}); "
                             "nothing was written into .grad. A loss may be finite while its gradient overflows: lower "
                             "the learning rate or check the inputs.")
