@@ -77,14 +77,14 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 120) -> tupl
     return proc.communicate(timeout=60)
 
 
-def _train_popen(tmp_path: Path, out: Path, *sets: str) -> subprocess.Popen:
+def _train_popen(tmp_path: Path, out: Path, *sets: str, extra_path: Path | None = None) -> subprocess.Popen:
     args = ["train", "--preset", "quick-multimnist", "--set", "baseline=null", "--set", "monitor.every=0",
             "--out", out]
     for s in sets:
         args += ["--set", s]
     return subprocess.Popen(
         [sys.executable, "-m", "mtlens.cli.main", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path, extra_path), cwd=tmp_path,
         # a test runner started in the background (`cmd &` in a script) ignores SIGINT, and the
         # child would inherit that: give it the default disposition a terminal user has
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -100,6 +100,35 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_offer_resume(tmp_path):
     assert not (out / "checkpoint.pt").exists()
     assert "nothing to resume" in err and "--resume" in err and "continue with" not in err
     assert "Traceback" not in err
+
+
+_CTRL_C_IN_A_STRING_EXEC = """
+import sys
+
+
+class _CtrlCInAStringExec:  # a Ctrl-C landing in code a string exec runs (dataclasses, namedtuple build methods so)
+    def find_spec(self, name, path=None, target=None):
+        if name == "mtlens.train.memory":  # imported by the training loop, inside run()
+            sys.meta_path.remove(self)
+            exec("raise KeyboardInterrupt", {})
+        return None
+
+
+sys.meta_path.insert(0, _CtrlCInAStringExec())
+"""
+
+
+def test_ctrl_c_inside_a_string_exec_still_exits_130(tmp_path):
+    """CI once saw the interrupted run's message and then status -2: CPython kills a `python -m` process with SIGINT
+    at exit when a KeyboardInterrupt ended a string exec, even a caught one (cli/main.py::_exit_interrupted)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "sitecustomize.py").write_text(_CTRL_C_IN_A_STRING_EXEC)
+    out = tmp_path / "run"
+    proc = _train_popen(tmp_path, out, extra_path=shadow)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "nothing to resume" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

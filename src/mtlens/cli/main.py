@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -59,10 +59,24 @@ def _guard(fn):
         _fail(MTLensError(f"{exc.strerror or exc}{where}; check the path and its permissions"))
     except KeyboardInterrupt:
         err.print("interrupted")
-        raise typer.Exit(130) from None
+        _exit_interrupted()
 
 
-def _interrupted(out_dir: Path, stl_all: bool) -> None:
+def _exit_interrupted() -> NoReturn:
+    """Exit with status 130, the status docs/cli.md promises for Ctrl-C, under ``python -m`` too.
+
+    CPython ends a ``python -m`` process by killing it with SIGINT (status -2, not 130) when a ``KeyboardInterrupt``
+    ever ended the code of a string ``exec``/``eval``, even one the program caught: ``run_eval_code_obj`` sets
+    ``_PyRuntime.signals.unhandled_keyboard_interrupt`` and nothing clears it, and ``Py_RunMain`` honours it after
+    ``-m`` (bpo-41602). dataclasses and ``namedtuple`` build their methods with a string ``exec``, so a Ctrl-C during an
+    import can land there (seen in CI: the message of an interrupted run, then status -2). Every string eval resets
+    the flag when it starts, so one empty eval makes the exit status ours. The ``mtlens`` script is a file run, which
+    exits through ``Py_Exit`` without that check."""
+    exec("", {})  # resets the flag (see above); runs nothing
+    raise typer.Exit(130) from None
+
+
+def _interrupted(out_dir: Path, stl_all: bool) -> NoReturn:
     """The Ctrl-C message of ``mtlens train``: offer ``--resume`` only when there is something to resume."""
     found = list(out_dir.glob("stl-*/checkpoint.pt")) if stl_all else []
     if (out_dir / "checkpoint.pt").is_file() or found:
@@ -75,7 +89,7 @@ def _interrupted(out_dir: Path, stl_all: bool) -> None:
             "start the run again without --resume",
             highlight=False, soft_wrap=True,
         )
-    raise typer.Exit(130)
+    _exit_interrupted()
 
 
 # ---------------------------------------------------------------------------------------------
