@@ -41,6 +41,11 @@ class IntegrityError(CheckpointError):
     """A stored file's content does not match the hash recorded when mtlens wrote it (or carries none)."""
 
 
+class GraphFreedError(MTLensError, RuntimeError):
+    """Autograd found part of the losses' graph already freed: the losses were differentiated before, or a loss
+    reaches the encoder around ``features`` (a route the step frees before it uses the encoder's graph)."""
+
+
 class LockHeldError(MTLensError, RuntimeError):
     """Another process holds the directory (run, baseline cache entry, bench store); the message names it."""
 

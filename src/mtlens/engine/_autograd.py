@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 from torch.overrides import has_torch_function
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, GraphFreedError
 
 _run_backward: Callable[..., Any] | None
 try:  # torch ≥ 2.3: the function torch.autograd.grad ends in (logging hooks, the context for device threads)
@@ -54,6 +54,7 @@ def _usable() -> bool:
 
 _DONATED = "donated buffers"
 _DOUBLE = "does not currently support double backward"
+_FREED = "backward through the graph a second time"
 
 
 def compile_error(exc: BaseException) -> ConfigurationError | None:
@@ -90,14 +91,36 @@ def compile_error(exc: BaseException) -> ConfigurationError | None:
     return None
 
 
+def freed_graph_error(exc: RuntimeError) -> GraphFreedError | None:
+    """The engine's message for autograd's "Trying to backward through the graph a second time", or ``None`` for any
+    other error. Autograd's own advice ("Specify retain_graph=True") names one cause of two; the other is a user's
+    model that the step cannot see: a loss reaching the encoder's graph upstream of ``features`` around it (a head
+    reading an encoder intermediate, or that intermediate's parameters left out of ``shared_params``), whose part of
+    the graph the heads' backward frees before the step pushes ``Σ_t w_t S_t`` through the encoder."""
+    msg = str(exc)
+    if _FREED not in msg:
+        return None
+    return GraphFreedError(
+        "autograd found part of the losses' graph already freed. Either these losses were differentiated before "
+        "(mtl_backward frees the graph as loss.backward() does: run a new forward for every step, or pass "
+        "retain_graph=True to the earlier call), or a task's loss reaches the encoder upstream of `features` by a "
+        "route around them (a head reading an intermediate of the encoder, or the parameters before that "
+        "intermediate left out of shared_params): the step differentiates the heads first, which frees that part. "
+        "`features` must be the only route from the encoder to the losses (docs/engine.md, 'What happens at each "
+        "level'): give the heads `features` only, or put every encoder parameter in shared_params. Autograd said: "
+        + msg.splitlines()[0]
+    )
+
+
 FAST = _usable()
 """Whether :func:`vjp` may call autograd's engine directly on this torch (else always the public path)."""
 
 
 def raise_translated(exc: RuntimeError) -> NoReturn:
-    """Raise :func:`compile_error`'s translation of ``exc`` (from it), or ``exc`` itself when it has none: the one
-    ``except RuntimeError`` body of every call into autograd (zero cost unless autograd raised)."""
-    err = compile_error(exc)
+    """Raise :func:`compile_error`'s or :func:`freed_graph_error`'s translation of ``exc`` (from it), or ``exc`` itself
+    when neither has one: the one ``except RuntimeError`` body of every call into autograd (zero cost unless autograd
+    raised)."""
+    err: Exception | None = compile_error(exc) or freed_graph_error(exc)
     if err is None:
         raise exc
     raise err from exc
@@ -111,6 +134,7 @@ def backward_into_grad(output: Tensor, retain_graph: bool = False) -> None:
 
     Raises:
         ConfigurationError: :func:`compile_error`'s translation of a ``torch.compile``'d backward's refusal.
+        GraphFreedError: part of the graph was already freed (:func:`freed_graph_error`'s message).
         RuntimeError: autograd's own errors.
     """
     try:
@@ -140,7 +164,8 @@ def vjp(
     Raises:
         ConfigurationError: a ``torch.compile``'d module's backward was asked for what it cannot do (run twice with
             its donated buffers, or a second derivative): :func:`compile_error`'s message, naming the fix.
-        RuntimeError: autograd's own errors (an input that does not require grad, a freed graph, ...).
+        GraphFreedError: part of the graph was already freed (:func:`freed_graph_error`'s message, naming both causes).
+        RuntimeError: autograd's own errors (an input that does not require grad, ...).
     """
     try:  # zero cost unless autograd raises (Python ≥ 3.11)
         outs = (outputs,) if isinstance(outputs, (Tensor, GradientEdge)) else tuple(outputs)
