@@ -53,6 +53,7 @@ from .gradients import (
     normalise_losses,
     trainable,
     transform_losses,
+    warn_parameters_outside_shared,
 )
 from .graph import objective_leaves, objective_leaves_direct
 from .param_step import param_step
@@ -274,6 +275,7 @@ def mtl_backward(
         if not encoder:
             raise no_shared_error(f"gradient method '{method.name}'")
         check_loss_transform(method, "none")
+        warn_parameters_outside_shared(method, features, encoder)
         lean = feature_step if level == "feature" else param_step
         done = lean(losses, task_names, features, encoder, task_params, cast(GramianWeighting, method), retain_graph)
         if done is not None:
@@ -319,6 +321,8 @@ def mtl_backward(
     shared = trainable(given) if given is not None else None
     if not is_loss and not shared:
         raise no_shared_error(f"gradient method '{method.name}'")
+    if not is_loss and features is not None and shared:
+        warn_parameters_outside_shared(method, features, shared)
     if isinstance(method, JacobianAggregator) and lvl == "feature" and isinstance(features, Mapping):
         raise ConfigurationError(
             f"'{method.name}' combines the Jacobian itself; at feature level it needs one shared "
