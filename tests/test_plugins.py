@@ -64,6 +64,7 @@ def test_the_docs_plugin_and_suite_run_as_written(tmp_path):
     res = _mtlens(tmp_path, "bench", "my-suite.yaml", "--out", "bench/mine", "--workers", "1",
                   "--set", "seeds=[0]", "--set", "methods=[ew, init_ratio, mgda]", "--set", "train.epochs=1")
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "Warning" not in res.stderr  # the example itself warns of nothing (torch.bucketize did, once)
     for label in ("init_ratio", "mgda (param)", "mgda (feature)", "ew + rep_mtl"):
         assert label in res.stdout
     report = (tmp_path / "bench" / "mine" / "report" / "report.md").read_text()
@@ -162,3 +163,54 @@ def test_a_plugin_benchmark_replaces_the_builtin_of_its_name_even_before_any_loo
     res = _python(tmp_path, code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "mine"
+
+
+def _tuple_items(root=None, seed=0):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(seed))
+    ds = TensorDataset(x, (x[:, 0] > 0).long(), x[:, 1:2])  # items (x, a, b): not mtlens's form
+    return {"train": ds, "val": ds, "test": ds}
+
+
+def _multi_without_target(root=None, seed=0):
+    class Items:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            import torch
+
+            return {"input": torch.randn(4), "label": 0}  # "label": the form wants "target"
+
+    return {split: {"p": Items(), "q": Items()} for split in ("train", "val", "test")}
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_a_benchmark_whose_items_have_another_form_is_told_the_form(tmp_path, multi):
+    """Before: TypeError "list indices must be integers or slices, not str" (single input) or KeyError 'target'
+    (multi-input) with a traceback from inside the training loop."""
+    from mtlens.errors import DataError
+    from mtlens.tasks import BenchmarkSpec, classification_task, register_benchmark, regression_task
+    from mtlens.tasks.spec import _BENCHMARKS
+    from mtlens.train import run, validate_config
+
+    name = "plugin-test-multi" if multi else "plugin-test-tuples"
+    tasks = ({"p": classification_task("p", 2), "q": classification_task("q", 2)} if multi
+             else {"a": classification_task("a", 2), "b": regression_task("b")})
+    register_benchmark(name)(lambda: BenchmarkSpec(
+        name=name, tasks=tasks, multi_input=multi, dense=False, default_model="mlp", in_channels=4,
+        make_datasets=_multi_without_target if multi else _tuple_items, needs_root=False))
+    try:
+        cfg = validate_config({"data": {"benchmark": name}, "model": {"preset": "mlp", "kwargs": {"hidden": [8]}},
+                               "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
+                               "out_dir": str(tmp_path / "run")})
+        want = (r"a batch must be \{\"input\": x, \"target\": y\} for task 'p'.*got a dict with keys \['input', "
+                r"'label'\]" if multi else
+                r"benchmark 'plugin-test-tuples': a batch must be \{\"input\": x, \"targets\": \{task: y\}\} "
+                r"with a target for every task \['a', 'b'\]; got a list")
+        with pytest.raises(DataError, match=want):
+            run(cfg, quiet=True)
+    finally:
+        _BENCHMARKS.pop(name)
