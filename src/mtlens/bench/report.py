@@ -256,7 +256,7 @@ def _fingerprint(root: Path, out: Path, alpha_method: str, n_bootstrap: int) -> 
     import hashlib
 
     h = hashlib.sha256(f"{alpha_method}|{n_bootstrap}|{out.resolve()}".encode())
-    for mod in ("report.py", "tables.py", "plots.py", "html.py"):
+    for mod in ("report.py", "tables.py", "plots.py", "html.py", "../diagnose/ranking.py"):
         h.update((Path(__file__).parent / mod).read_bytes())
     files = [root / "index.json"]
     for sub in ("runs", "baselines"):
