@@ -69,6 +69,9 @@ def test_the_docs_plugin_and_suite_run_as_written(tmp_path):
         assert label in res.stdout
     report = (tmp_path / "bench" / "mine" / "report" / "report.md").read_text()
     assert "three-tasks: leaderboard" in report and "init_ratio" in report
+    # which row "wins" is read from the order: both the terminal and the report say what orders the rows
+    assert "three-tasks: leaderboard (sorted by MR;" in res.stdout
+    assert "rows are sorted by MR, which weighs every test metric alike" in report
     # each note and the status on its own line (rich joined them: "... timings.peak_memory) 8 runs in the store")
     lines = res.stdout.splitlines()
     status = [ln for ln in lines if "runs in the store" in ln]

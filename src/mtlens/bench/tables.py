@@ -507,8 +507,9 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
             for c in conv
         )
         + "). MR = mean over test metrics of the configuration's rank (1 = best) among the configurations "
-        "above that finished. Step time = mean training step (forward, backward, method, optimiser step); "
-        "peak mem = peak memory (its source in the notes below); both relative "
+        "above that finished; rows are sorted by MR, which weighs every test metric alike and so can order "
+        "configurations differently from Δ. Step time = mean training step (forward, backward, method, "
+        "optimiser step); peak mem = peak memory (its source in the notes below); both relative "
         "to EW in this suite (same machine, same run layout)."
     )
     title = f"{benchmark}: leaderboard"
