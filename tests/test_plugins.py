@@ -217,3 +217,15 @@ def test_a_benchmark_whose_items_have_another_form_is_told_the_form(tmp_path, mu
             run(cfg, quiet=True)
     finally:
         _BENCHMARKS.pop(name)
+
+
+def test_bench_workers_import_the_plugin_option_too(tmp_path):
+    """`mtlens --plugin MOD bench` on a suite without `plugins:`: the spawned workers import MOD as well."""
+    _write_doc_plugin(tmp_path)
+    suite = (tmp_path / "my-suite.yaml").read_text().replace("plugins: [my_mtl]\n", "")
+    (tmp_path / "no-plugins.yaml").write_text(suite)
+    res = _mtlens(tmp_path, "--plugin", "my_mtl", "bench", "no-plugins.yaml", "--out", "bench/w", "--workers", "2",
+                  "--set", "seeds=[0]", "--set", "methods=[init_ratio]", "--set", "train.epochs=1",
+                  "--set", "variants={none: {}}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 runs in the store: 4 finished" in res.stdout  # 3 STL baselines + init_ratio
