@@ -583,6 +583,10 @@ BENCH_EPILOG = """
 
   mtlens bench my-suite.yaml --set benchmarks.multimnist.seeds=[0,1,2]
 
+  PYTHONPATH=. mtlens bench my-suite.yaml
+      a suite on your own benchmark, model or method: `plugins: [my_mtl]` in the suite names the
+      module that registers them (docs/benchmark.md, "Your own benchmark, model and method")
+
 Suite format, built-in suites, store layout: docs/benchmark.md.
 """
 
