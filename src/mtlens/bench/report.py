@@ -256,7 +256,7 @@ def _fingerprint(root: Path, out: Path, alpha_method: str, n_bootstrap: int) -> 
     import hashlib
 
     h = hashlib.sha256(f"{alpha_method}|{n_bootstrap}|{out.resolve()}".encode())
-    for mod in ("report.py", "tables.py", "plots.py", "html.py"):
+    for mod in ("report.py", "tables.py", "plots.py", "html.py", "../diagnose/ranking.py"):
         h.update((Path(__file__).parent / mod).read_bytes())
     files = [root / "index.json"]
     for sub in ("runs", "baselines"):
@@ -382,14 +382,15 @@ def _compact(lb: Table) -> Table:
         rest = [row[i].split(" (")[0] if row[i].endswith(("ms)", "MiB)")) else row[i] for i in keep]
         rows.append([crow[4], *rest])
     columns = ["configuration", *[lb.columns[i] for i in keep]]
-    title = lb.title + " (per-metric columns: report.md)"
+    title = lb.title + " (sorted by MR; per-metric columns: report.md)"
     return Table(lb.key, title, lb.caption, columns, rows, lb.csv_columns, lb.csv_rows, lb.notes)
 
 
 def leaderboard_renderables(store_dir: str | Path) -> list[Any]:
     """What the terminal shows after a suite: each benchmark's leaderboard and the runs without results.
 
-    Returns a list of rich renderables (``console.print(*leaderboard_renderables(d))``)."""
+    Returns a list of rich renderables; print each on its own (``for r in ...: console.print(r)``): one
+    ``console.print(*renderables)`` joins consecutive texts (the notes, the status) on one line."""
     from rich.text import Text
 
     store = load_store(store_dir)

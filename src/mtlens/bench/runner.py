@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
+from ..registry import plugin_modules
 from .store import Store, now, read_results
 from .suite import RunSpec, Suite, expand, resolved_yaml
 
@@ -138,13 +139,13 @@ def run_suite(
             per_run = max(1, int(suite.resources.cpus))
             workers = 1 if suite.resources.gpus > 0 else max(1, available_cores() // per_run)
 
-        ex: Any = LocalExecutor(workers=workers, threads=threads, plugins=suite.plugins)
+        ex: Any = LocalExecutor(workers=workers, threads=threads, plugins=plugin_modules(suite.plugins))
         gpus = 0.0
     elif executor == "ray":
         from .executors import RayExecutor
 
         ex = RayExecutor(address=address, workers=workers, cpus=suite.resources.cpus,
-                         gpus=suite.resources.gpus, plugins=suite.plugins, init_kwargs=ray_init)
+                         gpus=suite.resources.gpus, plugins=plugin_modules(suite.plugins), init_kwargs=ray_init)
         gpus = suite.resources.gpus
     else:
         raise ConfigurationError(f"--executor: got '{executor}'; allowed values: local, ray")
@@ -208,7 +209,7 @@ def _schedule(store: Store, ex: LocalExecutor | RayExecutor, todo: list[str], by
                     "config": {**spec.config.model_dump(mode="json"), "out_dir": str(store.run_dir(key))},
                     "baseline": _baseline(store, spec, by_key) if spec.deps else None,
                     "tensorboard": suite.tensorboard,
-                    "plugins": list(suite.plugins),
+                    "plugins": plugin_modules(suite.plugins),  # and $MTLENS_PLUGINS (--plugin): Ray workers too
                 }
                 store.run_dir(key).mkdir(parents=True, exist_ok=True)
                 ex.submit(job)

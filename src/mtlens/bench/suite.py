@@ -33,7 +33,6 @@ Built-in suites live in ``src/mtlens/bench/suites/*.yaml`` (``mtlens bench --lis
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigurationError, MissingDependencyError
+from ..registry import import_plugins as _import_plugins
+from ..registry import plugin_modules
 from ..train.config import (
     RegularizerConfig,
     RunConfig,
@@ -291,19 +292,24 @@ def load_suite(
     except ValidationError as exc:
         msg = format_validation_error(exc, Suite).replace("invalid configuration:", "invalid suite:", 1)
         raise ConfigurationError(msg) from None
-    import_plugins(suite.plugins)
+    import_plugins(suite.plugins, search=_suite_dirs(name_or_path))
     return suite
 
 
-def import_plugins(plugins: list[str]) -> None:
-    for mod in plugins:
-        try:
-            importlib.import_module(mod)
-        except ImportError as exc:
-            raise ConfigurationError(
-                f"plugins: cannot import '{mod}' ({exc}); make it importable (PYTHONPATH) on the driver and "
-                "every worker"
-            ) from None
+def _suite_dirs(name_or_path: object) -> tuple[str, ...]:
+    """The suite file's directory and the working directory: where a plugin beside the suite is looked for."""
+    dirs = [os.getcwd()]
+    if isinstance(name_or_path, (str, os.PathLike)):
+        p = Path(name_or_path).expanduser()
+        if p.is_file():
+            dirs.insert(0, str(p.resolve().parent))
+    return tuple(dirs)
+
+
+def import_plugins(plugins: list[str], search: list[str] | tuple[str, ...] = ()) -> None:
+    """Import the suite's plugins and those of ``$MTLENS_PLUGINS`` (:func:`mtlens.registry.import_plugins`);
+    ``search``: directories named in the error when a plugin is found there but not importable."""
+    _import_plugins(plugin_modules(plugins), search=search, where="plugins")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -507,8 +507,9 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
             for c in conv
         )
         + "). MR = mean over test metrics of the configuration's rank (1 = best) among the configurations "
-        "above that finished. Step time = mean training step (forward, backward, method, optimiser step); "
-        "peak mem = peak memory (its source in the notes below); both relative "
+        "above that finished; rows are sorted by MR, which weighs every test metric alike and so can order "
+        "configurations differently from Δ. Step time = mean training step (forward, backward, method, "
+        "optimiser step); peak mem = peak memory (its source in the notes below); both relative "
         "to EW in this suite (same machine, same run layout)."
     )
     title = f"{benchmark}: leaderboard"
@@ -647,11 +648,13 @@ def ranking_table(
         "note",
     ]
     rows, crows = [], []
+    resampling: set[str] = set()
     for name, key, direction in IDENTIFIERS:
         ident: dict[str, list[float]] = {}
         perf: dict[str, list[float]] = {}
+        seeds: dict[str, tuple[str, ...]] = {}
         for g in done:
-            iv, pv = [], []
+            iv, pv, sv = [], [], []
             for r in sorted(g.done, key=lambda r: str(r.seed)):
                 mean = ((r.res.get("diagnostics") or {}).get("mean")) or {}
                 d = ((r.res.get("delta") or {}).get("test") or {}).get(PERFORMANCE)
@@ -659,8 +662,11 @@ def ranking_table(
                 if isinstance(x, (int, float)) and math.isfinite(x) and isinstance(d, (int, float)):
                     iv.append(float(x))
                     pv.append(float(d))
+                    sv.append(str(r.seed))
             if iv:
-                ident[g.label], perf[g.label] = iv, pv
+                ident[g.label], perf[g.label], seeds[g.label] = iv, pv, tuple(sv)
+        # the configurations share their seeds (and each seed's STL baselines): resample the seeds jointly
+        paired = len(set(seeds.values())) == 1 and len(next(iter(seeds.values()), ())) >= 2
         if not ident:
             continue
         if len(ident) < 2:
@@ -669,12 +675,16 @@ def ranking_table(
             continue
         try:
             rs = ranking_similarity(
-                ident, perf, identifier=direction, n_bootstrap=n_bootstrap, confidence=confidence, seed=0
+                ident, perf, identifier=direction, n_bootstrap=n_bootstrap, confidence=confidence, seed=0,
+                paired=paired,
             )
         except MTLensError as exc:
             rows.append([name, str(len(ident)), "—", "—", "—", "—", "—", f"not computed: {exc}", ""])
             crows.append([name, key, len(ident), None, None, None, None, None, None, None, "", "", str(exc)])
             continue
+
+        if rs.n_seeds >= 2:
+            resampling.add("paired" if paired else "unpaired")
 
         def iv_text(t):
             return "— (1 seed)" if t is None else f"[{num(t[0])}, {num(t[1])}]"
@@ -716,10 +726,15 @@ def ranking_table(
         f"by it in its good direction (FD, TSR entropy: lower is better; GDS, GMS: higher) and by test "
         f"{PERFORMANCE}. Score = Kendall τ-b between the rankings (Spearman ρ beside it; 1 = same order, "
         f"−1 = reversed). Intervals: {confidence:.0%} percentile bootstrap over seeds ({n_bootstrap} "
-        "resamples; each configuration's seeds drawn with replacement, identifier and Δ of a seed kept "
-        "together). GDS/GMS at parameter and feature level come from different configurations (a gradient "
-        "method's own level) and are never mixed."
+        "resamples; seeds drawn with replacement, identifier and Δ of a seed kept together; where every "
+        "configuration ran the same seeds, one draw of seeds serves them all, since a seed — its data order, "
+        "its STL baselines — moves every configuration's Δ alike). GDS/GMS at parameter and feature level come "
+        "from different configurations (a gradient method's own level) and are never mixed."
     )
+    notes = []
+    if "unpaired" in resampling:
+        notes.append("the configurations ran different seeds, so some intervals resample each configuration's "
+                     "seeds on their own: a seed's shared effect on Δ then widens (and can shift) the interval")
     return Table(
         f"{benchmark}-ranking-similarity",
         f"{benchmark}: Ranking Similarity of FD, GDS, GMS",
@@ -728,6 +743,7 @@ def ranking_table(
         rows,
         ccols,
         crows,
+        notes,
     )
 
 

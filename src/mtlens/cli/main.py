@@ -34,6 +34,26 @@ out = Console()
 err = Console(stderr=True)
 
 
+@app.callback()
+def _plugins(
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option("--plugin", "-p", help="a module to import first: your own benchmarks, model presets and "
+                     "methods register themselves there (repeatable; also $MTLENS_PLUGINS=MOD1,MOD2; bench workers "
+                     "import them too)"),
+    ] = None,
+) -> None:
+    """mtlens: multi-task learning optimisation through representation-level task saliency."""
+    import os
+
+    from ..registry import PLUGINS_ENV, import_plugins, plugin_modules
+
+    modules = plugin_modules(plugin or [])
+    if plugin:  # spawned bench workers inherit the environment: they import the same modules
+        os.environ[PLUGINS_ENV] = ",".join(modules)
+    _guard(lambda: import_plugins(modules, search=[os.getcwd()], where="--plugin"))
+
+
 def _fail(exc: BaseException) -> None:
     # One line, except a data error that lays out the expected directory tree: its lines are kept.
     # Escaped: a message's square brackets (`pip install 'mtlens[nash]'`) are text, not rich markup.
@@ -563,6 +583,10 @@ BENCH_EPILOG = """
 
   mtlens bench my-suite.yaml --set benchmarks.multimnist.seeds=[0,1,2]
 
+  PYTHONPATH=. mtlens bench my-suite.yaml
+      a suite on your own benchmark, model or method: `plugins: [my_mtl]` in the suite names the
+      module that registers them (docs/benchmark.md, "Your own benchmark, model and method")
+
 Suite format, built-in suites, store layout: docs/benchmark.md.
 """
 
@@ -687,7 +711,8 @@ def _bench_report(store: Path, quiet: bool, reuse: bool = False) -> Path:
     if not quiet:
         # a pipe or CI log: rich would wrap at 80 columns and break numbers over lines
         console = out if out.is_terminal else Console(width=max(out.width, 160))
-        console.print(*leaderboard_renderables(store))
+        for renderable in leaderboard_renderables(store):  # one print each: rich joins texts on one line
+            console.print(renderable)
     return path
 
 

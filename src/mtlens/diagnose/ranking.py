@@ -163,6 +163,7 @@ def ranking_similarity(
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    paired: bool = False,
 ) -> RankingSimilarity:
     """Kendall τ-b (the score) and Spearman ρ between identifier and performance rankings.
 
@@ -177,12 +178,18 @@ def ranking_similarity(
         n_bootstrap: bootstrap resamples (default 1000) when some method has ≥ 2 seeds.
         confidence: interval coverage (default 0.95; percentile bootstrap).
         seed: the bootstrap's random seed (results are deterministic given it).
+        paired: the methods were run on the same seeds, given in the same order (value ``i`` of every
+            method is seed ``i``): each resample draws ONE set of seed indices for all methods.
 
     Bootstrap: every resample draws, for each method independently, its seeds with replacement;
     when both inputs hold per-seed lists for a method, seed ``i`` of the identifier and of the
     performance come from the same run and are drawn together (so their lengths must match). A
     method with one value keeps it. Resamples in which a ranking is constant give NaN and are
-    left out of the percentiles.
+    left out of the percentiles. With ``paired=True`` the draw is shared by all methods, as the seeds
+    are: what a seed does to every method alike (its data order, its single-task baselines, which every
+    run's Δ of that seed is measured against) then moves every method together and leaves the rankings
+    alone, as it does in the point estimate. Drawn independently, such a shared seed effect reorders the
+    methods by which seed each one drew, and the interval can even exclude the point estimate.
 
     Example:
         >>> r = ranking_similarity({"ew": 0.6, "mgda": 0.4, "rep": 0.3},
@@ -217,15 +224,24 @@ def ranking_similarity(
     tau, rho = _tau_rho(g_id, g_pf)
     n_seeds = max(max(ident[m].size, perf[m].size) for m in names)
 
+    if paired:
+        sizes = {(ident[m].size, perf[m].size) for m in names}
+        if len(sizes) != 1 or len(set(next(iter(sizes)))) != 1:
+            raise ConfigurationError(
+                "paired=True needs every method's identifier and performance on the same seeds (as many values "
+                f"each); got (identifier, performance) counts {sorted(sizes)}"
+            )
+
     k_int = s_int = k_bs = s_bs = None
     if n_seeds >= 2:
         if not isinstance(n_bootstrap, int) or n_bootstrap < 1:
             raise ConfigurationError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
         rng = np.random.default_rng(seed)
         gi, gp = np.empty((n_bootstrap, len(names))), np.empty((n_bootstrap, len(names)))
+        shared = rng.integers(0, n_seeds, size=(n_bootstrap, n_seeds)) if paired else None
         for j, m in enumerate(names):  # all resamples of method j at once: (n_bootstrap, n) seed indices
             n = max(ident[m].size, perf[m].size)
-            idx = rng.integers(0, n, size=(n_bootstrap, n))
+            idx = shared if shared is not None else rng.integers(0, n, size=(n_bootstrap, n))
             gi[:, j] = s_id * (ident[m][idx].mean(axis=1) if ident[m].size > 1 else ident[m][0])
             gp[:, j] = s_pf * (perf[m][idx].mean(axis=1) if perf[m].size > 1 else perf[m][0])
         k_bs, s_bs = _tau_rho_batch(gi, gp)

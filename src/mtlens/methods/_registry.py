@@ -7,10 +7,10 @@ from typing import Any
 
 from ..engine.protocols import Method, required_calls
 from ..errors import ConfigurationError
-from ..registry import Registry
+from ..registry import PLUGIN_HINT, Registry
 from ._discover import import_all
 
-_REGISTRY: Registry[type[Method]] = Registry("method", builtins=import_all)
+_REGISTRY: Registry[type[Method]] = Registry("method", builtins=import_all, hint=PLUGIN_HINT)
 FAMILIES = ("loss", "gradient", "regularizer")
 
 #: Facts about the training set-up that any method may use: :func:`create` passes each to the

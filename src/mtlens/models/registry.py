@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 from ..errors import ConfigurationError
-from ..registry import Registry
+from ..registry import PLUGIN_HINT, Registry
 from .hps import HPSModel
 
 _Builder = Callable[..., HPSModel]
-_PRESETS: Registry[_Builder] = Registry("model preset", builtins="mtlens.models.presets")
+_PRESETS: Registry[_Builder] = Registry("model preset", builtins="mtlens.models.presets", hint=PLUGIN_HINT)
 _RESERVED = ("tasks", "in_channels", "pretrained", "weights")
 
 

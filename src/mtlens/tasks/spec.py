@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import ConfigurationError
-from ..registry import Registry
+from ..registry import PLUGIN_HINT, Registry
 
 
 @dataclass
@@ -126,7 +126,7 @@ class BenchmarkSpec:
 # the built-in benchmarks register themselves when mtlens.tasks.benchmarks is imported (first lookup);
 # a later registration of a name replaces the earlier one (a test or plugin redefining a benchmark)
 _BENCHMARKS: Registry[Callable[[], BenchmarkSpec]] = Registry(
-    "benchmark", builtins="mtlens.tasks.benchmarks", replace=True
+    "benchmark", builtins="mtlens.tasks.benchmarks", replace=True, hint=PLUGIN_HINT
 )
 
 

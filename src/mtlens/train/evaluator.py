@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigurationError, DataError
 from ..tasks.delta import compute_deltas, delta_p_task, relative_improvements
-from .forward import TaskForward
+from .forward import TaskForward, batch_parts, task_batch_parts
 from .loaders import to_device
 
 __all__ = ["BaselineComparison", "TaskEvaluator", "evaluate"]
@@ -86,12 +86,14 @@ def evaluate(forward: TaskForward, loaders: Mapping[str, Any], evaluator: TaskEv
         for batch in loader:
             batch = to_device(batch, forward.device)
             if forward.multi_input:
-                _, preds = forward.predict(batch["input"], [key])
-                evaluator.update(key, preds[key], batch["target"])
+                x, target = task_batch_parts(forward.spec, batch, key)
+                _, preds = forward.predict(x, [key])
+                evaluator.update(key, preds[key], target)
             else:
-                _, preds = forward.predict(batch["input"], tasks)
+                x, targets = batch_parts(forward.spec, batch, tasks)
+                _, preds = forward.predict(x, tasks)
                 for t in tasks:
-                    evaluator.update(t, preds[t], batch["targets"][t])
+                    evaluator.update(t, preds[t], targets[t])
     return evaluator.compute()
 
 

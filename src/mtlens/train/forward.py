@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["AMP_DTYPES", "TaskForward"]
+from ..errors import DataError
+
+__all__ = ["AMP_DTYPES", "TaskForward", "batch_parts", "task_batch_parts"]
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``train.amp`` → autocast dtype (None: no autocast)."""
@@ -55,11 +57,52 @@ class TaskForward:
         if self.multi_input:
             feats = {}
             for t in self.tasks:
-                z, pred = self.predict(batch[t]["input"], [t])
-                losses[t] = self.spec.tasks[t].loss(pred[t].float(), batch[t]["target"])
+                x, target = task_batch_parts(self.spec, batch.get(t) if isinstance(batch, dict) else batch, t)
+                z, pred = self.predict(x, [t])
+                losses[t] = self.spec.tasks[t].loss(pred[t].float(), target)
                 feats[t] = z
             return losses, feats
-        z, preds = self.predict(batch["input"], self.tasks)
+        x, targets = batch_parts(self.spec, batch, self.tasks)
+        z, preds = self.predict(x, self.tasks)
         for t in self.tasks:
-            losses[t] = self.spec.tasks[t].loss(preds[t].float(), batch["targets"][t])
+            losses[t] = self.spec.tasks[t].loss(preds[t].float(), targets[t])
         return losses, z
+
+
+def batch_parts(spec: Any, batch: Any, tasks: list[str]) -> tuple[Any, Any]:
+    """``(batch["input"], batch["targets"])`` of a single-input batch, checked to hold a target for each of ``tasks``.
+
+    A batch of another form (a tuple from a ``TensorDataset``, a missing key or task) raises
+    :class:`~mtlens.errors.DataError` naming the benchmark and the form its datasets must yield, instead of a
+    bare ``TypeError``/``KeyError`` from inside the loop."""
+    try:
+        x, targets = batch["input"], batch["targets"]
+        for t in tasks:
+            targets[t]  # noqa: B018 - each task's target must be there
+        return x, targets
+    except (KeyError, TypeError, IndexError) as exc:
+        raise _form_error(spec, batch, exc, '{"input": x, "targets": {task: y}} with a target for every task '
+                          + str(list(tasks))) from None
+
+
+def task_batch_parts(spec: Any, part: Any, task: str) -> tuple[Any, Any]:
+    """``(part["input"], part["target"])`` of task ``task``'s batch on a multi-input benchmark (checked as
+    :func:`batch_parts`)."""
+    try:
+        return part["input"], part["target"]
+    except (KeyError, TypeError, IndexError) as exc:
+        raise _form_error(spec, part, exc, f'{{"input": x, "target": y}} for task \'{task}\' (a multi-input '
+                          "benchmark: each task's dataset yields its own inputs and target)") from None
+
+
+def _form_error(spec: Any, batch: Any, exc: Exception, want: str) -> DataError:
+    got = f"a {type(batch).__name__}"
+    if isinstance(batch, dict):
+        got += f" with keys {sorted(map(str, batch))}"
+        if isinstance(batch.get("targets"), dict):
+            got += f" (targets: {sorted(map(str, batch['targets']))})"
+    return DataError(
+        f"benchmark '{getattr(spec, 'name', '?')}': a batch must be {want}; got {got} "
+        f"({type(exc).__name__}: {exc}). Make the datasets of its make_datasets yield that form "
+        '(docs/benchmark.md, "Your own benchmark, model and method")'
+    )
