@@ -13,7 +13,15 @@ from scipy import stats
 from store_builder import write_fake_store
 
 from mtlens.bench.report import leaderboard_renderables, main, write_report
-from mtlens.bench.tables import compare, leaderboard, level_comparison, load_store, ranking_table, rep_mtl_tables
+from mtlens.bench.tables import (
+    compare,
+    leaderboard,
+    level_comparison,
+    load_store,
+    num,
+    ranking_table,
+    rep_mtl_tables,
+)
 from mtlens.diagnose.ranking import ranking_similarity
 from mtlens.errors import ConfigurationError
 from mtlens.tasks.delta import mean_rank
@@ -121,14 +129,15 @@ def test_leaderboard_means_stds_mr_and_ratios_to_ew(tmp_path):
     assert {"delta_p_task ↑", "delta_p_metric ↑", "delta_m ↓"} <= set(table.columns)
 
 
-def test_level_comparison_uses_welch_and_names_the_verdict(tmp_path):
+def test_level_comparison_pairs_the_seeds_and_names_the_verdict(tmp_path):
     store = load_store(_fake(tmp_path))
     _, groups = leaderboard(store, "multimnist")
     t = level_comparison(groups, "multimnist")
     (row,) = [dict(zip(t.csv_columns, r)) for r in t.csv_rows]
-    p = stats.ttest_ind([6.0, 6.2], [-2.0, -1.0], equal_var=False).pvalue
+    p = stats.ttest_rel([6.0, 6.2], [-2.0, -1.0]).pvalue  # both levels ran seeds 0 and 1: seed-matched
     assert row["method"] == "mgda" and row["diff"] == pytest.approx(6.1 - (-1.5))
-    assert row["welch_p"] == pytest.approx(p)
+    assert row["p"] == pytest.approx(p) and row["test"] == "paired"
+    assert t.rows[0][6] == f"{num(p)} (paired)"
     assert row["verdict"] == ("gains" if p < 0.05 else "within noise")
     assert row["time_ratio"] == pytest.approx(15.5 / 31.5)
     assert t.notes == [f"the fast surrogate (feature level) — {row['verdict']}: mgda"]
@@ -153,6 +162,26 @@ def test_noise_rule(a, b, verdict):
     assert compare(a, b, higher_is_better=False)["verdict"] == {"better": "worse", "worse": "better"}.get(
         verdict, verdict
     )
+
+
+def test_noise_rule_pairs_common_seeds_and_falls_back_to_welch():
+    base = {"0": -1.0, "1": 1.5}  # a seed's shared shift (its STL baselines): 2.5 points between the seeds
+    ablation = {"0": -8.4, "1": -6.1}  # lost 7.4 and 7.6 points: the same loss on both seeds
+    paired = compare(base, ablation)
+    assert paired["test"] == "paired" and paired["verdict"] == "worse"
+    assert paired["p"] == pytest.approx(stats.ttest_rel([-8.4, -6.1], [-1.0, 1.5]).pvalue) and paired["p"] < 0.01
+    welch = compare(list(base.values()), list(ablation.values()))  # sequences: no seeds to match
+    assert welch["test"] == "Welch"
+    assert welch["p"] == pytest.approx(stats.ttest_ind([-8.4, -6.1], [-1.0, 1.5], equal_var=False).pvalue)
+    assert welch["p"] > paired["p"]
+    other = compare(base, {"1": -8.4, "2": -6.1})  # different seeds: nothing to pair
+    assert other["test"] == "Welch" and other["p"] == pytest.approx(welch["p"])
+    same = compare(base, {"0": 0.0, "1": 2.5})  # every seed moved by exactly +1: no spread to test against
+    assert same["test"] == "paired" and same["p"] is None and same["verdict"] == "no seed spread"
+    assert compare(base, dict(base))["verdict"] == "within noise"
+    rounded = compare({"0": 3.4, "1": 3.6}, {"0": 3.9, "1": 4.1})  # +0.5 on both, up to float rounding
+    assert rounded["verdict"] == "no seed spread" and rounded["p"] is None
+    assert compare({"0": 1.0}, {"0": 2.0})["verdict"] == "not testable (< 2 seeds)"
 
 
 def test_ranking_similarity_rows_equal_the_diagnose_function(tmp_path):
@@ -202,7 +231,8 @@ def test_rep_mtl_ablation_order_and_difference_to_base(tmp_path):
     assert [r["variant"] for r in rows] == ["none", "rep_mtl_tsr", "rep_mtl_csa", "rep_mtl"]
     assert [r[0] for r in t.rows] == ["base (ew)", "+TSR", "+CSA", "+TSR +CSA (Rep-MTL)"]
     assert rows[3]["diff_vs_base"] == pytest.approx(4.0 - 2.0)
-    assert rows[3]["welch_p"] == pytest.approx(stats.ttest_ind([3.9, 4.1], [1.0, 3.0], equal_var=False).pvalue)
+    assert rows[3]["p"] == pytest.approx(stats.ttest_rel([3.9, 4.1], [1.0, 3.0]).pvalue)
+    assert rows[3]["test"] == "paired" and rows[0]["test"] is None  # the reference row is not tested
     assert rows[0]["alpha_encoder"] == pytest.approx(3.05) and rows[1]["time_rel_base"] == pytest.approx(2 / 1.1)
     assert t.columns[-2:] == ["α encoder", "α heads/left"]
 

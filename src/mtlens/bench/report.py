@@ -232,9 +232,12 @@ def _definitions() -> Section:
             "(1 = best, ties share the average rank), and MR is the mean of a configuration's ranks over all "
             "metrics (Nash-MTL, FAMO and later papers print it beside Δm). MR depends on the set compared.",
             f"Noise rule: a difference between two configurations (feature vs parameter level; a Rep-MTL term vs "
-            f"its base) is called a gain or loss only when Welch's two-sided t-test on the per-seed values gives "
-            f'p < {ALPHA_TEST}; otherwise it is "within noise". With fewer than 2 seeds on a side nothing is '
-            'tested. With 2–3 seeds the test has little power: "within noise" does not mean "equal".',
+            f"its base) is called a gain or loss only when a two-sided t-test on the per-seed values gives "
+            f'p < {ALPHA_TEST}; otherwise it is "within noise". The test is paired on seeds when both sides ran '
+            "the same seeds (a seed's data order, initialisation and STL baselines are shared by every run of "
+            "that seed, and cancel in the paired differences), Welch's otherwise; the p column names it. With "
+            "fewer than 2 seeds on a side nothing is tested. With 2–3 seeds the test has little power: "
+            '"within noise" does not mean "equal".',
             "Ranking Similarity: Kendall τ-b between the ranking of configurations by an identifier's training "
             f"mean and by test {PERFORMANCE}; percentile bootstrap over seeds for the interval "
             "(mtlens.diagnose.ranking.ranking_similarity).",

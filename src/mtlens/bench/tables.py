@@ -16,18 +16,21 @@ Statistics (the rules the report states, docs/benchmark.md "Reading the report")
 * mean ± sample standard deviation (``ddof=1``) over seeds; one seed shows no ±;
 * **mean rank (MR)**: :func:`mtlens.tasks.delta.mean_rank` over every test metric, among the
   configurations of one benchmark that finished at least one seed;
-* **noise rule**: two configurations differ when Welch's two-sided t-test on their per-seed
-  values gives p < 0.05 (:data:`ALPHA_TEST`); otherwise the difference is "within noise". With
-  fewer than 2 seeds on either side nothing is tested ("not testable"), never called a win.
+* **noise rule**: two configurations differ when a two-sided t-test on their per-seed values gives
+  p < 0.05 (:data:`ALPHA_TEST`); otherwise the difference is "within noise". The test is the
+  **paired** t-test when both ran the same seeds (seed ``i`` of one against seed ``i`` of the other:
+  they share the seed's data order, initialisation and STL baselines, so what a seed does to both
+  cancels), Welch's t-test otherwise. With fewer than 2 seeds on either side nothing is tested
+  ("not testable"), never called a win.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -35,7 +38,7 @@ from ..errors import ConfigurationError, IntegrityError, MTLensError
 from ..tasks.delta import DELTA_CONVENTIONS, mean_rank
 
 ALPHA_TEST = 0.05
-"""Significance level of the noise rule (Welch's t-test, two-sided)."""
+"""Significance level of the noise rule (a two-sided t-test: paired on common seeds, else Welch's)."""
 
 PERFORMANCE = "delta_p_task"
 """The Δ convention that ranks methods in the level comparison, Ranking Similarity and the Rep-MTL
@@ -221,14 +224,19 @@ class Group:
 
     def per_seed(self, get: Callable[[dict[str, Any]], Any]) -> list[float]:
         """Finite values of ``get(results)`` over the finished seeds (sorted by seed)."""
-        out = []
+        return list(self.by_seed(get).values())
+
+    def by_seed(self, get: Callable[[dict[str, Any]], Any]) -> dict[str, float]:
+        """``{seed: value}`` for the finished seeds whose ``get(results)`` is finite (sorted by seed): what the
+        paired noise rule (:func:`compare`) matches seed by seed."""
+        out: dict[str, float] = {}
         for r in sorted(self.done, key=lambda r: str(r.seed)):
             try:
                 v = get(r.res)
             except (KeyError, TypeError, IndexError):
                 continue
             if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                out.append(float(v))
+                out[str(r.seed)] = float(v)
         return out
 
     def status_text(self) -> str:
@@ -299,28 +307,59 @@ def pm(values: Sequence[float], signed: bool = False) -> str:
     return head if s is None else f"{head} ± {num(s)}"
 
 
-def compare(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) -> dict[str, Any]:
-    """The noise rule: Welch's two-sided t-test of ``b`` against ``a`` (per-seed values).
+def compare(a: Sequence[float] | Mapping[str, float], b: Sequence[float] | Mapping[str, float],
+            higher_is_better: bool = True) -> dict[str, Any]:
+    """The noise rule: a two-sided t-test of ``b`` against ``a`` (per-seed values).
 
-    Returns ``{"diff": mean(b) − mean(a), "p": p-value or None, "verdict": "better" | "worse" |
-    "within noise" | "not testable (< 2 seeds)" | "no seed spread"}`` ("better" = ``b`` better
-    than ``a`` in the given direction, at p < :data:`ALPHA_TEST`)."""
+    Given two ``{seed: value}`` mappings (:meth:`Group.by_seed`) with the same seeds, the test is the paired
+    t-test (``scipy.stats.ttest_rel``) on seed-matched values: configurations run on one seed share its data
+    order, initialisation and STL baselines (every Δ of that seed is measured against them), and pairing
+    removes that shared effect, which Welch's test counts as noise. Otherwise (sequences, or different
+    seeds) it is Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) on the values.
+
+    Returns ``{"diff": mean(b) − mean(a), "p": p-value or None, "test": "paired" | "Welch" | None,
+    "verdict": "better" | "worse" | "within noise" | "not testable (< 2 seeds)" | "no seed spread"}``
+    ("better" = ``b`` better than ``a`` in the given direction, at p < :data:`ALPHA_TEST`; "no seed spread":
+    a nonzero difference with nothing to measure the noise by — every seed's value equal on both sides
+    for Welch, every seed's difference equal for the paired test)."""
     from scipy import stats
 
-    a = [float(x) for x in a]
-    b = [float(x) for x in b]
-    if not a or not b:
-        return {"diff": None, "p": None, "verdict": "missing"}
-    diff = float(np.mean(b) - np.mean(a))
-    if len(a) < 2 or len(b) < 2:
-        return {"diff": diff, "p": None, "verdict": "not testable (< 2 seeds)"}
-    if np.std(a) == 0 and np.std(b) == 0:
-        return {"diff": diff, "p": None, "verdict": "no seed spread" if diff != 0 else "within noise"}
-    p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    paired = isinstance(a, Mapping) and isinstance(b, Mapping) and len(a) >= 2 and a.keys() == b.keys()
+    if paired:
+        seeds = list(cast(Mapping[str, float], a))
+        av = [float(cast(Mapping[str, float], a)[k]) for k in seeds]
+        bv = [float(cast(Mapping[str, float], b)[k]) for k in seeds]
+    else:
+        av = [float(x) for x in (a.values() if isinstance(a, Mapping) else a)]
+        bv = [float(x) for x in (b.values() if isinstance(b, Mapping) else b)]
+    if not av or not bv:
+        return {"diff": None, "p": None, "test": None, "verdict": "missing"}
+    diff = float(np.mean(bv) - np.mean(av))
+    if len(av) < 2 or len(bv) < 2:
+        return {"diff": diff, "p": None, "test": None, "verdict": "not testable (< 2 seeds)"}
+    if paired:
+        d = np.subtract(bv, av)
+        # no spread of the differences beyond their float rounding (each is exact to ≈ eps · the values'
+        # magnitude): the t statistic is undefined, or infinite from rounding alone
+        if np.ptp(d) <= 16 * np.finfo(float).eps * max(np.abs(av).max(), np.abs(bv).max()):
+            return {"diff": diff, "p": None, "test": "paired",
+                    "verdict": "no seed spread" if diff != 0 else "within noise"}
+        p = float(stats.ttest_rel(bv, av).pvalue)
+    else:
+        if np.std(av) == 0 and np.std(bv) == 0:
+            return {"diff": diff, "p": None, "test": "Welch",
+                    "verdict": "no seed spread" if diff != 0 else "within noise"}
+        p = float(stats.ttest_ind(bv, av, equal_var=False).pvalue)
+    test = "paired" if paired else "Welch"
     if not math.isfinite(p) or p >= ALPHA_TEST:
-        return {"diff": diff, "p": p if math.isfinite(p) else None, "verdict": "within noise"}
+        return {"diff": diff, "p": p if math.isfinite(p) else None, "test": test, "verdict": "within noise"}
     good = diff > 0 if higher_is_better else diff < 0
-    return {"diff": diff, "p": p, "verdict": "better" if good else "worse"}
+    return {"diff": diff, "p": p, "test": test, "verdict": "better" if good else "worse"}
+
+
+def _p_text(cmp: dict[str, Any]) -> str:
+    """The p cell: the value and, when one ran, which test (``0.0085 (paired)``, ``0.187 (Welch)``)."""
+    return num(cmp["p"]) if cmp.get("test") is None or cmp["p"] is None else f"{num(cmp['p'])} ({cmp['test']})"
 
 
 def _metric_keys(groups: Iterable[Group]) -> tuple[list[tuple[str, str]], dict[str, dict[str, bool]]]:
@@ -534,7 +573,7 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
         f"{PERFORMANCE} param",
         f"{PERFORMANCE} feature",
         "feature − param",
-        "Welch p",
+        "p (t-test)",
         "fast surrogate",
         "step ms param",
         "step ms feature",
@@ -550,7 +589,8 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
         "feature_mean",
         "feature_std",
         "diff",
-        "welch_p",
+        "p",
+        "test",
         "verdict",
         "step_ms_param",
         "step_ms_feature",
@@ -559,8 +599,9 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
     rows, crows = [], []
     for m, v in pairs:
         gp, gf = by[(m, "param", v)], by[(m, "feature", v)]
-        dp, df = gp.per_seed(_delta(PERFORMANCE)), gf.per_seed(_delta(PERFORMANCE))
-        cmp = compare(dp, df, higher_is_better=True)
+        sp, sf = gp.by_seed(_delta(PERFORMANCE)), gf.by_seed(_delta(PERFORMANCE))
+        dp, df = list(sp.values()), list(sf.values())
+        cmp = compare(sp, sf, higher_is_better=True)
         tp, tf = gp.per_seed(_step_ms), gf.per_seed(_step_ms)
         r = _ratio(tf, tp)
         verdict = _verdict_text(cmp, "gains", "loses")
@@ -572,7 +613,7 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
                 pm(dp, True),
                 pm(df, True),
                 "—" if cmp["diff"] is None else f"{cmp['diff']:+.2f}",
-                num(cmp["p"]),
+                _p_text(cmp),
                 verdict,
                 pm(tp),
                 pm(tf),
@@ -589,6 +630,7 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
                 *mean_std(df),
                 cmp["diff"],
                 cmp["p"],
+                cmp["test"],
                 verdict,
                 mean_std(tp)[0],
                 mean_std(tf)[0],
@@ -599,8 +641,9 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
         f"Mao et al. (arXiv:2402.03557) compare every gradient method with its gradients taken w.r.t. the "
         f'shared parameters (param) and w.r.t. the shared representation Z (feature, the "fast gradient '
         f'surrogate"). Δ = {PERFORMANCE} (higher is better), mean ± std over seeds. "gains"/"loses": the '
-        f'feature level is better/worse by Welch\'s two-sided t-test at p < {ALPHA_TEST}; "within noise" '
-        "otherwise; with fewer than 2 seeds per side nothing is called."
+        f"feature level is better/worse by a two-sided t-test at p < {ALPHA_TEST} (paired on seeds when both "
+        'levels ran the same seeds, else Welch\'s; the p column names it); "within noise" otherwise; with fewer '
+        "than 2 seeds per side nothing is called."
     )
     by_verdict: dict[str, list[str]] = {}
     for row in rows:
@@ -804,7 +847,7 @@ def rep_mtl_tables(
             "runs",
             f"{PERFORMANCE}",
             "vs base",
-            "Welch p",
+            "p (t-test)",
             "effect",
             "FD (train mean) ↓",
             "TSR entropy (train mean) ↓",
@@ -819,29 +862,31 @@ def rep_mtl_tables(
             "delta_mean",
             "delta_std",
             "diff_vs_base",
-            "welch_p",
+            "p",
+            "test",
             "verdict",
             "fd_mean",
             "tsr_entropy_mean",
             "time_rel_base",
         ] + [f"alpha_{c}" for c in comps]
         rows, crows = [], []
-        base_d = base.per_seed(_delta(PERFORMANCE)) if base else []
+        base_s = base.by_seed(_delta(PERFORMANCE)) if base else {}
         base_t = base.per_seed(_step_ms) if base else []
         for v in present:
             g = by[(m, lv, v)]
-            d = g.per_seed(_delta(PERFORMANCE))
+            ds = g.by_seed(_delta(PERFORMANCE))
+            d = list(ds.values())
             fd = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/fd"])
             te = g.per_seed(lambda res: res["diagnostics"]["mean"]["diag/tsr_entropy"])
             cmp: dict[str, Any]
             if base is not None and g is base:
-                cmp = {"diff": None, "p": None, "verdict": "reference"}
+                cmp = {"diff": None, "p": None, "test": None, "verdict": "reference"}
             elif v not in REP_MTL_VARIANTS:
-                cmp = {"diff": None, "p": None, "verdict": "not compared"}
+                cmp = {"diff": None, "p": None, "test": None, "verdict": "not compared"}
             elif base is None:
-                cmp = {"diff": None, "p": None, "verdict": "no base run"}
+                cmp = {"diff": None, "p": None, "test": None, "verdict": "no base run"}
             else:
-                cmp = compare(base_d, d, higher_is_better=True)
+                cmp = compare(base_s, ds, higher_is_better=True)
             rt = _ratio(g.per_seed(_step_ms), base_t)
             avals = {c: [alphas[r.key][c] for r in g.done if c in alphas.get(r.key, {})] for c in comps}
             rows.append(
@@ -850,7 +895,7 @@ def rep_mtl_tables(
                     g.status_text(),
                     pm(d, True),
                     "—" if cmp["diff"] is None else f"{cmp['diff']:+.2f}",
-                    num(cmp["p"]),
+                    _p_text(cmp),
                     _verdict_text(cmp, "helps", "hurts"),
                     pm(fd),
                     pm(te),
@@ -868,6 +913,7 @@ def rep_mtl_tables(
                     *mean_std(d),
                     cmp["diff"],
                     cmp["p"],
+                    cmp["test"],
                     cmp["verdict"],
                     mean_std(fd)[0],
                     mean_std(te)[0],
@@ -880,7 +926,8 @@ def rep_mtl_tables(
             f"Rep-MTL (Wang et al., ICCV 2025, arXiv:2507.21049) ablation on {where}: the base method alone, "
             "with the task-specific saliency regulation (TSR) only, the cross-task saliency alignment (CSA) only, "
             f'and both. Δ = {PERFORMANCE}; "vs base" = difference of seed means against the reference row, '
-            f'"helps"/"hurts" by Welch\'s t-test at p < {ALPHA_TEST}. {base_note}'
+            f'"helps"/"hurts" by a two-sided t-test at p < {ALPHA_TEST} (paired on seeds when both ran the same '
+            f"seeds, else Welch's; the p column names it). {base_note}"
             "FD and TSR entropy: training means of the monitored steps. "
             "α: power-law exponent of the weight spectra of the best weights per component (median over "
             "layers; mtlens.diagnose.spectra), mean ± std over seeds; α in [2, 4] reads as well trained."
