@@ -11,6 +11,7 @@ from mtlens.engine import LossWeighting
 from mtlens.errors import CheckpointError, ConfigurationError
 from mtlens.methods import _registry
 from mtlens.train import Trainer, evaluate_checkpoint, load_baseline_file, run, validate_config
+from mtlens.train.loop import mean_step_time
 from mtlens.train.records import read_jsonl
 
 
@@ -80,6 +81,10 @@ def test_short_run_writes_results_jsonl_and_tensorboard(tmp_path):
     steps = [r for r in records if r["type"] == "step"]
     epochs = [r for r in records if r["type"] == "epoch"]
     assert len(steps) == 12 and len(epochs) == 2
+    # the mean step time leaves out the session's first step (lazy initialisation), and says so
+    t = res["timings"]
+    assert t["warmup_steps"] == 1 and t["warmup_s"] == pytest.approx(steps[0]["time/step_s"])
+    assert t["mean_step_s"] == pytest.approx(sum(r["time/step_s"] for r in steps[1:]) / 11)
     assert {"train/loss/a", "train/weight/b", "train/reg/rep_mtl/total", "time/step_s"} <= set(steps[0])
     monitored = [r for r in steps if "diag/fd" in r]
     assert [r["global_step"] for r in monitored] == [1, 3, 5, 7, 9, 11]
@@ -214,3 +219,11 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     cfg = validate_config(tiny_config(tmp_path, train={"epochs": 1, "amp": "bf16", "max_steps_per_epoch": 2}))
     res = run(cfg, quiet=True)
     assert res["steps"] == 2 and all(math.isfinite(v["acc"]) for v in [res["metrics"]["test"]["a"]])
+
+
+def test_mean_step_time_leaves_out_each_sessions_first_step():
+    assert mean_step_time({"train_s": 10.0, "steps_timed": 6, "warmup_s": 5.0, "warmup_steps": 1}) == 1.0
+    assert mean_step_time({"train_s": 12.0, "steps_timed": 6, "warmup_s": 6.0, "warmup_steps": 2}) == 1.5  # resumed
+    assert mean_step_time({"train_s": 3.0, "steps_timed": 1, "warmup_s": 3.0, "warmup_steps": 1}) == 3.0  # one step
+    assert mean_step_time({"train_s": 6.0, "steps_timed": 3}) == 2.0  # a checkpoint written before warmup_s
+    assert mean_step_time({"train_s": 0.0, "steps_timed": 0, "warmup_s": 0.0, "warmup_steps": 0}) == 0.0

@@ -242,7 +242,8 @@ def _definitions() -> Section:
             f"mean and by test {PERFORMANCE}; percentile bootstrap over seeds for the interval "
             "(mtlens.diagnose.ranking.ranking_similarity).",
             "Step time: mean wall-clock time of a training step (forward, backward, the method, the optimiser "
-            "step). Peak memory: on CPU the process's peak resident memory during training (Linux VmHWM, reset "
+            "step), the first step of each training session (lazy initialisation) left out. Peak memory: on "
+            "CPU the process's peak resident memory during training (Linux VmHWM, reset "
             "when training starts), on CUDA torch.cuda.max_memory_allocated; shown as what training added over "
             "what was resident at its start. Both are relative to EW in the same suite; on a shared machine "
             "timings are noisy.",

@@ -107,6 +107,22 @@ class Callback:
         """After validation and the epoch checkpoint."""
 
 
+def _fresh_timing() -> dict[str, Any]:
+    return {"train_s": 0.0, "eval_s": 0.0, "steps_timed": 0, "warmup_s": 0.0, "warmup_steps": 0}
+
+
+def mean_step_time(timing: dict[str, Any]) -> float:
+    """``results.json``'s ``timings.mean_step_s`` (seconds): the mean wall-clock time of a training step, the first
+    step of each session (``warmup_s``/``warmup_steps``: the process's lazy initialisation and allocator growth,
+    ≈ 1.5× a step on the quick suite, and many times a step on small models) left out when later steps were
+    timed, so that the bench's cost columns do not charge it to whichever configuration a worker ran first.
+    Steps that cost more on purpose (monitored ones, a cached decision's refresh) stay in: a mean, not a median."""
+    n = int(timing["steps_timed"]) - int(timing.get("warmup_steps", 0))
+    if n >= 1:
+        return (float(timing["train_s"]) - float(timing.get("warmup_s", 0.0))) / n
+    return float(timing["train_s"]) / max(int(timing["steps_timed"]), 1)
+
+
 def _fresh_accum() -> dict[str, Any]:
     return {"loss_sum": None, "count": 0}
 
@@ -228,7 +244,7 @@ class TrainingLoop:
         self.best: dict[str, Any] | None = None  # {"epoch": 1-based, "score": float, "file": name}
         self.history: list[dict[str, Any]] = []
         self._accum = _fresh_accum()
-        self._timing = {"train_s": 0.0, "eval_s": 0.0, "steps_timed": 0}
+        self._timing = _fresh_timing()
         self.skipped_steps = 0
         self._diag_last: dict[str, float] | None = None
         self._peak_memory: dict[str, Any] | None = None
@@ -314,7 +330,8 @@ class TrainingLoop:
             self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
             self.global_step = int(ckpt["global_step"])
             self.history, self.best, self._accum = ckpt["history"], ckpt["best"], ckpt["accum"]
-            self._timing, self.skipped_steps = dict(ckpt["timing"]), int(ckpt["skipped_steps"])
+            self._timing = {**_fresh_timing(), **ckpt["timing"]}  # a checkpoint before warmup_s: none excluded
+            self.skipped_steps = int(ckpt["skipped_steps"])
             self._diag_last = ckpt.get("diag_last")
             self._finished = bool(ckpt.get("finished", False))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -396,6 +413,7 @@ class TrainingLoop:
         E = cfg.train.epochs
         steps = self.train_stream.steps_per_epoch
         console = None if self.quiet else default_console(self.console)
+        first_of_session = True
         with Display(run_label(cfg), console, E, steps, epoch=self.epoch, global_step=self.global_step) as display:
             while self.epoch < E:
                 epoch = self.epoch
@@ -408,6 +426,10 @@ class TrainingLoop:
                     dt = time.perf_counter() - t0
                     self._timing["train_s"] += dt
                     self._timing["steps_timed"] += 1
+                    if first_of_session:  # lazy initialisation, allocator growth: not the method's cost
+                        self._timing["warmup_s"] += dt
+                        self._timing["warmup_steps"] += 1
+                        first_of_session = False
                     log = self._step_log(record, epoch, step, dt, monitored)
                     self.step_in_epoch = step + 1
                     self.global_step += 1
@@ -601,7 +623,6 @@ class TrainingLoop:
                 "mean": self.monitor.summary() if self.monitor is not None else None,
                 "every": cfg.monitor.every,
             }
-        timed = max(self._timing["steps_timed"], 1)
         baseline = self.baseline
         return {
             "format": "mtlens-results",
@@ -643,7 +664,9 @@ class TrainingLoop:
             "timings": {
                 "train_s": self._timing["train_s"],
                 "eval_s": self._timing["eval_s"],
-                "mean_step_s": self._timing["train_s"] / timed,
+                "mean_step_s": mean_step_time(self._timing),
+                "warmup_s": self._timing["warmup_s"],
+                "warmup_steps": self._timing["warmup_steps"],
                 "this_session_s": session_s,
                 # this session's training only (None when a finished run was re-tested): train/memory.py
                 "peak_memory": self._peak_memory,
