@@ -658,7 +658,7 @@ def bench(
                 err.print(f"[red]failed[/] {e['benchmark']} seed {e['seed']}: {e['label']}: {e['error']}",
                           highlight=False, soft_wrap=True)
             err.print(f"{len(failed)} run(s) failed (tracebacks in {summary.out}/index.json and each run.json); "
-                      "rerun the same command to retry them")
+                      "rerun the same command to retry them", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
     _guard(go)
