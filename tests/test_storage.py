@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
@@ -244,15 +243,22 @@ def test_waiting_acquire_gets_the_lock_when_the_holder_exits(tmp_path):
     d = tmp_path / "entry"
     proc = _start_holder(d)
     seen = []
+    # the holder leaves 0.3 s after this process found its lock held, not on a clock started before: under load
+    # (CI) the main thread could reach its first try after a fixed timer had already freed the lock (no wait seen)
+    t = threading.Timer(0.3, proc.stdin.close)
+
+    def waiting(holder):
+        seen.append(holder)
+        t.start()  # a second call (on_wait is called once) raises here
+
     try:
-        t = threading.Timer(0.5, proc.stdin.close)
-        t.start()
         t0 = time.monotonic()
-        with DirectoryLock(d, timeout=math.inf, on_wait=seen.append, poll_s=0.05):
+        with DirectoryLock(d, timeout=120, on_wait=waiting, poll_s=0.05):  # finite: a wait never announced fails
             waited = time.monotonic() - t0
         t.join()
-        assert seen and seen[0]["pid"] == proc.pid and waited >= 0.3
+        assert len(seen) == 1 and seen[0]["pid"] == proc.pid and waited >= 0.3
     finally:
+        t.cancel()
         proc.kill()
         proc.wait()
 

@@ -15,7 +15,7 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([src, str(HERE), str(TRAIN), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("COLUMNS", "160")
+    env["COLUMNS"] = "160"  # rich's width under a pipe: fixed, not whatever the CI runner's environment says
     return env
 
 

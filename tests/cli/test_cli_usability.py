@@ -77,6 +77,42 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 120) -> tupl
     return proc.communicate(timeout=60)
 
 
+_HOLD_AT_STEP = """
+import time
+
+from mtlens.train import Callback, Trainer
+
+
+class _HoldForTheCtrlC(Callback):  # the test's Ctrl-C may land anywhere before this step; the run cannot outrun it
+    def on_step_end(self, trainer, log):
+        if trainer.global_step == {step}:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+_init = Trainer.__init__
+
+
+def _with_the_hold(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    self.callbacks.append(_HoldForTheCtrlC())
+
+
+Trainer.__init__ = _with_the_hold
+"""
+
+
+def _hold_at(tmp_path: Path, step: int) -> Path:
+    """A ``sitecustomize`` (for ``extra_path``) that holds the run at the end of global step ``step`` until a signal
+    ends it (2 minutes at most): a test that interrupts the run between two points of it no longer races the run
+    to its end on a fast or busy machine (the run went on for about a second after the point the test waits for)."""
+    shadow = tmp_path / "hold"
+    shadow.mkdir()
+    (shadow / "sitecustomize.py").write_text(_HOLD_AT_STEP.replace("{step}", str(step)))
+    return shadow
+
+
 def _train_popen(tmp_path: Path, out: Path, *sets: str, extra_path: Path | None = None) -> subprocess.Popen:
     args = ["train", "--preset", "quick-multimnist", "--set", "baseline=null", "--set", "monitor.every=0",
             "--out", out]
@@ -94,7 +130,7 @@ def _train_popen(tmp_path: Path, out: Path, *sets: str, extra_path: Path | None 
 @pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_does_not_offer_resume(tmp_path):
     out = tmp_path / "run"
-    proc = _train_popen(tmp_path, out)
+    proc = _train_popen(tmp_path, out, extra_path=_hold_at(tmp_path, 1))  # the first checkpoint ends epoch 1
     _, err = _interrupt_when(proc, lambda: (out / "config.yaml").is_file())
     assert proc.returncode == 130, err
     assert not (out / "checkpoint.pt").exists()
@@ -134,7 +170,8 @@ def test_ctrl_c_inside_a_string_exec_still_exits_130(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_after_a_checkpoint_offers_a_resume_that_works(tmp_path):
     out = tmp_path / "run"
-    proc = _train_popen(tmp_path, out, "train.epochs=2", "train.max_steps_per_epoch=6", "checkpoint.every_steps=1")
+    proc = _train_popen(tmp_path, out, "train.epochs=2", "train.max_steps_per_epoch=6", "checkpoint.every_steps=1",
+                        extra_path=_hold_at(tmp_path, 12))  # the last step
     _, err = _interrupt_when(proc, lambda: (out / "checkpoint.pt").is_file())
     assert proc.returncode == 130, err
     command = f"mtlens train --out {out} --resume"

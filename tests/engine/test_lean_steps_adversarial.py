@@ -283,7 +283,9 @@ def _random_step(lean, T, reach, head_of, common, form, level, retain_graph, met
     return rec, err, [p.grad for p in params], alive, sorted(calls)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 60 graphs on every run and machine (as every other hypothesis test here); 3000 random ones
+# passed when this was written
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_graphs_lean_steps_equal_the_general_path(data):
     """Random small graphs: T tasks, some losses not reading Z, heads shared between tasks, a head parameter every

@@ -200,21 +200,26 @@ def test_baseline_cache_entry_in_use_is_waited_for(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(entry)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
+    # the holder leaves once the run says it waits (a timer started before the run could free the entry before
+    # a slow run reached it: no wait, no message); the fallback only ends a run that never says so
+    release = threading.Timer(0.2, holder.stdin.close)
+    fallback = threading.Timer(120, holder.stdin.close)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        timer = threading.Timer(1.0, holder.stdin.close)
-        timer.start()
+        fallback.start()
         lines = []
 
         class Rec(Console):
             def print(self, *a, **k):
                 lines.append(" ".join(str(x) for x in a))
+                if "waiting for" in lines[-1] and release.ident is None:  # not started yet
+                    release.start()
 
         res = Trainer(cfg, quiet=False, console=Rec(file=open(os.devnull, "w"))).fit()  # noqa: SIM115
-        timer.join()
         assert any("waiting for" in ln and f"pid {holder.pid}" in ln for ln in lines), lines
         assert res["baseline"]["runs"]["a"] == str(entry) and (entry / "results.json").is_file()
     finally:
+        fallback.cancel()  # a non-daemon timer left running would hold the test process open
         holder.kill()
         holder.wait()
 

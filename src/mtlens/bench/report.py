@@ -441,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from rich.console import Console
+    from rich.markup import escape
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or len(args) > 2:
@@ -450,10 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_report(args[0], args[1] if len(args) > 1 else None)
     except MTLensError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     print_leaderboard(args[0], console)
-    console.print(f"report: {path / 'report.html'} (and report.md, CSV tables, PNG figures in {path})")
+    # one line whatever the terminal's width: a path folded at it can be neither copied nor found by a script
+    console.print(f"report: {path / 'report.html'} (and report.md, CSV tables, PNG figures in {path})",
+                  markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -187,8 +187,8 @@ def train(
             _interrupted(run_dir, cfg.stl_task == "all")
         if results.get("kind") == "stl-baseline":
             path = Path(results["source"])
-            if quiet:
-                out.print(str(path))
+            if quiet:  # for scripts: the path on one line, whatever the terminal's width (no folding, no markup)
+                out.print(str(path), soft_wrap=True, markup=False, highlight=False)
                 return
             from ..bench.console import metrics_table
 
@@ -196,8 +196,8 @@ def train(
             out.print(metrics_table("single-task baselines: test metrics", results["metrics"]["test"], directions))
             out.print(f"[dim]baseline file: {path} (use it with --set baseline={path})[/]")
             return
-        if quiet:
-            out.print(str(Path(results["out_dir"]) / "results.json"))
+        if quiet:  # for scripts, as above
+            out.print(str(Path(results["out_dir"]) / "results.json"), soft_wrap=True, markup=False, highlight=False)
             return
         from ..bench.console import print_results
 
@@ -671,7 +671,7 @@ def bench(
         if not no_report:
             report_path = _bench_report(summary.out, quiet, reuse=not summary.ran)
         if quiet:
-            out.print(str(report_path or summary.out), soft_wrap=True)
+            out.print(str(report_path or summary.out), soft_wrap=True, markup=False, highlight=False)
         else:
             out.print(f"results store: {summary.out}", soft_wrap=True)
             if report_path is not None:
@@ -682,7 +682,7 @@ def bench(
                 err.print(f"[red]failed[/] {e['benchmark']} seed {e['seed']}: {e['label']}: {e['error']}",
                           highlight=False, soft_wrap=True)
             err.print(f"{len(failed)} run(s) failed (tracebacks in {summary.out}/index.json and each run.json); "
-                      "rerun the same command to retry them")
+                      "rerun the same command to retry them", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
     _guard(go)
