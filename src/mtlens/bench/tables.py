@@ -107,6 +107,9 @@ class Store:
     suite: str | None
     runs: list[RunRecord]
     problems: list[str] = field(default_factory=list)
+    #: runs found on disk but not in a readable index.json: left by an earlier configuration of the suite
+    #: (other settings, methods or seeds; the store keeps their directories), so never mixed into the tables
+    unlisted: list[RunRecord] = field(default_factory=list)
 
     def benchmarks(self) -> list[str]:
         return sorted({str(r.entry.get("benchmark")) for r in self.runs})
@@ -157,6 +160,7 @@ def load_store(store_dir: str | Path) -> Store:
     elif problem:
         problems.append(f"index.json unreadable ({problem}); the run directories were read instead")
     dirs: dict[str, Path] = {}
+    unlisted: set[str] = set()
     for rj in found:
         e, err = _read_json(rj)
         if e is None or not isinstance(e, dict) or not e.get("key"):
@@ -164,10 +168,22 @@ def load_store(store_dir: str | Path) -> Store:
             continue
         key = str(e["key"])
         if key not in entries and index is not None:
-            problems.append(f"run {key} ({rj.parent}) is not listed in index.json; it is reported anyway")
+            unlisted.add(key)
         entries[key] = e  # the run's own file is written last: it wins
         dirs[key] = rj.parent
+    if unlisted:
+        # A run the index does not list was expanded from another configuration of the suite (the same --out
+        # rerun with other --set values, methods or seeds: run keys hash the whole configuration, and the old
+        # directories stay on disk). Its results are not the current suite's: counting them would make an
+        # earlier setting look like an extra seed of the current one.
+        where = ", ".join(f"{k} ({dirs[k]})" for k in sorted(unlisted)[:3]) + (" ..." if len(unlisted) > 3 else "")
+        problems.append(
+            f"{'run ' + where + ' is' if len(unlisted) == 1 else f'{len(unlisted)} runs ({where}) are'} not listed in "
+            "index.json: left by an earlier configuration of the suite in this store (other settings, methods or "
+            "seeds), so left out of every table; delete those directories, or use another --out for each configuration"
+        )
     runs: list[RunRecord] = []
+    stale: list[RunRecord] = []
     for key, e in entries.items():
         d = dirs.get(key)
         if d is None and e.get("dir") and (root / str(e["dir"])).is_dir():
@@ -195,9 +211,9 @@ def load_store(store_dir: str | Path) -> Store:
                     rec.problem = f"marked done but {err}"
                 else:
                     rec.results = res
-        runs.append(rec)
+        (stale if key in unlisted else runs).append(rec)
     runs.sort(key=lambda r: (str(r.entry.get("benchmark")), str(r.entry.get("label")), str(r.seed)))
-    return Store(root=root, suite=suite, runs=runs, problems=problems)
+    return Store(root=root, suite=suite, runs=runs, problems=problems, unlisted=stale)
 
 
 # =============================================================================================
@@ -886,7 +902,7 @@ def rep_mtl_tables(
 
 def unfinished_table(store: Store) -> Table | None:
     """Every run that did not finish (pending, running, failed, unreadable results)."""
-    bad = [r for r in store.runs if not r.done]
+    bad = [r for r in [*store.runs, *store.unlisted] if not r.done]
     if not bad and not store.problems:
         return None
     cols = ["benchmark", "run", "seed", "status", "attempts", "error", "directory"]
