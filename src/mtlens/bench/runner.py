@@ -161,8 +161,10 @@ def run_suite(
             ex.start()
             try:
                 _schedule(store, ex, todo, by_key, suite, summary, progress)
-            finally:
-                ex.close()
+            except BaseException:  # Ctrl-C or an error of the driver: stop the runs in flight, don't wait for them
+                ex.abort()
+                raise
+            ex.close()
         summary.counts = {s: sum(1 for e in store.entries.values() if e["status"] == s)
                           for s in ("done", "failed", "pending", "running") if
                           any(e["status"] == s for e in store.entries.values())}
