@@ -159,7 +159,29 @@ class Suite(_Section):
             raise ValueError("methods: a suite needs at least one method")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        _no_repeats("seeds", self.seeds)
+        if not self.name.strip() or self.name.strip(".") == "" or any(c in self.name for c in "/\\"):
+            raise ValueError(
+                f"name: got {self.name!r}; a suite name is one non-empty path component (it names the default "
+                "store, bench/<name>): letters, digits, '-', '_'"
+            )
+        if not self.variants:
+            raise ValueError("variants: give at least one variant ('none: {}' runs the methods without a regulariser)")
+        for vname, v in self.variants.items():
+            if v.methods is not None and not v.methods:
+                raise ValueError(
+                    f"variants.{vname}.methods: empty, so the variant applies to no method; name the methods it "
+                    "applies to, or delete the variant"
+                )
         for key, entry in self.benchmarks.items():
+            for what, value in (("methods", entry.methods), ("variants", entry.variants)):
+                if value is not None and not value:
+                    raise ValueError(
+                        f"benchmarks.{key}.{what}: empty, so the benchmark has nothing to run; leave the key out to "
+                        f"run the suite's {what}, or delete the benchmark"
+                    )
+            if entry.seeds:
+                _no_repeats(f"benchmarks.{key}.seeds", entry.seeds)
             if entry.variants is not None:
                 bad = [v for v in entry.variants if v not in self.variants]
                 if bad:
@@ -170,6 +192,12 @@ class Suite(_Section):
             if entry.seeds is not None and not entry.seeds:
                 raise ValueError(f"benchmarks.{key}.seeds: give at least one seed")
         return self
+
+
+def _no_repeats(where: str, seeds: list[int]) -> None:
+    rep = sorted({x for x in seeds if seeds.count(x) > 1})
+    if rep:
+        raise ValueError(f"{where}: seed(s) {rep} appear more than once in {seeds}; give each seed once")
 
 
 def _method_entries(v):
@@ -430,6 +458,12 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
                 f"benchmarks.{bkey}.method_hparams: {unknown_hp} are not methods of the suite "
                 f"({', '.join(sorted(all_labels))})"
             )
+        if not methods:
+            raise ConfigurationError(
+                f"benchmarks.{bkey}: exclude leaves no method to run (excluded: {', '.join(sorted(excluded))}); "
+                "exclude fewer methods, or delete the benchmark"
+            )
+        n_before = len(mtl)
         for seed in seeds:
             for vname in vnames:
                 v = suite.variants[vname]
@@ -492,6 +526,11 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
                                     )
                                 spec_.deps.append(skey)
                         mtl.append(spec_)
+        if len(mtl) == n_before:  # e.g. only variants whose methods are all excluded
+            raise ConfigurationError(
+                f"benchmarks.{bkey}: no run to do: none of its variants ({', '.join(vnames)}) applies to a method it "
+                f"runs ({', '.join(by_label)}); add 'none: {{}}' to variants, or change the variants' methods"
+            )
     if missing_roots:
         parts = [f"{k} (benchmark '{s.name}')" for k, s in missing_roots]
         flags = " ".join(f"--root {k}=PATH" for k, _ in missing_roots)
