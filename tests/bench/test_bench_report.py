@@ -287,6 +287,29 @@ def test_runs_of_an_earlier_configuration_are_not_mixed_into_the_tables(tmp_path
     assert "old000" in md and "left out of every table" in md and "2 runs in the store" in md
 
 
+def test_a_diverged_seed_is_shown_never_averaged_away(tmp_path):
+    """A finished seed whose test metric and Δ are NaN used to vanish from the mean: the row said "2/2 done" and
+    showed the other seed's numbers alone, without ± and without a word."""
+    nan = float("nan")
+    root = write_fake_store(tmp_path / "s", [
+        {"method": "ew", "seed": 0, "delta": nan, "acc": {"left": nan, "right": 80.0}},
+        {"method": "ew", "seed": 1, "delta": 3.0, "acc": {"left": 90.0, "right": 88.0}},
+        {"method": "uw", "seed": 0}, {"method": "uw", "seed": 1},
+    ])
+    table, _ = leaderboard(load_store(root), "multimnist")
+    (ew,) = [r for r in table.rows if r[0] == "ew"]
+    cells = dict(zip(table.columns, ew))
+    assert cells["left/acc ↑"] == "90.00 (1 of 2 seeds non-finite)"
+    assert cells["right/acc ↑"] == "84.00 ± 5.66"
+    assert cells["delta_p_task ↑"] == "+3.00 (1 of 2 seeds non-finite)"
+    assert not any("nan" in str(c).lower() for r in table.rows for c in r)
+    crow = dict(zip(table.csv_columns, next(r for r in table.csv_rows if r[1] == "ew")))
+    assert crow["nonfinite_seeds"].startswith("left/acc: 1; delta_p_task: 1")
+    assert any(n.startswith("ew: some finished seeds have non-finite") for n in table.notes)
+    (uw,) = [dict(zip(table.csv_columns, r)) for r in table.csv_rows if r[1] == "uw"]
+    assert uw["nonfinite_seeds"] is None
+
+
 def test_sealed_results_are_verified(tmp_path):
     root = write_fake_store(tmp_path / "s", [{"method": "ew", "sealed": True}, {"method": "uw", "sealed": True}])
     assert all(r.done for r in load_store(root).runs)

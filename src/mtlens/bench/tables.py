@@ -247,6 +247,19 @@ class Group:
                 out.append(float(v))
         return out
 
+    def nonfinite(self, get: Callable[[dict[str, Any]], Any]) -> int:
+        """How many finished seeds hold a value for ``get`` that is not finite (NaN, ±inf): :meth:`per_seed`
+        leaves them out of the mean, so every table that shows that mean must say so."""
+        n = 0
+        for r in self.done:
+            try:
+                v = get(r.res)
+            except (KeyError, TypeError, IndexError):
+                continue
+            if isinstance(v, (int, float)) and not math.isfinite(float(v)):
+                n += 1
+        return n
+
     def status_text(self) -> str:
         counts: dict[str, int] = {}
         for r in self.runs:
@@ -464,8 +477,10 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         "peak_mem_mib_mean",
         "peak_mem_source",
         "peak_mem_rel_ew",
+        "nonfinite_seeds",
     ]
     rows, csv_rows = [], []
+    nonfinite_groups: list[str] = []
 
     def order(g: Group) -> tuple[int, float, str]:
         return (0 if g.label in mr else 1, mr.get(g.label, 0.0), g.label)
@@ -478,14 +493,19 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
             g.status_text(),
         ]
         crow: list[Any] = [benchmark, g.method, g.level, g.variant, g.label, len(g.runs), len(g.done), g.status_text()]
-        for t, m in keys:
-            vals = g.per_seed(_test_metric(t, m))
-            row.append(pm(vals))
+        bad_cells: list[str] = []
+        for name, get, signed in [*((f"{t}/{m}", _test_metric(t, m), False) for t, m in keys),
+                                  *((c, _delta(c), True) for c in conv)]:
+            vals = g.per_seed(get)
+            cell = pm(vals, signed=signed)
+            n_bad = g.nonfinite(get)
+            if n_bad:  # a diverged seed: never averaged away in silence
+                cell += f" ({n_bad} of {len(g.done)} seeds non-finite)"
+                bad_cells.append(f"{name}: {n_bad}")
+            row.append(cell)
             crow += list(mean_std(vals))
-        for c in conv:
-            vals = g.per_seed(_delta(c))
-            row.append(pm(vals, signed=True))
-            crow += list(mean_std(vals))
+        if bad_cells:
+            nonfinite_groups.append(g.label)
         row.append(num(mr.get(g.label)))
         crow.append(mr.get(g.label))
         times = g.per_seed(_step_ms)
@@ -497,9 +517,15 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         rm = _ratio(mem, ref_mem)
         m_m, _ = mean_std(mem)
         row.append("—" if rm is None or m_m is None else f"{rm:.2f}× ({num(m_m / 2**20)} MiB)")
-        crow += [None if m_m is None else m_m / 2**20, mem_source, rm]
+        crow += [None if m_m is None else m_m / 2**20, mem_source, rm, "; ".join(bad_cells) or None]
         rows.append(row)
         csv_rows.append(crow)
+    if nonfinite_groups:
+        notes.append(
+            f"{', '.join(nonfinite_groups)}: some finished seeds have non-finite test metrics or Δ (the run "
+            "diverged); their mean ± std are over the finite seeds only, as the cells say, and their MR ranks those "
+            "means (CSV column nonfinite_seeds)"
+        )
 
     stl = [r for r in stl_runs(store, benchmark) if r.done]
     if stl:
@@ -510,7 +536,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
             row.append(pm(vals))
             crow += list(mean_std(vals))
         row += ["0 (reference)"] * len(conv) + ["—", "—", "—"]
-        crow += [0.0, None] * len(conv) + [None] * 7
+        crow += [0.0, None] * len(conv) + [None] * 8
         rows.append(row)
         csv_rows.append(crow)
 
