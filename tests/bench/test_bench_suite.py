@@ -162,6 +162,15 @@ def test_invalid_suites_fail_with_one_clear_line(change, match):
         # the name makes the default store bench/<name>: '' and '../x' wrote outside bench/
         ({"name": ""}, r"name: got ''; a suite name is one non-empty path component"),
         ({"name": "../../x"}, r"name: got '../../x'; a suite name is one non-empty path component"),
+        # run-config overrides of what the suite varies used to apply silently (seed 5 recorded as seed 0; every
+        # method turned into UW, reported as "runs 'ew' and 'dwa' resolve to the same configuration")
+        ({"set": ["train.seed=5"]}, r"set: 'train.seed=5' changes train.seed, which the suite sets for each run; "
+                                    r"change the suite's seeds \(--seeds K"),
+        ({"set": ["seed=5"]}, r"'seed=5' changes train.seed"),
+        ({"set": ["method=uw"]}, r"'method=uw' changes method, .*--set methods=\[...\]"),
+        ({"set": ["method.hparams.c=1"]}, r"changes method, .*benchmarks.NAME.method_hparams"),
+        ({"set": ["regularizers=[]"]}, r"changes regularizers, .*variants"),
+        ({"set": ["name=x"]}, r"'name=x' changes name"),
     ],
 )
 def test_suites_that_would_run_nothing_or_the_wrong_thing_are_refused(change, match):

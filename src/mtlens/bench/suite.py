@@ -165,6 +165,8 @@ class Suite(_Section):
                 f"name: got {self.name!r}; a suite name is one non-empty path component (it names the default "
                 "store, bench/<name>): letters, digits, '-', '_'"
             )
+        for o in self.set:
+            _check_run_override(o)
         if not self.variants:
             raise ValueError("variants: give at least one variant ('none: {}' runs the methods without a regulariser)")
         for vname, v in self.variants.items():
@@ -192,6 +194,36 @@ class Suite(_Section):
             if entry.seeds is not None and not entry.seeds:
                 raise ValueError(f"benchmarks.{key}.seeds: give at least one seed")
         return self
+
+
+#: Run-configuration keys the suite itself sets for each run (what it varies, and where runs go): a ``set`` entry
+#: (``--set``) that changes one is refused, naming the suite key to change instead. Such an override used to
+#: apply silently: ``--set train.seed=5`` ran seed 5 under the label of seed 0 (and two seeds became "the same
+#: configuration"), ``--set method=uw`` turned every method into UW, ``--set name=x`` was dropped.
+_SUITE_VARIES = {
+    "method": "the suite's methods, levels and hyper-parameters (--set methods=[...], --set levels=[...], "
+              "benchmarks.NAME.method_hparams)",
+    "regularizers": "the suite's variants (variants: {LABEL: {regularizers: [...]}})",
+    "loss_transform": "the suite's variants (variants.LABEL.loss_transform)",
+    "train.seed": "the suite's seeds (--seeds K, or --set seeds=[0,1])",
+    "data.benchmark": "the suite's benchmarks (benchmarks: {NAME: {...}})",
+    "stl_task": "the suite's stl key (--set stl=false)",
+    "baseline": "the suite's stl key (--set stl=false)",
+    "name": "the suite's own name (the name key of the suite file)",
+    "out_dir": "--out",
+}
+
+
+def _check_run_override(assignment: str) -> None:
+    from ..train.config import SHORTCUTS
+
+    key = assignment.split("=", 1)[0].strip()
+    key = SHORTCUTS.get(key, key)
+    for varied, hint in _SUITE_VARIES.items():
+        if key == varied or key.startswith(varied + "."):
+            raise ValueError(
+                f"set: '{assignment}' changes {varied}, which the suite sets for each run; change {hint} instead"
+            )
 
 
 def _no_repeats(where: str, seeds: list[int]) -> None:
