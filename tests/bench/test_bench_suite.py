@@ -216,3 +216,15 @@ def test_threads_below_one_is_an_error():
     for bad in (0, -3):
         with pytest.raises(ConfigurationError, match=rf"--threads must be ≥ 1, got {bad}"):
             LocalExecutor(workers=2, threads=bad)
+
+
+def test_executor_options_that_do_not_apply_are_errors(tmp_path):
+    """`--address` with the local executor and `--threads` with Ray used to be ignored without a word."""
+    from mtlens.bench import run_suite
+
+    suite = load_suite(tiny_suite())
+    with pytest.raises(ConfigurationError, match=r"--address auto: joining a Ray cluster needs --executor ray"):
+        run_suite(suite, tmp_path / "s", address="auto")
+    with pytest.raises(ConfigurationError, match=r"--threads is for the local executor.*--set resources.cpus=2"):
+        run_suite(suite, tmp_path / "s", executor="ray", threads=2)
+    assert not (tmp_path / "s").exists()

@@ -131,6 +131,13 @@ def run_suite(
         ConfigurationError: invalid suite, missing data roots, or a store in use / of another suite.
     """
     t0 = time.perf_counter()
+    if executor == "local" and address:  # used to be ignored: the suite then ran on this machine alone
+        raise ConfigurationError(f"--address {address}: joining a Ray cluster needs --executor ray")
+    if executor == "ray" and threads is not None:  # used to be ignored
+        raise ConfigurationError(
+            "--threads is for the local executor; a Ray run uses resources.cpus threads "
+            f"(--set resources.cpus={threads})"
+        )
     if executor == "local":
         from .executors import LocalExecutor, available_cores
 
