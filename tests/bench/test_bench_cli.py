@@ -210,6 +210,8 @@ def test_rerun_of_a_finished_suite_writes_nothing(env, tmp_path):
     r = _bench([str(suite), "--out", str(out)], env)
     assert r.returncode == 0, r.stderr
     assert f"report: {out / 'report' / 'report.html'}" in r.stdout
+    # the status line is a line of its own (print(*renderables) used to glue it to the last note)
+    assert any(ln.startswith("4 runs in the store: 4 finished.") for ln in r.stdout.splitlines()), r.stdout
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != ".mtlens.lock")
     stamps = {p: p.stat().st_mtime_ns for p in files}
     r = _bench([str(suite), "--out", str(out)], env)
