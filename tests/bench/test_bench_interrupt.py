@@ -127,3 +127,31 @@ def test_a_killed_worker_fails_its_runs_and_the_suite_goes_on(env, tmp_path):
     assert all(e["status"] in ("done", "failed") for e in runs.values()), runs
     assert sum(e["status"] == "done" for e in runs.values()) >= 3
     assert "rerun the same command to" in " ".join(stderr.split())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a pool process")
+def test_an_idle_worker_killed_between_runs_does_not_stop_the_next_submit():
+    """A worker killed while it had no run breaks the pool too; the next submit used to raise BrokenProcessPool
+    out of the suite (a traceback, the remaining runs never started)."""
+    from mtlens.bench.executors import LocalExecutor
+
+    ex = LocalExecutor(workers=2, threads=1)
+    ex.start()
+    try:
+        ex.submit({"key": "a", "config": {}})  # not a run config: execute() reports it failed, at once
+        ((job, outcome),) = ex.wait()
+        assert job["key"] == "a" and outcome["status"] == "failed" and "KeyError" in outcome["error"]
+        assert ex._pool is not None
+        procs = list(ex._pool._processes.values())
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            proc.join(timeout=30)
+        deadline = time.time() + 30
+        while not ex._pool._broken and time.time() < deadline:  # the pool's manager thread notices the deaths
+            time.sleep(0.05)
+        ex.submit({"key": "b", "config": {}})
+        ((job, outcome),) = ex.wait()
+        assert job["key"] == "b" and "KeyError" in outcome["error"]  # it ran, on a fresh pool
+    finally:
+        ex.abort()

@@ -116,7 +116,13 @@ class LocalExecutor:
             return
         mask = _block_sigint()  # the pool starts its worker processes here (see _block_sigint)
         try:
-            self._futures[self._pool.submit(execute, job)] = job
+            try:
+                future = self._pool.submit(execute, job)
+            except BrokenProcessPool:  # a worker died while no run was in flight on it (kill -9 of an idle one)
+                self._restart()
+                assert self._pool is not None
+                future = self._pool.submit(execute, job)
+            self._futures[future] = job
         finally:
             _restore_sigmask(mask)
 
@@ -142,9 +148,13 @@ class LocalExecutor:
             for f, job in list(self._futures.items()):
                 self._futures.pop(f)
                 out.append((job, _broken(job, BrokenProcessPool("the process pool broke"))))
-            self._kill_workers()
-            self.start()
+            self._restart()
         return out
+
+    def _restart(self) -> None:
+        """A fresh pool in place of a broken one."""
+        self._kill_workers()
+        self.start()
 
     def _kill_workers(self) -> None:
         """Stop the pool at once: SIGKILL its processes (each run's files are written atomically and it resumes
@@ -152,11 +162,12 @@ class LocalExecutor:
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
             with contextlib.suppress(Exception):
                 proc.kill()
         pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        for proc in procs:
             with contextlib.suppress(Exception):
                 proc.join(timeout=5)
         self._futures.clear()
