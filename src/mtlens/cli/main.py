@@ -692,7 +692,7 @@ def _bench_report(store: Path, quiet: bool, reuse: bool = False) -> Path:
     if not quiet:
         # a pipe or CI log: rich would wrap at 80 columns and break numbers over lines
         console = out if out.is_terminal else Console(width=max(out.width, 160))
-        for renderable in leaderboard_renderables(store):  # one per line (print(*items) joins texts with a space)
+        for renderable in leaderboard_renderables(store):  # one print each: rich joins texts on one line
             console.print(renderable)
     return path
 
