@@ -33,3 +33,23 @@ class Flaky(LossWeighting):
         if self.calls >= 3 and marker and os.path.exists(marker):
             raise RuntimeError("flaky: injected failure for the test")
         return losses.sum(), torch.ones_like(losses.detach())
+
+
+@register
+class Diverging(LossWeighting):
+    """Equal weighting whose combined loss is NaN from its 3rd call on: a run that diverges (under
+    ``train.nonfinite=skip`` every step is then skipped) while the other runs of the suite train normally."""
+
+    name = "diverging"
+    reference = "test-only"
+
+    def __init__(self):
+        self.calls = 0
+
+    def weights(self, losses, grad_norms=None):
+        return torch.ones_like(losses)
+
+    def combine(self, losses, grad_norms=None):
+        self.calls += 1
+        scale = float("nan") if self.calls >= 3 else 1.0
+        return losses.sum() * scale, torch.ones_like(losses.detach())

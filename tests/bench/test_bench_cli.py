@@ -83,6 +83,23 @@ def test_failing_run_is_recorded_and_retried(env, tmp_path):
     assert "5 done; 4 already done before this run" in r.stderr
 
 
+def test_a_diverging_run_fails_alone(env, tmp_path):
+    """Under train.nonfinite=skip a run whose every step is skipped stops with an error; it used to be a
+    DataError, which the suite takes for broken data: every other run of the benchmark was failed unstarted
+    ("not run: the data of benchmark 'tiny-mtl' is missing or broken")."""
+    raw = tiny_suite(plugins=["tiny_bench", "bench_plugin"], seeds=[0], methods=["ew", "diverging", "dwa", "uw"],
+                     variants={"none": {}}, set=["train.nonfinite=skip"])
+    out = tmp_path / "store"
+    r = _bench([str(_write(tmp_path, raw)), "--out", str(out), "--workers", "1", "--no-report"], env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    runs = _labels(_index(out))
+    bad = runs[("diverging", 0)]
+    assert bad["status"] == "failed" and bad["error"].startswith("NonFiniteError: epoch"), bad["error"]
+    assert "every step was skipped" in bad["error"]
+    assert all(e["status"] == "done" for k, e in runs.items() if k[0] != "diverging"), runs
+    assert "missing or broken" not in r.stderr
+
+
 def test_missing_dependency_baseline_failure_marks_dependents(env, tmp_path):
     """A failing STL baseline: the runs that need it are failed without starting, with the reason."""
     raw = tiny_suite(seeds=[0], methods=["ew"], variants={"none": {}},
@@ -193,6 +210,8 @@ def test_rerun_of_a_finished_suite_writes_nothing(env, tmp_path):
     r = _bench([str(suite), "--out", str(out)], env)
     assert r.returncode == 0, r.stderr
     assert f"report: {out / 'report' / 'report.html'}" in r.stdout
+    # the status line is a line of its own (print(*renderables) used to glue it to the last note)
+    assert any(ln.startswith("4 runs in the store: 4 finished.") for ln in r.stdout.splitlines()), r.stdout
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != ".mtlens.lock")
     stamps = {p: p.stat().st_mtime_ns for p in files}
     r = _bench([str(suite), "--out", str(out)], env)

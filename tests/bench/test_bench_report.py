@@ -293,6 +293,54 @@ def test_unreadable_and_unlisted_runs_are_reported_not_dropped(tmp_path):
     assert "is not listed in index.json" in md and "uw" in md
 
 
+def test_runs_of_an_earlier_configuration_are_not_mixed_into_the_tables(tmp_path):
+    """The same --out rerun with other settings (`--set train.epochs=3` after 2) leaves the old run directories
+    beside the new ones, outside the index: the report used to count them as extra seeds of the current
+    configuration ("2/2 done" and a ± over two settings for a one-seed suite)."""
+    import shutil
+
+    root = write_fake_store(tmp_path / "s", [{"method": "ew", "seed": 0, "acc": {"left": 90.0, "right": 80.0}},
+                                             {"method": "uw", "seed": 0}])
+    old = root / "runs" / "old000"
+    shutil.copytree(root / "runs" / "k000", old)
+    entry = json.loads((old / "run.json").read_text())
+    (old / "run.json").write_text(json.dumps({**entry, "key": "old000", "results": "runs/old000/results.json"}))
+    res = json.loads((old / "results.json").read_text())
+    res["metrics"]["test"]["left"]["acc"] = 10.0
+    (old / "results.json").write_text(json.dumps(res))
+    store = load_store(root)
+    assert [r.key for r in store.runs if r.entry["method"] == "ew"] == ["k000"]
+    table, _ = leaderboard(store, "multimnist")
+    (ew,) = [row for r in table.csv_rows if (row := dict(zip(table.csv_columns, r)))["method"] == "ew"]
+    assert (ew["runs"], ew["done"], ew["status"]) == (1, 1, "1/1 done") and ew["left/acc_mean"] == 90.0, ew
+    out = write_report(root, alpha_method="none", n_bootstrap=50)
+    md = (out / "report.md").read_text()
+    assert "old000" in md and "left out of every table" in md and "2 runs in the store" in md
+
+
+def test_a_diverged_seed_is_shown_never_averaged_away(tmp_path):
+    """A finished seed whose test metric and Δ are NaN used to vanish from the mean: the row said "2/2 done" and
+    showed the other seed's numbers alone, without ± and without a word."""
+    nan = float("nan")
+    root = write_fake_store(tmp_path / "s", [
+        {"method": "ew", "seed": 0, "delta": nan, "acc": {"left": nan, "right": 80.0}},
+        {"method": "ew", "seed": 1, "delta": 3.0, "acc": {"left": 90.0, "right": 88.0}},
+        {"method": "uw", "seed": 0}, {"method": "uw", "seed": 1},
+    ])
+    table, _ = leaderboard(load_store(root), "multimnist")
+    (ew,) = [r for r in table.rows if r[0] == "ew"]
+    cells = dict(zip(table.columns, ew))
+    assert cells["left/acc ↑"] == "90.00 (1 of 2 seeds non-finite)"
+    assert cells["right/acc ↑"] == "84.00 ± 5.66"
+    assert cells["delta_p_task ↑"] == "+3.00 (1 of 2 seeds non-finite)"
+    assert not any("nan" in str(c).lower() for r in table.rows for c in r)
+    crow = dict(zip(table.csv_columns, next(r for r in table.csv_rows if r[1] == "ew")))
+    assert crow["nonfinite_seeds"].startswith("left/acc: 1; delta_p_task: 1")
+    assert any(n.startswith("ew: some finished seeds have non-finite") for n in table.notes)
+    (uw,) = [dict(zip(table.csv_columns, r)) for r in table.csv_rows if r[1] == "uw"]
+    assert uw["nonfinite_seeds"] is None
+
+
 def test_sealed_results_are_verified(tmp_path):
     root = write_fake_store(tmp_path / "s", [{"method": "ew", "sealed": True}, {"method": "uw", "sealed": True}])
     assert all(r.done for r in load_store(root).runs)

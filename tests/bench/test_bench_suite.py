@@ -143,6 +143,42 @@ def test_invalid_suites_fail_with_one_clear_line(change, match):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        # each of these used to expand to no run at all (or to fewer than asked) and "succeed" with nothing done
+        ({"variants": {}}, r"variants: give at least one variant \('none: \{\}' runs the methods"),
+        ({"variants": {"none": {}, "rep": {"regularizers": [{"name": "rep_mtl"}], "methods": []}}},
+         r"variants.rep.methods: empty, so the variant applies to no method"),
+        ({"exclude": ["ew", "dwa", "mgda"]}, r"benchmarks.tiny-mtl: exclude leaves no method to run"),
+        ({"variants": {"rep": {"regularizers": [{"name": "rep_mtl"}]}}, "exclude": ["ew"]},
+         r"benchmarks.tiny-mtl: no run to do: none of its variants \(rep\) applies"),
+        ({"benchmarks": {"tiny-mtl": {"methods": []}}}, r"benchmarks.tiny-mtl.methods: empty, so the benchmark has"),
+        ({"benchmarks": {"tiny-mtl": {"variants": []}}}, r"benchmarks.tiny-mtl.variants: empty, so the benchmark"),
+        # a repeated seed used to be reported as two runs "resolving to the same configuration; remove the duplicate
+        # method or variant", which names the wrong fix
+        ({"seeds": [0, 0]}, r"seeds: seed\(s\) \[0\] appear more than once in \[0, 0\]; give each seed once"),
+        ({"benchmarks": {"tiny-mtl": {"seeds": [1, 2, 1]}}}, r"benchmarks.tiny-mtl.seeds: seed\(s\) \[1\] appear"),
+        # the name makes the default store bench/<name>: '' and '../x' wrote outside bench/
+        ({"name": ""}, r"name: got ''; a suite name is one non-empty path component"),
+        ({"name": "../../x"}, r"name: got '../../x'; a suite name is one non-empty path component"),
+        # run-config overrides of what the suite varies used to apply silently (seed 5 recorded as seed 0; every
+        # method turned into UW, reported as "runs 'ew' and 'dwa' resolve to the same configuration")
+        ({"set": ["train.seed=5"]}, r"set: 'train.seed=5' changes train.seed, which the suite sets for each run; "
+                                    r"change the suite's seeds \(--seeds K"),
+        ({"set": ["seed=5"]}, r"'seed=5' changes train.seed"),
+        ({"set": ["method=uw"]}, r"'method=uw' changes method, .*--set methods=\[...\]"),
+        ({"set": ["method.hparams.c=1"]}, r"changes method, .*benchmarks.NAME.method_hparams"),
+        ({"set": ["regularizers=[]"]}, r"changes regularizers, .*variants"),
+        ({"set": ["name=x"]}, r"'name=x' changes name"),
+    ],
+)
+def test_suites_that_would_run_nothing_or_the_wrong_thing_are_refused(change, match):
+    with pytest.raises(ConfigurationError, match=match) as info:
+        _runs(load_suite(tiny_suite(**change)))
+    assert "\n" not in str(info.value)
+
+
 def test_unknown_suite_name_and_files(tmp_path):
     with pytest.raises(ConfigurationError, match=r"unknown suite 'quik'. Did you mean 'quick'"):
         load_suite("quik")
@@ -171,3 +207,24 @@ def test_user_suite_file_roundtrip(tmp_path):
     # 2 seeds x (ew, dwa, mgda param, mgda feature, ew + rep_mtl) + 2 seeds x 2 STL tasks
     assert len(runs) == 2 * 5 + 2 * 2
     assert {r.label for r in runs} == {"ew", "dwa", "mgda (param)", "mgda (feature)", "ew + rep_mtl", "STL a", "STL b"}
+
+
+def test_threads_below_one_is_an_error():
+    """`--threads 0` / `--threads -3` used to be accepted (torch then ran 1 thread, and run.json recorded -3)."""
+    from mtlens.bench.executors import LocalExecutor
+
+    for bad in (0, -3):
+        with pytest.raises(ConfigurationError, match=rf"--threads must be ≥ 1, got {bad}"):
+            LocalExecutor(workers=2, threads=bad)
+
+
+def test_executor_options_that_do_not_apply_are_errors(tmp_path):
+    """`--address` with the local executor and `--threads` with Ray used to be ignored without a word."""
+    from mtlens.bench import run_suite
+
+    suite = load_suite(tiny_suite())
+    with pytest.raises(ConfigurationError, match=r"--address auto: joining a Ray cluster needs --executor ray"):
+        run_suite(suite, tmp_path / "s", address="auto")
+    with pytest.raises(ConfigurationError, match=r"--threads is for the local executor.*--set resources.cpus=2"):
+        run_suite(suite, tmp_path / "s", executor="ray", threads=2)
+    assert not (tmp_path / "s").exists()

@@ -14,11 +14,13 @@ An executor has ``capacity`` (how many runs may be in flight), ``submit(job)`` a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,9 +42,39 @@ def _broken(job: dict[str, Any], exc: BaseException) -> dict[str, Any]:
 
     from .store import now
 
+    if isinstance(exc, BrokenProcessPool):
+        # which process died is not known: every run in flight on the pool is lost with it
+        error = ("worker lost: a worker process died while this run was in flight (killed by a signal: out of memory, "
+                 "SIGKILL, or a crash; the other runs in flight were lost with it); rerun the same command to retry "
+                 "it from its last checkpoint, with fewer --workers if memory ran out")
+    else:
+        error = f"worker lost: {type(exc).__name__}: {' '.join(str(exc).split())}"
     return {"key": job["key"], "status": "failed", "started": None, "finished": now(), "wall_s": None,
-            "error": f"worker lost: {type(exc).__name__}: {' '.join(str(exc).split())}"[:2000],
-            "traceback": "".join(traceback.format_exception(exc))[-20000:], "error_type": type(exc).__name__}
+            "error": error[:2000], "traceback": "".join(traceback.format_exception(exc))[-20000:],
+            "error_type": type(exc).__name__}
+
+
+def _block_sigint() -> Any:
+    """Block SIGINT in this thread (returns the previous mask, or None where signals cannot be masked).
+
+    A process started while it is blocked inherits the mask through fork and exec, so a Ctrl-C that reaches the
+    whole process group while a worker interpreter starts cannot kill it half-way through its imports (with a
+    "Fatal Python error" traceback on the terminal); the worker then ignores SIGINT for good (:func:`init_worker`),
+    and the driver alone acts on it. A SIGINT for the driver that arrives meanwhile stays pending and is
+    delivered when the mask is restored."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _restore_sigmask(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class LocalExecutor:
@@ -53,6 +85,8 @@ class LocalExecutor:
     def __init__(self, workers: int = 1, threads: int | None = None, plugins: list[str] | None = None):
         if workers < 1:
             raise ConfigurationError(f"--workers must be ≥ 1, got {workers}")
+        if threads is not None and threads < 1:
+            raise ConfigurationError(f"--threads must be ≥ 1, got {threads}; leave it out for cores ÷ workers")
         cores = available_cores()
         self.workers = workers
         self.threads = threads or max(1, cores // workers)
@@ -80,7 +114,17 @@ class LocalExecutor:
         if self._pool is None:
             self._done.append((job, execute(job)))
             return
-        self._futures[self._pool.submit(execute, job)] = job
+        mask = _block_sigint()  # the pool starts its worker processes here (see _block_sigint)
+        try:
+            try:
+                future = self._pool.submit(execute, job)
+            except BrokenProcessPool:  # a worker died while no run was in flight on it (kill -9 of an idle one)
+                self._restart()
+                assert self._pool is not None
+                future = self._pool.submit(execute, job)
+            self._futures[future] = job
+        finally:
+            _restore_sigmask(mask)
 
     def wait(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         if self._done:
@@ -90,18 +134,53 @@ class LocalExecutor:
             return []
         finished, _ = futures_wait(list(self._futures), return_when=FIRST_COMPLETED)
         out = []
+        broken = False
         for f in finished:
             job = self._futures.pop(f)
             try:
                 out.append((job, f.result()))
             except BaseException as exc:  # noqa: BLE001 - the worker process died
+                broken = broken or isinstance(exc, BrokenProcessPool)
                 out.append((job, _broken(job, exc)))
+        if broken:
+            # A dead worker breaks the whole pool: every run still in flight on it is lost, and the pool takes no
+            # more work. Record them as failed and start a fresh pool, so that the other runs of the suite go on.
+            for f, job in list(self._futures.items()):
+                self._futures.pop(f)
+                out.append((job, _broken(job, BrokenProcessPool("the process pool broke"))))
+            self._restart()
         return out
+
+    def _restart(self) -> None:
+        """A fresh pool in place of a broken one."""
+        self._kill_workers()
+        self.start()
+
+    def _kill_workers(self) -> None:
+        """Stop the pool at once: SIGKILL its processes (each run's files are written atomically and it resumes
+        from its last checkpoint), then drop it without waiting for the runs in flight."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.join(timeout=5)
+        self._futures.clear()
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def abort(self) -> None:
+        """The suite was interrupted (Ctrl-C) or failed: stop the runs in flight now rather than waiting for
+        them to finish (hours for a real run); a rerun resumes them from their last checkpoint."""
+        self._kill_workers()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +290,9 @@ class RayExecutor:
             _write_tree(Path(job["config"]["out_dir"]), files)
             out.append((job, outcome))
         return out
+
+    def abort(self) -> None:
+        self.close()
 
     def close(self) -> None:
         for ref in list(self._refs):

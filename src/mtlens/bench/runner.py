@@ -132,6 +132,13 @@ def run_suite(
         ConfigurationError: invalid suite, missing data roots, or a store in use / of another suite.
     """
     t0 = time.perf_counter()
+    if executor == "local" and address:  # used to be ignored: the suite then ran on this machine alone
+        raise ConfigurationError(f"--address {address}: joining a Ray cluster needs --executor ray")
+    if executor == "ray" and threads is not None:  # used to be ignored
+        raise ConfigurationError(
+            "--threads is for the local executor; a Ray run uses resources.cpus threads "
+            f"(--set resources.cpus={threads})"
+        )
     if executor == "local":
         from .executors import LocalExecutor, available_cores
 
@@ -162,8 +169,10 @@ def run_suite(
             ex.start()
             try:
                 _schedule(store, ex, todo, by_key, suite, summary, progress)
-            finally:
-                ex.close()
+            except BaseException:  # Ctrl-C or an error of the driver: stop the runs in flight, don't wait for them
+                ex.abort()
+                raise
+            ex.close()
         summary.counts = {s: sum(1 for e in store.entries.values() if e["status"] == s)
                           for s in ("done", "failed", "pending", "running") if
                           any(e["status"] == s for e in store.entries.values())}

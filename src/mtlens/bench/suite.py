@@ -160,7 +160,31 @@ class Suite(_Section):
             raise ValueError("methods: a suite needs at least one method")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        _no_repeats("seeds", self.seeds)
+        if not self.name.strip() or self.name.strip(".") == "" or any(c in self.name for c in "/\\"):
+            raise ValueError(
+                f"name: got {self.name!r}; a suite name is one non-empty path component (it names the default "
+                "store, bench/<name>): letters, digits, '-', '_'"
+            )
+        for o in self.set:
+            _check_run_override(o)
+        if not self.variants:
+            raise ValueError("variants: give at least one variant ('none: {}' runs the methods without a regulariser)")
+        for vname, v in self.variants.items():
+            if v.methods is not None and not v.methods:
+                raise ValueError(
+                    f"variants.{vname}.methods: empty, so the variant applies to no method; name the methods it "
+                    "applies to, or delete the variant"
+                )
         for key, entry in self.benchmarks.items():
+            for what, value in (("methods", entry.methods), ("variants", entry.variants)):
+                if value is not None and not value:
+                    raise ValueError(
+                        f"benchmarks.{key}.{what}: empty, so the benchmark has nothing to run; leave the key out to "
+                        f"run the suite's {what}, or delete the benchmark"
+                    )
+            if entry.seeds:
+                _no_repeats(f"benchmarks.{key}.seeds", entry.seeds)
             if entry.variants is not None:
                 bad = [v for v in entry.variants if v not in self.variants]
                 if bad:
@@ -171,6 +195,42 @@ class Suite(_Section):
             if entry.seeds is not None and not entry.seeds:
                 raise ValueError(f"benchmarks.{key}.seeds: give at least one seed")
         return self
+
+
+#: Run-configuration keys the suite itself sets for each run (what it varies, and where runs go): a ``set`` entry
+#: (``--set``) that changes one is refused, naming the suite key to change instead. Such an override used to
+#: apply silently: ``--set train.seed=5`` ran seed 5 under the label of seed 0 (and two seeds became "the same
+#: configuration"), ``--set method=uw`` turned every method into UW, ``--set name=x`` was dropped.
+_SUITE_VARIES = {
+    "method": "the suite's methods, levels and hyper-parameters (--set methods=[...], --set levels=[...], "
+              "benchmarks.NAME.method_hparams)",
+    "regularizers": "the suite's variants (variants: {LABEL: {regularizers: [...]}})",
+    "loss_transform": "the suite's variants (variants.LABEL.loss_transform)",
+    "train.seed": "the suite's seeds (--seeds K, or --set seeds=[0,1])",
+    "data.benchmark": "the suite's benchmarks (benchmarks: {NAME: {...}})",
+    "stl_task": "the suite's stl key (--set stl=false)",
+    "baseline": "the suite's stl key (--set stl=false)",
+    "name": "the suite's own name (the name key of the suite file)",
+    "out_dir": "--out",
+}
+
+
+def _check_run_override(assignment: str) -> None:
+    from ..train.config import SHORTCUTS
+
+    key = assignment.split("=", 1)[0].strip()
+    key = SHORTCUTS.get(key, key)
+    for varied, hint in _SUITE_VARIES.items():
+        if key == varied or key.startswith(varied + "."):
+            raise ValueError(
+                f"set: '{assignment}' changes {varied}, which the suite sets for each run; change {hint} instead"
+            )
+
+
+def _no_repeats(where: str, seeds: list[int]) -> None:
+    rep = sorted({x for x in seeds if seeds.count(x) > 1})
+    if rep:
+        raise ValueError(f"{where}: seed(s) {rep} appear more than once in {seeds}; give each seed once")
 
 
 def _method_entries(v):
@@ -436,6 +496,12 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
                 f"benchmarks.{bkey}.method_hparams: {unknown_hp} are not methods of the suite "
                 f"({', '.join(sorted(all_labels))})"
             )
+        if not methods:
+            raise ConfigurationError(
+                f"benchmarks.{bkey}: exclude leaves no method to run (excluded: {', '.join(sorted(excluded))}); "
+                "exclude fewer methods, or delete the benchmark"
+            )
+        n_before = len(mtl)
         for seed in seeds:
             for vname in vnames:
                 v = suite.variants[vname]
@@ -498,6 +564,11 @@ def expand(suite: Suite, *, device_type: str) -> list[RunSpec]:
                                     )
                                 spec_.deps.append(skey)
                         mtl.append(spec_)
+        if len(mtl) == n_before:  # e.g. only variants whose methods are all excluded
+            raise ConfigurationError(
+                f"benchmarks.{bkey}: no run to do: none of its variants ({', '.join(vnames)}) applies to a method it "
+                f"runs ({', '.join(by_label)}); add 'none: {{}}' to variants, or change the variants' methods"
+            )
     if missing_roots:
         parts = [f"{k} (benchmark '{s.name}')" for k, s in missing_roots]
         flags = " ".join(f"--root {k}=PATH" for k, _ in missing_roots)

@@ -110,6 +110,9 @@ class Store:
     suite: str | None
     runs: list[RunRecord]
     problems: list[str] = field(default_factory=list)
+    #: runs found on disk but not in a readable index.json: left by an earlier configuration of the suite
+    #: (other settings, methods or seeds; the store keeps their directories), so never mixed into the tables
+    unlisted: list[RunRecord] = field(default_factory=list)
 
     def benchmarks(self) -> list[str]:
         return sorted({str(r.entry.get("benchmark")) for r in self.runs})
@@ -160,6 +163,7 @@ def load_store(store_dir: str | Path) -> Store:
     elif problem:
         problems.append(f"index.json unreadable ({problem}); the run directories were read instead")
     dirs: dict[str, Path] = {}
+    unlisted: set[str] = set()
     for rj in found:
         e, err = _read_json(rj)
         if e is None or not isinstance(e, dict) or not e.get("key"):
@@ -167,10 +171,22 @@ def load_store(store_dir: str | Path) -> Store:
             continue
         key = str(e["key"])
         if key not in entries and index is not None:
-            problems.append(f"run {key} ({rj.parent}) is not listed in index.json; it is reported anyway")
+            unlisted.add(key)
         entries[key] = e  # the run's own file is written last: it wins
         dirs[key] = rj.parent
+    if unlisted:
+        # A run the index does not list was expanded from another configuration of the suite (the same --out
+        # rerun with other --set values, methods or seeds: run keys hash the whole configuration, and the old
+        # directories stay on disk). Its results are not the current suite's: counting them would make an
+        # earlier setting look like an extra seed of the current one.
+        where = ", ".join(f"{k} ({dirs[k]})" for k in sorted(unlisted)[:3]) + (" ..." if len(unlisted) > 3 else "")
+        problems.append(
+            f"{'run ' + where + ' is' if len(unlisted) == 1 else f'{len(unlisted)} runs ({where}) are'} not listed in "
+            "index.json: left by an earlier configuration of the suite in this store (other settings, methods or "
+            "seeds), so left out of every table; delete those directories, or use another --out for each configuration"
+        )
     runs: list[RunRecord] = []
+    stale: list[RunRecord] = []
     for key, e in entries.items():
         d = dirs.get(key)
         if d is None and e.get("dir") and (root / str(e["dir"])).is_dir():
@@ -198,9 +214,9 @@ def load_store(store_dir: str | Path) -> Store:
                     rec.problem = f"marked done but {err}"
                 else:
                     rec.results = res
-        runs.append(rec)
+        (stale if key in unlisted else runs).append(rec)
     runs.sort(key=lambda r: (str(r.entry.get("benchmark")), str(r.entry.get("label")), str(r.seed)))
-    return Store(root=root, suite=suite, runs=runs, problems=problems)
+    return Store(root=root, suite=suite, runs=runs, problems=problems, unlisted=stale)
 
 
 # =============================================================================================
@@ -238,6 +254,19 @@ class Group:
             if isinstance(v, (int, float)) and math.isfinite(float(v)):
                 out[str(r.seed)] = float(v)
         return out
+
+    def nonfinite(self, get: Callable[[dict[str, Any]], Any]) -> int:
+        """How many finished seeds hold a value for ``get`` that is not finite (NaN, ±inf): :meth:`per_seed`
+        leaves them out of the mean, so every table that shows that mean must say so."""
+        n = 0
+        for r in self.done:
+            try:
+                v = get(r.res)
+            except (KeyError, TypeError, IndexError):
+                continue
+            if isinstance(v, (int, float)) and not math.isfinite(float(v)):
+                n += 1
+        return n
 
     def status_text(self) -> str:
         counts: dict[str, int] = {}
@@ -487,8 +516,10 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         "peak_mem_mib_mean",
         "peak_mem_source",
         "peak_mem_rel_ew",
+        "nonfinite_seeds",
     ]
     rows, csv_rows = [], []
+    nonfinite_groups: list[str] = []
 
     def order(g: Group) -> tuple[int, float, str]:
         return (0 if g.label in mr else 1, mr.get(g.label, 0.0), g.label)
@@ -501,14 +532,19 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
             g.status_text(),
         ]
         crow: list[Any] = [benchmark, g.method, g.level, g.variant, g.label, len(g.runs), len(g.done), g.status_text()]
-        for t, m in keys:
-            vals = g.per_seed(_test_metric(t, m))
-            row.append(pm(vals))
+        bad_cells: list[str] = []
+        for name, get, signed in [*((f"{t}/{m}", _test_metric(t, m), False) for t, m in keys),
+                                  *((c, _delta(c), True) for c in conv)]:
+            vals = g.per_seed(get)
+            cell = pm(vals, signed=signed)
+            n_bad = g.nonfinite(get)
+            if n_bad:  # a diverged seed: never averaged away in silence
+                cell += f" ({n_bad} of {len(g.done)} seeds non-finite)"
+                bad_cells.append(f"{name}: {n_bad}")
+            row.append(cell)
             crow += list(mean_std(vals))
-        for c in conv:
-            vals = g.per_seed(_delta(c))
-            row.append(pm(vals, signed=True))
-            crow += list(mean_std(vals))
+        if bad_cells:
+            nonfinite_groups.append(g.label)
         row.append(num(mr.get(g.label)))
         crow.append(mr.get(g.label))
         times = g.per_seed(_step_ms)
@@ -520,9 +556,15 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
         rm = _ratio(mem, ref_mem)
         m_m, _ = mean_std(mem)
         row.append("—" if rm is None or m_m is None else f"{rm:.2f}× ({num(m_m / 2**20)} MiB)")
-        crow += [None if m_m is None else m_m / 2**20, mem_source, rm]
+        crow += [None if m_m is None else m_m / 2**20, mem_source, rm, "; ".join(bad_cells) or None]
         rows.append(row)
         csv_rows.append(crow)
+    if nonfinite_groups:
+        notes.append(
+            f"{', '.join(nonfinite_groups)}: some finished seeds have non-finite test metrics or Δ (the run "
+            "diverged); their mean ± std are over the finite seeds only, as the cells say, and their MR ranks those "
+            "means (CSV column nonfinite_seeds)"
+        )
 
     stl = [r for r in stl_runs(store, benchmark) if r.done]
     if stl:
@@ -533,7 +575,7 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
             row.append(pm(vals))
             crow += list(mean_std(vals))
         row += ["0 (reference)"] * len(conv) + ["—", "—", "—"]
-        crow += [0.0, None] * len(conv) + [None] * 7
+        crow += [0.0, None] * len(conv) + [None] * 8
         rows.append(row)
         csv_rows.append(crow)
 
@@ -949,7 +991,7 @@ def rep_mtl_tables(
 
 def unfinished_table(store: Store) -> Table | None:
     """Every run that did not finish (pending, running, failed, unreadable results)."""
-    bad = [r for r in store.runs if not r.done]
+    bad = [r for r in [*store.runs, *store.unlisted] if not r.done]
     if not bad and not store.problems:
         return None
     cols = ["benchmark", "run", "seed", "status", "attempts", "error", "directory"]

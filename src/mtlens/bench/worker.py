@@ -38,9 +38,22 @@ def _die_with_parent() -> None:
         pass
 
 
+def _leave_sigint_to_the_driver() -> None:
+    """Ignore SIGINT in a local worker process: a Ctrl-C reaches the whole process group, and the driver acts
+    on it by stopping its workers (an idle worker would otherwise print a KeyboardInterrupt traceback, and a
+    busy one record its run as failed). The worker started with SIGINT blocked (the driver blocks it while
+    it starts them); once ignored it is unblocked, which discards one that arrived meanwhile."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def init_worker(threads: int, plugins: list[str]) -> None:
     """Initializer of local worker processes."""
     _die_with_parent()
+    _leave_sigint_to_the_driver()
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     set_threads(threads)
     from .suite import import_plugins

@@ -661,8 +661,13 @@ def bench(
             else:
                 err.print(f"[red]failed[/] {what}: {e['error']}", highlight=False, soft_wrap=True)
 
-        summary = run_suite(s, dest, executor=executor, workers=workers, threads=threads, address=address,
-                            progress=progress)
+        try:
+            summary = run_suite(s, dest, executor=executor, workers=workers, threads=threads, address=address,
+                                progress=progress)
+        except KeyboardInterrupt:
+            err.print("interrupted; rerun the same command to continue: finished runs are kept, interrupted ones "
+                      "resume from their last checkpoint", highlight=False, soft_wrap=True)
+            _exit_interrupted()
         counts = ", ".join(f"{n} {k}" for k, n in summary.counts.items())
         if not quiet:
             err.print(f"suite '{s.name}': {counts}; {summary.skipped} already done before this run; "

@@ -47,7 +47,7 @@ import torch
 
 from ..diagnose import SaliencyMonitor
 from ..engine import DecisionCache, Regularizer, StepRecord, mtl_backward
-from ..errors import CheckpointError, ConfigurationError, DataError
+from ..errors import CheckpointError, ConfigurationError, DataError, NonFiniteError
 from ..methods import create
 from ..storage import read_json, write_json
 from ..tasks.spec import get_benchmark
@@ -537,7 +537,9 @@ class TrainingLoop:
     def _end_epoch(self, epoch: int, display: Display) -> None:
         acc = self._accum
         if acc["count"] == 0:
-            raise DataError(
+            # NonFiniteError, not DataError: the run diverged (one method, one learning rate), which says nothing
+            # of the benchmark's data; `mtlens bench` stops every run of a benchmark after a DataError
+            raise NonFiniteError(
                 f"epoch {epoch + 1}: every step was skipped (non-finite losses); nothing was trained. "
                 "Check the data "
                 "and lower optim.lr"
