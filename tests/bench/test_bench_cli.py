@@ -219,3 +219,9 @@ def test_rerun_of_a_finished_suite_writes_nothing(env, tmp_path):
     assert "4 already done before this run" in r.stderr and "the report is up to date" in r.stderr
     assert "ew" in r.stdout and "dwa" in r.stdout  # the leaderboard is printed again
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    # a report written by another version of mtlens (its fingerprint covers the report code) is rewritten
+    (out / "report" / ".fingerprint").write_text("a report of mtlens 0.0\n")
+    r = _bench([str(suite), "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr
+    assert "the report is up to date" not in r.stderr
+    assert (out / "report" / "report.html").stat().st_mtime_ns != stamps[out / "report" / "report.html"]
