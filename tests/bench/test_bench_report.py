@@ -205,6 +205,10 @@ def test_ranking_similarity_rows_equal_the_diagnose_function(tmp_path):
     assert rows["GDS (param level)"]["n_configurations"] == 2
     assert rows["GDS (feature level)"]["n_configurations"] == 1
     assert rows["GDS (feature level)"]["note"] == "too few"
+    # 2 seeds drawn jointly: 3 distinct draws (either seed, or both); the interval is their spread, and says so
+    assert t.notes == ["2 seeds: a joint draw of 2 seeds with replacement has only 3 distinct outcomes (either seed "
+                       "alone, or both), so the 95% interval is the spread of 3 scores, not a confidence interval; "
+                       "run more seeds (--seeds 5) before reading it as one"]
 
 
 def test_rep_mtl_ablation_order_and_difference_to_base(tmp_path):

@@ -734,6 +734,7 @@ def ranking_table(
     ]
     rows, crows = [], []
     resampling: set[str] = set()
+    few: set[int] = set()  # seed counts of paired intervals drawn from a handful of distinct seed sets
     for name, key, direction in IDENTIFIERS:
         ident: dict[str, list[float]] = {}
         perf: dict[str, list[float]] = {}
@@ -770,6 +771,8 @@ def ranking_table(
 
         if rs.n_seeds >= 2:
             resampling.add("paired" if paired else "unpaired")
+            if paired and rs.n_seeds <= 4:
+                few.add(rs.n_seeds)
 
         def iv_text(t):
             return "— (1 seed)" if t is None else f"[{num(t[0])}, {num(t[1])}]"
@@ -817,6 +820,14 @@ def ranking_table(
         "from different configurations (a gradient method's own level) and are never mixed."
     )
     notes = []
+    for k in sorted(few):
+        distinct = math.comb(2 * k - 1, k)  # multisets of k seeds drawn from k
+        notes.append(
+            f"{k} seeds: a joint draw of {k} seeds with replacement has only {distinct} distinct outcomes"
+            + (" (either seed alone, or both)" if k == 2 else "")
+            + f", so the {confidence:.0%} interval is the spread of {distinct} scores, not a "
+            "confidence interval; run more seeds (--seeds 5) before reading it as one"
+        )
     if "unpaired" in resampling:
         notes.append("the configurations ran different seeds, so some intervals resample each configuration's "
                      "seeds on their own: a seed's shared effect on Δ then widens (and can shift) the interval")
