@@ -16,9 +16,9 @@ from mtlens.engine.protocols import LossWeighting
 from mtlens.methods._registry import register
 
 
-@register
-class Flaky(LossWeighting):
-    name = "flaky"
+class _CountingEW(LossWeighting):
+    """Equal weighting that counts its calls (the base of the test-only methods below)."""
+
     reference = "test-only"
 
     def __init__(self):
@@ -26,6 +26,11 @@ class Flaky(LossWeighting):
 
     def weights(self, losses, grad_norms=None):
         return torch.ones_like(losses)
+
+
+@register
+class Flaky(_CountingEW):
+    name = "flaky"
 
     def combine(self, losses, grad_norms=None):
         self.calls += 1
@@ -36,18 +41,11 @@ class Flaky(LossWeighting):
 
 
 @register
-class Diverging(LossWeighting):
+class Diverging(_CountingEW):
     """Equal weighting whose combined loss is NaN from its 3rd call on: a run that diverges (under
     ``train.nonfinite=skip`` every step is then skipped) while the other runs of the suite train normally."""
 
     name = "diverging"
-    reference = "test-only"
-
-    def __init__(self):
-        self.calls = 0
-
-    def weights(self, losses, grad_norms=None):
-        return torch.ones_like(losses)
 
     def combine(self, losses, grad_norms=None):
         self.calls += 1
