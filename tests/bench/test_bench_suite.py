@@ -171,6 +171,15 @@ def test_invalid_suites_fail_with_one_clear_line(change, match):
         ({"set": ["method.hparams.c=1"]}, r"changes method, .*benchmarks.NAME.method_hparams"),
         ({"set": ["regularizers=[]"]}, r"changes regularizers, .*variants"),
         ({"set": ["name=x"]}, r"'name=x' changes name"),
+        # the same keys in base or a benchmark's config were overwritten by the expansion in silence
+        ({"base": {"method": {"name": "uw"}, "train": {"epochs": 1}}},
+         r"base: 'method.name' sets method, which the suite sets for each run \(it would be overwritten in "
+         r"silence\); change the suite's methods"),
+        ({"base": {"train": {"epochs": 1, "seed": 3}}}, r"base: 'train.seed' sets train.seed"),
+        ({"benchmarks": {"tiny-mtl": {"config": {"regularizers": [{"name": "rep_mtl"}]}}}},
+         r"benchmarks.tiny-mtl.config: 'regularizers' sets regularizers, .*variants"),
+        ({"benchmarks": {"tiny-mtl": {"config": {"loss_transform": "log"}}}},
+         r"'loss_transform' sets loss_transform, .*variants.LABEL.loss_transform"),
     ],
 )
 def test_suites_that_would_run_nothing_or_the_wrong_thing_are_refused(change, match):

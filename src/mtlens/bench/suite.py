@@ -168,6 +168,9 @@ class Suite(_Section):
             )
         for o in self.set:
             _check_run_override(o)
+        _check_config_keys("base", self.base)
+        for key, entry in self.benchmarks.items():
+            _check_config_keys(f"benchmarks.{key}.config", entry.config)
         if not self.variants:
             raise ValueError("variants: give at least one variant ('none: {}' runs the methods without a regulariser)")
         for vname, v in self.variants.items():
@@ -225,6 +228,26 @@ def _check_run_override(assignment: str) -> None:
             raise ValueError(
                 f"set: '{assignment}' changes {varied}, which the suite sets for each run; change {hint} instead"
             )
+
+
+def _check_config_keys(where: str, config: dict[str, Any]) -> None:
+    """Refuse a ``base`` or ``benchmarks.NAME.config`` key that the suite sets for each run (:data:`_SUITE_VARIES`):
+    the expansion overwrote it in silence (``base: {method: {name: uw}}`` still ran every method of the suite)."""
+    from ..train.config import SHORTCUTS
+
+    def keys(m: Any, prefix: str = "") -> list[str]:
+        if not isinstance(m, dict):
+            return [prefix[:-1]]
+        return [k for name, v in m.items() for k in keys(v, f"{prefix}{name}.")]
+
+    for dotted in keys(config):
+        key = SHORTCUTS.get(dotted, dotted)
+        for varied, hint in _SUITE_VARIES.items():
+            if key == varied or key.startswith(varied + "."):
+                raise ValueError(
+                    f"{where}: '{dotted}' sets {varied}, which the suite sets for each run (it would be overwritten "
+                    f"in silence); change {hint} instead"
+                )
 
 
 def _no_repeats(where: str, seeds: list[int]) -> None:
