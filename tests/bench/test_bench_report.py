@@ -486,3 +486,23 @@ def test_terminal_leaderboard_and_module_entry_point(real_store, real_report, ca
     assert main([str(real_store), str(real_store / "report2")]) == 0
     assert "report2/report.html" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_the_level_and_rep_mtl_tables_say_which_seeds_diverged(tmp_path):
+    """Their means and tests are over the finite seeds only (Group.by_seed); a note names the seeds left out."""
+    nan = float("nan")
+    runs = [{"method": "ew", "seed": s, "delta": 1.0 + s} for s in (0, 1)]
+    runs += [{"method": "ew", "variant": "rep_mtl", "seed": 0, "delta": nan},
+             {"method": "ew", "variant": "rep_mtl", "seed": 1, "delta": 2.0}]
+    runs += [{"method": "mgda", "level": "param", "seed": s, "delta": 0.5 + s} for s in (0, 1)]
+    runs += [{"method": "mgda", "level": "feature", "seed": 0, "delta": 0.7},
+             {"method": "mgda", "level": "feature", "seed": 1, "delta": nan}]
+    _, groups = leaderboard(load_store(write_fake_store(tmp_path / "s", runs)), "multimnist")
+    levels = level_comparison(groups, "multimnist")
+    assert levels.notes[-1] == ("seeds with a non-finite delta_p_task (the run diverged), left out of the means, the "
+                                "stds and the tests: mgda (feature) (1 of 2)")
+    (row,) = [dict(zip(levels.csv_columns, r)) for r in levels.csv_rows]
+    assert row["seeds_feature"] == 1 and row["verdict"] == "not testable (< 2 seeds)"
+    (rep,) = rep_mtl_tables(groups, "multimnist")
+    assert rep.notes == ["seeds with a non-finite delta_p_task (the run diverged), left out of the means, the stds "
+                         "and the tests: ew + rep_mtl (1 of 2)"]

@@ -597,6 +597,16 @@ def leaderboard(store: Store, benchmark: str) -> tuple[Table, list[Group]]:
     return Table(f"{benchmark}-leaderboard", title, caption, columns, rows, csv_columns, csv_rows, notes), groups
 
 
+def _nonfinite_note(groups: Iterable[Group]) -> list[str]:
+    """The note of a table that compares Δ means: which configurations have seeds whose Δ is not finite (a run
+    that diverged), left out of the mean, the std and the test (:meth:`Group.by_seed`)."""
+    bad = [f"{g.label} ({n} of {len(g.done)})" for g in groups if (n := g.nonfinite(_delta(PERFORMANCE)))]
+    if not bad:
+        return []
+    return [f"seeds with a non-finite {PERFORMANCE} (the run diverged), left out of the means, the stds and the "
+            f"tests: {', '.join(bad)}"]
+
+
 def _verdict_text(cmp: dict[str, Any], better: str, worse: str) -> str:
     v = cmp["verdict"]
     return {"better": better, "worse": worse}.get(v, v)
@@ -692,6 +702,7 @@ def level_comparison(groups: Sequence[Group], benchmark: str) -> Table | None:
         by_verdict.setdefault(row[7], []).append(row[0] if row[1] == "—" else f"{row[0]} {row[1]}")
     summary = "; ".join(f"{v}: {', '.join(ms)}" for v, ms in sorted(by_verdict.items()))
     notes = [f"the fast surrogate (feature level) — {summary}"]
+    notes += _nonfinite_note(by[(m, lv, v)] for m, v in pairs for lv in ("param", "feature"))
     return Table(
         f"{benchmark}-levels", f"{benchmark}: parameter vs feature level", caption, cols, rows, ccols, crows, notes
     )
@@ -995,6 +1006,7 @@ def rep_mtl_tables(
                 rows,
                 ccols,
                 crows,
+                _nonfinite_note(by[(m, lv, v)] for v in present),
             )
         )
     return tables
