@@ -168,3 +168,20 @@ def test_an_idle_worker_killed_between_runs_does_not_stop_the_next_submit():
         assert job["key"] == "b" and "KeyError" in outcome["error"]  # it ran, on a fresh pool
     finally:
         ex.abort()
+
+
+def test_a_ctrl_c_while_the_driver_reads_a_result_stops_the_suite():
+    """The executor's `except BaseException` (a dead worker) also caught the driver's own KeyboardInterrupt when it
+    landed while a finished run's result was read: the run was recorded as failed ("worker lost: KeyboardInterrupt")
+    and the suite went on."""
+    from concurrent.futures import Future
+
+    from mtlens.bench.executors import LocalExecutor
+
+    ex = LocalExecutor(workers=2, threads=1)
+    interrupted: Future = Future()
+    interrupted.set_exception(KeyboardInterrupt())  # what f.result() raises when the Ctrl-C lands inside it
+    ex._pool = object()  # type: ignore[assignment]  # a pool is running (wait() reads only the futures)
+    ex._futures = {interrupted: {"key": "k000"}}
+    with pytest.raises(KeyboardInterrupt):
+        ex.wait()

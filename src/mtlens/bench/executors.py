@@ -67,7 +67,11 @@ def _block_sigint() -> Any:
 
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except KeyboardInterrupt:  # a Ctrl-C handled inside the call (it checks signals after masking): the mask is
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # set but never returned; unblock, then stop
+        raise
 
 
 def _restore_sigmask(previous: Any) -> None:
@@ -139,6 +143,8 @@ class LocalExecutor:
             job = self._futures.pop(f)
             try:
                 out.append((job, f.result()))
+            except KeyboardInterrupt:  # the driver's Ctrl-C, landing here: the suite stops (never a "failed" run)
+                raise
             except BaseException as exc:  # noqa: BLE001 - the worker process died
                 broken = broken or isinstance(exc, BrokenProcessPool)
                 out.append((job, _broken(job, exc)))
@@ -284,6 +290,8 @@ class RayExecutor:
             job = self._refs.pop(ref)
             try:
                 outcome, files = self.ray.get(ref)
+            except KeyboardInterrupt:  # the driver's Ctrl-C, landing here: the suite stops (never a "failed" run)
+                raise
             except BaseException as exc:  # noqa: BLE001 - the task or its node died
                 out.append((job, _broken(job, exc)))
                 continue
