@@ -61,7 +61,10 @@ def _alive(pid: int) -> bool:
 def _start(suite: Path, out: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([*MTLENS, "bench", str(suite), "--out", str(out), "--workers", "2", "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # a test runner started in the background (`cmd &` in a script) ignores SIGINT, and the
+                            # driver would inherit that (and never stop): the disposition a terminal user has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc: subprocess.Popen, out: Path, kind: str, timeout: float = 180, workers: int = 1) -> list[int]:
