@@ -218,36 +218,40 @@ _SUITE_VARIES = {
 }
 
 
-def _check_run_override(assignment: str) -> None:
+def _varied(key: str) -> tuple[str, str] | None:
+    """``(the key of _SUITE_VARIES that ``key`` sets, its hint)``, or ``None`` (``--set`` shortcuts resolved)."""
     from ..train.config import SHORTCUTS
 
-    key = assignment.split("=", 1)[0].strip()
     key = SHORTCUTS.get(key, key)
     for varied, hint in _SUITE_VARIES.items():
         if key == varied or key.startswith(varied + "."):
-            raise ValueError(
-                f"set: '{assignment}' changes {varied}, which the suite sets for each run; change {hint} instead"
-            )
+            return varied, hint
+    return None
+
+
+def _check_run_override(assignment: str) -> None:
+    hit = _varied(assignment.split("=", 1)[0].strip())
+    if hit:
+        raise ValueError(
+            f"set: '{assignment}' changes {hit[0]}, which the suite sets for each run; change {hit[1]} instead"
+        )
 
 
 def _check_config_keys(where: str, config: dict[str, Any]) -> None:
     """Refuse a ``base`` or ``benchmarks.NAME.config`` key that the suite sets for each run (:data:`_SUITE_VARIES`):
     the expansion overwrote it in silence (``base: {method: {name: uw}}`` still ran every method of the suite)."""
-    from ..train.config import SHORTCUTS
-
     def keys(m: Any, prefix: str = "") -> list[str]:
         if not isinstance(m, dict):
             return [prefix[:-1]]
         return [k for name, v in m.items() for k in keys(v, f"{prefix}{name}.")]
 
     for dotted in keys(config):
-        key = SHORTCUTS.get(dotted, dotted)
-        for varied, hint in _SUITE_VARIES.items():
-            if key == varied or key.startswith(varied + "."):
-                raise ValueError(
-                    f"{where}: '{dotted}' sets {varied}, which the suite sets for each run (it would be overwritten "
-                    f"in silence); change {hint} instead"
-                )
+        hit = _varied(dotted)
+        if hit:
+            raise ValueError(
+                f"{where}: '{dotted}' sets {hit[0]}, which the suite sets for each run (it would be overwritten in "
+                f"silence); change {hit[1]} instead"
+            )
 
 
 def _no_repeats(where: str, seeds: list[int]) -> None:
